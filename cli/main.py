@@ -1,0 +1,118 @@
+"""`cohort`: the command line for simulating a federation on one machine."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from common.errors import CohortInputError
+from common.rundir import RunDirectory
+from simulations.plan import DEFAULT_SIMULATION, load_plan, saved_plan
+from simulations.runner import SimulationOutcome, new_run, require_app_dir, resumed_run, run_simulation
+
+app = typer.Typer(help="Cohort: federated training with differential privacy, on Flower and Opacus.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+
+
+@app.callback()
+def _root() -> None:
+    """Cohort: federated training with differential privacy, on Flower and Opacus."""
+
+
+@app.command()
+def simulate(
+    config: Annotated[Optional[Path], typer.Argument(help="Simulation TOML (default: simulations/default.toml).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: --set rounds=5 (repeatable).")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this run directory at its next round.")] = None,
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where new run directories are created.")] = Path("runs"),
+) -> None:
+    """Simulate a federation of sites on this machine on Flower's simulation engine."""
+    try:
+        require_app_dir()
+        if resume is not None:
+            if config is not None or set_:
+                raise CohortInputError("--resume continues a run with its own config; drop CONFIG and --set")
+            plan = resumed_run(resume, lambda d: saved_plan(d, RunDirectory(d).read_config()))
+        else:
+            plan = new_run(load_plan(config or DEFAULT_SIMULATION, set_ or []), runs_dir)
+        outcome = _run_with_progress(plan)
+    except CohortInputError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: every process this run started has been stopped", err=True)
+        raise typer.Exit(code=130) from None
+    if not outcome.succeeded:
+        typer.echo(f"error: the run failed; Flower's log is in {outcome.log_file}", err=True)
+        raise typer.Exit(code=1)
+    _print_summary(outcome)
+
+
+def _run_with_progress(plan: Any) -> SimulationOutcome:
+    rounds = plan.run.training.rounds
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("starting Flower", total=rounds)
+
+        def on_start(run_dir: RunDirectory) -> None:
+            progress.console.print(f"run directory: {run_dir.path}", highlight=False)
+            progress.update(task, description="training")
+
+        def on_round(record: dict[str, Any]) -> None:
+            progress.console.print(_round_line(record, rounds), highlight=False)
+            progress.update(task, completed=record["round"])
+
+        return run_simulation(plan, on_round=on_round, on_start=on_start)
+
+
+def _round_line(record: dict[str, Any], rounds: int) -> str:
+    epsilons = [s["epsilon"] for s in record["sites"].values() if s.get("epsilon") is not None]
+    privacy = f"max epsilon {max(epsilons):.2f}" if epsilons else "no DP"
+    trained = sum("train_loss" in s for s in record["sites"].values())
+    failed = f", {len(record['failures'])} failure(s)" if record["failures"] else ""
+    return (
+        f"round {record['round']:>3}/{rounds}  accuracy {record['global']['accuracy']:.4f}  "
+        f"loss {record['global']['loss']:.4f}  {privacy}  {trained} site(s) trained{failed}  "
+        f"{record['seconds']:.1f}s"
+    )
+
+
+def _print_summary(outcome: SimulationOutcome) -> None:
+    summary = outcome.summary or {}
+    table = Table(title=f"Cohort run: {outcome.run_dir.path.name}")
+    for column in ("site", "rounds trained", "val accuracy", "epsilon", "budget", "delta"):
+        table.add_column(column, justify="right" if column != "site" else "left")
+    for name, site in summary["sites"].items():
+        table.add_row(
+            name,
+            str(site["rounds_trained"]),
+            _fmt(site.get("val_accuracy")),
+            _fmt(site.get("epsilon"), "{:.3f}", "no DP"),
+            _fmt(site.get("budget"), "{:g}", "-"),
+            _fmt(site.get("delta"), "{:g}", "-"),
+        )
+    console.print(table)
+    max_eps = summary["max_epsilon"]
+    console.print(
+        f"global test accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds; "
+        f"largest site epsilon {'n/a (no DP)' if max_eps is None else f'{max_eps:.3f}'}; "
+        f"run directory {outcome.run_dir.path}",
+        highlight=False,
+    )
+
+
+def _fmt(value: Any, pattern: str = "{:.4f}", missing: str = "-") -> str:
+    return missing if value is None else pattern.format(value)
+
+
+def main() -> None:
+    app(prog_name="cohort")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Local training at a site: Opacus DP-SGD with Poisson sampling, or plain SGD for a
+non-private baseline. One fresh model and optimizer per round, so nothing (hooks,
+wrappers, memory) accumulates across rounds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.config import RunConfig
+from common.data.dataset import LabeledImages
+from common.privacy.accounting import PrivacyState, restore_accountant
+
+
+@dataclass(frozen=True)
+class LocalUpdate:
+    """The outcome of one round of local training."""
+
+    num_examples: int
+    train_loss: float
+    train_accuracy: float
+    steps: int
+    privacy: PrivacyState | None
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Opacus' Poisson loader has as many steps as the plain loader: ceil(N / B)."""
+    return -(-num_examples // batch_size)
+
+
+def train_locally(
+    model: nn.Module,
+    data: LabeledImages,
+    run: RunConfig,
+    privacy: PrivacyState | None,
+    device: torch.device,
+    proximal_mu: float = 0.0,
+) -> LocalUpdate:
+    """Train `model` in place for run.training.local_epochs epochs.
+
+    With `privacy` given, the Opacus accountant starts from its history, so the epsilon
+    it reports afterwards covers every earlier round too.
+    """
+    model.to(device).train()
+    global_weights = [p.detach().clone() for p in model.parameters()]
+    loader = DataLoader(
+        TensorDataset(torch.from_numpy(data.images), torch.from_numpy(data.labels)),
+        batch_size=run.training.batch_size,
+        shuffle=privacy is None,
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=run.training.learning_rate, momentum=run.training.momentum)
+    criterion = nn.CrossEntropyLoss()
+    engine = None
+    trained: nn.Module = model
+    if privacy is not None:
+        engine = PrivacyEngine(accountant=privacy.accountant)
+        engine.accountant = restore_accountant(privacy)
+        private = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            criterion=criterion,
+            data_loader=loader,
+            noise_multiplier=privacy.noise_multiplier,
+            max_grad_norm=run.dp.clip_norm,
+            poisson_sampling=True,
+            grad_sample_mode=run.dp.grad_sample_mode,
+        )
+        if run.dp.grad_sample_mode == "ghost":
+            trained, optimizer, criterion, loader = private
+        else:
+            trained, optimizer, loader = private
+    try:
+        loss_sum, correct, seen, steps = _run_epochs(trained, optimizer, criterion, loader, run.training.local_epochs, device, global_weights, proximal_mu, run.training.learning_rate)
+    finally:
+        if hasattr(trained, "_close"):
+            trained._close()  # removes Opacus' hooks so the plain module is clean again
+    return LocalUpdate(
+        num_examples=len(data),
+        train_loss=loss_sum / max(seen, 1),
+        train_accuracy=correct / max(seen, 1),
+        steps=steps,
+        privacy=privacy.after(engine.accountant) if engine is not None and privacy is not None else None,
+    )
+
+
+def _run_epochs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    loader: DataLoader,
+    epochs: int,
+    device: torch.device,
+    global_weights: list[torch.Tensor],
+    proximal_mu: float,
+    learning_rate: float,
+) -> tuple[float, int, int, int]:
+    loss_sum, correct, seen, steps = 0.0, 0, 0, 0
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    for _ in range(epochs):
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            optimizer.zero_grad()
+            logits = model(images)
+            loss = criterion(logits, labels)
+            # An empty Poisson batch still takes its (pure-noise) step: skipping it would
+            # reveal that the batch was empty and shift the accounted step count.
+            loss.backward()
+            optimizer.step()
+            if proximal_mu > 0:
+                _proximal_pull(parameters, global_weights, proximal_mu * learning_rate)
+            steps += 1
+            if len(labels):
+                loss_sum += float(loss.detach()) * len(labels)
+                correct += int((logits.argmax(dim=1) == labels).sum())
+                seen += len(labels)
+    return loss_sum, correct, seen, steps
+
+
+@torch.no_grad()
+def _proximal_pull(parameters: list[torch.Tensor], global_weights: list[torch.Tensor], strength: float) -> None:
+    """FedProx's proximal term as a step towards the global weights after each update.
+
+    It depends only on the released weights, so under DP it is post-processing and costs
+    no privacy; adding it to the loss instead would bypass Opacus' per-sample clipping.
+    """
+    for parameter, anchor in zip(parameters, global_weights):
+        parameter.sub_(strength * (parameter - anchor.to(parameter.device)))

@@ -1,0 +1,228 @@
+"""The run configuration: one typed, validated object built from Flower's run config.
+
+The coordinator owns everything here (it is the experiment). What belongs to a site,
+its data and its privacy budget, lives in `common.site.SiteConfig` and is read from the
+site's node config instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from common.errors import CohortInputError
+
+MODELS = ("cnn", "transformer")
+PARTITIONERS = ("iid", "dirichlet", "shards")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedmedian", "fedtrimmedavg", "krum")
+ACCOUNTANTS = ("rdp", "prv", "gdp")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+DEVICES = ("auto", "cpu", "cuda")
+
+# Settings that say where a run lives or how it is resumed, not what it computes: they
+# may differ between a run and its resumption without making the checkpoint foreign.
+_PLACEMENT_KEYS = frozenset({"run_name", "run_dir", "resume_from", "device"})
+_SECTIONS = ("data", "training", "dp")
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Sample-level DP-SGD settings chosen by the coordinator for this run.
+
+    enabled: train with Opacus DP-SGD at every site; off only for a non-private baseline.
+    noise_multiplier: sigma, the Gaussian noise std in units of clip_norm. 0 means each
+        site derives sigma once per run from its own epsilon budget and delta.
+    clip_norm: C, the bound on every example's gradient L2 norm.
+    accountant: the Opacus accountant used to derive sigma and report epsilon.
+    grad_sample_mode: how Opacus computes per-sample gradients.
+    """
+
+    enabled: bool = True
+    noise_multiplier: float = 0.0
+    clip_norm: float = 1.0
+    accountant: str = "rdp"
+    grad_sample_mode: str = "hooks"
+
+    def validate(self) -> None:
+        if self.noise_multiplier < 0:
+            raise CohortInputError(
+                f"noise-multiplier is {self.noise_multiplier}; use 0 to derive it from "
+                "the site budget, or a positive value"
+            )
+        if self.clip_norm <= 0:
+            raise CohortInputError(f"clip-norm is {self.clip_norm}; it must be > 0")
+        _require_choice("accountant", self.accountant, ACCOUNTANTS)
+        _require_choice("grad-sample-mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data the simulation uses and how it is split across simulated sites.
+
+    dataset: a built-in name (digits, mnist-5k) or a path to an .npz, an MNIST IDX
+        folder or a folder of images with one subfolder per class.
+    partitioner: iid, dirichlet (label skew controlled by dirichlet_alpha) or shards
+        (each site gets shards_per_site label-sorted shards).
+    test_fraction: share held out for the server's central evaluation, when the data
+        brings no test split of its own.
+    val_fraction: share of each site's data kept for local validation.
+    """
+
+    dataset: str = "digits"
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 1.0
+    shards_per_site: int = 2
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+    seed: int = 42
+
+    def validate(self) -> None:
+        _require_choice("partitioner", self.partitioner, PARTITIONERS)
+        if self.dirichlet_alpha <= 0:
+            raise CohortInputError(f"dirichlet-alpha is {self.dirichlet_alpha}; it must be > 0")
+        if self.shards_per_site < 1:
+            raise CohortInputError(f"shards-per-site is {self.shards_per_site}; it must be >= 1")
+        for name, value in (("test-fraction", self.test_fraction), ("val-fraction", self.val_fraction)):
+            if not 0 < value < 1:
+                raise CohortInputError(f"{name} is {value}; it must be between 0 and 1")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Local training at each site and aggregation at the server."""
+
+    model: str = "cnn"
+    rounds: int = 10
+    local_epochs: int = 2
+    batch_size: int = 64
+    learning_rate: float = 0.5
+    momentum: float = 0.0
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    min_sites: int = 2
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.1
+    server_momentum: float = 0.9
+    trimmed_beta: float = 0.2
+    krum_byzantine: int = 0
+
+    def validate(self) -> None:
+        _require_choice("model", self.model, MODELS)
+        _require_choice("strategy", self.strategy, STRATEGIES)
+        for name, value in (
+            ("rounds", self.rounds),
+            ("local-epochs", self.local_epochs),
+            ("batch-size", self.batch_size),
+            ("min-sites", self.min_sites),
+        ):
+            if value < 1:
+                raise CohortInputError(f"{name} is {value}; it must be >= 1")
+        if self.learning_rate <= 0:
+            raise CohortInputError(f"learning-rate is {self.learning_rate}; it must be > 0")
+        if not 0 < self.fraction_train <= 1:
+            raise CohortInputError(f"fraction-train is {self.fraction_train}; it must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything the coordinator decides for one run, validated once on construction."""
+
+    run_name: str = "cohort"
+    run_dir: str = ""
+    resume_from: str = ""
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    site_epsilon: float = 8.0
+    site_delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        _require_choice("device", self.device, DEVICES)
+        self.data.validate()
+        self.training.validate()
+        self.dp.validate()
+        validate_budget(self.site_epsilon, self.site_delta, source="site-epsilon/site-delta")
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's flat run config (keys as in pyproject's [tool.flwr.app.config])."""
+        values = {key.replace("-", "_"): value for key, value in run_config.items()}
+        known = _flat_field_names()
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            names = ", ".join(name.replace("_", "-") for name in unknown)
+            raise CohortInputError(
+                f"unknown setting(s): {names}; see [tool.flwr.app.config] in pyproject.toml "
+                "for the settings Cohort understands"
+            )
+        sections: dict[str, dict[str, Any]] = {"data": {}, "training": {}, "dp": {}, "": {}}
+        for name, value in values.items():
+            section, attribute, kind = known[name]
+            sections[section][attribute] = _coerce(name, value, kind)
+        return cls(
+            data=DataConfig(**sections["data"]),
+            training=TrainingConfig(**sections["training"]),
+            dp=DPConfig(**sections["dp"]),
+            **sections[""],
+        )
+
+    def to_flower(self) -> dict[str, Any]:
+        """The flat run config this object was built from, with defaults filled in."""
+        flat: dict[str, Any] = {}
+        for name, (section, attribute, _) in _flat_field_names().items():
+            owner = getattr(self, section) if section else self
+            flat[name.replace("_", "-")] = getattr(owner, attribute)
+        return flat
+
+    def fingerprint(self) -> str:
+        """A hash of what the run computes, so a checkpoint can refuse a foreign config."""
+        experiment = {k: v for k, v in self.to_flower().items() if k.replace("-", "_") not in _PLACEMENT_KEYS}
+        return hashlib.sha256(json.dumps(experiment, sort_keys=True).encode()).hexdigest()
+
+
+def validate_budget(epsilon: float, delta: float, source: str) -> None:
+    """A DP budget is an epsilon > 0 and a delta strictly between 0 and 1."""
+    if not epsilon > 0:
+        raise CohortInputError(f"epsilon is {epsilon} in {source}; a privacy budget must be > 0")
+    if not 0 < delta < 1:
+        raise CohortInputError(f"delta is {delta} in {source}; it must be between 0 and 1 (e.g. 1e-5)")
+
+
+def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise CohortInputError(f"unknown {name} '{value}'; choose one of: {', '.join(choices)}")
+
+
+@functools.cache
+def _flat_field_names() -> dict[str, tuple[str, str, type]]:
+    """Map each flat setting name to (section attribute, field name, type).
+
+    Flat names are the field names, except that DPConfig.enabled is the switch `dp`.
+    """
+    names: dict[str, tuple[str, str, type]] = {}
+    for top in dataclasses.fields(RunConfig):
+        if top.name in _SECTIONS:
+            for inner in dataclasses.fields(top.default_factory()):  # type: ignore[misc]
+                flat = "dp" if (top.name, inner.name) == ("dp", "enabled") else inner.name
+                names[flat] = (top.name, inner.name, type(inner.default))
+        else:
+            names[top.name] = ("", top.name, type(top.default))
+    return names
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    """Flower and TOML hand over ints where floats are meant (epsilon = 8); accept them."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and not isinstance(value, bool):
+        raise CohortInputError(f"{name.replace('_', '-')} is {value!r}; use true or false")
+    if not isinstance(value, kind):
+        raise CohortInputError(
+            f"{name.replace('_', '-')} is {value!r}; it must be a {kind.__name__}"
+        )
+    return value

@@ -1,0 +1,86 @@
+"""Who holds which data: the server's held-out test set and each site's train/val split.
+
+In simulation every process derives the same split from the same seed, so no data ever
+crosses a Flower message. In deployment a site reads only its own data path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from common.config import DataConfig
+from common.data.dataset import DatasetSplits, LabeledImages
+from common.data.loading import load_dataset
+from common.data.partition import partition_indices
+from common.errors import CohortInputError
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One site's local data: what it trains on and what it validates on."""
+
+    train: LabeledImages
+    val: LabeledImages
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class FederatedSplit:
+    """The training pool the sites share out, and the server's held-out test set."""
+
+    pool: LabeledImages
+    test: LabeledImages
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.pool.input_shape
+
+
+@lru_cache(maxsize=4)
+def federated_split(config: DataConfig) -> FederatedSplit:
+    """The dataset's own test split if it has one, else a stratified held-out share."""
+    return split_off_test(load_dataset(config.dataset), config)
+
+
+def split_off_test(data: DatasetSplits, config: DataConfig) -> FederatedSplit:
+    if data.test is not None:
+        return FederatedSplit(pool=data.train, test=data.test, num_classes=data.num_classes)
+    indices = np.arange(len(data.train))
+    counts = np.bincount(data.train.labels)
+    stratify = data.train.labels if counts[counts > 0].min() >= 2 else None
+    pool, test = train_test_split(indices, test_size=config.test_fraction, random_state=config.seed, stratify=stratify)
+    return FederatedSplit(pool=data.train.subset(pool), test=data.train.subset(test), num_classes=data.num_classes)
+
+
+@lru_cache(maxsize=64)
+def simulated_site_data(config: DataConfig, partition_id: int, num_partitions: int) -> SiteData:
+    split = federated_split(config)
+    parts = partition_indices(split.pool.labels, num_partitions, config)
+    if not 0 <= partition_id < num_partitions:
+        raise CohortInputError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    return split_train_val(split.pool.subset(parts[partition_id]), split.num_classes, config, partition_id)
+
+
+def local_site_data(data_path: str, config: DataConfig) -> SiteData:
+    """A deployed site's own data: all of it is the site's, split into train and val."""
+    data = load_dataset(data_path)
+    pool = data.train
+    if data.test is not None:
+        pool = LabeledImages(np.concatenate([pool.images, data.test.images]), np.concatenate([pool.labels, data.test.labels]))
+    return split_train_val(pool, data.num_classes, config, salt=0)
+
+
+def split_train_val(data: LabeledImages, num_classes: int, config: DataConfig, salt: int) -> SiteData:
+    if len(data) < 2:
+        raise CohortInputError(
+            f"a site holds {len(data)} example(s); it needs at least 2 (one to train, one to validate); "
+            "use fewer sites or more data"
+        )
+    val_size = min(len(data) - 1, max(1, round(len(data) * config.val_fraction)))
+    train, val = train_test_split(np.arange(len(data)), test_size=val_size, random_state=config.seed + salt)
+    return SiteData(train=data.subset(train), val=data.subset(val), num_classes=num_classes)

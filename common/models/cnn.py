@@ -1,0 +1,33 @@
+"""A small convolutional network that Opacus can train without any module fixes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    # GroupNorm, not BatchNorm: BatchNorm mixes examples in a batch, which breaks
+    # per-sample gradients, and ModuleValidator.fix would swap it (changing keys).
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        nn.GroupNorm(num_groups=min(8, out_channels), num_channels=out_channels),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
+
+
+class CNN(nn.Module):
+    """Two conv blocks and a two-layer head; sized from the input, not from constants."""
+
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, width: int = 32) -> None:
+        super().__init__()
+        channels, height, width_px = input_shape
+        self.features = nn.Sequential(_conv_block(channels, width), _conv_block(width, 2 * width))
+        flat = 2 * width * (height // 4) * (width_px // 4)
+        if flat == 0:
+            raise ValueError(f"images of {height}x{width_px} are too small for the cnn; it needs at least 4x4")
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, num_classes))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))

@@ -1,0 +1,106 @@
+"""A site's sample-level DP-SGD accounting, carried across rounds as plain data.
+
+Opacus' accountants are the only arithmetic here. The state is their `history` of
+(noise_multiplier, sample_rate, steps) entries; restoring it into a fresh accountant
+each round composes exactly like one accountant that lived through every round, which
+is what keeps epsilon from silently restarting at zero (the mistake in Flower's own
+Opacus example).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from opacus.accountants import create_accountant
+from opacus.accountants.accountant import IAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from common.errors import CohortInputError
+
+HistoryEntry = tuple[float, float, int]
+
+
+@dataclass(frozen=True)
+class PrivacyState:
+    """Everything needed to recompute a site's epsilon, in a JSON-safe form.
+
+    noise_multiplier: sigma chosen once for the run (given, or derived from the budget).
+    sample_rate: q, the Poisson sampling probability of one example per step.
+    accountant: the Opacus mechanism name ('rdp', 'prv' or 'gdp').
+    history: (sigma, q, steps) entries in the order they were spent.
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    accountant: str
+    history: tuple[HistoryEntry, ...] = field(default_factory=tuple)
+
+    @property
+    def steps(self) -> int:
+        return sum(steps for _, _, steps in self.history)
+
+    def epsilon(self, delta: float) -> float:
+        if not self.history:
+            return 0.0
+        return float(restore_accountant(self).get_epsilon(delta=delta))
+
+    def with_steps(self, steps: int) -> PrivacyState:
+        """This state after `steps` more steps at its own sigma and q (not yet taken)."""
+        return PrivacyState(self.noise_multiplier, self.sample_rate, self.accountant, self.history + ((self.noise_multiplier, self.sample_rate, steps),))
+
+    def after(self, accountant: IAccountant) -> PrivacyState:
+        """This state with the history a round's accountant ended with."""
+        return PrivacyState(self.noise_multiplier, self.sample_rate, self.accountant, _history_of(accountant))
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "noise_multiplier": self.noise_multiplier,
+                "sample_rate": self.sample_rate,
+                "accountant": self.accountant,
+                "history": [list(entry) for entry in self.history],
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> PrivacyState:
+        data = json.loads(text)
+        return cls(
+            noise_multiplier=float(data["noise_multiplier"]),
+            sample_rate=float(data["sample_rate"]),
+            accountant=str(data["accountant"]),
+            history=tuple((float(s), float(q), int(n)) for s, q, n in data["history"]),
+        )
+
+
+def restore_accountant(state: PrivacyState) -> IAccountant:
+    """A fresh Opacus accountant that has already composed the state's history."""
+    accountant = create_accountant(mechanism=state.accountant)
+    accountant.history = [tuple(entry) for entry in state.history]
+    return accountant
+
+
+def derive_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """The smallest sigma (to Opacus' tolerance) for which `steps` steps stay within the target."""
+    try:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+                epsilon_tolerance=0.01,
+            )
+        )
+    except ValueError as error:
+        raise CohortInputError(
+            f"no noise level reaches epsilon {target_epsilon} at delta {delta} over {steps} steps "
+            f"({error}); raise the site's epsilon or train fewer rounds"
+        ) from None
+
+
+def _history_of(accountant: IAccountant) -> tuple[HistoryEntry, ...]:
+    # Opacus keeps numpy floats in its history; cast so the state round-trips through JSON.
+    return tuple((float(s), float(q), int(n)) for s, q, n in accountant.history)

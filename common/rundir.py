@@ -1,0 +1,136 @@
+"""The run directory: everything a run leaves behind, written so a crash never leaves a
+half-written file.
+
+runs/<name>-<timestamp>/
+  config.json            the resolved run config and its fingerprint
+  metrics.jsonl          one line a round
+  privacy_ledger.jsonl   one record per site per round
+  checkpoints/round-NNNN.pt
+  model.pt               the final global model (state_dict)
+  summary.json           the final figures, written last
+  plots/accuracy.png, plots/epsilon.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from common.config import RunConfig
+from common.errors import CohortInputError
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+LEDGER_FILE = "privacy_ledger.jsonl"
+SUMMARY_FILE = "summary.json"
+MODEL_FILE = "model.pt"
+CHECKPOINT_DIR = "checkpoints"
+PLOT_DIR = "plots"
+
+
+@dataclass(frozen=True)
+class RunDirectory:
+    path: Path
+
+    @classmethod
+    def for_new_run(cls, run: RunConfig, root: Path = Path("runs")) -> RunDirectory:
+        """The directory named in the config, or runs/<name>-<timestamp>."""
+        path = Path(run.run_dir) if run.run_dir else root / f"{run.run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return cls(path.resolve())
+
+    def prepare(self, run: RunConfig) -> None:
+        """Create the directory and record the config it was created for."""
+        (self.path / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+        (self.path / PLOT_DIR).mkdir(exist_ok=True)
+        write_json_atomic(self.path / CONFIG_FILE, {"run_config": run.to_flower(), "fingerprint": run.fingerprint()})
+
+    def read_config(self) -> RunConfig:
+        file = self.path / CONFIG_FILE
+        try:
+            saved = json.loads(file.read_text(encoding="utf-8"))
+            return RunConfig.from_flower(saved["run_config"])
+        except FileNotFoundError:
+            raise CohortInputError(f"{self.path} is not a Cohort run directory ({CONFIG_FILE} is missing)") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise CohortInputError(f"{file} is corrupt ({error}); start a new run instead of resuming") from None
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def ledger_file(self) -> Path:
+        return self.path / LEDGER_FILE
+
+    @property
+    def summary_file(self) -> Path:
+        return self.path / SUMMARY_FILE
+
+    @property
+    def model_file(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / CHECKPOINT_DIR
+
+    @property
+    def plot_dir(self) -> Path:
+        return self.path / PLOT_DIR
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.metrics_file)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside the target, fsync, then rename over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def append_lines(path: Path, lines: Iterable[str]) -> None:
+    """Append whole lines and fsync, so a crash loses at most the lines being written."""
+    with path.open("a", encoding="utf-8") as stream:
+        for line in lines:
+            stream.write(line + "\n")
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every complete line; a torn last line (a crash mid-append) is dropped."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise CohortInputError(f"{path}: line {number} is not JSON; the file was edited or damaged") from None
+    return records
+
+
+def keep_rounds_up_to(path: Path, last_round: int) -> None:
+    """Drop lines from rounds after the checkpoint we resume from: they will be redone."""
+    kept = [json.dumps(r, sort_keys=True) for r in read_jsonl(path) if r["round"] <= last_round]
+    write_bytes_atomic(path, "".join(line + "\n" for line in kept).encode())

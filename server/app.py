@@ -1,0 +1,64 @@
+"""The ServerApp: Flower's strategy over the round loop, central evaluation on the
+held-out test set, and the run directory."""
+
+from __future__ import annotations
+
+import io
+import time
+from logging import INFO
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import RunConfig
+from common.data.federation import federated_split
+from common.evaluation import Evaluation, evaluate
+from common.models.registry import build_model
+from common.rundir import RunDirectory, write_bytes_atomic, write_json_atomic
+from server.federation import initial_state, run_rounds
+from server.plots import plot_run
+from server.strategies import build_strategy
+from server.summary import summarize
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    started = time.monotonic()
+    run = RunConfig.from_flower(context.run_config)
+    run_dir = _run_directory(run)
+    split = federated_split(run.data)
+    model = build_model(run.training.model, split.input_shape, split.num_classes)
+
+    def evaluate_centrally(arrays: ArrayRecord) -> Evaluation:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        return evaluate(model, split.test, torch.device("cpu"))
+
+    num_sites = len(list(grid.get_node_ids()))
+    strategy = build_strategy(run.training, num_sites)
+    state = initial_state(run, run_dir, model)
+    log(INFO, "Cohort run directory: %s", run_dir.path)
+    state = run_rounds(grid, context.run_id, run, run_dir, strategy, state, evaluate_centrally)
+    _finish(run_dir, state.arrays, time.monotonic() - started)
+
+
+def _run_directory(run: RunConfig) -> RunDirectory:
+    """A resumed run continues in its own directory; a new one gets a fresh directory."""
+    if run.resume_from:
+        return RunDirectory(Path(run.resume_from).resolve())
+    run_dir = RunDirectory.for_new_run(run)
+    run_dir.prepare(run)
+    return run_dir
+
+
+def _finish(run_dir: RunDirectory, arrays: ArrayRecord, wall_seconds: float) -> None:
+    buffer = io.BytesIO()
+    torch.save(arrays.to_torch_state_dict(), buffer)
+    write_bytes_atomic(run_dir.model_file, buffer.getvalue())
+    metrics = run_dir.read_metrics()
+    plot_run(metrics, run_dir.plot_dir)
+    write_json_atomic(run_dir.summary_file, summarize(metrics, wall_seconds))

@@ -1,0 +1,29 @@
+"""The final figures of a run, written last so its presence means the run finished."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def summarize(metrics: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
+    last = metrics[-1]
+    sites: dict[str, dict[str, Any]] = {}
+    for record in metrics:
+        for name, site in record["sites"].items():
+            summary = sites.setdefault(name, {"epsilon": None, "budget": None, "rounds_trained": 0})
+            summary["rounds_trained"] += "train_loss" in site
+            if site.get("epsilon") is not None:
+                summary["epsilon"] = site["epsilon"]
+                summary["delta"] = site["delta"]
+                summary["budget"] = site["budget"]
+            if site.get("val_accuracy") is not None:
+                summary["val_accuracy"] = site["val_accuracy"]
+    epsilons = [s["epsilon"] for s in sites.values() if s["epsilon"] is not None]
+    return {
+        "rounds": last["round"],
+        "final_accuracy": last["global"]["accuracy"],
+        "final_loss": last["global"]["loss"],
+        "max_epsilon": max(epsilons) if epsilons else None,
+        "sites": dict(sorted(sites.items())),
+        "wall_seconds": round(wall_seconds, 2),
+    }

@@ -1,0 +1,166 @@
+"""A private Flower SuperLink for one simulation: free port, isolated Flower home, no
+network use, and every process it spawned stopped when it closes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+import psutil
+
+from common.errors import CohortInputError
+
+STARTUP_TIMEOUT_S = 60.0
+
+
+def offline_flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for every Flower process: isolated home, nothing fetched at run time."""
+    env = dict(os.environ)
+    # The SuperLink spawns flower-superexec and flwr-simulation by name: they must be
+    # found in this interpreter's environment, also when it was not activated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_DEDUP_LOGS="0",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def flower_executable(name: str) -> str:
+    """Flower's console scripts from this interpreter's environment first."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise CohortInputError(f"'{name}' is not installed; run `make setup` (it installs flwr[simulation])")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class LocalSuperLink:
+    """`with LocalSuperLink(home, log) as link:` runs `flower-superlink --simulation`."""
+
+    def __init__(self, flwr_home: Path, log_file: Path) -> None:
+        self.flwr_home = flwr_home
+        self.log_file = log_file
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LocalSuperLink:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        command = [
+            flower_executable("flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-runtime-dependency-installation",
+        ]
+        with self.log_file.open("ab") as log:
+            # Its own session: Ctrl-C in the terminal reaches only us, and we stop it.
+            self.process = subprocess.Popen(
+                command, env=offline_flower_env(self.flwr_home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        try:
+            self._wait_until_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        self.stop()
+
+    def _wait_until_healthy(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with code {self.process.returncode}; see {self.log_file}")
+            try:
+                if httpx.get(f"http://{self.address}/health", timeout=0.5).is_success:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"flower-superlink did not become ready in {STARTUP_TIMEOUT_S:.0f}s; see {self.log_file}")
+
+    def stop(self) -> None:
+        """Stop the SuperLink and everything it started (ServerApp, Ray, ClientApps)."""
+        if self.process is None:
+            return
+        stop_process_tree(self.process.pid)
+        self.process.wait()
+        self.process = None
+
+
+def stop_process_tree(pid: int, grace_s: float = 10.0) -> None:
+    """Stop a process and every descendant, including ones that re-parent on the way.
+
+    The tree is frozen with SIGSTOP until no new descendant appears (Ray's raylet keeps
+    forking workers, and orphans re-parent to init, out of reach), then terminated.
+    """
+    frozen: dict[int, psutil.Process] = {}
+    while True:
+        found = _descendants_and_self(pid) + [c for p in list(frozen.values()) for c in _children(p)]
+        new = [p for p in found if p.pid not in frozen]
+        if not new:
+            break
+        for process in new:
+            frozen[process.pid] = process
+            _signal(process, signal.SIGSTOP)
+    for process in frozen.values():
+        _signal(process, signal.SIGTERM)
+        _signal(process, signal.SIGCONT)
+    _, alive = psutil.wait_procs(list(frozen.values()), timeout=grace_s)
+    for process in alive:
+        _signal(process, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=grace_s)
+
+
+def _descendants_and_self(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _children(process: psutil.Process) -> list[psutil.Process]:
+    try:
+        return process.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _signal(process: psutil.Process, signum: int) -> None:
+    try:
+        process.send_signal(signum)
+    except psutil.NoSuchProcess:
+        pass

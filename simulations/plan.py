@@ -1,0 +1,104 @@
+"""A simulation plan: the run config plus how many simulated sites and what each gets.
+
+Built from a simulation TOML file (simulations/*.toml) and `--set key=value` overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.config import RunConfig
+from common.errors import CohortInputError
+
+SIMULATIONS_DIR = Path(__file__).resolve().parent
+DEFAULT_SIMULATION = SIMULATIONS_DIR / "default.toml"
+PLAN_FILE = "simulation.json"
+
+
+@dataclass(frozen=True)
+class SimulationPlan:
+    """run: the coordinator's run config.
+    num_sites: simulated sites (Flower SuperNodes), one data partition each.
+    cpus_per_site, gpus_per_site: Ray resources for each site's ClientApp; with 2 cores
+        and 1 CPU a site, two sites train at a time.
+    """
+
+    run: RunConfig
+    num_sites: int = 5
+    cpus_per_site: int = 1
+    gpus_per_site: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_sites < 1:
+            raise CohortInputError(f"num-sites is {self.num_sites}; a federation needs at least 1 site")
+        if self.cpus_per_site <= 0 or self.gpus_per_site < 0:
+            raise CohortInputError("cpus-per-site must be > 0 and gpus-per-site >= 0")
+
+    def federation_config(self) -> str:
+        return (
+            f"num-supernodes={self.num_sites} client-resources-num-cpus={self.cpus_per_site} "
+            f"client-resources-num-gpus={self.gpus_per_site}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"num-sites": self.num_sites, "cpus-per-site": self.cpus_per_site, "gpus-per-site": self.gpus_per_site}
+
+
+def load_plan(config_file: Path, overrides: list[str]) -> SimulationPlan:
+    values = _read_toml(config_file)
+    values.update(parse_overrides(overrides))
+    return plan_from_values(values)
+
+
+def plan_from_values(values: dict[str, Any]) -> SimulationPlan:
+    site_keys = {"num-sites": int, "cpus-per-site": int, "gpus-per-site": float}
+    plan_values: dict[str, Any] = {}
+    for key, kind in site_keys.items():
+        if key in values:
+            value = values.pop(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise CohortInputError(f"{key} is {value!r}; it must be a number")
+            plan_values[key.replace("-", "_")] = kind(value)
+    return SimulationPlan(run=RunConfig.from_flower(values), **plan_values)
+
+
+def saved_plan(run_dir: Path, run: RunConfig) -> SimulationPlan:
+    """The plan a run directory was started with, for --resume."""
+    file = run_dir / PLAN_FILE
+    try:
+        values = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CohortInputError(f"{run_dir} was not started by `cohort simulate` ({PLAN_FILE} is missing)") from None
+    except json.JSONDecodeError as error:
+        raise CohortInputError(f"{file} is corrupt ({error}); start a new run") from None
+    return SimulationPlan(run=run, **{k.replace("-", "_"): v for k, v in values.items()})
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`key=value` pairs; the value is read as TOML (numbers, true/false), else a string."""
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise CohortInputError(f"--set '{item}' is not key=value; write e.g. --set rounds=5")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        parsed[key.strip()] = value
+    return parsed
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as stream:
+            return tomllib.load(stream)
+    except FileNotFoundError:
+        available = ", ".join(sorted(p.name for p in SIMULATIONS_DIR.glob("*.toml")))
+        raise CohortInputError(f"simulation config {path} does not exist; ready-made ones: {available}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise CohortInputError(f"{path} is not valid TOML ({error})") from None

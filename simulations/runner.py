@@ -1,0 +1,131 @@
+"""Run a simulation plan on Flower's simulation engine through a private SuperLink.
+
+The run itself is stock Flower: `flwr run <app> <connection>` against a SuperLink started
+with --simulation. This module only checks the input first, starts and stops that
+SuperLink, and follows the run directory while the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import tomli_w
+
+from common.data.federation import federated_split
+from common.data.partition import partition_indices
+from common.errors import CohortInputError
+from common.models.registry import build_model
+from common.rundir import RunDirectory, read_jsonl, write_json_atomic
+from server.checkpoint import latest_checkpoint
+from simulations.local_superlink import LocalSuperLink, flower_executable, offline_flower_env
+from simulations.plan import PLAN_FILE, SimulationPlan
+
+APP_DIR = Path(__file__).resolve().parents[1]
+CONNECTION = "cohort-local"
+POLL_INTERVAL_S = 0.5
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class SimulationOutcome:
+    run_dir: RunDirectory
+    succeeded: bool
+    summary: dict[str, Any] | None
+    log_file: Path
+
+
+def check_plan(plan: SimulationPlan) -> None:
+    """Fail fast, before any process starts, on input the run would trip over later."""
+    split = federated_split(plan.run.data)
+    partition_indices(split.pool.labels, plan.num_sites, plan.run.data)
+    build_model(plan.run.training.model, split.input_shape, split.num_classes)
+    if plan.run.resume_from:
+        latest_checkpoint(RunDirectory(Path(plan.run.resume_from)).checkpoint_dir, plan.run.fingerprint())
+
+
+def new_run(plan: SimulationPlan, runs_root: Path) -> SimulationPlan:
+    """The plan with its run directory fixed, so this process knows where to look."""
+    run_dir = RunDirectory.for_new_run(plan.run, root=runs_root)
+    return replace(plan, run=replace(plan.run, run_dir=str(run_dir.path)))
+
+
+def resumed_run(run_dir: Path, plan_of: Callable[[Path], SimulationPlan]) -> SimulationPlan:
+    plan = plan_of(run_dir)
+    return replace(plan, run=replace(plan.run, run_dir=str(run_dir.resolve()), resume_from=str(run_dir.resolve())))
+
+
+def run_simulation(plan: SimulationPlan, on_round: RoundCallback, on_start: Callable[[RunDirectory], None] = lambda _: None) -> SimulationOutcome:
+    check_plan(plan)
+    run_dir = RunDirectory(Path(plan.run.run_dir))
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir.path / PLAN_FILE, plan.to_json())
+    log_file = run_dir.path / "flower.log"
+    on_start(run_dir)
+    with tempfile.TemporaryDirectory(prefix="cohort-flwr-home-") as home:
+        flwr_home = Path(home)
+        with LocalSuperLink(flwr_home, run_dir.path / "superlink.log") as superlink:
+            _write_connection(flwr_home, superlink.address)
+            overrides = flwr_home / "run-config.toml"
+            overrides.write_text(tomli_w.dumps(plan.run.to_flower()), encoding="utf-8")
+            command = [
+                flower_executable("flwr"),
+                "run",
+                str(APP_DIR),
+                CONNECTION,
+                "--run-config",
+                str(overrides),
+                "--federation-config",
+                plan.federation_config(),
+                "--stream",
+            ]
+            with log_file.open("ab") as log:
+                process = subprocess.Popen(command, env=offline_flower_env(flwr_home), stdout=log, stderr=subprocess.STDOUT)
+                try:
+                    _follow(process, run_dir, on_round)
+                finally:
+                    if process.poll() is None:
+                        process.terminate()
+                        process.wait()
+    summary = json.loads(run_dir.summary_file.read_text()) if run_dir.summary_file.exists() else None
+    return SimulationOutcome(run_dir=run_dir, succeeded=summary is not None and summary["rounds"] == plan.run.training.rounds, summary=summary, log_file=log_file)
+
+
+def _follow(process: subprocess.Popen[bytes], run_dir: RunDirectory, on_round: RoundCallback) -> None:
+    """Report each new round as it lands in metrics.jsonl, until the run ends."""
+    reported = {r["round"] for r in read_jsonl(run_dir.metrics_file)}
+    while True:
+        if run_dir.summary_file.exists():
+            _wait_quietly(process, timeout_s=15.0)  # let the log stream drain
+        finished = process.poll() is not None
+        for record in read_jsonl(run_dir.metrics_file):
+            if record["round"] not in reported:
+                reported.add(record["round"])
+                on_round(record)
+        if finished:
+            return
+        time.sleep(POLL_INTERVAL_S)
+
+
+def _wait_quietly(process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        process.wait()
+
+
+def _write_connection(flwr_home: Path, address: str) -> None:
+    config = {"superlink": {"default": CONNECTION, CONNECTION: {"address": address, "insecure": True}}}
+    (flwr_home / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
+
+
+def require_app_dir() -> None:
+    if not (APP_DIR / "pyproject.toml").exists():
+        raise CohortInputError(f"the Cohort source tree is not at {APP_DIR}; install Cohort from a checkout with `make setup`")

@@ -1,0 +1,55 @@
+"""Shared fixtures: small real datasets written to disk, and a guard that every test
+leaves no Flower or Ray process of its own behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+_FEDERATION_PROCESS_MARKERS = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr-serverapp", "flwr-clientapp", "raylet", "gcs_server", "ray::")
+
+
+def federation_processes() -> set[int]:
+    """PIDs of Flower and Ray processes running on this machine now."""
+    pids = set()
+    for process in psutil.process_iter(["pid", "cmdline", "name"]):
+        try:
+            text = " ".join(process.info["cmdline"] or []) + " " + (process.info["name"] or "")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if any(marker in text for marker in _FEDERATION_PROCESS_MARKERS):
+            pids.add(process.info["pid"])
+    return pids
+
+
+@pytest.fixture
+def no_leftover_processes():
+    """Fails the test if a Flower or Ray process it started is still alive afterwards."""
+    before = federation_processes()
+    yield
+    leftover = {pid for pid in federation_processes() - before if psutil.pid_exists(pid)}
+    assert not leftover, f"processes left running: {[psutil.Process(p).cmdline() for p in leftover if psutil.pid_exists(p)]}"
+
+
+def make_images(count: int, size: int = 8, classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Class-dependent uint8 images: a bright square whose position encodes the class."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, size=count)
+    images = rng.integers(0, 40, size=(count, size, size), dtype=np.uint8)
+    for image, label in zip(images, labels):
+        row = (label * 2) % (size - 2)
+        image[row : row + 2, 1:3] = 250
+    return images, labels
+
+
+@pytest.fixture
+def medmnist_npz(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.npz"
+    train_x, train_y = make_images(120, seed=1)
+    val_x, val_y = make_images(20, seed=2)
+    test_x, test_y = make_images(40, seed=3)
+    np.savez(path, train_images=train_x, train_labels=train_y[:, None], val_images=val_x, val_labels=val_y[:, None], test_images=test_x, test_labels=test_y[:, None])
+    return path

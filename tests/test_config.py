@@ -1,0 +1,77 @@
+"""Run and site configuration: one validated object, bad values named with their fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.config import RunConfig
+from common.errors import CohortInputError
+from common.site import SiteConfig
+
+
+def test_pyproject_run_config_builds_the_default_run() -> None:
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    run = RunConfig.from_flower(pyproject["tool"]["flwr"]["app"]["config"])
+    assert run == RunConfig()
+    assert run.to_flower() == pyproject["tool"]["flwr"]["app"]["config"]
+
+
+@pytest.mark.parametrize(
+    "setting,value,message",
+    [
+        ("model", "resnet", "unknown model 'resnet'"),
+        ("strategy", "fedsgd", "unknown strategy 'fedsgd'"),
+        ("partitioner", "random", "unknown partitioner 'random'"),
+        ("site-epsilon", 0.0, "a privacy budget must be > 0"),
+        ("site-epsilon", -1.0, "a privacy budget must be > 0"),
+        ("site-delta", 0.0, "it must be between 0 and 1"),
+        ("site-delta", 1.0, "it must be between 0 and 1"),
+        ("rounds", 0, "rounds is 0; it must be >= 1"),
+        ("clip-norm", 0.0, "clip-norm is 0.0"),
+        ("device", "tpu", "unknown device 'tpu'"),
+        ("rounds", "ten", "rounds is 'ten'; it must be a int"),
+        ("dp", "yes", "dp is 'yes'; use true or false"),
+    ],
+)
+def test_bad_setting_is_refused_naming_the_problem(setting: str, value: object, message: str) -> None:
+    with pytest.raises(CohortInputError, match=message):
+        RunConfig.from_flower({setting: value})
+
+
+def test_unknown_setting_is_refused() -> None:
+    with pytest.raises(CohortInputError, match="unknown setting.*learning-rat"):
+        RunConfig.from_flower({"learning-rat": 0.1})
+
+
+def test_integer_values_are_accepted_for_float_settings() -> None:
+    assert RunConfig.from_flower({"site-epsilon": 8}).site_epsilon == 8.0
+
+
+def test_fingerprint_ignores_where_the_run_lives_but_not_what_it_computes() -> None:
+    base = RunConfig.from_flower({})
+    assert RunConfig.from_flower({"run-dir": "/elsewhere", "run-name": "x"}).fingerprint() == base.fingerprint()
+    assert RunConfig.from_flower({"learning-rate": 0.01}).fingerprint() != base.fingerprint()
+
+
+def test_site_budget_in_node_config_wins_over_the_run_config_default() -> None:
+    run = RunConfig.from_flower({"site-epsilon": 8.0})
+    site = SiteConfig.from_node_config({"partition-id": 0, "num-partitions": 2, "epsilon": 2.5, "delta": 1e-6}, run)
+    assert (site.epsilon, site.delta) == (2.5, 1e-6)
+
+
+def test_simulated_site_without_its_own_budget_takes_the_run_default() -> None:
+    site = SiteConfig.from_node_config({"partition-id": 3, "num-partitions": 5}, RunConfig())
+    assert (site.name, site.epsilon, site.delta) == ("site-3", 8.0, 1e-5)
+
+
+def test_site_with_a_non_positive_budget_is_refused() -> None:
+    with pytest.raises(CohortInputError, match="a privacy budget must be > 0"):
+        SiteConfig.from_node_config({"data-path": "/data", "epsilon": 0}, RunConfig())
+
+
+def test_node_config_without_data_is_refused() -> None:
+    with pytest.raises(CohortInputError, match="set data-path"):
+        SiteConfig.from_node_config({}, RunConfig())

@@ -1,0 +1,83 @@
+"""Models: Opacus-ready as built, identical on server and client, sized by the data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus import PrivacyEngine
+from opacus.validators import ModuleValidator
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.errors import CohortInputError
+from common.models.registry import MODEL_REGISTRY, build_model
+from common.models.transformer import TokenTransformer
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_REGISTRY))
+@pytest.mark.parametrize("input_shape", [(1, 8, 8), (3, 28, 28)])
+def test_model_needs_no_opacus_fixes(name: str, input_shape: tuple[int, int, int]) -> None:
+    assert ModuleValidator.validate(build_model(name, input_shape, 10), strict=False) == []
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_REGISTRY))
+def test_server_and_client_builds_have_identical_state_dict_keys(name: str) -> None:
+    server_side = build_model(name, (1, 8, 8), 10).state_dict()
+    client_side = build_model(name, (1, 8, 8), 10).state_dict()
+    assert list(server_side) == list(client_side)
+    assert all(server_side[k].shape == client_side[k].shape for k in server_side)
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_REGISTRY))
+def test_output_size_follows_the_class_count_of_the_data(name: str) -> None:
+    model = build_model(name, (3, 16, 16), num_classes=7)
+    assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 7)
+
+
+def _train_privately(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, mode: str = "hooks") -> list[float]:
+    loader = DataLoader(TensorDataset(inputs, labels), batch_size=32)
+    engine = PrivacyEngine(accountant="rdp")
+    private, optimizer, private_loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+        data_loader=loader,
+        noise_multiplier=0.3,
+        max_grad_norm=1.0,
+        grad_sample_mode=mode,
+    )
+    losses = []
+    for _ in range(15):
+        for batch, targets in private_loader:
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(private(batch), targets)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+    return losses
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_REGISTRY))
+def test_model_learns_under_dp_sgd(name: str) -> None:
+    torch.manual_seed(0)
+    labels = torch.randint(0, 2, (128,))
+    images = torch.randn(128, 1, 8, 8) * 0.1 + labels.float().view(-1, 1, 1, 1)
+    losses = _train_privately(build_model(name, (1, 8, 8), 2), images, labels)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_transformer_encoder_learns_token_sequences_under_dp_sgd() -> None:
+    torch.manual_seed(0)
+    labels = torch.randint(0, 2, (128,))
+    tokens = torch.randint(2, 20, (128, 12))
+    tokens[:, 0] = labels  # the first token gives the class away
+    losses = _train_privately(TokenTransformer(vocab_size=20, max_length=12, num_classes=2), tokens, labels)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_unknown_model_is_refused_with_the_choices() -> None:
+    with pytest.raises(CohortInputError, match="unknown model 'resnet'.*cnn, transformer"):
+        build_model("resnet", (1, 8, 8), 10)
+
+
+def test_images_too_small_for_the_cnn_are_refused() -> None:
+    with pytest.raises(CohortInputError, match="too small"):
+        build_model("cnn", (1, 2, 2), 10)

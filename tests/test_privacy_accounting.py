@@ -1,0 +1,56 @@
+"""Privacy accounting: epsilon composes over rounds and a derived sigma meets its target."""
+
+from __future__ import annotations
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from common.errors import CohortInputError
+from common.privacy.accounting import PrivacyState, derive_noise_multiplier, restore_accountant
+
+DELTA = 1e-5
+
+
+@pytest.mark.parametrize("rounds", [1, 3, 10])
+def test_epsilon_over_rounds_of_restored_history_equals_one_continuous_accountant(rounds: int) -> None:
+    sigma, q, steps_per_round = 1.1, 0.2, 10
+    continuous = RDPAccountant()
+    state = PrivacyState(noise_multiplier=sigma, sample_rate=q, accountant="rdp")
+    for _ in range(rounds):
+        round_accountant = restore_accountant(PrivacyState.from_json(state.to_json()))
+        for _ in range(steps_per_round):
+            round_accountant.step(noise_multiplier=sigma, sample_rate=q)
+            continuous.step(noise_multiplier=sigma, sample_rate=q)
+        state = state.after(round_accountant)
+    assert state.steps == rounds * steps_per_round
+    assert state.epsilon(DELTA) == pytest.approx(continuous.get_epsilon(DELTA), rel=1e-12)
+
+
+def test_a_fresh_accountant_every_round_would_undercount() -> None:
+    """The mistake Cohort avoids: restarting the accountant each round forgets earlier rounds."""
+    one_round = PrivacyState(1.1, 0.2, "rdp", ((1.1, 0.2, 10),))
+    three_rounds = PrivacyState(1.1, 0.2, "rdp", ((1.1, 0.2, 30),))
+    assert three_rounds.epsilon(DELTA) > one_round.epsilon(DELTA) * 1.3
+
+
+@pytest.mark.parametrize("target", [1.0, 3.0, 8.0])
+@pytest.mark.parametrize("sample_rate,steps", [(0.2, 100), (0.05, 600), (0.5, 40)])
+def test_derived_sigma_keeps_epsilon_within_target_after_the_planned_steps(target: float, sample_rate: float, steps: int) -> None:
+    sigma = derive_noise_multiplier(target, DELTA, sample_rate, steps, "rdp")
+    state = PrivacyState(sigma, sample_rate, "rdp", ((sigma, sample_rate, steps),))
+    assert state.epsilon(DELTA) <= target
+    assert state.epsilon(DELTA) > target * 0.95  # and it is not wastefully noisy
+
+
+def test_privacy_state_round_trips_through_json() -> None:
+    state = PrivacyState(0.9, 0.125, "prv", ((0.9, 0.125, 16), (0.9, 0.125, 8)))
+    assert PrivacyState.from_json(state.to_json()) == state
+
+
+def test_no_history_means_no_privacy_spent() -> None:
+    assert PrivacyState(1.0, 0.1, "rdp").epsilon(DELTA) == 0.0
+
+
+def test_a_budget_no_noise_can_meet_is_refused_clearly() -> None:
+    with pytest.raises(CohortInputError, match="raise the site's epsilon or train fewer rounds"):
+        derive_noise_multiplier(1e-9, DELTA, 1.0, 10_000, "rdp")

@@ -24,7 +24,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 benchmark: setup
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python -m benchmarks.run
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

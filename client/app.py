@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from typing import NamedTuple
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -23,13 +25,27 @@ BUDGET_REFUSED = 4030  # error code of a reply that declines a round to stay wit
 _PRIVACY_KEY = "cohort.privacy"
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+class _SiteRound(NamedTuple):
+    """What both handlers start from: the configs, the site's data, the received model."""
+
+    run: RunConfig
+    site: SiteConfig
+    data: SiteData
+    model: torch.nn.Module
+
+
+def _start_round(msg: Message, context: Context) -> _SiteRound:
     run = RunConfig.from_flower(context.run_config)
     site = SiteConfig.from_node_config(context.node_config, run)
     data = _site_data(site, run)
     model = build_model(run.training.model, data.train.input_shape, data.num_classes)
     model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
+    return _SiteRound(run, site, data, model)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    run, site, data, model = _start_round(msg, context)
     config = msg.content[protocol.CONFIG]
     privacy = None
     if run.dp.enabled:
@@ -69,11 +85,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_locally(msg: Message, context: Context) -> Message:
-    run = RunConfig.from_flower(context.run_config)
-    site = SiteConfig.from_node_config(context.node_config, run)
-    data = _site_data(site, run)
-    model = build_model(run.training.model, data.val.input_shape, data.num_classes)
-    model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
+    run, site, data, model = _start_round(msg, context)
     device = resolve_device(run.device)
     result = evaluate(model.to(device), data.val, device)
     metrics = MetricRecord({"num-examples": result.num_examples, "val-loss": result.loss, "val-accuracy": result.accuracy})

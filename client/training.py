@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import RunConfig
 from common.data.dataset import LabeledImages
+from common.models.registry import grad_sample_mode_for
 from common.privacy.accounting import PrivacyState, restore_accountant
 
 
@@ -52,11 +53,12 @@ def train_locally(
         batch_size=run.training.batch_size,
         shuffle=privacy is None,
     )
-    optimizer = torch.optim.SGD(model.parameters(), lr=run.training.learning_rate, momentum=run.training.momentum)
+    optimizer = _local_optimizer(model, run)
     criterion = nn.CrossEntropyLoss()
     engine = None
     trained: nn.Module = model
     if privacy is not None:
+        mode = grad_sample_mode_for(run.training.model, run.dp.grad_sample_mode)
         engine = PrivacyEngine(accountant=privacy.accountant)
         engine.accountant = restore_accountant(privacy)
         private = engine.make_private(
@@ -67,9 +69,9 @@ def train_locally(
             noise_multiplier=privacy.noise_multiplier,
             max_grad_norm=run.dp.clip_norm,
             poisson_sampling=True,
-            grad_sample_mode=run.dp.grad_sample_mode,
+            grad_sample_mode=mode,
         )
-        if run.dp.grad_sample_mode == "ghost":
+        if mode == "ghost":
             trained, optimizer, criterion, loader = private
         else:
             trained, optimizer, loader = private
@@ -85,6 +87,12 @@ def train_locally(
         steps=steps,
         privacy=privacy.after(engine.accountant) if engine is not None and privacy is not None else None,
     )
+
+
+def _local_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.Optimizer:
+    if run.training.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=run.training.learning_rate)
+    return torch.optim.SGD(model.parameters(), lr=run.training.learning_rate, momentum=run.training.momentum)
 
 
 def _run_epochs(
@@ -114,7 +122,7 @@ def _run_epochs(
                 _proximal_pull(parameters, global_weights, proximal_mu * learning_rate)
             steps += 1
             if len(labels):
-                loss_sum += float(loss.detach()) * len(labels)
+                loss_sum += float(loss.item()) * len(labels)
                 correct += int((logits.argmax(dim=1) == labels).sum())
                 seen += len(labels)
     return loss_sum, correct, seen, steps

@@ -13,6 +13,7 @@ runs/<name>-<timestamp>/
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -89,6 +90,15 @@ class RunDirectory:
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     write_bytes_atomic(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_torch_atomic(path: Path, payload: Any) -> None:
+    """torch.save, but never leaving a half-written file behind."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -3,7 +3,6 @@ held-out test set, and the run directory."""
 
 from __future__ import annotations
 
-import io
 import time
 from logging import INFO
 from pathlib import Path
@@ -17,7 +16,7 @@ from common.config import RunConfig
 from common.data.federation import federated_split
 from common.evaluation import Evaluation, evaluate
 from common.models.registry import build_model
-from common.rundir import RunDirectory, write_bytes_atomic, write_json_atomic
+from common.rundir import RunDirectory, write_json_atomic, write_torch_atomic
 from server.federation import initial_state, run_rounds
 from server.plots import plot_run
 from server.strategies import build_strategy
@@ -32,6 +31,7 @@ def main(grid: Grid, context: Context) -> None:
     run = RunConfig.from_flower(context.run_config)
     run_dir = _run_directory(run)
     split = federated_split(run.data)
+    torch.manual_seed(run.data.seed)
     model = build_model(run.training.model, split.input_shape, split.num_classes)
 
     def evaluate_centrally(arrays: ArrayRecord) -> Evaluation:
@@ -56,9 +56,7 @@ def _run_directory(run: RunConfig) -> RunDirectory:
 
 
 def _finish(run_dir: RunDirectory, arrays: ArrayRecord, wall_seconds: float) -> None:
-    buffer = io.BytesIO()
-    torch.save(arrays.to_torch_state_dict(), buffer)
-    write_bytes_atomic(run_dir.model_file, buffer.getvalue())
+    write_torch_atomic(run_dir.model_file, arrays.to_torch_state_dict())
     metrics = run_dir.read_metrics()
     plot_run(metrics, run_dir.plot_dir)
     write_json_atomic(run_dir.summary_file, summarize(metrics, wall_seconds))

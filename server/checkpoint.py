@@ -3,7 +3,6 @@ privacy spending intact."""
 
 from __future__ import annotations
 
-import io
 import pickle
 import re
 import zipfile
@@ -13,7 +12,7 @@ from pathlib import Path
 import torch
 
 from common.errors import CohortInputError
-from common.rundir import write_bytes_atomic
+from common.rundir import write_torch_atomic
 
 _NAME = re.compile(r"round-(\d{4,})\.pt$")
 
@@ -33,13 +32,9 @@ class Checkpoint:
     privacy_states: dict[str, str]
 
     def save(self, directory: Path) -> Path:
-        buffer = io.BytesIO()
-        torch.save(
-            {"round": self.round, "weights": self.weights, "fingerprint": self.fingerprint, "privacy_states": self.privacy_states},
-            buffer,
-        )
         path = directory / f"round-{self.round:04d}.pt"
-        write_bytes_atomic(path, buffer.getvalue())
+        payload = {"round": self.round, "weights": self.weights, "fingerprint": self.fingerprint, "privacy_states": self.privacy_states}
+        write_torch_atomic(path, payload)
         return path
 
     @classmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from logging import INFO, WARNING
 from typing import Any, Callable, Iterable
 
 import torch
@@ -15,7 +16,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from logging import INFO, WARNING
 
 from common import protocol
 from common.config import RunConfig

@@ -17,13 +17,18 @@ from common.config import TrainingConfig
 
 
 def build_strategy(training: TrainingConfig, num_sites: int) -> Strategy:
-    """Every site evaluates every round; training samples fraction_train of the sites."""
+    """Every site evaluates every round; training samples fraction_train of the sites.
+
+    The minimum is capped at the sites present, so a 1-site simulation does not wait
+    forever for a second one.
+    """
+    minimum = max(1, min(training.min_sites, num_sites))
     common = {
         "fraction_train": training.fraction_train,
         "fraction_evaluate": 1.0,
-        "min_train_nodes": min(training.min_sites, num_sites),
-        "min_evaluate_nodes": min(training.min_sites, num_sites),
-        "min_available_nodes": min(training.min_sites, num_sites),
+        "min_train_nodes": minimum,
+        "min_evaluate_nodes": minimum,
+        "min_available_nodes": minimum,
     }
     if training.strategy == "fedprox":
         return FedProx(proximal_mu=training.proximal_mu, **common)

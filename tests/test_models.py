@@ -81,3 +81,34 @@ def test_unknown_model_is_refused_with_the_choices() -> None:
 def test_images_too_small_for_the_cnn_are_refused() -> None:
     with pytest.raises(CohortInputError, match="too small"):
         build_model("cnn", (1, 2, 2), 10)
+
+
+def _one_noiseless_dp_step(name: str, mode: str, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = build_model(name, (1, 8, 8), 10)
+    criterion = torch.nn.CrossEntropyLoss()
+    private = PrivacyEngine().make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        criterion=criterion,
+        data_loader=DataLoader(TensorDataset(images, labels), batch_size=len(images)),
+        noise_multiplier=0.0,
+        max_grad_norm=0.5,
+        poisson_sampling=False,
+        grad_sample_mode=mode,
+    )
+    wrapped, optimizer = private[0], private[1]
+    loss_fn = private[2] if mode == "ghost" else criterion
+    optimizer.zero_grad()
+    loss_fn(wrapped(images), labels).backward()
+    optimizer.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_REGISTRY))
+def test_default_grad_sample_mode_clips_exactly_like_hooks(name: str) -> None:
+    torch.manual_seed(1)
+    images, labels = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    fast = _one_noiseless_dp_step(name, MODEL_REGISTRY[name].grad_sample_mode, images, labels)
+    reference = _one_noiseless_dp_step(name, "hooks", images, labels)
+    assert torch.allclose(fast, reference, atol=1e-6)

@@ -1,0 +1,44 @@
+"""Run every benchmark and write benchmarks/results/latest.json.
+
+    make benchmark          # or: .venv/bin/python -m benchmarks.run
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import dp_step_time, simulations
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, str | int]:
+    return {
+        "cpu_cores": os.cpu_count() or 0,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    }
+
+
+def main() -> None:
+    RESULTS.mkdir(exist_ok=True)
+    report = {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine(),
+        "dp_step_time": dp_step_time.run(),
+        **simulations.run(RESULTS / "runs"),
+    }
+    (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from common.errors import CohortInputError
 from common.rundir import RunDirectory
-from simulations.plan import DEFAULT_SIMULATION, load_plan, saved_plan
+from simulations.plan import DEFAULT_SIMULATION, SimulationPlan, load_plan, saved_plan
 from simulations.runner import SimulationOutcome, new_run, require_app_dir, resumed_run, run_simulation
 
 app = typer.Typer(help="Cohort: federated training with differential privacy, on Flower and Opacus.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -54,7 +54,7 @@ def simulate(
     _print_summary(outcome)
 
 
-def _run_with_progress(plan: Any) -> SimulationOutcome:
+def _run_with_progress(plan: SimulationPlan) -> SimulationOutcome:
     rounds = plan.run.training.rounds
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("starting Flower", total=rounds)

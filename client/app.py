@@ -59,6 +59,7 @@ def train(msg: Message, context: Context) -> Message:
         run,
         privacy,
         resolve_device(run.device),
+        server_round=int(config[protocol.CONFIG_ROUND]),
         proximal_mu=float(config.get(protocol.CONFIG_PROXIMAL_MU, 0.0)),
     )
     epsilon = update.privacy.epsilon(site.delta) if update.privacy else float("inf")

@@ -4,6 +4,7 @@ wrappers, memory) accumulates across rounds."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -11,9 +12,8 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.config import RunConfig
+from common.config import RunConfig, TrainingConfig
 from common.data.dataset import LabeledImages
-from common.models.registry import grad_sample_mode_for
 from common.privacy.accounting import PrivacyState, restore_accountant
 
 
@@ -33,12 +33,26 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
 
 
+def round_learning_rate(training: TrainingConfig, server_round: int) -> float:
+    """The local learning rate of a round: constant, or cosine-decayed over the run.
+
+    Decay matters under DP: late rounds then take smaller noisy steps, so the final model
+    sits closer to where the noisy trajectory was heading.
+    """
+    if training.lr_schedule == "constant" or training.rounds == 1:
+        return training.learning_rate
+    progress = (min(server_round, training.rounds) - 1) / (training.rounds - 1)
+    floor = 0.1
+    return training.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def train_locally(
     model: nn.Module,
     data: LabeledImages,
     run: RunConfig,
     privacy: PrivacyState | None,
     device: torch.device,
+    server_round: int = 1,
     proximal_mu: float = 0.0,
 ) -> LocalUpdate:
     """Train `model` in place for run.training.local_epochs epochs.
@@ -53,12 +67,12 @@ def train_locally(
         batch_size=run.training.batch_size,
         shuffle=privacy is None,
     )
-    optimizer = _local_optimizer(model, run)
+    learning_rate = round_learning_rate(run.training, server_round)
+    optimizer = _local_optimizer(model, run.training, learning_rate)
     criterion = nn.CrossEntropyLoss()
     engine = None
     trained: nn.Module = model
     if privacy is not None:
-        mode = grad_sample_mode_for(run.training.model, run.dp.grad_sample_mode)
         engine = PrivacyEngine(accountant=privacy.accountant)
         engine.accountant = restore_accountant(privacy)
         private = engine.make_private(
@@ -69,14 +83,14 @@ def train_locally(
             noise_multiplier=privacy.noise_multiplier,
             max_grad_norm=run.dp.clip_norm,
             poisson_sampling=True,
-            grad_sample_mode=mode,
+            grad_sample_mode=run.dp.grad_sample_mode,
         )
-        if mode == "ghost":
+        if run.dp.grad_sample_mode == "ghost":
             trained, optimizer, criterion, loader = private
         else:
             trained, optimizer, loader = private
     try:
-        loss_sum, correct, seen, steps = _run_epochs(trained, optimizer, criterion, loader, run.training.local_epochs, device, global_weights, proximal_mu, run.training.learning_rate)
+        loss_sum, correct, seen, steps = _run_epochs(trained, optimizer, criterion, loader, run.training.local_epochs, device, global_weights, proximal_mu, learning_rate)
     finally:
         if hasattr(trained, "_close"):
             trained._close()  # removes Opacus' hooks so the plain module is clean again
@@ -89,10 +103,10 @@ def train_locally(
     )
 
 
-def _local_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.Optimizer:
-    if run.training.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=run.training.learning_rate)
-    return torch.optim.SGD(model.parameters(), lr=run.training.learning_rate, momentum=run.training.momentum)
+def _local_optimizer(model: nn.Module, training: TrainingConfig, learning_rate: float) -> torch.optim.Optimizer:
+    if training.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=learning_rate)
+    return torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=training.momentum)
 
 
 def _run_epochs(

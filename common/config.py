@@ -22,9 +22,10 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedmedian", "fedtrimme
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 # Opacus' "ew" (expanded weights) is left out: it fails on the empty batches that
 # Poisson sampling produces now and then (benchmarks/dp_step_time.py still measures it).
-GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("constant", "cosine")
 
 # Settings that say where a run lives or how it is resumed, not what it computes: they
 # may differ between a run and its resumption without making the checkpoint foreign.
@@ -41,15 +42,15 @@ class DPConfig:
         site derives sigma once per run from its own epsilon budget and delta.
     clip_norm: C, the bound on every example's gradient L2 norm.
     accountant: the Opacus accountant used to derive sigma and report epsilon.
-    grad_sample_mode: how Opacus computes per-sample gradients; 'auto' takes the fastest
-        mode that is correct for the model (see common.models.registry).
+    grad_sample_mode: how Opacus computes per-sample gradients. 'hooks' is the fastest
+        correct mode for both models (benchmarks/dp_step_time.py, docs/benchmarks.md).
     """
 
     enabled: bool = True
     noise_multiplier: float = 0.0
     clip_norm: float = 1.0
     accountant: str = "rdp"
-    grad_sample_mode: str = "auto"
+    grad_sample_mode: str = "hooks"
 
     def validate(self) -> None:
         if self.noise_multiplier < 0:
@@ -101,15 +102,18 @@ class TrainingConfig:
 
     optimizer: the local optimizer, fresh every round: 'sgd' (with momentum) or 'adam'
         (what transformers need); under DP, Opacus wraps either.
+    lr_schedule: 'constant', or 'cosine' decay of the local rate over the rounds (to a
+        tenth of learning_rate in the last round).
     """
 
     model: str = "cnn"
-    rounds: int = 30
+    rounds: int = 50
     local_epochs: int = 1
     batch_size: int = 256
-    learning_rate: float = 1.0
+    learning_rate: float = 2.0
     momentum: float = 0.9
     optimizer: str = "sgd"
+    lr_schedule: str = "cosine"
     strategy: str = "fedavg"
     fraction_train: float = 1.0
     min_sites: int = 2
@@ -123,6 +127,7 @@ class TrainingConfig:
         _require_choice("model", self.model, MODELS)
         _require_choice("strategy", self.strategy, STRATEGIES)
         _require_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _require_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         for name, value in (
             ("rounds", self.rounds),
             ("local-epochs", self.local_epochs),
@@ -139,7 +144,15 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything the coordinator decides for one run, validated once on construction."""
+    """Everything the coordinator decides for one run, validated once on construction.
+
+    run_name: the prefix of the run directory's name.
+    run_dir: where the run writes; '' means runs/<run_name>-<timestamp>.
+    resume_from: a run directory to continue at the round after its newest checkpoint.
+    device: where sites train: 'auto' takes CUDA when visible.
+    site_epsilon, site_delta: the budget of a simulated site whose node config sets none
+        (a site's own node config always wins; see common.site).
+    """
 
     run_name: str = "cohort"
     run_dir: str = ""
@@ -156,6 +169,8 @@ class RunConfig:
         self.data.validate()
         self.training.validate()
         self.dp.validate()
+        if (self.training.model, self.dp.grad_sample_mode) == ("transformer", "ghost"):
+            raise CohortInputError("Opacus' ghost clipping fails on the transformer; use hooks or functorch")
         validate_budget(self.site_epsilon, self.site_delta, source="site-epsilon/site-delta")
 
     @classmethod

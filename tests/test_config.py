@@ -34,6 +34,8 @@ def test_pyproject_run_config_builds_the_default_run() -> None:
         ("device", "tpu", "unknown device 'tpu'"),
         ("rounds", "ten", "rounds is 'ten'; it must be a int"),
         ("dp", "yes", "dp is 'yes'; use true or false"),
+        ("optimizer", "rmsprop", "unknown optimizer 'rmsprop'"),
+        ("grad-sample-mode", "ew", "unknown grad-sample-mode 'ew'"),
     ],
 )
 def test_bad_setting_is_refused_naming_the_problem(setting: str, value: object, message: str) -> None:
@@ -75,3 +77,8 @@ def test_site_with_a_non_positive_budget_is_refused() -> None:
 def test_node_config_without_data_is_refused() -> None:
     with pytest.raises(CohortInputError, match="set data-path"):
         SiteConfig.from_node_config({}, RunConfig())
+
+
+def test_ghost_clipping_is_refused_for_the_transformer() -> None:
+    with pytest.raises(CohortInputError, match="ghost clipping fails on the transformer; use hooks or functorch"):
+        RunConfig.from_flower({"model": "transformer", "grad-sample-mode": "ghost"})

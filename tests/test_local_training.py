@@ -77,3 +77,21 @@ def test_fedprox_pull_keeps_weights_closer_to_the_global_model() -> None:
         return float((torch.cat([p.detach().flatten() for p in model.parameters()]) - anchor).norm())
 
     assert distance(0.5) < distance(0.0)
+
+
+def test_cosine_schedule_decays_from_the_full_rate_to_a_tenth() -> None:
+    from client.training import round_learning_rate
+    from common.config import TrainingConfig
+
+    training = TrainingConfig(learning_rate=2.0, rounds=11, lr_schedule="cosine")
+    rates = [round_learning_rate(training, r) for r in range(1, 12)]
+    assert rates[0] == pytest.approx(2.0) and rates[-1] == pytest.approx(0.2)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+
+
+def test_constant_schedule_keeps_the_rate() -> None:
+    from client.training import round_learning_rate
+    from common.config import TrainingConfig
+
+    training = TrainingConfig(learning_rate=0.3, rounds=5, lr_schedule="constant")
+    assert {round_learning_rate(training, r) for r in range(1, 6)} == {0.3}

@@ -71,6 +71,8 @@ def train(msg: Message, context: Context) -> Message:
             "train-loss": update.train_loss,
             "train-accuracy": update.train_accuracy,
             "steps": update.steps,
+            "noise-multiplier": update.privacy.noise_multiplier if update.privacy else 0.0,
+            "sample-rate": update.privacy.sample_rate if update.privacy else 0.0,
             "epsilon": epsilon,
             "delta": site.delta,
             "budget-epsilon": site.epsilon,

@@ -24,16 +24,24 @@ class Checkpoint:
     weights: the global model's state_dict.
     fingerprint: RunConfig.fingerprint() of the run that wrote it.
     privacy_states: each site's PrivacyState as JSON, keyed by site name.
+    metrics: the round's metrics.jsonl line.
     """
 
     round: int
     weights: dict[str, torch.Tensor]
     fingerprint: str
     privacy_states: dict[str, str]
+    metrics: str
 
     def save(self, directory: Path) -> Path:
         path = directory / f"round-{self.round:04d}.pt"
-        payload = {"round": self.round, "weights": self.weights, "fingerprint": self.fingerprint, "privacy_states": self.privacy_states}
+        payload = {
+            "round": self.round,
+            "weights": self.weights,
+            "fingerprint": self.fingerprint,
+            "privacy_states": self.privacy_states,
+            "metrics": self.metrics,
+        }
         write_torch_atomic(path, payload)
         return path
 
@@ -47,6 +55,7 @@ class Checkpoint:
                 weights=dict(raw["weights"]),
                 fingerprint=str(raw["fingerprint"]),
                 privacy_states={str(k): str(v) for k, v in raw["privacy_states"].items()},
+                metrics=str(raw["metrics"]),
             )
         except (OSError, RuntimeError, EOFError, KeyError, TypeError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
             raise CohortInputError(f"checkpoint {path} is corrupt ({type(error).__name__}); delete it to resume from the one before") from None

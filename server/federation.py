@@ -76,9 +76,11 @@ def run_rounds(
             "failures": results.failures,
             "seconds": round(time.monotonic() - started, 3),
         }
+        line = json.dumps(record, sort_keys=True)
         append_lines(run_dir.ledger_file, (entry.to_json() for entry in results.ledger))
-        append_lines(run_dir.metrics_file, [json.dumps(record, sort_keys=True)])
-        Checkpoint(server_round, state.arrays.to_torch_state_dict(), run.fingerprint(), dict(state.privacy_states)).save(run_dir.checkpoint_dir)
+        append_lines(run_dir.metrics_file, [line])
+        checkpoint = Checkpoint(server_round, state.arrays.to_torch_state_dict(), run.fingerprint(), dict(state.privacy_states), line)
+        checkpoint.save(run_dir.checkpoint_dir)
         log(INFO, "Round %d: global accuracy %.4f, loss %.4f", server_round, central.accuracy, central.loss)
         state.next_round = server_round + 1
     return state

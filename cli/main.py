@@ -31,16 +31,20 @@ def simulate(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: --set rounds=5 (repeatable).")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this run directory at its next round.")] = None,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where new run directories are created.")] = Path("runs"),
+    federation_home: Annotated[
+        Optional[Path],
+        typer.Option("--federation-home", help="Sites' state (ledgers, keys, policy.toml): share one to make budgets span simulations."),
+    ] = None,
 ) -> None:
     """Simulate a federation of sites on this machine on Flower's simulation engine."""
     try:
         require_app_dir()
         if resume is not None:
-            if config is not None or set_:
-                raise CohortInputError("--resume continues a run with its own config; drop CONFIG and --set")
+            if config is not None or set_ or federation_home is not None:
+                raise CohortInputError("--resume continues a run with its own config; drop CONFIG, --set and --federation-home")
             plan = resumed_run(resume, lambda d: saved_plan(d, RunDirectory(d).read_config()))
         else:
-            plan = new_run(load_plan(config or DEFAULT_SIMULATION, set_ or []), runs_dir)
+            plan = new_run(load_plan(config or DEFAULT_SIMULATION, set_ or []), runs_dir, federation_home)
         outcome = _run_with_progress(plan)
     except CohortInputError as error:
         typer.echo(f"error: {error}", err=True)
@@ -48,10 +52,13 @@ def simulate(
     except KeyboardInterrupt:
         typer.echo("interrupted: every process this run started has been stopped", err=True)
         raise typer.Exit(code=130) from None
-    if not outcome.succeeded:
+    if outcome.summary is None:
         typer.echo(f"error: the run failed; Flower's log is in {outcome.log_file}", err=True)
         raise typer.Exit(code=1)
     _print_summary(outcome)
+    if not outcome.succeeded:
+        typer.echo(f"error: the run {outcome.summary['stop_reason']}", err=True)
+        raise typer.Exit(code=1)
 
 
 def _run_with_progress(plan: SimulationPlan) -> SimulationOutcome:
@@ -75,6 +82,7 @@ def _round_line(record: dict[str, Any], rounds: int) -> str:
     privacy = f"max epsilon {max(epsilons):.2f}" if epsilons else "no DP"
     trained = sum("train_loss" in s for s in record["sites"].values())
     failed = f", {len(record['failures'])} failure(s)" if record["failures"] else ""
+    failed += f", refused: {', '.join(record['refused'])}" if record.get("refused") else ""
     return (
         f"round {record['round']:>3}/{rounds}  accuracy {record['global']['accuracy']:.4f}  "
         f"loss {record['global']['loss']:.4f}  {privacy}  {trained} site(s) trained{failed}  "
@@ -84,6 +92,8 @@ def _round_line(record: dict[str, Any], rounds: int) -> str:
 
 def _print_summary(outcome: SimulationOutcome) -> None:
     summary = outcome.summary or {}
+    if not summary["sites"]:
+        return
     table = Table(title=f"Cohort run: {outcome.run_dir.path.name}")
     for column in ("site", "rounds trained", "val accuracy", "epsilon", "budget", "delta"):
         table.add_column(column, justify="right" if column != "site" else "left")
@@ -97,6 +107,8 @@ def _print_summary(outcome: SimulationOutcome) -> None:
             _fmt(site.get("delta"), "{:g}", "-"),
         )
     console.print(table)
+    if summary["refused"]:
+        console.print(f"refused to train (out of the run): {', '.join(summary['refused'])}", highlight=False)
     max_eps = summary["max_epsilon"]
     console.print(
         f"global test accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds; "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -11,18 +11,18 @@ from flwr.clientapp import ClientApp
 
 from common import protocol
 from common.config import RunConfig
+from common.errors import CohortInputError
 from common.data.federation import SiteData, local_site_data, simulated_site_data
 from common.evaluation import evaluate, resolve_device
 from common.models.registry import build_model
 from common.privacy.accounting import PrivacyState
+from common.privacy.ledger import NON_PRIVATE, REFUSAL, RELEASE, SAMPLE_LEVEL_DP_SGD, LedgerRecord, SiteLedger, sha256_hex
 from common.site import SiteConfig
-from client.privacy_plan import plan_privacy, refusal_reason, round_steps
+from client.privacy_plan import dataset_hash, plan_round, refusal_reason, round_steps
 from client.training import train_locally
 
 app = ClientApp()
 
-BUDGET_REFUSED = 4030  # error code of a reply that declines a round to stay within budget
-_PRIVACY_KEY = "cohort.privacy"
 
 
 class _SiteRound(NamedTuple):
@@ -47,24 +47,43 @@ def _start_round(msg: Message, context: Context) -> _SiteRound:
 def train(msg: Message, context: Context) -> Message:
     run, site, data, model = _start_round(msg, context)
     config = msg.content[protocol.CONFIG]
+    server_round = int(config[protocol.CONFIG_ROUND])
+    ledger = SiteLedger(site.state_dir)
+    data_hash = dataset_hash(data.train)
+    release = _ReleaseContext(run, site, context.run_id, server_round, data_hash)
     privacy = None
     if run.dp.enabled:
-        privacy = _known_privacy_state(context, config, site) or plan_privacy(run, site, len(data.train))
-        reason = refusal_reason(privacy, round_steps(len(data.train), run), site)
+        try:
+            plan = plan_round(run, site, ledger.entries(), data_hash, context.run_id, server_round, len(data.train))
+        except CohortInputError as exhausted:  # no noise level fits what is left of the budget
+            return _refuse(msg, ledger, release.record(REFUSAL, None, steps=0, epsilon=0.0, reason=f"site {site.name} refuses to train: {exhausted}"))
+        reason = refusal_reason(plan, round_steps(len(data.train), run), site)
         if reason is not None:
-            return Message(Error(code=BUDGET_REFUSED, reason=reason), reply_to=msg)
+            return _refuse(msg, ledger, release.record(REFUSAL, plan.total, steps=0, epsilon=plan.total.epsilon(site.delta), reason=reason))
+        privacy = plan.total
+    elif not site.allow_non_private:
+        reason = f"site {site.name} refuses to train without differential privacy; its policy does not allow it (allow-non-private)"
+        return _refuse(msg, ledger, release.record(REFUSAL, None, steps=0, epsilon=0.0, reason=reason))
     update = train_locally(
         model,
         data.train,
         run,
         privacy,
         resolve_device(run.device),
-        server_round=int(config[protocol.CONFIG_ROUND]),
+        server_round=server_round,
         proximal_mu=float(config.get(protocol.CONFIG_PROXIMAL_MU, 0.0)),
     )
+    weights = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     epsilon = update.privacy.epsilon(site.delta) if update.privacy else float("inf")
-    if update.privacy is not None:
-        context.state[_PRIVACY_KEY] = ConfigRecord({protocol.SITE_PRIVACY_STATE: update.privacy.to_json()})
+    entry = ledger.append(
+        release.record(
+            RELEASE if update.privacy else NON_PRIVATE,
+            update.privacy,
+            steps=update.steps,
+            epsilon=epsilon if update.privacy else 0.0,
+            model_hash=sha256_hex(*(t.numpy().tobytes() for t in weights.values())),
+        )
+    )
     metrics = MetricRecord(
         {
             "num-examples": update.num_examples,
@@ -79,11 +98,53 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     site_record = ConfigRecord(
-        {protocol.SITE_NAME: site.name, protocol.SITE_PRIVACY_STATE: update.privacy.to_json() if update.privacy else ""}
+        {
+            protocol.SITE_NAME: site.name,
+            protocol.SITE_PRIVACY_STATE: update.privacy.to_json() if update.privacy else "",
+            protocol.SITE_LEDGER_ENTRY: entry.to_json(),
+        }
     )
-    weights = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     content = RecordDict({protocol.ARRAYS: ArrayRecord(weights), protocol.METRICS: metrics, protocol.SITE: site_record})
     return Message(content=content, reply_to=msg)
+
+
+def _refuse(msg: Message, ledger: SiteLedger, refusal: LedgerRecord) -> Message:
+    """Record the refusal in the site's own ledger, then tell the server why."""
+    ledger.append(refusal)
+    return Message(Error(code=protocol.SITE_REFUSED, reason=refusal.reason), reply_to=msg)
+
+
+@dataclass(frozen=True)
+class _ReleaseContext:
+    """What every ledger record of this round shares."""
+
+    run: RunConfig
+    site: SiteConfig
+    run_id: int
+    server_round: int
+    data_hash: str
+
+    def record(self, kind: str, privacy: PrivacyState | None, steps: int, epsilon: float, model_hash: str = "", reason: str = "") -> LedgerRecord:
+        return LedgerRecord(
+            kind=kind,
+            run_id=self.run_id,
+            round=self.server_round,
+            site=self.site.name,
+            mechanism=SAMPLE_LEVEL_DP_SGD if self.run.dp.enabled else "none",
+            noise_multiplier=privacy.noise_multiplier if privacy else 0.0,
+            sample_rate=privacy.sample_rate if privacy else 0.0,
+            sampling="poisson",
+            steps=steps,
+            clip_norm=self.run.dp.clip_norm,
+            delta=self.site.delta,
+            epsilon=epsilon,
+            accountant=self.run.dp.accountant,
+            budget_epsilon=self.site.epsilon,
+            dataset_hash=self.data_hash,
+            model_hash=model_hash,
+            config_hash=self.run.fingerprint(),
+            reason=reason,
+        )
 
 
 @app.evaluate()
@@ -101,15 +162,3 @@ def _site_data(site: SiteConfig, run: RunConfig) -> SiteData:
         return local_site_data(site.data_path, run.data)
     assert site.partition_id is not None and site.num_partitions is not None
     return simulated_site_data(run.data, site.partition_id, site.num_partitions)
-
-
-def _known_privacy_state(context: Context, config: ConfigRecord, site: SiteConfig) -> PrivacyState | None:
-    """What this site has already spent in this run.
-
-    Its own memory (Context.state) comes first. A resumed run starts new node processes
-    with empty state; then the server's copy from the checkpoint continues the count.
-    """
-    if _PRIVACY_KEY in context.state:
-        return PrivacyState.from_json(str(context.state[_PRIVACY_KEY][protocol.SITE_PRIVACY_STATE]))
-    known = json.loads(str(config.get(protocol.CONFIG_PRIVACY_STATES, "{}")))
-    return PrivacyState.from_json(known[site.name]) if site.name in known else None

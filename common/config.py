@@ -29,7 +29,7 @@ LR_SCHEDULES = ("constant", "cosine")
 
 # Settings that say where a run lives or how it is resumed, not what it computes: they
 # may differ between a run and its resumption without making the checkpoint foreign.
-_PLACEMENT_KEYS = frozenset({"run_name", "run_dir", "resume_from", "device"})
+_PLACEMENT_KEYS = frozenset({"run_name", "run_dir", "resume_from", "device", "federation_home"})
 _SECTIONS = ("data", "training", "dp")
 
 
@@ -150,19 +150,23 @@ class RunConfig:
     run_dir: where the run writes; '' means runs/<run_name>-<timestamp>.
     resume_from: a run directory to continue at the round after its newest checkpoint.
     device: where sites train: 'auto' takes CUDA when visible.
-    site_epsilon, site_delta: the budget of a simulated site whose node config sets none
-        (a site's own node config always wins; see common.site).
+    federation_home: where simulated sites keep their state (ledger, key, policy), one
+        folder per site; sites spend from the same budget in every run that shares it.
+    site_epsilon, site_delta, site_allow_non_private: the policy of a simulated site that
+        sets none itself (a site's own policy always wins; see common.site).
     """
 
     run_name: str = "cohort"
     run_dir: str = ""
     resume_from: str = ""
     device: str = "auto"
+    federation_home: str = "runs/federation"
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     site_epsilon: float = 8.0
     site_delta: float = 1e-5
+    site_allow_non_private: bool = False
 
     def __post_init__(self) -> None:
         _require_choice("device", self.device, DEVICES)

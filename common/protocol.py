@@ -10,8 +10,11 @@ SITE = "site"
 
 SITE_NAME = "name"
 SITE_PRIVACY_STATE = "privacy-state"
-SITE_REFUSAL = "refusal"
+SITE_LEDGER_ENTRY = "ledger-entry"
 
 CONFIG_ROUND = "server-round"
-CONFIG_PRIVACY_STATES = "privacy-states"
 CONFIG_PROXIMAL_MU = "proximal-mu"
+
+# Error code of a reply in which a site declines a round (budget, or a policy that forbids
+# training without DP); the server stops asking that site for the rest of the run.
+SITE_REFUSED = 4030

@@ -17,7 +17,7 @@ from common.data.federation import federated_split
 from common.evaluation import Evaluation, evaluate
 from common.models.registry import build_model
 from common.rundir import RunDirectory, write_json_atomic, write_torch_atomic
-from server.federation import initial_state, run_rounds
+from server.federation import FederationState, initial_state, run_rounds
 from server.plots import plot_run
 from server.strategies import build_strategy
 from server.summary import summarize
@@ -42,8 +42,8 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(run.training, num_sites)
     state = initial_state(run, run_dir, model)
     log(INFO, "Cohort run directory: %s", run_dir.path)
-    state = run_rounds(grid, context.run_id, run, run_dir, strategy, state, evaluate_centrally)
-    _finish(run_dir, state.arrays, time.monotonic() - started)
+    state = run_rounds(grid, run, run_dir, strategy, state, evaluate_centrally)
+    _finish(run_dir, state, time.monotonic() - started)
 
 
 def _run_directory(run: RunConfig) -> RunDirectory:
@@ -55,8 +55,9 @@ def _run_directory(run: RunConfig) -> RunDirectory:
     return run_dir
 
 
-def _finish(run_dir: RunDirectory, arrays: ArrayRecord, wall_seconds: float) -> None:
-    write_torch_atomic(run_dir.model_file, arrays.to_torch_state_dict())
+def _finish(run_dir: RunDirectory, state: FederationState, wall_seconds: float) -> None:
+    write_torch_atomic(run_dir.model_file, state.arrays.to_torch_state_dict())
     metrics = run_dir.read_metrics()
-    plot_run(metrics, run_dir.plot_dir)
-    write_json_atomic(run_dir.summary_file, summarize(metrics, wall_seconds))
+    if metrics:
+        plot_run(metrics, run_dir.plot_dir)
+    write_json_atomic(run_dir.summary_file, summarize(metrics, wall_seconds, state.stop_reason))

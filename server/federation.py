@@ -20,8 +20,6 @@ from flwr.serverapp.strategy import Strategy
 from common import protocol
 from common.config import RunConfig
 from common.evaluation import Evaluation
-from common.privacy.accounting import PrivacyState
-from common.privacy.ledger import SAMPLE_LEVEL_DP_SGD, LedgerRecord
 from common.rundir import RunDirectory, append_lines, keep_rounds_up_to
 from server.checkpoint import Checkpoint, latest_checkpoint
 
@@ -35,6 +33,8 @@ class FederationState:
     next_round: int
     arrays: ArrayRecord
     privacy_states: dict[str, str] = field(default_factory=dict)
+    refused_nodes: dict[int, str] = field(default_factory=dict)
+    stop_reason: str = ""
 
 
 def initial_state(run: RunConfig, run_dir: RunDirectory, model: torch.nn.Module) -> FederationState:
@@ -42,15 +42,15 @@ def initial_state(run: RunConfig, run_dir: RunDirectory, model: torch.nn.Module)
     if not run.resume_from:
         return FederationState(next_round=1, arrays=ArrayRecord(model.state_dict()))
     checkpoint = latest_checkpoint(run_dir.checkpoint_dir, run.fingerprint())
+    # Metrics of rounds after the checkpoint are redone; ledger entries are kept: those
+    # releases happened, and the sites' budgets paid for them.
     keep_rounds_up_to(run_dir.metrics_file, checkpoint.round)
-    keep_rounds_up_to(run_dir.ledger_file, checkpoint.round)
     log(INFO, "Resuming from checkpoint of round %d", checkpoint.round)
     return FederationState(checkpoint.round + 1, ArrayRecord(checkpoint.weights), dict(checkpoint.privacy_states))
 
 
 def run_rounds(
     grid: Grid,
-    run_id: int,
     run: RunConfig,
     run_dir: RunDirectory,
     strategy: Strategy,
@@ -59,25 +59,37 @@ def run_rounds(
 ) -> FederationState:
     for server_round in range(state.next_round, run.training.rounds + 1):
         started = time.monotonic()
-        train_replies = list(grid.send_and_receive(strategy.configure_train(server_round, state.arrays, _train_config(run, state), grid)))
+        remaining = [node for node in grid.get_node_ids() if node not in state.refused_nodes]
+        if len(remaining) < run.training.min_sites:
+            state.stop_reason = (
+                f"stopped before round {server_round}: {len(remaining)} site(s) can still train, fewer than "
+                f"min-sites={run.training.min_sites}; refused: {', '.join(sorted(state.refused_nodes.values()))}"
+            )
+            log(WARNING, state.stop_reason)
+            break
+        train_messages = [m for m in strategy.configure_train(server_round, state.arrays, _train_config(run), grid) if m.metadata.dst_node_id not in state.refused_nodes]
+        train_replies = list(grid.send_and_receive(train_messages))
         aggregated, _ = strategy.aggregate_train(server_round, train_replies)
         if aggregated is not None:
             state.arrays = aggregated
-        eval_replies = list(grid.send_and_receive(strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), grid)))
+        eval_messages = [m for m in strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), grid) if m.metadata.dst_node_id not in state.refused_nodes]
+        eval_replies = list(grid.send_and_receive(eval_messages))
         strategy.aggregate_evaluate(server_round, eval_replies)
         central = evaluate_centrally(state.arrays)
 
-        results = _collect_site_results(run_id, server_round, run, train_replies, eval_replies)
+        results = _collect_site_results(server_round, train_replies, eval_replies)
         state.privacy_states.update(results.privacy_states)
+        state.refused_nodes.update(results.refusals)
         record = {
             "round": server_round,
             "global": {"loss": central.loss, "accuracy": central.accuracy},
             "sites": results.sites,
+            "refused": sorted(state.refused_nodes.values()),
             "failures": results.failures,
             "seconds": round(time.monotonic() - started, 3),
         }
         line = json.dumps(record, sort_keys=True)
-        append_lines(run_dir.ledger_file, (entry.to_json() for entry in results.ledger))
+        append_lines(run_dir.ledger_file, results.ledger)
         append_lines(run_dir.metrics_file, [line])
         checkpoint = Checkpoint(server_round, state.arrays.to_torch_state_dict(), run.fingerprint(), dict(state.privacy_states), line)
         checkpoint.save(run_dir.checkpoint_dir)
@@ -86,11 +98,8 @@ def run_rounds(
     return state
 
 
-def _train_config(run: RunConfig, state: FederationState) -> ConfigRecord:
-    """Every round carries the latest known privacy state of every site, so a site whose
-    own memory of the run is gone (a resumed run starts new processes) continues its
-    accounting instead of restarting it at zero."""
-    config = ConfigRecord({protocol.CONFIG_PRIVACY_STATES: json.dumps(state.privacy_states)})
+def _train_config(run: RunConfig) -> ConfigRecord:
+    config = ConfigRecord()
     if run.training.strategy == "fedprox":
         config[protocol.CONFIG_PROXIMAL_MU] = run.training.proximal_mu
     return config
@@ -101,26 +110,27 @@ class RoundResults:
     """What the sites' replies to one round say, per site."""
 
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
-    ledger: list[LedgerRecord] = field(default_factory=list)
+    ledger: list[str] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     privacy_states: dict[str, str] = field(default_factory=dict)
+    refusals: dict[int, str] = field(default_factory=dict)
 
 
-def _collect_site_results(
-    run_id: int,
-    server_round: int,
-    run: RunConfig,
-    train_replies: Iterable[Message],
-    eval_replies: Iterable[Message],
-) -> RoundResults:
+def _collect_site_results(server_round: int, train_replies: Iterable[Message], eval_replies: Iterable[Message]) -> RoundResults:
     results = RoundResults()
-    sites, ledger, failures = results.sites, results.ledger, results.failures
+    sites = results.sites
     for reply in train_replies:
+        node = reply.metadata.src_node_id
         if reply.has_error():
-            failures.append({"node": reply.metadata.src_node_id, "stage": "train", "reason": reply.error.reason})
-            log(WARNING, "Round %d: node %d did not train: %s", server_round, reply.metadata.src_node_id, reply.error.reason)
+            if reply.error.code == protocol.SITE_REFUSED:
+                results.refusals[node] = _site_named_in(reply.error.reason, node)
+                log(WARNING, "Round %d: %s; it is out of this run", server_round, reply.error.reason)
+            else:
+                results.failures.append({"node": node, "stage": "train", "reason": reply.error.reason})
+                log(WARNING, "Round %d: node %d did not train: %s", server_round, node, reply.error.reason)
             continue
-        name = str(reply.content[protocol.SITE][protocol.SITE_NAME])
+        site_record = reply.content[protocol.SITE]
+        name = str(site_record[protocol.SITE_NAME])
         metrics = reply.content[protocol.METRICS]
         entry = sites.setdefault(name, {})
         entry.update(
@@ -129,38 +139,28 @@ def _collect_site_results(
             train_accuracy=float(metrics["train-accuracy"]),
             epsilon=None,
         )
-        privacy_json = str(reply.content[protocol.SITE][protocol.SITE_PRIVACY_STATE])
+        results.ledger.append(str(site_record[protocol.SITE_LEDGER_ENTRY]))
+        privacy_json = str(site_record[protocol.SITE_PRIVACY_STATE])
         if privacy_json:
-            privacy = PrivacyState.from_json(privacy_json)
             entry.update(
                 epsilon=float(metrics["epsilon"]),
                 delta=float(metrics["delta"]),
                 budget=float(metrics["budget-epsilon"]),
-                noise_multiplier=privacy.noise_multiplier,
+                noise_multiplier=float(metrics["noise-multiplier"]),
             )
             results.privacy_states[name] = privacy_json
-            ledger.append(
-                LedgerRecord(
-                    run_id=run_id,
-                    round=server_round,
-                    site=name,
-                    mechanism=SAMPLE_LEVEL_DP_SGD,
-                    noise_multiplier=privacy.noise_multiplier,
-                    sample_rate=privacy.sample_rate,
-                    sampling="poisson",
-                    steps=int(metrics["steps"]),
-                    clip_norm=run.dp.clip_norm,
-                    delta=float(metrics["delta"]),
-                    epsilon=float(metrics["epsilon"]),
-                    accountant=privacy.accountant,
-                )
-            )
     for reply in eval_replies:
         if reply.has_error():
-            failures.append({"node": reply.metadata.src_node_id, "stage": "evaluate", "reason": reply.error.reason})
+            results.failures.append({"node": reply.metadata.src_node_id, "stage": "evaluate", "reason": reply.error.reason})
             continue
         name = str(reply.content[protocol.SITE][protocol.SITE_NAME])
         metrics = reply.content[protocol.METRICS]
         sites.setdefault(name, {}).update(val_loss=float(metrics["val-loss"]), val_accuracy=float(metrics["val-accuracy"]))
     results.sites = dict(sorted(sites.items()))
     return results
+
+
+def _site_named_in(reason: str, node: int) -> str:
+    """Refusals start 'site NAME refuses ...'; fall back to the node id."""
+    words = reason.split()
+    return words[1] if len(words) > 1 and words[0] == "site" else f"node {node}"

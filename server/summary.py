@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 
-def summarize(metrics: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
+def summarize(metrics: list[dict[str, Any]], wall_seconds: float, stop_reason: str = "") -> dict[str, Any]:
+    """stop_reason: why the run ended before its last round ('' when it did not)."""
+    if not metrics:
+        return {"rounds": 0, "final_accuracy": None, "final_loss": None, "max_epsilon": None, "sites": {}, "refused": [], "stop_reason": stop_reason, "wall_seconds": round(wall_seconds, 2)}
     last = metrics[-1]
     sites: dict[str, dict[str, Any]] = {}
     for record in metrics:
@@ -25,5 +28,7 @@ def summarize(metrics: list[dict[str, Any]], wall_seconds: float) -> dict[str, A
         "final_loss": last["global"]["loss"],
         "max_epsilon": max(epsilons) if epsilons else None,
         "sites": dict(sorted(sites.items())),
+        "refused": last.get("refused", []),
+        "stop_reason": stop_reason,
         "wall_seconds": round(wall_seconds, 2),
     }

@@ -50,10 +50,16 @@ def check_plan(plan: SimulationPlan) -> None:
         latest_checkpoint(RunDirectory(Path(plan.run.resume_from)).checkpoint_dir, plan.run.fingerprint())
 
 
-def new_run(plan: SimulationPlan, runs_root: Path) -> SimulationPlan:
-    """The plan with its run directory fixed, so this process knows where to look."""
+def new_run(plan: SimulationPlan, runs_root: Path, federation_home: Path | None = None) -> SimulationPlan:
+    """The plan with its run directory fixed, so this process knows where to look.
+
+    The simulated sites keep their state (ledgers, keys, policies) in `federation_home`,
+    by default a folder of the run's own; sites given a shared one spend from the same
+    budgets in every simulation that uses it.
+    """
     run_dir = RunDirectory.for_new_run(plan.run, root=runs_root)
-    return replace(plan, run=replace(plan.run, run_dir=str(run_dir.path)))
+    home = federation_home.resolve() if federation_home else run_dir.path / "federation"
+    return replace(plan, run=replace(plan.run, run_dir=str(run_dir.path), federation_home=str(home)))
 
 
 def resumed_run(run_dir: Path, plan_of: Callable[[Path], SimulationPlan]) -> SimulationPlan:
@@ -94,7 +100,7 @@ def run_simulation(plan: SimulationPlan, on_round: RoundCallback, on_start: Call
                         process.terminate()
                         process.wait()
     summary = json.loads(run_dir.summary_file.read_text()) if run_dir.summary_file.exists() else None
-    return SimulationOutcome(run_dir=run_dir, succeeded=summary is not None and summary["rounds"] == plan.run.training.rounds, summary=summary, log_file=log_file)
+    return SimulationOutcome(run_dir=run_dir, succeeded=summary is not None and not summary["stop_reason"], summary=summary, log_file=log_file)
 
 
 def _follow(process: subprocess.Popen[bytes], run_dir: RunDirectory, on_round: RoundCallback) -> None:

@@ -2,60 +2,71 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from client.privacy_plan import plan_privacy, refusal_reason, round_steps
-from client.training import train_locally
-from common.config import DataConfig, RunConfig
+from client.privacy_plan import RoundPlan, plan_round, refusal_reason, round_steps
+from client.training import round_learning_rate, train_locally
+from common.config import DataConfig, RunConfig, TrainingConfig
 from common.data.federation import simulated_site_data
 from common.models.registry import build_model
-from common.privacy.accounting import PrivacyState
 from common.site import SiteConfig
 
-RUN = RunConfig.from_flower({"rounds": 3, "local-epochs": 1})
-SITE = SiteConfig(name="site-0", epsilon=8.0, delta=1e-5, partition_id=0, num_partitions=5)
+RUN = RunConfig.from_flower({"rounds": 3, "local-epochs": 1, "batch-size": 64})
+SITE = SiteConfig(name="site-0", epsilon=8.0, delta=1e-5, state_dir=Path("/unused"), partition_id=0, num_partitions=5)
 DATA = simulated_site_data(DataConfig(), 0, 5)
+STEPS = round_steps(len(DATA.train), RUN)
 
 
 def _model() -> torch.nn.Module:
     return build_model("cnn", DATA.train.input_shape, DATA.num_classes)
 
 
+def _fresh_plan(site: SiteConfig = SITE) -> RoundPlan:
+    return plan_round(RUN, site, entries=[], data_hash="d", run_id=1, server_round=1, num_examples=len(DATA.train))
+
+
 def test_rounds_on_the_same_module_leave_no_opacus_hooks_behind() -> None:
     model = _model()
-    privacy = plan_privacy(RUN, SITE, len(DATA.train))
+    privacy = _fresh_plan().total
     for _ in range(2):
         privacy = train_locally(model, DATA.train, RUN, privacy, torch.device("cpu")).privacy
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
-    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
+    assert not any(getattr(p, "grad_sample", None) is not None for p in model.parameters())
 
 
 def test_each_round_adds_its_steps_to_the_carried_history() -> None:
-    privacy = plan_privacy(RUN, SITE, len(DATA.train))
-    first = train_locally(_model(), DATA.train, RUN, privacy, torch.device("cpu"))
+    first = train_locally(_model(), DATA.train, RUN, _fresh_plan().total, torch.device("cpu"))
     second = train_locally(_model(), DATA.train, RUN, first.privacy, torch.device("cpu"))
-    assert first.steps == round_steps(len(DATA.train), RUN)
+    assert first.steps == STEPS
     assert second.privacy.steps == 2 * first.steps
     assert second.privacy.epsilon(SITE.delta) > first.privacy.epsilon(SITE.delta)
 
 
 def test_derived_plan_spends_at_most_the_budget_over_all_planned_rounds() -> None:
-    plan = plan_privacy(RUN, SITE, len(DATA.train))
-    after_all_rounds = plan.with_steps(RUN.training.rounds * round_steps(len(DATA.train), RUN))
+    after_all_rounds = _fresh_plan().total.with_steps(RUN.training.rounds * STEPS)
     assert after_all_rounds.epsilon(SITE.delta) <= SITE.epsilon
 
 
 def test_a_round_that_would_exceed_the_budget_is_refused() -> None:
-    plan = plan_privacy(RUN, SITE, len(DATA.train))
-    spent = plan.with_steps(RUN.training.rounds * round_steps(len(DATA.train), RUN))
-    reason = refusal_reason(spent, round_steps(len(DATA.train), RUN), SITE)
-    assert reason is not None and "over its budget of 8.0" in reason
+    plan = _fresh_plan()
+    spent = RoundPlan(plan.total.with_steps(RUN.training.rounds * STEPS), plan.this_run)
+    reason = refusal_reason(spent, STEPS, SITE)
+    assert reason is not None and "over its budget of 8" in reason
 
 
 def test_a_round_within_the_budget_is_not_refused() -> None:
-    plan = plan_privacy(RUN, SITE, len(DATA.train))
-    assert refusal_reason(plan, round_steps(len(DATA.train), RUN), SITE) is None
+    assert refusal_reason(_fresh_plan(), STEPS, SITE) is None
+
+
+def test_a_per_run_cap_lowers_the_run_plan_and_refuses_beyond_it() -> None:
+    capped = SiteConfig(name="site-0", epsilon=8.0, delta=1e-5, state_dir=Path("/unused"), run_epsilon=2.0, partition_id=0, num_partitions=5)
+    plan = _fresh_plan(capped)
+    assert plan.this_run.with_steps(RUN.training.rounds * STEPS).epsilon(1e-5) <= 2.0
+    over = RoundPlan(plan.total, plan.this_run.with_steps(RUN.training.rounds * STEPS))
+    assert "per-run cap of 2" in refusal_reason(over, STEPS, capped)
 
 
 def test_non_private_training_reports_no_privacy_state() -> None:
@@ -65,7 +76,7 @@ def test_non_private_training_reports_no_privacy_state() -> None:
 
 
 def test_fedprox_pull_keeps_weights_closer_to_the_global_model() -> None:
-    run = RunConfig.from_flower({"dp": False, "local-epochs": 3})
+    run = RunConfig.from_flower({"dp": False, "local-epochs": 3, "batch-size": 32, "learning-rate": 0.05})
     start = _model()
     anchor = torch.cat([p.detach().flatten() for p in start.parameters()])
 
@@ -80,9 +91,6 @@ def test_fedprox_pull_keeps_weights_closer_to_the_global_model() -> None:
 
 
 def test_cosine_schedule_decays_from_the_full_rate_to_a_tenth() -> None:
-    from client.training import round_learning_rate
-    from common.config import TrainingConfig
-
     training = TrainingConfig(learning_rate=2.0, rounds=11, lr_schedule="cosine")
     rates = [round_learning_rate(training, r) for r in range(1, 12)]
     assert rates[0] == pytest.approx(2.0) and rates[-1] == pytest.approx(0.2)
@@ -90,8 +98,5 @@ def test_cosine_schedule_decays_from_the_full_rate_to_a_tenth() -> None:
 
 
 def test_constant_schedule_keeps_the_rate() -> None:
-    from client.training import round_learning_rate
-    from common.config import TrainingConfig
-
     training = TrainingConfig(learning_rate=0.3, rounds=5, lr_schedule="constant")
     assert {round_learning_rate(training, r) for r in range(1, 6)} == {0.3}

@@ -62,15 +62,34 @@ def test_metrics_have_one_line_a_round_with_every_site(completed_run: tuple[subp
         assert all(0 < site["epsilon"] <= 8.0 for site in record["sites"].values())
 
 
-def test_ledger_has_one_record_per_site_per_round_that_recomputes_to_its_epsilon(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+def _releases(ledger: Path, site: str | None = None) -> list[dict]:
+    records = [json.loads(line)["record"] for line in ledger.read_text().splitlines()]
+    return [r for r in records if r["kind"] == "release" and (site is None or r["site"] == site)]
+
+
+def _recomputed_epsilon(releases: list[dict]) -> float:
+    history = tuple((r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in releases)
+    return PrivacyState(1.0, 1.0, "rdp", history).epsilon(releases[-1]["delta"])
+
+
+def test_run_ledger_has_one_record_per_site_per_round_that_recomputes_to_its_epsilon(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
     _, run_dir = completed_run
-    records = [json.loads(line) for line in (run_dir / "privacy_ledger.jsonl").read_text().splitlines()]
+    records = _releases(run_dir / "privacy_ledger.jsonl")
     assert sorted((r["round"], r["site"]) for r in records) == [(r, f"site-{s}") for r in (1, 2) for s in range(3)]
     for site in ("site-0", "site-1", "site-2"):
         mine = sorted((r for r in records if r["site"] == site), key=lambda r: r["round"])
-        history = tuple((r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in mine)
-        recomputed = PrivacyState(mine[0]["noise_multiplier"], mine[0]["sample_rate"], "rdp", history).epsilon(mine[-1]["delta"])
-        assert recomputed == pytest.approx(mine[-1]["epsilon"], rel=1e-9)
+        assert _recomputed_epsilon(mine) == pytest.approx(mine[-1]["epsilon"], rel=1e-9)
+
+
+def test_each_site_keeps_its_own_signed_ledger_that_verifies(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    from common.privacy.ledger import load_public_key, read_entries, verify_chain
+
+    _, run_dir = completed_run
+    for site in ("site-0", "site-1", "site-2"):
+        home = run_dir / "federation" / site
+        entries = read_entries(home / "privacy_ledger.jsonl")
+        assert [e.record.round for e in entries] == [1, 2]
+        assert verify_chain(entries, load_public_key(home / "ledger_key.pub.pem")) is None
 
 
 def test_progress_and_summary_are_printed(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
@@ -105,8 +124,51 @@ def test_interrupted_run_resumes_at_the_next_round_with_epsilon_continuing(tmp_p
     for site in ("site-0", "site-1", "site-2"):
         epsilons = [m["sites"][site]["epsilon"] for m in metrics]
         assert epsilons[0] < epsilons[1] < epsilons[2] <= 8.0
-    ledger = [json.loads(line) for line in (run_dir / "privacy_ledger.jsonl").read_text().splitlines()]
-    site0 = sorted((r for r in ledger if r["site"] == "site-0"), key=lambda r: r["round"])
-    history = tuple((r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in site0)
-    continuous = PrivacyState(site0[0]["noise_multiplier"], site0[0]["sample_rate"], "rdp", history)
-    assert site0[-1]["epsilon"] == pytest.approx(continuous.epsilon(site0[-1]["delta"]), rel=1e-9)
+    # The site's own ledger holds every release, including one made in the round that was
+    # interrupted; the reported epsilon composes all of them.
+    site0 = _releases(run_dir / "federation" / "site-0" / "privacy_ledger.jsonl")
+    assert site0[-1]["epsilon"] == pytest.approx(_recomputed_epsilon(site0), rel=1e-9)
+    assert metrics[-1]["sites"]["site-0"]["epsilon"] == pytest.approx(site0[-1]["epsilon"], rel=1e-9)
+
+
+def _simulate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([COHORT, "simulate", *SMALL, *args], capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_a_second_run_on_the_same_data_starts_from_what_the_first_spent(tmp_path: Path) -> None:
+    home = tmp_path / "federation"
+    shared = ["--set", "rounds=2", "--set", "noise-multiplier=1.5", "--federation-home", str(home)]
+    first = _simulate(*shared, "--runs-dir", str(tmp_path / "first"))
+    second = _simulate(*shared, "--runs-dir", str(tmp_path / "second"))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    first_metrics, second_metrics = _metrics(_run_dir(tmp_path / "first")), _metrics(_run_dir(tmp_path / "second"))
+    for site in ("site-0", "site-1", "site-2"):
+        releases = _releases(home / site / "privacy_ledger.jsonl")
+        assert len({r["run_id"] for r in releases}) == 2 and len(releases) == 4
+        assert second_metrics[0]["sites"][site]["epsilon"] > first_metrics[-1]["sites"][site]["epsilon"]
+        assert second_metrics[-1]["sites"][site]["epsilon"] == pytest.approx(_recomputed_epsilon(releases), rel=1e-9)
+
+
+def test_a_site_whose_budget_runs_out_is_refused_and_the_run_finishes_with_the_others(tmp_path: Path) -> None:
+    from common.config import DataConfig
+    from common.data.federation import simulated_site_data
+    from client.training import steps_per_epoch
+
+    sigma, batch = 1.5, 256
+    steps = steps_per_epoch(len(simulated_site_data(DataConfig(), 1, 3).train), batch)
+    one_round = PrivacyState(sigma, 1 / steps, "rdp", ((sigma, 1 / steps, steps),)).epsilon(1e-5)
+    two_rounds = PrivacyState(sigma, 1 / steps, "rdp", ((sigma, 1 / steps, 2 * steps),)).epsilon(1e-5)
+    home = tmp_path / "federation"
+    (home / "site-1").mkdir(parents=True)
+    (home / "site-1" / "policy.toml").write_text(f"epsilon = {(one_round + two_rounds) / 2}\n")
+
+    result = _simulate("--set", "rounds=3", "--set", f"noise-multiplier={sigma}", "--federation-home", str(home), "--runs-dir", str(tmp_path / "runs"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = _metrics(_run_dir(tmp_path / "runs"))
+    trained = [sorted(name for name, site in m["sites"].items() if "train_loss" in site) for m in metrics]
+    assert trained == [["site-0", "site-1", "site-2"], ["site-0", "site-2"], ["site-0", "site-2"]]
+    assert metrics[-1]["refused"] == ["site-1"]
+    assert "refused to train (out of the run): site-1" in result.stdout
+    site1 = [json.loads(line)["record"] for line in (home / "site-1" / "privacy_ledger.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["kind"]) for r in site1] == [(1, "release"), (2, "refusal")]
+    assert "over its budget" in site1[1]["reason"]

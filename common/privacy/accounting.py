@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
-from opacus.accountants.utils import get_noise_multiplier
 
 from common.errors import CohortInputError
 
@@ -81,24 +80,43 @@ def restore_accountant(state: PrivacyState) -> IAccountant:
     return accountant
 
 
-def derive_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """The smallest sigma (to Opacus' tolerance) for which `steps` steps stay within the target."""
-    try:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
-                epsilon_tolerance=0.01,
+def derive_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    prior: tuple[HistoryEntry, ...] = (),
+) -> float:
+    """The smallest sigma (within 1% of epsilon) for which the prior spending plus `steps`
+    more steps stays within the target.
+
+    A bisection over sigma in which every epsilon comes from the Opacus accountant; with
+    no prior spending it answers what opacus' get_noise_multiplier answers.
+    """
+
+    def epsilon_at(sigma: float) -> float:
+        return PrivacyState(sigma, sample_rate, accountant, prior + ((sigma, sample_rate, steps),)).epsilon(delta)
+
+    low, high = 0.0, 1.0
+    while epsilon_at(high) > target_epsilon:
+        low, high = high, 2 * high
+        if high > _MAX_NOISE_MULTIPLIER:
+            raise CohortInputError(
+                f"no noise level keeps epsilon within {target_epsilon:g} at delta {delta:g} over {steps} more steps "
+                f"(already spent: {PrivacyState(1.0, sample_rate, accountant, prior).epsilon(delta):.3f}); "
+                "raise the site's epsilon or train fewer rounds"
             )
-        )
-    except ValueError as error:
-        raise CohortInputError(
-            f"no noise level reaches epsilon {target_epsilon} at delta {delta} over {steps} steps "
-            f"({error}); raise the site's epsilon or train fewer rounds"
-        ) from None
+    while target_epsilon - epsilon_at(high) > 0.01 * target_epsilon and high - low > 1e-4:
+        middle = (low + high) / 2
+        if epsilon_at(middle) > target_epsilon:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+_MAX_NOISE_MULTIPLIER = 1e4
 
 
 def _history_of(accountant: IAccountant) -> tuple[HistoryEntry, ...]:

@@ -1,33 +1,69 @@
-"""The privacy ledger format: one record per DP release (a site's training round)."""
+"""The privacy ledger: one signed, hash-chained record per DP release or refusal.
+
+Each site keeps its own ledger on its own disk, spanning every run on its dataset, so
+the budget belongs to the dataset and not to a run. A record carries the hash of the one
+before it and an Ed25519 signature by the site's key: editing, removing, reordering or
+re-signing a record breaks the chain or a signature. Sites send their signed entries to
+the coordinator, whose run directory keeps the same entries, in the same format.
+"""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hashlib
 import json
-from dataclasses import dataclass
+import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from common.errors import CohortInputError
 
 SAMPLE_LEVEL_DP_SGD = "sample-level-dp-sgd"
+CLIENT_LEVEL_DP_FEDAVG = "client-level-dp-fedavg"
+RELEASE = "release"
+REFUSAL = "refusal"
+NON_PRIVATE = "non-private"  # training without DP, allowed by the site's policy: no guarantee
+
+LEDGER_FILE = "privacy_ledger.jsonl"
+PRIVATE_KEY_FILE = "ledger_key.pem"
+PUBLIC_KEY_FILE = "ledger_key.pub.pem"
+GENESIS_HASH = "0" * 64
 
 
 @dataclass(frozen=True)
 class LedgerRecord:
-    """What one site released in one round, enough to recompute its epsilon.
+    """One DP release (or one refused release), enough to recompute the epsilon.
 
+    kind: 'release'; 'refusal' for a round the site declined; 'non-private' for training
+        without DP that the site's policy allowed (it carries no guarantee).
     run_id: the Flower run that asked for the release.
     round: the federated round.
-    site: the site that trained.
-    mechanism: how noise was added (sample-level DP-SGD here).
+    site: the site that trained (or the server, for client-level DP).
+    mechanism: sample-level DP-SGD at a site, or client-level DP-FedAvg at the server.
     noise_multiplier: sigma, noise std in units of clip_norm.
-    sample_rate: q, Poisson sampling probability of one example per step.
-    sampling: the sampling scheme that q refers to.
-    steps: noisy gradient steps taken in this round.
-    clip_norm: C, per-example gradient norm bound.
+    sample_rate: q, the sampling probability of one example (or client) per step.
+    sampling: the scheme q refers to ('poisson'; 'none' means q = 1, no amplification).
+    steps: noisy steps in this release.
+    clip_norm: C, the per-example (or per-update) L2 bound.
     delta: the delta at which epsilon is stated.
-    epsilon: the site's cumulative epsilon after this round.
-    accountant: the accountant that computed epsilon.
+    epsilon: cumulative epsilon on this dataset after the release (RDP, the enforced figure).
+    accountant: the accountant behind `epsilon`.
+    budget_epsilon: the site's total budget when the record was written.
+    dataset_hash: SHA-256 of the site's training data; spending composes per dataset.
+    model_hash: SHA-256 of the released weights ('' for a refusal).
+    config_hash: the run config's fingerprint.
+    timestamp: seconds since the epoch.
+    reason: why a refusal happened ('' for a release).
     """
 
+    kind: str
     run_id: int
     round: int
     site: str
@@ -40,11 +76,152 @@ class LedgerRecord:
     delta: float
     epsilon: float
     accountant: str
+    budget_epsilon: float
+    dataset_hash: str
+    model_hash: str
+    config_hash: str
+    timestamp: float = field(default_factory=time.time)
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """A record as it stands in a ledger: its position, its link and its signature."""
+
+    sequence: int
+    previous_hash: str
+    record: LedgerRecord
+    signature: str
+
+    def signed_payload(self) -> bytes:
+        return _canonical({"sequence": self.sequence, "previous_hash": self.previous_hash, "record": dataclasses.asdict(self.record)})
+
+    def entry_hash(self) -> str:
+        return hashlib.sha256(self.signed_payload()).hexdigest()
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return json.dumps(
+            {"sequence": self.sequence, "previous_hash": self.previous_hash, "record": dataclasses.asdict(self.record), "signature": self.signature},
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> LedgerEntry:
+        data = json.loads(text)
+        return cls(int(data["sequence"]), str(data["previous_hash"]), LedgerRecord(**data["record"]), str(data["signature"]))
 
 
-def read_ledger(path: Path) -> list[LedgerRecord]:
-    with path.open(encoding="utf-8") as stream:
-        return [LedgerRecord(**json.loads(line)) for line in stream if line.strip()]
+class SiteLedger:
+    """A site's ledger in its state directory, with the site's signing key beside it."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.path = state_dir / LEDGER_FILE
+        self._key = _load_or_create_key(state_dir)
+
+    @property
+    def public_key_file(self) -> Path:
+        return self.state_dir / PUBLIC_KEY_FILE
+
+    def entries(self) -> list[LedgerEntry]:
+        return read_entries(self.path) if self.path.exists() else []
+
+    def append(self, record: LedgerRecord) -> LedgerEntry:
+        """Sign and append; fsync before returning, so an acknowledged release is never lost."""
+        existing = self.entries()
+        previous = existing[-1].entry_hash() if existing else GENESIS_HASH
+        unsigned = LedgerEntry(len(existing), previous, record, signature="")
+        signature = base64.b64encode(self._key.sign(unsigned.signed_payload())).decode()
+        entry = dataclasses.replace(unsigned, signature=signature)
+        with self.path.open("a", encoding="utf-8") as stream:
+            stream.write(entry.to_json() + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        return entry
+
+
+def read_entries(path: Path) -> list[LedgerEntry]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise CohortInputError(f"ledger {path} does not exist; give a run directory or a site's privacy_ledger.jsonl") from None
+    entries = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(LedgerEntry.from_json(line))
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise CohortInputError(f"{path}: record {number} is not a ledger record ({type(error).__name__}); the file is truncated or edited") from None
+    return entries
+
+
+def verify_chain(entries: list[LedgerEntry], public_key: Ed25519PublicKey) -> str | None:
+    """None if every link and signature holds, else a sentence naming the first bad record."""
+    previous = GENESIS_HASH
+    for position, entry in enumerate(entries):
+        label = f"record {position + 1} (round {entry.record.round}, run {entry.record.run_id})"
+        if entry.sequence != position:
+            return f"{label} has sequence number {entry.sequence}, expected {position}: a record was removed or reordered"
+        if entry.previous_hash != previous:
+            return f"{label} does not link to the record before it: a record was removed, reordered or edited"
+        if not verify_signature(entry, public_key):
+            return f"{label} has a signature that does not match this key: it was edited or signed by another key"
+        previous = entry.entry_hash()
+    return None
+
+
+def verify_signature(entry: LedgerEntry, public_key: Ed25519PublicKey) -> bool:
+    try:
+        public_key.verify(base64.b64decode(entry.signature), entry.signed_payload())
+        return True
+    except (InvalidSignature, ValueError):
+        return False
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except FileNotFoundError:
+        raise CohortInputError(f"public key {path} does not exist; sites export it as {PUBLIC_KEY_FILE} in their state directory") from None
+    except ValueError:
+        raise CohortInputError(f"{path} is not a PEM public key; use the site's {PUBLIC_KEY_FILE}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise CohortInputError(f"{path} is not an Ed25519 key; ledgers are signed with Ed25519")
+    return key
+
+
+def sha256_hex(*chunks: bytes) -> str:
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def iter_releases(entries: list[LedgerEntry], dataset_hash: str) -> Iterator[LedgerRecord]:
+    return (e.record for e in entries if e.record.kind == RELEASE and e.record.dataset_hash == dataset_hash)
+
+
+def _load_or_create_key(state_dir: Path) -> Ed25519PrivateKey:
+    """The site's signing key, created on first use with 0600 permissions."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    key_file = state_dir / PRIVATE_KEY_FILE
+    if key_file.exists():
+        if key_file.stat().st_mode & 0o077:
+            raise CohortInputError(f"{key_file} is readable by others; run `chmod 600 {key_file}`")
+        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise CohortInputError(f"{key_file} is not an Ed25519 key; move it away and a new one is made")
+        return key
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as stream:
+        stream.write(pem)
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    (state_dir / PUBLIC_KEY_FILE).write_bytes(public)
+    return key
+
+
+def _canonical(payload: Any) -> bytes:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()

@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cohort-installed
 
-.PHONY: setup demo test benchmark clean
+.PHONY: setup browser demo test benchmark clean
 
 setup: $(STAMP)
 
@@ -20,7 +20,12 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/cohort simulate
 
-test: setup
+# The audit page is tested in real headless Chromium (Debian's package); as root it is
+# installed here, otherwise that one test is skipped with its reason.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || echo "chromium is not installed: the audit page test will be skipped"
+
+test: setup browser
 	$(BIN)/python -m pytest
 
 benchmark: setup

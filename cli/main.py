@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cli.audit import audit_app
 from common.errors import CohortInputError
 from common.rundir import RunDirectory
 from simulations.plan import DEFAULT_SIMULATION, SimulationPlan, load_plan, saved_plan
@@ -18,6 +19,9 @@ from simulations.runner import SimulationOutcome, new_run, require_app_dir, resu
 
 app = typer.Typer(help="Cohort: federated training with differential privacy, on Flower and Opacus.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
+
+
+app.add_typer(audit_app, name="audit")
 
 
 @app.callback()

@@ -39,7 +39,7 @@ def _spend_like_a_site(ledger: SiteLedger, run: RunConfig, site: SiteConfig, num
             )
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     budget=st.floats(min_value=0.2, max_value=10.0),
     sigma=st.one_of(st.just(0.0), st.floats(min_value=0.4, max_value=4.0)),

@@ -92,6 +92,19 @@ def test_each_site_keeps_its_own_signed_ledger_that_verifies(completed_run: tupl
         assert verify_chain(entries, load_public_key(home / "ledger_key.pub.pem")) is None
 
 
+def test_audit_of_a_run_directory_recomputes_every_sites_epsilon(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    _, run_dir = completed_run
+    result = subprocess.run([COHORT, "audit", str(run_dir)], capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    report = json.loads((run_dir / "audit.json").read_text())
+    last = _metrics(run_dir)[-1]["sites"]
+    for site in ("site-0", "site-1", "site-2"):
+        assert report["sites"][site]["epsilon_total"] == pytest.approx(last[site]["epsilon"], rel=1e-9)
+        assert report["sites"][site]["epsilon_this_run"] == pytest.approx(last[site]["epsilon"], rel=1e-9)
+        assert report["sites"][site]["chain"] == "verified"
+    assert (run_dir / "audit.html").exists()
+
+
 def test_progress_and_summary_are_printed(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
     result, _ = completed_run
     assert "round   1/2" in result.stdout and "round   2/2" in result.stdout

@@ -1,0 +1,122 @@
+"""The audit of privacy spending, built from ledgers alone, for a privacy officer.
+
+It trusts no figure the coordinator reports: every epsilon is recomputed from the
+releases in the sites' own signed ledgers, under three accountants.
+The report (audit.json) has this schema, version "cohort-audit/1":
+
+    schema, source, generated_at, warnings: [str]
+    sites: {name: {
+        budget_epsilon, delta, releases, refusals: [str], non_private_rounds,
+        epsilon_total (RDP, every run on the site's dataset), epsilon_this_run (RDP, the
+        audited run's releases; null for a site ledger), accountants: {rdp, prv, pld},
+        noise_multipliers, sample_rates, clip_norms, steps, chain ('verified', 'not checked:
+        ...' or 'broken: ...'), epsilon_by_release: [[run_id, round, epsilon]], warnings}}
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.errors import CohortInputError
+from common.privacy.accounting import PrivacyState
+from common.privacy.cross_check import compare_accountants
+from common.privacy.ledger import (
+    LEDGER_FILE,
+    NON_PRIVATE,
+    PUBLIC_KEY_FILE,
+    REFUSAL,
+    RELEASE,
+    LedgerEntry,
+    load_public_key,
+    read_entries,
+    verify_chain,
+)
+
+SCHEMA = "cohort-audit/1"
+NEAR_EXHAUSTION = 0.9
+
+
+@dataclass(frozen=True)
+class SiteLedgerFile:
+    """A site's ledger, and the run ids of the audited run (None: audit the whole ledger)."""
+
+    path: Path
+    run_ids: frozenset[int] | None
+
+
+def find_ledgers(path: Path) -> list[SiteLedgerFile]:
+    """A run directory (its sites' ledgers), a site's state directory, or a ledger file."""
+    if path.is_file():
+        return [SiteLedgerFile(path, None)]
+    if (path / LEDGER_FILE).is_file() and (path / "config.json").is_file():
+        run_ids = frozenset(e.record.run_id for e in read_entries(path / LEDGER_FILE))
+        site_ledgers = sorted((path / "federation").glob(f"*/{LEDGER_FILE}"))
+        return [SiteLedgerFile(p, run_ids) for p in site_ledgers] or [SiteLedgerFile(path / LEDGER_FILE, run_ids)]
+    if (path / LEDGER_FILE).is_file():
+        return [SiteLedgerFile(path / LEDGER_FILE, None)]
+    raise CohortInputError(f"{path} holds no privacy ledger; give a run directory, a site's state directory or a {LEDGER_FILE}")
+
+
+def audit(path: Path) -> dict[str, Any]:
+    sites: dict[str, dict[str, Any]] = {}
+    for ledger in find_ledgers(path):
+        entries = read_entries(ledger.path)
+        for name in sorted({e.record.site for e in entries}):
+            sites[name] = _audit_site([e for e in entries if e.record.site == name], ledger)
+    return {
+        "schema": SCHEMA,
+        "source": str(path.resolve()),
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "sites": sites,
+        "warnings": [f"{name}: {w}" for name, site in sites.items() for w in site["warnings"]],
+    }
+
+
+def _audit_site(entries: list[LedgerEntry], ledger: SiteLedgerFile) -> dict[str, Any]:
+    records = [e.record for e in entries]
+    releases = [r for r in records if r.kind == RELEASE]
+    latest = records[-1]
+    dataset = releases[-1].dataset_hash if releases else latest.dataset_hash
+    on_dataset = [r for r in releases if r.dataset_hash == dataset]
+    history = tuple((r.noise_multiplier, r.sample_rate, r.steps) for r in on_dataset)
+    this_run = tuple((r.noise_multiplier, r.sample_rate, r.steps) for r in on_dataset if ledger.run_ids is not None and r.run_id in ledger.run_ids)
+    delta = latest.delta
+    comparison = compare_accountants(history, delta)
+    total = comparison.rdp
+    chain = _chain_status(entries, ledger.path.parent / PUBLIC_KEY_FILE)
+    warnings = list(comparison.warnings)
+    non_private = sum(r.kind == NON_PRIVATE for r in records)
+    if non_private:
+        warnings.append(f"trained without differential privacy in {non_private} round(s): those releases carry no guarantee")
+    if total >= NEAR_EXHAUSTION * latest.budget_epsilon:
+        warnings.append(f"budget close to exhaustion: epsilon {total:.3f} of {latest.budget_epsilon:g} spent")
+    if chain.startswith("broken"):
+        warnings.append(f"ledger chain {chain}")
+    return {
+        "budget_epsilon": latest.budget_epsilon,
+        "delta": delta,
+        "releases": len(on_dataset),
+        "refusals": [r.reason for r in records if r.kind == REFUSAL],
+        "non_private_rounds": non_private,
+        "epsilon_total": total,
+        "epsilon_this_run": PrivacyState(1.0, 1.0, "rdp", this_run).epsilon(delta) if ledger.run_ids is not None else None,
+        "accountants": {"rdp": comparison.rdp, "prv": comparison.prv, "pld": comparison.pld},
+        "noise_multipliers": sorted({r.noise_multiplier for r in on_dataset}),
+        "sample_rates": sorted({r.sample_rate for r in on_dataset}),
+        "clip_norms": sorted({r.clip_norm for r in on_dataset}),
+        "steps": sum(r.steps for r in on_dataset),
+        "chain": chain,
+        "epsilon_by_release": [[r.run_id, r.round, r.epsilon] for r in on_dataset],
+        "warnings": warnings,
+    }
+
+
+def _chain_status(entries: list[LedgerEntry], key_file: Path) -> str:
+    """The site's exported key sits beside its ledger; a run directory's copy has none."""
+    if not key_file.exists():
+        return "not checked: no public key beside the ledger (use `cohort audit verify --public-key`)"
+    problem = verify_chain(entries, load_public_key(key_file))
+    return "verified" if problem is None else f"broken: {problem}"

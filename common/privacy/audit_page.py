@@ -1,0 +1,81 @@
+"""audit.html: one self-contained page (inline styles, plots as data URIs, no fetches)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+
+def render_page(report: dict[str, Any]) -> str:
+    rows = "".join(_site_row(name, site) for name, site in report["sites"].items())
+    warnings = "".join(f"<li>{html.escape(w)}</li>" for w in report["warnings"]) or "<li>none</li>"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Cohort privacy audit</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ border: 1px solid #bbb; padding: 4px 10px; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+.warn {{ color: #a30; }}
+</style></head><body>
+<h1>Privacy audit</h1>
+<p>Source: <code>{html.escape(report["source"])}</code>, generated {html.escape(report["generated_at"])} ({report["schema"]}).
+Every epsilon is recomputed from the sites' ledgers; RDP is the enforced figure.</p>
+<table><tr><th>site</th><th>epsilon (total)</th><th>epsilon (this run)</th><th>budget</th><th>delta</th>
+<th>PRV</th><th>PLD</th><th>sigma</th><th>q</th><th>C</th><th>steps</th><th>releases</th><th>refusals</th><th>chain</th></tr>
+{rows}</table>
+<h2>Warnings</h2><ul class="warn">{warnings}</ul>
+<h2>Epsilon by release</h2>
+<img alt="epsilon against releases, per site, with budgets" src="data:image/png;base64,{_epsilon_plot(report)}">
+</body></html>
+"""
+
+
+def _site_row(name: str, site: dict[str, Any]) -> str:
+    def number(value: Any, pattern: str = "{:.3f}") -> str:
+        return "-" if value is None else pattern.format(value)
+
+    cells = [
+        html.escape(name),
+        number(site["epsilon_total"]),
+        number(site["epsilon_this_run"]),
+        number(site["budget_epsilon"], "{:g}"),
+        number(site["delta"], "{:g}"),
+        number(site["accountants"]["prv"]),
+        number(site["accountants"]["pld"]),
+        ", ".join(f"{s:.3f}" for s in site["noise_multipliers"]) or "-",
+        ", ".join(f"{q:.3f}" for q in site["sample_rates"]) or "-",
+        ", ".join(f"{c:g}" for c in site["clip_norms"]) or "-",
+        str(site["steps"]),
+        str(site["releases"]),
+        str(len(site["refusals"])),
+        html.escape(site["chain"].split(":")[0]),
+    ]
+    return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>\n"
+
+
+def _epsilon_plot(report: dict[str, Any]) -> str:
+    figure, axes = plt.subplots(figsize=(7, 4.2))
+    for name, site in report["sites"].items():
+        epsilons = [e for _, _, e in site["epsilon_by_release"]]
+        if epsilons:
+            line = axes.plot(range(1, len(epsilons) + 1), epsilons, "-o", markersize=3, label=name)[0]
+            axes.axhline(site["budget_epsilon"], color=line.get_color(), linestyle=":", alpha=0.7)
+    axes.set(xlabel="release (round, over every run)", ylabel="epsilon", title="Epsilon spent (dotted: budget)")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    if report["sites"]:
+        axes.legend(fontsize="small", loc="lower right")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return base64.b64encode(buffer.getvalue()).decode()

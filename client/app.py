@@ -18,7 +18,7 @@ from common.models.registry import build_model
 from common.privacy.accounting import PrivacyState
 from common.privacy.ledger import NON_PRIVATE, REFUSAL, RELEASE, SAMPLE_LEVEL_DP_SGD, LedgerRecord, SiteLedger, sha256_hex
 from common.site import SiteConfig
-from client.privacy_plan import dataset_hash, plan_round, refusal_reason, round_steps
+from client.privacy_plan import dataset_hash, plan_round, refusal_reason, round_steps, spent_epsilon
 from client.training import train_locally
 
 app = ClientApp()
@@ -53,10 +53,12 @@ def train(msg: Message, context: Context) -> Message:
     release = _ReleaseContext(run, site, context.run_id, server_round, data_hash)
     privacy = None
     if run.dp.enabled:
+        entries = ledger.entries()
         try:
-            plan = plan_round(run, site, ledger.entries(), data_hash, context.run_id, server_round, len(data.train))
+            plan = plan_round(run, site, entries, data_hash, context.run_id, server_round, len(data.train))
         except CohortInputError as exhausted:  # no noise level fits what is left of the budget
-            return _refuse(msg, ledger, release.record(REFUSAL, None, steps=0, epsilon=0.0, reason=f"site {site.name} refuses to train: {exhausted}"))
+            spent = spent_epsilon(entries, data_hash, site.delta, run.dp.accountant)
+            return _refuse(msg, ledger, release.record(REFUSAL, None, steps=0, epsilon=spent, reason=f"site {site.name} refuses to train: {exhausted}"))
         reason = refusal_reason(plan, round_steps(len(data.train), run), site)
         if reason is not None:
             return _refuse(msg, ledger, release.record(REFUSAL, plan.total, steps=0, epsilon=plan.total.epsilon(site.delta), reason=reason))

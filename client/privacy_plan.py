@@ -34,6 +34,11 @@ def round_steps(num_examples: int, run: RunConfig) -> int:
     return run.training.local_epochs * steps_per_epoch(num_examples, run.training.batch_size)
 
 
+def spent_epsilon(entries: list[LedgerEntry], data_hash: str, delta: float, accountant: str) -> float:
+    history = tuple((r.noise_multiplier, r.sample_rate, r.steps) for r in iter_releases(entries, data_hash))
+    return PrivacyState(1.0, 1.0, accountant, history).epsilon(delta)
+
+
 def plan_round(run: RunConfig, site: SiteConfig, entries: list[LedgerEntry], data_hash: str, run_id: int, server_round: int, num_examples: int) -> RoundPlan:
     """sigma is fixed once per run: given by the run config, or derived at the run's first
     round so that what was spent before plus every remaining planned round stays within

@@ -4,7 +4,8 @@ half-written file.
 runs/<name>-<timestamp>/
   config.json            the resolved run config and its fingerprint
   metrics.jsonl          one line a round
-  privacy_ledger.jsonl   one record per site per round
+  privacy_ledger.jsonl   the sites' signed ledger entries of this run
+  federation/<site>/     in simulation, each site's own state (ledger, key, policy)
   checkpoints/round-NNNN.pt
   model.pt               the final global model (state_dict)
   summary.json           the final figures, written last
@@ -24,10 +25,10 @@ from typing import Any, Iterable
 
 from common.config import RunConfig
 from common.errors import CohortInputError
+from common.privacy.ledger import LEDGER_FILE
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
-LEDGER_FILE = "privacy_ledger.jsonl"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.pt"
 CHECKPOINT_DIR = "checkpoints"

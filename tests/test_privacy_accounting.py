@@ -54,3 +54,13 @@ def test_no_history_means_no_privacy_spent() -> None:
 def test_a_budget_no_noise_can_meet_is_refused_clearly() -> None:
     with pytest.raises(CohortInputError, match="raise the site's epsilon or train fewer rounds"):
         derive_noise_multiplier(1e-9, DELTA, 1.0, 10_000, "rdp")
+
+
+def test_merging_rounds_of_the_same_mechanism_changes_no_epsilon() -> None:
+    from common.privacy.accounting import merged_history
+
+    rounds = tuple((1.3, 0.25, 4) for _ in range(12)) + ((0.9, 0.1, 7),)
+    assert merged_history(rounds) == ((1.3, 0.25, 48), (0.9, 0.1, 7))
+    separate = RDPAccountant()
+    separate.history = list(rounds)
+    assert PrivacyState(1.3, 0.25, "rdp", rounds).epsilon(DELTA) == pytest.approx(separate.get_epsilon(DELTA), rel=1e-12)

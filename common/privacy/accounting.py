@@ -76,8 +76,21 @@ class PrivacyState:
 def restore_accountant(state: PrivacyState) -> IAccountant:
     """A fresh Opacus accountant that has already composed the state's history."""
     accountant = create_accountant(mechanism=state.accountant)
-    accountant.history = [tuple(entry) for entry in state.history]
+    accountant.history = list(merged_history(state.history))
     return accountant
+
+
+def merged_history(history: tuple[HistoryEntry, ...]) -> tuple[HistoryEntry, ...]:
+    """One entry per (sigma, q), steps added up.
+
+    Composition does not depend on order, and k steps of one mechanism compose exactly as
+    one entry of k steps, so this changes no epsilon; it keeps the cost of computing one
+    constant instead of growing with every round in the ledger.
+    """
+    steps: dict[tuple[float, float], int] = {}
+    for sigma, q, count in history:
+        steps[(sigma, q)] = steps.get((sigma, q), 0) + count
+    return tuple((sigma, q, count) for (sigma, q), count in steps.items())
 
 
 def derive_noise_multiplier(

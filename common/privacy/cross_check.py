@@ -14,7 +14,7 @@ import dp_accounting
 from dp_accounting.pld import pld_privacy_accountant
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from common.privacy.accounting import HistoryEntry
+from common.privacy.accounting import HistoryEntry, merged_history
 
 # How far PLD may sit above RDP (numerical slack), and PRV from PLD, before a warning.
 RDP_SLACK = 0.01
@@ -32,6 +32,7 @@ class AccountantComparison:
 
 
 def compare_accountants(history: tuple[HistoryEntry, ...], delta: float) -> AccountantComparison:
+    history = merged_history(history)
     if not history:
         return AccountantComparison(0.0, 0.0, 0.0)
     rdp = RDPAccountant()

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from client.training import steps_per_epoch
 from common.config import RunConfig
 from common.data.dataset import LabeledImages
-from common.privacy.accounting import HistoryEntry, PrivacyState, derive_noise_multiplier
-from common.privacy.ledger import LedgerEntry, iter_releases, sha256_hex
+from common.privacy.accounting import PrivacyState, derive_noise_multiplier
+from common.privacy.ledger import LedgerEntry, history_of, iter_releases, sha256_hex
 from common.site import SiteConfig
 
 
@@ -35,7 +35,7 @@ def round_steps(num_examples: int, run: RunConfig) -> int:
 
 
 def spent_epsilon(entries: list[LedgerEntry], data_hash: str, delta: float, accountant: str) -> float:
-    history = tuple((r.noise_multiplier, r.sample_rate, r.steps) for r in iter_releases(entries, data_hash))
+    history = history_of(iter_releases(entries, data_hash))
     return PrivacyState(1.0, 1.0, accountant, history).epsilon(delta)
 
 
@@ -45,9 +45,9 @@ def plan_round(run: RunConfig, site: SiteConfig, entries: list[LedgerEntry], dat
     the site's budget (and within its per-run cap, if it has one)."""
     sample_rate = 1.0 / steps_per_epoch(num_examples, run.training.batch_size)
     releases = list(iter_releases(entries, data_hash))
-    history: tuple[HistoryEntry, ...] = tuple((r.noise_multiplier, r.sample_rate, r.steps) for r in releases)
-    run_history = tuple((r.noise_multiplier, r.sample_rate, r.steps) for r in releases if r.run_id == run_id)
+    history = history_of(releases)
     earlier_in_run = [r for r in releases if r.run_id == run_id]
+    run_history = history_of(earlier_in_run)
     if earlier_in_run:
         sigma = earlier_in_run[-1].noise_multiplier
     elif run.dp.noise_multiplier:

@@ -30,6 +30,7 @@ from common.privacy.ledger import (
     REFUSAL,
     RELEASE,
     LedgerEntry,
+    history_of,
     load_public_key,
     read_entries,
     verify_chain,
@@ -81,8 +82,8 @@ def _audit_site(entries: list[LedgerEntry], ledger: SiteLedgerFile) -> dict[str,
     latest = records[-1]
     dataset = releases[-1].dataset_hash if releases else latest.dataset_hash
     on_dataset = [r for r in releases if r.dataset_hash == dataset]
-    history = tuple((r.noise_multiplier, r.sample_rate, r.steps) for r in on_dataset)
-    this_run = tuple((r.noise_multiplier, r.sample_rate, r.steps) for r in on_dataset if ledger.run_ids is not None and r.run_id in ledger.run_ids)
+    history = history_of(on_dataset)
+    this_run = history_of(r for r in on_dataset if ledger.run_ids is not None and r.run_id in ledger.run_ids)
     delta = latest.delta
     comparison = compare_accountants(history, delta)
     total = comparison.rdp

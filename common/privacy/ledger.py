@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -196,6 +196,11 @@ def sha256_hex(*chunks: bytes) -> str:
     for chunk in chunks:
         digest.update(chunk)
     return digest.hexdigest()
+
+
+def history_of(records: Iterable[LedgerRecord]) -> tuple[tuple[float, float, int], ...]:
+    """The (sigma, q, steps) entries an accountant composes, in ledger order."""
+    return tuple((r.noise_multiplier, r.sample_rate, r.steps) for r in records)
 
 
 def iter_releases(entries: list[LedgerEntry], dataset_hash: str) -> Iterator[LedgerRecord]:

@@ -40,6 +40,7 @@ def run_simulation(config: str, runs_dir: Path) -> dict[str, Any]:
         "config": config,
         "final_accuracy": round(summary["final_accuracy"], 4),
         "max_epsilon": None if summary["max_epsilon"] is None else round(summary["max_epsilon"], 3),
+        "client_level_epsilon": None if summary["client_level_epsilon"] is None else round(summary["client_level_epsilon"], 3),
         "wall_seconds": round(wall, 1),
         "round_seconds": round(sum(m["seconds"] for m in metrics), 1),
         "run_dir": str(run_dir),
@@ -68,7 +69,7 @@ def central_training(config: str) -> dict[str, Any]:
 
 
 def run(runs_dir: Path) -> dict[str, Any]:
-    results = [run_simulation(config, runs_dir) for config in ("default.toml", "no-dp.toml", "transformer.toml")]
+    results = [run_simulation(config, runs_dir) for config in ("default.toml", "no-dp.toml", "transformer.toml", "client-level.toml")]
     central = central_training("no-dp.toml")
     no_dp = next(r for r in results if r["config"] == "no-dp.toml")
     return {

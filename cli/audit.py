@@ -12,8 +12,6 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from common.errors import CohortInputError
-from common.privacy.audit import audit
-from common.privacy.audit_page import render_page
 from common.privacy.ledger import LEDGER_FILE, load_public_key, read_entries, verify_chain
 from common.rundir import write_bytes_atomic, write_json_atomic
 
@@ -47,6 +45,10 @@ def summary(
     out: Annotated[Optional[Path], typer.Option("--out", help="Where audit.json and audit.html go (default: beside the ledger).")] = None,
 ) -> None:
     """Per site: epsilon spent in this run and in total against its budget, and warnings."""
+    # Imported here: the accountants load torch, which `cohort`'s other commands do not need.
+    from common.privacy.audit import audit
+    from common.privacy.audit_page import render_page
+
     try:
         report = audit(path)
     except CohortInputError as error:
@@ -100,6 +102,12 @@ def _print_report(report: dict[str, Any]) -> None:
             site["chain"].split(":")[0],
         )
     console.print(table)
+    assumptions: dict[str, list[str]] = {}
+    for name, site in report["sites"].items():
+        if site["sampling"]:
+            assumptions.setdefault("; ".join(site["mechanisms"] + site["sampling"]), []).append(name)
+    for assumption, names in assumptions.items():
+        console.print(f"{', '.join(names)}: {assumption}", highlight=False, markup=False)
     for warning in report["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if not report["warnings"]:

@@ -1,10 +1,10 @@
-"""`cohort`: the command line for simulating a federation on one machine."""
+"""`cohort`: simulate a federation on one machine, deploy one across sites, audit what it spent."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -12,16 +12,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cli.audit import audit_app
+from cli.certs import certs_app
+from cli.deploy import connect, superlink, supernode
 from common.errors import CohortInputError
 from common.rundir import RunDirectory
 from simulations.plan import DEFAULT_SIMULATION, SimulationPlan, load_plan, saved_plan
-from simulations.runner import SimulationOutcome, new_run, require_app_dir, resumed_run, run_simulation
+
+if TYPE_CHECKING:
+    from simulations.runner import SimulationOutcome
 
 app = typer.Typer(help="Cohort: federated training with differential privacy, on Flower and Opacus.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
 
 
 app.add_typer(audit_app, name="audit")
+app.add_typer(certs_app, name="certs")
 
 
 @app.callback()
@@ -41,6 +46,9 @@ def simulate(
     ] = None,
 ) -> None:
     """Simulate a federation of sites on this machine on Flower's simulation engine."""
+    # Imported here: the simulation engine loads torch, which the deployment commands do not need.
+    from simulations.runner import new_run, require_app_dir, resumed_run
+
     try:
         require_app_dir()
         if resume is not None:
@@ -66,6 +74,8 @@ def simulate(
 
 
 def _run_with_progress(plan: SimulationPlan) -> SimulationOutcome:
+    from simulations.runner import run_simulation
+
     rounds = plan.run.training.rounds
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("starting Flower", total=rounds)
@@ -84,6 +94,9 @@ def _run_with_progress(plan: SimulationPlan) -> SimulationOutcome:
 def _round_line(record: dict[str, Any], rounds: int) -> str:
     epsilons = [s["epsilon"] for s in record["sites"].values() if s.get("epsilon") is not None]
     privacy = f"max epsilon {max(epsilons):.2f}" if epsilons else "no DP"
+    if "client_level" in record:
+        privacy = f"client-level epsilon {record['client_level']['epsilon']:.2f}"
+        privacy += "" if record["client_level"]["released"] else " (no release this round)"
     trained = sum("train_loss" in s for s in record["sites"].values())
     failed = f", {len(record['failures'])} failure(s)" if record["failures"] else ""
     failed += f", refused: {', '.join(record['refused'])}" if record.get("refused") else ""
@@ -113,10 +126,13 @@ def _print_summary(outcome: SimulationOutcome) -> None:
     console.print(table)
     if summary["refused"]:
         console.print(f"refused to train (out of the run): {', '.join(summary['refused'])}", highlight=False)
-    max_eps = summary["max_epsilon"]
+    max_eps, client_eps = summary["max_epsilon"], summary.get("client_level_epsilon")
+    privacy = f"largest site epsilon {'n/a (no DP)' if max_eps is None else f'{max_eps:.3f}'}"
+    if client_eps is not None:
+        privacy = f"client-level epsilon {client_eps:.3f} (server ledger)"
     console.print(
         f"global test accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds; "
-        f"largest site epsilon {'n/a (no DP)' if max_eps is None else f'{max_eps:.3f}'}; "
+        f"{privacy}; "
         f"run directory {outcome.run_dir.path}",
         highlight=False,
     )
@@ -124,6 +140,10 @@ def _print_summary(outcome: SimulationOutcome) -> None:
 
 def _fmt(value: Any, pattern: str = "{:.4f}", missing: str = "-") -> str:
     return missing if value is None else pattern.format(value)
+
+
+for deployment_command in (superlink, supernode, connect):
+    app.command()(deployment_command)
 
 
 def main() -> None:

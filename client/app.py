@@ -16,13 +16,13 @@ from common.data.federation import SiteData, local_site_data, simulated_site_dat
 from common.evaluation import evaluate, resolve_device
 from common.models.registry import build_model
 from common.privacy.accounting import PrivacyState
-from common.privacy.ledger import NON_PRIVATE, REFUSAL, RELEASE, SAMPLE_LEVEL_DP_SGD, LedgerRecord, SiteLedger, sha256_hex
+from common.privacy.ledger import CLIENT_LEVEL_DP_FEDAVG, NON_PRIVATE, REFUSAL, RELEASE, SAMPLE_LEVEL_DP_SGD, LedgerRecord, SiteLedger, sha256_hex
 from common.site import SiteConfig
+from client.clipping import central_dp_clipping_mod
 from client.privacy_plan import dataset_hash, plan_round, refusal_reason, round_steps, spent_epsilon
 from client.training import train_locally
 
 app = ClientApp()
-
 
 
 class _SiteRound(NamedTuple):
@@ -43,7 +43,7 @@ def _start_round(msg: Message, context: Context) -> _SiteRound:
     return _SiteRound(run, site, data, model)
 
 
-@app.train()
+@app.train(mods=[central_dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     run, site, data, model = _start_round(msg, context)
     config = msg.content[protocol.CONFIG]
@@ -52,7 +52,7 @@ def train(msg: Message, context: Context) -> Message:
     data_hash = dataset_hash(data.train)
     release = _ReleaseContext(run, site, context.run_id, server_round, data_hash)
     privacy = None
-    if run.dp.enabled:
+    if run.dp.sample_level:
         entries = ledger.entries()
         try:
             plan = plan_round(run, site, entries, data_hash, context.run_id, server_round, len(data.train))
@@ -64,8 +64,7 @@ def train(msg: Message, context: Context) -> Message:
             return _refuse(msg, ledger, release.record(REFUSAL, plan.total, steps=0, epsilon=plan.total.epsilon(site.delta), reason=reason))
         privacy = plan.total
     elif not site.allow_non_private:
-        reason = f"site {site.name} refuses to train without differential privacy; its policy does not allow it (allow-non-private)"
-        return _refuse(msg, ledger, release.record(REFUSAL, None, steps=0, epsilon=0.0, reason=reason))
+        return _refuse(msg, ledger, release.record(REFUSAL, None, steps=0, epsilon=0.0, reason=_no_local_dp_refusal(run, site)))
     update = train_locally(
         model,
         data.train,
@@ -97,6 +96,7 @@ def train(msg: Message, context: Context) -> Message:
             "epsilon": epsilon,
             "delta": site.delta,
             "budget-epsilon": site.epsilon,
+            protocol.UNIT_WEIGHT: 1.0,
         }
     )
     site_record = ConfigRecord(
@@ -108,6 +108,15 @@ def train(msg: Message, context: Context) -> Message:
     )
     content = RecordDict({protocol.ARRAYS: ArrayRecord(weights), protocol.METRICS: metrics, protocol.SITE: site_record})
     return Message(content=content, reply_to=msg)
+
+
+def _no_local_dp_refusal(run: RunConfig, site: SiteConfig) -> str:
+    if run.dp.client_level:
+        return (
+            f"site {site.name} refuses to send updates without sample-level DP: under client-level DP only the "
+            "coordinator adds noise; a site that trusts it sets allow-non-private=true in its policy"
+        )
+    return f"site {site.name} refuses to train without differential privacy; its policy does not allow it (allow-non-private)"
 
 
 def _refuse(msg: Message, ledger: SiteLedger, refusal: LedgerRecord) -> Message:
@@ -132,7 +141,7 @@ class _ReleaseContext:
             run_id=self.run_id,
             round=self.server_round,
             site=self.site.name,
-            mechanism=SAMPLE_LEVEL_DP_SGD if self.run.dp.enabled else "none",
+            mechanism=_mechanism(self.run),
             noise_multiplier=privacy.noise_multiplier if privacy else 0.0,
             sample_rate=privacy.sample_rate if privacy else 0.0,
             sampling="poisson",
@@ -149,12 +158,19 @@ class _ReleaseContext:
         )
 
 
+def _mechanism(run: RunConfig) -> str:
+    """The DP mechanism that protects this site's updates, whoever applies it."""
+    if run.dp.sample_level:
+        return SAMPLE_LEVEL_DP_SGD
+    return CLIENT_LEVEL_DP_FEDAVG if run.dp.client_level else "none"
+
+
 @app.evaluate()
 def evaluate_locally(msg: Message, context: Context) -> Message:
     run, site, data, model = _start_round(msg, context)
     device = resolve_device(run.device)
     result = evaluate(model.to(device), data.val, device)
-    metrics = MetricRecord({"num-examples": result.num_examples, "val-loss": result.loss, "val-accuracy": result.accuracy})
+    metrics = MetricRecord({"num-examples": result.num_examples, "val-loss": result.loss, "val-accuracy": result.accuracy, protocol.UNIT_WEIGHT: 1.0})
     content = RecordDict({protocol.METRICS: metrics, protocol.SITE: ConfigRecord({protocol.SITE_NAME: site.name})})
     return Message(content=content, reply_to=msg)
 

@@ -24,6 +24,12 @@ ACCOUNTANTS = ("rdp", "prv", "gdp")
 # Poisson sampling produces now and then (benchmarks/dp_step_time.py still measures it).
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 DEVICES = ("auto", "cpu", "cuda")
+DP_LEVELS = ("sample", "client")
+CLIENT_CLIPPINGS = ("fixed", "adaptive")
+CLIPPING_SIDES = ("server", "client")
+# Client-level DP bounds each client's share of the mean update by clip_norm / m; only
+# strategies whose aggregate is that plain mean keep the bound (FedProx aggregates as FedAvg).
+CLIENT_LEVEL_STRATEGIES = ("fedavg", "fedprox")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -35,22 +41,46 @@ _SECTIONS = ("data", "training", "dp")
 
 @dataclass(frozen=True)
 class DPConfig:
-    """Sample-level DP-SGD settings chosen by the coordinator for this run.
+    """The differential privacy of this run, chosen by the coordinator.
 
-    enabled: train with Opacus DP-SGD at every site; off only for a non-private baseline.
-    noise_multiplier: sigma, the Gaussian noise std in units of clip_norm. 0 means each
-        site derives sigma once per run from its own epsilon budget and delta.
-    clip_norm: C, the bound on every example's gradient L2 norm.
-    accountant: the Opacus accountant used to derive sigma and report epsilon.
+    enabled: train with DP; off only for a non-private baseline.
+    dp_level: 'sample' protects every example with Opacus DP-SGD at each site (the
+        sites' own budgets, cross-silo); 'client' protects every client's whole update
+        with central DP-FedAvg through Flower's DP strategy wrappers (the server's
+        budget for the run, cross-device).
+    noise_multiplier: sigma, the Gaussian noise std in units of clip_norm. 0 derives it:
+        at sample level each site from its own budget, at client level the server from
+        client_epsilon over the run's rounds.
+    clip_norm: C, the bound on every example's gradient (sample level) or on every
+        client's update (client level; the starting value under adaptive clipping).
+    accountant: the Opacus accountant used to derive sigma and enforce budgets.
     grad_sample_mode: how Opacus computes per-sample gradients. 'hooks' is the fastest
         correct mode for both models (benchmarks/dp_step_time.py, docs/benchmarks.md).
+    client_clipping: 'fixed' C, or 'adaptive' (Andrew et al. 2021): C follows the
+        target_clipped_quantile of update norms, learnt at rate clip_norm_lr from a
+        noisy count of clipped updates.
+    clipping_side: where updates are clipped, by the 'server' on arrival or by each
+        'client' before sending (Flower's clipping mods); the noise is always the server's.
+    clipped_count_stddev: the std of the noise on that count; 0 picks max(m/20, 2 sigma)
+        for m sampled clients (Flower's default, raised so the count spends at most a
+        quarter of the privacy).
+    client_epsilon, client_delta: the run's client-level budget; the server stops before
+        a round that would exceed it.
     """
 
     enabled: bool = True
+    dp_level: str = "sample"
     noise_multiplier: float = 0.0
     clip_norm: float = 1.0
     accountant: str = "rdp"
     grad_sample_mode: str = "hooks"
+    client_clipping: str = "fixed"
+    clipping_side: str = "server"
+    target_clipped_quantile: float = 0.5
+    clip_norm_lr: float = 0.2
+    clipped_count_stddev: float = 0.0
+    client_epsilon: float = 8.0
+    client_delta: float = 1e-5
 
     def validate(self) -> None:
         if self.noise_multiplier < 0:
@@ -62,6 +92,24 @@ class DPConfig:
             raise CohortInputError(f"clip-norm is {self.clip_norm}; it must be > 0")
         _require_choice("accountant", self.accountant, ACCOUNTANTS)
         _require_choice("grad-sample-mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
+        _require_choice("dp-level", self.dp_level, DP_LEVELS)
+        _require_choice("client-clipping", self.client_clipping, CLIENT_CLIPPINGS)
+        _require_choice("clipping-side", self.clipping_side, CLIPPING_SIDES)
+        if not 0 <= self.target_clipped_quantile <= 1:
+            raise CohortInputError(f"target-clipped-quantile is {self.target_clipped_quantile}; it must be in [0, 1]")
+        if self.clip_norm_lr <= 0:
+            raise CohortInputError(f"clip-norm-lr is {self.clip_norm_lr}; it must be > 0")
+        if self.clipped_count_stddev < 0:
+            raise CohortInputError(f"clipped-count-stddev is {self.clipped_count_stddev}; use 0 for the default, or a positive value")
+        validate_budget(self.client_epsilon, self.client_delta, source="client-epsilon/client-delta")
+
+    @property
+    def client_level(self) -> bool:
+        return self.enabled and self.dp_level == "client"
+
+    @property
+    def sample_level(self) -> bool:
+        return self.enabled and self.dp_level == "sample"
 
 
 @dataclass(frozen=True)
@@ -175,6 +223,11 @@ class RunConfig:
         self.dp.validate()
         if (self.training.model, self.dp.grad_sample_mode) == ("transformer", "ghost"):
             raise CohortInputError("Opacus' ghost clipping fails on the transformer; use hooks or functorch")
+        if self.dp.client_level and self.training.strategy not in CLIENT_LEVEL_STRATEGIES:
+            raise CohortInputError(
+                f"client-level DP needs a plain mean of the updates; strategy '{self.training.strategy}' "
+                f"is not one; use {' or '.join(CLIENT_LEVEL_STRATEGIES)}"
+            )
         validate_budget(self.site_epsilon, self.site_delta, source="site-epsilon/site-delta")
 
     @classmethod

@@ -12,6 +12,10 @@ SITE_NAME = "name"
 SITE_PRIVACY_STATE = "privacy-state"
 SITE_LEDGER_ENTRY = "ledger-entry"
 
+# Every update's weight under uniform aggregation (always 1): client-level DP averages
+# m updates in equal shares, so FedAvg weighs by this instead of num-examples.
+UNIT_WEIGHT = "unit-weight"
+
 CONFIG_ROUND = "server-round"
 CONFIG_PROXIMAL_MU = "proximal-mu"
 

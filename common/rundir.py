@@ -102,10 +102,15 @@ def write_torch_atomic(path: Path, payload: Any) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside the target, fsync, then rename over it."""
+def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write to a temporary file beside the target, fsync, then rename over it.
+
+    The temporary file is created private (0600) and widened to `mode` before any byte is
+    written, so a private key is never readable by others, even for an instant.
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as stream:
             stream.write(data)
             stream.flush()

@@ -6,7 +6,8 @@ override any of this. The policy is read, first match wins, from:
 2. `policy.toml` in the site's state directory (what an operator leaves on the site's disk),
 3. in simulation only, where Flower gives each simulated node just a partition id: the run
    config's site-epsilon / site-delta / site-allow-non-private, as the default policy of
-   every simulated site.
+   every simulated site. A deployed site (one with a data-path) must set its own budget:
+   the coordinator's run config never decides it.
 """
 
 from __future__ import annotations
@@ -57,6 +58,13 @@ class SiteConfig:
         name = str(node_config.get("site-name", f"site-{partition_id}" if partition_id is not None else "site"))
         state_dir = Path(str(node_config.get("state-dir", Path(run.federation_home) / name))).expanduser().resolve()
         policy = {**_read_policy(state_dir / POLICY_FILE), **node_config}
+        if data_path is not None:
+            missing = [key for key in ("epsilon", "delta") if key not in policy]
+            if missing:
+                raise CohortInputError(
+                    f"site {name} sets no {' or '.join(missing)}: a deployed site chooses its own privacy budget; "
+                    f"add it to --node-config (e.g. \"epsilon=8 delta=1e-5\") or to {state_dir / POLICY_FILE}"
+                )
         epsilon = _number(policy.get("epsilon", run.site_epsilon), "epsilon")
         delta = _number(policy.get("delta", run.site_delta), "delta")
         validate_budget(epsilon, delta, source=f"site {name}'s policy")

@@ -19,7 +19,8 @@ from common.models.registry import build_model
 from common.rundir import RunDirectory, write_json_atomic, write_torch_atomic
 from server.federation import FederationState, initial_state, run_rounds
 from server.plots import plot_run
-from server.strategies import build_strategy
+from server.central_dp import CentralPrivacy, wrap_with_central_dp
+from server.strategies import build_strategy, sample_size
 from server.summary import summarize
 
 app = ServerApp()
@@ -39,10 +40,14 @@ def main(grid: Grid, context: Context) -> None:
         return evaluate(model, split.test, torch.device("cpu"))
 
     num_sites = len(list(grid.get_node_ids()))
-    strategy = build_strategy(run.training, num_sites)
+    strategy = build_strategy(run, num_sites)
+    central = None
+    if run.dp.client_level:
+        central = CentralPrivacy.for_run(run, run_dir.path, sample_size(run.training, num_sites), context.run_id)
+        strategy = wrap_with_central_dp(strategy, run.dp, central.noise, central.sample_size, resume_clip_norm=central.last_clip_norm())
     state = initial_state(run, run_dir, model)
     log(INFO, "Cohort run directory: %s", run_dir.path)
-    state = run_rounds(grid, run, run_dir, strategy, state, evaluate_centrally)
+    state = run_rounds(grid, run, run_dir, strategy, state, evaluate_centrally, central)
     _finish(run_dir, state, time.monotonic() - started)
 
 

@@ -21,6 +21,7 @@ from common import protocol
 from common.config import RunConfig
 from common.evaluation import Evaluation
 from common.rundir import RunDirectory, append_lines, keep_rounds_up_to
+from server.central_dp import CentralPrivacy, clipping_norm_of
 from server.checkpoint import Checkpoint, latest_checkpoint
 
 CentralEvaluator = Callable[[ArrayRecord], Evaluation]
@@ -56,9 +57,15 @@ def run_rounds(
     strategy: Strategy,
     state: FederationState,
     evaluate_centrally: CentralEvaluator,
+    central: CentralPrivacy | None = None,
 ) -> FederationState:
+    """central: the run's client-level DP, or None when sites protect their own data."""
     for server_round in range(state.next_round, run.training.rounds + 1):
         started = time.monotonic()
+        if central is not None and (over := central.over_budget()):
+            state.stop_reason = f"stopped before round {server_round}: {over}"
+            log(WARNING, state.stop_reason)
+            break
         remaining = [node for node in grid.get_node_ids() if node not in state.refused_nodes]
         if len(remaining) < run.training.min_sites:
             state.stop_reason = (
@@ -69,33 +76,65 @@ def run_rounds(
             break
         train_messages = [m for m in strategy.configure_train(server_round, state.arrays, _train_config(run), grid) if m.metadata.dst_node_id not in state.refused_nodes]
         train_replies = list(grid.send_and_receive(train_messages))
-        aggregated, _ = strategy.aggregate_train(server_round, train_replies)
+        if central is None:
+            aggregated, _ = strategy.aggregate_train(server_round, train_replies)
+        else:
+            aggregated, client_level = _central_release(central, strategy, server_round, train_replies)
         if aggregated is not None:
             state.arrays = aggregated
         eval_messages = [m for m in strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), grid) if m.metadata.dst_node_id not in state.refused_nodes]
         eval_replies = list(grid.send_and_receive(eval_messages))
         strategy.aggregate_evaluate(server_round, eval_replies)
-        central = evaluate_centrally(state.arrays)
+        evaluation = evaluate_centrally(state.arrays)
 
         results = _collect_site_results(server_round, train_replies, eval_replies)
         state.privacy_states.update(results.privacy_states)
         state.refused_nodes.update(results.refusals)
         record = {
             "round": server_round,
-            "global": {"loss": central.loss, "accuracy": central.accuracy},
+            "global": {"loss": evaluation.loss, "accuracy": evaluation.accuracy},
             "sites": results.sites,
             "refused": sorted(state.refused_nodes.values()),
             "failures": results.failures,
             "seconds": round(time.monotonic() - started, 3),
         }
+        if central is not None:
+            record["client_level"] = client_level
         line = json.dumps(record, sort_keys=True)
         append_lines(run_dir.ledger_file, results.ledger)
         append_lines(run_dir.metrics_file, [line])
         checkpoint = Checkpoint(server_round, state.arrays.to_torch_state_dict(), run.fingerprint(), dict(state.privacy_states), line)
         checkpoint.save(run_dir.checkpoint_dir)
-        log(INFO, "Round %d: global accuracy %.4f, loss %.4f", server_round, central.accuracy, central.loss)
+        log(INFO, "Round %d: global accuracy %.4f, loss %.4f", server_round, evaluation.accuracy, evaluation.loss)
         state.next_round = server_round + 1
+        if central is not None and results.refusals:
+            state.stop_reason = (
+                f"stopped after round {server_round}: client-level DP scales its noise for {central.sample_size} "
+                f"sites per round, and {', '.join(sorted(results.refusals.values()))} refused to train"
+            )
+            log(WARNING, state.stop_reason)
+            break
     return state
+
+
+def _central_release(central: CentralPrivacy, strategy: Strategy, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, dict[str, Any]]:
+    """Release the noised mean only when the noise fits the replies, and ledger it."""
+    problem = central.incomplete(replies)
+    if problem is not None:
+        log(WARNING, "Round %d: no client-level release: %s", server_round, problem)
+        epsilon = central.spent().epsilon(central.run.dp.client_delta)
+        return None, {"released": False, "reason": problem, "epsilon": epsilon, "budget": central.run.dp.client_epsilon}
+    clip_norm = clipping_norm_of(strategy)
+    aggregated, _ = strategy.aggregate_train(server_round, replies)
+    epsilon = central.record(server_round, aggregated, clip_norm)
+    return aggregated, {
+        "released": True,
+        "epsilon": epsilon,
+        "delta": central.run.dp.client_delta,
+        "budget": central.run.dp.client_epsilon,
+        "noise_multiplier": central.noise.accounted,
+        "clip_norm": clip_norm,
+    }
 
 
 def _train_config(run: RunConfig) -> ConfigRecord:

@@ -6,9 +6,13 @@ from typing import Any
 
 
 def summarize(metrics: list[dict[str, Any]], wall_seconds: float, stop_reason: str = "") -> dict[str, Any]:
-    """stop_reason: why the run ended before its last round ('' when it did not)."""
+    """stop_reason: why the run ended before its last round ('' when it did not).
+
+    max_epsilon is the largest site's sample-level epsilon; client_level_epsilon the
+    server's, for runs with client-level DP (None otherwise).
+    """
     if not metrics:
-        return {"rounds": 0, "final_accuracy": None, "final_loss": None, "max_epsilon": None, "sites": {}, "refused": [], "stop_reason": stop_reason, "wall_seconds": round(wall_seconds, 2)}
+        return {"rounds": 0, "final_accuracy": None, "final_loss": None, "max_epsilon": None, "client_level_epsilon": None, "sites": {}, "refused": [], "stop_reason": stop_reason, "wall_seconds": round(wall_seconds, 2)}
     last = metrics[-1]
     sites: dict[str, dict[str, Any]] = {}
     for record in metrics:
@@ -27,6 +31,7 @@ def summarize(metrics: list[dict[str, Any]], wall_seconds: float, stop_reason: s
         "final_accuracy": last["global"]["accuracy"],
         "final_loss": last["global"]["loss"],
         "max_epsilon": max(epsilons) if epsilons else None,
+        "client_level_epsilon": last["client_level"]["epsilon"] if "client_level" in last else None,
         "sites": dict(sorted(sites.items())),
         "refused": last.get("refused", []),
         "stop_reason": stop_reason,

@@ -3,12 +3,9 @@ network use, and every process it spawned stopped when it closes."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import TracebackType
@@ -16,37 +13,9 @@ from types import TracebackType
 import httpx
 import psutil
 
-from common.errors import CohortInputError
+from common.flower_runtime import flower_executable, offline_flower_env
 
 STARTUP_TIMEOUT_S = 60.0
-
-
-def offline_flower_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for every Flower process: isolated home, nothing fetched at run time."""
-    env = dict(os.environ)
-    # The SuperLink spawns flower-superexec and flwr-simulation by name: they must be
-    # found in this interpreter's environment, also when it was not activated.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update(
-        FLWR_HOME=str(flwr_home),
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        RAY_USAGE_STATS_ENABLED="0",
-        RAY_DEDUP_LOGS="0",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
-def flower_executable(name: str) -> str:
-    """Flower's console scripts from this interpreter's environment first."""
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise CohortInputError(f"'{name}' is not installed; run `make setup` (it installs flwr[simulation])")
-    return found
 
 
 def free_port() -> int:

@@ -23,7 +23,8 @@ from common.errors import CohortInputError
 from common.models.registry import build_model
 from common.rundir import RunDirectory, read_jsonl, write_json_atomic
 from server.checkpoint import latest_checkpoint
-from simulations.local_superlink import LocalSuperLink, flower_executable, offline_flower_env
+from common.flower_runtime import flower_executable, offline_flower_env
+from simulations.local_superlink import LocalSuperLink
 from simulations.plan import PLAN_FILE, SimulationPlan
 
 APP_DIR = Path(__file__).resolve().parents[1]

@@ -67,7 +67,7 @@ def test_npz_with_mismatched_shapes_exits_2(tmp_path: Path) -> None:
 
 def test_missing_simulation_config_exits_2(tmp_path: Path) -> None:
     code, stderr = _simulate(tmp_path, str(tmp_path / "nope.toml"))
-    assert code == 2 and "does not exist; ready-made ones: default.toml" in stderr
+    assert code == 2 and "does not exist; ready-made ones: client-level.toml, default.toml" in stderr
 
 
 def _fake_run_dir(tmp_path: Path, run: RunConfig) -> Path:

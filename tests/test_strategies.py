@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from flwr.serverapp import strategy as flower
 
-from common.config import STRATEGIES, TrainingConfig
-from server.strategies import build_strategy
+from common import protocol
+from common.config import STRATEGIES, DPConfig, RunConfig, TrainingConfig
+from server.strategies import build_strategy, sample_size
 
 EXPECTED = {
     "fedavg": flower.FedAvg,
@@ -25,14 +26,28 @@ def test_every_configurable_strategy_has_a_flower_class() -> None:
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_strategy_name_selects_flowers_own_class(name: str) -> None:
-    assert type(build_strategy(TrainingConfig(strategy=name), num_sites=5)) is EXPECTED[name]
+    assert type(build_strategy(RunConfig(training=TrainingConfig(strategy=name)), num_sites=5)) is EXPECTED[name]
 
 
 def test_strategy_settings_reach_the_flower_strategy() -> None:
-    fedprox = build_strategy(TrainingConfig(strategy="fedprox", proximal_mu=0.3), num_sites=5)
-    krum = build_strategy(TrainingConfig(strategy="krum", krum_byzantine=1), num_sites=5)
+    fedprox = build_strategy(RunConfig(training=TrainingConfig(strategy="fedprox", proximal_mu=0.3)), num_sites=5)
+    krum = build_strategy(RunConfig(training=TrainingConfig(strategy="krum", krum_byzantine=1)), num_sites=5)
     assert fedprox.proximal_mu == 0.3 and krum.num_malicious_nodes == 1
 
 
 def test_minimum_sites_never_exceeds_the_sites_present() -> None:
-    assert build_strategy(TrainingConfig(min_sites=4), num_sites=1).min_available_nodes == 1
+    assert build_strategy(RunConfig(training=TrainingConfig(min_sites=4)), num_sites=1).min_available_nodes == 1
+
+
+def test_sample_level_dp_weighs_updates_by_example_count() -> None:
+    assert build_strategy(RunConfig(), num_sites=5).weighted_by_key == "num-examples"
+
+
+def test_client_level_dp_weighs_every_update_equally() -> None:
+    run = RunConfig(dp=DPConfig(dp_level="client"))
+    assert build_strategy(run, num_sites=5).weighted_by_key == protocol.UNIT_WEIGHT
+
+
+def test_sample_size_is_what_flower_samples_each_round() -> None:
+    assert sample_size(TrainingConfig(fraction_train=0.5, min_sites=2), num_sites=10) == 5
+    assert sample_size(TrainingConfig(fraction_train=0.1, min_sites=2), num_sites=10) == 2

@@ -1,7 +1,9 @@
 """The audit of privacy spending, built from ledgers alone, for a privacy officer.
 
 It trusts no figure the coordinator reports: every epsilon is recomputed from the
-releases in the sites' own signed ledgers, under three accountants.
+releases in the sites' own signed ledgers, under three accountants. A run with
+client-level DP adds the server's ledger (`server/` in the run directory), audited the
+same way under the name 'server'.
 The report (audit.json) has this schema, version "cohort-audit/1":
 
     schema, source, generated_at, warnings: [str]
@@ -9,7 +11,8 @@ The report (audit.json) has this schema, version "cohort-audit/1":
         budget_epsilon, delta, releases, refusals: [str], non_private_rounds,
         epsilon_total (RDP, every run on the site's dataset), epsilon_this_run (RDP, the
         audited run's releases; null for a site ledger), accountants: {rdp, prv, pld},
-        noise_multipliers, sample_rates, clip_norms, steps, chain ('verified', 'not checked:
+        noise_multipliers, sample_rates, clip_norms, steps, mechanisms, sampling (the
+        assumption each epsilon relies on, in words), chain ('verified', 'not checked:
         ...' or 'broken: ...'), epsilon_by_release: [[run_id, round, epsilon]], warnings}}
 """
 
@@ -24,12 +27,14 @@ from common.errors import CohortInputError
 from common.privacy.accounting import PrivacyState
 from common.privacy.cross_check import compare_accountants
 from common.privacy.ledger import (
+    CLIENT_LEVEL_DP_FEDAVG,
     LEDGER_FILE,
     NON_PRIVATE,
     PUBLIC_KEY_FILE,
     REFUSAL,
     RELEASE,
     LedgerEntry,
+    LedgerRecord,
     history_of,
     load_public_key,
     read_entries,
@@ -38,6 +43,11 @@ from common.privacy.ledger import (
 
 SCHEMA = "cohort-audit/1"
 NEAR_EXHAUSTION = 0.9
+# What each ledger `sampling` value assumes; an epsilon is only as true as its assumption.
+SAMPLING_ASSUMPTIONS = {
+    "poisson": "Poisson sampling: every example joins every step independently with probability q (Opacus' sampler)",
+    "none": "no amplification by sampling claimed: every release counts as a full Gaussian mechanism (q = 1)",
+}
 
 
 @dataclass(frozen=True)
@@ -54,7 +64,7 @@ def find_ledgers(path: Path) -> list[SiteLedgerFile]:
         return [SiteLedgerFile(path, None)]
     if (path / LEDGER_FILE).is_file() and (path / "config.json").is_file():
         run_ids = frozenset(e.record.run_id for e in read_entries(path / LEDGER_FILE))
-        site_ledgers = sorted((path / "federation").glob(f"*/{LEDGER_FILE}"))
+        site_ledgers = sorted((path / "federation").glob(f"*/{LEDGER_FILE}")) + sorted((path / "server").glob(LEDGER_FILE))
         return [SiteLedgerFile(p, run_ids) for p in site_ledgers] or [SiteLedgerFile(path / LEDGER_FILE, run_ids)]
     if (path / LEDGER_FILE).is_file():
         return [SiteLedgerFile(path / LEDGER_FILE, None)]
@@ -91,7 +101,7 @@ def _audit_site(entries: list[LedgerEntry], ledger: SiteLedgerFile) -> dict[str,
     warnings = list(comparison.warnings)
     non_private = sum(r.kind == NON_PRIVATE for r in records)
     if non_private:
-        warnings.append(f"trained without differential privacy in {non_private} round(s): those releases carry no guarantee")
+        warnings.append(_non_private_warning(records, non_private))
     if total >= NEAR_EXHAUSTION * latest.budget_epsilon:
         warnings.append(f"budget close to exhaustion: epsilon {total:.3f} of {latest.budget_epsilon:g} spent")
     if chain.startswith("broken"):
@@ -109,10 +119,18 @@ def _audit_site(entries: list[LedgerEntry], ledger: SiteLedgerFile) -> dict[str,
         "sample_rates": sorted({r.sample_rate for r in on_dataset}),
         "clip_norms": sorted({r.clip_norm for r in on_dataset}),
         "steps": sum(r.steps for r in on_dataset),
+        "mechanisms": sorted({r.mechanism for r in on_dataset}),
+        "sampling": sorted({SAMPLING_ASSUMPTIONS[r.sampling] for r in on_dataset}),
         "chain": chain,
         "epsilon_by_release": [[r.run_id, r.round, r.epsilon] for r in on_dataset],
         "warnings": warnings,
     }
+
+
+def _non_private_warning(records: list[LedgerRecord], rounds: int) -> str:
+    if all(r.mechanism == CLIENT_LEVEL_DP_FEDAVG for r in records if r.kind == NON_PRIVATE):
+        return f"sent {rounds} update(s) without local DP: only the coordinator's client-level DP (its server ledger) protects them"
+    return f"trained without differential privacy in {rounds} round(s): those releases carry no guarantee"
 
 
 def _chain_status(entries: list[LedgerEntry], key_file: Path) -> str:

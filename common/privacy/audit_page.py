@@ -23,14 +23,15 @@ def render_page(report: dict[str, Any]) -> str:
 body {{ font-family: sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
 th, td {{ border: 1px solid #bbb; padding: 4px 10px; text-align: right; }}
-th:first-child, td:first-child {{ text-align: left; }}
+th:first-child, td:first-child, td:last-child {{ text-align: left; }}
 .warn {{ color: #a30; }}
 </style></head><body>
 <h1>Privacy audit</h1>
 <p>Source: <code>{html.escape(report["source"])}</code>, generated {html.escape(report["generated_at"])} ({report["schema"]}).
 Every epsilon is recomputed from the sites' ledgers; RDP is the enforced figure.</p>
 <table><tr><th>site</th><th>epsilon (total)</th><th>epsilon (this run)</th><th>budget</th><th>delta</th>
-<th>PRV</th><th>PLD</th><th>sigma</th><th>q</th><th>C</th><th>steps</th><th>releases</th><th>refusals</th><th>chain</th></tr>
+<th>PRV</th><th>PLD</th><th>sigma</th><th>q</th><th>C</th><th>steps</th><th>releases</th><th>refusals</th><th>chain</th>
+<th>mechanism and sampling assumption</th></tr>
 {rows}</table>
 <h2>Warnings</h2><ul class="warn">{warnings}</ul>
 <h2>Epsilon by release</h2>
@@ -58,6 +59,7 @@ def _site_row(name: str, site: dict[str, Any]) -> str:
         str(site["releases"]),
         str(len(site["refusals"])),
         html.escape(site["chain"].split(":")[0]),
+        html.escape("; ".join(site["mechanisms"] + site["sampling"])) or "-",
     ]
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>\n"
 

@@ -1,0 +1,38 @@
+"""How Cohort starts Flower's own executables, in simulation and in deployment alike."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from common.errors import CohortInputError
+
+
+def offline_flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for every Flower process: isolated home, nothing fetched at run time."""
+    env = dict(os.environ)
+    # The SuperLink spawns flower-superexec and flwr-simulation by name: they must be
+    # found in this interpreter's environment, also when it was not activated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_DEDUP_LOGS="0",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def flower_executable(name: str) -> str:
+    """Flower's console scripts from this interpreter's environment first."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise CohortInputError(f"'{name}' is not installed; run `make setup` (it installs flwr[simulation])")
+    return found

@@ -1,0 +1,107 @@
+"""The deployment recipe: every command an operator runs, as argument lists.
+
+One source for the hints `cohort certs` prints, docs/deploy.md, docker/compose.yml and
+the integration test that runs the recipe for real (tests/test_deployment.py), so a
+command or flag that appears in one appears in all. Words like <SUPERLINK_HOST> are
+placeholders the operator replaces; they stay quoted in a shell line, so an unreplaced
+one fails loudly instead of being read as a redirection.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+
+# flower-superlink 1.42 serves its Fleet and Control APIs over HTTPS on one --host/--port
+# (Flower's default port, flwr.supercore.constant.SUPERLINK_UVICORN_DEFAULT_PORT).
+SUPERLINK_LISTEN_HOST = "0.0.0.0"
+SUPERLINK_PORT = 8000
+# A SuperNode's own local API; SuperNodes that share a machine each need their own.
+SUPERNODE_PORT = 9094
+
+SUPERLINK_HOST = "<SUPERLINK_HOST>"
+SUPERLINK_ADDRESS = f"{SUPERLINK_HOST}:{SUPERLINK_PORT}"
+SUPERLINK_DATABASE = "<SUPERLINK_DATABASE>"
+CONNECTION = "<CONNECTION>"
+CERTS_DIR = "<CERTS_DIR>"
+CA_CERT = "<CA_CERT>"
+SITE_KEY = "<SITE_KEY>"
+SITE_NAME = "<SITE_NAME>"
+DATA_PATH = "<DATA_PATH>"
+STATE_DIR = "<STATE_DIR>"
+EPSILON = "<EPSILON>"
+DELTA = "<DELTA>"
+APP_DIR = "<COHORT_SOURCE_DIR>"
+RUN_CONFIG = "<RUN_CONFIG>"
+
+
+def certs_init_command(certs_dir: str | Path = CERTS_DIR, hosts: Sequence[str] = (SUPERLINK_HOST,)) -> list[str]:
+    """The coordinator's CA and SuperLink certificate, valid for every host sites dial."""
+    return ["cohort", "certs", "init", str(certs_dir), *(word for host in hosts for word in ("--superlink-host", host))]
+
+
+def certs_site_command(certs_dir: str | Path = CERTS_DIR, name: str = SITE_NAME) -> list[str]:
+    """A site's SuperNode key pair, made by the coordinator and sent to the site."""
+    return ["cohort", "certs", "site", str(certs_dir), name]
+
+
+def superlink_command(
+    certs_dir: str | Path = CERTS_DIR, database: str | Path = SUPERLINK_DATABASE, host: str = SUPERLINK_LISTEN_HOST, port: int = SUPERLINK_PORT
+) -> list[str]:
+    """The coordinator's SuperLink: TLS with the certificates of `cohort certs init`, and
+    only registered SuperNodes admitted; registrations live in the database file."""
+    return ["cohort", "superlink", "--certs", str(certs_dir), "--database", str(database), "--host", host, "--port", str(port)]
+
+
+def connect_command(connection: str = CONNECTION, superlink: str = SUPERLINK_ADDRESS, ca_cert: str | Path = CA_CERT) -> list[str]:
+    """Tells `flwr` on the coordinator how to reach the SuperLink over TLS."""
+    return ["cohort", "connect", connection, "--superlink", superlink, "--ca-cert", str(ca_cert)]
+
+
+def register_command(public_key: str | Path, connection: str = CONNECTION) -> list[str]:
+    """What the coordinator runs so that the SuperLink admits a site's SuperNode."""
+    return ["flwr", "supernode", "register", str(public_key), connection]
+
+
+def supernode_command(
+    superlink: str = SUPERLINK_ADDRESS,
+    ca_cert: str | Path = CA_CERT,
+    auth_key: str | Path = SITE_KEY,
+    name: str = SITE_NAME,
+    data: str | Path = DATA_PATH,
+    state_dir: str | Path = STATE_DIR,
+    epsilon: str | float = EPSILON,
+    delta: str | float = DELTA,
+    port: int = SUPERNODE_PORT,
+) -> list[str]:
+    """What a site's operator runs: its data, its state and its own privacy budget, which
+    the coordinator's run config cannot override (common/site.py)."""
+    return [
+        "cohort", "supernode",
+        "--superlink", superlink,
+        "--ca-cert", str(ca_cert),
+        "--auth-key", str(auth_key),
+        "--name", name,
+        "--data", str(data),
+        "--state-dir", str(state_dir),
+        "--epsilon", str(epsilon),
+        "--delta", str(delta),
+        "--port", str(port),
+    ]  # fmt: skip
+
+
+def run_command(app_dir: str | Path = APP_DIR, connection: str = CONNECTION, run_config: str = RUN_CONFIG) -> list[str]:
+    """The coordinator submits the Cohort app with stock Flower."""
+    return ["flwr", "run", str(app_dir), connection, "--run-config", run_config, "--stream"]
+
+
+def shell_line(command: Sequence[str]) -> str:
+    """A command quoted for a POSIX shell, one option per line, so that it pastes as is."""
+    lines: list[str] = []
+    for word in command:
+        if word.startswith("--") or not lines:
+            lines.append(shlex.quote(word))
+        else:
+            lines[-1] += " " + shlex.quote(word)
+    return " \\\n    ".join(lines)

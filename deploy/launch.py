@@ -1,0 +1,183 @@
+"""Starting Flower's SuperLink and SuperNodes for a real deployment.
+
+Each command first checks what Flower would otherwise reject late and opaquely (an
+expired or foreign certificate, a key readable by others, a host the certificate does
+not cover, a site without its own budget) and says which file is wrong and how to fix
+it; then it replaces itself with the Flower process, so signals and exit codes are
+Flower's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+
+from common.config import validate_budget
+from common.errors import CohortInputError
+from common.flower_runtime import flower_executable, offline_flower_env
+from common.rundir import write_bytes_atomic
+from deploy.certificates import LOOPBACK, CertificateLayout, check_ca, check_server_files, check_site_key, validate_site_name
+
+PROBE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class SuperLinkLaunch:
+    """certs: the directory of `cohort certs init`; database: where the SuperLink keeps
+    registered SuperNodes and runs across restarts; host, port: where it listens."""
+
+    certs: Path
+    database: Path
+    host: str
+    port: int
+
+    def check(self) -> None:
+        check_server_files(self.certs, (LOOPBACK,))
+        if not self.database.parent.is_dir():
+            raise CohortInputError(f"--database {self.database}: folder {self.database.parent} does not exist; create it or choose another path")
+
+    def argv(self) -> list[str]:
+        layout = CertificateLayout(self.certs)
+        return [
+            flower_executable("flower-superlink"),
+            "--ssl-ca-certfile", str(layout.ca_cert),
+            "--ssl-certfile", str(layout.server_cert),
+            "--ssl-keyfile", str(layout.server_key),
+            "--enable-supernode-auth",
+            "--database", str(self.database),
+            "--host", self.host,
+            "--port", str(self.port),
+            "--disable-runtime-dependency-installation",
+        ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SuperNodeLaunch:
+    """One site's SuperNode: how it reaches the SuperLink and the site's own policy.
+
+    superlink: HOST:PORT as the site dials it (the certificate must cover HOST).
+    ca_cert: the federation's CA, the only issuer the site trusts.
+    auth_key: the site's SuperNode key from `cohort certs site`.
+    name, data, state_dir: the site's name, its data and where its ledger and key live.
+    epsilon, delta: the site's total privacy budget for its data, over every run.
+    port: the SuperNode's own local API, distinct per SuperNode on one machine.
+    """
+
+    superlink: str
+    ca_cert: Path
+    auth_key: Path
+    name: str
+    data: Path
+    state_dir: Path
+    epsilon: float
+    delta: float
+    port: int
+
+    def check(self) -> None:
+        validate_site_name(self.name)
+        validate_budget(self.epsilon, self.delta, source=f"site {self.name}'s --epsilon/--delta")
+        if not self.data.exists():
+            raise CohortInputError(f"--data {self.data} does not exist; give the path of this site's data on this machine")
+        check_ca(self.ca_cert)
+        check_site_key(self.auth_key)
+        probe_superlink(self.superlink, self.ca_cert)
+
+    def argv(self) -> list[str]:
+        return [
+            flower_executable("flower-supernode"),
+            "--superlink", self.superlink,
+            "--root-certificates", str(self.ca_cert),
+            "--auth-supernode-private-key", str(self.auth_key),
+            "--port", str(self.port),
+            "--node-config", self.node_config(),
+        ]  # fmt: skip
+
+    def node_config(self) -> str:
+        """Flower parses each value as TOML: strings quoted (JSON's quoting is valid TOML)."""
+        values = {
+            "site-name": self.name,
+            "data-path": str(self.data.resolve()),
+            "state-dir": str(self.state_dir.resolve()),
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+        }
+        return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise CohortInputError(f"--superlink {address!r} is not HOST:PORT; e.g. superlink.example.org:8000")
+    return host, int(port)
+
+
+def probe_superlink(address: str, ca_cert: Path) -> bool:
+    """One TLS handshake with the SuperLink, trusting only the federation's CA.
+
+    Turns what Flower would report as a bare SSL error, or as endless retries, into a
+    sentence naming the file and the fix. Returns False when the SuperLink is not
+    reachable yet (Flower retries then), True when the handshake succeeded.
+    """
+    host, port = split_address(address)
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S) as raw, context.wrap_socket(raw, server_hostname=host):
+            return True
+    except ssl.SSLCertVerificationError as error:
+        raise CohortInputError(_verification_advice(error, address, ca_cert)) from None
+    except ssl.SSLError as error:
+        raise CohortInputError(
+            f"the SuperLink at {address} does not speak TLS ({error.reason}); it must run with TLS: start it with `cohort superlink`"
+        ) from None
+    except OSError:
+        return False
+
+
+def _verification_advice(error: ssl.SSLCertVerificationError, address: str, ca_cert: Path) -> str:
+    host = split_address(address)[0]
+    reason = error.verify_message
+    if error.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+        return (
+            f"the SuperLink's certificate does not cover {host} ({reason}); dial a name it covers, or have the coordinator "
+            f"re-issue it with `cohort certs init DIR --superlink-host {host} --force`"
+        )
+    if error.verify_code == 10:  # X509_V_ERR_CERT_HAS_EXPIRED
+        return f"the SuperLink at {address} presents an expired certificate; the coordinator renews it with `cohort certs init DIR --force`"
+    return (
+        f"the SuperLink at {address} presents a certificate that {ca_cert} does not trust ({reason}); "
+        "use the ca.crt of the coordinator's `cohort certs init`"
+    )
+
+
+def write_connection(flwr_home: Path, name: str, superlink: str, ca_cert: Path) -> Path:
+    """Add (or replace) a TLS connection in Flower's config.toml, keeping the others."""
+    config_file = flwr_home / "config.toml"
+    try:
+        config = tomllib.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+    except tomllib.TOMLDecodeError as error:
+        raise CohortInputError(f"{config_file} is not valid TOML ({error}); fix or move it") from None
+    connections = config.setdefault("superlink", {})
+    connections.setdefault("default", name)
+    # Flower reads root-certificates relative to its working directory: store it absolute.
+    connections[name] = {"address": superlink, "root-certificates": str(ca_cert.resolve())}
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(config_file, tomli_w.dumps(config).encode())
+    return config_file
+
+
+def flwr_home() -> Path:
+    """Flower's home: $FLWR_HOME, or ~/.flwr as Flower itself defaults."""
+    return Path(os.environ.get("FLWR_HOME", "~/.flwr")).expanduser()
+
+
+def exec_flower(argv: list[str]) -> None:
+    """Become the Flower process, with runtime dependency installation off (sites are
+    often air-gapped) and Flower's executables found beside this interpreter."""
+    os.execve(argv[0], argv, offline_flower_env(flwr_home()))

@@ -1,0 +1,176 @@
+"""Client-level DP at the server: Flower's DP strategy wrappers, and the server's ledger.
+
+Flower's wrappers clip and noise the updates; what they leave to the caller is what
+makes the guarantee hold and visible: a release only when every sampled client sent an
+update of equal weight (the noise is scaled for exactly m equal shares), a budget check
+before each round, and a signed ledger record per release in the run directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from logging import INFO
+from pathlib import Path
+from typing import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    Strategy,
+)
+
+from common import protocol
+from common.config import DPConfig, RunConfig
+from common.privacy.accounting import PrivacyState
+from common.privacy.client_level import NO_AMPLIFICATION, ClientLevelNoise, client_level_noise
+from common.privacy.ledger import CLIENT_LEVEL_DP_FEDAVG, RELEASE, LedgerRecord, SiteLedger, history_of, iter_releases, sha256_hex
+
+SERVER = "server"
+
+
+def wrap_with_central_dp(strategy: Strategy, dp: DPConfig, noise: ClientLevelNoise, sample_size: int, resume_clip_norm: float | None = None) -> Strategy:
+    """One of Flower's four wrappers: fixed or adaptive clipping, done by the server or the clients.
+
+    resume_clip_norm: the adaptive norm a resumed run continues from (its last release's).
+    """
+    if dp.client_clipping == "fixed":
+        fixed = DifferentialPrivacyServerSideFixedClipping if dp.clipping_side == "server" else DifferentialPrivacyClientSideFixedClipping
+        return fixed(strategy, noise_multiplier=noise.flower, clipping_norm=dp.clip_norm, num_sampled_clients=sample_size)
+    adaptive = ServerSideAdaptiveClipping if dp.clipping_side == "server" else ClientSideAdaptiveClipping
+    return adaptive(
+        strategy,
+        noise_multiplier=noise.flower,
+        num_sampled_clients=sample_size,
+        initial_clipping_norm=resume_clip_norm or dp.clip_norm,
+        target_clipped_quantile=dp.target_clipped_quantile,
+        clip_norm_lr=dp.clip_norm_lr,
+        clipped_count_stddev=noise.clipped_count,
+    )
+
+
+class _NoiseAtClippedNorm:
+    """Noise scaled to the norm the round's updates were clipped to.
+
+    Flower 1.42's adaptive wrappers move the clipping norm to next round's value before
+    they add this round's noise, so a shrinking norm adds less noise than the round's
+    sensitivity needs and the guarantee quietly weakens. This mixin adds the noise at
+    the norm used for clipping, which is the noise the accounting assumes.
+    """
+
+    clipping_norm: float
+    clipped_at: float
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.clipped_at = self.clipping_norm
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
+        next_norm, self.clipping_norm = self.clipping_norm, self.clipped_at
+        try:
+            return super()._add_noise_to_aggregated_arrays(aggregated)  # type: ignore[misc]
+        finally:
+            self.clipping_norm = next_norm
+
+
+class ServerSideAdaptiveClipping(_NoiseAtClippedNorm, DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's server-side adaptive clipping, noised at the norm it clipped to."""
+
+
+class ClientSideAdaptiveClipping(_NoiseAtClippedNorm, DifferentialPrivacyClientSideAdaptiveClipping):
+    """Flower's client-side adaptive clipping, noised at the norm the clients clipped to."""
+
+
+def clipping_norm_of(strategy: Strategy) -> float:
+    """The norm this round's updates were clipped to (under adaptive clipping, the one
+    taken when the round was configured)."""
+    if isinstance(strategy, _NoiseAtClippedNorm):
+        return strategy.clipped_at
+    return float(strategy.clipping_norm)  # type: ignore[attr-defined]
+
+
+@dataclass
+class CentralPrivacy:
+    """The run's client-level privacy: its noise, its budget and its ledger.
+
+    The ledger lives in the run directory under `server/`, signed by the server's own key;
+    the run's releases compose under the run config's fingerprint, so a resumed run keeps
+    spending from where it stopped.
+    """
+
+    run: RunConfig
+    noise: ClientLevelNoise
+    sample_size: int
+    ledger: SiteLedger
+    run_id: int
+
+    @classmethod
+    def for_run(cls, run: RunConfig, run_dir: Path, sample_size: int, run_id: int) -> CentralPrivacy:
+        noise = client_level_noise(run.dp, run.training.rounds, sample_size)
+        log(
+            INFO,
+            "Client-level DP: accounted sigma %.4f (update noise %.4f, clipped-count noise %.4f), %d clients per round, no sampling amplification",
+            noise.accounted,
+            noise.update,
+            noise.clipped_count,
+            sample_size,
+        )
+        return cls(run, noise, sample_size, SiteLedger(run_dir / SERVER), run_id)
+
+    def spent(self, more_rounds: int = 0) -> PrivacyState:
+        releases = history_of(iter_releases(self.ledger.entries(), self.run.fingerprint()))
+        return PrivacyState(self.noise.accounted, NO_AMPLIFICATION, self.run.dp.accountant, releases + ((self.noise.accounted, NO_AMPLIFICATION, more_rounds),))
+
+    def over_budget(self) -> str | None:
+        """Why the next release may not happen, or None when the budget allows it."""
+        after = self.spent(more_rounds=1).epsilon(self.run.dp.client_delta)
+        if after <= self.run.dp.client_epsilon:
+            return None
+        return f"client-level budget reached: one more round would spend epsilon {after:.3f} of client-epsilon {self.run.dp.client_epsilon:g}"
+
+    def incomplete(self, replies: list[Message]) -> str | None:
+        """Why these replies may not be released, or None when all m sent equal shares."""
+        failed = [r.metadata.src_node_id for r in replies if r.has_error()]
+        if failed:
+            return f"node(s) {failed} sent no update"
+        if len(replies) != self.sample_size:
+            return f"{len(replies)} update(s) arrived, the noise is scaled for {self.sample_size}"
+        weights = {float(r.content[protocol.METRICS][protocol.UNIT_WEIGHT]) for r in replies}
+        if weights != {1.0}:
+            return f"updates carry weights {sorted(weights)}, client-level DP needs equal shares (1.0)"
+        return None
+
+    def record(self, server_round: int, arrays: ArrayRecord, clip_norm: float) -> float:
+        """Sign and append the round's release; returns the run's epsilon after it."""
+        epsilon = self.spent(more_rounds=1).epsilon(self.run.dp.client_delta)
+        self.ledger.append(
+            LedgerRecord(
+                kind=RELEASE,
+                run_id=self.run_id,
+                round=server_round,
+                site=SERVER,
+                mechanism=CLIENT_LEVEL_DP_FEDAVG,
+                noise_multiplier=self.noise.accounted,
+                sample_rate=NO_AMPLIFICATION,
+                sampling="none",
+                steps=1,
+                clip_norm=clip_norm,
+                delta=self.run.dp.client_delta,
+                epsilon=epsilon,
+                accountant=self.run.dp.accountant,
+                budget_epsilon=self.run.dp.client_epsilon,
+                dataset_hash=self.run.fingerprint(),
+                model_hash=sha256_hex(*(a.tobytes() for a in arrays.to_numpy_ndarrays())),
+                config_hash=self.run.fingerprint(),
+            )
+        )
+        return epsilon
+
+    def last_clip_norm(self) -> float | None:
+        """The clipping norm of the newest release, which a resumed adaptive run starts from."""
+        releases = list(iter_releases(self.ledger.entries(), self.run.fingerprint()))
+        return releases[-1].clip_norm if releases else None

@@ -1,0 +1,127 @@
+"""Client-level DP (central DP-FedAvg): Flower's wrappers add the noise, the accounting
+covers every noisy release of a round, and a real simulation ledgers and enforces the
+run's client-level budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedAvg
+from flwr.supercore.differential_privacy import compute_adaptive_noise_params
+
+from common.config import DPConfig, RunConfig, TrainingConfig
+from common.errors import CohortInputError
+from common.privacy.client_level import client_level_noise
+from common.privacy.ledger import load_public_key, read_entries, verify_chain
+from server.central_dp import ServerSideAdaptiveClipping
+
+COHORT = str(Path(sys.executable).parent / "cohort")
+CLIENT_LEVEL = Path(__file__).resolve().parents[1] / "simulations" / "client-level.toml"
+
+
+def test_fixed_clipping_accounts_exactly_the_noise_flower_adds() -> None:
+    noise = client_level_noise(DPConfig(dp_level="client", noise_multiplier=1.3), rounds=10, sample_size=20)
+    assert noise.accounted == noise.update == noise.flower == 1.3
+    assert noise.clipped_count == 0.0
+
+
+def test_adaptive_clipping_accounts_update_and_count_noise_as_one_mechanism() -> None:
+    dp = DPConfig(dp_level="client", client_clipping="adaptive", noise_multiplier=2.0, clipped_count_stddev=5.0)
+    noise = client_level_noise(dp, rounds=10, sample_size=20)
+    flower_count, flower_update = compute_adaptive_noise_params(noise.flower, 20, noise.clipped_count)
+    assert flower_count == 5.0
+    assert flower_update == pytest.approx(noise.update)
+    assert (noise.update**-2 + noise.clipped_count**-2) ** -0.5 == pytest.approx(2.0)
+
+
+def test_adaptive_clipping_adds_more_update_noise_than_flowers_centred_count_convention() -> None:
+    dp = DPConfig(dp_level="client", client_clipping="adaptive", noise_multiplier=2.0, clipped_count_stddev=5.0)
+    noise = client_level_noise(dp, rounds=10, sample_size=20)
+    _, flower_update_for_sigma = compute_adaptive_noise_params(2.0, 20, 5.0)
+    assert noise.update > flower_update_for_sigma
+
+
+def test_derived_noise_keeps_the_runs_rounds_within_client_epsilon() -> None:
+    dp = DPConfig(dp_level="client", client_epsilon=4.0, client_delta=1e-5)
+    noise = client_level_noise(dp, rounds=12, sample_size=10)
+    epsilon = noise.after_rounds("rdp", 12).epsilon(1e-5)
+    assert 0.95 * 4.0 <= epsilon <= 4.0
+
+
+def test_count_noise_that_would_spend_the_whole_budget_is_refused() -> None:
+    dp = DPConfig(dp_level="client", client_clipping="adaptive", noise_multiplier=2.0, clipped_count_stddev=1.5)
+    with pytest.raises(CohortInputError, match="clipped-count-stddev"):
+        client_level_noise(dp, rounds=10, sample_size=20)
+
+
+def test_client_level_dp_refuses_aggregators_that_are_not_a_plain_mean() -> None:
+    with pytest.raises(CohortInputError, match="plain mean"):
+        RunConfig(training=TrainingConfig(strategy="krum"), dp=DPConfig(dp_level="client"))
+
+
+def _noise_std(strategy: DifferentialPrivacyServerSideAdaptiveClipping) -> float:
+    zeros = ArrayRecord({"w": Array(np.zeros(200_000, dtype=np.float32))})
+    return float(strategy._add_noise_to_aggregated_arrays(zeros).to_numpy_ndarrays()[0].std())
+
+
+def test_adaptive_noise_is_scaled_to_the_norm_the_updates_were_clipped_to() -> None:
+    strategy = ServerSideAdaptiveClipping(FedAvg(), noise_multiplier=1.0, num_sampled_clients=10, clipped_count_stddev=5.0)
+    strategy.clipped_at, strategy.clipping_norm = 1.0, 0.5  # the norm shrank after clipping
+    assert _noise_std(strategy) == pytest.approx(strategy.noise_multiplier * 1.0 / 10, rel=0.02)
+    assert strategy.clipping_norm == 0.5
+
+
+def test_flowers_own_adaptive_wrapper_noises_at_the_next_rounds_norm() -> None:
+    """Why ServerSideAdaptiveClipping exists: Flower 1.42 scales the noise to the new norm."""
+    strategy = DifferentialPrivacyServerSideAdaptiveClipping(FedAvg(), noise_multiplier=1.0, num_sampled_clients=10, clipped_count_stddev=5.0)
+    strategy.clipping_norm = 0.5
+    assert _noise_std(strategy) == pytest.approx(strategy.noise_multiplier * 0.5 / 10, rel=0.02)
+
+
+@pytest.fixture(scope="module")
+def budget_stopped_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """Adaptive clipping done by the clients, and a budget that fits one round of two."""
+    runs = tmp_path_factory.mktemp("runs")
+    settings = ["num-sites=4", "rounds=2", "local-epochs=1", "clipping-side=client", "noise-multiplier=1.0", "client-epsilon=6.0"]
+    command = [COHORT, "simulate", str(CLIENT_LEVEL), "--runs-dir", str(runs)]
+    for setting in settings:
+        command += ["--set", setting]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+    (run_dir,) = list(runs.iterdir())
+    return result, run_dir
+
+
+@pytest.mark.usefixtures("no_leftover_processes")
+def test_client_level_simulation_ledgers_its_release_signed_by_the_server(budget_stopped_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    _, run_dir = budget_stopped_run
+    entries = read_entries(run_dir / "server" / "privacy_ledger.jsonl")
+    assert verify_chain(entries, load_public_key(run_dir / "server" / "ledger_key.pub.pem")) is None
+    (record,) = [e.record for e in entries]
+    assert (record.round, record.mechanism, record.sample_rate, record.noise_multiplier) == (1, "client-level-dp-fedavg", 1.0, 1.0)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["client_level_epsilon"] == pytest.approx(record.epsilon)
+
+
+def test_client_level_run_stops_before_a_round_that_would_exceed_client_epsilon(budget_stopped_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    result, run_dir = budget_stopped_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert result.returncode == 1 and "client-level budget reached" in result.stderr
+    assert summary["rounds"] == 1 and "client-level budget reached" in summary["stop_reason"]
+    (record,) = [e.record for e in read_entries(run_dir / "server" / "privacy_ledger.jsonl")]
+    assert 0 < record.epsilon <= 6.0
+
+
+def test_audit_of_a_client_level_run_verifies_the_servers_ledger_and_states_its_assumption(budget_stopped_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    _, run_dir = budget_stopped_run
+    audit = subprocess.run([COHORT, "audit", str(run_dir)], capture_output=True, text=True, timeout=120)
+    assert audit.returncode == 0, audit.stderr
+    server = json.loads((run_dir / "audit.json").read_text())["sites"]["server"]
+    assert server["chain"] == "verified"
+    assert server["sampling"] == ["no amplification by sampling claimed: every release counts as a full Gaussian mechanism (q = 1)"]

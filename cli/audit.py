@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from common.errors import CohortInputError
+from cli.errors import input_errors
 from common.privacy.ledger import LEDGER_FILE, load_public_key, read_entries, verify_chain
 from common.rundir import write_bytes_atomic, write_json_atomic
 
@@ -49,11 +49,8 @@ def summary(
     from common.privacy.audit import audit
     from common.privacy.audit_page import render_page
 
-    try:
+    with input_errors():
         report = audit(path)
-    except CohortInputError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(code=2) from None
     target = out or (path if path.is_dir() else path.parent)
     target.mkdir(parents=True, exist_ok=True)
     write_json_atomic(target / "audit.json", report)
@@ -69,12 +66,9 @@ def verify(
 ) -> None:
     """Check every chain link and signature; exit 1 naming the first bad record."""
     ledger = path / LEDGER_FILE if path.is_dir() else path
-    try:
+    with input_errors():
         entries = read_entries(ledger)
         problem = verify_chain(entries, load_public_key(public_key))
-    except CohortInputError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(code=2) from None
     if problem is not None:
         typer.echo(f"FAILED: {ledger}: {problem}", err=True)
         raise typer.Exit(code=1)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from cli.errors import input_errors
 from common.errors import CohortInputError
 from deploy.certificates import (
     CertificateLayout,
@@ -61,7 +60,7 @@ def init(
     force: ForceOption = False,
 ) -> None:
     """Create a CA and the SuperLink's TLS certificate, valid for the hosts given (and 127.0.0.1)."""
-    with _input_errors():
+    with input_errors():
         init_certificates(directory, superlink_host, days=days, force=force)
         checked = check_server_files(directory, superlink_host)
         names = describe_names(subject_alternative_names(superlink_host))
@@ -93,7 +92,7 @@ def site(
 ) -> None:
     """Create a site's SuperNode key pair: the SuperLink admits only registered ones."""
     layout = CertificateLayout(directory)
-    with _input_errors():
+    with input_errors():
         create_site_key(directory, name, force=force)
         checked = check_site_key(layout.site_key(name))
     _print_files("wrote", directory, checked)
@@ -119,7 +118,7 @@ def check(
 ) -> None:
     """Check the files before starting Flower: exit 2 naming the first problem and its fix."""
     layout = CertificateLayout(directory)
-    with _input_errors():
+    with input_errors():
         if site is None:
             checked = check_server_files(directory, superlink_host or [])
             checked += [row for each in layout.site_names() for row in check_site_key(layout.site_key(each))]
@@ -128,16 +127,6 @@ def check(
         else:
             checked = check_ca(layout.ca_cert) + check_site_key(layout.site_key(site))
     _print_files("OK", directory, checked)
-
-
-@contextmanager
-def _input_errors() -> Iterator[None]:
-    """As everywhere in the CLI: a mistake the user can fix is one line on stderr and exit 2."""
-    try:
-        yield
-    except CohortInputError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(code=2) from None
 
 
 def _print_files(title: str, directory: Path, checked: list[CheckedFile]) -> None:

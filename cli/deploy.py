@@ -9,7 +9,7 @@ from typing import Annotated, Callable
 
 import typer
 
-from common.errors import CohortInputError
+from cli.errors import input_errors
 from deploy.commands import SUPERLINK_LISTEN_HOST, SUPERLINK_PORT, SUPERNODE_PORT
 from deploy.launch import SuperLinkLaunch, SuperNodeLaunch, exec_flower, flwr_home, probe_superlink, write_connection
 
@@ -57,22 +57,16 @@ def connect(
     ca_cert: Annotated[Path, typer.Option("--ca-cert", help="The federation's ca.crt.")],
 ) -> None:
     """Let `flwr` on the coordinator reach the SuperLink over TLS (writes Flower's config.toml)."""
-    try:
+    with input_errors():
         reachable = probe_superlink(superlink_address, ca_cert)
         config_file = write_connection(flwr_home(), connection, superlink_address, ca_cert)
-    except CohortInputError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(code=2) from None
     if not reachable:
         typer.echo(f"warning: nothing answers at {superlink_address} yet; the connection is saved anyway", err=True)
     typer.echo(f"wrote connection '{connection}' to {config_file}")
 
 
 def _start(check: Callable[[], None], argv: list[str]) -> None:
-    try:
+    with input_errors():
         check()
-    except CohortInputError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(code=2) from None
     typer.echo(f"starting: {shlex.join(argv)}", err=True)
     exec_flower(argv)

@@ -14,6 +14,7 @@ from rich.table import Table
 from cli.audit import audit_app
 from cli.certs import certs_app
 from cli.deploy import connect, superlink, supernode
+from cli.errors import input_errors
 from common.errors import CohortInputError
 from common.rundir import RunDirectory
 from simulations.plan import DEFAULT_SIMULATION, SimulationPlan, load_plan, saved_plan
@@ -50,17 +51,15 @@ def simulate(
     from simulations.runner import new_run, require_app_dir, resumed_run
 
     try:
-        require_app_dir()
-        if resume is not None:
-            if config is not None or set_ or federation_home is not None:
-                raise CohortInputError("--resume continues a run with its own config; drop CONFIG, --set and --federation-home")
-            plan = resumed_run(resume, lambda d: saved_plan(d, RunDirectory(d).read_config()))
-        else:
-            plan = new_run(load_plan(config or DEFAULT_SIMULATION, set_ or []), runs_dir, federation_home)
-        outcome = _run_with_progress(plan)
-    except CohortInputError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(code=2) from None
+        with input_errors():
+            require_app_dir()
+            if resume is not None:
+                if config is not None or set_ or federation_home is not None:
+                    raise CohortInputError("--resume continues a run with its own config; drop CONFIG, --set and --federation-home")
+                plan = resumed_run(resume, lambda d: saved_plan(d, RunDirectory(d).read_config()))
+            else:
+                plan = new_run(load_plan(config or DEFAULT_SIMULATION, set_ or []), runs_dir, federation_home)
+            outcome = _run_with_progress(plan)
     except KeyboardInterrupt:
         typer.echo("interrupted: every process this run started has been stopped", err=True)
         raise typer.Exit(code=130) from None

@@ -99,7 +99,8 @@ class CentralPrivacy:
 
     The ledger lives in the run directory under `server/`, signed by the server's own key;
     the run's releases compose under the run config's fingerprint, so a resumed run keeps
-    spending from where it stopped.
+    spending from where it stopped. `releases` is read from the ledger once: the server is
+    its only writer, and keeps it in step on every release.
     """
 
     run: RunConfig
@@ -107,6 +108,7 @@ class CentralPrivacy:
     sample_size: int
     ledger: SiteLedger
     run_id: int
+    releases: list[LedgerRecord]
 
     @classmethod
     def for_run(cls, run: RunConfig, run_dir: Path, sample_size: int, run_id: int) -> CentralPrivacy:
@@ -119,15 +121,17 @@ class CentralPrivacy:
             noise.clipped_count,
             sample_size,
         )
-        return cls(run, noise, sample_size, SiteLedger(run_dir / SERVER), run_id)
+        ledger = SiteLedger(run_dir / SERVER)
+        return cls(run, noise, sample_size, ledger, run_id, list(iter_releases(ledger.entries(), run.fingerprint())))
 
-    def spent(self, more_rounds: int = 0) -> PrivacyState:
-        releases = history_of(iter_releases(self.ledger.entries(), self.run.fingerprint()))
-        return PrivacyState(self.noise.accounted, NO_AMPLIFICATION, self.run.dp.accountant, releases + ((self.noise.accounted, NO_AMPLIFICATION, more_rounds),))
+    def epsilon_after(self, more_rounds: int = 0) -> float:
+        """The run's client-level epsilon once `more_rounds` further rounds are released."""
+        history = history_of(self.releases) + ((self.noise.accounted, NO_AMPLIFICATION, more_rounds),)
+        return PrivacyState(self.noise.accounted, NO_AMPLIFICATION, self.run.dp.accountant, history).epsilon(self.run.dp.client_delta)
 
     def over_budget(self) -> str | None:
         """Why the next release may not happen, or None when the budget allows it."""
-        after = self.spent(more_rounds=1).epsilon(self.run.dp.client_delta)
+        after = self.epsilon_after(more_rounds=1)
         if after <= self.run.dp.client_epsilon:
             return None
         return f"client-level budget reached: one more round would spend epsilon {after:.3f} of client-epsilon {self.run.dp.client_epsilon:g}"
@@ -146,31 +150,30 @@ class CentralPrivacy:
 
     def record(self, server_round: int, arrays: ArrayRecord, clip_norm: float) -> float:
         """Sign and append the round's release; returns the run's epsilon after it."""
-        epsilon = self.spent(more_rounds=1).epsilon(self.run.dp.client_delta)
-        self.ledger.append(
-            LedgerRecord(
-                kind=RELEASE,
-                run_id=self.run_id,
-                round=server_round,
-                site=SERVER,
-                mechanism=CLIENT_LEVEL_DP_FEDAVG,
-                noise_multiplier=self.noise.accounted,
-                sample_rate=NO_AMPLIFICATION,
-                sampling="none",
-                steps=1,
-                clip_norm=clip_norm,
-                delta=self.run.dp.client_delta,
-                epsilon=epsilon,
-                accountant=self.run.dp.accountant,
-                budget_epsilon=self.run.dp.client_epsilon,
-                dataset_hash=self.run.fingerprint(),
-                model_hash=sha256_hex(*(a.tobytes() for a in arrays.to_numpy_ndarrays())),
-                config_hash=self.run.fingerprint(),
-            )
+        epsilon = self.epsilon_after(more_rounds=1)
+        record = LedgerRecord(
+            kind=RELEASE,
+            run_id=self.run_id,
+            round=server_round,
+            site=SERVER,
+            mechanism=CLIENT_LEVEL_DP_FEDAVG,
+            noise_multiplier=self.noise.accounted,
+            sample_rate=NO_AMPLIFICATION,
+            sampling="none",
+            steps=1,
+            clip_norm=clip_norm,
+            delta=self.run.dp.client_delta,
+            epsilon=epsilon,
+            accountant=self.run.dp.accountant,
+            budget_epsilon=self.run.dp.client_epsilon,
+            dataset_hash=self.run.fingerprint(),
+            model_hash=sha256_hex(*(a.tobytes() for a in arrays.to_numpy_ndarrays())),
+            config_hash=self.run.fingerprint(),
         )
+        self.ledger.append(record)
+        self.releases.append(record)
         return epsilon
 
     def last_clip_norm(self) -> float | None:
         """The clipping norm of the newest release, which a resumed adaptive run starts from."""
-        releases = list(iter_releases(self.ledger.entries(), self.run.fingerprint()))
-        return releases[-1].clip_norm if releases else None
+        return self.releases[-1].clip_norm if self.releases else None

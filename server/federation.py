@@ -122,7 +122,7 @@ def _central_release(central: CentralPrivacy, strategy: Strategy, server_round: 
     problem = central.incomplete(replies)
     if problem is not None:
         log(WARNING, "Round %d: no client-level release: %s", server_round, problem)
-        epsilon = central.spent().epsilon(central.run.dp.client_delta)
+        epsilon = central.epsilon_after()
         return None, {"released": False, "reason": problem, "epsilon": epsilon, "budget": central.run.dp.client_epsilon}
     clip_norm = clipping_norm_of(strategy)
     aggregated, _ = strategy.aggregate_train(server_round, replies)

@@ -18,6 +18,7 @@ from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 
 from common.config import DPConfig, RunConfig, TrainingConfig
 from common.errors import CohortInputError
+from common.privacy.accounting import PrivacyState
 from common.privacy.client_level import client_level_noise
 from common.privacy.ledger import load_public_key, read_entries, verify_chain
 from server.central_dp import ServerSideAdaptiveClipping
@@ -51,7 +52,7 @@ def test_adaptive_clipping_adds_more_update_noise_than_flowers_centred_count_con
 def test_derived_noise_keeps_the_runs_rounds_within_client_epsilon() -> None:
     dp = DPConfig(dp_level="client", client_epsilon=4.0, client_delta=1e-5)
     noise = client_level_noise(dp, rounds=12, sample_size=10)
-    epsilon = noise.after_rounds("rdp", 12).epsilon(1e-5)
+    epsilon = PrivacyState(noise.accounted, 1.0, "rdp", ((noise.accounted, 1.0, 12),)).epsilon(1e-5)
     assert 0.95 * 4.0 <= epsilon <= 4.0
 
 

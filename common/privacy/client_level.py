@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from common.config import DPConfig
 from common.errors import CohortInputError
-from common.privacy.accounting import PrivacyState, derive_noise_multiplier
+from common.privacy.accounting import derive_noise_multiplier
 
 # The sample rate recorded for a client-level release: no amplification is claimed.
 NO_AMPLIFICATION = 1.0
@@ -46,9 +46,6 @@ class ClientLevelNoise:
     update: float
     clipped_count: float
     flower: float
-
-    def after_rounds(self, accountant: str, rounds: int) -> PrivacyState:
-        return PrivacyState(self.accounted, NO_AMPLIFICATION, accountant, ((self.accounted, NO_AMPLIFICATION, rounds),))
 
 
 def client_level_noise(dp: DPConfig, rounds: int, sample_size: int) -> ClientLevelNoise:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import dp_step_time, simulations
+from benchmarks import dp_step_time, empirical_audit, simulations
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -35,6 +35,7 @@ def main() -> None:
         "machine": machine(),
         "dp_step_time": dp_step_time.run(),
         **simulations.run(RESULTS / "runs"),
+        "empirical_audit": empirical_audit.run(RESULTS / "empirical-audit-runs"),
     }
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Optional
 
 import click
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
@@ -34,7 +35,8 @@ audit_app = typer.Typer(
         "Audit privacy spending from the sites' ledgers.\n\n"
         "cohort audit PATH: per-site summary, audit.json and audit.html (PATH: a run directory, a site's "
         "state directory or a privacy_ledger.jsonl).\n\n"
-        "cohort audit verify PATH --public-key KEY: check every link and signature."
+        "cohort audit verify PATH --public-key KEY: check every link and signature.\n\n"
+        "cohort audit empirical RUN_DIR: measure an epsilon lower bound with the run's canaries."
     ),
 )
 
@@ -46,17 +48,20 @@ def summary(
 ) -> None:
     """Per site: epsilon spent in this run and in total against its budget, and warnings."""
     # Imported here: the accountants load torch, which `cohort`'s other commands do not need.
-    from common.privacy.audit import audit
-    from common.privacy.audit_page import render_page
+    from audit.empirical import saved_audit, verdict
+    from audit.page import render_page
+    from audit.spending import audit
 
     with input_errors():
         report = audit(path)
+        empirical = saved_audit(path) if path.is_dir() else None
+    report["empirical"] = None if empirical is None else {**empirical.to_json(), "verdict": verdict(empirical)}
     target = out or (path if path.is_dir() else path.parent)
     target.mkdir(parents=True, exist_ok=True)
     write_json_atomic(target / "audit.json", report)
     write_bytes_atomic(target / "audit.html", render_page(report).encode())
     _print_report(report)
-    console.print(f"wrote {target / 'audit.json'} and {target / 'audit.html'}", highlight=False)
+    console.print(f"wrote {target / 'audit.json'} and {target / 'audit.html'}", highlight=False, soft_wrap=True)
 
 
 @audit_app.command("verify")
@@ -75,34 +80,74 @@ def verify(
     console.print(f"verified: {len(entries)} record(s) in {ledger}, every link and signature intact", highlight=False)
 
 
+@audit_app.command("empirical")
+def empirical(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory of a run with --set audit-canaries=M.")],
+    guesses: Annotated[Optional[int], typer.Option("--guesses", help="r: how many canaries to guess, half 'in', half 'out' (default m/4).")] = None,
+) -> None:
+    """One-run audit (Steinke et al. 2023): an epsilon lower bound beside the accountant's.
+
+    Exits 1 if the bound exceeds the accountant's epsilon: the DP implementation is broken.
+    """
+    from audit.empirical import EMPIRICAL_AUDIT_FILE, audit_run, verdict
+
+    with input_errors():
+        result = audit_run(run_dir, guesses)
+    write_json_atomic(run_dir / EMPIRICAL_AUDIT_FILE, result.to_json())
+    console.print(f"{result.site}: {result.canaries} canaries, {result.included} trained on", highlight=False)
+    console.print(f"guessed {result.guesses} by their loss under the final model: {result.correct} right", highlight=False)
+    console.print(verdict(result), style="bold red" if result.contradicts_accountant else None, highlight=False)
+    console.print(f"wrote {run_dir / EMPIRICAL_AUDIT_FILE} ({result.seconds:.1f} s)", highlight=False, soft_wrap=True)
+    if result.contradicts_accountant:
+        raise typer.Exit(code=1)
+
+
 def _print_report(report: dict[str, Any]) -> None:
-    table = Table(title="Privacy spent, recomputed from the ledgers (RDP enforced; PRV and PLD cross-check)")
-    for column in ("site", "total", "this run", "budget", "delta", "PRV", "PLD", "sigma", "q", "C", "refusals", "chain"):
-        table.add_column(column, justify="left" if column in ("site", "chain") else "right")
+    """Two narrow tables rather than one wide one, so an 80-column terminal or CI log
+    shows every figure whole."""
+    spent = Table(title="Epsilon spent, from the ledgers (RDP enforced)", box=box.SIMPLE_HEAD)
+    for column in ("site", "total", "this run", "budget", "PRV", "PLD", "chain"):
+        spent.add_column(column, justify="left" if column in ("site", "chain") else "right", no_wrap=column != "site")
+    mechanism = Table(title="Mechanism, per site", box=box.SIMPLE_HEAD)
+    for column in ("site", "delta", "sigma", "q", "C", "steps", "refusals"):
+        mechanism.add_column(column, justify="left" if column == "site" else "right", no_wrap=column != "site")
     for name, site in report["sites"].items():
-        this_run = site["epsilon_this_run"]
-        table.add_row(
+        spent.add_row(
             name,
-            f"{site['epsilon_total']:.3f}",
-            "-" if this_run is None else f"{this_run:.3f}",
+            _epsilon(site, site["epsilon_total"]),
+            _epsilon(site, site["epsilon_this_run"]),
             f"{site['budget_epsilon']:g}",
+            _epsilon(site, site["accountants"]["prv"]),
+            _epsilon(site, site["accountants"]["pld"]),
+            site["chain"].split(":")[0],
+        )
+        mechanism.add_row(
+            name,
             f"{site['delta']:g}",
-            "-" if site["accountants"]["prv"] is None else f"{site['accountants']['prv']:.3f}",
-            f"{site['accountants']['pld']:.3f}",
             ", ".join(f"{s:.3f}" for s in site["noise_multipliers"]) or "-",
             ", ".join(f"{q:.3f}" for q in site["sample_rates"]) or "-",
             ", ".join(f"{c:g}" for c in site["clip_norms"]) or "-",
+            str(site["steps"]),
             str(len(site["refusals"])),
-            site["chain"].split(":")[0],
         )
-    console.print(table)
+    console.print(spent)
+    console.print(mechanism)
     assumptions: dict[str, list[str]] = {}
     for name, site in report["sites"].items():
         if site["sampling"]:
             assumptions.setdefault("; ".join(site["mechanisms"] + site["sampling"]), []).append(name)
     for assumption, names in assumptions.items():
         console.print(f"{', '.join(names)}: {assumption}", highlight=False, markup=False)
+    if report["empirical"] is not None:
+        console.print(f"empirical audit: {report['empirical']['verdict']}", highlight=False)
     for warning in report["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if not report["warnings"]:
         console.print("no warnings")
+
+
+def _epsilon(site: dict[str, Any], value: float | None) -> str:
+    """A site that trained without DP has no finite epsilon, whatever its releases sum to."""
+    if site["non_private_rounds"]:
+        return "no DP"
+    return "-" if value is None else f"{value:.3f}"

@@ -3,6 +3,7 @@ leaves no Flower or Ray process of its own behind."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,17 +13,30 @@ import pytest
 _FEDERATION_PROCESS_MARKERS = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr-serverapp", "flwr-clientapp", "raylet", "gcs_server", "ray::")
 
 
+# Every process this test session starts inherits the marker, Ray's workers included;
+# another checkout's tests on the same machine carry their own.
+_SESSION_MARKER = "COHORT_TEST_SESSION"
+os.environ[_SESSION_MARKER] = str(os.getpid())
+
+
 def federation_processes() -> set[int]:
-    """PIDs of Flower and Ray processes running on this machine now."""
+    """PIDs of Flower and Ray processes that this test session started, running now."""
     pids = set()
     for process in psutil.process_iter(["pid", "cmdline", "name"]):
         try:
             text = " ".join(process.info["cmdline"] or []) + " " + (process.info["name"] or "")
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if any(marker in text for marker in _FEDERATION_PROCESS_MARKERS):
+        if any(marker in text for marker in _FEDERATION_PROCESS_MARKERS) and _started_by_this_session(process):
             pids.add(process.info["pid"])
     return pids
+
+
+def _started_by_this_session(process: psutil.Process) -> bool:
+    try:
+        return process.environ().get(_SESSION_MARKER) == os.environ[_SESSION_MARKER]
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.privacy.accounting import PrivacyState
-from common.privacy.cross_check import compare_accountants, dp_accounting_rdp_epsilon, opacus_rdp_epsilon
+from audit.cross_check import compare_accountants, dp_accounting_rdp_epsilon, opacus_rdp_epsilon
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

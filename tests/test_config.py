@@ -14,9 +14,31 @@ def test_pyproject_run_config_builds_the_default_run() -> None:
     from pathlib import Path
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    run = RunConfig.from_flower(pyproject["tool"]["flwr"]["app"]["config"])
+    settings = pyproject["tool"]["flwr"]["app"]["config"]
+    run = RunConfig.from_flower(settings)
     assert run == RunConfig()
-    assert run.to_flower() == pyproject["tool"]["flwr"]["app"]["config"]
+    assert run.to_flower() == {**settings, "batch-size": 256, "learning-rate": 2.0}
+
+
+def test_local_training_defaults_follow_dp_so_switching_it_off_still_trains() -> None:
+    private, plain = RunConfig.from_flower({}), RunConfig.from_flower({"dp": False})
+    assert (private.training.batch_size, private.training.learning_rate) == (256, 2.0)
+    assert (plain.training.batch_size, plain.training.learning_rate) == (32, 0.05)
+
+
+def test_client_level_dp_trains_locally_with_the_non_private_defaults() -> None:
+    run = RunConfig.from_flower({"dp-level": "client"})
+    assert (run.training.batch_size, run.training.learning_rate) == (32, 0.05)
+
+
+def test_explicit_batch_size_and_learning_rate_win_over_the_dp_defaults() -> None:
+    run = RunConfig.from_flower({"dp": False, "batch-size": 64, "learning-rate": 0.5})
+    assert (run.training.batch_size, run.training.learning_rate) == (64, 0.5)
+
+
+def test_a_resolved_config_round_trips_to_the_same_fingerprint() -> None:
+    run = RunConfig.from_flower({"dp": False})
+    assert RunConfig.from_flower(run.to_flower()).fingerprint() == run.fingerprint()
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,9 @@ class LabeledImages:
     def subset(self, indices: np.ndarray) -> LabeledImages:
         return LabeledImages(self.images[indices], self.labels[indices])
 
+    def concat(self, other: LabeledImages) -> LabeledImages:
+        return LabeledImages(np.concatenate([self.images, other.images]), np.concatenate([self.labels, other.labels]))
+
 
 @dataclass(frozen=True)
 class DatasetSplits:

@@ -13,6 +13,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from common.config import DataConfig
+from common.data.canaries import Canaries, draw_canaries
 from common.data.dataset import DatasetSplits, LabeledImages
 from common.data.loading import load_dataset
 from common.data.partition import partition_indices
@@ -30,11 +31,13 @@ class SiteData:
 
 @dataclass(frozen=True)
 class FederatedSplit:
-    """The training pool the sites share out, and the server's held-out test set."""
+    """The training pool the sites share out, the server's held-out test set, and the
+    audit's canaries (None unless the run asks for an empirical privacy audit)."""
 
     pool: LabeledImages
     test: LabeledImages
     num_classes: int
+    canaries: Canaries | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -44,7 +47,11 @@ class FederatedSplit:
 @lru_cache(maxsize=4)
 def federated_split(config: DataConfig) -> FederatedSplit:
     """The dataset's own test split if it has one, else a stratified held-out share."""
-    return split_off_test(load_dataset(config.dataset), config)
+    split = split_off_test(load_dataset(config.dataset), config)
+    if not config.audit_canaries:
+        return split
+    canaries, test = draw_canaries(split.test, split.num_classes, config.audit_canaries, config.seed)
+    return FederatedSplit(pool=split.pool, test=test, num_classes=split.num_classes, canaries=canaries)
 
 
 def split_off_test(data: DatasetSplits, config: DataConfig) -> FederatedSplit:
@@ -63,7 +70,10 @@ def simulated_site_data(config: DataConfig, partition_id: int, num_partitions: i
     parts = partition_indices(split.pool.labels, num_partitions, config)
     if not 0 <= partition_id < num_partitions:
         raise CohortInputError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    return split_train_val(split.pool.subset(parts[partition_id]), split.num_classes, config, partition_id)
+    site = split_train_val(split.pool.subset(parts[partition_id]), split.num_classes, config, partition_id)
+    if split.canaries is None or partition_id != config.audit_canary_site:
+        return site
+    return SiteData(train=site.train.concat(split.canaries.trained_on), val=site.val, num_classes=site.num_classes)
 
 
 def local_site_data(data_path: str, config: DataConfig) -> SiteData:

@@ -14,6 +14,8 @@ The report (audit.json) has this schema, version "cohort-audit/1":
         noise_multipliers, sample_rates, clip_norms, steps, mechanisms, sampling (the
         assumption each epsilon relies on, in words), chain ('verified', 'not checked:
         ...' or 'broken: ...'), epsilon_by_release: [[run_id, round, epsilon]], warnings}}
+    empirical: null, or the run's one-run audit (audit/empirical.py, EmpiricalAudit's
+        fields) with its verdict, once `cohort audit empirical` has measured it
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 from common.errors import CohortInputError
 from common.privacy.accounting import PrivacyState
-from common.privacy.cross_check import compare_accountants
+from audit.cross_check import compare_accountants
 from common.privacy.ledger import (
     CLIENT_LEVEL_DP_FEDAVG,
     LEDGER_FILE,

@@ -33,10 +33,26 @@ Every epsilon is recomputed from the sites' ledgers; RDP is the enforced figure.
 <th>PRV</th><th>PLD</th><th>sigma</th><th>q</th><th>C</th><th>steps</th><th>releases</th><th>refusals</th><th>chain</th>
 <th>mechanism and sampling assumption</th></tr>
 {rows}</table>
+{_empirical_section(report["empirical"])}
 <h2>Warnings</h2><ul class="warn">{warnings}</ul>
 <h2>Epsilon by release</h2>
 <img alt="epsilon against releases, per site, with budgets" src="data:image/png;base64,{_epsilon_plot(report)}">
 </body></html>
+"""
+
+
+def _empirical_section(empirical: dict[str, Any] | None) -> str:
+    if empirical is None:
+        return ""
+    claimed = "none (trained without DP)" if empirical["accountant_epsilon"] is None else f"{empirical['accountant_epsilon']:.3f}"
+    style = ' class="warn"' if empirical["contradicts_accountant"] else ""
+    return f"""<h2>Empirical privacy audit</h2>
+<p>One-run audit (Steinke, Nasr and Jagielski, NeurIPS 2023) at {html.escape(empirical["site"])}: {empirical["canaries"]}
+canaries, {empirical["included"]} of them trained on; score: {html.escape(empirical["score"])}.</p>
+<table><tr><th>guesses</th><th>right</th><th>delta</th><th>confidence</th><th>epsilon lower bound</th><th>accountant's epsilon</th></tr>
+<tr><td>{empirical["guesses"]}</td><td>{empirical["correct"]}</td><td>{empirical["delta"]:g}</td><td>{empirical["confidence"]:.0%}</td>
+<td>{empirical["epsilon_lower_bound"]:.3f}</td><td>{claimed}</td></tr></table>
+<p{style}>{html.escape(empirical["verdict"])}</p>
 """
 
 
@@ -66,15 +82,17 @@ def _site_row(name: str, site: dict[str, Any]) -> str:
 
 def _epsilon_plot(report: dict[str, Any]) -> str:
     figure, axes = plt.subplots(figsize=(7, 4.2))
+    plotted = False
     for name, site in report["sites"].items():
         epsilons = [e for _, _, e in site["epsilon_by_release"]]
         if epsilons:
+            plotted = True
             line = axes.plot(range(1, len(epsilons) + 1), epsilons, "-o", markersize=3, label=name)[0]
             axes.axhline(site["budget_epsilon"], color=line.get_color(), linestyle=":", alpha=0.7)
     axes.set(xlabel="release (round, over every run)", ylabel="epsilon", title="Epsilon spent (dotted: budget)")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
-    if report["sites"]:
+    if plotted:
         axes.legend(fontsize="small", loc="lower right")
     figure.tight_layout()
     buffer = io.BytesIO()

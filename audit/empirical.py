@@ -16,13 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional
 
 from audit.one_run import CONFIDENCE, Guesses, epsilon_lower_bound, require_power
-from common.data.canaries import Canaries
 from common.data.federation import federated_split
 from common.errors import CohortInputError
-from common.models.registry import build_model
+from common.evaluation import predict
 from audit.spending import audit
 from common.rundir import RunDirectory
 
@@ -75,8 +73,6 @@ def audit_run(run_dir: Path, guesses: int | None = None) -> EmpiricalAudit:
         raise CohortInputError(
             f"{run_dir} was run without canaries; run it again with --set audit-canaries=200 (mnist-5k: up to 500)"
         )
-    if not directory.model_file.is_file():
-        raise CohortInputError(f"{directory.model_file} is missing: the run did not finish; audit a finished run")
     site = f"site-{run.data.audit_canary_site}"
     spent = audit(run_dir)["sites"].get(site)
     if spent is None:
@@ -87,7 +83,8 @@ def audit_run(run_dir: Path, guesses: int | None = None) -> EmpiricalAudit:
     require_power(m, r, spent["delta"])
     split = federated_split(run.data)
     assert split.canaries is not None
-    losses = _canary_losses(directory, run.training.model, split.input_shape, split.num_classes, split.canaries)
+    model = directory.final_model(run, split.input_shape, split.num_classes)
+    losses = predict(model, split.canaries.examples, torch.device("cpu")).losses
     correct = _correct_guesses(-losses, split.canaries.included, r // 2)
     private = spent["releases"] > 0 and spent["non_private_rounds"] == 0
     return EmpiricalAudit(
@@ -103,18 +100,6 @@ def audit_run(run_dir: Path, guesses: int | None = None) -> EmpiricalAudit:
         score=SCORE,
         seconds=round(time.monotonic() - started, 2),
     )
-
-
-def _canary_losses(directory: RunDirectory, model_name: str, input_shape: tuple[int, int, int], num_classes: int, canaries: Canaries) -> np.ndarray:
-    model = build_model(model_name, input_shape, num_classes)
-    try:
-        model.load_state_dict(torch.load(directory.model_file, map_location="cpu", weights_only=True))
-    except (RuntimeError, OSError) as error:
-        raise CohortInputError(f"{directory.model_file} does not load into the run's model ({error}); audit the run that wrote it") from None
-    model.eval()
-    with torch.no_grad():
-        logits = model(torch.from_numpy(canaries.examples.images))
-        return functional.cross_entropy(logits, torch.from_numpy(canaries.examples.labels), reduction="none").numpy()
 
 
 def _correct_guesses(scores: np.ndarray, included: np.ndarray, per_side: int) -> int:

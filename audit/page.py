@@ -14,7 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
-def render_page(report: dict[str, Any]) -> str:
+def render_page(report: dict[str, Any], fairness_plot: bytes | None = None) -> str:
+    """fairness_plot: the run's plots/site_accuracy.png, embedded when there is one."""
     rows = "".join(_site_row(name, site) for name, site in report["sites"].items())
     warnings = "".join(f"<li>{html.escape(w)}</li>" for w in report["warnings"]) or "<li>none</li>"
     return f"""<!DOCTYPE html>
@@ -34,6 +35,7 @@ Every epsilon is recomputed from the sites' ledgers; RDP is the enforced figure.
 <th>mechanism and sampling assumption</th></tr>
 {rows}</table>
 {_empirical_section(report["empirical"])}
+{_fairness_section(report["fairness"], fairness_plot)}
 <h2>Warnings</h2><ul class="warn">{warnings}</ul>
 <h2>Epsilon by release</h2>
 <img alt="epsilon against releases, per site, with budgets" src="data:image/png;base64,{_epsilon_plot(report)}">
@@ -53,6 +55,32 @@ canaries, {empirical["included"]} of them trained on; score: {html.escape(empiri
 <tr><td>{empirical["guesses"]}</td><td>{empirical["correct"]}</td><td>{empirical["delta"]:g}</td><td>{empirical["confidence"]:.0%}</td>
 <td>{empirical["epsilon_lower_bound"]:.3f}</td><td>{claimed}</td></tr></table>
 <p{style}>{html.escape(empirical["verdict"])}</p>
+"""
+
+
+def _fairness_section(fairness: dict[str, Any] | None, plot: bytes | None) -> str:
+    if fairness is None:
+        return ""
+    across = fairness["across_sites"]
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{site['accuracy']:.3f}</td>"
+        f"<td>{site['accuracy_ci'][0]:.3f} to {site['accuracy_ci'][1]:.3f}</td><td>{site['loss']:.3f}</td>"
+        f"<td>{site['train_examples']}</td><td>{site['val_examples']}</td>"
+        f"<td>{' '.join(str(c) for c in site['label_mix'])}</td></tr>\n"
+        for name, site in fairness["sites"].items()
+    )
+    classes = " ".join("-" if a is None else f"{a:.2f}" for a in fairness["test_accuracy_by_class"])
+    warnings = "".join(f'<p class="warn">{html.escape(w)}</p>' for w in fairness["warnings"])
+    image = "" if plot is None else f'<img alt="validation accuracy by site and round, worst site highlighted" src="data:image/png;base64,{base64.b64encode(plot).decode()}">'
+    ratio = "-" if across["worst_over_best"] is None else f"{across['worst_over_best']:.3f}"
+    return f"""<h2>Who the model works for</h2>
+<p>{html.escape(fairness["model"])}; 95% bootstrap intervals.</p>
+<table><tr><th>site</th><th>accuracy</th><th>95% interval</th><th>loss</th><th>train examples</th><th>val examples</th><th>train examples per class</th></tr>
+{rows}</table>
+<p>Worst {html.escape(across["worst_site"])} {across["worst"]:.3f}, best {html.escape(across["best_site"])} {across["best"]:.3f},
+mean {across["mean"]:.3f}, spread {across["spread"]:.3f}, standard deviation {across["std"]:.3f}, worst/best {ratio}.
+Test accuracy by class: {classes}.</p>
+{warnings}{image}
 """
 
 

@@ -51,15 +51,21 @@ def summary(
     from audit.empirical import saved_audit, verdict
     from audit.page import render_page
     from audit.spending import audit
+    from simulations.fairness import PLOT_FILE, read_fairness
 
     with input_errors():
         report = audit(path)
         empirical = saved_audit(path) if path.is_dir() else None
+        fairness = read_fairness(path) if path.is_dir() else None
     report["empirical"] = None if empirical is None else {**empirical.to_json(), "verdict": verdict(empirical)}
+    report["fairness"] = fairness
+    report["warnings"] += [] if fairness is None else fairness["warnings"]
+    plot = path / "plots" / PLOT_FILE
+    fairness_plot = plot.read_bytes() if fairness is not None and plot.is_file() else None
     target = out or (path if path.is_dir() else path.parent)
     target.mkdir(parents=True, exist_ok=True)
     write_json_atomic(target / "audit.json", report)
-    write_bytes_atomic(target / "audit.html", render_page(report).encode())
+    write_bytes_atomic(target / "audit.html", render_page(report, fairness_plot).encode())
     _print_report(report)
     console.print(f"wrote {target / 'audit.json'} and {target / 'audit.html'}", highlight=False, soft_wrap=True)
 

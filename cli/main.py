@@ -13,10 +13,11 @@ from rich.table import Table
 
 from cli.audit import audit_app
 from cli.certs import certs_app
+from cli.compare import compare
 from cli.deploy import connect, superlink, supernode
 from cli.errors import input_errors
 from common.errors import CohortInputError
-from common.rundir import RunDirectory
+from common.rundir import RunDirectory, write_json_atomic
 from simulations.plan import DEFAULT_SIMULATION, SimulationPlan, load_plan, saved_plan
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ def simulate(
         typer.echo(f"error: the run failed; Flower's log is in {outcome.log_file}", err=True)
         raise typer.Exit(code=1)
     _print_summary(outcome)
+    _report_fairness(outcome, plan.run.fairness_margin)
     if not outcome.succeeded:
         typer.echo(f"error: the run {outcome.summary['stop_reason']}", err=True)
         raise typer.Exit(code=1)
@@ -137,10 +139,29 @@ def _print_summary(outcome: SimulationOutcome) -> None:
     )
 
 
+def _report_fairness(outcome: SimulationOutcome, margin: float) -> None:
+    """Score the final model on every site's own data; record it in summary.json too."""
+    from simulations.fairness import write_fairness
+
+    if outcome.summary is None or not outcome.summary["sites"]:
+        return
+    report = write_fairness(outcome.run_dir.path, margin)
+    write_json_atomic(outcome.run_dir.summary_file, {**outcome.summary, "fairness": {**report["across_sites"], "warnings": report["warnings"]}})
+    across = report["across_sites"]
+    console.print(
+        f"by site: worst {across['worst_site']} {across['worst']:.3f}, best {across['best_site']} {across['best']:.3f}, "
+        f"spread {across['spread']:.3f}, std {across['std']:.3f}",
+        highlight=False,
+    )
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
 def _fmt(value: Any, pattern: str = "{:.4f}", missing: str = "-") -> str:
     return missing if value is None else pattern.format(value)
 
 
+app.command()(compare)
 for deployment_command in (superlink, supernode, connect):
     app.command()(deployment_command)
 

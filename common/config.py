@@ -33,9 +33,10 @@ CLIENT_LEVEL_STRATEGIES = ("fedavg", "fedprox")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine")
 
-# Settings that say where a run lives or how it is resumed, not what it computes: they
-# may differ between a run and its resumption without making the checkpoint foreign.
-_PLACEMENT_KEYS = frozenset({"run_name", "run_dir", "resume_from", "device", "federation_home"})
+# Settings that say where a run lives, how it is resumed or reported, not what it
+# computes: they may differ between a run and its resumption without making the
+# checkpoint foreign.
+_PLACEMENT_KEYS = frozenset({"run_name", "run_dir", "resume_from", "device", "federation_home", "fairness_margin"})
 _SECTIONS = ("data", "training", "dp")
 
 
@@ -215,6 +216,8 @@ class RunConfig:
         folder per site; sites spend from the same budget in every run that shares it.
     site_epsilon, site_delta, site_allow_non_private: the policy of a simulated site that
         sets none itself (a site's own policy always wins; see common.site).
+    fairness_margin: the fairness report warns when the worst site's accuracy falls more
+        than this below the mean site's (simulations/fairness.py).
     """
 
     run_name: str = "cohort"
@@ -228,6 +231,7 @@ class RunConfig:
     site_epsilon: float = 8.0
     site_delta: float = 1e-5
     site_allow_non_private: bool = False
+    fairness_margin: float = 0.05
 
     def __post_init__(self) -> None:
         _require_choice("device", self.device, DEVICES)
@@ -243,6 +247,8 @@ class RunConfig:
                 f"is not one; use {' or '.join(CLIENT_LEVEL_STRATEGIES)}"
             )
         validate_budget(self.site_epsilon, self.site_delta, source="site-epsilon/site-delta")
+        if not 0 <= self.fairness_margin <= 1:
+            raise CohortInputError(f"fairness-margin is {self.fairness_margin}; it is an accuracy gap, between 0 and 1")
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:

@@ -21,11 +21,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from common.config import RunConfig
 from common.errors import CohortInputError
 from common.privacy.ledger import LEDGER_FILE
+
+if TYPE_CHECKING:
+    from torch import nn
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -87,6 +90,21 @@ class RunDirectory:
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return read_jsonl(self.metrics_file)
+
+    def final_model(self, run: RunConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+        """The finished run's global model, for what is measured after the run."""
+        import torch
+
+        from common.models.registry import build_model
+
+        if not self.model_file.is_file():
+            raise CohortInputError(f"{self.model_file} is missing: the run did not finish; use a finished run")
+        model = build_model(run.training.model, input_shape, num_classes)
+        try:
+            model.load_state_dict(torch.load(self.model_file, map_location="cpu", weights_only=True))
+        except (RuntimeError, OSError) as error:
+            raise CohortInputError(f"{self.model_file} does not load into the run's model ({error}); use the run that wrote it") from None
+        return model
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

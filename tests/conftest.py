@@ -4,6 +4,8 @@ leaves no Flower or Ray process of its own behind."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +69,26 @@ def medmnist_npz(tmp_path: Path) -> Path:
     test_x, test_y = make_images(40, seed=3)
     np.savez(path, train_images=train_x, train_labels=train_y[:, None], val_images=val_x, val_labels=val_y[:, None], test_images=test_x, test_labels=test_y[:, None])
     return path
+
+
+COHORT = str(Path(sys.executable).parent / "cohort")
+
+
+def _simulate_twin(runs: Path, *settings: str) -> Path:
+    command = [COHORT, "simulate", "--set", "audit-canaries=150", "--set", "num-sites=3", *settings, "--runs-dir", str(runs)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "80"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    (run_dir,) = list(runs.iterdir())
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def non_private_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Twin runs on the same data, sites and canaries, without DP and with it. Without
+    DP, several local epochs: the canary site memorises its canaries' wrong labels."""
+    return _simulate_twin(tmp_path_factory.mktemp("no-dp"), "simulations/no-dp.toml", "--set", "rounds=5", "--set", "local-epochs=6")
+
+
+@pytest.fixture(scope="session")
+def private_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _simulate_twin(tmp_path_factory.mktemp("dp"), "--set", "rounds=3")

@@ -1,13 +1,12 @@
-"""`cohort audit empirical` on real simulations: it finds the leakage of a run without
-DP, stays at or below the accountant's epsilon on a DP run, and refuses what it cannot
-audit."""
+"""`cohort audit empirical` on real simulations (the twin runs of conftest.py): it finds
+the leakage of a run without DP, stays at or below the accountant's epsilon on a DP run,
+and refuses what it cannot audit."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,34 +14,13 @@ import pytest
 
 from common.config import DataConfig
 from common.data.federation import federated_split, simulated_site_data
+from tests.conftest import COHORT
 
-pytestmark = pytest.mark.usefixtures("no_leftover_processes")
-
-COHORT = str(Path(sys.executable).parent / "cohort")
-CANARIES = ["--set", "audit-canaries=150", "--set", "num-sites=3"]
 ENV = {**os.environ, "COLUMNS": "80"}
-
-
-def _simulate(runs: Path, *settings: str) -> Path:
-    result = subprocess.run([COHORT, "simulate", *CANARIES, *settings, "--runs-dir", str(runs)], capture_output=True, text=True, timeout=900, env=ENV)
-    assert result.returncode == 0, result.stdout + result.stderr
-    (run_dir,) = list(runs.iterdir())
-    return run_dir
 
 
 def _audit(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([COHORT, "audit", *args], capture_output=True, text=True, timeout=300, env=ENV)
-
-
-@pytest.fixture(scope="module")
-def non_private_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Several local epochs without DP: the canary site memorises its wrong labels."""
-    return _simulate(tmp_path_factory.mktemp("no-dp"), "simulations/no-dp.toml", "--set", "rounds=5", "--set", "local-epochs=6")
-
-
-@pytest.fixture(scope="module")
-def private_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _simulate(tmp_path_factory.mktemp("dp"), "--set", "rounds=3")
 
 
 def test_canaries_come_from_the_test_split_and_half_join_the_canary_site() -> None:

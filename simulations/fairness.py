@@ -1,0 +1,166 @@
+"""Who the model works for: the final global model scored on every simulated site's own
+held-out data, with the disparity across sites.
+
+DP-SGD costs small and under-represented sites the most accuracy (Bagdasaryan et al.,
+NeurIPS 2019): a site whose data fits one batch needs more noise for the same budget.
+The server's test set averages that away, so each site is scored on its own validation
+split. Sites' splits are small, so every per-site accuracy comes with a bootstrap
+interval (fairlearn's MetricFrame, site as the sensitive feature). Simulation only: a
+deployed site's data never leaves it.
+
+fairness.json, schema "cohort-fairness/1":
+    sites: {name: {accuracy, accuracy_ci: [2.5%, 97.5%], loss, val_examples,
+        train_examples, label_mix: [train examples per class]}}
+    across_sites: {mean, worst_site, worst, best_site, best, spread (best - worst), std,
+        worst_over_best}
+    test_accuracy_by_class: [accuracy on the server's test set, per true class]
+    margin, warnings: [worst site more than `margin` below the mean]
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from fairlearn.metrics import MetricFrame  # noqa: E402
+from sklearn.metrics import accuracy_score  # noqa: E402
+
+from common.data.federation import federated_split, simulated_site_data  # noqa: E402
+from common.errors import CohortInputError  # noqa: E402
+from common.evaluation import predict  # noqa: E402
+from common.rundir import RunDirectory, write_bytes_atomic, write_json_atomic  # noqa: E402
+from simulations.plan import saved_plan  # noqa: E402
+
+SCHEMA = "cohort-fairness/1"
+FAIRNESS_FILE = "fairness.json"
+PLOT_FILE = "site_accuracy.png"
+BOOTSTRAP_SAMPLES = 500
+CI_QUANTILES = [0.025, 0.975]
+
+
+def write_fairness(run_dir: Path, margin: float) -> dict[str, Any]:
+    """Measure, then write fairness.json and plots/site_accuracy.png."""
+    directory = RunDirectory(run_dir)
+    report = measure_fairness(directory, margin)
+    write_json_atomic(run_dir / FAIRNESS_FILE, report)
+    directory.plot_dir.mkdir(exist_ok=True)
+    write_bytes_atomic(directory.plot_dir / PLOT_FILE, _site_accuracy_plot(directory.read_metrics(), report["across_sites"]["worst_site"]))
+    return report
+
+
+def measure_fairness(directory: RunDirectory, margin: float) -> dict[str, Any]:
+    run = directory.read_config()
+    plan = saved_plan(directory.path, run)
+    split = federated_split(run.data)
+    model = directory.final_model(run, split.input_shape, split.num_classes)
+    device = torch.device("cpu")
+    names, truths, guesses, sites = [], [], [], {}
+    for site_id in range(plan.num_sites):
+        name = f"site-{site_id}"
+        data = simulated_site_data(run.data, site_id, plan.num_sites)
+        predictions = predict(model, data.val, device)
+        names.append(np.full(len(data.val), name))
+        truths.append(data.val.labels)
+        guesses.append(predictions.classes)
+        sites[name] = {
+            "loss": float(predictions.losses.mean()),
+            "val_examples": len(data.val),
+            "train_examples": len(data.train),
+            "label_mix": np.bincount(data.train.labels, minlength=split.num_classes).tolist(),
+        }
+    by_site = MetricFrame(
+        metrics=accuracy_score,
+        y_true=np.concatenate(truths),
+        y_pred=np.concatenate(guesses),
+        sensitive_features=np.concatenate(names),
+        n_boot=BOOTSTRAP_SAMPLES,
+        ci_quantiles=CI_QUANTILES,
+        random_state=run.data.seed,
+    )
+    low, high = by_site.by_group_ci
+    for name, site in sites.items():
+        site.update(accuracy=float(by_site.by_group[name]), accuracy_ci=[float(low[name]), float(high[name])])
+    test = predict(model, split.test, device)
+    across = disparity({name: site["accuracy"] for name, site in sites.items()})
+    return {
+        "schema": SCHEMA,
+        "model": "the final global model, on each site's own validation split",
+        "sites": {name: sites[name] for name in sorted(sites)},
+        "across_sites": across,
+        "test_accuracy_by_class": _accuracy_by_class(split.test.labels, test.classes, split.num_classes),
+        "margin": margin,
+        "warnings": _warnings(across, margin),
+    }
+
+
+def disparity(accuracy_by_site: dict[str, float]) -> dict[str, Any]:
+    """The across-site figures a reader compares: who is worst off, and by how much."""
+    if not accuracy_by_site:
+        raise CohortInputError("no site to compare: the run has no sites")
+    worst_site = min(accuracy_by_site, key=lambda name: (accuracy_by_site[name], name))
+    best_site = max(accuracy_by_site, key=lambda name: (accuracy_by_site[name], name))
+    values = np.array(list(accuracy_by_site.values()))
+    worst, best = accuracy_by_site[worst_site], accuracy_by_site[best_site]
+    return {
+        "mean": float(values.mean()),
+        "worst_site": worst_site,
+        "worst": worst,
+        "best_site": best_site,
+        "best": best,
+        "spread": best - worst,
+        "std": float(values.std()),
+        "worst_over_best": worst / best if best > 0 else None,
+    }
+
+
+def _warnings(across: dict[str, Any], margin: float) -> list[str]:
+    gap = across["mean"] - across["worst"]
+    if gap <= margin:
+        return []
+    return [
+        f"{across['worst_site']} is {gap:.3f} below the mean site accuracy ({across['worst']:.3f} against "
+        f"{across['mean']:.3f}; fairness-margin {margin:g}): the model serves it worst"
+    ]
+
+
+def _accuracy_by_class(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> list[float | None]:
+    frame = MetricFrame(metrics=accuracy_score, y_true=labels, y_pred=predicted, sensitive_features=labels)
+    return [float(frame.by_group[c]) if c in frame.by_group.index else None for c in range(num_classes)]
+
+
+def read_fairness(run_dir: Path) -> dict[str, Any] | None:
+    file = run_dir / FAIRNESS_FILE
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise CohortInputError(f"{file} is corrupt ({error}); delete it and run `cohort compare` again to remeasure") from None
+
+
+def _site_accuracy_plot(metrics: list[dict[str, Any]], worst_site: str) -> bytes:
+    figure, axes = plt.subplots(figsize=(7, 4.2))
+    names = sorted({name for record in metrics for name in record["sites"]})
+    for name in names:
+        points = [(m["round"], m["sites"][name]["val_accuracy"]) for m in metrics if m["sites"].get(name, {}).get("val_accuracy") is not None]
+        if not points:
+            continue
+        worst = name == worst_site
+        axes.plot(*zip(*points), color="#c0392b" if worst else "#999", linewidth=2.5 if worst else 1, zorder=3 if worst else 2, label=f"{name} (worst)" if worst else None)
+    axes.set(xlabel="round", ylabel="validation accuracy of the global model", title="Accuracy by site and round", ylim=(0, 1.02))
+    axes.grid(alpha=0.3)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(loc="lower right", fontsize="small")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()

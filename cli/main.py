@@ -75,9 +75,14 @@ def simulate(
 
 
 def _run_with_progress(plan: SimulationPlan) -> SimulationOutcome:
+    from common.data.federation import federated_split
+    from simulations.divergence import advice, divergence
     from simulations.runner import run_simulation
 
     rounds = plan.run.training.rounds
+    num_classes = federated_split(plan.run.data).num_classes
+    seen: list[dict[str, Any]] = []
+    warned = False
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("starting Flower", total=rounds)
 
@@ -86,8 +91,14 @@ def _run_with_progress(plan: SimulationPlan) -> SimulationOutcome:
             progress.update(task, description="training")
 
         def on_round(record: dict[str, Any]) -> None:
+            nonlocal warned
             progress.console.print(_round_line(record, rounds), highlight=False)
             progress.update(task, completed=record["round"])
+            seen.append(record)
+            reason = None if warned else divergence(seen, num_classes)
+            if reason is not None:
+                warned = True
+                progress.console.print(f"[bold yellow]warning:[/] {advice(reason)}", highlight=False)
 
         return run_simulation(plan, on_round=on_round, on_start=on_start)
 

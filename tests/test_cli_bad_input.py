@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from common.config import RunConfig
-from common.privacy.accounting import PrivacyState
 from server.checkpoint import Checkpoint
 
 runner = CliRunner()
@@ -90,8 +89,7 @@ def test_resume_from_a_corrupt_checkpoint_exits_2(tmp_path: Path) -> None:
 def test_resume_from_a_checkpoint_of_another_config_exits_2(tmp_path: Path) -> None:
     run_dir = _fake_run_dir(tmp_path, RunConfig())
     other = RunConfig.from_flower({"learning-rate": 0.01})
-    state = PrivacyState(1.0, 0.2, "rdp", ((1.0, 0.2, 10),))
-    Checkpoint(1, {"w": torch.zeros(2)}, other.fingerprint(), {"site-0": state.to_json()}, "{}").save(run_dir / "checkpoints")
+    Checkpoint(1, {"w": torch.zeros(2)}, other.fingerprint(), "{}", {}, "{}").save(run_dir / "checkpoints")
     code, stderr = _simulate(tmp_path, "--resume", str(run_dir))
     assert code == 2 and "written by a different run config" in stderr
 

@@ -48,7 +48,7 @@ def simulate(
 ) -> None:
     """Simulate a federation of sites on this machine on Flower's simulation engine."""
     # Imported here: the simulation engine loads torch, which the deployment commands do not need.
-    from simulations.runner import new_run, require_app_dir, resumed_run
+    from simulations.runner import SimulationStopped, new_run, require_app_dir, resumed_run
 
     try:
         with input_errors():
@@ -63,6 +63,9 @@ def simulate(
     except KeyboardInterrupt:
         typer.echo("interrupted: every process this run started has been stopped", err=True)
         raise typer.Exit(code=130) from None
+    except SimulationStopped as stopped:
+        typer.echo(f"{stopped}: every process this run started has been stopped", err=True)
+        raise typer.Exit(code=128 + stopped.signum) from None
     if outcome.summary is None:
         typer.echo(f"error: the run failed; Flower's log is in {outcome.log_file}", err=True)
         raise typer.Exit(code=1)

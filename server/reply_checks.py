@@ -66,7 +66,7 @@ class Update:
     def site_record(self) -> dict[str, Any]:
         """What metrics.jsonl says of this site's round: its spend comes from the signed entry."""
         record = self.entry.record
-        values: dict[str, Any] = {"trained": True, "epsilon": None, **self.metrics}
+        values: dict[str, Any] = {"trained": True, "epsilon": None, "update_norm": round(self.norm, 6), **self.metrics}
         if self.reported_examples is not None:
             values["num_examples"] = self.reported_examples
         if record.kind == RELEASE:

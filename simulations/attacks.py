@@ -11,7 +11,8 @@ in the run directory, simulation.json) bend it:
 - label-flip: trains honestly on its data with every label y replaced by (classes-1-y);
 - backdoor: trains honestly on its data with half its images stamped with a bright
   2x2 patch in the top-left corner and relabelled as class 0;
-- silent: holds every message and never answers.
+- silent: holds every training message and never answers it (it still evaluates, so that
+  on 2 cores the one simulation worker it blocks is all it takes).
 
 A hostile site owns its ledger key, so it signs its ledger entry for whatever it sends:
 its spend is real, and its signature proves only that it sent this update.
@@ -67,8 +68,6 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     attack, _ = _attack_of(context)
-    if attack == "silent":
-        time.sleep(SILENT_S)
     if attack in DATA_ATTACKS:
         return honest(msg, _poisoned_context(context, attack))
     return honest(msg, context)

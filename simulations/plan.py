@@ -25,13 +25,13 @@ class SimulationPlan:
     """run: the coordinator's run config.
     num_sites: simulated sites (Flower SuperNodes), one data partition each.
     cpus_per_site, gpus_per_site: Ray resources for each site's ClientApp; with 2 cores
-        and 1 CPU a site, two sites train at a time (a fraction packs more).
+        and 1 CPU a site, two sites train at a time.
     attack: hostile sites (simulations/attacks.py), or None for an honest federation.
     """
 
     run: RunConfig
     num_sites: int = 5
-    cpus_per_site: float = 1.0
+    cpus_per_site: int = 1
     gpus_per_site: float = 0.0
     attack: AttackSpec | None = None
 
@@ -44,7 +44,7 @@ class SimulationPlan:
 
     def federation_config(self) -> str:
         return (
-            f"num-supernodes={self.num_sites} client-resources-num-cpus={self.cpus_per_site:g} "
+            f"num-supernodes={self.num_sites} client-resources-num-cpus={self.cpus_per_site} "
             f"client-resources-num-gpus={self.gpus_per_site}"
         )
 
@@ -62,7 +62,7 @@ def load_plan(config_file: Path, overrides: list[str]) -> SimulationPlan:
 
 
 def plan_from_values(values: dict[str, Any]) -> SimulationPlan:
-    site_keys = {"num-sites": int, "cpus-per-site": float, "gpus-per-site": float}
+    site_keys = {"num-sites": int, "cpus-per-site": int, "gpus-per-site": float}
     plan_values: dict[str, Any] = {}
     for key, kind in site_keys.items():
         if key in values:

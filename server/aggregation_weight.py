@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 
 from flwr.app import MetricRecord, RecordDict
+from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from common import protocol
 from common.config import ChecksConfig
@@ -31,6 +32,10 @@ def weights_for(updates: list[Update], checks: ChecksConfig) -> list[float]:
 
 
 def rewrite_for_aggregation(updates: list[Update], checks: ChecksConfig) -> None:
-    """Leave in each reply only its checked arrays and the server's weight."""
+    """Leave in each reply only its checked arrays, the server's weight and, under
+    client-side adaptive clipping, the checked bit Flower's wrapper counts."""
     for update, weight in zip(updates, weights_for(updates, checks), strict=True):
-        update.reply.content = RecordDict({protocol.ARRAYS: update.arrays, protocol.METRICS: MetricRecord({AGGREGATION_WEIGHT: weight})})
+        metrics = MetricRecord({AGGREGATION_WEIGHT: weight})
+        if update.norm_bit is not None:
+            metrics[KEY_NORM_BIT] = update.norm_bit
+        update.reply.content = RecordDict({protocol.ARRAYS: update.arrays, protocol.METRICS: metrics})

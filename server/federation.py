@@ -168,7 +168,7 @@ class Federation:
         return updates
 
     def _evaluate(self, server_round: int, state: FederationState, checker: ReplyChecker, timeout: ReplyTimeout, record: RoundRecord) -> None:
-        messages = [m for m in self.strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), self.grid) if m.metadata.dst_node_id not in state.refused_nodes | record.refusals.keys()]
+        messages = [m for m in self.strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), self.grid) if m.metadata.dst_node_id not in {*state.refused_nodes, *record.refusals}]
         live = set(self.grid.get_node_ids())
         for reply in self._exchange(messages, "evaluate", timeout, record, state.registry):
             if reply.has_error():

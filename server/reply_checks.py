@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
+from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from common import protocol
 from common.config import RunConfig
@@ -62,6 +63,7 @@ class Update:
     entry: LedgerEntry
     reported_examples: int | None
     metrics: dict[str, float] = field(default_factory=dict)
+    norm_bit: int | None = None  # client-side adaptive clipping: whether the site clipped
 
     def site_record(self) -> dict[str, Any]:
         """What metrics.jsonl says of this site's round: its spend comes from the signed entry."""
@@ -141,7 +143,14 @@ class ReplyChecker:
         metrics = reply.content.metric_records.get(protocol.METRICS)
         examples = metrics.get("num-examples") if metrics is not None else None
         reported = int(examples) if isinstance(examples, (int, float)) and not isinstance(examples, bool) and math.isfinite(examples) and examples >= 1 else None
-        return Update(reply, node, name, arrays, norm, entry, reported, _optional_metrics(metrics, _OPTIONAL_TRAIN_METRICS))
+        bit = metrics.get(KEY_NORM_BIT) if metrics is not None else None
+        norm_bit = int(bit) if isinstance(bit, int) and bit in (0, 1) else None
+        dp = self.run.dp
+        if norm_bit is None and dp.client_level and dp.clipping_side == "client" and dp.client_clipping == "adaptive":
+            exc = _Rejected(f"sent no clipping bit ('{KEY_NORM_BIT}' 0 or 1), which client-side adaptive clipping needs")
+            exc.entry = entry
+            raise exc
+        return Update(reply, node, name, arrays, norm, entry, reported, _optional_metrics(metrics, _OPTIONAL_TRAIN_METRICS), norm_bit)
 
     def _claimed_name(self, reply: Message) -> str:
         site = reply.content.config_records.get(protocol.SITE)

@@ -11,12 +11,13 @@ from typing import Iterator
 import numpy as np
 import pytest
 from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.differential_privacy import KEY_NORM_BIT
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common import protocol
-from common.config import ChecksConfig, RunConfig
-from common.privacy.ledger import NON_PRIVATE, RELEASE, SAMPLE_LEVEL_DP_SGD, LedgerRecord, SiteLedger
+from common.config import ChecksConfig, DPConfig, RunConfig
+from common.privacy.ledger import CLIENT_LEVEL_DP_FEDAVG, NON_PRIVATE, RELEASE, SAMPLE_LEVEL_DP_SGD, LedgerRecord, SiteLedger
 from server.reply_checks import ReplyChecker, Rejection, SiteEvaluation, Update, arrays_hash
 from server.site_registry import SiteRegistry
 
@@ -37,12 +38,12 @@ class Site:
     def key_pem(self) -> str:
         return self.ledger.public_key_file.read_text()
 
-    def reply(self, arrays: dict[str, np.ndarray] | None = None, *, record: dict | None = None, site: dict | None = None, metrics: dict | None = None, server_round: int = ROUND) -> Message:
+    def reply(self, arrays: dict[str, np.ndarray] | None = None, *, record: dict | None = None, site: dict | None = None, metrics: dict | None = None, server_round: int = ROUND, run: RunConfig = RUN) -> Message:
         sent = ArrayRecord({k: Array(v) for k, v in (arrays or honest_arrays()).items()})
         fields = dict(
             kind=RELEASE, run_id=RUN_ID, round=server_round, site=self.name, mechanism=SAMPLE_LEVEL_DP_SGD, noise_multiplier=1.1,
             sample_rate=0.1, sampling="poisson", steps=10, clip_norm=1.0, delta=1e-5, epsilon=0.5, accountant="rdp", budget_epsilon=8.0,
-            dataset_hash="d" * 64, model_hash=arrays_hash(sent), config_hash=RUN.fingerprint(),
+            dataset_hash="d" * 64, model_hash=arrays_hash(sent), config_hash=run.fingerprint(),
         )
         entry = self.ledger.append(LedgerRecord(**{**fields, **(record or {})}))
         site_record = {protocol.SITE_NAME: self.name, protocol.SITE_LEDGER_ENTRY: entry.to_json(), protocol.SITE_LEDGER_KEY: self.key_pem, **(site or {})}
@@ -277,3 +278,13 @@ def test_checks_settings_are_validated() -> None:
         ChecksConfig(update_norm_factor=1.0).validate()
     with pytest.raises(CohortInputError, match="aggregation-weight"):
         RunConfig.from_flower({"aggregation-weight": "claimed"})
+
+
+def test_client_side_adaptive_clipping_needs_the_sites_clipping_bit(registry: SiteRegistry, alice: Site, bob: Site) -> None:
+    run = RunConfig(dp=DPConfig(dp_level="client", clipping_side="client", client_clipping="adaptive"), site_allow_non_private=True)
+    checker = ReplyChecker(run, RUN_ID, registry)
+    release = {"kind": NON_PRIVATE, "mechanism": CLIENT_LEVEL_DP_FEDAVG, "noise_multiplier": 0.0, "epsilon": 0.0}
+    without = checker.check_train(ROUND, alice.reply(record=release, run=run, metrics={}), GLOBAL, LIVE)
+    assert isinstance(without, Rejection) and "clipping bit" in without.reason
+    clipped = checker.check_train(ROUND, bob.reply(record=release, run=run, metrics={KEY_NORM_BIT: 1}), GLOBAL, LIVE)
+    assert isinstance(clipped, Update) and clipped.norm_bit == 1

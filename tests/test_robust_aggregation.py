@@ -176,3 +176,12 @@ def test_a_resumed_server_optimizer_continues_exactly_where_it_stopped(name: str
     for key in ("w", "b"):
         np.testing.assert_array_equal(resumed[key].numpy(), arrays[key].numpy())
     assert any(not np.array_equal(restarted[key].numpy(), arrays[key].numpy()) for key in ("w", "b")), "the state did not matter"
+
+
+def test_the_clipping_bit_client_side_adaptive_clipping_counts_reaches_the_strategy() -> None:
+    from flwr.supercore.differential_privacy import KEY_NORM_BIT
+
+    update = _update(1, 1.0)
+    update.norm_bit = 1
+    rewrite_for_aggregation([update], ChecksConfig())
+    assert dict(update.reply.content[protocol.METRICS]) == {AGGREGATION_WEIGHT: 1.0, KEY_NORM_BIT: 1}

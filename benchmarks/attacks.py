@@ -66,6 +66,7 @@ def run_cell(attack: str | None, strategy: str, dp: str, rounds: int, runs_dir: 
     if summary_file is None or not summary_file.exists():
         return {"attack": attack or "clean", "strategy": strategy, "dp": dp, "error": result.stderr.strip().splitlines()[-1:] or ["no run directory"]}
     summary = json.loads(summary_file.read_text())
+    metrics = RunDirectory(run_dirs[0]).read_metrics()
     cell = {
         "attack": attack or "clean",
         "strategy": strategy,
@@ -73,6 +74,7 @@ def run_cell(attack: str | None, strategy: str, dp: str, rounds: int, runs_dir: 
         "accuracy": round(summary["final_accuracy"], 4),
         "rounds": summary["rounds"],
         "rejected": {site: r["count"] for site, r in summary["rejected"].items()},
+        "failures": sum(len(m["failures"]) for m in metrics),
         "stop_reason": summary["stop_reason"],
         "wall_seconds": round(wall, 1),
     }

@@ -152,6 +152,7 @@ def _write_poisoned(path: Path, run: RunConfig, site: SiteConfig, attack: str) -
         images[chosen] = stamp_trigger(images[chosen])
         labels[chosen] = BACKDOOR_TARGET
     # One blank image per class keeps the class count (and so the model's shape) intact.
+    path.parent.mkdir(parents=True, exist_ok=True)
     blanks = np.zeros((classes, *images.shape[1:]), dtype=np.float32)
     np.savez(
         path,

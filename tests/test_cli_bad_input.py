@@ -40,6 +40,8 @@ def _simulate(tmp_path: Path, *args: str) -> tuple[int, str]:
         ("dataset=/no/such/file.npz", "nor an existing path"),
         ("num-sites=5000", "5000 sites but only 1437 training examples"),
         ("rounds", "is not key=value"),
+        ("attack=boost", "attack is set but attack-sites is not"),
+        ("aggregation-weight=claimed", "unknown aggregation-weight 'claimed'"),
     ],
 )
 def test_bad_setting_exits_2_with_one_line(tmp_path: Path, override: str, message: str) -> None:
@@ -116,3 +118,16 @@ def test_installed_command_prints_no_traceback_on_bad_input(tmp_path: Path) -> N
 def test_every_command_has_help(command: list[str]) -> None:
     result = runner.invoke(app, command)
     assert result.exit_code == 0 and "Usage" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["num-sites=10", "strategy=bulyan", "byzantine-sites=2"], "needs at least 11 sites training each round, the run has 10"),
+        (["strategy=krum", "dp-level=client"], "plain mean"),
+        (["attack=boost", "attack-sites=[7]", "num-sites=3"], "attack-sites [7] are not sites of this simulation"),
+    ],
+)
+def test_impossible_combination_exits_2_with_one_line(tmp_path: Path, overrides: list[str], message: str) -> None:
+    code, stderr = _simulate(tmp_path, *[arg for override in overrides for arg in ("--set", override)])
+    assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr

@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=0, help="rounds per run (0: the config's own)")
     parser.add_argument("--dp", default="off,on", help="off, on or off,on")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
-    parser.add_argument("--attacks", default=",".join(TABLE_ATTACKS))
+    parser.add_argument("--attacks", default=",".join(("clean", *TABLE_ATTACKS)), help="'clean' is the run without attack (measured with fedavg only)")
     parser.add_argument("--out", type=Path, default=RESULTS / "attacks.json")
     options = parser.parse_args()
     runs_dir = RESULTS / "attack-runs" / time.strftime("%Y%m%d-%H%M%S")
@@ -111,10 +111,10 @@ def main() -> None:
     for dp in options.dp.split(","):
         rounds = options.rounds or load_plan(SIMULATIONS_DIR / DP_SETTINGS[dp], []).run.training.rounds
         for strategy in options.strategies.split(","):
-            for attack in [None, *options.attacks.split(",")]:
-                if attack is None and strategy != "fedavg":
+            for attack in options.attacks.split(","):
+                if attack == "clean" and strategy != "fedavg":
                     continue
-                cell = run_cell(attack, strategy, dp, rounds, runs_dir)
+                cell = run_cell(None if attack == "clean" else attack, strategy, dp, rounds, runs_dir)
                 print(json.dumps(cell), flush=True)
                 cells.append(cell)
     options.out.parent.mkdir(parents=True, exist_ok=True)

@@ -126,7 +126,7 @@ def _poisoned_context(context: Context, attack: str) -> Context:
     site = SiteConfig.from_node_config(context.node_config, run)
     path = site.state_dir / f"poisoned-{attack}.npz"
     if not path.exists():
-        _write_poisoned(path, run, site, attack)
+        write_poisoned_copy(path, run, site, attack)
     node_config = {
         "data-path": str(path),
         "site-name": site.name,
@@ -138,7 +138,7 @@ def _poisoned_context(context: Context, attack: str) -> Context:
     return Context(context.run_id, context.node_id, node_config, context.state, context.run_config)
 
 
-def _write_poisoned(path: Path, run: RunConfig, site: SiteConfig, attack: str) -> None:
+def write_poisoned_copy(path: Path, run: RunConfig, site: SiteConfig, attack: str) -> None:
     assert site.partition_id is not None and site.num_partitions is not None
     data = simulated_site_data(run.data, site.partition_id, site.num_partitions)
     images = (np.concatenate([data.train.images, data.val.images]) + 1) / 2  # back to [0, 1]

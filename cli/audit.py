@@ -14,7 +14,7 @@ from typer.core import TyperGroup
 
 from cli.errors import input_errors
 from common.privacy.ledger import LEDGER_FILE, load_public_key, read_entries, verify_chain
-from common.rundir import write_bytes_atomic, write_json_atomic
+from common.rundir import RunDirectory, write_bytes_atomic, write_json_atomic
 
 console = Console()
 
@@ -67,6 +67,8 @@ def summary(
     write_json_atomic(target / "audit.json", report)
     write_bytes_atomic(target / "audit.html", render_page(report, fairness_plot).encode())
     _print_report(report)
+    if path.is_dir():
+        _print_rejections(RunDirectory(path))
     console.print(f"wrote {target / 'audit.json'} and {target / 'audit.html'}", highlight=False, soft_wrap=True)
 
 
@@ -157,3 +159,10 @@ def _epsilon(site: dict[str, Any], value: float | None) -> str:
     if site["non_private_rounds"]:
         return "no DP"
     return "-" if value is None else f"{value:.3f}"
+def _print_rejections(run_dir: RunDirectory) -> None:
+    """The run view: replies the server's checks rejected, per site, with their reasons."""
+    from server.summary import rejections
+
+    for name, rejected in rejections(run_dir.read_metrics()).items():
+        rounds = ", ".join(map(str, rejected["rounds"]))
+        console.print(f"rejected: {name}: {rejected['count']} reply(ies), round(s) {rounds}: {'; '.join(rejected['reasons'])}", highlight=False, markup=False)

@@ -49,7 +49,7 @@ def simulate(
 ) -> None:
     """Simulate a federation of sites on this machine on Flower's simulation engine."""
     # Imported here: the simulation engine loads torch, which the deployment commands do not need.
-    from simulations.runner import new_run, require_app_dir, resumed_run
+    from simulations.runner import SimulationStopped, new_run, require_app_dir, resumed_run
 
     try:
         with input_errors():
@@ -64,6 +64,9 @@ def simulate(
     except KeyboardInterrupt:
         typer.echo("interrupted: every process this run started has been stopped", err=True)
         raise typer.Exit(code=130) from None
+    except SimulationStopped as stopped:
+        typer.echo(f"{stopped}: every process this run started has been stopped", err=True)
+        raise typer.Exit(code=128 + stopped.signum) from None
     if outcome.summary is None:
         typer.echo(f"error: the run failed; Flower's log is in {outcome.log_file}", err=True)
         raise typer.Exit(code=1)
@@ -109,8 +112,9 @@ def _round_line(record: dict[str, Any], rounds: int) -> str:
     if "client_level" in record:
         privacy = f"client-level epsilon {record['client_level']['epsilon']:.2f}"
         privacy += "" if record["client_level"]["released"] else " (no release this round)"
-    trained = sum("train_loss" in s for s in record["sites"].values())
-    failed = f", {len(record['failures'])} failure(s)" if record["failures"] else ""
+    trained = sum(bool(s.get("trained")) for s in record["sites"].values())
+    failed = f", {len(record['failures'])} failure(s): {', '.join(sorted({f['site'] for f in record['failures']}))}" if record["failures"] else ""
+    failed += f", rejected: {', '.join(sorted({r['site'] for r in record['rejected']}))}" if record.get("rejected") else ""
     failed += f", refused: {', '.join(record['refused'])}" if record.get("refused") else ""
     return (
         f"round {record['round']:>3}/{rounds}  accuracy {record['global']['accuracy']:.4f}  "
@@ -138,6 +142,8 @@ def _print_summary(outcome: SimulationOutcome) -> None:
     console.print(table)
     if summary["refused"]:
         console.print(f"refused to train (out of the run): {', '.join(summary['refused'])}", highlight=False)
+    for name, rejected in summary.get("rejected", {}).items():
+        console.print(f"rejected: {name}, {rejected['count']} reply(ies) in round(s) {', '.join(map(str, rejected['rounds']))}: {'; '.join(rejected['reasons'])}", highlight=False, markup=False)
     max_eps, client_eps = summary["max_epsilon"], summary.get("client_level_epsilon")
     privacy = f"largest site epsilon {'n/a (no DP)' if max_eps is None else f'{max_eps:.3f}'}"
     if client_eps is not None:

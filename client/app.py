@@ -104,6 +104,7 @@ def train(msg: Message, context: Context) -> Message:
             protocol.SITE_NAME: site.name,
             protocol.SITE_PRIVACY_STATE: update.privacy.to_json() if update.privacy else "",
             protocol.SITE_LEDGER_ENTRY: entry.to_json(),
+            protocol.SITE_LEDGER_KEY: ledger.public_key_file.read_text(encoding="ascii"),
         }
     )
     content = RecordDict({protocol.ARRAYS: ArrayRecord(weights), protocol.METRICS: metrics, protocol.SITE: site_record})

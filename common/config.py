@@ -18,7 +18,10 @@ from common.errors import CohortInputError
 
 MODELS = ("cnn", "transformer")
 PARTITIONERS = ("iid", "dirichlet", "shards")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+# Aggregators that assume some sites are hostile; each needs enough replies to outvote them.
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+AGGREGATION_WEIGHTS = ("uniform", "examples")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 # Opacus' "ew" (expanded weights) is left out: it fails on the empty batches that
 # Poisson sampling produces now and then (benchmarks/dp_step_time.py still measures it).
@@ -37,7 +40,7 @@ LR_SCHEDULES = ("constant", "cosine")
 # computes: they may differ between a run and its resumption without making the
 # checkpoint foreign.
 _PLACEMENT_KEYS = frozenset({"run_name", "run_dir", "resume_from", "device", "federation_home", "fairness_margin"})
-_SECTIONS = ("data", "training", "dp")
+_SECTIONS = ("data", "training", "dp", "checks")
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,8 @@ class TrainingConfig:
     server_learning_rate: float = 0.1
     server_momentum: float = 0.9
     trimmed_beta: float = 0.2
-    krum_byzantine: int = 0
+    byzantine_sites: int = 0
+    krum_selected: int = 0
 
     def validate(self) -> None:
         _require_choice("model", self.model, MODELS)
@@ -202,6 +206,54 @@ class TrainingConfig:
             raise CohortInputError(f"learning-rate is {self.learning_rate}; use 0 for the default of the DP mode, or a positive rate")
         if not 0 < self.fraction_train <= 1:
             raise CohortInputError(f"fraction-train is {self.fraction_train}; it must be in (0, 1]")
+        if not 0 <= self.trimmed_beta < 0.5:
+            raise CohortInputError(f"trimmed-beta is {self.trimmed_beta}; FedTrimmedAvg cuts that share off each end, so it must be in [0, 0.5)")
+        if self.byzantine_sites < 0 or self.krum_selected < 0:
+            raise CohortInputError("byzantine-sites and krum-selected must be >= 0")
+
+    def sites_needed(self) -> int:
+        """The fewest training replies the strategy can aggregate with byzantine_sites hostile
+        (Blanchard et al. for Krum, El Mhamdi et al. for Bulyan; Flower's Bulyan refuses fewer)."""
+        hostile = self.byzantine_sites
+        if self.strategy == "bulyan":
+            return 4 * hostile + 3
+        if self.strategy in ("krum", "multikrum"):
+            return 2 * hostile + 3
+        return 1
+
+
+@dataclass(frozen=True)
+class ChecksConfig:
+    """How the server receives replies: what it accepts and how much each one weighs.
+
+    aggregation_weight: 'uniform' (every accepted update counts the same) or 'examples'
+        (the example count the site reports, capped at example_cap).
+    example_cap: the largest example count one site is credited with; 0 caps it at the
+        round's median reported count, so no single site can outweigh the others.
+    update_norm_bound: the largest L2 norm of (update - global model) accepted; 0 picks
+        the default of the run's DP level (see server.dp_policy).
+    update_norm_factor: that default under sample-level DP or no DP: this multiple of the
+        round's median update norm.
+    reply_timeout: seconds the server waits for the replies of one exchange; 0 sizes it
+        from the run: 600 s for the first exchange, then 4x the slowest so far (>= 60 s).
+    """
+
+    aggregation_weight: str = "uniform"
+    example_cap: int = 0
+    update_norm_bound: float = 0.0
+    update_norm_factor: float = 4.0
+    reply_timeout: float = 0.0
+
+    def validate(self) -> None:
+        _require_choice("aggregation-weight", self.aggregation_weight, AGGREGATION_WEIGHTS)
+        if self.example_cap < 0:
+            raise CohortInputError(f"example-cap is {self.example_cap}; use 0 for the round's median, or a positive count")
+        if self.update_norm_bound < 0:
+            raise CohortInputError(f"update-norm-bound is {self.update_norm_bound}; use 0 for the DP level's default, or a positive norm")
+        if self.update_norm_factor <= 1:
+            raise CohortInputError(f"update-norm-factor is {self.update_norm_factor}; it must be > 1 or honest sites above the median are rejected")
+        if self.reply_timeout < 0:
+            raise CohortInputError(f"reply-timeout is {self.reply_timeout}; use 0 to size it from the run, or a positive number of seconds")
 
 
 @dataclass(frozen=True)
@@ -228,6 +280,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
     site_epsilon: float = 8.0
     site_delta: float = 1e-5
     site_allow_non_private: bool = False
@@ -239,6 +292,7 @@ class RunConfig:
         self.training.validate()
         self.dp.validate()
         object.__setattr__(self, "training", _with_local_training_defaults(self.training, self.dp.sample_level))
+        self.checks.validate()
         if (self.training.model, self.dp.grad_sample_mode) == ("transformer", "ghost"):
             raise CohortInputError("Opacus' ghost clipping fails on the transformer; use hooks or functorch")
         if self.dp.client_level and self.training.strategy not in CLIENT_LEVEL_STRATEGIES:
@@ -246,9 +300,25 @@ class RunConfig:
                 f"client-level DP needs a plain mean of the updates; strategy '{self.training.strategy}' "
                 f"is not one; use {' or '.join(CLIENT_LEVEL_STRATEGIES)}"
             )
+        if self.dp.client_level and self.checks.aggregation_weight != "uniform":
+            raise CohortInputError("client-level DP scales its noise for equal shares; set aggregation-weight = \"uniform\"")
         validate_budget(self.site_epsilon, self.site_delta, source="site-epsilon/site-delta")
         if not 0 <= self.fairness_margin <= 1:
             raise CohortInputError(f"fairness-margin is {self.fairness_margin}; it is an accuracy gap, between 0 and 1")
+
+    def refuse_federation_size(self, sites: int) -> None:
+        """Refuse a federation too small for the strategy, before any round starts."""
+        needed = self.training.sites_needed()
+        if sites < needed:
+            raise CohortInputError(
+                f"strategy {self.training.strategy} with byzantine-sites={self.training.byzantine_sites} needs "
+                f"at least {needed} sites training each round, the run has {sites}; lower byzantine-sites or add sites"
+            )
+        if self.training.strategy == "multikrum" and self.training.krum_selected > sites - self.training.byzantine_sites:
+            raise CohortInputError(
+                f"krum-selected is {self.training.krum_selected}; MultiKrum can select at most the "
+                f"{sites - self.training.byzantine_sites} sites that are not byzantine"
+            )
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
@@ -262,7 +332,7 @@ class RunConfig:
                 f"unknown setting(s): {names}; see [tool.flwr.app.config] in pyproject.toml "
                 "for the settings Cohort understands"
             )
-        sections: dict[str, dict[str, Any]] = {"data": {}, "training": {}, "dp": {}, "": {}}
+        sections: dict[str, dict[str, Any]] = {"data": {}, "training": {}, "dp": {}, "checks": {}, "": {}}
         for name, value in values.items():
             section, attribute, kind = known[name]
             sections[section][attribute] = _coerce(name, value, kind)
@@ -270,6 +340,7 @@ class RunConfig:
             data=DataConfig(**sections["data"]),
             training=TrainingConfig(**sections["training"]),
             dp=DPConfig(**sections["dp"]),
+            checks=ChecksConfig(**sections["checks"]),
             **sections[""],
         )
 

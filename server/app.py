@@ -17,10 +17,12 @@ from common.data.federation import federated_split
 from common.evaluation import Evaluation, evaluate
 from common.models.registry import build_model
 from common.rundir import RunDirectory, write_json_atomic, write_torch_atomic
-from server.federation import FederationState, initial_state, run_rounds
-from server.plots import plot_run
+from common.errors import CohortInputError
 from server.central_dp import CentralPrivacy, wrap_with_central_dp
-from server.strategies import build_strategy, sample_size
+from server.dp_policy import ClientLevel, DPPolicy, SiteProtected
+from server.federation import Federation, FederationState, initial_state
+from server.plots import plot_run
+from server.strategies import build_strategy, restore_optimizer_state, sample_size
 from server.summary import summarize
 
 app = ServerApp()
@@ -40,15 +42,23 @@ def main(grid: Grid, context: Context) -> None:
         return evaluate(model, split.test, torch.device("cpu"))
 
     num_sites = len(list(grid.get_node_ids()))
+    state = initial_state(run, run_dir, model)
+    log(INFO, "Cohort run directory: %s", run_dir.path)
+    try:
+        run.refuse_federation_size(sample_size(run.training, num_sites))
+    except CohortInputError as too_small:
+        state.stop_reason = f"stopped before round {state.next_round}: {too_small}"
+        _finish(run_dir, state, time.monotonic() - started)
+        return
     strategy = build_strategy(run, num_sites)
-    central = None
+    restore_optimizer_state(strategy, state.optimizer)
+    policy: DPPolicy = SiteProtected(run, strategy)
     if run.dp.client_level:
         central = CentralPrivacy.for_run(run, run_dir.path, sample_size(run.training, num_sites), context.run_id)
         strategy = wrap_with_central_dp(strategy, run.dp, central.noise, central.sample_size, resume_clip_norm=central.last_clip_norm())
-    state = initial_state(run, run_dir, model)
-    log(INFO, "Cohort run directory: %s", run_dir.path)
-    state = run_rounds(grid, run, run_dir, strategy, state, evaluate_centrally, central)
-    _finish(run_dir, state, time.monotonic() - started)
+        policy = ClientLevel(run, strategy, central)
+    federation = Federation(grid, run, run_dir, strategy, policy, evaluate_centrally, context.run_id)
+    _finish(run_dir, federation.run_rounds(state), time.monotonic() - started)
 
 
 def _run_directory(run: RunConfig) -> RunDirectory:

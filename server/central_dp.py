@@ -24,7 +24,6 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from common import protocol
 from common.config import DPConfig, RunConfig
 from common.privacy.accounting import PrivacyState
 from common.privacy.client_level import NO_AMPLIFICATION, ClientLevelNoise, client_level_noise
@@ -136,16 +135,11 @@ class CentralPrivacy:
             return None
         return f"client-level budget reached: one more round would spend epsilon {after:.3f} of client-epsilon {self.run.dp.client_epsilon:g}"
 
-    def incomplete(self, replies: list[Message]) -> str | None:
-        """Why these replies may not be released, or None when all m sent equal shares."""
-        failed = [r.metadata.src_node_id for r in replies if r.has_error()]
-        if failed:
-            return f"node(s) {failed} sent no update"
-        if len(replies) != self.sample_size:
-            return f"{len(replies)} update(s) arrived, the noise is scaled for {self.sample_size}"
-        weights = {float(r.content[protocol.METRICS][protocol.UNIT_WEIGHT]) for r in replies}
-        if weights != {1.0}:
-            return f"updates carry weights {sorted(weights)}, client-level DP needs equal shares (1.0)"
+    def incomplete(self, accepted: int) -> str | None:
+        """Why a round with `accepted` checked updates may not be released, or None when
+        all m sampled sites sent one (the server weighs them equally, RunConfig insists)."""
+        if accepted != self.sample_size:
+            return f"{accepted} update(s) passed the checks, the noise is scaled for {self.sample_size}"
         return None
 
     def record(self, server_round: int, arrays: ArrayRecord, clip_norm: float) -> float:

@@ -1,5 +1,6 @@
-"""Per-round checkpoints: enough to resume a run at the next round with every site's
-privacy spending intact."""
+"""Per-round checkpoints: enough to resume a run at the next round as if it had not
+stopped. Privacy spending is not in them: each site's ledger (and, at client level, the
+server's) is the record of what was spent, and is never rolled back."""
 
 from __future__ import annotations
 
@@ -23,15 +24,17 @@ class Checkpoint:
 
     weights: the global model's state_dict.
     fingerprint: RunConfig.fingerprint() of the run that wrote it.
-    privacy_states: each site's PrivacyState as JSON, keyed by site name.
     metrics: the round's metrics.jsonl line.
+    optimizer: the server optimizer's state (server.strategies.optimizer_state).
+    sites: the site registry (names, ledger keys, newest accepted entries) as JSON.
     """
 
     round: int
     weights: dict[str, torch.Tensor]
     fingerprint: str
-    privacy_states: dict[str, str]
     metrics: str
+    optimizer: dict[str, torch.Tensor]
+    sites: str
 
     def save(self, directory: Path) -> Path:
         path = directory / f"round-{self.round:04d}.pt"
@@ -39,8 +42,9 @@ class Checkpoint:
             "round": self.round,
             "weights": self.weights,
             "fingerprint": self.fingerprint,
-            "privacy_states": self.privacy_states,
             "metrics": self.metrics,
+            "optimizer": self.optimizer,
+            "sites": self.sites,
         }
         write_torch_atomic(path, payload)
         return path
@@ -54,8 +58,9 @@ class Checkpoint:
                 round=int(raw["round"]),
                 weights=dict(raw["weights"]),
                 fingerprint=str(raw["fingerprint"]),
-                privacy_states={str(k): str(v) for k, v in raw["privacy_states"].items()},
                 metrics=str(raw["metrics"]),
+                optimizer={str(k): v for k, v in raw["optimizer"].items()},
+                sites=str(raw["sites"]),
             )
         except (OSError, RuntimeError, EOFError, KeyError, TypeError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
             raise CohortInputError(f"checkpoint {path} is corrupt ({type(error).__name__}); delete it to resume from the one before") from None

@@ -1,6 +1,11 @@
-"""The federated round loop: Flower's strategy decides sampling and aggregation, this
-loop adds what Flower lacks: per-site records, the privacy ledger, per-round checkpoints
-and resumption.
+"""The federated round loop, one shape for every DP level:
+train, check, aggregate, evaluate, persist.
+
+Flower's strategy decides sampling and aggregation; this loop adds what Flower lacks: a
+timeout on every exchange, a check of every reply before it counts (server.reply_checks),
+weights the server chose, per-site records taken from the sites' signed ledger entries,
+per-round checkpoints and resumption. What differs between DP levels is asked of the
+run's DPPolicy (server.dp_policy).
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
@@ -21,10 +26,21 @@ from common import protocol
 from common.config import RunConfig
 from common.evaluation import Evaluation
 from common.rundir import RunDirectory, append_lines, keep_rounds_up_to
-from server.central_dp import CentralPrivacy, clipping_norm_of
+from server.aggregation_weight import rewrite_for_aggregation
 from server.checkpoint import Checkpoint, latest_checkpoint
+from server.dp_policy import DPPolicy
+from server.reply_checks import ReplyChecker, Rejection, SiteEvaluation, Update, one_line
+from server.site_registry import SiteRegistry
+from server.strategies import optimizer_state
 
 CentralEvaluator = Callable[[ArrayRecord], Evaluation]
+
+# Without a configured reply-timeout: the first exchange of a stage may take this long
+# (sites load data and build models; Ray starts its workers), later ones a multiple of the
+# slowest complete one so far, never less than the floor.
+FIRST_EXCHANGE_TIMEOUT_S = 600.0
+TIMEOUT_FACTOR = 4.0
+TIMEOUT_FLOOR_S = 60.0
 
 
 @dataclass
@@ -33,7 +49,8 @@ class FederationState:
 
     next_round: int
     arrays: ArrayRecord
-    privacy_states: dict[str, str] = field(default_factory=dict)
+    registry: SiteRegistry = field(default_factory=SiteRegistry)
+    optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
     refused_nodes: dict[int, str] = field(default_factory=dict)
     stop_reason: str = ""
 
@@ -47,94 +64,188 @@ def initial_state(run: RunConfig, run_dir: RunDirectory, model: torch.nn.Module)
     # releases happened, and the sites' budgets paid for them.
     keep_rounds_up_to(run_dir.metrics_file, checkpoint.round)
     log(INFO, "Resuming from checkpoint of round %d", checkpoint.round)
-    return FederationState(checkpoint.round + 1, ArrayRecord(checkpoint.weights), dict(checkpoint.privacy_states))
+    registry = SiteRegistry.from_json(json.loads(checkpoint.sites))
+    return FederationState(checkpoint.round + 1, ArrayRecord(checkpoint.weights), registry, checkpoint.optimizer)
 
 
-def run_rounds(
-    grid: Grid,
-    run: RunConfig,
-    run_dir: RunDirectory,
-    strategy: Strategy,
-    state: FederationState,
-    evaluate_centrally: CentralEvaluator,
-    central: CentralPrivacy | None = None,
-) -> FederationState:
-    """central: the run's client-level DP, or None when sites protect their own data."""
-    for server_round in range(state.next_round, run.training.rounds + 1):
+@dataclass
+class ReplyTimeout:
+    """The timeout of each exchange: the run config's, or sized from the exchanges so far."""
+
+    configured: float
+    slowest: dict[str, float] = field(default_factory=dict)
+
+    def seconds(self, stage: str) -> float:
+        if self.configured > 0:
+            return self.configured
+        if stage not in self.slowest:
+            return FIRST_EXCHANGE_TIMEOUT_S
+        return max(TIMEOUT_FLOOR_S, TIMEOUT_FACTOR * self.slowest[stage])
+
+    def observe(self, stage: str, seconds: float) -> None:
+        self.slowest[stage] = max(seconds, self.slowest.get(stage, 0.0))
+
+
+@dataclass
+class RoundRecord:
+    """What one round says of each site, as metrics.jsonl records it."""
+
+    server_round: int
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rejected: list[Rejection] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    refusals: dict[int, str] = field(default_factory=dict)
+    ledger: list[str] = field(default_factory=list)
+
+    def reject(self, rejection: Rejection) -> None:
+        log(WARNING, "Round %d: rejected %s reply of %s: %s", self.server_round, rejection.stage, rejection.site, rejection.reason)
+        self.rejected.append(rejection)
+        if rejection.entry is not None:
+            self.ledger.append(rejection.entry.to_json())
+
+
+@dataclass
+class Federation:
+    """One run's fixed parts: where replies come from and what decides about them."""
+
+    grid: Grid
+    run: RunConfig
+    run_dir: RunDirectory
+    strategy: Strategy
+    policy: DPPolicy
+    evaluate_centrally: CentralEvaluator
+    run_id: int
+
+    def run_rounds(self, state: FederationState) -> FederationState:
+        checker = ReplyChecker(self.run, self.run_id, state.registry)
+        timeout = ReplyTimeout(self.run.checks.reply_timeout)
+        for server_round in range(state.next_round, self.run.training.rounds + 1):
+            started = time.monotonic()
+            stop = self.policy.stop_before(server_round) or self._too_few_sites(state)
+            if stop:
+                state.stop_reason = f"stopped before round {server_round}: {stop}"
+                log(WARNING, state.stop_reason)
+                break
+            record = RoundRecord(server_round)
+            updates = self._train(server_round, state, checker, timeout, record)
+            release = self.policy.release(server_round, updates) if len(updates) >= self._min_sites() else None
+            if release is not None and release.arrays is not None:
+                state.arrays = release.arrays
+            self._evaluate(server_round, state, checker, timeout, record)
+            evaluation = self.evaluate_centrally(state.arrays)
+            state.refused_nodes.update(record.refusals)
+            self._persist(state, record, evaluation, release.record if release else None, time.monotonic() - started)
+            state.next_round = server_round + 1
+            stop = self.policy.stop_after(server_round, list(record.refusals.values())) if release else self._too_few_updates(server_round, updates, record)
+            if stop:
+                state.stop_reason = stop
+                log(WARNING, stop)
+                break
+        return state
+
+    def _train(self, server_round: int, state: FederationState, checker: ReplyChecker, timeout: ReplyTimeout, record: RoundRecord) -> list[Update]:
+        messages = [m for m in self.strategy.configure_train(server_round, state.arrays, _train_config(self.run), self.grid) if m.metadata.dst_node_id not in state.refused_nodes]
+        replies = self._exchange(messages, "train", timeout, record, state.registry)
+        live = set(self.grid.get_node_ids())
+        updates: list[Update] = []
+        for reply in replies:
+            if reply.has_error():
+                self._error_reply(reply, "train", record, state.registry)
+                continue
+            checked = checker.check_train(server_round, reply, state.arrays, live)
+            if isinstance(checked, Rejection):
+                record.reject(checked)
+            else:
+                updates.append(checked)
+        limit = self.policy.norm_limit([u.norm for u in updates])
+        for update in [u for u in updates if u.norm > limit]:
+            record.reject(Rejection(update.node, update.site, "train", f"sent an update of norm {update.norm:.4g}, above the bound {limit:.4g}", update.entry))
+        updates = [u for u in updates if u.norm <= limit]
+        for update in updates:
+            record.sites[update.site] = update.site_record()
+            record.ledger.append(update.entry.to_json())
+        rewrite_for_aggregation(updates, self.run.checks)
+        return updates
+
+    def _evaluate(self, server_round: int, state: FederationState, checker: ReplyChecker, timeout: ReplyTimeout, record: RoundRecord) -> None:
+        messages = [m for m in self.strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), self.grid) if m.metadata.dst_node_id not in {*state.refused_nodes, *record.refusals}]
+        live = set(self.grid.get_node_ids())
+        for reply in self._exchange(messages, "evaluate", timeout, record, state.registry):
+            if reply.has_error():
+                self._error_reply(reply, "evaluate", record, state.registry)
+                continue
+            checked = checker.check_evaluate(reply, live)
+            if isinstance(checked, SiteEvaluation):
+                record.sites.setdefault(checked.site, {}).update(checked.metrics)
+            else:
+                record.reject(checked)
+
+    def _exchange(self, messages: list[Message], stage: str, timeout: ReplyTimeout, record: RoundRecord, registry: SiteRegistry) -> list[Message]:
+        """Send and wait at most the stage's timeout; a site that did not answer failed this round."""
+        if not messages:
+            return []
+        seconds = timeout.seconds(stage)
         started = time.monotonic()
-        if central is not None and (over := central.over_budget()):
-            state.stop_reason = f"stopped before round {server_round}: {over}"
-            log(WARNING, state.stop_reason)
-            break
-        remaining = [node for node in grid.get_node_ids() if node not in state.refused_nodes]
-        if len(remaining) < run.training.min_sites:
-            state.stop_reason = (
-                f"stopped before round {server_round}: {len(remaining)} site(s) can still train, fewer than "
-                f"min-sites={run.training.min_sites}; refused: {', '.join(sorted(state.refused_nodes.values()))}"
-            )
-            log(WARNING, state.stop_reason)
-            break
-        train_messages = [m for m in strategy.configure_train(server_round, state.arrays, _train_config(run), grid) if m.metadata.dst_node_id not in state.refused_nodes]
-        train_replies = list(grid.send_and_receive(train_messages))
-        if central is None:
-            aggregated, _ = strategy.aggregate_train(server_round, train_replies)
+        replies = list(self.grid.send_and_receive(messages, timeout=seconds))
+        answered = {r.metadata.src_node_id for r in replies}
+        silent = sorted({m.metadata.dst_node_id for m in messages} - answered)
+        if silent:
+            for node in silent:
+                record.failures.append({"node": node, "site": registry.name_of(node) or f"node {node}", "stage": stage, "reason": f"no reply within {seconds:.0f}s"})
+            log(WARNING, "Round %d: no %s reply within %.0fs from node(s) %s", record.server_round, stage, seconds, silent)
         else:
-            aggregated, client_level = _central_release(central, strategy, server_round, train_replies)
-        if aggregated is not None:
-            state.arrays = aggregated
-        eval_messages = [m for m in strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), grid) if m.metadata.dst_node_id not in state.refused_nodes]
-        eval_replies = list(grid.send_and_receive(eval_messages))
-        strategy.aggregate_evaluate(server_round, eval_replies)
-        evaluation = evaluate_centrally(state.arrays)
+            timeout.observe(stage, time.monotonic() - started)
+        return replies
 
-        results = _collect_site_results(server_round, train_replies, eval_replies)
-        state.privacy_states.update(results.privacy_states)
-        state.refused_nodes.update(results.refusals)
-        record = {
-            "round": server_round,
+    def _error_reply(self, reply: Message, stage: str, record: RoundRecord, registry: SiteRegistry) -> None:
+        node = reply.metadata.src_node_id
+        reason = one_line(reply.error.reason)
+        if stage == "train" and reply.error.code == protocol.SITE_REFUSED:
+            record.refusals[node] = registry.name_of(node) or _site_named_in(reason, node)
+            log(WARNING, "Round %d: %s; it is out of this run", record.server_round, reason)
+            return
+        record.failures.append({"node": node, "site": registry.name_of(node) or f"node {node}", "stage": stage, "reason": reason})
+        log(WARNING, "Round %d: node %d failed to %s: %s", record.server_round, node, stage, reason)
+
+    def _persist(self, state: FederationState, record: RoundRecord, evaluation: Evaluation, release: dict[str, Any] | None, seconds: float) -> None:
+        line: dict[str, Any] = {
+            "round": record.server_round,
             "global": {"loss": evaluation.loss, "accuracy": evaluation.accuracy},
-            "sites": results.sites,
-            "refused": sorted(state.refused_nodes.values()),
-            "failures": results.failures,
-            "seconds": round(time.monotonic() - started, 3),
+            "sites": dict(sorted(record.sites.items())),
+            "refused": sorted(set(state.refused_nodes.values())),
+            "failures": record.failures,
+            "rejected": [r.to_json() for r in record.rejected],
+            "seconds": round(seconds, 3),
         }
-        if central is not None:
-            record["client_level"] = client_level
-        line = json.dumps(record, sort_keys=True)
-        append_lines(run_dir.ledger_file, results.ledger)
-        append_lines(run_dir.metrics_file, [line])
-        checkpoint = Checkpoint(server_round, state.arrays.to_torch_state_dict(), run.fingerprint(), dict(state.privacy_states), line)
-        checkpoint.save(run_dir.checkpoint_dir)
-        log(INFO, "Round %d: global accuracy %.4f, loss %.4f", server_round, evaluation.accuracy, evaluation.loss)
-        state.next_round = server_round + 1
-        if central is not None and results.refusals:
-            state.stop_reason = (
-                f"stopped after round {server_round}: client-level DP scales its noise for {central.sample_size} "
-                f"sites per round, and {', '.join(sorted(results.refusals.values()))} refused to train"
-            )
-            log(WARNING, state.stop_reason)
-            break
-    return state
+        if self.run.dp.client_level:
+            line["client_level"] = release or {"released": False, "reason": "too few updates passed the checks"}
+        text = json.dumps(line, sort_keys=True)
+        append_lines(self.run_dir.ledger_file, record.ledger)
+        append_lines(self.run_dir.metrics_file, [text])
+        checkpoint = Checkpoint(
+            record.server_round, state.arrays.to_torch_state_dict(), self.run.fingerprint(), text, optimizer_state(self.strategy), json.dumps(state.registry.to_json())
+        )
+        checkpoint.save(self.run_dir.checkpoint_dir)
+        log(INFO, "Round %d: global accuracy %.4f, loss %.4f", record.server_round, evaluation.accuracy, evaluation.loss)
 
+    def _min_sites(self) -> int:
+        return max(1, min(self.run.training.min_sites, len(list(self.grid.get_node_ids()))))
 
-def _central_release(central: CentralPrivacy, strategy: Strategy, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, dict[str, Any]]:
-    """Release the noised mean only when the noise fits the replies, and ledger it."""
-    problem = central.incomplete(replies)
-    if problem is not None:
-        log(WARNING, "Round %d: no client-level release: %s", server_round, problem)
-        epsilon = central.epsilon_after()
-        return None, {"released": False, "reason": problem, "epsilon": epsilon, "budget": central.run.dp.client_epsilon}
-    clip_norm = clipping_norm_of(strategy)
-    aggregated, _ = strategy.aggregate_train(server_round, replies)
-    epsilon = central.record(server_round, aggregated, clip_norm)
-    return aggregated, {
-        "released": True,
-        "epsilon": epsilon,
-        "delta": central.run.dp.client_delta,
-        "budget": central.run.dp.client_epsilon,
-        "noise_multiplier": central.noise.accounted,
-        "clip_norm": clip_norm,
-    }
+    def _too_few_sites(self, state: FederationState) -> str | None:
+        remaining = [node for node in self.grid.get_node_ids() if node not in state.refused_nodes]
+        if len(remaining) >= self.run.training.min_sites:
+            return None
+        return (
+            f"{len(remaining)} site(s) can still train, fewer than min-sites={self.run.training.min_sites}; "
+            f"refused: {', '.join(sorted(state.refused_nodes.values()))}"
+        )
+
+    def _too_few_updates(self, server_round: int, updates: list[Update], record: RoundRecord) -> str:
+        lost = [f"{r.site} ({r.reason})" for r in record.rejected] + [f"{f['site']} ({f['reason']})" for f in record.failures]
+        return (
+            f"stopped after round {server_round}: {len(updates)} update(s) passed the checks, fewer than "
+            f"min-sites={self._min_sites()}; the global model was kept; lost: {'; '.join(lost) or 'none'}"
+        )
 
 
 def _train_config(run: RunConfig) -> ConfigRecord:
@@ -142,61 +253,6 @@ def _train_config(run: RunConfig) -> ConfigRecord:
     if run.training.strategy == "fedprox":
         config[protocol.CONFIG_PROXIMAL_MU] = run.training.proximal_mu
     return config
-
-
-@dataclass
-class RoundResults:
-    """What the sites' replies to one round say, per site."""
-
-    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
-    ledger: list[str] = field(default_factory=list)
-    failures: list[dict[str, Any]] = field(default_factory=list)
-    privacy_states: dict[str, str] = field(default_factory=dict)
-    refusals: dict[int, str] = field(default_factory=dict)
-
-
-def _collect_site_results(server_round: int, train_replies: Iterable[Message], eval_replies: Iterable[Message]) -> RoundResults:
-    results = RoundResults()
-    sites = results.sites
-    for reply in train_replies:
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            if reply.error.code == protocol.SITE_REFUSED:
-                results.refusals[node] = _site_named_in(reply.error.reason, node)
-                log(WARNING, "Round %d: %s; it is out of this run", server_round, reply.error.reason)
-            else:
-                results.failures.append({"node": node, "stage": "train", "reason": reply.error.reason})
-                log(WARNING, "Round %d: node %d did not train: %s", server_round, node, reply.error.reason)
-            continue
-        site_record = reply.content[protocol.SITE]
-        name = str(site_record[protocol.SITE_NAME])
-        metrics = reply.content[protocol.METRICS]
-        entry = sites.setdefault(name, {})
-        entry.update(
-            num_examples=int(metrics["num-examples"]),
-            train_loss=float(metrics["train-loss"]),
-            train_accuracy=float(metrics["train-accuracy"]),
-            epsilon=None,
-        )
-        results.ledger.append(str(site_record[protocol.SITE_LEDGER_ENTRY]))
-        privacy_json = str(site_record[protocol.SITE_PRIVACY_STATE])
-        if privacy_json:
-            entry.update(
-                epsilon=float(metrics["epsilon"]),
-                delta=float(metrics["delta"]),
-                budget=float(metrics["budget-epsilon"]),
-                noise_multiplier=float(metrics["noise-multiplier"]),
-            )
-            results.privacy_states[name] = privacy_json
-    for reply in eval_replies:
-        if reply.has_error():
-            results.failures.append({"node": reply.metadata.src_node_id, "stage": "evaluate", "reason": reply.error.reason})
-            continue
-        name = str(reply.content[protocol.SITE][protocol.SITE_NAME])
-        metrics = reply.content[protocol.METRICS]
-        sites.setdefault(name, {}).update(val_loss=float(metrics["val-loss"]), val_accuracy=float(metrics["val-accuracy"]))
-    results.sites = dict(sorted(sites.items()))
-    return results
 
 
 def _site_named_in(reason: str, node: int) -> str:

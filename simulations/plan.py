@@ -13,6 +13,7 @@ from typing import Any
 
 from common.config import RunConfig
 from common.errors import CohortInputError
+from simulations.attack_spec import AttackSpec
 
 SIMULATIONS_DIR = Path(__file__).resolve().parent
 DEFAULT_SIMULATION = SIMULATIONS_DIR / "default.toml"
@@ -25,18 +26,21 @@ class SimulationPlan:
     num_sites: simulated sites (Flower SuperNodes), one data partition each.
     cpus_per_site, gpus_per_site: Ray resources for each site's ClientApp; with 2 cores
         and 1 CPU a site, two sites train at a time.
+    attack: hostile sites (simulations/attacks.py), or None for an honest federation.
     """
 
     run: RunConfig
     num_sites: int = 5
     cpus_per_site: int = 1
     gpus_per_site: float = 0.0
+    attack: AttackSpec | None = None
 
     def __post_init__(self) -> None:
         if self.num_sites < 1:
             raise CohortInputError(f"num-sites is {self.num_sites}; a federation needs at least 1 site")
         if self.cpus_per_site <= 0 or self.gpus_per_site < 0:
             raise CohortInputError("cpus-per-site must be > 0 and gpus-per-site >= 0")
+        self.run.refuse_federation_size(min(self.num_sites, max(int(self.num_sites * self.run.training.fraction_train), self.run.training.min_sites)))
 
     def federation_config(self) -> str:
         return (
@@ -45,7 +49,10 @@ class SimulationPlan:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {"num-sites": self.num_sites, "cpus-per-site": self.cpus_per_site, "gpus-per-site": self.gpus_per_site}
+        plan: dict[str, Any] = {"num-sites": self.num_sites, "cpus-per-site": self.cpus_per_site, "gpus-per-site": self.gpus_per_site}
+        if self.attack is not None:
+            plan["attack"] = self.attack.to_json()
+        return plan
 
 
 def load_plan(config_file: Path, overrides: list[str]) -> SimulationPlan:
@@ -63,6 +70,15 @@ def plan_from_values(values: dict[str, Any]) -> SimulationPlan:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise CohortInputError(f"{key} is {value!r}; it must be a number")
             plan_values[key.replace("-", "_")] = kind(value)
+    attack = values.pop("attack", None)
+    attack_sites = values.pop("attack-sites", None)
+    attack_scale = values.pop("attack-scale", 10.0)
+    if attack is not None:
+        if attack_sites is None:
+            raise CohortInputError("attack is set but attack-sites is not; give site numbers ([0, 3]) or a fraction (0.2)")
+        plan_values["attack"] = AttackSpec.from_settings(attack, attack_sites, attack_scale, int(plan_values.get("num_sites", 5)))
+    elif attack_sites is not None:
+        raise CohortInputError("attack-sites is set but attack is not; name the attack (e.g. attack = \"boost\")")
     return SimulationPlan(run=RunConfig.from_flower(values), **plan_values)
 
 
@@ -75,7 +91,8 @@ def saved_plan(run_dir: Path, run: RunConfig) -> SimulationPlan:
         raise CohortInputError(f"{run_dir} was not started by `cohort simulate` ({PLAN_FILE} is missing)") from None
     except json.JSONDecodeError as error:
         raise CohortInputError(f"{file} is corrupt ({error}); start a new run") from None
-    return SimulationPlan(run=run, **{k.replace("-", "_"): v for k, v in values.items()})
+    attack = values.pop("attack", None)
+    return SimulationPlan(run=run, attack=AttackSpec.from_json(attack) if attack else None, **{k.replace("-", "_"): v for k, v in values.items()})
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

@@ -2,18 +2,28 @@
 
 The run itself is stock Flower: `flwr run <app> <connection>` against a SuperLink started
 with --simulation. This module only checks the input first, starts and stops that
-SuperLink, and follows the run directory while the run goes on.
+SuperLink, and follows the run directory while the run goes on. However the command ends
+(the run finishing or failing, an error here, Ctrl-C, SIGTERM or SIGHUP), the SuperLink and
+every process under it are stopped before it returns.
+
+A plan with an attack submits a copy of the app whose ClientApp is simulations.attacks:app
+(the honest ClientApp, bent at the hostile sites); the source tree is never changed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import signal
 import subprocess
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from types import FrameType
+from typing import Any, Callable, Iterator
 
 import tomli_w
 
@@ -28,8 +38,21 @@ from simulations.local_superlink import LocalSuperLink
 from simulations.plan import PLAN_FILE, SimulationPlan
 
 APP_DIR = Path(__file__).resolve().parents[1]
+APP_PACKAGES = ("common", "server", "client", "simulations")
+HOSTILE_CLIENTAPP = "simulations.attacks:app"
 CONNECTION = "cohort-local"
 POLL_INTERVAL_S = 0.5
+# Signals that end `cohort simulate` from outside (timeout, systemd, docker stop, a closed
+# terminal); SIGINT (Ctrl-C) already arrives as KeyboardInterrupt.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class SimulationStopped(Exception):
+    """The command was told to stop by a signal; every process it started is gone."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
@@ -75,8 +98,9 @@ def run_simulation(plan: SimulationPlan, on_round: RoundCallback, on_start: Call
     write_json_atomic(run_dir.path / PLAN_FILE, plan.to_json())
     log_file = run_dir.path / "flower.log"
     on_start(run_dir)
-    with tempfile.TemporaryDirectory(prefix="cohort-flwr-home-") as home:
+    with _stopped_by_signals(), tempfile.TemporaryDirectory(prefix="cohort-flwr-home-") as home:
         flwr_home = Path(home)
+        app_dir = APP_DIR if plan.attack is None else _hostile_app_copy(flwr_home / "app")
         with LocalSuperLink(flwr_home, run_dir.path / "superlink.log") as superlink:
             _write_connection(flwr_home, superlink.address)
             overrides = flwr_home / "run-config.toml"
@@ -84,7 +108,7 @@ def run_simulation(plan: SimulationPlan, on_round: RoundCallback, on_start: Call
             command = [
                 flower_executable("flwr"),
                 "run",
-                str(APP_DIR),
+                str(app_dir),
                 CONNECTION,
                 "--run-config",
                 str(overrides),
@@ -102,6 +126,38 @@ def run_simulation(plan: SimulationPlan, on_round: RoundCallback, on_start: Call
                         process.wait()
     summary = json.loads(run_dir.summary_file.read_text()) if run_dir.summary_file.exists() else None
     return SimulationOutcome(run_dir=run_dir, succeeded=summary is not None and not summary["stop_reason"], summary=summary, log_file=log_file)
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into SimulationStopped while the run goes on, so the
+    `with` blocks unwind and stop what they started (the default action would kill this
+    process at once and leave the SuperLink, Ray and the sites running)."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise SimulationStopped(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _hostile_app_copy(target: Path) -> Path:
+    """The app's packages and pyproject, with the hostile ClientApp (which reads its
+    attacks from the plan in the run directory)."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for package in APP_PACKAGES:
+        shutil.copytree(APP_DIR / package, target / package, ignore=ignore)
+    pyproject = (APP_DIR / "pyproject.toml").read_text(encoding="utf-8")
+    honest_line = 'clientapp = "client.app:app"'
+    if honest_line not in pyproject:
+        raise RuntimeError(f"pyproject.toml no longer names the ClientApp as {honest_line}")
+    (target / "pyproject.toml").write_text(pyproject.replace(honest_line, f'clientapp = "{HOSTILE_CLIENTAPP}"'), encoding="utf-8")
+    assert tomllib.loads((target / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["components"]["clientapp"] == HOSTILE_CLIENTAPP
+    return target
 
 
 def _follow(process: subprocess.Popen[bytes], run_dir: RunDirectory, on_round: RoundCallback) -> None:

@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from common.config import RunConfig
-from common.privacy.accounting import PrivacyState
 from server.checkpoint import Checkpoint
 
 runner = CliRunner()
@@ -41,6 +40,8 @@ def _simulate(tmp_path: Path, *args: str) -> tuple[int, str]:
         ("dataset=/no/such/file.npz", "nor an existing path"),
         ("num-sites=5000", "5000 sites but only 1437 training examples"),
         ("rounds", "is not key=value"),
+        ("attack=boost", "attack is set but attack-sites is not"),
+        ("aggregation-weight=claimed", "unknown aggregation-weight 'claimed'"),
     ],
 )
 def test_bad_setting_exits_2_with_one_line(tmp_path: Path, override: str, message: str) -> None:
@@ -90,8 +91,7 @@ def test_resume_from_a_corrupt_checkpoint_exits_2(tmp_path: Path) -> None:
 def test_resume_from_a_checkpoint_of_another_config_exits_2(tmp_path: Path) -> None:
     run_dir = _fake_run_dir(tmp_path, RunConfig())
     other = RunConfig.from_flower({"learning-rate": 0.01})
-    state = PrivacyState(1.0, 0.2, "rdp", ((1.0, 0.2, 10),))
-    Checkpoint(1, {"w": torch.zeros(2)}, other.fingerprint(), {"site-0": state.to_json()}, "{}").save(run_dir / "checkpoints")
+    Checkpoint(1, {"w": torch.zeros(2)}, other.fingerprint(), "{}", {}, "{}").save(run_dir / "checkpoints")
     code, stderr = _simulate(tmp_path, "--resume", str(run_dir))
     assert code == 2 and "written by a different run config" in stderr
 
@@ -118,3 +118,16 @@ def test_installed_command_prints_no_traceback_on_bad_input(tmp_path: Path) -> N
 def test_every_command_has_help(command: list[str]) -> None:
     result = runner.invoke(app, command)
     assert result.exit_code == 0 and "Usage" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["num-sites=10", "strategy=bulyan", "byzantine-sites=2"], "needs at least 11 sites training each round, the run has 10"),
+        (["strategy=krum", "dp-level=client"], "plain mean"),
+        (["attack=boost", "attack-sites=[7]", "num-sites=3"], "attack-sites [7] are not sites of this simulation"),
+    ],
+)
+def test_impossible_combination_exits_2_with_one_line(tmp_path: Path, overrides: list[str], message: str) -> None:
+    code, stderr = _simulate(tmp_path, *[arg for override in overrides for arg in ("--set", override)])
+    assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr

@@ -178,7 +178,7 @@ def test_a_site_whose_budget_runs_out_is_refused_and_the_run_finishes_with_the_o
     result = _simulate("--set", "rounds=3", "--set", f"noise-multiplier={sigma}", "--federation-home", str(home), "--runs-dir", str(tmp_path / "runs"))
     assert result.returncode == 0, result.stdout + result.stderr
     metrics = _metrics(_run_dir(tmp_path / "runs"))
-    trained = [sorted(name for name, site in m["sites"].items() if "train_loss" in site) for m in metrics]
+    trained = [sorted(name for name, site in m["sites"].items() if site.get("trained")) for m in metrics]
     assert trained == [["site-0", "site-1", "site-2"], ["site-0", "site-2"], ["site-0", "site-2"]]
     assert metrics[-1]["refused"] == ["site-1"]
     assert "refused to train (out of the run): site-1" in result.stdout

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from flwr.serverapp import strategy as flower
 
-from common import protocol
 from common.config import STRATEGIES, DPConfig, RunConfig, TrainingConfig
+from server.aggregation_weight import AGGREGATION_WEIGHT
 from server.strategies import build_strategy, sample_size
 
 EXPECTED = {
@@ -17,6 +17,9 @@ EXPECTED = {
     "fedmedian": flower.FedMedian,
     "fedtrimmedavg": flower.FedTrimmedAvg,
     "krum": flower.Krum,
+    "multikrum": flower.MultiKrum,
+    "bulyan": flower.Bulyan,
+    "fedyogi": flower.FedYogi,
 }
 
 
@@ -31,7 +34,7 @@ def test_strategy_name_selects_flowers_own_class(name: str) -> None:
 
 def test_strategy_settings_reach_the_flower_strategy() -> None:
     fedprox = build_strategy(RunConfig(training=TrainingConfig(strategy="fedprox", proximal_mu=0.3)), num_sites=5)
-    krum = build_strategy(RunConfig(training=TrainingConfig(strategy="krum", krum_byzantine=1)), num_sites=5)
+    krum = build_strategy(RunConfig(training=TrainingConfig(strategy="krum", byzantine_sites=1)), num_sites=5)
     assert fedprox.proximal_mu == 0.3 and krum.num_malicious_nodes == 1
 
 
@@ -39,13 +42,9 @@ def test_minimum_sites_never_exceeds_the_sites_present() -> None:
     assert build_strategy(RunConfig(training=TrainingConfig(min_sites=4)), num_sites=1).min_available_nodes == 1
 
 
-def test_sample_level_dp_weighs_updates_by_example_count() -> None:
-    assert build_strategy(RunConfig(), num_sites=5).weighted_by_key == "num-examples"
-
-
-def test_client_level_dp_weighs_every_update_equally() -> None:
-    run = RunConfig(dp=DPConfig(dp_level="client"))
-    assert build_strategy(run, num_sites=5).weighted_by_key == protocol.UNIT_WEIGHT
+@pytest.mark.parametrize("dp_level", ["sample", "client"])
+def test_every_strategy_weighs_updates_by_the_servers_weight_not_the_sites_count(dp_level: str) -> None:
+    assert build_strategy(RunConfig(dp=DPConfig(dp_level=dp_level)), num_sites=5).weighted_by_key == AGGREGATION_WEIGHT
 
 
 def test_sample_size_is_what_flower_samples_each_round() -> None:

@@ -1,0 +1,156 @@
+"""Robust aggregation against real attacks: one table for docs/benchmarks.md.
+
+10 simulated sites on digits, 2 of them hostile (attack-sites = 0.2, sites 8 and 9), each
+attack against FedAvg (with the server's reply checks) and each robust strategy, with and
+without DP, beside the clean run. For the backdoor, the attack success rate too: the share
+of held-out test images of other classes that the final model puts in the target class
+once the trigger is stamped on them.
+
+    .venv/bin/python -m benchmarks.attacks                       # the full table
+    .venv/bin/python -m benchmarks.attacks --rounds 5 --dp off --strategies fedavg,fedmedian
+
+Each cell is a real `cohort simulate`; with 2 cores one takes about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.data.federation import federated_split
+from common.evaluation import resolve_device
+from common.models.registry import build_model
+from common.rundir import RunDirectory
+from simulations.attack_spec import ATTACKS
+from simulations.attacks import BACKDOOR_TARGET, stamp_trigger
+from simulations.plan import SIMULATIONS_DIR, load_plan
+
+COHORT = str(Path(sys.executable).parent / "cohort")
+RESULTS = Path(__file__).resolve().parent / "results"
+SITES, HOSTILE = 10, 2
+# Strategy settings for 10 sites of which 2 are hostile. Bulyan needs 4f+3 sites, so with
+# 10 it can only be told to expect f = 1.
+STRATEGIES: dict[str, list[str]] = {
+    "fedavg": [],
+    "fedmedian": [],
+    "fedtrimmedavg": ["trimmed-beta=0.2"],
+    "krum": [f"byzantine-sites={HOSTILE}"],
+    "multikrum": [f"byzantine-sites={HOSTILE}", f"krum-selected={SITES - HOSTILE}"],
+    "bulyan": ["byzantine-sites=1"],
+}
+TABLE_ATTACKS = tuple(a for a in ATTACKS if a != "silent")
+DP_SETTINGS = {"off": "no-dp.toml", "on": "default.toml"}
+
+
+def run_cell(attack: str | None, strategy: str, dp: str, rounds: int, runs_dir: Path) -> dict[str, Any]:
+    """One real simulation; its final accuracy, rejections and backdoor success rate."""
+    settings = [f"num-sites={SITES}", f"rounds={rounds}", f"strategy={strategy}", *STRATEGIES[strategy]]
+    if attack is not None:
+        settings += [f'attack="{attack}"', f"attack-sites={HOSTILE / SITES}"]
+    target = runs_dir / f"{dp}-{strategy}-{attack or 'clean'}"
+    command = [COHORT, "simulate", str(SIMULATIONS_DIR / DP_SETTINGS[dp]), "--runs-dir", str(target)]
+    for setting in settings:
+        command += ["--set", setting]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    run_dirs = list(target.glob("*")) if target.exists() else []
+    summary_file = run_dirs[0] / "summary.json" if run_dirs else None
+    if summary_file is None or not summary_file.exists():
+        return {"attack": attack or "clean", "strategy": strategy, "dp": dp, "error": result.stderr.strip().splitlines()[-1:] or ["no run directory"]}
+    summary = json.loads(summary_file.read_text())
+    metrics = RunDirectory(run_dirs[0]).read_metrics()
+    cell = {
+        "attack": attack or "clean",
+        "strategy": strategy,
+        "dp": dp,
+        "accuracy": round(summary["final_accuracy"], 4),
+        "rounds": summary["rounds"],
+        "rejected": {site: r["count"] for site, r in summary["rejected"].items()},
+        "failures": sum(len(m["failures"]) for m in metrics),
+        "stop_reason": summary["stop_reason"],
+        "wall_seconds": round(wall, 1),
+    }
+    if attack == "backdoor":
+        cell["backdoor_success"] = round(backdoor_success(run_dirs[0]), 4)
+    return cell
+
+
+def backdoor_success(run_dir: Path) -> float:
+    """Share of triggered test images, of classes other than the target, classified as the target."""
+    run = RunDirectory(run_dir).read_config()
+    split = federated_split(run.data)
+    model = build_model(run.training.model, split.input_shape, split.num_classes)
+    model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
+    model.eval()
+    others = split.test.labels != BACKDOOR_TARGET
+    # Images are scaled to [-1, 1]; the trigger sets its pixels to the maximum, 1.0, as on [0, 1].
+    triggered = torch.from_numpy(stamp_trigger(split.test.images[others]))
+    with torch.no_grad():
+        predicted = model(triggered.to(resolve_device("cpu"))).argmax(dim=1).numpy()
+    return float((predicted == BACKDOOR_TARGET).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=0, help="rounds per run (0: the config's own)")
+    parser.add_argument("--dp", default="off,on", help="off, on or off,on")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--attacks", default=",".join(("clean", *TABLE_ATTACKS)), help="'clean' is the run without attack (measured with fedavg only)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "attacks.json")
+    options = parser.parse_args()
+    runs_dir = RESULTS / "attack-runs" / time.strftime("%Y%m%d-%H%M%S")
+    cells = []
+    for dp in options.dp.split(","):
+        rounds = options.rounds or load_plan(SIMULATIONS_DIR / DP_SETTINGS[dp], []).run.training.rounds
+        for strategy in options.strategies.split(","):
+            for attack in options.attacks.split(","):
+                if attack == "clean" and strategy != "fedavg":
+                    continue
+                cell = run_cell(None if attack == "clean" else attack, strategy, dp, rounds, runs_dir)
+                print(json.dumps(cell), flush=True)
+                cells.append(cell)
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    options.out.write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "sites": SITES, "hostile": HOSTILE, "cells": cells}, indent=2) + "\n")
+    print(markdown_table(cells))
+
+
+def markdown_table(cells: list[dict[str, Any]]) -> str:
+    """Accuracy per attack (rows) and strategy (columns); backdoor cells add the success rate."""
+    lines = []
+    for dp in sorted({c["dp"] for c in cells}):
+        mine = [c for c in cells if c["dp"] == dp]
+        strategies = list(dict.fromkeys(c["strategy"] for c in mine))
+        lines += [f"DP {dp}", "", "| attack | " + " | ".join(strategies) + " |", "| --- |" + " --- |" * len(strategies)]
+        for attack in dict.fromkeys(c["attack"] for c in mine):
+            row = []
+            for strategy in strategies:
+                cell = next((c for c in mine if c["attack"] == attack and c["strategy"] == strategy), None)
+                row.append(_cell_text(cell))
+            lines.append(f"| {attack} | " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell_text(cell: dict[str, Any] | None) -> str:
+    if cell is None:
+        return ""
+    if "error" in cell:
+        return "failed"
+    text = f"{cell['accuracy']:.3f}"
+    if "backdoor_success" in cell:
+        text += f" (ASR {cell['backdoor_success']:.2f})"
+    if cell["stop_reason"]:
+        text += " (stopped)"
+    return text
+
+
+if __name__ == "__main__":
+    main()

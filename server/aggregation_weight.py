@@ -1,0 +1,41 @@
+"""How much each accepted update weighs, from what the server can trust.
+
+Flower's strategies weigh an update by a key in its MetricRecord, which the site writes
+itself: a site that claims 10^12 examples would replace the global model. Before any
+strategy sees them, the accepted replies are rewritten to carry their arrays and the
+weight the server chose, under AGGREGATION_WEIGHT, which the strategies weigh by.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from flwr.app import MetricRecord, RecordDict
+from flwr.supercore.differential_privacy import KEY_NORM_BIT
+
+from common import protocol
+from common.config import ChecksConfig
+from server.reply_checks import Update
+
+AGGREGATION_WEIGHT = "aggregation-weight"
+
+
+def weights_for(updates: list[Update], checks: ChecksConfig) -> list[float]:
+    """Uniform, or each site's reported example count capped (by example_cap, or by the
+    round's median report so that no single site can outweigh the rest). A site that
+    reports no count weighs as the cap."""
+    if checks.aggregation_weight == "uniform" or not updates:
+        return [1.0] * len(updates)
+    reported = [u.reported_examples for u in updates if u.reported_examples is not None]
+    cap = checks.example_cap or (statistics.median_low(reported) if reported else 1)
+    return [float(min(u.reported_examples, cap)) if u.reported_examples is not None else float(cap) for u in updates]
+
+
+def rewrite_for_aggregation(updates: list[Update], checks: ChecksConfig) -> None:
+    """Leave in each reply only its checked arrays, the server's weight and, under
+    client-side adaptive clipping, the checked bit Flower's wrapper counts."""
+    for update, weight in zip(updates, weights_for(updates, checks), strict=True):
+        metrics = MetricRecord({AGGREGATION_WEIGHT: weight})
+        if update.norm_bit is not None:
+            metrics[KEY_NORM_BIT] = update.norm_bit
+        update.reply.content = RecordDict({protocol.ARRAYS: update.arrays, protocol.METRICS: metrics})

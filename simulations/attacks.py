@@ -1,0 +1,170 @@
+"""Hostile sites for simulations: what a compromised or broken site does, in one place.
+
+The honest ClientApp (client/app.py) knows nothing of this module. When a simulation plan
+names an attack, the runner submits a copy of the app whose ClientApp is `app` below:
+every site runs the honest ClientApp, and the sites in `attack-sites` (read from the plan
+in the run directory, simulation.json) bend it:
+
+- sign-flip: sends the global model minus its honest update (same norm, opposite way);
+- boost: sends the global model plus `attack-scale` times its honest update;
+- nan: sends its update with every value NaN;
+- label-flip: trains honestly on its data with every label y replaced by (classes-1-y);
+- backdoor: trains honestly on its data with half its images stamped with a bright
+  2x2 patch in the top-left corner and relabelled as class 0;
+- silent: holds every training message and never answers it (it still evaluates, so that
+  on 2 cores the one simulation worker it blocks is all it takes).
+
+A hostile site owns its ledger key, so it signs its ledger entry for whatever it sends:
+its spend is real, and its signature proves only that it sent this update.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives import serialization
+from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from client.app import app as honest
+from common import protocol
+from common.config import RunConfig
+from common.data.federation import simulated_site_data
+from common.privacy.ledger import LEDGER_FILE, PRIVATE_KEY_FILE, LedgerEntry, sha256_hex
+from common.site import SiteConfig
+from simulations.attack_spec import DATA_ATTACKS, AttackSpec
+from simulations.plan import PLAN_FILE
+
+BACKDOOR_TARGET = 0
+BACKDOOR_SHARE = 0.5
+SILENT_S = 24 * 3600.0
+
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    attack, scale = _attack_of(context)
+    if attack is None:
+        return honest(msg, context)
+    if attack == "silent":
+        time.sleep(SILENT_S)
+    if attack in DATA_ATTACKS:
+        return honest(msg, _poisoned_context(context, attack))
+    reply = honest(msg, context)
+    if reply.has_error():
+        return reply
+    _tamper(reply, msg.content[protocol.ARRAYS], attack, scale, context)
+    return reply
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    attack, _ = _attack_of(context)
+    if attack in DATA_ATTACKS:
+        return honest(msg, _poisoned_context(context, attack))
+    return honest(msg, context)
+
+
+def _attack_of(context: Context) -> tuple[str | None, float]:
+    """This simulated site's attack (None when it is honest) and the boost factor, from the
+    plan the runner wrote into the run directory."""
+    plan = json.loads((Path(RunConfig.from_flower(context.run_config).run_dir) / PLAN_FILE).read_text(encoding="utf-8"))
+    if "attack" not in plan:
+        return None, 1.0
+    spec = AttackSpec.from_json(plan["attack"])
+    return spec.attack_of(int(context.node_config.get("partition-id", -1))), spec.scale
+
+
+def _tamper(reply: Message, global_arrays: ArrayRecord, attack: str, scale: float, context: Context) -> None:
+    """Replace the honest update, then sign the ledger entry for what is sent instead."""
+    sent = reply.content[protocol.ARRAYS]
+    tampered = {}
+    for name, array in sent.items():
+        honest_value, start = array.numpy(), global_arrays[name].numpy()
+        if attack == "sign-flip":
+            value = start - (honest_value - start)
+        elif attack == "boost":
+            value = start + scale * (honest_value - start)
+        else:
+            value = np.full_like(honest_value, np.nan)
+        tampered[name] = Array(np.ascontiguousarray(value.astype(honest_value.dtype)))
+    arrays = ArrayRecord(tampered)
+    reply.content[protocol.ARRAYS] = arrays
+    site_record = reply.content[protocol.SITE]
+    entry = LedgerEntry.from_json(str(site_record[protocol.SITE_LEDGER_ENTRY]))
+    resigned = _resign(_state_dir(context), entry, sha256_hex(*(a.numpy().tobytes() for a in arrays.values())))
+    site_record[protocol.SITE_LEDGER_ENTRY] = resigned.to_json()
+
+
+def _resign(state_dir: Path, entry: LedgerEntry, model_hash: str) -> LedgerEntry:
+    """The site's own last ledger entry, rewritten for the tampered model and signed again."""
+    key = serialization.load_pem_private_key((state_dir / PRIVATE_KEY_FILE).read_bytes(), password=None)
+    unsigned = LedgerEntry(entry.sequence, entry.previous_hash, dataclasses.replace(entry.record, model_hash=model_hash), "")
+    signed = dataclasses.replace(unsigned, signature=base64.b64encode(key.sign(unsigned.signed_payload())).decode())  # type: ignore[union-attr,call-arg]
+    ledger = state_dir / LEDGER_FILE
+    lines = ledger.read_text(encoding="utf-8").splitlines()
+    lines[-1] = signed.to_json()
+    ledger.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return signed
+
+
+def _state_dir(context: Context) -> Path:
+    return SiteConfig.from_node_config(context.node_config, RunConfig.from_flower(context.run_config)).state_dir
+
+
+def _poisoned_context(context: Context, attack: str) -> Context:
+    """The same site, now reading a poisoned copy of its partition as a deployed site would."""
+    run = RunConfig.from_flower(context.run_config)
+    site = SiteConfig.from_node_config(context.node_config, run)
+    path = site.state_dir / f"poisoned-{attack}.npz"
+    if not path.exists():
+        write_poisoned_copy(path, run, site, attack)
+    node_config = {
+        "data-path": str(path),
+        "site-name": site.name,
+        "state-dir": str(site.state_dir),
+        "epsilon": site.epsilon,
+        "delta": site.delta,
+        "allow-non-private": site.allow_non_private,
+    }
+    return Context(context.run_id, context.node_id, node_config, context.state, context.run_config)
+
+
+def write_poisoned_copy(path: Path, run: RunConfig, site: SiteConfig, attack: str) -> None:
+    assert site.partition_id is not None and site.num_partitions is not None
+    data = simulated_site_data(run.data, site.partition_id, site.num_partitions)
+    images = (np.concatenate([data.train.images, data.val.images]) + 1) / 2  # back to [0, 1]
+    labels = np.concatenate([data.train.labels, data.val.labels])
+    classes = data.num_classes
+    if attack == "label-flip":
+        labels = classes - 1 - labels
+    else:
+        rng = np.random.default_rng(site.partition_id)
+        chosen = rng.random(len(labels)) < BACKDOOR_SHARE
+        images[chosen] = stamp_trigger(images[chosen])
+        labels[chosen] = BACKDOOR_TARGET
+    # One blank image per class keeps the class count (and so the model's shape) intact.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blanks = np.zeros((classes, *images.shape[1:]), dtype=np.float32)
+    np.savez(
+        path,
+        train_images=np.transpose(images, (0, 2, 3, 1)).astype(np.float32),
+        train_labels=labels,
+        test_images=np.transpose(blanks, (0, 2, 3, 1)),
+        test_labels=np.arange(classes),
+    )
+
+
+def stamp_trigger(images: np.ndarray) -> np.ndarray:
+    """The backdoor trigger on NCHW images in [0, 1]: a bright 2x2 patch, top left."""
+    stamped = images.copy()
+    stamped[:, :, :2, :2] = 1.0
+    return stamped

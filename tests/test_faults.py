@@ -1,0 +1,170 @@
+"""Hostile and failing sites, and a command stopped from outside, with real processes:
+`cohort simulate` on Flower's simulation engine, attacks from simulations/attacks.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
+
+COHORT = str(Path(sys.executable).parent / "cohort")
+NO_DP = [str(Path(__file__).resolve().parents[1] / "simulations" / "no-dp.toml"), "--set", "num-sites=5", "--set", "rounds=10"]
+ENV = {**os.environ, "COLUMNS": "200"}
+
+
+def _simulate(runs: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    result = subprocess.run([COHORT, "simulate", *args, "--runs-dir", str(runs)], capture_output=True, text=True, timeout=600, env=ENV)
+    (run_dir,) = list(runs.iterdir())
+    return result, run_dir
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    return _simulate(tmp_path_factory.mktemp("clean"), *NO_DP)
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    return _simulate(tmp_path_factory.mktemp("hostile"), *NO_DP, "--set", 'attack=["nan", "boost"]', "--set", "attack-sites=[1, 2]")
+
+
+def test_a_run_with_a_nan_site_and_a_boosting_site_completes_near_the_clean_accuracy(clean_run, hostile_run) -> None:  # type: ignore[no-untyped-def]
+    (clean, clean_dir), (hostile, hostile_dir) = clean_run, hostile_run
+    assert clean.returncode == 0 and hostile.returncode == 0, hostile.stdout + hostile.stderr
+    clean_accuracy = json.loads((clean_dir / "summary.json").read_text())["final_accuracy"]
+    hostile_accuracy = json.loads((hostile_dir / "summary.json").read_text())["final_accuracy"]
+    assert hostile_accuracy >= clean_accuracy - 0.1, (clean_accuracy, hostile_accuracy)
+
+
+def test_every_round_names_both_hostile_sites_with_their_reasons(hostile_run) -> None:  # type: ignore[no-untyped-def]
+    _, run_dir = hostile_run
+    for record in _metrics(run_dir):
+        reasons = {r["site"]: r["reason"] for r in record["rejected"]}
+        assert set(reasons) == {"site-1", "site-2"}
+        assert "NaN" in reasons["site-1"] and "above the bound" in reasons["site-2"]
+        assert not record["sites"]["site-1"].get("trained") and record["sites"]["site-0"]["trained"]
+
+
+def test_summary_progress_line_and_audit_name_the_rejected_sites(hostile_run) -> None:  # type: ignore[no-untyped-def]
+    result, run_dir = hostile_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rejected"]["site-1"]["count"] == 10 and summary["rejected"]["site-2"]["rounds"] == list(range(1, 11))
+    assert "rejected: site-1, site-2" in result.stdout
+    audit = subprocess.run([COHORT, "audit", str(run_dir)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert audit.returncode == 0, audit.stderr
+    assert "rejected: site-1: 10 reply(ies)" in audit.stdout and "NaN" in audit.stdout
+
+
+def test_the_rejected_sites_spend_is_still_in_the_runs_ledger(hostile_run) -> None:  # type: ignore[no-untyped-def]
+    _, run_dir = hostile_run
+    records = [json.loads(line)["record"] for line in (run_dir / "privacy_ledger.jsonl").read_text().splitlines()]
+    assert sorted((r["round"], r["site"]) for r in records) == [(n, f"site-{s}") for n in range(1, 11) for s in range(5)]
+
+
+def test_a_silent_site_fails_its_round_after_the_timeout_and_the_round_finishes(tmp_path: Path) -> None:
+    timeout = 60  # round 1 also starts Ray and loads the data at every site
+    result, run_dir = _simulate(
+        tmp_path,
+        *NO_DP[:1],
+        "--set", "num-sites=3", "--set", "rounds=1",
+        "--set", f"reply-timeout={timeout}", "--set", 'attack="silent"', "--set", "attack-sites=[2]",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    (record,) = _metrics(run_dir)
+    assert [(f["site"], f["stage"]) for f in record["failures"]] == [("node %d" % record["failures"][0]["node"], "train")]
+    assert all(f"no reply within {timeout}s" in f["reason"] for f in record["failures"])
+    assert sorted(name for name, site in record["sites"].items() if site.get("trained")) == ["site-0", "site-1"]
+    assert record["seconds"] >= timeout
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _cmdline(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return ""
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_stops_exactly_the_processes_the_command_started(signum: int, tmp_path: Path) -> None:
+    command = subprocess.Popen(
+        [COHORT, "simulate", *NO_DP[:1], "--set", "num-sites=3", "--set", "rounds=50", "--runs-dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    started: dict[int, psutil.Process] = {}
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not any("ray::" in _cmdline(p) for p in started.values()):
+        for process in _descendants(command.pid):
+            started.setdefault(process.pid, process)
+        time.sleep(0.5)
+    assert command.poll() is None, command.stderr.read() if command.stderr else ""
+    assert any("flwr-simulation" in _cmdline(p) for p in started.values()), "the run had not started training"
+    command.send_signal(signum)
+    _, stderr = command.communicate(timeout=120)
+    assert command.returncode == 128 + signum, stderr
+    time.sleep(1)
+    alive = [p for p in started.values() if _alive(p)]
+    assert not alive, [_cmdline(p) for p in alive]
+
+
+def _ledger_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_a_coordinator_stopped_mid_run_resumes_and_every_release_is_in_the_ledgers_once(tmp_path: Path) -> None:
+    from common.privacy.ledger import LedgerEntry, load_public_key, read_entries, verify_chain
+
+    runs = tmp_path / "runs"
+    command = subprocess.Popen(
+        [COHORT, "simulate", *NO_DP[:1], "--set", "num-sites=3", "--set", "rounds=4", "--runs-dir", str(runs)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(runs.glob("*/checkpoints/round-0002.pt")):
+        time.sleep(0.2)
+    command.send_signal(signal.SIGTERM)
+    _, stderr = command.communicate(timeout=120)
+    assert command.returncode == 128 + signal.SIGTERM, stderr
+    (run_dir,) = list(runs.iterdir())
+    sites = [run_dir / "federation" / f"site-{i}" / "privacy_ledger.jsonl" for i in range(3)]
+    before = {site: _ledger_lines(site) for site in sites}
+
+    resumed = subprocess.run([COHORT, "simulate", "--resume", str(run_dir)], capture_output=True, text=True, timeout=600, env=ENV)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert [m["round"] for m in _metrics(run_dir)] == [1, 2, 3, 4]
+    copies = [LedgerEntry.from_json(line) for line in _ledger_lines(run_dir / "privacy_ledger.jsonl")]
+    for site in sites:
+        after = _ledger_lines(site)
+        assert after[: len(before[site])] == before[site], "a release the site made before the stop was lost"
+        entries = read_entries(site)
+        assert verify_chain(entries, load_public_key(site.parent / "ledger_key.pub.pem")) is None
+        mine = [e for e in copies if e.record.site == site.parent.name]
+        assert len({e.sequence for e in mine}) == len(mine), "the run's ledger holds a release twice"
+        assert {e.entry_hash() for e in mine} <= {e.entry_hash() for e in entries}
+        assert sorted(e.record.round for e in mine) == [1, 2, 3, 4]

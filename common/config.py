@@ -18,7 +18,7 @@ from common.errors import CohortInputError
 
 MODELS = ("cnn", "transformer")
 PARTITIONERS = ("iid", "dirichlet", "shards")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "qfedavg")
 # Aggregators that assume some sites are hostile; each needs enough replies to outvote them.
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 AGGREGATION_WEIGHTS = ("uniform", "examples")
@@ -168,6 +168,8 @@ class TrainingConfig:
         switches DP off or on with one setting still gets a model that learns.
     lr_schedule: 'constant', or 'cosine' decay of the local rate over the rounds (to a
         tenth of learning_rate in the last round).
+    qfedavg_q: q of q-FedAvg (Li et al., ICLR 2020): how much more a site with a higher
+        training loss weighs; 0 is FedAvg. It reads each site's training loss.
     """
 
     model: str = "cnn"
@@ -185,6 +187,7 @@ class TrainingConfig:
     server_learning_rate: float = 0.1
     server_momentum: float = 0.9
     trimmed_beta: float = 0.2
+    qfedavg_q: float = 0.1
     byzantine_sites: int = 0
     krum_selected: int = 0
 
@@ -206,6 +209,8 @@ class TrainingConfig:
             raise CohortInputError(f"learning-rate is {self.learning_rate}; use 0 for the default of the DP mode, or a positive rate")
         if not 0 < self.fraction_train <= 1:
             raise CohortInputError(f"fraction-train is {self.fraction_train}; it must be in (0, 1]")
+        if self.qfedavg_q < 0:
+            raise CohortInputError(f"qfedavg-q is {self.qfedavg_q}; it must be >= 0 (0 is FedAvg)")
         if not 0 <= self.trimmed_beta < 0.5:
             raise CohortInputError(f"trimmed-beta is {self.trimmed_beta}; FedTrimmedAvg cuts that share off each end, so it must be in [0, 0.5)")
         if self.byzantine_sites < 0 or self.krum_selected < 0:

@@ -18,6 +18,8 @@ from common.config import ChecksConfig
 from server.reply_checks import Update
 
 AGGREGATION_WEIGHT = "aggregation-weight"
+# q-FedAvg weighs by each site's training loss: carried over, checked finite.
+TRAIN_LOSS = "train-loss"
 
 
 def weights_for(updates: list[Update], checks: ChecksConfig) -> list[float]:
@@ -32,10 +34,13 @@ def weights_for(updates: list[Update], checks: ChecksConfig) -> list[float]:
 
 
 def rewrite_for_aggregation(updates: list[Update], checks: ChecksConfig) -> None:
-    """Leave in each reply only its checked arrays, the server's weight and, under
-    client-side adaptive clipping, the checked bit Flower's wrapper counts."""
+    """Leave in each reply only its checked arrays, the server's weight, its training loss
+    when it sent one (q-FedAvg's input) and, under client-side adaptive clipping, the
+    checked bit Flower's wrapper counts."""
     for update, weight in zip(updates, weights_for(updates, checks), strict=True):
         metrics = MetricRecord({AGGREGATION_WEIGHT: weight})
+        if "train_loss" in update.metrics:
+            metrics[TRAIN_LOSS] = update.metrics["train_loss"]
         if update.norm_bit is not None:
             metrics[KEY_NORM_BIT] = update.norm_bit
         update.reply.content = RecordDict({protocol.ARRAYS: update.arrays, protocol.METRICS: metrics})

@@ -150,7 +150,12 @@ class ReplyChecker:
             exc = _Rejected(f"sent no clipping bit ('{KEY_NORM_BIT}' 0 or 1), which client-side adaptive clipping needs")
             exc.entry = entry
             raise exc
-        return Update(reply, node, name, arrays, norm, entry, reported, _optional_metrics(metrics, _OPTIONAL_TRAIN_METRICS), norm_bit)
+        kept = _optional_metrics(metrics, _OPTIONAL_TRAIN_METRICS)
+        if self.run.training.strategy == "qfedavg" and "train_loss" not in kept:
+            exc = _Rejected("sent no finite 'train-loss', which q-FedAvg weighs by (a site's policy may withhold it)")
+            exc.entry = entry
+            raise exc
+        return Update(reply, node, name, arrays, norm, entry, reported, kept, norm_bit)
 
     def _claimed_name(self, reply: Message) -> str:
         site = reply.content.config_records.get(protocol.SITE)

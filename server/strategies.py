@@ -17,11 +17,12 @@ from flwr.serverapp.strategy import (
     FedYogi,
     Krum,
     MultiKrum,
+    QFedAvg,
     Strategy,
 )
 
 from common.config import RunConfig, TrainingConfig
-from server.aggregation_weight import AGGREGATION_WEIGHT
+from server.aggregation_weight import AGGREGATION_WEIGHT, TRAIN_LOSS
 
 
 def build_strategy(run: RunConfig, num_sites: int) -> Strategy:
@@ -59,6 +60,8 @@ def build_strategy(run: RunConfig, num_sites: int) -> Strategy:
         return MultiKrum(num_malicious_nodes=hostile, num_nodes_to_select=training.krum_selected or max(1, num_sites - hostile), **common)
     if training.strategy == "bulyan":
         return Bulyan(num_malicious_nodes=hostile, **common)
+    if training.strategy == "qfedavg":
+        return QFedAvg(client_learning_rate=training.learning_rate, q=training.qfedavg_q, train_loss_key=TRAIN_LOSS, **common)
     return FedAvg(**common)
 
 

@@ -16,7 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common import protocol
-from common.config import ChecksConfig, DPConfig, RunConfig
+from common.config import ChecksConfig, DPConfig, RunConfig, TrainingConfig
 from common.privacy.ledger import CLIENT_LEVEL_DP_FEDAVG, NON_PRIVATE, RELEASE, SAMPLE_LEVEL_DP_SGD, LedgerRecord, SiteLedger
 from server.reply_checks import ReplyChecker, Rejection, SiteEvaluation, Update, arrays_hash
 from server.site_registry import SiteRegistry
@@ -115,6 +115,12 @@ def test_a_reply_without_its_metrics_is_still_accepted(checker: ReplyChecker, al
     update = check(checker, alice.reply(metrics={}))
     assert isinstance(update, Update) and update.reported_examples is None
     assert "train_loss" not in update.site_record() and update.site_record()["trained"]
+
+
+def test_under_qfedavg_a_reply_without_its_training_loss_is_rejected(registry: SiteRegistry, alice: Site) -> None:
+    run = RunConfig(training=TrainingConfig(strategy="qfedavg"))
+    result = ReplyChecker(run, RUN_ID, registry).check_train(ROUND, alice.reply(metrics={"num-examples": 100}, run=run), GLOBAL, LIVE)
+    assert isinstance(result, Rejection) and "q-FedAvg" in result.reason
 
 
 def test_reply_without_a_site_record_is_rejected(checker: ReplyChecker, alice: Site) -> None:

@@ -19,6 +19,7 @@ EXPECTED = {
     "krum": flower.Krum,
     "multikrum": flower.MultiKrum,
     "bulyan": flower.Bulyan,
+    "qfedavg": flower.QFedAvg,
     "fedyogi": flower.FedYogi,
 }
 
@@ -36,6 +37,11 @@ def test_strategy_settings_reach_the_flower_strategy() -> None:
     fedprox = build_strategy(RunConfig(training=TrainingConfig(strategy="fedprox", proximal_mu=0.3)), num_sites=5)
     krum = build_strategy(RunConfig(training=TrainingConfig(strategy="krum", byzantine_sites=1)), num_sites=5)
     assert fedprox.proximal_mu == 0.3 and krum.num_malicious_nodes == 1
+
+
+def test_qfedavg_reads_the_training_loss_with_the_runs_q() -> None:
+    qfedavg = build_strategy(RunConfig(training=TrainingConfig(strategy="qfedavg", qfedavg_q=0.5)), num_sites=5)
+    assert (qfedavg.q, qfedavg.train_loss_key) == (0.5, "train-loss")
 
 
 def test_minimum_sites_never_exceeds_the_sites_present() -> None:

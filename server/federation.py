@@ -17,7 +17,7 @@ from logging import INFO, WARNING
 from typing import Any, Callable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -66,6 +66,12 @@ def initial_state(run: RunConfig, run_dir: RunDirectory, model: torch.nn.Module)
     log(INFO, "Resuming from checkpoint of round %d", checkpoint.round)
     registry = SiteRegistry.from_json(json.loads(checkpoint.sites))
     return FederationState(checkpoint.round + 1, ArrayRecord(checkpoint.weights), registry, checkpoint.optimizer)
+
+
+def in_model_dtypes(aggregated: ArrayRecord, model: ArrayRecord) -> ArrayRecord:
+    """Some strategies compute in float64 (q-FedAvg's loss powers); the global model keeps
+    the model's own dtypes, which every site's reply is checked against."""
+    return ArrayRecord({name: Array(array.numpy().astype(model[name].numpy().dtype, copy=False)) for name, array in aggregated.items()})
 
 
 @dataclass
@@ -130,7 +136,7 @@ class Federation:
             updates = self._train(server_round, state, checker, timeout, record)
             release = self.policy.release(server_round, updates) if len(updates) >= self._min_sites() else None
             if release is not None and release.arrays is not None:
-                state.arrays = release.arrays
+                state.arrays = in_model_dtypes(release.arrays, state.arrays)
             self._evaluate(server_round, state, checker, timeout, record)
             evaluation = self.evaluate_centrally(state.arrays)
             state.refused_nodes.update(record.refusals)

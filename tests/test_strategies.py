@@ -56,3 +56,15 @@ def test_every_strategy_weighs_updates_by_the_servers_weight_not_the_sites_count
 def test_sample_size_is_what_flower_samples_each_round() -> None:
     assert sample_size(TrainingConfig(fraction_train=0.5, min_sites=2), num_sites=10) == 5
     assert sample_size(TrainingConfig(fraction_train=0.1, min_sites=2), num_sites=10) == 2
+
+
+def test_an_aggregate_computed_in_float64_keeps_the_models_dtypes() -> None:
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from server.federation import in_model_dtypes
+
+    model = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32)), "steps": Array(np.zeros(1, dtype=np.int64))})
+    aggregated = ArrayRecord({"w": Array(np.full(3, 0.5)), "steps": Array(np.full(1, 2.0))})
+    kept = in_model_dtypes(aggregated, model)
+    assert kept["w"].numpy().dtype == np.float32 and kept["steps"].numpy().dtype == np.int64

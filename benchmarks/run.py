@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import dp_step_time, empirical_audit, simulations
+from benchmarks import dp_step_time, empirical_audit, fairness, simulations
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -36,6 +36,7 @@ def main() -> None:
         "dp_step_time": dp_step_time.run(),
         **simulations.run(RESULTS / "runs"),
         "empirical_audit": empirical_audit.run(RESULTS / "empirical-audit-runs"),
+        "fairness": fairness.run(RESULTS / "fairness-runs"),
     }
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -12,7 +12,7 @@ from logging import INFO, WARNING
 from typing import Any, Callable, Iterable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -172,20 +172,22 @@ def _collect_site_results(server_round: int, train_replies: Iterable[Message], e
         name = str(site_record[protocol.SITE_NAME])
         metrics = reply.content[protocol.METRICS]
         entry = sites.setdefault(name, {})
+        # A site sends only the metrics its policy allows (common/site.py): all are optional
+        # but the example count Flower's strategies weigh by.
         entry.update(
             num_examples=int(metrics["num-examples"]),
-            train_loss=float(metrics["train-loss"]),
-            train_accuracy=float(metrics["train-accuracy"]),
+            train_loss=_optional(metrics, "train-loss"),
+            train_accuracy=_optional(metrics, "train-accuracy"),
             epsilon=None,
         )
         results.ledger.append(str(site_record[protocol.SITE_LEDGER_ENTRY]))
         privacy_json = str(site_record[protocol.SITE_PRIVACY_STATE])
         if privacy_json:
             entry.update(
-                epsilon=float(metrics["epsilon"]),
-                delta=float(metrics["delta"]),
-                budget=float(metrics["budget-epsilon"]),
-                noise_multiplier=float(metrics["noise-multiplier"]),
+                epsilon=_optional(metrics, "epsilon"),
+                delta=_optional(metrics, "delta"),
+                budget=_optional(metrics, "budget-epsilon"),
+                noise_multiplier=_optional(metrics, "noise-multiplier"),
             )
             results.privacy_states[name] = privacy_json
     for reply in eval_replies:
@@ -194,9 +196,13 @@ def _collect_site_results(server_round: int, train_replies: Iterable[Message], e
             continue
         name = str(reply.content[protocol.SITE][protocol.SITE_NAME])
         metrics = reply.content[protocol.METRICS]
-        sites.setdefault(name, {}).update(val_loss=float(metrics["val-loss"]), val_accuracy=float(metrics["val-accuracy"]))
+        sites.setdefault(name, {}).update(val_loss=_optional(metrics, "val-loss"), val_accuracy=_optional(metrics, "val-accuracy"))
     results.sites = dict(sorted(sites.items()))
     return results
+
+
+def _optional(metrics: MetricRecord, key: str) -> float | None:
+    return float(metrics[key]) if key in metrics else None
 
 
 def _site_named_in(reason: str, node: int) -> str:

@@ -102,6 +102,9 @@ def _print_report(report: dict[str, Any]) -> None:
             assumptions.setdefault("; ".join(site["mechanisms"] + site["sampling"]), []).append(name)
     for assumption, names in assumptions.items():
         console.print(f"{', '.join(names)}: {assumption}", highlight=False, markup=False)
+    for name, site in report["sites"].items():
+        for identity, spent in site["datasets"].items():
+            console.print(f"{name}: dataset {identity[:16]}: {spent['releases']} release(s), epsilon {spent['epsilon_rdp']:.3f} (RDP)", highlight=False)
     for warning in report["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if not report["warnings"]:

@@ -26,7 +26,7 @@ from common.privacy.accounting import PrivacyState
 from common.privacy.ledger import CLIENT_LEVEL_DP_FEDAVG, NON_PRIVATE, REFUSAL, RELEASE, SAMPLE_LEVEL_DP_SGD, LedgerBroken, LedgerRecord, SiteLedger, sha256_hex
 from common.site import AGGREGATION_METRICS, SiteConfig
 from client.clipping import central_dp_clipping_mod
-from client.privacy_plan import plan_round, refusal_reason, round_steps, spent_epsilon
+from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps, spent_epsilon
 from client.training import train_locally
 
 app = ClientApp()
@@ -69,7 +69,7 @@ def train(msg: Message, context: Context) -> Message:
             return _refuse(msg, ledger, release.record(REFUSAL, None, steps=0, epsilon=spent, reason=f"site {site.name} refuses to train: {exhausted}"))
         reason = refusal_reason(plan, round_steps(len(data.train), run), site)
         if reason is not None:
-            return _refuse(msg, ledger, release.record(REFUSAL, plan.total, steps=0, epsilon=site.epsilon_of(plan.total)[0], reason=reason))
+            return _refuse(msg, ledger, release.record(REFUSAL, plan.total, steps=0, epsilon=enforced_epsilon(plan.total, site)[0], reason=reason))
         privacy = plan.total
     elif not site.allow_non_private:
         return _refuse(msg, ledger, release.record(REFUSAL, None, steps=0, epsilon=0.0, reason=_no_local_dp_refusal(run, site)))
@@ -83,7 +83,7 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=float(config.get(protocol.CONFIG_PROXIMAL_MU, 0.0)),
     )
     weights = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    epsilon, accountant = site.epsilon_of(update.privacy) if update.privacy else (float("inf"), site.accountants[0])
+    epsilon, accountant = enforced_epsilon(update.privacy, site) if update.privacy else (float("inf"), site.accountants[0])
     entry = ledger.append(
         dataclasses.replace(
             release.record(

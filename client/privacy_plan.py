@@ -8,12 +8,13 @@ config's choice at a deployed site.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
 from client.training import steps_per_epoch
 from common.config import RunConfig
-from common.privacy.accounting import PrivacyState
+from common.privacy.accounting import PrivacyState, derive_noise_multiplier
 from common.privacy.ledger import LedgerEntry, LedgerRecord, history_of, iter_releases
 from common.site import SiteConfig
 
@@ -28,13 +29,23 @@ class RoundPlan:
     window: PrivacyState
 
 
+def enforced_epsilon(state: PrivacyState, site: SiteConfig) -> tuple[float, str]:
+    """The epsilon of `state` under each of the site's accountants: the largest, and which one."""
+    return max((dataclasses.replace(state, accountant=name).epsilon(site.delta), name) for name in site.accountants)
+
+
+def noise_for(site: SiteConfig, target_epsilon: float, sample_rate: float, steps: int, prior: tuple[tuple[float, float, int], ...]) -> float:
+    """The smallest sigma that keeps every one of the site's accountants within the target."""
+    return max(derive_noise_multiplier(target_epsilon, site.delta, sample_rate, steps, name, prior=prior) for name in site.accountants)
+
+
 def round_steps(num_examples: int, run: RunConfig) -> int:
     return run.training.local_epochs * steps_per_epoch(num_examples, run.training.batch_size)
 
 
 def spent_epsilon(entries: list[LedgerEntry], data_hash: str, site: SiteConfig) -> float:
     history = history_of(iter_releases(entries, data_hash))
-    return site.epsilon_of(PrivacyState(1.0, 1.0, site.accountants[0], history))[0]
+    return enforced_epsilon(PrivacyState(1.0, 1.0, site.accountants[0], history), site)[0]
 
 
 def plan_round(
@@ -64,9 +75,9 @@ def plan_round(
         sigma = run.dp.noise_multiplier
     else:
         remaining = (run.training.rounds - server_round + 1) * round_steps(num_examples, run)
-        sigma = site.noise_for(site.epsilon, sample_rate, remaining, prior=history)
+        sigma = noise_for(site, site.epsilon, sample_rate, remaining, prior=history)
         if site.run_epsilon is not None:
-            sigma = max(sigma, site.noise_for(site.run_epsilon, sample_rate, remaining, prior=window_history))
+            sigma = max(sigma, noise_for(site, site.run_epsilon, sample_rate, remaining, prior=window_history))
     accountant = site.accountants[0]
     return RoundPlan(
         total=PrivacyState(sigma, sample_rate, accountant, history),
@@ -76,14 +87,14 @@ def plan_round(
 
 def refusal_reason(plan: RoundPlan, steps: int, site: SiteConfig) -> str | None:
     """Why the site must not train this round, or None when the round fits its budget."""
-    spent, _ = site.epsilon_of(plan.total)
-    projected, accountant = site.epsilon_of(plan.total.with_steps(steps))
+    spent, _ = enforced_epsilon(plan.total, site)
+    projected, accountant = enforced_epsilon(plan.total.with_steps(steps), site)
     if projected > site.epsilon:
         return (
             f"site {site.name} refuses to train: this round would raise its epsilon from {spent:.3f} "
             f"to {projected:.3f} ({accountant}), over its budget of {site.epsilon:g} (delta {site.delta:g})"
         )
-    window_projected, accountant = site.epsilon_of(plan.window.with_steps(steps))
+    window_projected, accountant = enforced_epsilon(plan.window.with_steps(steps), site)
     if site.run_epsilon is not None and window_projected > site.run_epsilon:
         return (
             f"site {site.name} refuses to train: its releases in the last {site.run_window_hours:g} hours would reach "

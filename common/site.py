@@ -15,7 +15,6 @@ every metric so that the simulation's summaries and plots can be drawn.
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,6 @@ from typing import Any, Mapping
 
 from common.config import ACCOUNTANTS, RunConfig, validate_budget
 from common.errors import CohortInputError
-from common.privacy.accounting import PrivacyState, derive_noise_multiplier
 
 POLICY_FILE = "policy.toml"
 
@@ -147,14 +145,6 @@ class SiteConfig:
             num_partitions=int(num_partitions),
             **_shared_policy(policy, name, allow_non_private_default=run.site_allow_non_private),
         )
-
-    def epsilon_of(self, state: PrivacyState) -> tuple[float, str]:
-        """The enforced epsilon of `state`: the largest of the site's accountants, and which one."""
-        return max((dataclasses.replace(state, accountant=name).epsilon(self.delta), name) for name in self.accountants)
-
-    def noise_for(self, target_epsilon: float, sample_rate: float, steps: int, prior: tuple[tuple[float, float, int], ...]) -> float:
-        """The smallest sigma that keeps every one of the site's accountants within the target."""
-        return max(derive_noise_multiplier(target_epsilon, self.delta, sample_rate, steps, name, prior=prior) for name in self.accountants)
 
 
 def _shared_policy(policy: Mapping[str, Any], name: str, allow_non_private_default: bool) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from cli.errors import input_errors
-from common.privacy.ledger import LEDGER_FILE, load_public_key, read_entries, verify_chain
+from common.privacy.ledger import LEDGER_FILE, key_fingerprint, load_public_key, read_entries, verify_chain
 from common.rundir import write_bytes_atomic, write_json_atomic
 
 console = Console()
@@ -68,11 +68,13 @@ def verify(
     ledger = path / LEDGER_FILE if path.is_dir() else path
     with input_errors():
         entries = read_entries(ledger)
-        problem = verify_chain(entries, load_public_key(public_key))
+        key = load_public_key(public_key)
+        problem = verify_chain(entries, key)
     if problem is not None:
         typer.echo(f"FAILED: {ledger}: {problem}", err=True)
         raise typer.Exit(code=1)
     console.print(f"verified: {len(entries)} record(s) in {ledger}, every link and signature intact", highlight=False)
+    console.print(f"signed by key {key_fingerprint(key)}: compare with the fingerprint the site gave you", highlight=False)
 
 
 def _print_report(report: dict[str, Any]) -> None:

@@ -26,6 +26,7 @@ from common.privacy.accounting import PrivacyState
 from common.privacy.ledger import CLIENT_LEVEL_DP_FEDAVG, NON_PRIVATE, REFUSAL, RELEASE, SAMPLE_LEVEL_DP_SGD, LedgerBroken, LedgerRecord, SiteLedger, sha256_hex
 from common.site import AGGREGATION_METRICS, SiteConfig
 from client.clipping import central_dp_clipping_mod
+from client.evaluation_policy import declined_evaluation
 from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps, spent_epsilon
 from client.training import train_locally
 
@@ -183,9 +184,9 @@ def _mechanism(run: RunConfig) -> str:
 def evaluate_locally(msg: Message, context: Context) -> Message:
     run = RunConfig.from_flower(context.run_config)
     site = SiteConfig.from_node_config(context.node_config, run)
-    if not site.answer_evaluation:
-        reason = f"site {site.name} does not evaluate models it is sent; its policy says answer-evaluation=false"
-        return Message(Error(code=protocol.SITE_DECLINED_EVALUATION, reason=reason), reply_to=msg)
+    declined = declined_evaluation(msg, site)
+    if declined is not None:
+        return declined
     data, model = _start_round(msg, run, site)
     device = resolve_device(run.device)
     result = evaluate(model.to(device), data.val, device)

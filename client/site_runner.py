@@ -15,6 +15,8 @@ code answers the message:
   installed `client.app:app` answers; the FAB is never unpacked nor imported;
 - anything else: the site refuses with a reply the coordinator can read, records the
   refusal in its ledger, and runs nothing of the FAB.
+An evaluation request that the site's policy declines is declined here, before any code
+that touches the site's data is loaded.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from logging import ERROR
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Error, Message
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType
 from flwr.cli.install import install_from_fab
 from flwr.clientapp import ClientApp
 from flwr.clientapp.utils import get_load_client_app_fn
@@ -50,9 +52,10 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 
 import client
 import common
+from client.evaluation_policy import declined_evaluation
 from common import protocol
 from common.errors import CohortInputError
-from common.privacy.ledger import REFUSAL, LedgerRecord, SiteLedger
+from common.privacy.ledger import REFUSAL, RELEASE, LedgerRecord, SiteLedger
 from common.site import SiteConfig
 
 # The ClientApp the site runs, as a FAB's pyproject names it.
@@ -107,9 +110,8 @@ def _read_fab(content: bytes) -> dict[str, bytes]:
         return {info.filename: archive.read(info) for info in archive.infolist() if not info.is_dir()}
 
 
-def refusal_reply(message: Message, context: Context, fab: Fab, reason: str) -> Message:
+def refusal_reply(message: Message, context: Context, site: SiteConfig, fab: Fab, reason: str) -> Message:
     """Record the refusal in the site's ledger and tell the coordinator why."""
-    site = SiteConfig.deployed_site(context.node_config)
     text = f"site {site.name} refuses to run this run's code: {reason}; it runs only its own installed Cohort, or a FAB whose hash its policy lists in trusted-fabs"
     ledger = SiteLedger(site.state_dir, create_key=False)
     ledger.verified_entries()
@@ -139,7 +141,8 @@ def refusal_reply(message: Message, context: Context, fab: Fab, reason: str) -> 
 
 
 def _last_epsilon(ledger: SiteLedger) -> float:
-    releases = [e.record for e in ledger.entries() if e.record.steps > 0]
+    """What the site had spent by its last release (its data is not loaded to refuse code)."""
+    releases = [e.record for e in ledger.entries() if e.record.kind == RELEASE]
     return releases[-1].epsilon if releases else 0.0
 
 
@@ -157,7 +160,11 @@ def answer(message: Message, context: Context, run: Run, fab: Fab) -> Message:
     decision = judge_fab(fab, site)
     if decision.runs is None:
         print(f"error: refused run {run.run_id}: {decision.reason}", file=sys.stderr, flush=True)
-        return refusal_reply(message, context, fab, decision.reason)
+        return refusal_reply(message, context, site, fab, decision.reason)
+    if message.metadata.message_type == MessageType.EVALUATE:
+        declined = declined_evaluation(message, site)
+        if declined is not None:
+            return declined
     client_app = _installed_app() if decision.runs == "installed" else _trusted_fab_app(run, fab)
     return client_app(message=message, context=context)
 
@@ -175,6 +182,15 @@ def _trusted_fab_app(run: Run, fab: Fab) -> ClientApp:
     return load(run.fab_id, run.fab_version, fab.hash_str)
 
 
+@dataclass
+class _TaskOutcome:
+    """What the task reports to the SuperNode when it ends, however it ends."""
+
+    context: Context | None = None
+    status: str = SubStatus.FAILED
+    details: str = "the site's ClientApp failed"
+
+
 def run_site_clientapp(runtime_api_address: str, token: str, insecure: bool, certificates: bytes | None, parent_pid: int | None) -> None:
     """One task, start to end, with Flower's own runtime client, heartbeat and exit codes."""
     if parent_pid is not None:
@@ -187,12 +203,12 @@ def run_site_clientapp(runtime_api_address: str, token: str, insecure: bool, cer
         interceptors=[RuntimeVersionHttpInterceptor(component_name=FLWR_CLIENTAPP), RuntimeTokenHttpInterceptor(token)],
         retry_invoker=retry_invoker,
     )
-    outcome = {"context": None, "status": SubStatus.FAILED, "details": "the site's ClientApp failed"}
+    outcome = _TaskOutcome()
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(runtime))
 
     def on_exit() -> None:
         retry_invoker.max_tries = 1
-        push_task_output(client=runtime, context=outcome["context"], sub_status=outcome["status"], details=outcome["details"])
+        push_task_output(client=runtime, context=outcome.context, sub_status=outcome.status, details=outcome.details)
         if heartbeat.is_running:
             heartbeat.stop()
         runtime.close()
@@ -203,19 +219,19 @@ def run_site_clientapp(runtime_api_address: str, token: str, insecure: bool, cer
     try:
         heartbeat.start()
         message, context, run, fab = pull_task_input(runtime)
-        outcome["context"] = context
+        outcome.context = context
         reply = answer(message, context, run, fab)
-        outcome.update(status=SubStatus.COMPLETED, details="")
+        outcome.status, outcome.details = SubStatus.COMPLETED, ""
     except Exception as error:  # noqa: BLE001 - every failure becomes an error reply, as in Flower's own flwr-clientapp
         log(ERROR, "the site's ClientApp raised an exception", exc_info=error)
         print(f"error: {error}", file=sys.stderr, flush=True)
-        outcome["details"] = f"{type(error).__name__}: {error}"
+        outcome.details = f"{type(error).__name__}: {error}"
         if message is not None:
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(outcome["details"])), reply_to=message)
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=outcome.details), reply_to=message)
         exit_code = ExitCode.TASK_PROC_EXCEPTION
     finally:
-        if reply is not None and outcome["context"] is not None:
-            push_message(runtime, reply, outcome["context"])
+        if reply is not None and outcome.context is not None:
+            push_message(runtime, reply, outcome.context)
     flwr_exit(code=exit_code, event_type=EventType.FLWR_CLIENTAPP_RUN_LEAVE)
 
 

@@ -127,9 +127,12 @@ class SuperNodeLaunch:
 
 
 def init_site_state(state_dir: Path) -> str:
-    """The site's ledger key and empty ledger head, made by the site's own command (never
-    by a ClientApp); an existing key is kept. Returns the key's fingerprint."""
-    return SiteLedger(state_dir, create_key=True).fingerprint()
+    """The site's ledger key and ledger head, made by the site's own command (never by a
+    ClientApp): an existing key is kept, and a ledger kept before heads existed gets one
+    once its chain verifies. Returns the key's fingerprint."""
+    ledger = SiteLedger(state_dir, create_key=True)
+    ledger.adopt()
+    return ledger.fingerprint()
 
 
 def install_site_runner(state_dir: Path) -> Path:

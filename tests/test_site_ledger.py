@@ -89,3 +89,9 @@ def test_cohort_site_init_makes_the_key_and_an_empty_head_and_prints_the_fingerp
     assert f"fingerprint {ledger.fingerprint()}" in result.stdout
     assert (tmp_path / "site" / HEAD_FILE).exists() and not (tmp_path / "site" / LEDGER_FILE).exists()
     assert ledger.verified_entries() == []
+
+
+def test_site_init_adopts_a_ledger_kept_before_heads_existed_once_its_chain_verifies(ledger: SiteLedger) -> None:
+    ledger.head_path.unlink()
+    assert ledger.adopt() == 3
+    assert len(SiteLedger(ledger.state_dir, create_key=False).verified_entries()) == 3

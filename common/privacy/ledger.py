@@ -160,7 +160,7 @@ class SiteLedger:
         if problem is not None:
             raise LedgerBroken(
                 f"site ledger {self.path} {problem}; the site refuses to train until its operator restores the ledger "
-                f"(and {HEAD_FILE}) from backup and checks it with `cohort audit verify {self.state_dir}`"
+                f"(and {HEAD_FILE}) from backup and checks it with `cohort audit verify {self.state_dir} --public-key {self.public_key_file}`"
             )
         return self.entries()
 
@@ -182,6 +182,19 @@ class SiteLedger:
         if head.count and entries[head.count - 1].entry_hash() != head.last_hash:
             return f"record {head.count} is not the one its head names: the ledger was replaced"
         return None
+
+    def adopt(self) -> int:
+        """Write the head of a ledger that has none (one kept before heads existed), after
+        verifying its whole chain against the site's key; the operator's act, through
+        `cohort site init`. Returns the number of records the head now covers."""
+        if self.head_path.exists() or not self.path.exists():
+            return read_head(self.head_path).count if self.head_path.exists() else 0
+        entries = read_entries(self.path)
+        broken = verify_chain(entries, self._key.public_key())
+        if broken is not None:
+            raise LedgerBroken(f"site ledger {self.path} is broken: {broken}; restore it from backup before adopting it")
+        write_head(self.head_path, LedgerHead(len(entries), entries[-1].entry_hash() if entries else GENESIS_HASH))
+        return len(entries)
 
     def append(self, record: LedgerRecord) -> LedgerEntry:
         """Sign and append; fsync before returning, so an acknowledged release is never lost.

@@ -1,8 +1,8 @@
 """Whether a site answers an evaluation request: its policy's answer-evaluation.
 
-Kept free of PyTorch so that the site's runner (client/site_runner.py) can decline a
-request before any code that touches the site's data is even loaded; the ClientApp's
-evaluate handler asks the same question, for simulated sites and trusted FABs.
+Kept free of PyTorch so that a deployed site's runner (client/site_runner.py) can decline
+a request before any code that touches the site's data is even loaded; the ClientApp's
+evaluate handler asks the same question for simulated sites, which have no such runner.
 """
 
 from __future__ import annotations

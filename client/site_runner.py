@@ -7,12 +7,10 @@ of the site's own first on that PATH, holding a `flwr-clientapp` that runs this 
 
 It does what flwr.supernode.runtime.run_clientapp does, with Flower's own functions (pull
 the task, its run and the FAB; push the reply and the task's status), except for which
-code answers the message:
-- the FAB's hash is in the site's trusted-fabs: the FAB's ClientApp, installed and loaded
-  exactly as Flower does it (the site's explicit choice);
+code answers the message: never the FAB's.
 - the FAB's ClientApp is the site's own Cohort (same `client.app:app` component, and every
   file of `client/` and `common/` byte-identical to what the site installed): the site's
-  installed `client.app:app` answers; the FAB is never unpacked nor imported;
+  installed `client.app:app` answers; the FAB is read in memory, never unpacked nor imported;
 - anything else: the site refuses with a reply the coordinator can read, records the
   refusal in its ledger, and runs nothing of the FAB.
 An evaluation request that the site's policy declines is declined here, before any code
@@ -31,9 +29,6 @@ from logging import ERROR
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType
-from flwr.cli.install import install_from_fab
-from flwr.clientapp import ClientApp
-from flwr.clientapp.utils import get_load_client_app_fn
 from flwr.common.args import add_args_flwr_app_common, try_obtain_flwr_app_token
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.supercore import log
@@ -66,31 +61,23 @@ SITE_PACKAGES = {"client": Path(client.__file__).parent, "common": Path(common._
 FLWR_CLIENTAPP = "flwr-clientapp"
 
 
-@dataclass(frozen=True)
-class CodeDecision:
-    """Which code answers a run: 'installed', 'trusted-fab', or None with the reason why none."""
-
-    runs: str | None
-    reason: str = ""
-
-
-def judge_fab(fab: Fab, site: SiteConfig) -> CodeDecision:
-    """Whether the site runs this FAB's ClientApp, its own installed one, or nothing."""
-    if fab.hash_str in site.trusted_fabs:
-        return CodeDecision("trusted-fab")
+def code_refusal(fab: Fab) -> str | None:
+    """Why the site's installed ClientApp must not answer for this FAB, or None when the FAB
+    ships exactly the site's own ClientApp code (so running the installed one changes
+    nothing the coordinator expects)."""
     try:
         shipped = _read_fab(fab.content)
     except (zipfile.BadZipFile, tomllib.TOMLDecodeError, KeyError) as error:
-        return CodeDecision(None, f"its FAB {fab.hash_str[:12]} cannot be read ({type(error).__name__})")
+        return f"its FAB {fab.hash_str[:12]} cannot be read ({type(error).__name__})"
     reference = shipped.get("pyproject.toml", b"")
     component = tomllib.loads(reference.decode()).get("tool", {}).get("flwr", {}).get("app", {}).get("components", {}).get("clientapp")
     if component != CLIENT_APP_REFERENCE:
-        return CodeDecision(None, f"its FAB {fab.hash_str[:12]} names ClientApp {component!r}, not the site's {CLIENT_APP_REFERENCE}")
+        return f"its FAB {fab.hash_str[:12]} names ClientApp {component!r}, not the site's {CLIENT_APP_REFERENCE}"
     changed = changed_site_files(shipped)
     if changed:
         listed = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
-        return CodeDecision(None, f"its FAB {fab.hash_str[:12]} ships site code that differs from the site's installed Cohort ({listed})")
-    return CodeDecision("installed")
+        return f"its FAB {fab.hash_str[:12]} ships site code that differs from the site's installed Cohort ({listed})"
+    return None
 
 
 def changed_site_files(shipped: dict[str, bytes]) -> list[str]:
@@ -112,7 +99,7 @@ def _read_fab(content: bytes) -> dict[str, bytes]:
 
 def refusal_reply(message: Message, context: Context, site: SiteConfig, fab: Fab, reason: str) -> Message:
     """Record the refusal in the site's ledger and tell the coordinator why."""
-    text = f"site {site.name} refuses to run this run's code: {reason}; it runs only its own installed Cohort, or a FAB whose hash its policy lists in trusted-fabs"
+    text = f"site {site.name} refuses to run this run's code: {reason}; it runs only its own installed Cohort"
     ledger = SiteLedger(site.state_dir, create_key=False)
     ledger.verified_entries()
     ledger.append(
@@ -157,29 +144,17 @@ def answer(message: Message, context: Context, run: Run, fab: Fab) -> Message:
     if "data-path" not in context.node_config:
         raise CohortInputError("the site's flwr-clientapp serves deployed sites only; its node config has no data-path")
     site = SiteConfig.deployed_site(context.node_config)
-    decision = judge_fab(fab, site)
-    if decision.runs is None:
-        print(f"error: refused run {run.run_id}: {decision.reason}", file=sys.stderr, flush=True)
-        return refusal_reply(message, context, site, fab, decision.reason)
+    refusal = code_refusal(fab)
+    if refusal is not None:
+        print(f"error: refused run {run.run_id}: {refusal}", file=sys.stderr, flush=True)
+        return refusal_reply(message, context, site, fab, refusal)
     if message.metadata.message_type == MessageType.EVALUATE:
         declined = declined_evaluation(message, site)
         if declined is not None:
             return declined
-    client_app = _installed_app() if decision.runs == "installed" else _trusted_fab_app(run, fab)
-    return client_app(message=message, context=context)
+    from client.app import app  # only now: it loads PyTorch and the site's data code
 
-
-def _installed_app() -> ClientApp:
-    from client.app import app
-
-    return app
-
-
-def _trusted_fab_app(run: Run, fab: Fab) -> ClientApp:
-    """A FAB the site trusts by hash, installed and loaded as Flower's flwr-clientapp does."""
-    install_from_fab(fab.content, skip_prompt=True)
-    load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
-    return load(run.fab_id, run.fab_version, fab.hash_str)
+    return app(message=message, context=context)
 
 
 @dataclass

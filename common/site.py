@@ -54,8 +54,6 @@ class SiteConfig:
     send_metrics: the optional metrics (OPTIONAL_METRICS) the site's replies carry.
     answer_evaluation: whether the site evaluates models the coordinator sends on its
         validation data at all.
-    trusted_fabs: hashes of FABs whose own ClientApp the site agrees to run instead of its
-        installed Cohort (deployment only; see client/site_runner.py).
     split_seed, val_fraction: the site's own, stable train/validation split (deployment).
     data_path: the site's own data (deployment); None means a simulated partition.
     partition_id, num_partitions: which simulated partition this site holds.
@@ -71,7 +69,6 @@ class SiteConfig:
     accountants: tuple[str, ...] = ("rdp",)
     send_metrics: tuple[str, ...] = OPTIONAL_METRICS
     answer_evaluation: bool = True
-    trusted_fabs: tuple[str, ...] = ()
     split_seed: int = 0
     val_fraction: float = DEFAULT_VAL_FRACTION
     data_path: str | None = None
@@ -113,7 +110,6 @@ class SiteConfig:
             accountants=_names(policy.get("accountants", "rdp"), "accountants", ACCOUNTANTS),
             send_metrics=_names(policy.get("send-metrics", ",".join(ACCOUNTING_METRICS)), "send-metrics", OPTIONAL_METRICS, allow_empty=True),
             answer_evaluation=_flag(policy.get("answer-evaluation", False), "answer-evaluation"),
-            trusted_fabs=_names(policy.get("trusted-fabs", ""), "trusted-fabs", None, allow_empty=True),
             split_seed=int(_number(policy.get("split-seed", 0), "split-seed")),
             val_fraction=_number(policy.get("val-fraction", DEFAULT_VAL_FRACTION), "val-fraction"),
             data_path=str(node_config["data-path"]),
@@ -173,15 +169,15 @@ def _read_policy(path: Path) -> dict[str, Any]:
         raise CohortInputError(f"{path} is not valid TOML ({error}); fix the site's policy file") from None
 
 
-def _names(value: Any, key: str, choices: tuple[str, ...] | None, allow_empty: bool = False) -> tuple[str, ...]:
+def _names(value: Any, key: str, choices: tuple[str, ...], allow_empty: bool = False) -> tuple[str, ...]:
     """A list in policy.toml, or a comma-separated string in the node config."""
     items = value if isinstance(value, list) else str(value).split(",")
     names = tuple(dict.fromkeys(str(item).strip() for item in items if str(item).strip()))
     if not names and not allow_empty:
-        raise CohortInputError(f"{key} is empty in the site's policy; name at least one of {', '.join(choices or ())}")
-    unknown = [name for name in names if choices is not None and name not in choices]
+        raise CohortInputError(f"{key} is empty in the site's policy; name at least one of {', '.join(choices)}")
+    unknown = [name for name in names if name not in choices]
     if unknown:
-        raise CohortInputError(f"{key} names {', '.join(unknown)} in the site's policy; choose from {', '.join(choices or ())}")
+        raise CohortInputError(f"{key} names {', '.join(unknown)} in the site's policy; choose from {', '.join(choices)}")
     return names
 
 

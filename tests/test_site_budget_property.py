@@ -71,7 +71,7 @@ def _record(kind: str, run_id: int, server_round: int, site: SiteConfig, identit
     )  # fmt: skip
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sequence=runs, accountants=st.sampled_from(["rdp", "gdp,rdp"]))
 def test_no_sequence_of_runs_spends_more_than_the_sites_budget(sequence: list[tuple[int, dict]], accountants: str) -> None:
     with tempfile.TemporaryDirectory() as home:

@@ -64,9 +64,11 @@ class LedgerRecord:
     epsilon: cumulative epsilon on this dataset after the release (RDP, the enforced figure).
     accountant: the accountant behind `epsilon`.
     budget_epsilon: the site's total budget when the record was written.
-    dataset_hash: SHA-256 of the site's training data; spending composes per dataset.
+    dataset_hash: the identity of the site's data: SHA-256 of all of it, before any split;
+        spending composes per dataset ('' when the site refused a run's code unread).
     model_hash: SHA-256 of the released weights ('' for a refusal).
-    config_hash: the run config's fingerprint.
+    config_hash: the run config's fingerprint; 'fab:<FAB hash>' when the site refused to run
+        the code a run shipped (client/site_runner.py).
     timestamp: seconds since the epoch.
     reason: why a refusal happened ('' for a release).
     """

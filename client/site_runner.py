@@ -67,10 +67,10 @@ def code_refusal(fab: Fab) -> str | None:
     nothing the coordinator expects)."""
     try:
         shipped = _read_fab(fab.content)
-    except (zipfile.BadZipFile, tomllib.TOMLDecodeError, KeyError) as error:
+        project = tomllib.loads(shipped.get("pyproject.toml", b"").decode())
+    except (zipfile.BadZipFile, tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         return f"its FAB {fab.hash_str[:12]} cannot be read ({type(error).__name__})"
-    reference = shipped.get("pyproject.toml", b"")
-    component = tomllib.loads(reference.decode()).get("tool", {}).get("flwr", {}).get("app", {}).get("components", {}).get("clientapp")
+    component = project.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {}).get("clientapp")
     if component != CLIENT_APP_REFERENCE:
         return f"its FAB {fab.hash_str[:12]} names ClientApp {component!r}, not the site's {CLIENT_APP_REFERENCE}"
     changed = changed_site_files(shipped)

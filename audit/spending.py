@@ -13,9 +13,13 @@ The report (audit.json) has this schema, version "cohort-audit/1":
         audited run's releases; null for a site ledger), accountants: {rdp, prv, pld},
         noise_multipliers, sample_rates, clip_norms, steps, mechanisms, sampling (the
         assumption each epsilon relies on, in words), chain ('verified', 'not checked:
-        ...' or 'broken: ...'), epsilon_by_release: [[run_id, round, epsilon]], warnings}}
+        ...' or 'broken: ...'), epsilon_by_release: [[run_id, round, epsilon]], warnings,
+        datasets: {dataset identity: {releases, epsilon_rdp}}: every dataset the site ever
+        spent on (the figures above are the latest one's); more than one means the site's
+        data changed, and each carries its own budget}}
     empirical: null, or the run's one-run audit (audit/empirical.py, EmpiricalAudit's
         fields) with its verdict, once `cohort audit empirical` has measured it
+    fairness: null, or the run's fairness report (simulations/fairness.py)
 """
 
 from __future__ import annotations
@@ -126,6 +130,19 @@ def _audit_site(entries: list[LedgerEntry], ledger: SiteLedgerFile) -> dict[str,
         "chain": chain,
         "epsilon_by_release": [[r.run_id, r.round, r.epsilon] for r in on_dataset],
         "warnings": warnings,
+        "datasets": _datasets(releases),
+    }
+
+
+def _datasets(releases: list[LedgerRecord]) -> dict[str, dict[str, Any]]:
+    """Every dataset identity with releases, in the order first spent on, and its RDP epsilon."""
+    identities = list(dict.fromkeys(r.dataset_hash for r in releases))
+    return {
+        identity: {
+            "releases": sum(r.dataset_hash == identity for r in releases),
+            "epsilon_rdp": PrivacyState(1.0, 1.0, "rdp", history_of(r for r in releases if r.dataset_hash == identity)).epsilon(releases[0].delta),
+        }
+        for identity in identities
     }
 
 

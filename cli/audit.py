@@ -13,7 +13,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from cli.errors import input_errors
-from common.privacy.ledger import LEDGER_FILE, load_public_key, read_entries, verify_chain
+from common.privacy.ledger import LEDGER_FILE, key_fingerprint, load_public_key, read_entries, verify_chain
 from common.rundir import RunDirectory, write_bytes_atomic, write_json_atomic
 
 console = Console()
@@ -81,11 +81,13 @@ def verify(
     ledger = path / LEDGER_FILE if path.is_dir() else path
     with input_errors():
         entries = read_entries(ledger)
-        problem = verify_chain(entries, load_public_key(public_key))
+        key = load_public_key(public_key)
+        problem = verify_chain(entries, key)
     if problem is not None:
         typer.echo(f"FAILED: {ledger}: {problem}", err=True)
         raise typer.Exit(code=1)
     console.print(f"verified: {len(entries)} record(s) in {ledger}, every link and signature intact", highlight=False)
+    console.print(f"signed by key {key_fingerprint(key)}: compare with the fingerprint the site gave you", highlight=False)
 
 
 @audit_app.command("empirical")
@@ -146,6 +148,9 @@ def _print_report(report: dict[str, Any]) -> None:
             assumptions.setdefault("; ".join(site["mechanisms"] + site["sampling"]), []).append(name)
     for assumption, names in assumptions.items():
         console.print(f"{', '.join(names)}: {assumption}", highlight=False, markup=False)
+    for name, site in report["sites"].items():
+        for identity, spent in site["datasets"].items():
+            console.print(f"{name}: dataset {identity[:16]}: {spent['releases']} release(s), epsilon {spent['epsilon_rdp']:.3f} (RDP)", highlight=False)
     if report["empirical"] is not None:
         console.print(f"empirical audit: {report['empirical']['verdict']}", highlight=False)
     for warning in report["warnings"]:

@@ -11,7 +11,8 @@ import typer
 
 from cli.errors import input_errors
 from deploy.commands import SUPERLINK_LISTEN_HOST, SUPERLINK_PORT, SUPERNODE_PORT
-from deploy.launch import SuperLinkLaunch, SuperNodeLaunch, exec_flower, flwr_home, probe_superlink, write_connection
+from common.privacy.ledger import PUBLIC_KEY_FILE
+from deploy.launch import SITE_RUNTIME_DIR, SuperLinkLaunch, SuperNodeLaunch, exec_flower, flwr_home, probe_superlink, write_connection
 
 
 def superlink(
@@ -36,7 +37,8 @@ def supernode(
     delta: Annotated[float, typer.Option("--delta", help="The delta of that budget.")],
     port: Annotated[int, typer.Option("--port", help="The SuperNode's local API port; distinct per SuperNode on one machine.")] = SUPERNODE_PORT,
 ) -> None:
-    """Start a site's SuperNode with its own data, state and privacy budget."""
+    """Start a site's SuperNode with its own data, state and privacy budget; it runs only the
+    site's installed Cohort (docs/site.md), and makes the site's ledger key on first start."""
     launch = SuperNodeLaunch(
         superlink=superlink_address,
         ca_cert=ca_cert.resolve(),
@@ -48,7 +50,13 @@ def supernode(
         delta=delta,
         port=port,
     )
-    _start(launch.check, launch.argv())
+    with input_errors():
+        launch.check()
+        fingerprint = launch.prepare()
+    typer.echo(f"site {name}: ledger key {launch.state_dir / PUBLIC_KEY_FILE}, fingerprint {fingerprint} (give it to your auditor out of band)", err=True)
+    argv = launch.argv()
+    typer.echo(f"starting: {shlex.join(argv)}", err=True)
+    exec_flower(argv, first_on_path=launch.state_dir / SITE_RUNTIME_DIR)
 
 
 def connect(

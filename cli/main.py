@@ -14,6 +14,7 @@ from rich.table import Table
 from cli.audit import audit_app
 from cli.certs import certs_app
 from cli.compare import compare
+from cli.site import site_app
 from cli.deploy import connect, superlink, supernode
 from cli.errors import input_errors
 from common.errors import CohortInputError
@@ -29,6 +30,7 @@ console = Console()
 
 app.add_typer(audit_app, name="audit")
 app.add_typer(certs_app, name="certs")
+app.add_typer(site_app, name="site")
 
 
 @app.callback()

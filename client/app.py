@@ -1,7 +1,14 @@
-"""The ClientApp: one site's local DP-SGD training and local validation."""
+"""The ClientApp: one site's local DP-SGD training and local validation.
+
+At a deployed site this is the site's own installed code (client/site_runner.py runs it
+whatever FAB the coordinator submitted), and everything it decides comes from the site's
+policy (common/site.py), never from the run config.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -16,52 +23,54 @@ from common.data.federation import SiteData, local_site_data, simulated_site_dat
 from common.evaluation import evaluate, resolve_device
 from common.models.registry import build_model
 from common.privacy.accounting import PrivacyState
-from common.privacy.ledger import CLIENT_LEVEL_DP_FEDAVG, NON_PRIVATE, REFUSAL, RELEASE, SAMPLE_LEVEL_DP_SGD, LedgerRecord, SiteLedger, sha256_hex
-from common.site import SiteConfig
+from common.privacy.ledger import CLIENT_LEVEL_DP_FEDAVG, NON_PRIVATE, REFUSAL, RELEASE, SAMPLE_LEVEL_DP_SGD, LedgerBroken, LedgerRecord, SiteLedger, sha256_hex
+from common.site import AGGREGATION_METRICS, SiteConfig
 from client.clipping import central_dp_clipping_mod
-from client.privacy_plan import dataset_hash, plan_round, refusal_reason, round_steps, spent_epsilon
+from client.evaluation_policy import declined_evaluation
+from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps, spent_epsilon
 from client.training import train_locally
 
 app = ClientApp()
 
 
 class _SiteRound(NamedTuple):
-    """What both handlers start from: the configs, the site's data, the received model."""
+    """What both handlers start from: the site's data and the received model."""
 
-    run: RunConfig
-    site: SiteConfig
     data: SiteData
     model: torch.nn.Module
 
 
-def _start_round(msg: Message, context: Context) -> _SiteRound:
-    run = RunConfig.from_flower(context.run_config)
-    site = SiteConfig.from_node_config(context.node_config, run)
+def _start_round(msg: Message, run: RunConfig, site: SiteConfig) -> _SiteRound:
     data = _site_data(site, run)
     model = build_model(run.training.model, data.train.input_shape, data.num_classes)
     model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
-    return _SiteRound(run, site, data, model)
+    return _SiteRound(data, model)
 
 
 @app.train(mods=[central_dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
-    run, site, data, model = _start_round(msg, context)
+    run = RunConfig.from_flower(context.run_config)
+    site = SiteConfig.from_node_config(context.node_config, run)
+    try:
+        ledger = SiteLedger(site.state_dir, create_key=not site.deployed)
+        entries = ledger.verified_entries()
+    except LedgerBroken as broken:  # nothing may be planned on a ledger that could have been reset
+        print(f"error: {broken}", file=sys.stderr, flush=True)
+        return Message(Error(code=protocol.SITE_REFUSED, reason=f"site {site.name} refuses to train: its privacy ledger does not verify"), reply_to=msg)
+    data, model = _start_round(msg, run, site)
     config = msg.content[protocol.CONFIG]
     server_round = int(config[protocol.CONFIG_ROUND])
-    ledger = SiteLedger(site.state_dir)
-    data_hash = dataset_hash(data.train)
-    release = _ReleaseContext(run, site, context.run_id, server_round, data_hash)
+    release = _ReleaseContext(run, site, context.run_id, server_round, data.identity)
     privacy = None
     if run.dp.sample_level:
-        entries = ledger.entries()
         try:
-            plan = plan_round(run, site, entries, data_hash, context.run_id, server_round, len(data.train))
+            plan = plan_round(run, site, entries, data.identity, context.run_id, server_round, len(data.train))
         except CohortInputError as exhausted:  # no noise level fits what is left of the budget
-            spent = spent_epsilon(entries, data_hash, site.delta, run.dp.accountant)
+            spent = spent_epsilon(entries, data.identity, site)
             return _refuse(msg, ledger, release.record(REFUSAL, None, steps=0, epsilon=spent, reason=f"site {site.name} refuses to train: {exhausted}"))
         reason = refusal_reason(plan, round_steps(len(data.train), run), site)
         if reason is not None:
-            return _refuse(msg, ledger, release.record(REFUSAL, plan.total, steps=0, epsilon=plan.total.epsilon(site.delta), reason=reason))
+            return _refuse(msg, ledger, release.record(REFUSAL, plan.total, steps=0, epsilon=enforced_epsilon(plan.total, site)[0], reason=reason))
         privacy = plan.total
     elif not site.allow_non_private:
         return _refuse(msg, ledger, release.record(REFUSAL, None, steps=0, epsilon=0.0, reason=_no_local_dp_refusal(run, site)))
@@ -75,30 +84,31 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=float(config.get(protocol.CONFIG_PROXIMAL_MU, 0.0)),
     )
     weights = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    epsilon = update.privacy.epsilon(site.delta) if update.privacy else float("inf")
+    epsilon, accountant = enforced_epsilon(update.privacy, site) if update.privacy else (float("inf"), site.accountants[0])
     entry = ledger.append(
-        release.record(
-            RELEASE if update.privacy else NON_PRIVATE,
-            update.privacy,
-            steps=update.steps,
-            epsilon=epsilon if update.privacy else 0.0,
-            model_hash=sha256_hex(*(t.numpy().tobytes() for t in weights.values())),
+        dataclasses.replace(
+            release.record(
+                RELEASE if update.privacy else NON_PRIVATE,
+                update.privacy,
+                steps=update.steps,
+                epsilon=epsilon if update.privacy else 0.0,
+                model_hash=sha256_hex(*(t.numpy().tobytes() for t in weights.values())),
+            ),
+            accountant=accountant,
         )
     )
-    metrics = MetricRecord(
-        {
-            "num-examples": update.num_examples,
-            "train-loss": update.train_loss,
-            "train-accuracy": update.train_accuracy,
-            "steps": update.steps,
-            "noise-multiplier": update.privacy.noise_multiplier if update.privacy else 0.0,
-            "sample-rate": update.privacy.sample_rate if update.privacy else 0.0,
-            "epsilon": epsilon,
-            "delta": site.delta,
-            "budget-epsilon": site.epsilon,
-            protocol.UNIT_WEIGHT: 1.0,
-        }
-    )
+    metrics = {
+        "num-examples": update.num_examples,
+        protocol.UNIT_WEIGHT: 1.0,
+        "train-loss": update.train_loss,
+        "train-accuracy": update.train_accuracy,
+        "steps": update.steps,
+        "noise-multiplier": update.privacy.noise_multiplier if update.privacy else 0.0,
+        "sample-rate": update.privacy.sample_rate if update.privacy else 0.0,
+        "epsilon": epsilon,
+        "delta": site.delta,
+        "budget-epsilon": site.epsilon,
+    }
     site_record = ConfigRecord(
         {
             protocol.SITE_NAME: site.name,
@@ -107,8 +117,13 @@ def train(msg: Message, context: Context) -> Message:
             protocol.SITE_LEDGER_KEY: ledger.public_key_file.read_text(encoding="ascii"),
         }
     )
-    content = RecordDict({protocol.ARRAYS: ArrayRecord(weights), protocol.METRICS: metrics, protocol.SITE: site_record})
+    content = RecordDict({protocol.ARRAYS: ArrayRecord(weights), protocol.METRICS: _allowed(metrics, site), protocol.SITE: site_record})
     return Message(content=content, reply_to=msg)
+
+
+def _allowed(metrics: dict[str, float], site: SiteConfig) -> MetricRecord:
+    """Only what aggregation needs and what the site's policy lets leave it."""
+    return MetricRecord({name: value for name, value in metrics.items() if name in AGGREGATION_METRICS or name in site.send_metrics})
 
 
 def _no_local_dp_refusal(run: RunConfig, site: SiteConfig) -> str:
@@ -150,7 +165,7 @@ class _ReleaseContext:
             clip_norm=self.run.dp.clip_norm,
             delta=self.site.delta,
             epsilon=epsilon,
-            accountant=self.run.dp.accountant,
+            accountant=self.site.accountants[0],
             budget_epsilon=self.site.epsilon,
             dataset_hash=self.data_hash,
             model_hash=model_hash,
@@ -168,16 +183,21 @@ def _mechanism(run: RunConfig) -> str:
 
 @app.evaluate()
 def evaluate_locally(msg: Message, context: Context) -> Message:
-    run, site, data, model = _start_round(msg, context)
+    run = RunConfig.from_flower(context.run_config)
+    site = SiteConfig.from_node_config(context.node_config, run)
+    declined = declined_evaluation(msg, site)
+    if declined is not None:
+        return declined
+    data, model = _start_round(msg, run, site)
     device = resolve_device(run.device)
     result = evaluate(model.to(device), data.val, device)
-    metrics = MetricRecord({"num-examples": result.num_examples, "val-loss": result.loss, "val-accuracy": result.accuracy, protocol.UNIT_WEIGHT: 1.0})
-    content = RecordDict({protocol.METRICS: metrics, protocol.SITE: ConfigRecord({protocol.SITE_NAME: site.name})})
+    metrics = {"num-examples": result.num_examples, protocol.UNIT_WEIGHT: 1.0, "val-loss": result.loss, "val-accuracy": result.accuracy}
+    content = RecordDict({protocol.METRICS: _allowed(metrics, site), protocol.SITE: ConfigRecord({protocol.SITE_NAME: site.name})})
     return Message(content=content, reply_to=msg)
 
 
 def _site_data(site: SiteConfig, run: RunConfig) -> SiteData:
     if site.data_path is not None:
-        return local_site_data(site.data_path, run.data)
+        return local_site_data(site.data_path, site.split_seed, site.val_fraction)
     assert site.partition_id is not None and site.num_partitions is not None
     return simulated_site_data(run.data, site.partition_id, site.num_partitions)

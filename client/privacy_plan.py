@@ -1,81 +1,108 @@
 """How a site decides a round's DP-SGD parameters, and whether the round fits its budget.
 
 The site's own ledger is the source of truth: everything ever released on this dataset,
-in any run, composes into what the next round would cost.
+in any run, composes into what the next round would cost. Every epsilon here is the
+site's enforced one: the largest of the accountants its policy names, never the run
+config's choice at a deployed site.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass
 
 from client.training import steps_per_epoch
 from common.config import RunConfig
-from common.data.dataset import LabeledImages
 from common.privacy.accounting import PrivacyState, derive_noise_multiplier
-from common.privacy.ledger import LedgerEntry, history_of, iter_releases, sha256_hex
+from common.privacy.ledger import LedgerEntry, LedgerRecord, history_of, iter_releases
 from common.site import SiteConfig
 
 
 @dataclass(frozen=True)
 class RoundPlan:
     """total: the dataset's whole history, at the sigma and q of this round.
-    this_run: the same, restricted to this run's releases (for a per-run cap).
+    window: the same, restricted to the releases inside the site's run window (for its cap).
     """
 
     total: PrivacyState
-    this_run: PrivacyState
+    window: PrivacyState
 
 
-def dataset_hash(data: LabeledImages) -> str:
-    return sha256_hex(data.images.tobytes(), data.labels.tobytes())
+def enforced_epsilon(state: PrivacyState, site: SiteConfig) -> tuple[float, str]:
+    """The epsilon of `state` under each of the site's accountants: the largest, and which one."""
+    return max((dataclasses.replace(state, accountant=name).epsilon(site.delta), name) for name in site.accountants)
+
+
+def noise_for(site: SiteConfig, target_epsilon: float, sample_rate: float, steps: int, prior: tuple[tuple[float, float, int], ...]) -> float:
+    """The smallest sigma that keeps every one of the site's accountants within the target."""
+    return max(derive_noise_multiplier(target_epsilon, site.delta, sample_rate, steps, name, prior=prior) for name in site.accountants)
 
 
 def round_steps(num_examples: int, run: RunConfig) -> int:
     return run.training.local_epochs * steps_per_epoch(num_examples, run.training.batch_size)
 
 
-def spent_epsilon(entries: list[LedgerEntry], data_hash: str, delta: float, accountant: str) -> float:
+def spent_epsilon(entries: list[LedgerEntry], data_hash: str, site: SiteConfig) -> float:
     history = history_of(iter_releases(entries, data_hash))
-    return PrivacyState(1.0, 1.0, accountant, history).epsilon(delta)
+    return enforced_epsilon(PrivacyState(1.0, 1.0, site.accountants[0], history), site)[0]
 
 
-def plan_round(run: RunConfig, site: SiteConfig, entries: list[LedgerEntry], data_hash: str, run_id: int, server_round: int, num_examples: int) -> RoundPlan:
+def plan_round(
+    run: RunConfig,
+    site: SiteConfig,
+    entries: list[LedgerEntry],
+    data_hash: str,
+    run_id: int,
+    server_round: int,
+    num_examples: int,
+    now: float | None = None,
+) -> RoundPlan:
     """sigma is fixed once per run: given by the run config, or derived at the run's first
     round so that what was spent before plus every remaining planned round stays within
-    the site's budget (and within its per-run cap, if it has one)."""
+    the site's budget (and within its cap over the run window, if it has one).
+
+    Raises CohortInputError when no sigma fits what is left.
+    """
     sample_rate = 1.0 / steps_per_epoch(num_examples, run.training.batch_size)
     releases = list(iter_releases(entries, data_hash))
     history = history_of(releases)
+    window_history = history_of(_in_window(releases, site, time.time() if now is None else now))
     earlier_in_run = [r for r in releases if r.run_id == run_id]
-    run_history = history_of(earlier_in_run)
     if earlier_in_run:
         sigma = earlier_in_run[-1].noise_multiplier
     elif run.dp.noise_multiplier:
         sigma = run.dp.noise_multiplier
     else:
         remaining = (run.training.rounds - server_round + 1) * round_steps(num_examples, run)
-        sigma = derive_noise_multiplier(site.epsilon, site.delta, sample_rate, remaining, run.dp.accountant, prior=history)
+        sigma = noise_for(site, site.epsilon, sample_rate, remaining, prior=history)
         if site.run_epsilon is not None:
-            sigma = max(sigma, derive_noise_multiplier(site.run_epsilon, site.delta, sample_rate, remaining, run.dp.accountant))
+            sigma = max(sigma, noise_for(site, site.run_epsilon, sample_rate, remaining, prior=window_history))
+    accountant = site.accountants[0]
     return RoundPlan(
-        total=PrivacyState(sigma, sample_rate, run.dp.accountant, history),
-        this_run=PrivacyState(sigma, sample_rate, run.dp.accountant, run_history),
+        total=PrivacyState(sigma, sample_rate, accountant, history),
+        window=PrivacyState(sigma, sample_rate, accountant, window_history),
     )
 
 
 def refusal_reason(plan: RoundPlan, steps: int, site: SiteConfig) -> str | None:
     """Why the site must not train this round, or None when the round fits its budget."""
-    spent = plan.total.epsilon(site.delta)
-    projected = plan.total.with_steps(steps).epsilon(site.delta)
+    spent, _ = enforced_epsilon(plan.total, site)
+    projected, accountant = enforced_epsilon(plan.total.with_steps(steps), site)
     if projected > site.epsilon:
         return (
             f"site {site.name} refuses to train: this round would raise its epsilon from {spent:.3f} "
-            f"to {projected:.3f}, over its budget of {site.epsilon:g} (delta {site.delta:g})"
+            f"to {projected:.3f} ({accountant}), over its budget of {site.epsilon:g} (delta {site.delta:g})"
         )
-    run_projected = plan.this_run.with_steps(steps).epsilon(site.delta)
-    if site.run_epsilon is not None and run_projected > site.run_epsilon:
+    window_projected, accountant = enforced_epsilon(plan.window.with_steps(steps), site)
+    if site.run_epsilon is not None and window_projected > site.run_epsilon:
         return (
-            f"site {site.name} refuses to train: this run would reach epsilon {run_projected:.3f}, "
-            f"over the site's per-run cap of {site.run_epsilon:g} (delta {site.delta:g})"
+            f"site {site.name} refuses to train: its releases in the last {site.run_window_hours:g} hours would reach "
+            f"epsilon {window_projected:.3f} ({accountant}), over the site's per-run cap of {site.run_epsilon:g} (delta {site.delta:g})"
         )
     return None
+
+
+def _in_window(releases: list[LedgerRecord], site: SiteConfig, now: float) -> list[LedgerRecord]:
+    start = now - site.run_window_hours * 3600
+    return [r for r in releases if r.timestamp >= start]

@@ -25,3 +25,7 @@ CONFIG_PROXIMAL_MU = "proximal-mu"
 # Error code of a reply in which a site declines a round (budget, or a policy that forbids
 # training without DP); the server stops asking that site for the rest of the run.
 SITE_REFUSED = 4030
+
+# Error code of a reply in which a site declines to evaluate a model: its policy does not
+# let validation results leave it (answer-evaluation = false).
+SITE_DECLINED_EVALUATION = 4031

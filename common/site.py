@@ -1,13 +1,16 @@
-"""What a site decides for itself: its data, its privacy budget and its state directory.
+"""What a site decides for itself: its data, its privacy budget, its state directory,
+which code it runs and what leaves it.
 
 Only the site may decide how its data is used; the coordinator's run config cannot
-override any of this. The policy is read, first match wins, from:
-1. the site's node config (`--node-config "epsilon=3 delta=1e-6 ..."`),
-2. `policy.toml` in the site's state directory (what an operator leaves on the site's disk),
-3. in simulation only, where Flower gives each simulated node just a partition id: the run
-   config's site-epsilon / site-delta / site-allow-non-private, as the default policy of
-   every simulated site. A deployed site (one with a data-path) must set its own budget:
-   the coordinator's run config never decides it.
+override any of this. A deployed site (one with a data-path) reads its policy from its
+node config (`--node-config`, written by `cohort supernode`) and from `policy.toml` in its
+state directory, and from nowhere else: the node config wins where both set a key, and
+the state directory itself must come from the node config.
+
+A simulated site (Flower gives it just a partition id) belongs to the researcher who runs
+the simulation: where it sets nothing, the run config's site-epsilon / site-delta /
+site-allow-non-private / federation-home / accountant are its defaults, and it reports
+every metric so that the simulation's summaries and plots can be drawn.
 """
 
 from __future__ import annotations
@@ -17,10 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from common.config import RunConfig, validate_budget
+from common.config import ACCOUNTANTS, RunConfig, validate_budget
 from common.errors import CohortInputError
 
 POLICY_FILE = "policy.toml"
+
+# What a site's replies may carry besides the weights (see docs/site.md for what each reveals).
+AGGREGATION_METRICS = ("num-examples", "unit-weight")  # always sent: Flower's strategies weigh updates by them
+ACCOUNTING_METRICS = ("epsilon", "delta", "budget-epsilon", "noise-multiplier", "sample-rate", "steps")
+TRAINING_METRICS = ("train-loss", "train-accuracy")
+VALIDATION_METRICS = ("val-loss", "val-accuracy")
+OPTIONAL_METRICS = ACCOUNTING_METRICS + TRAINING_METRICS + VALIDATION_METRICS
+
+DEFAULT_RUN_WINDOW_HOURS = 24.0
+DEFAULT_VAL_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -30,10 +43,18 @@ class SiteConfig:
     name: how the site is named in metrics, ledgers and checkpoints.
     epsilon: the site's total privacy budget for its dataset, over every run.
     delta: the delta of the site's (epsilon, delta) guarantee.
-    run_epsilon: an optional cap on what any single run may spend (None for no cap).
+    state_dir: where the site keeps its ledger and signing key; it outlives runs.
+    run_epsilon: an optional cap on what the site spends within any run_window_hours
+        (None for no cap). The site cannot tell a coordinator's runs apart (it makes run
+        ids at will), so a "run", for the cap, is everything released in that window.
+    run_window_hours: the window of that cap, on the site's own clock.
     allow_non_private: whether the site trains at all when a run asks for no DP; off
         unless the site's policy turns it on, since such training has no guarantee.
-    state_dir: where the site keeps its ledger and signing key; it outlives runs.
+    accountants: the Opacus accountants whose epsilon is enforced; the largest counts.
+    send_metrics: the optional metrics (OPTIONAL_METRICS) the site's replies carry.
+    answer_evaluation: whether the site evaluates models the coordinator sends on its
+        validation data at all.
+    split_seed, val_fraction: the site's own, stable train/validation split (deployment).
     data_path: the site's own data (deployment); None means a simulated partition.
     partition_id, num_partitions: which simulated partition this site holds.
     """
@@ -43,45 +64,99 @@ class SiteConfig:
     delta: float
     state_dir: Path
     run_epsilon: float | None = None
+    run_window_hours: float = DEFAULT_RUN_WINDOW_HOURS
     allow_non_private: bool = False
+    accountants: tuple[str, ...] = ("rdp",)
+    send_metrics: tuple[str, ...] = OPTIONAL_METRICS
+    answer_evaluation: bool = True
+    split_seed: int = 0
+    val_fraction: float = DEFAULT_VAL_FRACTION
     data_path: str | None = None
     partition_id: int | None = None
     num_partitions: int | None = None
 
+    @property
+    def deployed(self) -> bool:
+        return self.data_path is not None
+
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], run: RunConfig) -> SiteConfig:
+        if node_config.get("data-path") is not None:
+            return cls.deployed_site(node_config)
+        return cls.simulated_site(node_config, run)
+
+    @classmethod
+    def deployed_site(cls, node_config: Mapping[str, Any]) -> SiteConfig:
+        """A real site: everything from its node config and its policy.toml, nothing from a run."""
+        name = str(node_config.get("site-name", "site"))
+        if "state-dir" not in node_config:
+            raise CohortInputError(
+                f"site {name} sets no state-dir: a deployed site keeps its ledger and key in its own folder; "
+                "add state-dir=PATH to --node-config (cohort supernode --state-dir does)"
+            )
+        state_dir = Path(str(node_config["state-dir"])).expanduser().resolve()
+        policy = {**_read_policy(state_dir / POLICY_FILE), **node_config}
+        missing = [key for key in ("epsilon", "delta") if key not in policy]
+        if missing:
+            raise CohortInputError(
+                f"site {name} sets no {' or '.join(missing)}: a deployed site chooses its own privacy budget; "
+                f"add it to --node-config (e.g. \"epsilon=8 delta=1e-5\") or to {state_dir / POLICY_FILE}"
+            )
+        site = cls(
+            name=name,
+            epsilon=_number(policy["epsilon"], "epsilon"),
+            delta=_number(policy["delta"], "delta"),
+            state_dir=state_dir,
+            accountants=_names(policy.get("accountants", "rdp"), "accountants", ACCOUNTANTS),
+            send_metrics=_names(policy.get("send-metrics", ",".join(ACCOUNTING_METRICS)), "send-metrics", OPTIONAL_METRICS, allow_empty=True),
+            answer_evaluation=_flag(policy.get("answer-evaluation", False), "answer-evaluation"),
+            split_seed=int(_number(policy.get("split-seed", 0), "split-seed")),
+            val_fraction=_number(policy.get("val-fraction", DEFAULT_VAL_FRACTION), "val-fraction"),
+            data_path=str(node_config["data-path"]),
+            **_shared_policy(policy, name, allow_non_private_default=False),
+        )
+        if not 0 < site.val_fraction < 1:
+            raise CohortInputError(f"val-fraction is {site.val_fraction} in site {name}'s policy; it must be between 0 and 1")
+        return site
+
+    @classmethod
+    def simulated_site(cls, node_config: Mapping[str, Any], run: RunConfig) -> SiteConfig:
+        """A simulated site: the run config's site-* settings are its defaults."""
         partition_id = node_config.get("partition-id")
         num_partitions = node_config.get("num-partitions")
-        data_path = node_config.get("data-path")
-        if data_path is None and partition_id is None:
+        if partition_id is None or num_partitions is None:
             raise CohortInputError("the node config names no data: set data-path=PATH in --node-config")
-        name = str(node_config.get("site-name", f"site-{partition_id}" if partition_id is not None else "site"))
+        name = str(node_config.get("site-name", f"site-{partition_id}"))
         state_dir = Path(str(node_config.get("state-dir", Path(run.federation_home) / name))).expanduser().resolve()
-        policy = {**_read_policy(state_dir / POLICY_FILE), **node_config}
-        if data_path is not None:
-            missing = [key for key in ("epsilon", "delta") if key not in policy]
-            if missing:
-                raise CohortInputError(
-                    f"site {name} sets no {' or '.join(missing)}: a deployed site chooses its own privacy budget; "
-                    f"add it to --node-config (e.g. \"epsilon=8 delta=1e-5\") or to {state_dir / POLICY_FILE}"
-                )
-        epsilon = _number(policy.get("epsilon", run.site_epsilon), "epsilon")
-        delta = _number(policy.get("delta", run.site_delta), "delta")
-        validate_budget(epsilon, delta, source=f"site {name}'s policy")
-        run_epsilon = policy.get("run-epsilon")
-        if run_epsilon is not None and _number(run_epsilon, "run-epsilon") <= 0:
-            raise CohortInputError(f"run-epsilon is {run_epsilon} in site {name}'s policy; a per-run cap must be > 0")
+        policy = {"epsilon": run.site_epsilon, "delta": run.site_delta, **_read_policy(state_dir / POLICY_FILE), **node_config}
         return cls(
             name=name,
-            epsilon=epsilon,
-            delta=delta,
+            epsilon=_number(policy["epsilon"], "epsilon"),
+            delta=_number(policy["delta"], "delta"),
             state_dir=state_dir,
-            run_epsilon=_number(run_epsilon, "run-epsilon") if run_epsilon is not None else None,
-            allow_non_private=_flag(policy.get("allow-non-private", run.site_allow_non_private), "allow-non-private"),
-            data_path=str(data_path) if data_path is not None else None,
-            partition_id=int(partition_id) if partition_id is not None else None,
-            num_partitions=int(num_partitions) if num_partitions is not None else None,
+            accountants=_names(policy.get("accountants", run.dp.accountant), "accountants", ACCOUNTANTS),
+            send_metrics=_names(policy.get("send-metrics", ",".join(OPTIONAL_METRICS)), "send-metrics", OPTIONAL_METRICS, allow_empty=True),
+            answer_evaluation=_flag(policy.get("answer-evaluation", True), "answer-evaluation"),
+            partition_id=int(partition_id),
+            num_partitions=int(num_partitions),
+            **_shared_policy(policy, name, allow_non_private_default=run.site_allow_non_private),
         )
+
+
+def _shared_policy(policy: Mapping[str, Any], name: str, allow_non_private_default: bool) -> dict[str, Any]:
+    """The keys a deployed and a simulated site read alike, validated."""
+    validate_budget(_number(policy["epsilon"], "epsilon"), _number(policy["delta"], "delta"), source=f"site {name}'s policy")
+    run_epsilon = policy.get("run-epsilon")
+    if run_epsilon is not None and _number(run_epsilon, "run-epsilon") <= 0:
+        raise CohortInputError(f"run-epsilon is {run_epsilon} in site {name}'s policy; a per-run cap must be > 0")
+    window = _number(policy.get("run-window-hours", DEFAULT_RUN_WINDOW_HOURS), "run-window-hours")
+    if window <= 0:
+        raise CohortInputError(f"run-window-hours is {window} in site {name}'s policy; it must be > 0")
+    return {
+        "run_epsilon": _number(run_epsilon, "run-epsilon") if run_epsilon is not None else None,
+        "run_window_hours": window,
+        "allow_non_private": _flag(policy.get("allow-non-private", allow_non_private_default), "allow-non-private"),
+    }
 
 
 def _read_policy(path: Path) -> dict[str, Any]:
@@ -92,6 +167,18 @@ def _read_policy(path: Path) -> dict[str, Any]:
             return tomllib.load(stream)
     except tomllib.TOMLDecodeError as error:
         raise CohortInputError(f"{path} is not valid TOML ({error}); fix the site's policy file") from None
+
+
+def _names(value: Any, key: str, choices: tuple[str, ...], allow_empty: bool = False) -> tuple[str, ...]:
+    """A list in policy.toml, or a comma-separated string in the node config."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    names = tuple(dict.fromkeys(str(item).strip() for item in items if str(item).strip()))
+    if not names and not allow_empty:
+        raise CohortInputError(f"{key} is empty in the site's policy; name at least one of {', '.join(choices)}")
+    unknown = [name for name in names if name not in choices]
+    if unknown:
+        raise CohortInputError(f"{key} names {', '.join(unknown)} in the site's policy; choose from {', '.join(choices)}")
+    return names
 
 
 def _flag(value: Any, name: str) -> bool:

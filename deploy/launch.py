@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import ssl
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +24,15 @@ import tomli_w
 from common.config import validate_budget
 from common.errors import CohortInputError
 from common.flower_runtime import flower_executable, offline_flower_env
+from common.privacy.ledger import SiteLedger
 from common.rundir import write_bytes_atomic
 from deploy.certificates import LOOPBACK, CertificateLayout, check_ca, check_server_files, check_site_key, validate_site_name
 
 PROBE_TIMEOUT_S = 5.0
+# In a site's state directory: the folder put first on the PATH Flower starts ClientApps from.
+SITE_RUNTIME_DIR = "runtime"
+# The module the site's own `flwr-clientapp` runs (client/site_runner.py).
+SITE_RUNNER_MODULE = "client.site_runner"
 
 
 @dataclass(frozen=True)
@@ -96,8 +103,16 @@ class SuperNodeLaunch:
             "--root-certificates", str(self.ca_cert),
             "--auth-supernode-private-key", str(self.auth_key),
             "--port", str(self.port),
+            "--isolation", "subprocess",
             "--node-config", self.node_config(),
         ]  # fmt: skip
+
+    def prepare(self) -> str:
+        """The site's own runtime: its ledger key (made on first start) and its
+        `flwr-clientapp`. Returns the key's fingerprint, for the auditor's records."""
+        fingerprint = init_site_state(self.state_dir)
+        install_site_runner(self.state_dir)
+        return fingerprint
 
     def node_config(self) -> str:
         """Flower parses each value as TOML: strings quoted (JSON's quoting is valid TOML)."""
@@ -109,6 +124,31 @@ class SuperNodeLaunch:
             "delta": self.delta,
         }
         return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
+
+
+def init_site_state(state_dir: Path) -> str:
+    """The site's ledger key and ledger head, made by the site's own command (never by a
+    ClientApp): an existing key is kept, and a ledger kept before heads existed gets one
+    once its chain verifies. Returns the key's fingerprint."""
+    ledger = SiteLedger(state_dir, create_key=True)
+    ledger.adopt()
+    return ledger.fingerprint()
+
+
+def install_site_runner(state_dir: Path) -> Path:
+    """Write the site's `flwr-clientapp` into its state directory and return its folder.
+
+    Flower's SuperExec starts ClientApps by the name `flwr-clientapp` from PATH; with this
+    folder first on the SuperNode's PATH, every ClientApp process is the site's installed
+    Cohort (client/site_runner.py), run isolated (-I: no PYTHONPATH, no user site, no
+    working directory on sys.path), so no file a FAB or the environment brings is imported.
+    """
+    folder = state_dir / SITE_RUNTIME_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "flwr-clientapp"
+    script.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -I -m {SITE_RUNNER_MODULE} "$@"\n', encoding="utf-8")
+    script.chmod(0o755)
+    return folder
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -177,7 +217,15 @@ def flwr_home() -> Path:
     return Path(os.environ.get("FLWR_HOME", "~/.flwr")).expanduser()
 
 
-def exec_flower(argv: list[str]) -> None:
+def exec_flower(argv: list[str], first_on_path: Path | None = None) -> None:
     """Become the Flower process, with runtime dependency installation off (sites are
-    often air-gapped) and Flower's executables found beside this interpreter."""
-    os.execve(argv[0], argv, offline_flower_env(flwr_home()))
+    often air-gapped) and Flower's executables found beside this interpreter, after
+    `first_on_path` (a site's own runtime folder) when given."""
+    os.execve(argv[0], argv, flower_env(first_on_path))
+
+
+def flower_env(first_on_path: Path | None = None) -> dict[str, str]:
+    env = offline_flower_env(flwr_home())
+    if first_on_path is not None:
+        env["PATH"] = os.pathsep.join([str(first_on_path), env["PATH"]])
+    return env

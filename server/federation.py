@@ -210,6 +210,9 @@ class Federation:
             record.refusals[node] = registry.name_of(node) or _site_named_in(reason, node)
             log(WARNING, "Round %d: %s; it is out of this run", record.server_round, reason)
             return
+        if stage == "evaluate" and reply.error.code == protocol.SITE_DECLINED_EVALUATION:
+            log(INFO, "Round %d: %s", record.server_round, reason)  # the site's policy: not a failure
+            return
         record.failures.append({"node": node, "site": registry.name_of(node) or f"node {node}", "stage": stage, "reason": reason})
         log(WARNING, "Round %d: node %d failed to %s: %s", record.server_round, node, stage, reason)
 

@@ -93,12 +93,12 @@ def test_simulated_site_without_its_own_budget_takes_the_run_default() -> None:
 
 def test_site_with_a_non_positive_budget_is_refused() -> None:
     with pytest.raises(CohortInputError, match="a privacy budget must be > 0"):
-        SiteConfig.from_node_config({"data-path": "/data", "epsilon": 0, "delta": 1e-5}, RunConfig())
+        SiteConfig.from_node_config({"data-path": "/data", "state-dir": "/nonexistent/site", "epsilon": 0, "delta": 1e-5}, RunConfig())
 
 
 def test_deployed_site_without_its_own_budget_is_refused_rather_than_given_the_coordinators() -> None:
     with pytest.raises(CohortInputError, match="chooses its own privacy budget"):
-        SiteConfig.from_node_config({"data-path": "/data", "epsilon": 3}, RunConfig(site_epsilon=50.0))
+        SiteConfig.from_node_config({"data-path": "/data", "state-dir": "/nonexistent/site", "epsilon": 3}, RunConfig(site_epsilon=50.0))
 
 
 def test_node_config_without_data_is_refused() -> None:

@@ -123,5 +123,5 @@ def test_folder_of_unknown_layout_is_refused(tmp_path: Path) -> None:
 
 
 def test_deployed_site_uses_all_of_its_own_data(medmnist_npz: Path) -> None:
-    site = local_site_data(str(medmnist_npz), DataConfig(val_fraction=0.1))
+    site = local_site_data(str(medmnist_npz), seed=0, val_fraction=0.1)
     assert len(site.train) + len(site.val) == 180

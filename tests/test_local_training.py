@@ -52,7 +52,7 @@ def test_derived_plan_spends_at_most_the_budget_over_all_planned_rounds() -> Non
 
 def test_a_round_that_would_exceed_the_budget_is_refused() -> None:
     plan = _fresh_plan()
-    spent = RoundPlan(plan.total.with_steps(RUN.training.rounds * STEPS), plan.this_run)
+    spent = RoundPlan(plan.total.with_steps(RUN.training.rounds * STEPS), plan.window)
     reason = refusal_reason(spent, STEPS, SITE)
     assert reason is not None and "over its budget of 8" in reason
 
@@ -64,8 +64,8 @@ def test_a_round_within_the_budget_is_not_refused() -> None:
 def test_a_per_run_cap_lowers_the_run_plan_and_refuses_beyond_it() -> None:
     capped = SiteConfig(name="site-0", epsilon=8.0, delta=1e-5, state_dir=Path("/unused"), run_epsilon=2.0, partition_id=0, num_partitions=5)
     plan = _fresh_plan(capped)
-    assert plan.this_run.with_steps(RUN.training.rounds * STEPS).epsilon(1e-5) <= 2.0
-    over = RoundPlan(plan.total, plan.this_run.with_steps(RUN.training.rounds * STEPS))
+    assert plan.window.with_steps(RUN.training.rounds * STEPS).epsilon(1e-5) <= 2.0
+    over = RoundPlan(plan.total, plan.window.with_steps(RUN.training.rounds * STEPS))
     assert "per-run cap of 2" in refusal_reason(over, STEPS, capped)
 
 

@@ -5,6 +5,13 @@ the budget belongs to the dataset and not to a run. A record carries the hash of
 before it and an Ed25519 signature by the site's key: editing, removing, reordering or
 re-signing a record breaks the chain or a signature. Sites send their signed entries to
 the coordinator, whose run directory keeps the same entries, in the same format.
+
+Removing the last records leaves a valid chain, so beside the ledger a head file keeps
+the count and the last hash; a site verifies chain and head before every round and
+refuses to train when either does not hold (SiteLedger.verified_entries). A deployed
+site's key is made by the site's own command (`cohort supernode` / `cohort site init`),
+never by a ClientApp, and that command writes an empty head, so deleting the ledger and
+head together is noticed too.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ REFUSAL = "refusal"
 NON_PRIVATE = "non-private"  # training without DP, allowed by the site's policy: no guarantee
 
 LEDGER_FILE = "privacy_ledger.jsonl"
+HEAD_FILE = "privacy_ledger.head.json"
 PRIVATE_KEY_FILE = "ledger_key.pem"
 PUBLIC_KEY_FILE = "ledger_key.pub.pem"
 GENESIS_HASH = "0" * 64
@@ -56,9 +64,11 @@ class LedgerRecord:
     epsilon: cumulative epsilon on this dataset after the release (RDP, the enforced figure).
     accountant: the accountant behind `epsilon`.
     budget_epsilon: the site's total budget when the record was written.
-    dataset_hash: SHA-256 of the site's training data; spending composes per dataset.
+    dataset_hash: the identity of the site's data: SHA-256 of all of it, before any split;
+        spending composes per dataset ('' when the site refused a run's code unread).
     model_hash: SHA-256 of the released weights ('' for a refusal).
-    config_hash: the run config's fingerprint.
+    config_hash: the run config's fingerprint; 'fab:<FAB hash>' when the site refused to run
+        the code a run shipped (client/site_runner.py).
     timestamp: seconds since the epoch.
     reason: why a refusal happened ('' for a release).
     """
@@ -111,23 +121,89 @@ class LedgerEntry:
         return cls(int(data["sequence"]), str(data["previous_hash"]), LedgerRecord(**data["record"]), str(data["signature"]))
 
 
-class SiteLedger:
-    """A site's ledger in its state directory, with the site's signing key beside it."""
+class LedgerBroken(CohortInputError):
+    """The site's ledger does not match its head or its key: the site must not train."""
 
-    def __init__(self, state_dir: Path) -> None:
+
+class SiteLedger:
+    """A site's ledger in its state directory, with the site's signing key and head beside it.
+
+    create_key: make the key (and an empty head) when there is none; only the site's own
+    setup (and a simulated site, which belongs to the researcher) does that, a deployed
+    ClientApp never.
+    """
+
+    def __init__(self, state_dir: Path, create_key: bool = True) -> None:
         self.state_dir = state_dir
         self.path = state_dir / LEDGER_FILE
-        self._key = _load_or_create_key(state_dir)
+        self.head_path = state_dir / HEAD_FILE
+        if not create_key and not (state_dir / PRIVATE_KEY_FILE).exists():
+            raise LedgerBroken(
+                f"site state {state_dir} has no signing key {PRIVATE_KEY_FILE}; the site refuses to train until its operator "
+                f"runs `cohort site init --state-dir {state_dir}` (or `cohort supernode`, which does it on first start)"
+            )
+        self._key = _load_or_create_key(state_dir, self.head_path)
 
     @property
     def public_key_file(self) -> Path:
         return self.state_dir / PUBLIC_KEY_FILE
 
+    def fingerprint(self) -> str:
+        return key_fingerprint(self._key.public_key())
+
     def entries(self) -> list[LedgerEntry]:
         return read_entries(self.path) if self.path.exists() else []
 
+    def verified_entries(self) -> list[LedgerEntry]:
+        """The whole ledger, after checking every link and signature against the site's key
+        and the count and last hash against the head. Raises LedgerBroken, with one line
+        for the site's operator, when anything does not hold."""
+        problem = self._problem()
+        if problem is not None:
+            raise LedgerBroken(
+                f"site ledger {self.path} {problem}; the site refuses to train until its operator restores the ledger "
+                f"(and {HEAD_FILE}) from backup and checks it with `cohort audit verify {self.state_dir} --public-key {self.public_key_file}`"
+            )
+        return self.entries()
+
+    def _problem(self) -> str | None:
+        if not self.head_path.exists():
+            return f"has no head file {HEAD_FILE} beside it: it was deleted"
+        head = read_head(self.head_path)
+        if not self.path.exists():
+            return f"is missing while its head says it holds {head.count} record(s)" if head.count else None
+        try:
+            entries = read_entries(self.path)
+        except CohortInputError as unreadable:
+            return f"cannot be read ({unreadable})"
+        broken = verify_chain(entries, self._key.public_key())
+        if broken is not None:
+            return f"is broken: {broken}"
+        if len(entries) < head.count:
+            return f"holds {len(entries)} record(s) but its head says {head.count}: records were removed from its end"
+        if head.count and entries[head.count - 1].entry_hash() != head.last_hash:
+            return f"record {head.count} is not the one its head names: the ledger was replaced"
+        return None
+
+    def adopt(self) -> int:
+        """Write the head of a ledger that has none (one kept before heads existed), after
+        verifying its whole chain against the site's key; the operator's act, through
+        `cohort site init`. Returns the number of records the head now covers."""
+        if self.head_path.exists() or not self.path.exists():
+            return read_head(self.head_path).count if self.head_path.exists() else 0
+        entries = read_entries(self.path)
+        broken = verify_chain(entries, self._key.public_key())
+        if broken is not None:
+            raise LedgerBroken(f"site ledger {self.path} is broken: {broken}; restore it from backup before adopting it")
+        write_head(self.head_path, LedgerHead(len(entries), entries[-1].entry_hash() if entries else GENESIS_HASH))
+        return len(entries)
+
     def append(self, record: LedgerRecord) -> LedgerEntry:
-        """Sign and append; fsync before returning, so an acknowledged release is never lost."""
+        """Sign and append; fsync before returning, so an acknowledged release is never lost.
+
+        The head is rewritten after the record is on disk: a crash between the two leaves a
+        ledger one signed record ahead of its head, which verification accepts.
+        """
         existing = self.entries()
         previous = existing[-1].entry_hash() if existing else GENESIS_HASH
         unsigned = LedgerEntry(len(existing), previous, record, signature="")
@@ -137,7 +213,40 @@ class SiteLedger:
             stream.write(entry.to_json() + "\n")
             stream.flush()
             os.fsync(stream.fileno())
+        write_head(self.head_path, LedgerHead(len(existing) + 1, entry.entry_hash()))
         return entry
+
+
+@dataclass(frozen=True)
+class LedgerHead:
+    """How many records the ledger holds and the hash of the last one."""
+
+    count: int
+    last_hash: str
+
+
+def read_head(path: Path) -> LedgerHead:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return LedgerHead(int(data["count"]), str(data["last_hash"]))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise LedgerBroken(f"{path} is not a ledger head; restore it from backup") from None
+
+
+def write_head(path: Path, head: LedgerHead) -> None:
+    """Atomically: a crash leaves the old head or the new one, never half of one."""
+    temporary = path.with_suffix(".tmp")
+    with temporary.open("w", encoding="utf-8") as stream:
+        json.dump({"count": head.count, "last_hash": head.last_hash}, stream)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+
+
+def key_fingerprint(public_key: Ed25519PublicKey) -> str:
+    """SHA-256 of the raw public key, for an auditor to record out of band."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "SHA256:" + hashlib.sha256(raw).hexdigest()
 
 
 def read_entries(path: Path) -> list[LedgerEntry]:
@@ -207,8 +316,8 @@ def iter_releases(entries: list[LedgerEntry], dataset_hash: str) -> Iterator[Led
     return (e.record for e in entries if e.record.kind == RELEASE and e.record.dataset_hash == dataset_hash)
 
 
-def _load_or_create_key(state_dir: Path) -> Ed25519PrivateKey:
-    """The site's signing key, created on first use with 0600 permissions."""
+def _load_or_create_key(state_dir: Path, head_path: Path) -> Ed25519PrivateKey:
+    """The site's signing key, created on first use with 0600 permissions, with an empty head."""
     state_dir.mkdir(parents=True, exist_ok=True)
     key_file = state_dir / PRIVATE_KEY_FILE
     if key_file.exists():
@@ -225,6 +334,8 @@ def _load_or_create_key(state_dir: Path) -> Ed25519PrivateKey:
         stream.write(pem)
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     (state_dir / PUBLIC_KEY_FILE).write_bytes(public)
+    if not head_path.exists() and not (state_dir / LEDGER_FILE).exists():
+        write_head(head_path, LedgerHead(0, GENESIS_HASH))
     return key
 
 

@@ -1,0 +1,113 @@
+"""A deployed site's policy comes from the site alone, and its budget belongs to its data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps
+from common.config import RunConfig
+from common.data.federation import local_site_data
+from common.errors import CohortInputError
+from common.privacy.accounting import PrivacyState
+from common.privacy.ledger import RELEASE, SAMPLE_LEVEL_DP_SGD, LedgerRecord, SiteLedger
+from common.site import ACCOUNTING_METRICS, SiteConfig
+from tests.conftest import make_images
+
+HOSTILE_RUN = RunConfig.from_flower(
+    {"site-allow-non-private": True, "site-epsilon": 100.0, "accountant": "gdp", "federation-home": "/tmp/elsewhere", "dp": False}
+)
+
+
+def _deployed(state_dir: Path, **policy: object) -> SiteConfig:
+    return SiteConfig.from_node_config({"data-path": "/data", "state-dir": str(state_dir), "epsilon": 2.0, "delta": 1e-5, **policy}, HOSTILE_RUN)
+
+
+@pytest.fixture
+def site_npz(tmp_path: Path) -> Path:
+    images, labels = make_images(100, seed=5)
+    path = tmp_path / "site.npz"
+    np.savez(path, train_images=images, train_labels=labels[:, None])
+    return path
+
+
+def test_a_deployed_site_takes_nothing_from_the_run_config(tmp_path: Path) -> None:
+    site = _deployed(tmp_path / "state")
+    assert site.state_dir == (tmp_path / "state").resolve()
+    assert (site.epsilon, site.allow_non_private, site.accountants) == (2.0, False, ("rdp",))
+
+
+def test_a_deployed_site_without_a_state_dir_is_refused() -> None:
+    with pytest.raises(CohortInputError, match="sets no state-dir"):
+        SiteConfig.from_node_config({"data-path": "/data", "epsilon": 2.0, "delta": 1e-5}, HOSTILE_RUN)
+
+
+def test_a_deployed_site_reads_its_policy_file_and_its_node_config_wins(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "policy.toml").write_text('allow-non-private = true\naccountants = ["rdp", "prv"]\nepsilon = 5.0\nsend-metrics = []\n')
+    site = _deployed(state)
+    assert (site.epsilon, site.allow_non_private, site.accountants, site.send_metrics) == (2.0, True, ("rdp", "prv"), ())
+
+
+def test_by_default_a_deployed_site_sends_accounting_figures_only_and_answers_no_evaluation(tmp_path: Path) -> None:
+    site = _deployed(tmp_path)
+    assert site.send_metrics == ACCOUNTING_METRICS and not site.answer_evaluation
+
+
+def test_a_simulated_site_keeps_the_run_configs_defaults_and_reports_everything() -> None:
+    site = SiteConfig.from_node_config({"partition-id": 0, "num-partitions": 2}, HOSTILE_RUN)
+    assert (site.epsilon, site.allow_non_private, site.accountants) == (100.0, True, ("gdp",))
+    assert "train-loss" in site.send_metrics and site.answer_evaluation
+
+
+def test_an_unknown_metric_or_accountant_in_the_policy_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(CohortInputError, match="send-metrics names raw-gradients"):
+        _deployed(tmp_path, **{"send-metrics": "epsilon,raw-gradients"})
+    with pytest.raises(CohortInputError, match="accountants names moments"):
+        _deployed(tmp_path, accountants="moments")
+
+
+def test_the_most_conservative_of_the_sites_accountants_is_enforced(tmp_path: Path) -> None:
+    state = PrivacyState(1.0, 0.05, "rdp", ((1.0, 0.05, 400),))
+    each = {name: enforced_epsilon(state, _deployed(tmp_path, accountants=name))[0] for name in ("rdp", "prv", "gdp")}
+    both = enforced_epsilon(state, _deployed(tmp_path, accountants="gdp,rdp,prv"))
+    assert both == (max(each.values()), max(each, key=each.get))
+
+
+def test_the_data_identity_is_the_same_for_any_seed_and_validation_share(site_npz: Path) -> None:
+    identities = {local_site_data(str(site_npz), seed, share).identity for seed in (0, 43) for share in (0.1, 0.3)}
+    assert len(identities) == 1
+
+
+def test_a_sites_split_is_its_own_and_stable(site_npz: Path) -> None:
+    first, again = (local_site_data(str(site_npz), seed=7, val_fraction=0.2) for _ in range(2))
+    assert np.array_equal(first.train.labels, again.train.labels) and len(first.val) == 20
+
+
+def _release(run_id: int, plan_state: PrivacyState, steps: int, timestamp: float) -> LedgerRecord:
+    after = plan_state.with_steps(steps)
+    return LedgerRecord(
+        kind=RELEASE, run_id=run_id, round=1, site="site", mechanism=SAMPLE_LEVEL_DP_SGD, noise_multiplier=after.noise_multiplier,
+        sample_rate=after.sample_rate, sampling="poisson", steps=steps, clip_norm=1.0, delta=1e-5, epsilon=0.0, accountant="rdp",
+        budget_epsilon=8.0, dataset_hash="data", model_hash="", config_hash="", timestamp=timestamp,
+    )  # fmt: skip
+
+
+def test_the_per_run_cap_holds_across_new_run_ids_within_the_window(tmp_path: Path) -> None:
+    site = _deployed(tmp_path, epsilon=8.0, **{"run-epsilon": 1.0, "run-window-hours": 24})
+    ledger = SiteLedger(tmp_path)
+    run = RunConfig.from_flower({"rounds": 1, "batch-size": 20})
+    now = 1_000_000.0
+    plan = plan_round(run, site, ledger.entries(), "data", run_id=1, server_round=1, num_examples=100, now=now)
+    steps = round_steps(100, run)
+    assert refusal_reason(plan, steps, site) is None
+    ledger.append(_release(1, plan.total, steps, now))
+    noisy = RunConfig.from_flower({"rounds": 1, "batch-size": 20, "noise-multiplier": 3.0})
+    fresh_run = plan_round(noisy, site, ledger.entries(), "data", run_id=2, server_round=1, num_examples=100, now=now + 60)
+    reason = refusal_reason(fresh_run, steps, site)
+    assert reason is not None and "per-run cap of 1" in reason
+    next_day = plan_round(noisy, site, ledger.entries(), "data", run_id=3, server_round=1, num_examples=100, now=now + 25 * 3600)
+    assert refusal_reason(next_day, steps, site) is None

@@ -1,0 +1,69 @@
+"""Which code answers at a deployed site: only its installed Cohort, decided from the FAB's
+bytes without unpacking or importing it; and how `cohort supernode` puts the site's own
+`flwr-clientapp` in Flower's way."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+from flwr.supercore.fab import Fab
+
+from client.site_runner import SITE_PACKAGES, code_refusal
+from deploy.launch import SITE_RUNTIME_DIR, SuperNodeLaunch, flower_env
+
+PYPROJECT = b'[tool.flwr.app.components]\nserverapp = "server.app:app"\nclientapp = "client.app:app"\n'
+
+
+def _fab(changes: dict[str, bytes]) -> Fab:
+    """A FAB of the site's own installed code, with `changes` on top."""
+    files = {"pyproject.toml": PYPROJECT, "server/app.py": b"anything the coordinator likes\n"}
+    for package, root in SITE_PACKAGES.items():
+        files.update({f"{package}/{p.relative_to(root).as_posix()}": p.read_bytes() for p in root.rglob("*.py")})
+    files.update(changes)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, content in files.items():
+            archive.writestr(name, content)
+    return Fab(hash_str="f" * 64, content=buffer.getvalue(), verifications={})
+
+
+def test_a_fab_of_the_sites_own_client_code_is_answered_by_the_installed_code() -> None:
+    assert code_refusal(_fab({})) is None
+
+
+def test_a_fab_with_a_changed_client_module_is_refused_naming_the_file() -> None:
+    reason = code_refusal(_fab({"client/privacy_plan.py": b"def refusal_reason(*a): return None\n"}))
+    assert reason is not None and "client/privacy_plan.py" in reason
+
+
+def test_a_fab_that_adds_a_module_to_the_sites_packages_is_refused() -> None:
+    reason = code_refusal(_fab({"common/backdoor.py": b"import os\n"}))
+    assert reason is not None and "common/backdoor.py" in reason
+
+
+def test_a_fab_naming_another_clientapp_is_refused() -> None:
+    reason = code_refusal(_fab({"pyproject.toml": PYPROJECT.replace(b"client.app:app", b"evil:app")}))
+    assert reason is not None and "'evil:app'" in reason
+
+
+def test_a_fab_that_is_not_a_zip_is_refused() -> None:
+    assert "cannot be read" in code_refusal(Fab(hash_str="0" * 64, content=b"not a zip", verifications={}))
+
+
+def test_cohort_supernode_puts_the_sites_own_flwr_clientapp_first_on_flowers_path(tmp_path: Path) -> None:
+    launch = SuperNodeLaunch(
+        superlink="127.0.0.1:1", ca_cert=tmp_path / "ca.crt", auth_key=tmp_path / "key", name="site", data=tmp_path,
+        state_dir=tmp_path / "state", epsilon=1.0, delta=1e-5, port=1,
+    )  # fmt: skip
+    fingerprint = launch.prepare()
+    env = flower_env(launch.state_dir / SITE_RUNTIME_DIR)
+    found = shutil.which("flwr-clientapp", path=env["PATH"])
+    assert found == str(launch.state_dir / SITE_RUNTIME_DIR / "flwr-clientapp") and os.access(found, os.X_OK)
+    assert fingerprint.startswith("SHA256:") and "--isolation" in launch.argv()
+    usage = subprocess.run([found, "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 0 and "The site's own ClientApp runner" in usage.stdout

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from cli.audit import audit_app
 from cli.certs import certs_app
-from cli.deploy import connect, superlink, supernode
+from cli.deploy import connect, front_door, superlink, supernode
 from cli.errors import input_errors
 from common.errors import CohortInputError
 from common.rundir import RunDirectory
@@ -141,7 +141,7 @@ def _fmt(value: Any, pattern: str = "{:.4f}", missing: str = "-") -> str:
     return missing if value is None else pattern.format(value)
 
 
-for deployment_command in (superlink, supernode, connect):
+for deployment_command in (superlink, front_door, supernode, connect):
     app.command()(deployment_command)
 
 

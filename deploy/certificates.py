@@ -36,8 +36,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from common.errors import CohortInputError
 from common.rundir import write_bytes_atomic
 
-# Where the SuperLink's SuperExec reaches it; every SuperLink certificate must cover it.
+# Where the SuperLink's SuperExec, the coordinator's flwr and the front door reach it;
+# every SuperLink certificate covers both: the address (Python's TLS checks IP SANs) and
+# the name (nginx checks an upstream's certificate against a DNS name only).
 LOOPBACK = "127.0.0.1"
+LOOPBACK_NAME = "localhost"
 _PRIVATE_MODE = 0o600
 _PUBLIC_MODE = 0o644
 _CA_COMMON_NAME = "Cohort federation CA"
@@ -104,16 +107,16 @@ def validate_site_name(name: str) -> None:
 
 
 def subject_alternative_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
-    """The hosts given, in order and without repeats, and the loopback address.
+    """The hosts given, in order and without repeats, and the loopback address and name.
 
     The SuperLink's own SuperExec dials it on 127.0.0.1, over the same TLS, and a
-    certificate without that address leaves every run pending; `cohort certs init` says
-    that it adds it.
+    certificate without that address leaves every run pending; the front door checks the
+    SuperLink behind it as `localhost`. `cohort certs init` says that it adds both.
     """
     if not hosts:
         raise CohortInputError("give at least one --superlink-host: a name or IP address SuperNodes use to reach the SuperLink")
     names: list[x509.GeneralName] = []
-    for host in (*hosts, LOOPBACK):
+    for host in (*hosts, LOOPBACK, LOOPBACK_NAME):
         name = _general_name(host)
         if name not in names:
             names.append(name)

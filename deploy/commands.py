@@ -13,10 +13,14 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
-# flower-superlink 1.42 serves its Fleet and Control APIs over HTTPS on one --host/--port
-# (Flower's default port, flwr.supercore.constant.SUPERLINK_UVICORN_DEFAULT_PORT).
+# The front door: what sites reach, the Fleet API alone (Flower's default SuperLink port,
+# flwr.supercore.constant.SUPERLINK_UVICORN_DEFAULT_PORT, so sites dial what Flower's docs say).
 SUPERLINK_LISTEN_HOST = "0.0.0.0"
 SUPERLINK_PORT = 8000
+# flower-superlink 1.42 serves its Fleet, Control and Runtime APIs on one port: this one, on
+# the coordinator's loopback (Flower's former Control API port), for flwr and its SuperExec.
+SUPERLINK_LOCAL_PORT = 9093
+SUPERLINK_LOCAL_ADDRESS = f"127.0.0.1:{SUPERLINK_LOCAL_PORT}"
 # A SuperNode's own local API; SuperNodes that share a machine each need their own.
 SUPERNODE_PORT = 9094
 
@@ -47,15 +51,28 @@ def certs_site_command(certs_dir: str | Path = CERTS_DIR, name: str = SITE_NAME)
 
 
 def superlink_command(
-    certs_dir: str | Path = CERTS_DIR, database: str | Path = SUPERLINK_DATABASE, host: str = SUPERLINK_LISTEN_HOST, port: int = SUPERLINK_PORT
+    certs_dir: str | Path = CERTS_DIR,
+    database: str | Path = SUPERLINK_DATABASE,
+    host: str = SUPERLINK_LISTEN_HOST,
+    port: int = SUPERLINK_PORT,
+    local_port: int = SUPERLINK_LOCAL_PORT,
 ) -> list[str]:
-    """The coordinator's SuperLink: TLS with the certificates of `cohort certs init`, and
-    only registered SuperNodes admitted; registrations live in the database file."""
-    return ["cohort", "superlink", "--certs", str(certs_dir), "--database", str(database), "--host", host, "--port", str(port)]
+    """The coordinator's side: the SuperLink on 127.0.0.1:local_port (TLS with the
+    certificates of `cohort certs init`, only registered SuperNodes admitted, registrations
+    kept in the database file) and the front door on host:port, the Fleet API alone."""
+    return [
+        "cohort", "superlink",
+        "--certs", str(certs_dir),
+        "--database", str(database),
+        "--host", host,
+        "--port", str(port),
+        "--local-port", str(local_port),
+    ]  # fmt: skip
 
 
-def connect_command(connection: str = CONNECTION, superlink: str = SUPERLINK_ADDRESS, ca_cert: str | Path = CA_CERT) -> list[str]:
-    """Tells `flwr` on the coordinator how to reach the SuperLink over TLS."""
+def connect_command(connection: str = CONNECTION, superlink: str = SUPERLINK_LOCAL_ADDRESS, ca_cert: str | Path = CA_CERT) -> list[str]:
+    """Tells `flwr` on the coordinator's host how to reach the SuperLink over TLS, on
+    loopback: the front door refuses `flwr`."""
     return ["cohort", "connect", connection, "--superlink", superlink, "--ca-cert", str(ca_cert)]
 
 

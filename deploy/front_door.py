@@ -45,12 +45,13 @@ def fleet_routes() -> list[str]:
 
 
 def nginx_executable() -> str:
-    """Debian's nginx (packages nginx-light or nginx); `make test` installs it when root."""
-    found = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
+    """Debian's nginx (package nginx-light or nginx; `make test` installs it when root),
+    found on PATH like every program an operator names."""
+    found = shutil.which("nginx")
     if found is None:
         raise CohortInputError(
-            "nginx is not installed, and the front door needs it: install Debian's package "
-            "(`apt-get install nginx-light`) or use the Cohort Docker image"
+            "nginx is not on PATH, and the front door needs it: install Debian's package "
+            "(`apt-get install nginx-light`), add its folder (/usr/sbin) to PATH, or use the Cohort Docker image"
         )
     return found
 

@@ -70,16 +70,16 @@ def init(
     ca.key is written encrypted with a passphrase, from --ca-passphrase-file or asked for
     in the terminal."""
     with input_errors():
-        passphrase = _ca_passphrase(ca_passphrase_file)
-        init_certificates(directory, superlink_host, passphrase=passphrase, days=days, force=force)
-        checked = check_server_files(directory, superlink_host)
         names = describe_names(subject_alternative_names(superlink_host))
+        init_certificates(directory, superlink_host, passphrase=_ca_passphrase(ca_passphrase_file), days=days, force=force)
+        checked = check_server_files(directory, superlink_host)
     layout = CertificateLayout(directory)
     _print_files("wrote", directory, checked)
     console.print(
         f"SANs written: {names} (127.0.0.1 and localhost for the coordinator's own flwr, SuperExec and front door; sites dial a host you gave)",
         markup=False,
         highlight=False,
+        soft_wrap=True,
     )
     console.print(f"{layout.ca_key} is encrypted with your passphrase; only `cohort certs init` needs it: keep it off the SuperLink's host.", markup=False, highlight=False)
     _print_step(
@@ -180,5 +180,5 @@ def _print_files(title: str, directory: Path, checked: list[CheckedFile]) -> Non
 
 def _print_step(heading: str, text: str) -> None:
     """Commands are printed without markup or wrapping, so they paste exactly as shown."""
-    console.print(f"\n{heading}", markup=False, highlight=False)
+    console.print(f"\n{heading}", markup=False, highlight=False, soft_wrap=True)
     console.print(text, markup=False, highlight=False, soft_wrap=True)

@@ -27,6 +27,7 @@ SUPERNODE_PORT = 9094
 SUPERLINK_HOST = "<SUPERLINK_HOST>"
 SUPERLINK_ADDRESS = f"{SUPERLINK_HOST}:{SUPERLINK_PORT}"
 SUPERLINK_DATABASE = "<SUPERLINK_DATABASE>"
+SUPERLINK_UPSTREAM = f"<SUPERLINK_PRIVATE_HOST>:{SUPERLINK_LOCAL_PORT}"
 CONNECTION = "<CONNECTION>"
 CERTS_DIR = "<CERTS_DIR>"
 CA_CERT = "<CA_CERT>"
@@ -68,6 +69,28 @@ def superlink_command(
         "--port", str(port),
         "--local-port", str(local_port),
     ]  # fmt: skip
+
+
+def private_superlink_command(
+    certs_dir: str | Path = CERTS_DIR, database: str | Path = SUPERLINK_DATABASE, local_host: str = SUPERLINK_LISTEN_HOST, local_port: int = SUPERLINK_LOCAL_PORT
+) -> list[str]:
+    """The SuperLink alone, for a front door run elsewhere (docker/compose.yml): it listens
+    on a private network that only the front door and the coordinator's tools reach."""
+    return [
+        "cohort", "superlink",
+        "--certs", str(certs_dir),
+        "--database", str(database),
+        "--no-front-door",
+        "--local-host", local_host,
+        "--local-port", str(local_port),
+    ]  # fmt: skip
+
+
+def front_door_command(
+    certs_dir: str | Path = CERTS_DIR, upstream: str = SUPERLINK_UPSTREAM, host: str = SUPERLINK_LISTEN_HOST, port: int = SUPERLINK_PORT
+) -> list[str]:
+    """The front door alone, for that private SuperLink: sites get the Fleet API and nothing else."""
+    return ["cohort", "front-door", "--certs", str(certs_dir), "--upstream", upstream, "--host", host, "--port", str(port)]
 
 
 def connect_command(connection: str = CONNECTION, superlink: str = SUPERLINK_LOCAL_ADDRESS, ca_cert: str | Path = CA_CERT) -> list[str]:

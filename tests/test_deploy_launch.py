@@ -7,6 +7,7 @@ both, whichever way it ends."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -33,6 +34,7 @@ from simulations.local_superlink import free_port
 
 COHORT = str(Path(sys.executable).parent / "cohort")
 PASSPHRASE = b"the coordinator's passphrase"
+needs_nginx = pytest.mark.skipif(shutil.which("nginx") is None, reason="Debian's nginx is not installed (make test installs it when run as root)")
 
 
 def _cohort(command: list[str], home: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -239,6 +241,7 @@ def test_superlink_refuses_an_unencrypted_ca_key_beside_it(certs: CertificateLay
     assert not _processes_using(certs.root)
 
 
+@needs_nginx
 def test_front_door_whose_configuration_nginx_refuses_quotes_nginx_and_starts_nothing(tmp_path: Path) -> None:
     """The SuperLink's name does not resolve: `nginx -t` refuses the upstream."""
     layout = CertificateLayout(tmp_path / "certs")
@@ -281,6 +284,7 @@ def local_certs(tmp_path: Path) -> CertificateLayout:
     return layout
 
 
+@needs_nginx
 def test_superlink_stops_the_superlink_and_the_front_door_on_sigterm(local_certs: CertificateLayout, tmp_path: Path) -> None:
     process, tree, port = _start_coordinator(local_certs, tmp_path)
     process.send_signal(signal.SIGTERM)
@@ -289,6 +293,7 @@ def test_superlink_stops_the_superlink_and_the_front_door_on_sigterm(local_certs
     socket.create_server(("127.0.0.1", port)).close()  # the public port is free again
 
 
+@needs_nginx
 def test_superlink_stops_the_front_door_when_the_superlink_dies(local_certs: CertificateLayout, tmp_path: Path) -> None:
     process, tree, _ = _start_coordinator(local_certs, tmp_path)
     next(p for p in tree if p.name().startswith("flower-superlin")).kill()
@@ -297,6 +302,7 @@ def test_superlink_stops_the_front_door_when_the_superlink_dies(local_certs: Cer
     assert "flower-superlink stopped" in (tmp_path / "superlink.log").read_text()
 
 
+@needs_nginx
 def test_killing_the_supervisor_leaves_nothing_running(local_certs: CertificateLayout, tmp_path: Path) -> None:
     process, tree, _ = _start_coordinator(local_certs, tmp_path)
     process.kill()

@@ -37,6 +37,7 @@ from simulations.local_superlink import free_port, stop_process_tree
 from tests.conftest import make_images
 
 BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="Debian's nginx is not installed (make test installs it when run as root)")
 APP_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "cohort-test"
 SITE_CONNECTION = "front-door"

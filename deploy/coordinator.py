@@ -47,16 +47,18 @@ class CoordinatorLaunch:
         with tempfile.TemporaryDirectory(prefix="cohort-front-door-") as private:
             programs: list[Program] = []
             if self.superlink is not None:
-                programs.append(Program("flower-superlink", self.superlink.argv()))
+                programs.append(Program("flower-superlink", self.superlink.argv(), self._wait_for_superlink))
             if self.front_door is not None:
                 programs.append(Program("the front door (nginx)", self.front_door.prepare(Path(private))))
             for program in programs:
                 print(f"starting {program.name}: {subprocess.list2cmdline(program.argv)}", file=sys.stderr)
-            return Supervisor(offline_flower_env(flwr_home())).run(programs, self._wait_for_superlink)
+            return Supervisor(offline_flower_env(flwr_home())).run(programs)
 
-    def _wait_for_superlink(self, program: Program, process: subprocess.Popen[bytes]) -> None:
+    def _wait_for_superlink(self, process: subprocess.Popen[bytes]) -> None:
         """The front door starts only once the SuperLink answers behind it."""
-        if self.superlink is None or program.argv != self.superlink.argv():
-            return
-        if not wait_until_healthy(self.superlink.local_address, CertificateLayout(self.superlink.certs).ca_cert, process, SUPERLINK_STARTUP_S):
-            raise CohortInputError(f"flower-superlink did not answer on {self.superlink.local_address} within {SUPERLINK_STARTUP_S:.0f} s; its log is above")
+        assert self.superlink is not None
+        address = self.superlink.local_address
+        if not wait_until_healthy(address, CertificateLayout(self.superlink.certs).ca_cert, process, SUPERLINK_STARTUP_S):
+            if process.poll() is not None:
+                raise CohortInputError(f"flower-superlink exited with code {process.returncode} before it answered on {address}; its log is above")
+            raise CohortInputError(f"flower-superlink did not answer on {address} within {SUPERLINK_STARTUP_S:.0f} s; its log is above")

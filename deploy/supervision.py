@@ -27,10 +27,12 @@ _GRACE_S = 10.0
 
 @dataclass(frozen=True)
 class Program:
-    """name: how the operator's messages call it; argv: what runs."""
+    """name: how the operator's messages call it; argv: what runs; ready: returns once the
+    started process serves (the next program starts only then), raises if it never will."""
 
     name: str
     argv: list[str]
+    ready: Callable[[subprocess.Popen[bytes]], None] | None = None
 
 
 @dataclass
@@ -53,16 +55,19 @@ class Supervisor:
                 return program, process.returncode
         return None
 
-    def run(self, programs: Sequence[Program], ready: Callable[[Program, subprocess.Popen[bytes]], None]) -> int:
-        """Start each program (`ready` waits until one can serve before the next starts)
-        and supervise them; returns the exit code for `cohort superlink`: 0 after a
-        requested stop, else the code of the program that stopped on its own."""
+    def run(self, programs: Sequence[Program]) -> int:
+        """Start each program, once the one before is ready, and supervise them; returns
+        the exit code for `cohort superlink`: 0 after a requested stop, else the code of
+        the program that stopped on its own. Whatever happens, everything started is
+        stopped before it returns or raises."""
         previous = {signum: signal.signal(signum, self._request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
         try:
             for program in programs:
                 if self._stop_requested:
                     return 0
-                ready(program, self.start(program))
+                process = self.start(program)
+                if program.ready is not None:
+                    program.ready(process)
             while not self._stop_requested:
                 stopped = self.exited()
                 if stopped is not None:

@@ -47,7 +47,7 @@ def certs_init_command(certs_dir: str | Path = CERTS_DIR, hosts: Sequence[str] =
 
 
 def certs_site_command(certs_dir: str | Path = CERTS_DIR, name: str = SITE_NAME) -> list[str]:
-    """A site's SuperNode key pair, made by the coordinator and sent to the site."""
+    """Run at the site: its SuperNode key pair; the private key stays there, only NAME.pub goes to the coordinator."""
     return ["cohort", "certs", "site", str(certs_dir), name]
 
 
@@ -100,7 +100,7 @@ def connect_command(connection: str = CONNECTION, superlink: str = SUPERLINK_LOC
 
 
 def register_command(public_key: str | Path, connection: str = CONNECTION) -> list[str]:
-    """What the coordinator runs so that the SuperLink admits a site's SuperNode."""
+    """What the coordinator runs on its own host, with the NAME.pub a site sent, so that the SuperLink admits that SuperNode."""
     return ["flwr", "supernode", "register", str(public_key), connection]
 
 

@@ -70,7 +70,7 @@ class Supervisor:
                     program.ready(process)
             while not self._stop_requested:
                 stopped = self.exited()
-                if stopped is not None:
+                if stopped is not None and not self._stop_requested:  # Ctrl-C reaches the children too
                     program, code = stopped
                     print(f"error: {program.name} stopped (exit code {code}); stopping everything else", file=sys.stderr)
                     return code or 1

@@ -28,10 +28,10 @@ from deploy.certificates import LOOPBACK, LOOPBACK_NAME, CertificateLayout
 
 # What nginx answers to every request that is not a Fleet API call.
 REFUSAL = "refused: this address serves only Flower's Fleet API; run flwr on the coordinator's host"
-# A pushed model update travels in one request body; Flower itself sets no limit below this.
+# Model updates travel in request bodies (nginx's default limit is 1 MB); 2 GB is Flower's
+# own message limit (flwr.supercore.grpc.GRPC_MAX_MESSAGE_LENGTH).
 MAX_BODY = "2g"
-# Flower's SuperNodes wait this long for a reply before retrying (a pull may be slow while the
-# SuperLink is busy); nginx would cut it off after 60 s by default.
+# A busy SuperLink may take long to answer a large push or pull; nginx's default is 60 s.
 PROXY_TIMEOUT_S = 600
 _TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import pwd
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -91,7 +92,7 @@ class FrontDoor:
         """nginx.conf for a private directory: pid file, temporary files and everything
         nginx writes stay in it; logs go to stderr, which `cohort superlink` passes on."""
         layout = CertificateLayout(self.certs)
-        routes = "|".join(path.removeprefix("/v1/fleet/") for path in fleet_routes())
+        routes = "|".join(re.escape(path.removeprefix("/v1/fleet/")) for path in fleet_routes())
         temp_paths = "\n".join(f"    {name}_temp_path {_quote(directory / name)};" for name in _TEMP_PATHS)
         # As root, nginx would run its workers as a system user that cannot read the
         # private directory; they run as the user who started it instead.

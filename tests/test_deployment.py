@@ -82,9 +82,14 @@ class Deployment:
         return self.root / "homes" / role
 
     def spawn(self, role: str, command: list[str]) -> subprocess.Popen[bytes]:
-        """Output goes to a file: a pipe held open by Flower's children would hang the test."""
+        """Output goes to a file: a pipe held open by Flower's children would hang the test.
+        A `cohort` command gets no FLWR_TELEMETRY_ENABLED (Flower's default is on): turning
+        telemetry off is its own job."""
         log = (self.root / "logs" / f"{role}.log").open("ab")
-        process = subprocess.Popen(_local(command), env=offline_flower_env(self.home(role)), stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
+        env = offline_flower_env(self.home(role))
+        if command[0] == "cohort":
+            del env["FLWR_TELEMETRY_ENABLED"]
+        process = subprocess.Popen(_local(command), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
         self.processes.append(process)
         return process
 

@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cohort-installed
 
-.PHONY: setup browser demo test benchmark clean
+.PHONY: setup browser nginx demo test benchmark clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,13 @@ demo: setup
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || echo "chromium is not installed: the audit page test will be skipped"
 
-test: setup browser
+# The coordinator's front door is Debian's nginx; the deployment tests run it for real. As
+# root it is installed here (RUNLEVEL=1: the package's own service is not started),
+# otherwise those tests are skipped with their reason.
+nginx:
+	@command -v nginx >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; } || echo "nginx is not installed: the deployment tests will be skipped"
+
+test: setup browser nginx
 	$(BIN)/python -m pytest
 
 benchmark: setup

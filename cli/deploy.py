@@ -1,5 +1,6 @@
-"""`cohort superlink`, `cohort supernode`, `cohort connect`: a real deployment on Flower's
-deployment engine, TLS and SuperNode authentication on, checked before anything starts."""
+"""`cohort superlink`, `cohort front-door`, `cohort supernode`, `cohort connect`: a real
+deployment on Flower's deployment engine, TLS and SuperNode authentication on, sites
+reaching the Fleet API alone, checked before anything starts."""
 
 from __future__ import annotations
 
@@ -10,20 +11,58 @@ from typing import Annotated, Callable
 import typer
 
 from cli.errors import input_errors
-from deploy.commands import SUPERLINK_LISTEN_HOST, SUPERLINK_PORT, SUPERNODE_PORT
+from common.errors import CohortInputError
 from common.privacy.ledger import PUBLIC_KEY_FILE
-from deploy.launch import SITE_RUNTIME_DIR, SuperLinkLaunch, SuperNodeLaunch, exec_flower, flwr_home, probe_superlink, write_connection
+from deploy.certificates import LOOPBACK
+from deploy.commands import SUPERLINK_LISTEN_HOST, SUPERLINK_LOCAL_PORT, SUPERLINK_PORT, SUPERNODE_PORT
+from deploy.coordinator import CoordinatorLaunch
+from deploy.front_door import FrontDoor
+from deploy.launch import SITE_RUNTIME_DIR, SuperLinkLaunch, SuperNodeLaunch, exec_flower, flwr_home, probe_superlink, split_address, write_connection
+
+CertsOption = Annotated[Path, typer.Option("--certs", help="The directory of `cohort certs init` (ca.crt, superlink.crt, superlink.key).")]
+HostOption = Annotated[str, typer.Option("--host", help="Where the front door listens: the address sites reach.")]
+PortOption = Annotated[int, typer.Option("--port", help="The front door's port: the one port sites reach (Fleet API only).")]
 
 
 def superlink(
-    certs: Annotated[Path, typer.Option("--certs", help="The directory of `cohort certs init` (ca.crt, superlink.crt, superlink.key).")],
+    certs: CertsOption,
     database: Annotated[Path, typer.Option("--database", help="A file that keeps registered SuperNodes and runs across restarts.")],
-    host: Annotated[str, typer.Option("--host", help="Where to listen.")] = SUPERLINK_LISTEN_HOST,
-    port: Annotated[int, typer.Option("--port", help="Where to listen: the one port SuperNodes and flwr reach.")] = SUPERLINK_PORT,
+    host: HostOption = SUPERLINK_LISTEN_HOST,
+    port: PortOption = SUPERLINK_PORT,
+    local_port: Annotated[
+        int, typer.Option("--local-port", help="The SuperLink's own port on 127.0.0.1: flwr and `cohort connect` on this host use it.")
+    ] = SUPERLINK_LOCAL_PORT,
+    local_host: Annotated[
+        str, typer.Option("--local-host", help="Where the SuperLink listens; not 127.0.0.1 only with --no-front-door, on a private network.")
+    ] = LOOPBACK,
+    front_door: Annotated[
+        bool, typer.Option("--front-door/--no-front-door", help="Start the front door here (default), or run it elsewhere with `cohort front-door`.")
+    ] = True,
 ) -> None:
-    """Start the coordinator's SuperLink: TLS, and only registered SuperNodes admitted."""
-    launch = SuperLinkLaunch(certs=certs.resolve(), database=database.resolve(), host=host, port=port)
-    _start(launch.check, launch.argv())
+    """Start the coordinator's side: the SuperLink on loopback (TLS, only registered
+    SuperNodes admitted) and the front door, which serves sites the Fleet API and refuses
+    everything else. Ctrl-C or SIGTERM stops both."""
+    with input_errors():
+        if front_door and local_host != LOOPBACK:
+            raise CohortInputError(f"--local-host {local_host}: behind the front door the SuperLink listens on {LOOPBACK} only; drop --local-host")
+        link = SuperLinkLaunch(certs=certs.resolve(), database=database.resolve(), host=local_host, port=local_port)
+        door = FrontDoor(certs.resolve(), host, port, LOOPBACK, local_port) if front_door else None
+        code = CoordinatorLaunch(link, door).run()
+    raise typer.Exit(code)
+
+
+def front_door(
+    certs: CertsOption,
+    upstream: Annotated[str, typer.Option("--upstream", help="HOST:PORT of the SuperLink on a private network (its certificate must cover HOST).")],
+    host: HostOption = SUPERLINK_LISTEN_HOST,
+    port: PortOption = SUPERLINK_PORT,
+) -> None:
+    """Run only the front door, for a SuperLink started elsewhere with `cohort superlink
+    --no-front-door` (docker/compose.yml): sites get the Fleet API and nothing else."""
+    with input_errors():
+        upstream_host, upstream_port = split_address(upstream)
+        code = CoordinatorLaunch(None, FrontDoor(certs.resolve(), host, port, upstream_host, upstream_port)).run()
+    raise typer.Exit(code)
 
 
 def supernode(
@@ -64,7 +103,10 @@ def connect(
     superlink_address: Annotated[str, typer.Option("--superlink", help="HOST:PORT of the SuperLink.")],
     ca_cert: Annotated[Path, typer.Option("--ca-cert", help="The federation's ca.crt.")],
 ) -> None:
-    """Let `flwr` on the coordinator reach the SuperLink over TLS (writes Flower's config.toml)."""
+    """Let `flwr` on the coordinator reach the SuperLink over TLS (writes Flower's config.toml).
+
+    Run it on the SuperLink's host with --superlink 127.0.0.1:LOCAL_PORT: the front door
+    that sites reach refuses every `flwr` command."""
     with input_errors():
         reachable = probe_superlink(superlink_address, ca_cert)
         config_file = write_connection(flwr_home(), connection, superlink_address, ca_cert)

@@ -14,8 +14,8 @@ from rich.table import Table
 from cli.audit import audit_app
 from cli.certs import certs_app
 from cli.compare import compare
+from cli.deploy import connect, front_door, superlink, supernode
 from cli.site import site_app
-from cli.deploy import connect, superlink, supernode
 from cli.errors import input_errors
 from common.errors import CohortInputError
 from common.rundir import RunDirectory, write_json_atomic
@@ -181,7 +181,7 @@ def _fmt(value: Any, pattern: str = "{:.4f}", missing: str = "-") -> str:
 
 
 app.command()(compare)
-for deployment_command in (superlink, supernode, connect):
+for deployment_command in (superlink, front_door, supernode, connect):
     app.command()(deployment_command)
 
 

@@ -11,7 +11,8 @@ from common.errors import CohortInputError
 
 
 def offline_flower_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for every Flower process: isolated home, nothing fetched at run time."""
+    """Environment for every Flower process: isolated home, nothing fetched or reported at
+    run time (Flower's telemetry is on unless FLWR_TELEMETRY_ENABLED=0)."""
     env = dict(os.environ)
     # The SuperLink spawns flower-superexec and flwr-simulation by name: they must be
     # found in this interpreter's environment, also when it was not activated.
@@ -20,6 +21,7 @@ def offline_flower_env(flwr_home: Path) -> dict[str, str]:
         FLWR_HOME=str(flwr_home),
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_TELEMETRY_ENABLED="0",
         RAY_USAGE_STATS_ENABLED="0",
         RAY_DEDUP_LOGS="0",
         PYTHONUNBUFFERED="1",

@@ -36,8 +36,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from common.errors import CohortInputError
 from common.rundir import write_bytes_atomic
 
-# Where the SuperLink's SuperExec reaches it; every SuperLink certificate must cover it.
+# Where the SuperLink's SuperExec, the coordinator's flwr and the front door reach it;
+# every SuperLink certificate covers both: the address (Python's TLS checks IP SANs) and
+# the name (nginx checks an upstream's certificate against a DNS name only).
 LOOPBACK = "127.0.0.1"
+LOOPBACK_NAME = "localhost"
 _PRIVATE_MODE = 0o600
 _PUBLIC_MODE = 0o644
 _CA_COMMON_NAME = "Cohort federation CA"
@@ -104,16 +107,16 @@ def validate_site_name(name: str) -> None:
 
 
 def subject_alternative_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
-    """The hosts given, in order and without repeats, and the loopback address.
+    """The hosts given, in order and without repeats, and the loopback address and name.
 
     The SuperLink's own SuperExec dials it on 127.0.0.1, over the same TLS, and a
-    certificate without that address leaves every run pending; `cohort certs init` says
-    that it adds it.
+    certificate without that address leaves every run pending; the front door checks the
+    SuperLink behind it as `localhost`. `cohort certs init` says that it adds both.
     """
     if not hosts:
         raise CohortInputError("give at least one --superlink-host: a name or IP address SuperNodes use to reach the SuperLink")
     names: list[x509.GeneralName] = []
-    for host in (*hosts, LOOPBACK):
+    for host in (*hosts, LOOPBACK, LOOPBACK_NAME):
         name = _general_name(host)
         if name not in names:
             names.append(name)
@@ -129,19 +132,25 @@ def init_certificates(
     directory: Path,
     hosts: Sequence[str],
     *,
+    passphrase: bytes,
     days: int = 365,
     force: bool = False,
     issued_at: datetime | None = None,
 ) -> list[Path]:
     """Write a new CA and a SuperLink certificate it signs; returns the paths written.
 
-    Validity runs from a minute before issued_at (default: now), to allow for clock skew
-    between machines, to `days` after it; tests pass an issued_at in the past or future
-    to get certificates that are expired or not valid yet.
+    The CA's private key is written encrypted with the passphrase (cryptography's best
+    available PKCS#8 encryption), so a copied disk or backup does not hand out the
+    power to issue SuperLink certificates every site trusts. Validity runs from a
+    minute before issued_at (default: now), to allow for clock skew between machines,
+    to `days` after it; tests pass an issued_at in the past or future to get
+    certificates that are expired or not valid yet.
     """
     names = subject_alternative_names(hosts)
     if days < 1:
         raise CohortInputError(f"--days is {days}; a certificate must be valid for at least 1 day")
+    if not passphrase:
+        raise CohortInputError("the passphrase for ca.key is empty; give one (ca.key is never written unencrypted)")
     start = issued_at or datetime.now(UTC)
     not_before, not_after = start - _CLOCK_SKEW, start + timedelta(days=days)
     ca_key, server_key = _new_key(), _new_key()
@@ -150,9 +159,9 @@ def init_certificates(
     layout = CertificateLayout(directory)
     files = {
         layout.ca_cert: (ca_cert.public_bytes(serialization.Encoding.PEM), _PUBLIC_MODE),
-        layout.ca_key: (_pkcs8_pem(ca_key), _PRIVATE_MODE),
+        layout.ca_key: (_pkcs8_pem(ca_key, serialization.BestAvailableEncryption(passphrase)), _PRIVATE_MODE),
         layout.server_cert: (server_cert.public_bytes(serialization.Encoding.PEM), _PUBLIC_MODE),
-        layout.server_key: (_pkcs8_pem(server_key), _PRIVATE_MODE),
+        layout.server_key: (_pkcs8_pem(server_key, serialization.NoEncryption()), _PRIVATE_MODE),
     }
     _write_new_files(files, force)
     return list(files)
@@ -205,9 +214,8 @@ def check_server_files(directory: Path, hosts: Sequence[str] = ()) -> list[Check
         CheckedFile(layout.server_key, "matches superlink.crt, private to its owner"),
     ]
     if layout.ca_key.exists():
-        ca_key = _load_pem_private_key(layout.ca_key, reissue)
-        _require_same_key(layout.ca_key, ca_key.public_key(), layout.ca_cert, ca.public_key(), reissue)
-        checked.append(CheckedFile(layout.ca_key, "matches ca.crt, private to its owner; only `cohort certs init` needs it, keep it off the SuperLink"))
+        _require_encrypted_ca_key(layout.ca_key, directory)
+        checked.append(CheckedFile(layout.ca_key, "encrypted, private to its owner; only `cohort certs init` needs it, keep it off the SuperLink"))
     return checked
 
 
@@ -231,6 +239,24 @@ def check_site_key(path: Path) -> list[CheckedFile]:
     return checked
 
 
+def check_registered_public_key(directory: Path, name: str) -> list[CheckedFile]:
+    """Preflight on the coordinator for a site's public key, before `flwr supernode
+    register`; the site's private key must not be here at all."""
+    layout = CertificateLayout(directory)
+    private, public = layout.site_key(name), layout.site_public_key(name)
+    if private.exists():
+        raise CohortInputError(
+            f"{private} is a site's private key on the coordinator; it belongs to the site alone: "
+            f"give it to the site's operator (or have them make a new pair with `cohort certs site`), then delete it here"
+        )
+    fix = f"ask the site for the NAME.pub that `cohort certs site DIR {name}` wrote there"
+    _require_file(public, fix)
+    key = _load_ssh_public_key(public, fix)
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, _NIST_CURVES):
+        raise CohortInputError(f"{public} is not an ECDSA key on a NIST curve, which Flower needs; {fix}")
+    return [CheckedFile(public, f"the site's public key, ECDSA {key.curve.name}; for `flwr supernode register`")]
+
+
 def _general_name(host: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(host))
@@ -248,8 +274,9 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP384R1())
 
 
-def _pkcs8_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+def _pkcs8_pem(key: ec.EllipticCurvePrivateKey, encryption: serialization.KeySerializationEncryption) -> bytes:
+    """PKCS#8 PEM: the CA's key encrypted, the SuperLink's not (flower-superlink and nginx load it unattended)."""
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
 
 
 def _ca_certificate(key: ec.EllipticCurvePrivateKey, not_before: datetime, not_after: datetime) -> x509.Certificate:
@@ -359,6 +386,23 @@ def _load_pem_private_key(path: Path, fix: str) -> PrivateKeyTypes:
         return serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise CohortInputError(f"{path} is not an unencrypted PEM private key, which flower-superlink needs; {fix}") from None
+
+
+def _require_encrypted_ca_key(path: Path, directory: Path) -> None:
+    """Opening the CA key needs its passphrase, which no SuperLink has: only check that it
+    is a key that cannot be used without one."""
+    _require_private(path)
+    try:
+        serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except TypeError:
+        return  # "Password was not given but private key is encrypted"
+    except (ValueError, UnsupportedAlgorithm):
+        raise CohortInputError(f"{path} is not a PEM private key; re-issue with `cohort certs init {directory} --superlink-host HOST --force`") from None
+    raise CohortInputError(
+        f"{path} is not encrypted, so anyone who copies it can issue certificates every site trusts; "
+        f"encrypt it (`openssl pkcs8 -topk8 -v2 aes-256-cbc -in {path} -out {path}.enc && mv {path}.enc {path}`) "
+        f"or re-issue with `cohort certs init {directory} --superlink-host HOST --force`"
+    )
 
 
 def _load_ssh_public_key(path: Path, fix: str) -> PublicKeyTypes:

@@ -13,16 +13,21 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
-# flower-superlink 1.42 serves its Fleet and Control APIs over HTTPS on one --host/--port
-# (Flower's default port, flwr.supercore.constant.SUPERLINK_UVICORN_DEFAULT_PORT).
+# The front door: what sites reach, the Fleet API alone (Flower's default SuperLink port,
+# flwr.supercore.constant.SUPERLINK_UVICORN_DEFAULT_PORT, so sites dial what Flower's docs say).
 SUPERLINK_LISTEN_HOST = "0.0.0.0"
 SUPERLINK_PORT = 8000
+# flower-superlink 1.42 serves its Fleet, Control and Runtime APIs on one port: this one, on
+# the coordinator's loopback (Flower's former Control API port), for flwr and its SuperExec.
+SUPERLINK_LOCAL_PORT = 9093
+SUPERLINK_LOCAL_ADDRESS = f"127.0.0.1:{SUPERLINK_LOCAL_PORT}"
 # A SuperNode's own local API; SuperNodes that share a machine each need their own.
 SUPERNODE_PORT = 9094
 
 SUPERLINK_HOST = "<SUPERLINK_HOST>"
 SUPERLINK_ADDRESS = f"{SUPERLINK_HOST}:{SUPERLINK_PORT}"
 SUPERLINK_DATABASE = "<SUPERLINK_DATABASE>"
+SUPERLINK_UPSTREAM = f"<SUPERLINK_PRIVATE_HOST>:{SUPERLINK_LOCAL_PORT}"
 CONNECTION = "<CONNECTION>"
 CERTS_DIR = "<CERTS_DIR>"
 CA_CERT = "<CA_CERT>"
@@ -42,25 +47,60 @@ def certs_init_command(certs_dir: str | Path = CERTS_DIR, hosts: Sequence[str] =
 
 
 def certs_site_command(certs_dir: str | Path = CERTS_DIR, name: str = SITE_NAME) -> list[str]:
-    """A site's SuperNode key pair, made by the coordinator and sent to the site."""
+    """Run at the site: its SuperNode key pair; the private key stays there, only NAME.pub goes to the coordinator."""
     return ["cohort", "certs", "site", str(certs_dir), name]
 
 
 def superlink_command(
-    certs_dir: str | Path = CERTS_DIR, database: str | Path = SUPERLINK_DATABASE, host: str = SUPERLINK_LISTEN_HOST, port: int = SUPERLINK_PORT
+    certs_dir: str | Path = CERTS_DIR,
+    database: str | Path = SUPERLINK_DATABASE,
+    host: str = SUPERLINK_LISTEN_HOST,
+    port: int = SUPERLINK_PORT,
+    local_port: int = SUPERLINK_LOCAL_PORT,
 ) -> list[str]:
-    """The coordinator's SuperLink: TLS with the certificates of `cohort certs init`, and
-    only registered SuperNodes admitted; registrations live in the database file."""
-    return ["cohort", "superlink", "--certs", str(certs_dir), "--database", str(database), "--host", host, "--port", str(port)]
+    """The coordinator's side: the SuperLink on 127.0.0.1:local_port (TLS with the
+    certificates of `cohort certs init`, only registered SuperNodes admitted, registrations
+    kept in the database file) and the front door on host:port, the Fleet API alone."""
+    return [
+        "cohort", "superlink",
+        "--certs", str(certs_dir),
+        "--database", str(database),
+        "--host", host,
+        "--port", str(port),
+        "--local-port", str(local_port),
+    ]  # fmt: skip
 
 
-def connect_command(connection: str = CONNECTION, superlink: str = SUPERLINK_ADDRESS, ca_cert: str | Path = CA_CERT) -> list[str]:
-    """Tells `flwr` on the coordinator how to reach the SuperLink over TLS."""
+def private_superlink_command(
+    certs_dir: str | Path = CERTS_DIR, database: str | Path = SUPERLINK_DATABASE, local_host: str = SUPERLINK_LISTEN_HOST, local_port: int = SUPERLINK_LOCAL_PORT
+) -> list[str]:
+    """The SuperLink alone, for a front door run elsewhere (docker/compose.yml): it listens
+    on a private network that only the front door and the coordinator's tools reach."""
+    return [
+        "cohort", "superlink",
+        "--certs", str(certs_dir),
+        "--database", str(database),
+        "--no-front-door",
+        "--local-host", local_host,
+        "--local-port", str(local_port),
+    ]  # fmt: skip
+
+
+def front_door_command(
+    certs_dir: str | Path = CERTS_DIR, upstream: str = SUPERLINK_UPSTREAM, host: str = SUPERLINK_LISTEN_HOST, port: int = SUPERLINK_PORT
+) -> list[str]:
+    """The front door alone, for that private SuperLink: sites get the Fleet API and nothing else."""
+    return ["cohort", "front-door", "--certs", str(certs_dir), "--upstream", upstream, "--host", host, "--port", str(port)]
+
+
+def connect_command(connection: str = CONNECTION, superlink: str = SUPERLINK_LOCAL_ADDRESS, ca_cert: str | Path = CA_CERT) -> list[str]:
+    """Tells `flwr` on the coordinator's host how to reach the SuperLink over TLS, on
+    loopback: the front door refuses `flwr`."""
     return ["cohort", "connect", connection, "--superlink", superlink, "--ca-cert", str(ca_cert)]
 
 
 def register_command(public_key: str | Path, connection: str = CONNECTION) -> list[str]:
-    """What the coordinator runs so that the SuperLink admits a site's SuperNode."""
+    """What the coordinator runs on its own host, with the NAME.pub a site sent, so that the SuperLink admits that SuperNode."""
     return ["flwr", "supernode", "register", str(public_key), connection]
 
 

@@ -2,9 +2,11 @@
 
 Each command first checks what Flower would otherwise reject late and opaquely (an
 expired or foreign certificate, a key readable by others, a host the certificate does
-not cover, a site without its own budget) and says which file is wrong and how to fix
-it; then it replaces itself with the Flower process, so signals and exit codes are
-Flower's own.
+not cover, a port already taken, a site without its own budget) and says which file is
+wrong and how to fix it. A SuperNode then replaces itself with the Flower process, so
+signals and exit codes are Flower's own; the coordinator's side is two processes (the
+SuperLink on loopback and the front door, deploy/front_door.py), which `cohort
+superlink` supervises together (deploy/supervision.py).
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import os
 import shlex
 import socket
 import ssl
+import subprocess
 import sys
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import tomli_w
 
 from common.config import validate_budget
@@ -26,7 +31,7 @@ from common.errors import CohortInputError
 from common.flower_runtime import flower_executable, offline_flower_env
 from common.privacy.ledger import SiteLedger
 from common.rundir import write_bytes_atomic
-from deploy.certificates import LOOPBACK, CertificateLayout, check_ca, check_server_files, check_site_key, validate_site_name
+from deploy.certificates import LOOPBACK, LOOPBACK_NAME, CertificateLayout, check_ca, check_server_files, check_site_key, validate_site_name
 
 PROBE_TIMEOUT_S = 5.0
 # In a site's state directory: the folder put first on the PATH Flower starts ClientApps from.
@@ -38,7 +43,9 @@ SITE_RUNNER_MODULE = "client.site_runner"
 @dataclass(frozen=True)
 class SuperLinkLaunch:
     """certs: the directory of `cohort certs init`; database: where the SuperLink keeps
-    registered SuperNodes and runs across restarts; host, port: where it listens."""
+    registered SuperNodes and runs across restarts; host, port: where it listens, which
+    serves every Flower API (Fleet, Control, Runtime): the coordinator's loopback behind
+    the front door, or a private network that only the front door and the coordinator reach."""
 
     certs: Path
     database: Path
@@ -46,9 +53,15 @@ class SuperLinkLaunch:
     port: int
 
     def check(self) -> None:
-        check_server_files(self.certs, (LOOPBACK,))
+        check_server_files(self.certs, (LOOPBACK, LOOPBACK_NAME))
         if not self.database.parent.is_dir():
             raise CohortInputError(f"--database {self.database}: folder {self.database.parent} does not exist; create it or choose another path")
+        require_free_port(self.host, self.port, "--local-port")
+
+    @property
+    def local_address(self) -> str:
+        """Where `flwr` on this host reaches it (the certificate covers 127.0.0.1)."""
+        return f"{LOOPBACK}:{self.port}"
 
     def argv(self) -> list[str]:
         layout = CertificateLayout(self.certs)
@@ -149,6 +162,32 @@ def install_site_runner(state_dir: Path) -> Path:
     script.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -I -m {SITE_RUNNER_MODULE} "$@"\n', encoding="utf-8")
     script.chmod(0o755)
     return folder
+def require_free_port(host: str, port: int, option: str) -> None:
+    """Fail before anything starts, instead of one process of two failing to bind."""
+    if not 0 < port < 65536:
+        raise CohortInputError(f"{option} {port} is not a TCP port; give one from 1 to 65535")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise CohortInputError(f"cannot listen on {host}:{port} ({error.strerror}); stop what uses it or choose another {option}") from None
+
+
+def wait_until_healthy(address: str, ca_cert: Path, process: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """True once the SuperLink at address answers its health route over TLS; False if
+    its process exits or the time runs out first."""
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"https://{address}/health", verify=context, timeout=1).is_success:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    return False
 
 
 def split_address(address: str) -> tuple[str, int]:

@@ -25,11 +25,12 @@ from typer.testing import CliRunner
 
 from cli.certs import certs_app
 from deploy.certificates import CertificateLayout, create_site_key, init_certificates
-from deploy.commands import SUPERLINK_PORT
+from deploy.commands import SUPERLINK_LOCAL_PORT, SUPERLINK_PORT
 
 runner = CliRunner()
 HOSTS = ("10.0.0.5", "superlink.example.org", "127.0.0.1")
 SERVER_FILES = ("ca.crt", "ca.key", "superlink.crt", "superlink.key")
+PASSPHRASE = b"correct horse battery staple"
 
 
 def _certs(*args: str | Path) -> Result:
@@ -37,8 +38,11 @@ def _certs(*args: str | Path) -> Result:
 
 
 def _init(directory: Path, *extra: str) -> Result:
+    """`cohort certs init` with the passphrase in a file beside the directory."""
     hosts = [word for host in HOSTS for word in ("--superlink-host", host)]
-    return _certs("init", directory, *hosts, *extra)
+    passphrase_file = directory.parent / f".{directory.name}-passphrase"
+    passphrase_file.write_bytes(PASSPHRASE + b"\n")
+    return _certs("init", directory, *hosts, "--ca-passphrase-file", passphrase_file, *extra)
 
 
 def _error(result: Result) -> str:
@@ -63,10 +67,13 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def certs(tmp_path: Path) -> Path:
-    """A directory as `cohort certs init` and `cohort certs site DIR hospital-a` leave it."""
+    """The coordinator's directory as `cohort certs init` leaves it, plus the public key
+    that hospital-a's `cohort certs site` made at the site and sent."""
     directory = tmp_path / "certs"
     assert _init(directory).exit_code == 0
-    assert _certs("site", directory, "hospital-a").exit_code == 0
+    assert _certs("site", tmp_path / "site", "hospital-a").exit_code == 0
+    (directory / "sites" / "hospital-a").mkdir(parents=True)
+    shutil.copy(tmp_path / "site" / "sites" / "hospital-a" / "hospital-a.pub", directory / "sites" / "hospital-a" / "hospital-a.pub")
     return directory
 
 
@@ -104,12 +111,12 @@ def test_init_writes_the_ca_and_superlink_files_with_private_keys_0600(tmp_path:
     assert _mode(tmp_path / "superlink.key") == 0o600
 
 
-def test_init_puts_ip_hosts_in_ip_sans_and_names_in_dns_sans_plus_the_superlinks_own_loopback(tmp_path: Path) -> None:
+def test_init_puts_ip_hosts_in_ip_sans_and_names_in_dns_sans_plus_the_loopback_address_and_name(tmp_path: Path) -> None:
     _init(tmp_path)
     names = _certificate(tmp_path / "superlink.crt").extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5"), ipaddress.ip_address("127.0.0.1")]
-    assert names.get_values_for_type(x509.DNSName) == ["superlink.example.org"]
-    assert len(list(names)) == 3
+    assert names.get_values_for_type(x509.DNSName) == ["superlink.example.org", "localhost"]
+    assert len(list(names)) == 4
 
 
 def test_init_makes_a_self_signed_ca_allowed_to_sign_certificates(tmp_path: Path) -> None:
@@ -150,14 +157,15 @@ def test_a_tls_client_trusting_ca_crt_accepts_superlink_crt_for_every_given_host
 def test_a_tls_client_refuses_superlink_crt_for_a_host_not_given(tmp_path: Path) -> None:
     _init(tmp_path)
     with pytest.raises(ssl.SSLCertVerificationError, match="mismatch"):
-        _handshake(tmp_path, "localhost")
+        _handshake(tmp_path, "superlink.other.org")
 
 
 def test_init_prints_the_sans_and_the_superlink_command(tmp_path: Path) -> None:
     result = _init(tmp_path)
-    assert "SANs written: IP:10.0.0.5, DNS:superlink.example.org, IP:127.0.0.1" in result.stdout
+    assert "SANs written: IP:10.0.0.5, DNS:superlink.example.org, IP:127.0.0.1, DNS:localhost" in result.stdout
     assert f"cohort superlink \\\n    --certs {tmp_path}" in result.stdout
-    assert f"cohort connect '<CONNECTION>' \\\n    --superlink 10.0.0.5:{SUPERLINK_PORT} \\\n    --ca-cert {tmp_path / 'ca.crt'}" in result.stdout
+    assert f"cohort connect '<CONNECTION>' \\\n    --superlink 127.0.0.1:{SUPERLINK_LOCAL_PORT} \\\n    --ca-cert {tmp_path / 'ca.crt'}" in result.stdout
+    assert "flwr supernode register '<SITE_NAME>.pub' '<CONNECTION>'" in result.stdout
 
 
 @pytest.mark.parametrize("host", ["10.0.0.5:8000", "https://superlink.example.org", "[::1]", "two words"])
@@ -215,7 +223,8 @@ def test_flwr_supernode_register_accepts_the_site_public_key(tmp_path: Path) -> 
 def test_site_prints_the_register_and_supernode_commands(tmp_path: Path) -> None:
     result = _certs("site", tmp_path, "hospital-a")
     site = tmp_path / "sites" / "hospital-a"
-    assert f"flwr supernode register {site / 'hospital-a.pub'} '<CONNECTION>'" in result.stdout
+    assert f"Send {site / 'hospital-a.pub'} to the coordinator" in result.stdout
+    assert "flwr supernode register hospital-a.pub '<CONNECTION>'" in result.stdout
     assert f"--ca-cert {tmp_path / 'ca.crt'}" in result.stdout
     assert f"--auth-key {site / 'hospital-a.key'}" in result.stdout
     assert f"--superlink '<SUPERLINK_HOST>:{SUPERLINK_PORT}'" in result.stdout
@@ -255,11 +264,11 @@ def test_site_rejects_an_invalid_name_and_writes_nothing(tmp_path: Path, name: s
 def test_check_passes_on_fresh_files_and_lists_them(certs: Path) -> None:
     result = _certs("check", certs, *[word for host in HOSTS for word in ("--superlink-host", host)])
     assert result.exit_code == 0, result.output
-    for name in (*SERVER_FILES, "hospital-a.key", "hospital-a.pub"):
+    for name in (*SERVER_FILES, "hospital-a.pub"):
         assert name in result.stdout
 
 
-@pytest.mark.parametrize("name", ["superlink.key", "ca.key", "sites/hospital-a/hospital-a.key"])
+@pytest.mark.parametrize("name", ["superlink.key", "ca.key"])
 def test_check_names_a_private_key_readable_by_others(certs: Path, name: str) -> None:
     (certs / name).chmod(0o640)
     line = _error(_certs("check", certs))
@@ -269,20 +278,20 @@ def test_check_names_a_private_key_readable_by_others(certs: Path, name: str) ->
 
 def test_check_names_an_expired_certificate_with_its_dates(tmp_path: Path) -> None:
     issued = datetime(2020, 1, 1, tzinfo=UTC)
-    init_certificates(tmp_path, ["localhost"], days=1, issued_at=issued)
+    init_certificates(tmp_path, ["localhost"], passphrase=PASSPHRASE, days=1, issued_at=issued)
     line = _error(_certs("check", tmp_path))
     assert f"{tmp_path / 'ca.crt'} expired on 2020-01-02 00:00 UTC (valid 2019-12-31 23:59 UTC to 2020-01-02 00:00 UTC)" in line
     assert "--force" in line
 
 
 def test_check_names_a_certificate_not_valid_yet(tmp_path: Path) -> None:
-    init_certificates(tmp_path, ["localhost"], issued_at=datetime.now(UTC) + timedelta(days=2))
+    init_certificates(tmp_path, ["localhost"], passphrase=PASSPHRASE, issued_at=datetime.now(UTC) + timedelta(days=2))
     line = _error(_certs("check", tmp_path))
     assert f"{tmp_path / 'ca.crt'} is not valid until" in line and "clock" in line
 
 
 def test_check_names_a_server_certificate_from_another_ca(certs: Path, tmp_path: Path) -> None:
-    init_certificates(tmp_path / "other", HOSTS)
+    init_certificates(tmp_path / "other", HOSTS, passphrase=PASSPHRASE)
     shutil.copy(tmp_path / "other" / "ca.crt", certs / "ca.crt")
     shutil.copy(tmp_path / "other" / "ca.key", certs / "ca.key")
     line = _error(_certs("check", certs))
@@ -290,7 +299,7 @@ def test_check_names_a_server_certificate_from_another_ca(certs: Path, tmp_path:
 
 
 def test_check_names_a_server_key_that_does_not_match_its_certificate(certs: Path, tmp_path: Path) -> None:
-    init_certificates(tmp_path / "other", HOSTS)
+    init_certificates(tmp_path / "other", HOSTS, passphrase=PASSPHRASE)
     shutil.copy(tmp_path / "other" / "superlink.key", certs / "superlink.key")
     line = _error(_certs("check", certs))
     assert f"{certs / 'superlink.key'} does not match {certs / 'superlink.crt'}" in line
@@ -299,14 +308,14 @@ def test_check_names_a_server_key_that_does_not_match_its_certificate(certs: Pat
 def test_check_names_a_host_not_in_the_sans_and_lists_the_sans(certs: Path) -> None:
     line = _error(_certs("check", certs, "--superlink-host", "10.0.0.5", "--superlink-host", "superlink.other.org"))
     assert f"{certs / 'superlink.crt'} does not cover host superlink.other.org" in line
-    assert "(its SANs: IP:10.0.0.5, DNS:superlink.example.org, IP:127.0.0.1)" in line
+    assert "(its SANs: IP:10.0.0.5, DNS:superlink.example.org, IP:127.0.0.1, DNS:localhost)" in line
 
 
 def test_check_matches_dns_hosts_regardless_of_case(certs: Path) -> None:
     assert _certs("check", certs, "--superlink-host", "SuperLink.Example.org").exit_code == 0
 
 
-@pytest.mark.parametrize("name", ["ca.crt", "superlink.crt", "superlink.key", "sites/hospital-a/hospital-a.key"])
+@pytest.mark.parametrize("name", ["ca.crt", "superlink.crt", "superlink.key", "sites/hospital-a/hospital-a.pub"])
 def test_check_names_a_missing_file(certs: Path, name: str) -> None:
     (certs / name).unlink()
     line = _error(_certs("check", certs))
@@ -319,7 +328,6 @@ def test_check_names_a_missing_file(certs: Path, name: str) -> None:
         ("ca.crt", "is not a PEM certificate"),
         ("superlink.crt", "is not a PEM certificate"),
         ("superlink.key", "is not an unencrypted PEM private key"),
-        ("sites/hospital-a/hospital-a.key", "is not an unencrypted OpenSSH private key"),
         ("sites/hospital-a/hospital-a.pub", "is not an OpenSSH public key"),
     ],
 )
@@ -329,18 +337,56 @@ def test_check_names_a_garbage_file(certs: Path, name: str, kind: str) -> None:
     assert f"{certs / name} {kind}" in line
 
 
-def test_check_names_a_site_public_key_of_another_pair(certs: Path, tmp_path: Path) -> None:
-    create_site_key(tmp_path / "other", "hospital-a")
-    shutil.copy(tmp_path / "other" / "sites" / "hospital-a" / "hospital-a.pub", certs / "sites" / "hospital-a" / "hospital-a.pub")
+def test_check_refuses_a_sites_private_key_on_the_coordinator(certs: Path, tmp_path: Path) -> None:
+    shutil.copy2(tmp_path / "site" / "sites" / "hospital-a" / "hospital-a.key", certs / "sites" / "hospital-a" / "hospital-a.key")
     line = _error(_certs("check", certs))
-    assert f"{certs / 'sites' / 'hospital-a' / 'hospital-a.pub'} does not match" in line
+    assert f"{certs / 'sites' / 'hospital-a' / 'hospital-a.key'} is a site's private key on the coordinator" in line
+
+
+def test_check_with_site_names_a_public_key_of_another_pair(certs: Path, tmp_path: Path) -> None:
+    create_site_key(tmp_path / "other", "hospital-a")
+    site = tmp_path / "site" / "sites" / "hospital-a"
+    shutil.copy(tmp_path / "other" / "sites" / "hospital-a" / "hospital-a.pub", site / "hospital-a.pub")
+    shutil.copy(certs / "ca.crt", tmp_path / "site" / "ca.crt")
+    line = _error(_certs("check", tmp_path / "site", "--site", "hospital-a"))
+    assert f"{site / 'hospital-a.pub'} does not match" in line
 
 
 def test_check_with_site_needs_only_ca_crt_and_that_sites_key(certs: Path, tmp_path: Path) -> None:
     site_machine = CertificateLayout(tmp_path / "site-machine")
     site_machine.site_key("hospital-a").parent.mkdir(parents=True)
     shutil.copy(certs / "ca.crt", site_machine.ca_cert)
-    shutil.copy2(certs / "sites" / "hospital-a" / "hospital-a.key", site_machine.site_key("hospital-a"))
+    shutil.copy2(tmp_path / "site" / "sites" / "hospital-a" / "hospital-a.key", site_machine.site_key("hospital-a"))
     result = _certs("check", site_machine.root, "--site", "hospital-a")
     assert result.exit_code == 0, result.output
     assert "hospital-a.key" in result.stdout
+
+
+# the CA's passphrase
+
+
+def test_init_encrypts_the_ca_key_with_the_passphrase(tmp_path: Path) -> None:
+    _init(tmp_path)
+    with pytest.raises(TypeError, match="encrypted"):
+        serialization.load_pem_private_key((tmp_path / "ca.key").read_bytes(), password=None)
+    key = serialization.load_pem_private_key((tmp_path / "ca.key").read_bytes(), password=PASSPHRASE)
+    assert key.public_key() == _certificate(tmp_path / "ca.crt").public_key()
+
+
+def test_init_without_a_passphrase_outside_a_terminal_says_how_to_give_one_and_writes_nothing(tmp_path: Path) -> None:
+    line = _error(_certs("init", tmp_path / "certs", "--superlink-host", "superlink.example.org"))
+    assert "no passphrase for ca.key" in line and "--ca-passphrase-file" in line
+    assert not (tmp_path / "certs").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"\n"])
+def test_init_with_an_empty_passphrase_file_writes_nothing(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "passphrase").write_bytes(content)
+    line = _error(_certs("init", tmp_path / "certs", "--superlink-host", "h.example", "--ca-passphrase-file", tmp_path / "passphrase"))
+    assert "is empty" in line
+    assert not (tmp_path / "certs").exists()
+
+
+def test_init_with_a_missing_passphrase_file_names_it(tmp_path: Path) -> None:
+    line = _error(_certs("init", tmp_path / "certs", "--superlink-host", "h.example", "--ca-passphrase-file", tmp_path / "nope"))
+    assert f"--ca-passphrase-file {tmp_path / 'nope'} cannot be read" in line

@@ -1,21 +1,28 @@
-"""`cohort superlink`, `cohort supernode` and `cohort connect` check before Flower starts:
-a deployment mistake gets one line naming the file and the fix, and exit 2, never a bare
-TLS error or a SuperNode retrying forever."""
+"""`cohort superlink`, `cohort front-door`, `cohort supernode` and `cohort connect` check
+before anything starts: a deployment mistake gets one line naming the file and the fix,
+and exit 2 with nothing left running, never a bare TLS error or a SuperNode retrying
+forever. `cohort superlink` runs the SuperLink and the front door together and stops
+both, whichever way it ends."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Iterator
 
+import httpx
 import numpy as np
+import psutil
 import pytest
 
 from flwr.common.config import parse_config_args
@@ -23,25 +30,28 @@ from flwr.common.config import parse_config_args
 from deploy import commands
 from deploy.certificates import CertificateLayout, create_site_key, init_certificates
 from deploy.launch import SuperNodeLaunch
+from simulations.local_superlink import free_port
 
 COHORT = str(Path(sys.executable).parent / "cohort")
+PASSPHRASE = b"the coordinator's passphrase"
+needs_nginx = pytest.mark.skipif(shutil.which("nginx") is None, reason="Debian's nginx is not installed (make test installs it when run as root)")
 
 
-def _cohort(command: list[str], home: Path) -> subprocess.CompletedProcess[str]:
+def _cohort(command: list[str], home: Path, **env: str) -> subprocess.CompletedProcess[str]:
     assert command[0] == "cohort"
-    return subprocess.run([COHORT, *command[1:]], capture_output=True, text=True, timeout=60, env={**os.environ, "FLWR_HOME": str(home)})
+    return subprocess.run([COHORT, *command[1:]], capture_output=True, text=True, timeout=60, env={**os.environ, "FLWR_HOME": str(home), **env})
 
 
 @pytest.fixture
 def certs(tmp_path: Path) -> CertificateLayout:
     layout = CertificateLayout(tmp_path / "certs")
-    init_certificates(layout.root, ["superlink.example"])
+    init_certificates(layout.root, ["superlink.example"], passphrase=PASSPHRASE)
     create_site_key(layout.root, "hospital-a")
     return layout
 
 
-def _superlink(certs_dir: Path, tmp_path: Path) -> list[str]:
-    return commands.superlink_command(certs_dir, tmp_path / "superlink.db", "127.0.0.1", 8000)
+def _superlink(certs_dir: Path, tmp_path: Path, port: int = 8000, local_port: int = 9093) -> list[str]:
+    return commands.superlink_command(certs_dir, tmp_path / "superlink.db", "127.0.0.1", port, local_port)
 
 
 def _supernode(certs: CertificateLayout, tmp_path: Path, superlink: str, epsilon: float = 8.0) -> list[str]:
@@ -59,10 +69,20 @@ def _assert_one_clear_line(result: subprocess.CompletedProcess[str], *phrases: s
 
 @pytest.fixture
 def tls_server(certs: CertificateLayout) -> Iterator[int]:
-    """A real TLS endpoint with the SuperLink's certificate (SANs: superlink.example, 127.0.0.1)."""
+    """A real TLS endpoint with the SuperLink's certificate (SANs: superlink.example, 127.0.0.1, localhost)."""
+    yield from _serve_tls(certs, "127.0.0.1")
+
+
+@pytest.fixture
+def tls_server_on_another_loopback_address(certs: CertificateLayout) -> Iterator[int]:
+    """The same, on 127.0.0.2: a loopback address the certificate does not cover."""
+    yield from _serve_tls(certs, "127.0.0.2")
+
+
+def _serve_tls(certs: CertificateLayout, host: str) -> Iterator[int]:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(certs.server_cert, certs.server_key)
-    yield from _serve(lambda conn: context.wrap_socket(conn, server_side=True).close())
+    yield from _serve(lambda conn: context.wrap_socket(conn, server_side=True).close(), host)
 
 
 @pytest.fixture
@@ -71,8 +91,8 @@ def plain_server() -> Iterator[int]:
     yield from _serve(lambda conn: (conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n"), conn.close()))
 
 
-def _serve(handle) -> Iterator[int]:  # type: ignore[no-untyped-def]
-    listener = socket.create_server(("127.0.0.1", 0))
+def _serve(handle, host: str = "127.0.0.1") -> Iterator[int]:  # type: ignore[no-untyped-def]
+    listener = socket.create_server((host, 0))
     stop = threading.Event()
 
     def loop() -> None:
@@ -102,13 +122,13 @@ def test_superlink_without_certificates_names_the_missing_file(tmp_path: Path) -
 
 
 def test_superlink_with_an_expired_certificate_says_when_it_expired_and_how_to_renew(tmp_path: Path) -> None:
-    init_certificates(tmp_path / "old", ["superlink.example"], days=1, issued_at=datetime.now(UTC) - timedelta(days=30))
+    init_certificates(tmp_path / "old", ["superlink.example"], passphrase=PASSPHRASE, days=1, issued_at=datetime.now(UTC) - timedelta(days=30))
     result = _cohort(_superlink(tmp_path / "old", tmp_path), tmp_path)
     _assert_one_clear_line(result, "expired on", "--force")
 
 
 def test_superlink_certificate_from_another_ca_is_named_as_a_mismatch(certs: CertificateLayout, tmp_path: Path) -> None:
-    init_certificates(tmp_path / "other", ["superlink.example"])
+    init_certificates(tmp_path / "other", ["superlink.example"], passphrase=PASSPHRASE)
     certs.ca_cert.write_bytes(CertificateLayout(tmp_path / "other").ca_cert.read_bytes())
     result = _cohort(_superlink(certs.root, tmp_path), tmp_path)
     _assert_one_clear_line(result, "superlink.crt was not signed by", str(certs.ca_cert))
@@ -120,9 +140,11 @@ def test_supernode_key_readable_by_others_is_refused_with_the_chmod_fix(certs: C
     _assert_one_clear_line(result, f"chmod 600 {certs.site_key('hospital-a')}")
 
 
-def test_supernode_dialling_a_host_the_certificate_does_not_cover_is_told_so(certs: CertificateLayout, tmp_path: Path, tls_server: int) -> None:
-    result = _cohort(_supernode(certs, tmp_path, f"localhost:{tls_server}"), tmp_path)
-    _assert_one_clear_line(result, "does not cover localhost", "--superlink-host localhost")
+def test_supernode_dialling_a_host_the_certificate_does_not_cover_is_told_so(
+    certs: CertificateLayout, tmp_path: Path, tls_server_on_another_loopback_address: int
+) -> None:
+    result = _cohort(_supernode(certs, tmp_path, f"127.0.0.2:{tls_server_on_another_loopback_address}"), tmp_path)
+    _assert_one_clear_line(result, "does not cover 127.0.0.2", "--superlink-host 127.0.0.2")
 
 
 def test_supernode_facing_a_superlink_without_tls_is_told_so(certs: CertificateLayout, tmp_path: Path, plain_server: int) -> None:
@@ -141,7 +163,7 @@ def test_supernode_address_without_a_port_is_refused(certs: CertificateLayout, t
 
 
 def test_connect_with_a_ca_that_did_not_sign_the_superlink_writes_nothing(certs: CertificateLayout, tmp_path: Path, tls_server: int) -> None:
-    init_certificates(tmp_path / "other", ["superlink.example"])
+    init_certificates(tmp_path / "other", ["superlink.example"], passphrase=PASSPHRASE)
     command = commands.connect_command("hospitals", f"127.0.0.1:{tls_server}", CertificateLayout(tmp_path / "other").ca_cert)
     result = _cohort(command, tmp_path / "home")
     _assert_one_clear_line(result, "does not trust")
@@ -160,3 +182,129 @@ def test_the_node_config_flower_parses_is_the_sites_own_policy(tmp_path: Path) -
     launch = SuperNodeLaunch("superlink.example:8000", tmp_path / "ca.crt", tmp_path / "k", "hospital-a", Path("/data/a b.npz"), Path("/var/lib/cohort"), 3.0, 1e-6, 9094)
     parsed = parse_config_args([launch.node_config()])
     assert parsed == {"site-name": "hospital-a", "data-path": "/data/a b.npz", "state-dir": "/var/lib/cohort", "epsilon": 3.0, "delta": 1e-6}
+
+
+# ---------------------------------------------------------------------- the coordinator's side
+
+
+def _processes_using(path: Path) -> list[psutil.Process]:
+    """Processes whose command line names a file under path: what a command started with it."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(path) in word for word in process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+def _occupied_port() -> Iterator[socket.socket]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    yield listener
+    listener.close()
+
+
+occupied = pytest.fixture(_occupied_port)
+
+
+def test_superlink_without_nginx_on_the_path_says_how_to_install_it_and_starts_nothing(certs: CertificateLayout, tmp_path: Path) -> None:
+    bare_path = str(Path(sys.executable).parent)  # cohort and Flower, but no nginx
+    result = _cohort(_superlink(certs.root, tmp_path, free_port(), free_port()), tmp_path, PATH=bare_path)
+    _assert_one_clear_line(result, "nginx is not", "apt-get install nginx-light")
+    assert not _processes_using(certs.root)
+
+
+def test_superlink_whose_public_port_is_taken_names_it_and_starts_nothing(certs: CertificateLayout, tmp_path: Path, occupied: socket.socket) -> None:
+    port = occupied.getsockname()[1]
+    result = _cohort(_superlink(certs.root, tmp_path, port, free_port()), tmp_path)
+    _assert_one_clear_line(result, f"cannot listen on 127.0.0.1:{port}", "--port")
+    assert not _processes_using(certs.root)
+
+
+def test_superlink_whose_local_port_is_taken_names_it_and_starts_nothing(certs: CertificateLayout, tmp_path: Path, occupied: socket.socket) -> None:
+    port = occupied.getsockname()[1]
+    result = _cohort(_superlink(certs.root, tmp_path, free_port(), port), tmp_path)
+    _assert_one_clear_line(result, f"cannot listen on 127.0.0.1:{port}", "--local-port")
+    assert not _processes_using(certs.root)
+
+
+def test_superlink_behind_the_front_door_refuses_to_listen_beyond_loopback(certs: CertificateLayout, tmp_path: Path) -> None:
+    result = _cohort([*_superlink(certs.root, tmp_path, free_port(), free_port()), "--local-host", "0.0.0.0"], tmp_path)
+    _assert_one_clear_line(result, "listens on 127.0.0.1 only")
+
+
+def test_superlink_refuses_an_unencrypted_ca_key_beside_it(certs: CertificateLayout, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(certs.ca_key.read_bytes(), password=PASSPHRASE)
+    certs.ca_key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    result = _cohort(_superlink(certs.root, tmp_path, free_port(), free_port()), tmp_path)
+    _assert_one_clear_line(result, "ca.key is not encrypted")
+    assert not _processes_using(certs.root)
+
+
+@needs_nginx
+def test_front_door_whose_configuration_nginx_refuses_quotes_nginx_and_starts_nothing(tmp_path: Path) -> None:
+    """The SuperLink's name does not resolve: `nginx -t` refuses the upstream."""
+    layout = CertificateLayout(tmp_path / "certs")
+    init_certificates(layout.root, ["superlink.invalid"], passphrase=PASSPHRASE)
+    command = ["cohort", "front-door", "--certs", str(layout.root), "--upstream", "superlink.invalid:9093", "--host", "127.0.0.1", "--port", str(free_port())]
+    result = _cohort(command, tmp_path)
+    _assert_one_clear_line(result, "nginx refused the front door's configuration", "superlink.invalid")
+    assert not _processes_using(layout.root)
+
+
+def _start_coordinator(certs: CertificateLayout, tmp_path: Path) -> tuple[subprocess.Popen[bytes], list[psutil.Process], int]:
+    """`cohort superlink` serving: returns it, every process under it, and the front door's port."""
+    port = free_port()
+    log = (tmp_path / "superlink.log").open("wb")
+    process = subprocess.Popen([COHORT, *_superlink(certs.root, tmp_path, port, free_port())[1:]], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "FLWR_HOME": str(tmp_path / "home")})
+    context = ssl.create_default_context(cafile=str(certs.ca_cert))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.poll() is None, (tmp_path / "superlink.log").read_text()
+        try:
+            if httpx.get(f"https://127.0.0.1:{port}/health", verify=context, timeout=1).status_code == 403:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    tree = psutil.Process(process.pid).children(recursive=True)
+    names = {p.name() for p in tree}
+    assert "nginx" in names and any(name.startswith("flower-superlin") for name in names), names
+    return process, tree, port
+
+
+def _assert_all_gone(tree: list[psutil.Process]) -> None:
+    _, alive = psutil.wait_procs(tree, timeout=15)
+    assert not alive, alive
+
+
+@pytest.fixture
+def local_certs(tmp_path: Path) -> CertificateLayout:
+    layout = CertificateLayout(tmp_path / "certs")
+    init_certificates(layout.root, ["localhost"], passphrase=PASSPHRASE)
+    return layout
+
+
+@needs_nginx
+def test_superlink_stops_the_superlink_and_the_front_door_on_sigterm(local_certs: CertificateLayout, tmp_path: Path) -> None:
+    process, tree, port = _start_coordinator(local_certs, tmp_path)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    _assert_all_gone(tree)
+    socket.create_server(("127.0.0.1", port)).close()  # the public port is free again
+
+
+@needs_nginx
+def test_superlink_stops_the_front_door_when_the_superlink_dies(local_certs: CertificateLayout, tmp_path: Path) -> None:
+    process, tree, _ = _start_coordinator(local_certs, tmp_path)
+    next(p for p in tree if p.name().startswith("flower-superlin")).kill()
+    assert process.wait(timeout=30) != 0
+    _assert_all_gone(tree)
+    assert "flower-superlink stopped" in (tmp_path / "superlink.log").read_text()
+
+
+@needs_nginx
+def test_killing_the_supervisor_leaves_nothing_running(local_certs: CertificateLayout, tmp_path: Path) -> None:
+    process, tree, _ = _start_coordinator(local_certs, tmp_path)
+    process.kill()
+    process.wait(timeout=10)
+    _assert_all_gone(tree)

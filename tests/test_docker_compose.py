@@ -2,7 +2,9 @@
 
 The compose file must run the deployment recipe of deploy/commands.py (the commands that
 tests/test_deployment.py runs for real) with only the values filled in, mount exactly the
-files `cohort certs` writes, and keep each site's key, data, state and budget its own.
+files `cohort certs` writes, keep each site's key, data, state and budget its own, and let
+sites reach the front door alone: the SuperLink shares no network with them and publishes
+no port.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ from cli.certs import certs_app
 from common.config import validate_budget
 from deploy.certificates import CertificateLayout, create_site_key, init_certificates
 from deploy.commands import (
+    SUPERLINK_LOCAL_PORT,
     SUPERLINK_PORT,
     certs_init_command,
     certs_site_command,
     connect_command,
+    front_door_command,
+    private_superlink_command,
     register_command,
     run_command,
-    superlink_command,
     supernode_command,
 )
 
@@ -43,11 +47,16 @@ PROGRAMS = ("cohort", "flwr")
 # Control operators end a simple command in a shell line.
 _OPERATORS = frozenset({";", "&", "&&", "|", "||", "(", ")"})
 
+PASSPHRASE = b"compose test passphrase"
+
 # The recipe, keyed by each command's name (the words before its first placeholder or flag).
+# Compose splits the coordinator's side in two containers: the SuperLink on a private network
+# and the front door.
 RECIPE = {
-    "certs init": certs_init_command(),
+    "certs init": [*certs_init_command(), "--ca-passphrase-file", "<FILE>"],
     "certs site": certs_site_command(),
-    "superlink": superlink_command(),
+    "superlink": private_superlink_command(),
+    "front-door": front_door_command(),
     "connect": connect_command(),
     "register": register_command("<PUBLIC_KEY>"),
     "supernode": supernode_command(),
@@ -242,14 +251,24 @@ def test_certs_commands_are_accepted_by_the_cohort_certs_cli(subcommand):
             pytest.fail(f"`{shlex.join(command)}` is refused by `cohort certs {subcommand}`: {error}")
 
 
-def test_every_file_mounted_from_the_certs_volume_is_written_by_cohort_certs(tmp_path):
+def _key_volume(site: str) -> str:
+    return f"{site}-keys"
+
+
+def test_every_file_mounted_out_of_a_volume_is_written_by_cohort_certs(tmp_path):
+    """The certs volume holds what `cohort certs init` writes; each site's keys volume what
+    that site's `cohort certs site /keys NAME` writes."""
     (init,) = certs_commands("init")
-    init_certificates(tmp_path, options(init, "--superlink-host"))
+    written = {CERTS_VOLUME: tmp_path / CERTS_VOLUME}
+    init_certificates(written[CERTS_VOLUME], options(init, "--superlink-host"), passphrase=PASSPHRASE)
     for command in certs_commands("site"):
-        create_site_key(tmp_path, command[-1])
+        written[_key_volume(command[-1])] = tmp_path / command[-1]
+        create_site_key(written[_key_volume(command[-1])], command[-1])
     for name, service in services().items():
-        for relative in certs_volume_files(service):
-            assert (tmp_path / relative).is_file(), f"{name} mounts {relative} from the certs volume, which `cohort certs` does not write"
+        for mount in mounts(service):
+            if mount.subpath is not None:
+                assert mount.source in written, f"{name} mounts a file out of {mount.source}, which no `cohort certs` command writes"
+                assert (written[mount.source] / mount.subpath).is_file(), f"{name} mounts {mount.subpath} from {mount.source}, which `cohort certs` does not write"
 
 
 def test_certs_volume_files_keep_their_layout_inside_the_container():
@@ -266,7 +285,7 @@ def test_every_certificate_file_a_command_names_is_mounted_in_its_service():
     for name, service in services().items():
         for command in service_commands(service):
             step = recipe_name(command)
-            if step == "superlink":
+            if step in ("superlink", "front-door"):
                 layout = CertificateLayout(Path(option(command, "--certs")))
                 needed = [layout.ca_cert, layout.server_cert, layout.server_key]
             elif step in ("connect", "supernode"):
@@ -286,26 +305,54 @@ def test_only_the_certs_service_mounts_the_whole_certs_volume_with_the_ca_key():
         assert "ca.key" not in certs_volume_files(service), f"{name} mounts ca.key"
 
 
-def test_each_site_mounts_only_the_ca_certificate_and_its_own_key():
+def test_the_ca_key_passphrase_comes_from_a_compose_secret():
+    (init,) = certs_commands("init")
+    assert option(init, "--ca-passphrase-file") == "/run/secrets/ca-passphrase"
+    assert services()["certs"]["secrets"] == ["ca-passphrase"]
+    assert compose()["secrets"]["ca-passphrase"]["file"] == "./ca-passphrase.txt"
+    assert "docker/ca-passphrase.txt" in (ROOT / ".gitignore").read_text().splitlines()
+    assert "docker/ca-passphrase.txt" in (ROOT / ".dockerignore").read_text().splitlines()
+
+
+def test_each_site_makes_its_own_key_pair_in_a_volume_of_its_own():
     for name, command in site_services().items():
         site = option(command, "--name")
-        key = option(command, "--auth-key").removeprefix("/certs/")
-        assert key == f"sites/{site}/{site}.key"
-        assert sorted(certs_volume_files(services()[name])) == sorted(["ca.crt", key]), f"{name} mounts more than ca.crt and its key"
+        (maker,) = [key_service for key_service, made in all_commands() if made == certs_site_command("/keys", site)]
+        assert mounts(services()[maker]) == [Mount(_key_volume(site), "/keys", None, False)]
+        assert services()[maker].get("network_mode") == "none"
+        assert services()[name]["depends_on"]["register"]["condition"] == "service_completed_successfully"
 
 
-def test_every_site_key_is_registered_before_its_supernode_starts():
+def test_each_site_mounts_only_the_ca_certificate_and_its_own_private_key():
+    for name, command in site_services().items():
+        site = option(command, "--name")
+        assert certs_volume_files(services()[name]) == ["ca.crt"], f"{name} mounts more than ca.crt from the certs volume"
+        (key,) = [mount for mount in mounts(services()[name]) if mount.source.endswith("-keys")]
+        assert key == Mount(_key_volume(site), option(command, "--auth-key"), f"sites/{site}/{site}.key", True)
+
+
+def test_no_service_but_the_site_and_its_key_maker_mounts_a_sites_private_key():
+    for name, service in services().items():
+        for mount in mounts(service):
+            if mount.source.endswith("-keys") and (mount.subpath is None or mount.subpath.endswith(".key")):
+                site = mount.source.removesuffix("-keys")
+                assert name in (site, f"{site}-key"), f"{name} mounts {site}'s private key"
+
+
+def test_every_site_public_key_is_registered_before_its_supernode_starts():
+    register = services()["register"]
     registered = {command[3] for _, command in all_commands() if recipe_name(command) == "register"}
     for name, command in site_services().items():
-        public_key = str(PurePosixPath(option(command, "--auth-key")).with_suffix(".pub"))
-        assert public_key in registered, f"{name}'s key {public_key} is never registered"
-        assert services()[name]["depends_on"]["register"]["condition"] == "service_completed_successfully"
+        site = option(command, "--name")
+        (public,) = [mount for mount in mounts(register) if mount.source == _key_volume(site)]
+        assert public.subpath == f"sites/{site}/{site}.pub" and public.read_only
+        assert public.target in registered, f"{name}'s public key {public.target} is never registered"
+        assert register["depends_on"][f"{site}-key"]["condition"] == "service_completed_successfully"
 
 
 def test_registration_waits_for_the_certificates_and_a_healthy_superlink():
     superlink, register = services()["superlink"], services()["register"]
     assert superlink["depends_on"]["certs"]["condition"] == "service_completed_successfully"
-    assert register["depends_on"]["certs"]["condition"] == "service_completed_successfully"
     assert register["depends_on"]["superlink"]["condition"] == "service_healthy"
     assert superlink["healthcheck"]["test"]
 
@@ -317,25 +364,44 @@ def test_register_uses_the_connection_that_connect_creates():
             assert command[4] == connect[2]
 
 
-def test_sites_dial_the_superlink_service_by_a_name_its_certificate_covers():
+def _covered_service(address: str) -> tuple[str, int]:
     (init,) = certs_commands("init")
-    hosts = options(init, "--superlink-host")
-    dialled = [option(command, "--superlink") for command in site_services().values()]
-    dialled += [option(command, "--superlink") for _, command in all_commands() if recipe_name(command) == "connect"]
-    for address in dialled:
-        host, _, port = address.rpartition(":")
-        assert host in services() and host in hosts, f"{address}: not a compose service covered by the certificate ({hosts})"
-        assert int(port) == SUPERLINK_PORT
+    host, _, port = address.rpartition(":")
+    assert host in services() and host in options(init, "--superlink-host"), f"{address}: not a compose service the certificate covers"
+    return host, int(port)
 
 
-def test_only_the_superlink_publishes_a_port_and_it_is_the_recipes():
-    published = {name: service["ports"] for name, service in services().items() if service.get("ports") or service.get("expose")}
-    assert list(published) == ["superlink"]
+def test_sites_dial_the_front_door_by_a_name_its_certificate_covers():
+    (front_door,) = service_commands(services()["front-door"])
+    for command in site_services().values():
+        assert _covered_service(option(command, "--superlink")) == ("front-door", int(option(front_door, "--port")))
+
+
+def test_the_coordinators_flwr_and_the_front_door_reach_the_superlink_on_its_private_port():
     (superlink,) = service_commands(services()["superlink"])
-    (port,) = published["superlink"]
+    (front_door,) = service_commands(services()["front-door"])
+    (connect,) = [command for _, command in all_commands() if recipe_name(command) == "connect"]
+    assert int(option(superlink, "--local-port")) == SUPERLINK_LOCAL_PORT
+    for address in (option(connect, "--superlink"), option(front_door, "--upstream")):
+        assert _covered_service(address) == ("superlink", SUPERLINK_LOCAL_PORT)
+
+
+def test_only_the_front_door_publishes_a_port_and_it_is_the_recipes():
+    published = {name: service["ports"] for name, service in services().items() if service.get("ports") or service.get("expose")}
+    assert list(published) == ["front-door"]
+    (front_door,) = service_commands(services()["front-door"])
+    (port,) = published["front-door"]
     host_port, _, container_port = str(port).rpartition(":")
-    assert int(container_port) == int(option(superlink, "--port")) == SUPERLINK_PORT
+    assert int(container_port) == int(option(front_door, "--port")) == SUPERLINK_PORT
     assert int(host_port) == SUPERLINK_PORT
+
+
+def test_sites_share_no_network_with_the_superlink_and_its_network_is_internal():
+    superlink_networks = set(services()["superlink"]["networks"])
+    assert all(compose()["networks"][network].get("internal") is True for network in superlink_networks)
+    assert superlink_networks <= set(services()["front-door"]["networks"]) and superlink_networks <= set(services()["register"]["networks"])
+    for name in site_services():
+        assert services()[name]["networks"] and not set(services()[name]["networks"]) & superlink_networks, name
 
 
 def test_superlink_keeps_its_database_on_a_named_volume():
@@ -402,10 +468,16 @@ def test_dockerfile_runs_as_a_non_root_user():
     assert user not in ("root", "0")
 
 
-def test_dockerfile_disables_runtime_dependency_installation_and_update_checks():
+def test_dockerfile_disables_runtime_dependency_installation_update_checks_and_telemetry():
     env = " ".join(arguments for keyword, arguments in dockerfile_instructions() if keyword == "ENV")
     assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in env.split()
     assert "FLWR_DISABLE_UPDATE_CHECK=1" in env.split()
+    assert "FLWR_TELEMETRY_ENABLED=0" in env.split()
+
+
+def test_dockerfile_installs_debians_nginx_for_the_front_door():
+    runs = " ".join(arguments for keyword, arguments in dockerfile_instructions() if keyword == "RUN")
+    assert "apt-get install -y --no-install-recommends nginx-light" in runs
 
 
 def test_dockerfile_installs_cpu_torch_at_the_makefiles_version_by_default():

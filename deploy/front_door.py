@@ -1,0 +1,165 @@
+"""The coordinator's front door: the one address sites reach, serving Flower's Fleet API
+and nothing else.
+
+Flower 1.42's SuperLink serves its Fleet, Control and Runtime APIs on one HTTPS port, and
+its Control API (`flwr run`, `flwr ls`, `flwr supernode register`) has no user
+authentication without Flower's enterprise add-on. So the SuperLink listens on the
+coordinator's loopback, and nginx (Debian's package) listens on the public port with the
+SuperLink's certificate and forwards exactly the routes of Flower's Fleet router; any
+other request gets 403 from nginx and never reaches Flower. SuperNode authentication is
+untouched: its signature headers travel through as they are, and the SuperLink checks them.
+
+nginx runs in the foreground with a configuration Cohort writes into a private directory
+of its own (not /etc/nginx), so it needs no root and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import pwd
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import CohortInputError
+from deploy.certificates import LOOPBACK, LOOPBACK_NAME, CertificateLayout
+
+# What nginx answers to every request that is not a Fleet API call.
+REFUSAL = "refused: this address serves only Flower's Fleet API; run flwr on the coordinator's host"
+# Model updates travel in request bodies (nginx's default limit is 1 MB); 2 GB is Flower's
+# own message limit (flwr.supercore.grpc.GRPC_MAX_MESSAGE_LENGTH).
+MAX_BODY = "2g"
+# A busy SuperLink may take long to answer a large push or pull; nginx's default is 60 s.
+PROXY_TIMEOUT_S = 600
+_TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+
+
+def fleet_routes() -> list[str]:
+    """The paths of Flower's own Fleet router, read from the installed Flower, so that the
+    front door follows Flower's API instead of a list copied by hand."""
+    from flwr.superlink.routers.fleet.router import router  # imported here: it loads FastAPI
+
+    return [route.path for route in router.routes]  # type: ignore[attr-defined]
+
+
+def nginx_executable() -> str:
+    """Debian's nginx (package nginx-light or nginx; `make test` installs it when root),
+    found on PATH like every program an operator names."""
+    found = shutil.which("nginx")
+    if found is None:
+        raise CohortInputError(
+            "nginx is not on PATH, and the front door needs it: install Debian's package "
+            "(`apt-get install nginx-light`), add its folder (/usr/sbin) to PATH, or use the Cohort Docker image"
+        )
+    return found
+
+
+@dataclass(frozen=True)
+class FrontDoor:
+    """nginx on host:port, with the SuperLink's certificate, forwarding the Fleet API to
+    the SuperLink at upstream_host:upstream_port (verified against ca.crt) and refusing
+    everything else.
+
+    certs: the directory of `cohort certs init` (ca.crt, superlink.crt, superlink.key).
+    """
+
+    certs: Path
+    host: str
+    port: int
+    upstream_host: str
+    upstream_port: int
+
+    @property
+    def upstream_name(self) -> str:
+        """The name the SuperLink's certificate is checked against: nginx matches DNS names
+        only, so the loopback address is checked as `localhost` (every certificate of
+        `cohort certs init` covers both) and another address cannot be checked at all."""
+        if self.upstream_host == LOOPBACK:
+            return LOOPBACK_NAME
+        try:
+            ipaddress.ip_address(self.upstream_host.strip("[]"))
+        except ValueError:
+            return self.upstream_host
+        raise CohortInputError(
+            f"--upstream {self.upstream_host}: the front door checks the SuperLink's certificate by name; "
+            "give a DNS name its certificate covers (or 127.0.0.1)"
+        )
+
+    def config(self, directory: Path) -> str:
+        """nginx.conf for a private directory: pid file, temporary files and everything
+        nginx writes stay in it; logs go to stderr, which `cohort superlink` passes on."""
+        layout = CertificateLayout(self.certs)
+        routes = "|".join(re.escape(path.removeprefix("/v1/fleet/")) for path in fleet_routes())
+        temp_paths = "\n".join(f"    {name}_temp_path {_quote(directory / name)};" for name in _TEMP_PATHS)
+        # As root, nginx would run its workers as a system user that cannot read the
+        # private directory; they run as the user who started it instead.
+        user = f"user {_quote(pwd.getpwuid(os.geteuid()).pw_name)};\n" if os.geteuid() == 0 else ""
+        return f"""{user}daemon off;
+worker_processes 1;
+pid {_quote(directory / "nginx.pid")};
+error_log stderr notice;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    server_tokens off;
+{temp_paths}
+    upstream superlink {{ server {_address(self.upstream_host, self.upstream_port)}; }}
+    server {{
+        listen {_address(self.host, self.port)} ssl;
+        ssl_certificate {_quote(layout.server_cert)};
+        ssl_certificate_key {_quote(layout.server_key)};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        client_max_body_size {MAX_BODY};
+        default_type text/plain;
+
+        # Flower's Fleet API, route by route; the normalised path is what goes upstream.
+        location ~ ^/v1/fleet/({routes})$ {{
+            limit_except POST {{ deny all; }}
+            proxy_pass https://superlink$uri;
+            proxy_http_version 1.1;
+            proxy_set_header Host $host;
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {_quote(layout.ca_cert)};
+            proxy_ssl_name {self.upstream_name};
+            proxy_ssl_server_name on;
+            proxy_request_buffering off;
+            proxy_buffering off;
+            proxy_read_timeout {PROXY_TIMEOUT_S}s;
+            proxy_send_timeout {PROXY_TIMEOUT_S}s;
+        }}
+        # The Control API, the Runtime API, Flower's docs and anything else.
+        location / {{ return 403 "{REFUSAL}\\n"; }}
+    }}
+}}
+"""
+
+    def prepare(self, directory: Path) -> list[str]:
+        """Write the configuration into `directory` and have nginx check it (`nginx -t`:
+        certificates load, the upstream resolves); returns the command that runs it."""
+        nginx = nginx_executable()
+        for name in _TEMP_PATHS:
+            (directory / name).mkdir(mode=0o700, exist_ok=True)
+        config = directory / "nginx.conf"
+        config.write_text(self.config(directory), encoding="utf-8")
+        config.chmod(0o600)
+        argv = [nginx, "-e", "stderr", "-p", str(directory), "-c", str(config)]
+        checked = subprocess.run([*argv, "-t", "-q"], capture_output=True, text=True, timeout=30)
+        if checked.returncode != 0:
+            problem = next((line for line in checked.stderr.splitlines() if "[emerg]" in line), checked.stderr.strip())
+            raise CohortInputError(f"nginx refused the front door's configuration ({problem.strip()}); fix what it names and start again")
+        return argv
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _quote(path: Path | str) -> str:
+    """A path as one nginx token, whatever characters it holds."""
+    text = str(path)
+    if '"' in text or "\\" in text or "$" in text:
+        raise CohortInputError(f"{text} contains a quote, backslash or '$', which nginx cannot take in a path; use another directory")
+    return f'"{text}"'

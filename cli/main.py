@@ -108,28 +108,55 @@ def _run_with_progress(plan: SimulationPlan) -> SimulationOutcome:
         return run_simulation(plan, on_round=on_round, on_start=on_start)
 
 
+# Above this many sites the summary describes the federation instead of listing it.
+SITE_TABLE_LIMIT = 20
+
+
 def _round_line(record: dict[str, Any], rounds: int) -> str:
+    """One line under 80 columns; what went wrong, if anything, on a second one."""
     epsilons = [s["epsilon"] for s in record["sites"].values() if s.get("epsilon") is not None]
-    privacy = f"max epsilon {max(epsilons):.2f}" if epsilons else "no DP"
+    privacy = f"eps {max(epsilons):.2f}" if epsilons else "no DP"
     if "client_level" in record:
-        privacy = f"client-level epsilon {record['client_level']['epsilon']:.2f}"
-        privacy += "" if record["client_level"]["released"] else " (no release this round)"
+        privacy = f"eps {record['client_level']['epsilon']:.2f} (client)"
+        privacy += "" if record["client_level"]["released"] else ", no release"
     trained = sum(bool(s.get("trained")) for s in record["sites"].values())
-    failed = f", {len(record['failures'])} failure(s): {', '.join(sorted({f['site'] for f in record['failures']}))}" if record["failures"] else ""
-    failed += f", rejected: {', '.join(sorted({r['site'] for r in record['rejected']}))}" if record.get("rejected") else ""
-    failed += f", refused: {', '.join(record['refused'])}" if record.get("refused") else ""
-    return (
-        f"round {record['round']:>3}/{rounds}  accuracy {record['global']['accuracy']:.4f}  "
-        f"loss {record['global']['loss']:.4f}  {privacy}  {trained} site(s) trained{failed}  "
-        f"{record['seconds']:.1f}s"
+    line = (
+        f"round {record['round']:>3}/{rounds}  acc {record['global']['accuracy']:.3f}  "
+        f"loss {record['global']['loss']:.3f}  {privacy}  {trained} trained  {record['seconds']:.1f}s"
     )
+    problems = []
+    if record["failures"]:
+        problems.append(f"failed: {', '.join(sorted({f['site'] for f in record['failures']}))}")
+    if record.get("rejected"):
+        problems.append(f"rejected: {', '.join(sorted({r['site'] for r in record['rejected']}))}")
+    if record.get("refused"):
+        problems.append(f"refused: {', '.join(record['refused'])}")
+    return line + "".join(f"\n          {problem}" for problem in problems)
 
 
 def _print_summary(outcome: SimulationOutcome) -> None:
     summary = outcome.summary or {}
     if not summary["sites"]:
         return
-    table = Table(title=f"Cohort run: {outcome.run_dir.path.name}")
+    client_level = summary.get("client_level_epsilon") is not None
+    if len(summary["sites"]) > SITE_TABLE_LIMIT:
+        _print_federation(summary, client_level)
+    else:
+        _print_site_table(outcome.run_dir.path.name, summary, client_level)
+    if summary["refused"]:
+        console.print(f"refused to train (out of the run): {', '.join(summary['refused'])}", highlight=False)
+    for name, rejected in summary.get("rejected", {}).items():
+        console.print(f"rejected: {name}, {rejected['count']} reply(ies) in round(s) {', '.join(map(str, rejected['rounds']))}: {'; '.join(rejected['reasons'])}", highlight=False, markup=False)
+    max_eps, client_eps = summary["max_epsilon"], summary.get("client_level_epsilon")
+    privacy = f"largest site epsilon {'n/a (no DP)' if max_eps is None else f'{max_eps:.3f}'}"
+    if client_level:
+        privacy = f"client-level epsilon {client_eps:.3f} (server ledger)"
+    console.print(f"global test accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds; {privacy}", highlight=False)
+    console.print(f"run directory: {outcome.run_dir.path}", highlight=False, soft_wrap=True)
+
+
+def _print_site_table(title: str, summary: dict[str, Any], client_level: bool) -> None:
+    table = Table(title=f"Cohort run: {title}")
     for column in ("site", "rounds trained", "val accuracy", "epsilon", "budget", "delta"):
         table.add_column(column, justify="right" if column != "site" else "left")
     for name, site in summary["sites"].items():
@@ -137,25 +164,24 @@ def _print_summary(outcome: SimulationOutcome) -> None:
             name,
             str(site["rounds_trained"]),
             _fmt(site.get("val_accuracy")),
-            _fmt(site.get("epsilon"), "{:.3f}", "no DP"),
+            _fmt(site.get("epsilon"), "{:.3f}", "client DP" if client_level else "no DP"),
             _fmt(site.get("budget"), "{:g}", "-"),
             _fmt(site.get("delta"), "{:g}", "-"),
         )
     console.print(table)
-    if summary["refused"]:
-        console.print(f"refused to train (out of the run): {', '.join(summary['refused'])}", highlight=False)
-    for name, rejected in summary.get("rejected", {}).items():
-        console.print(f"rejected: {name}, {rejected['count']} reply(ies) in round(s) {', '.join(map(str, rejected['rounds']))}: {'; '.join(rejected['reasons'])}", highlight=False, markup=False)
-    max_eps, client_eps = summary["max_epsilon"], summary.get("client_level_epsilon")
-    privacy = f"largest site epsilon {'n/a (no DP)' if max_eps is None else f'{max_eps:.3f}'}"
-    if client_eps is not None:
-        privacy = f"client-level epsilon {client_eps:.3f} (server ledger)"
-    console.print(
-        f"global test accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds; "
-        f"{privacy}; "
-        f"run directory {outcome.run_dir.path}",
-        highlight=False,
-    )
+
+
+def _print_federation(summary: dict[str, Any], client_level: bool) -> None:
+    """Many small sites: one device's validation accuracy on a handful of examples says
+    little, so the spread across sites is what is shown."""
+    sites = list(summary["sites"].values())
+    rounds = sorted(site["rounds_trained"] for site in sites)
+    console.print(f"{len(sites)} sites; rounds trained per site: min {rounds[0]}, median {rounds[len(rounds) // 2]}, max {rounds[-1]}", highlight=False)
+    epsilons = sorted(site["epsilon"] for site in sites if site.get("epsilon") is not None)
+    if epsilons:
+        console.print(f"site epsilon: min {epsilons[0]:.3f}, max {epsilons[-1]:.3f}", highlight=False)
+    elif client_level:
+        console.print("every site is protected by the server's client-level DP (its ledger), not by local noise", highlight=False)
 
 
 def _report_fairness(outcome: SimulationOutcome, margin: float) -> None:

@@ -117,8 +117,8 @@ def _round_line(record: dict[str, Any], rounds: int) -> str:
     epsilons = [s["epsilon"] for s in record["sites"].values() if s.get("epsilon") is not None]
     privacy = f"eps {max(epsilons):.2f}" if epsilons else "no DP"
     if "client_level" in record:
-        privacy = f"eps {record['client_level']['epsilon']:.2f} (client)"
-        privacy += "" if record["client_level"]["released"] else ", no release"
+        privacy = f"client eps {record['client_level']['epsilon']:.2f}"
+        privacy += "" if record["client_level"]["released"] else " held"
     trained = sum(bool(s.get("trained")) for s in record["sites"].values())
     line = (
         f"round {record['round']:>3}/{rounds}  acc {record['global']['accuracy']:.3f}  "

@@ -18,7 +18,7 @@ def test_a_round_line_fits_80_columns() -> None:
 
 def test_client_level_rounds_say_whose_epsilon_it_is() -> None:
     line = _round_line(_record(client_level={"epsilon": 3.2, "released": False}), rounds=10)
-    assert "eps 3.20 (client), no release" in line and len(line) <= 80
+    assert "client eps 3.20 held" in line and len(line) <= 80
 
 
 def test_problems_go_on_their_own_lines() -> None:

@@ -20,7 +20,7 @@ def _poisoned(tmp_path: Path, attack: str) -> tuple[np.ndarray, np.ndarray, np.n
     path = site.state_dir / f"poisoned-{attack}.npz"
     write_poisoned_copy(path, RUN, site, attack)
     honest = simulated_site_data(RUN.data, 8, 10)
-    poisoned = local_site_data(str(path), RUN.data)
+    poisoned = local_site_data(str(path), site.split_seed, site.val_fraction)
     assert poisoned.num_classes == honest.num_classes
     images = np.concatenate([poisoned.train.images, poisoned.val.images])
     return images, np.concatenate([poisoned.train.labels, poisoned.val.labels]), np.concatenate([honest.train.labels, honest.val.labels])

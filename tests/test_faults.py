@@ -157,7 +157,7 @@ def test_a_coordinator_stopped_mid_run_resumes_and_every_release_is_in_the_ledge
 
     resumed = subprocess.run([COHORT, "simulate", "--resume", str(run_dir)], capture_output=True, text=True, timeout=600, env=ENV)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert [m["round"] for m in _metrics(run_dir)] == [1, 2, 3, 4]
+    assert [m["round"] for m in _metrics(run_dir)] == [1, 2, 3, 4], resumed.stdout + (run_dir / "summary.json").read_text() + str(sorted(p.name for p in (run_dir / "checkpoints").iterdir()))
     copies = [LedgerEntry.from_json(line) for line in _ledger_lines(run_dir / "privacy_ledger.jsonl")]
     for site in sites:
         after = _ledger_lines(site)

@@ -99,7 +99,6 @@ def train(msg: Message, context: Context) -> Message:
     )
     metrics = {
         "num-examples": update.num_examples,
-        protocol.UNIT_WEIGHT: 1.0,
         "train-loss": update.train_loss,
         "train-accuracy": update.train_accuracy,
         "steps": update.steps,
@@ -112,7 +111,6 @@ def train(msg: Message, context: Context) -> Message:
     site_record = ConfigRecord(
         {
             protocol.SITE_NAME: site.name,
-            protocol.SITE_PRIVACY_STATE: update.privacy.to_json() if update.privacy else "",
             protocol.SITE_LEDGER_ENTRY: entry.to_json(),
             protocol.SITE_LEDGER_KEY: ledger.public_key_file.read_text(encoding="ascii"),
         }
@@ -191,7 +189,7 @@ def evaluate_locally(msg: Message, context: Context) -> Message:
     data, model = _start_round(msg, run, site)
     device = resolve_device(run.device)
     result = evaluate(model.to(device), data.val, device)
-    metrics = {"num-examples": result.num_examples, protocol.UNIT_WEIGHT: 1.0, "val-loss": result.loss, "val-accuracy": result.accuracy}
+    metrics = {"num-examples": result.num_examples, "val-loss": result.loss, "val-accuracy": result.accuracy}
     content = RecordDict({protocol.METRICS: _allowed(metrics, site), protocol.SITE: ConfigRecord({protocol.SITE_NAME: site.name})})
     return Message(content=content, reply_to=msg)
 

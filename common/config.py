@@ -39,7 +39,7 @@ LR_SCHEDULES = ("constant", "cosine")
 # Settings that say where a run lives, how it is resumed or reported, not what it
 # computes: they may differ between a run and its resumption without making the
 # checkpoint foreign.
-_PLACEMENT_KEYS = frozenset({"run_name", "run_dir", "resume_from", "device", "federation_home", "fairness_margin"})
+_PLACEMENT_KEYS = frozenset({"run_name", "run_dir", "resume_from", "device", "federation_home", "fairness_margin", "reply_timeout"})
 _SECTIONS = ("data", "training", "dp", "checks")
 
 

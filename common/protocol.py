@@ -9,15 +9,11 @@ METRICS = "metrics"
 SITE = "site"
 
 SITE_NAME = "name"
-SITE_PRIVACY_STATE = "privacy-state"
 SITE_LEDGER_ENTRY = "ledger-entry"
 # The site's Ed25519 ledger public key (PEM): the server binds it to the site's name and
 # node id on the first reply and verifies every later ledger entry against it.
 SITE_LEDGER_KEY = "ledger-public-key"
 
-# Every update's weight under uniform aggregation (always 1): client-level DP averages
-# m updates in equal shares, so FedAvg weighs by this instead of num-examples.
-UNIT_WEIGHT = "unit-weight"
 
 CONFIG_ROUND = "server-round"
 CONFIG_PROXIMAL_MU = "proximal-mu"

@@ -26,7 +26,9 @@ from common.errors import CohortInputError
 POLICY_FILE = "policy.toml"
 
 # What a site's replies may carry besides the weights (see docs/site.md for what each reveals).
-AGGREGATION_METRICS = ("num-examples", "unit-weight")  # always sent: Flower's strategies weigh updates by them
+# Always sent: the example count, which the server may weigh by (aggregation-weight =
+# "examples", capped); the server never trusts it beyond its cap.
+AGGREGATION_METRICS = ("num-examples",)
 ACCOUNTING_METRICS = ("epsilon", "delta", "budget-epsilon", "noise-multiplier", "sample-rate", "steps")
 TRAINING_METRICS = ("train-loss", "train-accuracy")
 VALIDATION_METRICS = ("val-loss", "val-accuracy")

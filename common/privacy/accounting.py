@@ -9,7 +9,6 @@ Opacus example).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from opacus.accountants import create_accountant
@@ -51,26 +50,6 @@ class PrivacyState:
     def after(self, accountant: IAccountant) -> PrivacyState:
         """This state with the history a round's accountant ended with."""
         return PrivacyState(self.noise_multiplier, self.sample_rate, self.accountant, _history_of(accountant))
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "noise_multiplier": self.noise_multiplier,
-                "sample_rate": self.sample_rate,
-                "accountant": self.accountant,
-                "history": [list(entry) for entry in self.history],
-            }
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> PrivacyState:
-        data = json.loads(text)
-        return cls(
-            noise_multiplier=float(data["noise_multiplier"]),
-            sample_rate=float(data["sample_rate"]),
-            accountant=str(data["accountant"]),
-            history=tuple((float(s), float(q), int(n)) for s, q, n in data["history"]),
-        )
 
 
 def restore_accountant(state: PrivacyState) -> IAccountant:

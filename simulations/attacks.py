@@ -36,7 +36,7 @@ from client.app import app as honest
 from common import protocol
 from common.config import RunConfig
 from common.data.federation import simulated_site_data
-from common.privacy.ledger import LEDGER_FILE, PRIVATE_KEY_FILE, LedgerEntry, sha256_hex
+from common.privacy.ledger import HEAD_FILE, LEDGER_FILE, PRIVATE_KEY_FILE, LedgerEntry, LedgerHead, sha256_hex, write_head
 from common.site import SiteConfig
 from simulations.attack_spec import DATA_ATTACKS, AttackSpec
 from simulations.plan import PLAN_FILE
@@ -113,6 +113,7 @@ def _resign(state_dir: Path, entry: LedgerEntry, model_hash: str) -> LedgerEntry
     lines = ledger.read_text(encoding="utf-8").splitlines()
     lines[-1] = signed.to_json()
     ledger.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_head(state_dir / HEAD_FILE, LedgerHead(len(lines), signed.entry_hash()))  # its own ledger: it keeps it consistent
     return signed
 
 

@@ -17,7 +17,8 @@ import pytest
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 COHORT = str(Path(sys.executable).parent / "cohort")
-NO_DP = [str(Path(__file__).resolve().parents[1] / "simulations" / "no-dp.toml"), "--set", "num-sites=5", "--set", "rounds=10"]
+ROUNDS = 6
+NO_DP = [str(Path(__file__).resolve().parents[1] / "simulations" / "no-dp.toml"), "--set", "num-sites=5", "--set", f"rounds={ROUNDS}"]
 ENV = {**os.environ, "COLUMNS": "200"}
 
 
@@ -61,17 +62,17 @@ def test_every_round_names_both_hostile_sites_with_their_reasons(hostile_run) ->
 def test_summary_progress_line_and_audit_name_the_rejected_sites(hostile_run) -> None:  # type: ignore[no-untyped-def]
     result, run_dir = hostile_run
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["rejected"]["site-1"]["count"] == 10 and summary["rejected"]["site-2"]["rounds"] == list(range(1, 11))
+    assert summary["rejected"]["site-1"]["count"] == ROUNDS and summary["rejected"]["site-2"]["rounds"] == list(range(1, ROUNDS + 1))
     assert "rejected: site-1, site-2" in result.stdout
     audit = subprocess.run([COHORT, "audit", str(run_dir)], capture_output=True, text=True, timeout=300, env=ENV)
     assert audit.returncode == 0, audit.stderr
-    assert "rejected: site-1: 10 reply(ies)" in audit.stdout and "NaN" in audit.stdout
+    assert f"rejected: site-1: {ROUNDS} reply(ies)" in audit.stdout and "NaN" in audit.stdout
 
 
 def test_the_rejected_sites_spend_is_still_in_the_runs_ledger(hostile_run) -> None:  # type: ignore[no-untyped-def]
     _, run_dir = hostile_run
     records = [json.loads(line)["record"] for line in (run_dir / "privacy_ledger.jsonl").read_text().splitlines()]
-    assert sorted((r["round"], r["site"]) for r in records) == [(n, f"site-{s}") for n in range(1, 11) for s in range(5)]
+    assert sorted((r["round"], r["site"]) for r in records) == [(n, f"site-{s}") for n in range(1, ROUNDS + 1) for s in range(5)]
 
 
 def test_a_silent_site_fails_its_round_after_the_timeout_and_the_round_finishes(tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.results import run_table
+
 COHORT = str(Path(sys.executable).parent / "cohort")
 CANARIES = 150
 ROUNDS = 20
@@ -71,7 +73,4 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 if __name__ == "__main__":
-    results = Path(__file__).resolve().parent / "results"
-    rows = run(results / "empirical-audit-runs")
-    (results / "empirical_audit.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(markdown(rows))
+    run_table("empirical-audit", run, markdown)

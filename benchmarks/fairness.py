@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.results import run_table
+
 COHORT = str(Path(sys.executable).parent / "cohort")
 ROUNDS = 20
 FEDERATION = ["--set", "num-sites=10", "--set", "dirichlet-alpha=0.3", "--set", f"rounds={ROUNDS}"]
@@ -64,7 +66,4 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 if __name__ == "__main__":
-    results = Path(__file__).resolve().parent / "results"
-    rows = run(results / "fairness-runs")
-    (results / "fairness.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(markdown(rows))
+    run_table("fairness", run, markdown)

@@ -9,13 +9,12 @@ import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import torch
 
 from benchmarks import dp_step_time, empirical_audit, fairness, simulations
+from benchmarks.results import RESULTS
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict[str, str | int]:

@@ -190,7 +190,11 @@ def _report_fairness(outcome: SimulationOutcome, margin: float) -> None:
 
     if outcome.summary is None or not outcome.summary["sites"]:
         return
-    report = write_fairness(outcome.run_dir.path, margin)
+    try:
+        report = write_fairness(outcome.run_dir.path, margin)
+    except CohortInputError as error:  # the run itself stands; only its report is missing
+        console.print(f"[yellow]warning:[/] no fairness report: {error}", highlight=False)
+        return
     write_json_atomic(outcome.run_dir.summary_file, {**outcome.summary, "fairness": {**report["across_sites"], "warnings": report["warnings"]}})
     across = report["across_sites"]
     console.print(

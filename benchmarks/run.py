@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from benchmarks import dp_step_time, empirical_audit, fairness, simulations
+from benchmarks import dp_step_time, empirical_audit, fairness, scale, simulations
 from benchmarks.results import RESULTS
 
 
@@ -36,6 +36,7 @@ def main() -> None:
         **simulations.run(RESULTS / "runs"),
         "empirical_audit": empirical_audit.run(RESULTS / "empirical-audit-runs"),
         "fairness": fairness.run(RESULTS / "fairness-runs"),
+        "scale": scale.run(RESULTS / "scale-runs"),
     }
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -23,7 +22,7 @@ from common.data.federation import SiteData, local_site_data, simulated_site_dat
 from common.evaluation import evaluate, resolve_device
 from common.models.registry import build_model
 from common.privacy.accounting import PrivacyState
-from common.privacy.ledger import CLIENT_LEVEL_DP_FEDAVG, NON_PRIVATE, REFUSAL, RELEASE, SAMPLE_LEVEL_DP_SGD, LedgerBroken, LedgerRecord, SiteLedger, sha256_hex
+from common.privacy.ledger import CLIENT_LEVEL_DP_FEDAVG, NON_PRIVATE, REFUSAL, RELEASE, SAMPLE_LEVEL_DP_SGD, LedgerBroken, LedgerEntry, LedgerRecord, SiteLedger, sha256_hex
 from common.site import AGGREGATION_METRICS, SiteConfig
 from client.clipping import central_dp_clipping_mod
 from client.evaluation_policy import declined_evaluation
@@ -33,18 +32,10 @@ from client.training import train_locally
 app = ClientApp()
 
 
-class _SiteRound(NamedTuple):
-    """What both handlers start from: the site's data and the received model."""
-
-    data: SiteData
-    model: torch.nn.Module
-
-
-def _start_round(msg: Message, run: RunConfig, site: SiteConfig) -> _SiteRound:
-    data = _site_data(site, run)
+def _received_model(msg: Message, run: RunConfig, data: SiteData) -> torch.nn.Module:
     model = build_model(run.training.model, data.train.input_shape, data.num_classes)
     model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
-    return _SiteRound(data, model)
+    return model
 
 
 @app.train(mods=[central_dp_clipping_mod])
@@ -57,23 +48,17 @@ def train(msg: Message, context: Context) -> Message:
     except LedgerBroken as broken:  # nothing may be planned on a ledger that could have been reset
         print(f"error: {broken}", file=sys.stderr, flush=True)
         return Message(Error(code=protocol.SITE_REFUSED, reason=f"site {site.name} refuses to train: its privacy ledger does not verify"), reply_to=msg)
-    data, model = _start_round(msg, run, site)
     config = msg.content[protocol.CONFIG]
     server_round = int(config[protocol.CONFIG_ROUND])
-    release = _ReleaseContext(run, site, context.run_id, server_round, data.identity)
-    privacy = None
-    if run.dp.sample_level:
-        try:
-            plan = plan_round(run, site, entries, data.identity, context.run_id, server_round, len(data.train))
-        except CohortInputError as exhausted:  # no noise level fits what is left of the budget
-            spent = spent_epsilon(entries, data.identity, site)
-            return _refuse(msg, ledger, release.record(REFUSAL, None, steps=0, epsilon=spent, reason=f"site {site.name} refuses to train: {exhausted}"))
-        reason = refusal_reason(plan, round_steps(len(data.train), run), site)
-        if reason is not None:
-            return _refuse(msg, ledger, release.record(REFUSAL, plan.total, steps=0, epsilon=enforced_epsilon(plan.total, site)[0], reason=reason))
-        privacy = plan.total
-    elif not site.allow_non_private:
+    if not run.dp.sample_level and not site.allow_non_private:  # decided before any data is read
+        release = _ReleaseContext(run, site, context.run_id, server_round, data_hash="")
         return _refuse(msg, ledger, release.record(REFUSAL, None, steps=0, epsilon=0.0, reason=_no_local_dp_refusal(run, site)))
+    data = _site_data(site, run)
+    release = _ReleaseContext(run, site, context.run_id, server_round, data.identity)
+    privacy = _planned_privacy(release, entries, len(data.train)) if run.dp.sample_level else None
+    if isinstance(privacy, LedgerRecord):
+        return _refuse(msg, ledger, privacy)
+    model = _received_model(msg, run, data)  # built only once the site knows it will train
     update = train_locally(
         model,
         data.train,
@@ -117,6 +102,21 @@ def train(msg: Message, context: Context) -> Message:
     )
     content = RecordDict({protocol.ARRAYS: ArrayRecord(weights), protocol.METRICS: _allowed(metrics, site), protocol.SITE: site_record})
     return Message(content=content, reply_to=msg)
+
+
+def _planned_privacy(release: _ReleaseContext, entries: list[LedgerEntry], train_size: int) -> PrivacyState | LedgerRecord:
+    """The privacy state this round's DP-SGD will reach, or the refusal to record when no
+    noise level keeps the site within its budget."""
+    run, site = release.run, release.site
+    try:
+        plan = plan_round(run, site, entries, release.data_hash, release.run_id, release.server_round, train_size)
+    except CohortInputError as exhausted:  # no noise level fits what is left of the budget
+        spent = spent_epsilon(entries, release.data_hash, site)
+        return release.record(REFUSAL, None, steps=0, epsilon=spent, reason=f"site {site.name} refuses to train: {exhausted}")
+    reason = refusal_reason(plan, round_steps(train_size, run), site)
+    if reason is not None:
+        return release.record(REFUSAL, plan.total, steps=0, epsilon=enforced_epsilon(plan.total, site)[0], reason=reason)
+    return plan.total
 
 
 def _allowed(metrics: dict[str, float], site: SiteConfig) -> MetricRecord:
@@ -186,7 +186,8 @@ def evaluate_locally(msg: Message, context: Context) -> Message:
     declined = declined_evaluation(msg, site)
     if declined is not None:
         return declined
-    data, model = _start_round(msg, run, site)
+    data = _site_data(site, run)
+    model = _received_model(msg, run, data)
     device = resolve_device(run.device)
     result = evaluate(model.to(device), data.val, device)
     metrics = {"num-examples": result.num_examples, "val-loss": result.loss, "val-accuracy": result.accuracy}
@@ -198,4 +199,4 @@ def _site_data(site: SiteConfig, run: RunConfig) -> SiteData:
     if site.data_path is not None:
         return local_site_data(site.data_path, site.split_seed, site.val_fraction)
     assert site.partition_id is not None and site.num_partitions is not None
-    return simulated_site_data(run.data, site.partition_id, site.num_partitions)
+    return simulated_site_data(run.data, site.partition_id, site.num_partitions, run.run_dir)

@@ -170,6 +170,11 @@ class TrainingConfig:
         tenth of learning_rate in the last round).
     qfedavg_q: q of q-FedAvg (Li et al., ICLR 2020): how much more a site with a higher
         training loss weighs; 0 is FedAvg. It reads each site's training loss.
+    fraction_train: share of the sites sampled to train each round.
+    fraction_evaluate: share of the sites sampled each round to validate the global model
+        on their own data; 0 takes fraction_train, so that validation never costs more
+        than training, whatever the federation's size. The server's central evaluation on
+        its held-out test set runs every round regardless.
     """
 
     model: str = "cnn"
@@ -182,6 +187,7 @@ class TrainingConfig:
     lr_schedule: str = "cosine"
     strategy: str = "fedavg"
     fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0
     min_sites: int = 2
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.1
@@ -209,12 +215,18 @@ class TrainingConfig:
             raise CohortInputError(f"learning-rate is {self.learning_rate}; use 0 for the default of the DP mode, or a positive rate")
         if not 0 < self.fraction_train <= 1:
             raise CohortInputError(f"fraction-train is {self.fraction_train}; it must be in (0, 1]")
+        if not 0 <= self.fraction_evaluate <= 1:
+            raise CohortInputError(f"fraction-evaluate is {self.fraction_evaluate}; it must be in (0, 1], or 0 for fraction-train's share")
         if self.qfedavg_q < 0:
             raise CohortInputError(f"qfedavg-q is {self.qfedavg_q}; it must be >= 0 (0 is FedAvg)")
         if not 0 <= self.trimmed_beta < 0.5:
             raise CohortInputError(f"trimmed-beta is {self.trimmed_beta}; FedTrimmedAvg cuts that share off each end, so it must be in [0, 0.5)")
         if self.byzantine_sites < 0 or self.krum_selected < 0:
             raise CohortInputError("byzantine-sites and krum-selected must be >= 0")
+
+    @property
+    def evaluate_share(self) -> float:
+        return self.fraction_evaluate or self.fraction_train
 
     def sites_needed(self) -> int:
         """The fewest training replies the strategy can aggregate with byzantine_sites hostile

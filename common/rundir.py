@@ -81,6 +81,11 @@ class RunDirectory:
         return self.path / MODEL_FILE
 
     @property
+    def partitions_file(self) -> Path:
+        """Every simulated site's share of the data, saved once for the site workers to read."""
+        return self.path / "partitions.npz"
+
+    @property
     def checkpoint_dir(self) -> Path:
         return self.path / CHECKPOINT_DIR
 

@@ -26,7 +26,8 @@ from server.aggregation_weight import AGGREGATION_WEIGHT, TRAIN_LOSS
 
 
 def build_strategy(run: RunConfig, num_sites: int) -> Strategy:
-    """Every site evaluates every round; training samples fraction_train of the sites.
+    """Training samples fraction_train of the sites each round, validation
+    fraction_evaluate of them (by default the same share).
 
     Updates are weighted by the weight the server assigned after its checks
     (server.aggregation_weight), never by a count the site reports.
@@ -35,7 +36,7 @@ def build_strategy(run: RunConfig, num_sites: int) -> Strategy:
     minimum = _minimum_sites(training, num_sites)
     common = {
         "fraction_train": training.fraction_train,
-        "fraction_evaluate": 1.0,
+        "fraction_evaluate": training.evaluate_share,
         "min_train_nodes": minimum,
         "min_evaluate_nodes": minimum,
         "min_available_nodes": minimum,

@@ -141,7 +141,7 @@ def _poisoned_context(context: Context, attack: str) -> Context:
 
 def write_poisoned_copy(path: Path, run: RunConfig, site: SiteConfig, attack: str) -> None:
     assert site.partition_id is not None and site.num_partitions is not None
-    data = simulated_site_data(run.data, site.partition_id, site.num_partitions)
+    data = simulated_site_data(run.data, site.partition_id, site.num_partitions, run.run_dir)
     images = (np.concatenate([data.train.images, data.val.images]) + 1) / 2  # back to [0, 1]
     labels = np.concatenate([data.train.labels, data.val.labels])
     classes = data.num_classes

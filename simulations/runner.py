@@ -7,7 +7,8 @@ SuperLink, and follows the run directory while the run goes on. However the comm
 every process under it are stopped before it returns.
 
 A plan with an attack submits a copy of the app whose ClientApp is simulations.attacks:app
-(the honest ClientApp, bent at the hostile sites); the source tree is never changed.
+(the honest ClientApp, bent at the hostile sites), and a benchmark may submit another
+ClientApp the same way (benchmarks/flower_floor.py); the source tree is never changed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 import tomli_w
 
-from common.data.federation import federated_split
+from common.data.federation import federated_split, write_partitions
 from common.data.partition import partition_indices
 from common.errors import CohortInputError
 from common.models.registry import build_model
@@ -39,6 +40,7 @@ from simulations.plan import PLAN_FILE, SimulationPlan
 
 APP_DIR = Path(__file__).resolve().parents[1]
 APP_PACKAGES = ("common", "server", "client", "simulations")
+HONEST_CLIENTAPP = "client.app:app"
 HOSTILE_CLIENTAPP = "simulations.attacks:app"
 CONNECTION = "cohort-local"
 POLL_INTERVAL_S = 0.5
@@ -91,16 +93,22 @@ def resumed_run(run_dir: Path, plan_of: Callable[[Path], SimulationPlan]) -> Sim
     return replace(plan, run=replace(plan.run, run_dir=str(run_dir.resolve()), resume_from=str(run_dir.resolve())))
 
 
-def run_simulation(plan: SimulationPlan, on_round: RoundCallback, on_start: Callable[[RunDirectory], None] = lambda _: None) -> SimulationOutcome:
+def run_simulation(
+    plan: SimulationPlan, on_round: RoundCallback, on_start: Callable[[RunDirectory], None] = lambda _: None, clientapp: str | None = None
+) -> SimulationOutcome:
+    """clientapp: the ClientApp component ('module:attribute') the sites run; by default the
+    honest one, or the hostile one when the plan names an attack."""
     check_plan(plan)
     run_dir = RunDirectory(Path(plan.run.run_dir))
     run_dir.path.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir.path / PLAN_FILE, plan.to_json())
+    write_partitions(plan.run.data, plan.num_sites, run_dir.path)
     log_file = run_dir.path / "flower.log"
     on_start(run_dir)
     with _stopped_by_signals(), tempfile.TemporaryDirectory(prefix="cohort-flwr-home-") as home:
         flwr_home = Path(home)
-        app_dir = APP_DIR if plan.attack is None else _hostile_app_copy(flwr_home / "app")
+        component = clientapp or (HOSTILE_CLIENTAPP if plan.attack is not None else HONEST_CLIENTAPP)
+        app_dir = APP_DIR if component == HONEST_CLIENTAPP else _app_copy(flwr_home / "app", component)
         with LocalSuperLink(flwr_home, run_dir.path / "superlink.log") as superlink:
             _write_connection(flwr_home, superlink.address)
             overrides = flwr_home / "run-config.toml"
@@ -145,18 +153,18 @@ def _stopped_by_signals() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def _hostile_app_copy(target: Path) -> Path:
-    """The app's packages and pyproject, with the hostile ClientApp (which reads its
-    attacks from the plan in the run directory)."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for package in APP_PACKAGES:
+def _app_copy(target: Path, component: str) -> Path:
+    """The app's packages (and the component's own) and pyproject, naming `component` as
+    the ClientApp (the hostile one reads its attacks from the plan in the run directory)."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "results")
+    for package in dict.fromkeys((*APP_PACKAGES, component.split(".", 1)[0])):
         shutil.copytree(APP_DIR / package, target / package, ignore=ignore)
     pyproject = (APP_DIR / "pyproject.toml").read_text(encoding="utf-8")
-    honest_line = 'clientapp = "client.app:app"'
+    honest_line = f'clientapp = "{HONEST_CLIENTAPP}"'
     if honest_line not in pyproject:
         raise RuntimeError(f"pyproject.toml no longer names the ClientApp as {honest_line}")
-    (target / "pyproject.toml").write_text(pyproject.replace(honest_line, f'clientapp = "{HOSTILE_CLIENTAPP}"'), encoding="utf-8")
-    assert tomllib.loads((target / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["components"]["clientapp"] == HOSTILE_CLIENTAPP
+    (target / "pyproject.toml").write_text(pyproject.replace(honest_line, f'clientapp = "{component}"'), encoding="utf-8")
+    assert tomllib.loads((target / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["components"]["clientapp"] == component
     return target
 
 

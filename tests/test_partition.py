@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from common.config import DataConfig
-from common.data.federation import simulated_site_data
+from common.data.federation import federated_split, simulated_partitions, simulated_site_data, write_partitions
 from common.data.partition import partition_indices
 from common.errors import CohortInputError
+from common.rundir import RunDirectory
 
 LABELS = np.random.default_rng(0).integers(0, 10, size=1003)
 
@@ -53,3 +56,18 @@ def test_site_train_and_validation_splits_are_disjoint() -> None:
     train_rows = {row.tobytes() for row in site.train.images}
     assert len(site.val) >= 1
     assert not any(row.tobytes() in train_rows for row in site.val.images)
+
+
+def test_a_simulation_partitions_once_and_its_sites_read_the_saved_shares(tmp_path: Path) -> None:
+    config = DataConfig(partitioner="dirichlet", seed=7)
+    write_partitions(config, 6, tmp_path)
+    saved = np.load(RunDirectory(tmp_path).partitions_file)
+    assert all(np.array_equal(saved[f"site-{i}"], part) for i, part in enumerate(partition_indices(federated_split(config).pool.labels, 6, config)))
+    assert np.array_equal(simulated_site_data(config, 2, 6, str(tmp_path)).train.images, simulated_site_data(config, 2, 6).train.images)
+
+
+def test_saved_partitions_of_other_data_settings_are_not_used(tmp_path: Path) -> None:
+    write_partitions(DataConfig(partitioner="iid", seed=1), 4, tmp_path)
+    other = DataConfig(partitioner="iid", seed=2)
+    assert [len(p) for p in simulated_partitions(other, 4, str(tmp_path))] == [len(p) for p in simulated_partitions(other, 4)]
+    assert not np.array_equal(simulated_partitions(other, 4, str(tmp_path))[0], simulated_partitions(DataConfig(partitioner="iid", seed=1), 4)[0])

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
+from common import protocol
 from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps
 from common.config import RunConfig
 from common.data.federation import local_site_data
@@ -23,6 +27,15 @@ HOSTILE_RUN = RunConfig.from_flower(
 
 def _deployed(state_dir: Path, **policy: object) -> SiteConfig:
     return SiteConfig.from_node_config({"data-path": "/data", "state-dir": str(state_dir), "epsilon": 2.0, "delta": 1e-5, **policy}, HOSTILE_RUN)
+
+
+@pytest.fixture
+def clientapp_identity() -> Iterator[None]:
+    """What Flower's ClientApp runtime sets before the app makes its first Message."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 @pytest.fixture
@@ -111,3 +124,18 @@ def test_the_per_run_cap_holds_across_new_run_ids_within_the_window(tmp_path: Pa
     assert reason is not None and "per-run cap of 1" in reason
     next_day = plan_round(noisy, site, ledger.entries(), "data", run_id=3, server_round=1, num_examples=100, now=now + 25 * 3600)
     assert refusal_reason(next_day, steps, site) is None
+
+
+def test_a_site_whose_policy_forbids_a_run_without_dp_refuses_before_reading_any_data(tmp_path: Path, clientapp_identity: None) -> None:
+    from client.app import app
+
+    SiteLedger(tmp_path / "state")  # the operator's `cohort site init`
+    node_config = {"data-path": str(tmp_path / "not-read.npz"), "state-dir": str(tmp_path / "state"), "epsilon": 2.0, "delta": 1e-5, "site-name": "a"}
+    instruction = Message(
+        content=RecordDict({protocol.ARRAYS: ArrayRecord(), protocol.CONFIG: ConfigRecord({protocol.CONFIG_ROUND: 1})}), dst_node_id=1, message_type="train"
+    )
+    reply = app(instruction, Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(), run_config={"dp": False}))
+    assert reply.has_error() and reply.error.code == protocol.SITE_REFUSED
+    assert "refuses to train without differential privacy" in reply.error.reason
+    (refusal,) = SiteLedger(tmp_path / "state").verified_entries()
+    assert (refusal.record.kind, refusal.record.dataset_hash) == ("refusal", "")

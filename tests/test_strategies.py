@@ -6,6 +6,7 @@ import pytest
 from flwr.serverapp import strategy as flower
 
 from common.config import STRATEGIES, DPConfig, RunConfig, TrainingConfig
+from common.errors import CohortInputError
 from server.aggregation_weight import AGGREGATION_WEIGHT
 from server.strategies import build_strategy, sample_size
 
@@ -68,3 +69,14 @@ def test_an_aggregate_computed_in_float64_keeps_the_models_dtypes() -> None:
     aggregated = ArrayRecord({"w": Array(np.full(3, 0.5)), "steps": Array(np.full(1, 2.0))})
     kept = in_model_dtypes(aggregated, model)
     assert kept["w"].numpy().dtype == np.float32 and kept["steps"].numpy().dtype == np.int64
+
+
+def test_validation_samples_the_training_share_of_sites_unless_told_otherwise() -> None:
+    by_default = build_strategy(RunConfig(training=TrainingConfig(fraction_train=0.05)), num_sites=1000)
+    set_apart = build_strategy(RunConfig(training=TrainingConfig(fraction_train=0.05, fraction_evaluate=0.2)), num_sites=1000)
+    assert (by_default.fraction_evaluate, set_apart.fraction_evaluate) == (0.05, 0.2)
+
+
+def test_a_fraction_evaluate_outside_zero_to_one_is_refused() -> None:
+    with pytest.raises(CohortInputError, match="fraction-evaluate is 1.5"):
+        RunConfig.from_flower({"fraction-evaluate": 1.5})

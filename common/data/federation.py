@@ -11,8 +11,12 @@ examples look like a new dataset with a fresh budget.
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import json
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import train_test_split
@@ -24,6 +28,7 @@ from common.data.loading import load_dataset
 from common.data.partition import partition_indices
 from common.errors import CohortInputError
 from common.privacy.ledger import sha256_hex
+from common.rundir import RunDirectory, write_bytes_atomic
 
 
 @dataclass(frozen=True)
@@ -71,12 +76,59 @@ def split_off_test(data: DatasetSplits, config: DataConfig) -> FederatedSplit:
     return FederatedSplit(pool=data.train.subset(pool), test=data.train.subset(test), num_classes=data.num_classes)
 
 
-@lru_cache(maxsize=64)
-def simulated_site_data(config: DataConfig, partition_id: int, num_partitions: int) -> SiteData:
+@lru_cache(maxsize=4)
+def simulated_partitions(config: DataConfig, num_partitions: int, run_dir: str = "") -> tuple[np.ndarray, ...]:
+    """Every site's pool indices, once per process: partitioning derives all partitions
+    together, so a site that rebuilt them to read its own would pay for every site of the
+    federation (seconds with a thousand). A simulation partitions once, in the process that
+    starts it (write_partitions), and its site workers read that file in its run directory
+    instead, which also spares each of them importing flwr-datasets."""
+    saved = _read_partitions(RunDirectory(Path(run_dir)).partitions_file, config, num_partitions) if run_dir else None
+    return saved if saved is not None else tuple(partition_indices(federated_split(config).pool.labels, num_partitions, config))
+
+
+def write_partitions(config: DataConfig, num_partitions: int, run_dir: Path) -> None:
+    """Save every site's indices in the run directory, with the data settings they were
+    derived from."""
+    parts = simulated_partitions(config, num_partitions)
+    arrays = {f"site-{index}": indices for index, indices in enumerate(parts)}
+    write_bytes_atomic(RunDirectory(run_dir).partitions_file, _npz_bytes(key=np.array(_partitions_key(config, num_partitions)), **arrays))
+
+
+def _read_partitions(path: Path, config: DataConfig, num_partitions: int) -> tuple[np.ndarray, ...] | None:
+    """The saved partitions, or None when there are none of these settings."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            if str(saved["key"]) != _partitions_key(config, num_partitions):
+                return None
+            return tuple(saved[f"site-{index}"] for index in range(num_partitions))
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _partitions_key(config: DataConfig, num_partitions: int) -> str:
+    return json.dumps({"data": dataclasses.asdict(config), "num-partitions": num_partitions}, sort_keys=True)
+
+
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+# Large enough for every site a simulation worker serves in a 1,000-site federation; all of
+# them together hold one copy of the training pool.
+SITE_DATA_CACHE_SIZE = 4096
+
+
+@lru_cache(maxsize=SITE_DATA_CACHE_SIZE)
+def simulated_site_data(config: DataConfig, partition_id: int, num_partitions: int, run_dir: str = "") -> SiteData:
+    """run_dir: the simulation's run directory, where its partitions were saved
+    (write_partitions); '' partitions here."""
     split = federated_split(config)
-    parts = partition_indices(split.pool.labels, num_partitions, config)
     if not 0 <= partition_id < num_partitions:
         raise CohortInputError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    parts = simulated_partitions(config, num_partitions, run_dir)
     site = split_train_val(split.pool.subset(parts[partition_id]), split.num_classes, config.val_fraction, config.seed + partition_id)
     if split.canaries is None or partition_id != config.audit_canary_site:
         return site

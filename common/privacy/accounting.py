@@ -10,6 +10,7 @@ Opacus example).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
@@ -41,7 +42,7 @@ class PrivacyState:
     def epsilon(self, delta: float) -> float:
         if not self.history:
             return 0.0
-        return float(restore_accountant(self).get_epsilon(delta=delta))
+        return _epsilon(self.accountant, merged_history(self.history), delta)
 
     def with_steps(self, steps: int) -> PrivacyState:
         """This state after `steps` more steps at its own sigma and q (not yet taken)."""
@@ -57,6 +58,14 @@ def restore_accountant(state: PrivacyState) -> IAccountant:
     accountant = create_accountant(mechanism=state.accountant)
     accountant.history = list(merged_history(state.history))
     return accountant
+
+
+@lru_cache(maxsize=4096)
+def _epsilon(accountant: str, history: tuple[HistoryEntry, ...], delta: float) -> float:
+    """Remembered, because the sites of a simulation compose the same (sigma, q, steps)
+    over and over (a thousand IID sites plan the same rounds), and the accountant's
+    arithmetic is the costliest part of planning one."""
+    return float(restore_accountant(PrivacyState(1.0, 1.0, accountant, history)).get_epsilon(delta=delta))
 
 
 def merged_history(history: tuple[HistoryEntry, ...]) -> tuple[HistoryEntry, ...]:

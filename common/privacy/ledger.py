@@ -65,7 +65,8 @@ class LedgerRecord:
     accountant: the accountant behind `epsilon`.
     budget_epsilon: the site's total budget when the record was written.
     dataset_hash: the identity of the site's data: SHA-256 of all of it, before any split;
-        spending composes per dataset ('' when the site refused a run's code unread).
+        spending composes per dataset ('' for a refusal made before the site read its data:
+        a run's code it did not install, or a run without the DP its policy requires).
     model_hash: SHA-256 of the released weights ('' for a refusal).
     config_hash: the run config's fingerprint; 'fab:<FAB hash>' when the site refused to run
         the code a run shipped (client/site_runner.py).
@@ -234,12 +235,16 @@ def read_head(path: Path) -> LedgerHead:
 
 
 def write_head(path: Path, head: LedgerHead) -> None:
-    """Atomically: a crash leaves the old head or the new one, never half of one."""
+    """Atomically (a crashed process leaves the old head or the new one, never half of
+    one), but not flushed to disk: the ledger record it follows already is, and each flush
+    costs a simulated site-round a few milliseconds. After a power loss the head may name
+    an earlier record, which verification accepts (the ledger holds at least as many); on
+    a file system that does not order a rename after the data it replaces, it may be
+    unreadable, and the site then refuses to train until its operator restores it. Either
+    way no release is lost and no site spends more."""
     temporary = path.with_suffix(".tmp")
     with temporary.open("w", encoding="utf-8") as stream:
         json.dump({"count": head.count, "last_hash": head.last_hash}, stream)
-        stream.flush()
-        os.fsync(stream.fileno())
     os.replace(temporary, path)
 
 

@@ -3,9 +3,12 @@ grad_sample_mode, with each step split into forward, backward and optimizer step
 
     .venv/bin/python -m benchmarks.dp_step_time      # writes results/dp_step_time.json
 
-One thread, as a simulated site trains (Ray sets OMP_NUM_THREADS=1). Each repetition
-times every variant once, in a shuffled order, so that machine noise hits all of them
-alike; the figures are medians over the repetitions. Opacus 1.6's other modes do not
+One thread, as a simulated site trains (Ray sets OMP_NUM_THREADS=1). Times are the CPU
+time of the measuring thread (`time.thread_time`), which runs the whole step with one
+thread: time a shared machine gives to other processes does not count (contention for
+caches and memory bandwidth still does). Each repetition times every variant once, in a
+shuffled order, so that what noise is left hits all of them alike; the figures are
+medians over the repetitions. Opacus 1.6's other modes do not
 apply to a site: 'ghost_fsdp' needs a distributed FSDP model, 'no_op' does not clip.
 """
 
@@ -51,14 +54,14 @@ def _step_fn(model_name: str, shape: tuple[int, int, int], mode: str | None, bat
             criterion = private[2]
 
     def step() -> tuple[float, float, float]:
-        started = time.perf_counter()
+        started = time.thread_time()
         optimizer.zero_grad()
         loss = criterion(model(images), labels)
-        forward_done = time.perf_counter()
+        forward_done = time.thread_time()
         loss.backward()
-        backward_done = time.perf_counter()
+        backward_done = time.thread_time()
         optimizer.step()
-        return forward_done - started, backward_done - forward_done, time.perf_counter() - backward_done
+        return forward_done - started, backward_done - forward_done, time.thread_time() - backward_done
 
     return step
 

@@ -65,7 +65,7 @@ class DPConfig:
     grad_sample_mode: how Opacus computes per-sample gradients; every mode computes the
         same clipped, noised update, so this is speed only. 'auto' (the default) becomes
         the fastest mode for the model, AUTO_GRAD_SAMPLE_MODE: 'ew' for both, measured
-        on one thread at batch 64 and 256 on 8x8 and 28x28 input, 10-27% less time a
+        on one thread at batch 64 and 256 on 8x8 and 28x28 input, 9-27% less time a
         step than 'hooks' and faster than 'functorch' and 'ghost' in every case
         (benchmarks/dp_step_time.py, docs/benchmarks.md). 'ghost' (ghost clipping)
         fails on the transformer and is refused for it.

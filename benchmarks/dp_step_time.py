@@ -1,7 +1,15 @@
-"""DP-SGD step time over non-private step time, per model and Opacus grad_sample_mode.
+"""DP-SGD step time over non-private step time, per model, input, batch size and Opacus
+grad_sample_mode, with each step split into forward, backward and optimizer step.
 
-Each repetition times every variant once, in a shuffled order, so that machine noise
-hits all of them alike; the figure is the ratio of medians over the repetitions.
+    .venv/bin/python -m benchmarks.dp_step_time      # writes results/dp_step_time.json
+
+One thread, as a simulated site trains (Ray sets OMP_NUM_THREADS=1). Times are the CPU
+time of the measuring thread (`time.thread_time`), which runs the whole step with one
+thread: time a shared machine gives to other processes does not count (contention for
+caches and memory bandwidth still does). Each repetition times every variant once, in a
+shuffled order, so that what noise is left hits all of them alike; the figures are
+medians over the repetitions. Opacus 1.6's other modes do not
+apply to a site: 'ghost_fsdp' needs a distributed FSDP model, 'no_op' does not clip.
 """
 
 from __future__ import annotations
@@ -16,15 +24,20 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.results import run_table
+from common.config import AUTO_GRAD_SAMPLE_MODE
 from common.models.registry import build_model
 
-SHAPES = {"digits 8x8": (1, 8, 8), "mnist 28x28": (1, 28, 28)}
-# Every mode Opacus has, including 'ew', which Cohort does not offer (it fails on the
-# empty batches of Poisson sampling) but which is worth knowing the speed of.
+SHAPES = {"8x8": (1, 8, 8), "28x28": (1, 28, 28)}
+# The DP-SGD batch sizes of AUTO_LOCAL_TRAINING: 256 with SGD (the default), 64 with Adam.
+BATCH_SIZES = (64, 256)
 OPACUS_MODES = ("hooks", "functorch", "ew", "ghost")
+PHASES = ("forward", "backward", "optimizer")
+
+Step = Callable[[], tuple[float, float, float]]
 
 
-def _step_fn(model_name: str, shape: tuple[int, int, int], mode: str | None, batch_size: int) -> Callable[[], None]:
+def _step_fn(model_name: str, shape: tuple[int, int, int], mode: str | None, batch_size: int) -> Step:
     torch.manual_seed(0)
     model = build_model(model_name, shape, 10)
     images, labels = torch.randn(batch_size, *shape), torch.randint(0, 10, (batch_size,))
@@ -40,23 +53,29 @@ def _step_fn(model_name: str, shape: tuple[int, int, int], mode: str | None, bat
         if mode == "ghost":
             criterion = private[2]
 
-    def step() -> None:
+    def step() -> tuple[float, float, float]:
+        started = time.thread_time()
         optimizer.zero_grad()
-        criterion(model(images), labels).backward()
+        loss = criterion(model(images), labels)
+        forward_done = time.thread_time()
+        loss.backward()
+        backward_done = time.thread_time()
         optimizer.step()
+        return forward_done - started, backward_done - forward_done, time.thread_time() - backward_done
 
     return step
 
 
-def _seconds_per_step(step: Callable[[], None], steps: int) -> float:
-    started = time.perf_counter()
+def _seconds_per_step(step: Step, steps: int) -> tuple[float, ...]:
+    totals = [0.0, 0.0, 0.0]
     for _ in range(steps):
-        step()
-    return (time.perf_counter() - started) / steps
+        for phase, seconds in enumerate(step()):
+            totals[phase] += seconds
+    return tuple(total / steps for total in totals)
 
 
-def measure(model_name: str, shape: tuple[int, int, int], batch_size: int = 64, repetitions: int = 7, steps: int = 10) -> dict[str, Any]:
-    variants: dict[str, Callable[[], None]] = {"non-private": _step_fn(model_name, shape, None, batch_size)}
+def measure(model_name: str, shape: tuple[int, int, int], batch_size: int, repetitions: int = 7, steps: int = 5) -> dict[str, Any]:
+    variants: dict[str, Step] = {"non-private": _step_fn(model_name, shape, None, batch_size)}
     failures: dict[str, str] = {}
     for mode in OPACUS_MODES:
         try:
@@ -65,21 +84,25 @@ def measure(model_name: str, shape: tuple[int, int, int], batch_size: int = 64, 
         except Exception as error:  # a mode Opacus cannot apply to this model is reported, not fatal
             variants.pop(mode, None)
             failures[mode] = f"{type(error).__name__}: {error}"[:160]
-    timings: dict[str, list[float]] = {name: [] for name in variants}
-    for name, step in variants.items():
+    timings: dict[str, list[tuple[float, ...]]] = {name: [] for name in variants}
+    for step in variants.values():
         _seconds_per_step(step, 2)  # warm-up
     for _ in range(repetitions):
         order = list(variants)
         random.shuffle(order)
         for name in order:
             timings[name].append(_seconds_per_step(variants[name], steps))
-    medians = {name: statistics.median(values) for name, values in timings.items()}
+    medians = {name: statistics.median(sum(phases) for phases in values) for name, values in timings.items()}
     base = medians["non-private"]
     return {
         "model": model_name,
         "input": list(shape),
         "batch_size": batch_size,
-        "ms_per_step": {name: round(1000 * value, 3) for name, value in medians.items()},
+        "ms_per_step": {name: round(1000 * value, 2) for name, value in medians.items()},
+        "ms_per_phase": {
+            name: {phase: round(1000 * statistics.median(p[i] for p in values), 2) for i, phase in enumerate(PHASES)}
+            for name, values in timings.items()
+        },
         "ratio_to_non_private": {name: round(value / base, 2) for name, value in medians.items() if name != "non-private"},
         "failed_modes": failures,
     }
@@ -88,10 +111,32 @@ def measure(model_name: str, shape: tuple[int, int, int], batch_size: int = 64, 
 def run() -> list[dict[str, Any]]:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    return [measure(model, shape) for model in ("cnn", "transformer") for shape in SHAPES.values()]
+    return [
+        measure(model, shape, batch_size)
+        for model in ("cnn", "transformer")
+        for shape in SHAPES.values()
+        for batch_size in BATCH_SIZES
+    ]
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The ratio table docs/benchmarks.md quotes, and where each variant's time goes."""
+    lines = [
+        "| model, input, batch | non-private ms/step | " + " | ".join(OPACUS_MODES) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in OPACUS_MODES) + " |",
+    ]
+    for row in rows:
+        ratios = [f"{row['ratio_to_non_private'][m]:.2f}x" if m in row["ratio_to_non_private"] else "fails" for m in OPACUS_MODES]
+        size = "x".join(str(n) for n in row["input"][1:])
+        lines.append(f"| {row['model']}, {size}, {row['batch_size']} | {row['ms_per_step']['non-private']:.1f} | " + " | ".join(ratios) + " |")
+    lines += ["", "| model, input, batch | variant | forward ms | backward ms | optimizer ms |", "| --- | --- | --- | --- | --- |"]
+    for row in rows:
+        size = "x".join(str(n) for n in row["input"][1:])
+        for name in ("non-private", "hooks", AUTO_GRAD_SAMPLE_MODE[row["model"]]):
+            phases = row["ms_per_phase"][name]
+            lines.append(f"| {row['model']}, {size}, {row['batch_size']} | {name} | " + " | ".join(f"{phases[p]:.1f}" for p in PHASES) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    import json
-
-    print(json.dumps(run(), indent=2))
+    run_table("dp_step_time", lambda _runs: run(), markdown)

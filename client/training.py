@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -126,20 +127,38 @@ def _run_epochs(
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
             optimizer.zero_grad()
-            logits = model(images)
-            loss = criterion(logits, labels)
-            # An empty Poisson batch still takes its (pure-noise) step: skipping it would
-            # reveal that the batch was empty and shift the accounted step count.
-            loss.backward()
-            optimizer.step()
-            if proximal_mu > 0:
-                _proximal_pull(parameters, global_weights, proximal_mu * learning_rate)
-            steps += 1
-            if len(labels):
+            if len(labels) == 0:
+                # Only Poisson sampling yields empty batches, so `optimizer` is Opacus'.
+                # The step still happens: skipping it would reveal that the batch was
+                # empty and shift the accounted step count.
+                noise_only_step(optimizer)
+            else:
+                logits = model(images)
+                loss = criterion(logits, labels)
+                loss.backward()
+                optimizer.step()
                 loss_sum += float(loss.item()) * len(labels)
                 correct += int((logits.argmax(dim=1) == labels).sum())
                 seen += len(labels)
+            if proximal_mu > 0:
+                _proximal_pull(parameters, global_weights, proximal_mu * learning_rate)
+            steps += 1
     return loss_sum, correct, seen, steps
+
+
+def noise_only_step(optimizer: DPOptimizer) -> None:
+    """The DP-SGD step of an empty batch, the same in every grad-sample mode.
+
+    It is Opacus' own step given an empty batch's gradients: no per-sample gradients
+    (what hooks, functorch and ew clip) and a zero clipped sum (what ghost clipping
+    noises), so the update is Gaussian noise of std sigma * C over the expected batch
+    size, and the accountant's step hook counts the step. Running the empty batch through
+    the model instead fails inside Opacus in the ew and functorch modes.
+    """
+    for parameter in optimizer.params:
+        parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
 
 
 @torch.no_grad()

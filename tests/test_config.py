@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import RunConfig
+from common.config import AUTO_GRAD_SAMPLE_MODE, MODELS, RunConfig
 from common.errors import CohortInputError
 from common.site import SiteConfig
 
@@ -17,7 +17,7 @@ def test_pyproject_run_config_builds_the_default_run() -> None:
     settings = pyproject["tool"]["flwr"]["app"]["config"]
     run = RunConfig.from_flower(settings)
     assert run == RunConfig()
-    assert run.to_flower() == {**settings, "batch-size": 256, "learning-rate": 2.0}
+    assert run.to_flower() == {**settings, "batch-size": 256, "learning-rate": 2.0, "grad-sample-mode": "ew"}
 
 
 def test_local_training_defaults_follow_dp_so_switching_it_off_still_trains() -> None:
@@ -57,7 +57,7 @@ def test_a_resolved_config_round_trips_to_the_same_fingerprint() -> None:
         ("rounds", "ten", "rounds is 'ten'; it must be a int"),
         ("dp", "yes", "dp is 'yes'; use true or false"),
         ("optimizer", "rmsprop", "unknown optimizer 'rmsprop'"),
-        ("grad-sample-mode", "ew", "unknown grad-sample-mode 'ew'"),
+        ("grad-sample-mode", "ghost_fsdp", "unknown grad-sample-mode 'ghost_fsdp'"),
     ],
 )
 def test_bad_setting_is_refused_naming_the_problem(setting: str, value: object, message: str) -> None:
@@ -107,5 +107,16 @@ def test_node_config_without_data_is_refused() -> None:
 
 
 def test_ghost_clipping_is_refused_for_the_transformer() -> None:
-    with pytest.raises(CohortInputError, match="ghost clipping fails on the transformer; use hooks or functorch"):
+    with pytest.raises(CohortInputError, match="ghost clipping fails on the transformer; use auto, ew, hooks or functorch"):
         RunConfig.from_flower({"model": "transformer", "grad-sample-mode": "ghost"})
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_auto_grad_sample_mode_becomes_the_fastest_mode_for_the_model(model: str) -> None:
+    run = RunConfig.from_flower({"model": model})
+    assert run.dp.grad_sample_mode == AUTO_GRAD_SAMPLE_MODE[model] != "auto"
+    assert RunConfig.from_flower(run.to_flower()) == run
+
+
+def test_an_explicit_grad_sample_mode_is_kept() -> None:
+    assert RunConfig.from_flower({"grad-sample-mode": "hooks"}).dp.grad_sample_mode == "hooks"

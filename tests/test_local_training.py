@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
 
 from client.privacy_plan import RoundPlan, plan_round, refusal_reason, round_steps
-from client.training import round_learning_rate, train_locally
-from common.config import DataConfig, RunConfig, TrainingConfig
+from client.training import noise_only_step, round_learning_rate, train_locally
+from common.config import GRAD_SAMPLE_MODES, DataConfig, RunConfig, TrainingConfig
 from common.data.federation import simulated_site_data
 from common.models.registry import build_model
+from common.privacy.accounting import PrivacyState
 from common.site import SiteConfig
 
 RUN = RunConfig.from_flower({"rounds": 3, "local-epochs": 1, "batch-size": 64})
@@ -100,3 +104,50 @@ def test_cosine_schedule_decays_from_the_full_rate_to_a_tenth() -> None:
 def test_constant_schedule_keeps_the_rate() -> None:
     training = TrainingConfig(learning_rate=0.3, rounds=5, lr_schedule="constant")
     assert {round_learning_rate(training, r) for r in range(1, 6)} == {0.3}
+
+
+def _dp_step_on_an_empty_batch(mode: str, through_the_model: bool) -> tuple[torch.Tensor, list]:
+    """The weights after one Poisson step on an empty batch, and the accountant's history."""
+    torch.manual_seed(0)
+    model = build_model("cnn", (1, 8, 8), 10)
+    criterion = torch.nn.CrossEntropyLoss()
+    engine = PrivacyEngine(accountant="rdp")
+    private = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9),
+        criterion=criterion,
+        data_loader=DataLoader(TensorDataset(torch.zeros(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)), batch_size=4),
+        noise_multiplier=1.0,
+        max_grad_norm=0.5,
+        poisson_sampling=True,
+        grad_sample_mode=mode,
+    )
+    wrapped, optimizer = private[0], private[1]
+    loss_fn = private[2] if mode == "ghost" else criterion
+    torch.manual_seed(1)
+    optimizer.zero_grad()
+    if through_the_model:
+        loss_fn(wrapped(torch.zeros(0, 1, 8, 8)), torch.zeros(0, dtype=torch.long)).backward()
+        optimizer.step()
+    else:
+        noise_only_step(optimizer)
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), engine.accountant.history
+
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_an_empty_batch_takes_exactly_opacus_own_noisy_step_in_every_mode(mode: str) -> None:
+    weights, history = _dp_step_on_an_empty_batch(mode, through_the_model=False)
+    opacus_weights, opacus_history = _dp_step_on_an_empty_batch("hooks", through_the_model=True)
+    torch.manual_seed(0)
+    initial = torch.cat([p.detach().flatten() for p in build_model("cnn", (1, 8, 8), 10).parameters()])
+    assert torch.equal(weights, opacus_weights) and not torch.equal(weights, initial)
+    assert history == opacus_history == [(1.0, 0.5, 1)]
+
+
+def test_a_round_with_empty_poisson_batches_takes_and_accounts_every_step() -> None:
+    # q = 1/8 over 8 examples: about a third of the 24 batches are empty.
+    run = RunConfig.from_flower({"rounds": 1, "local-epochs": 3, "batch-size": 1})
+    few = DATA.train.subset(np.arange(8))
+    torch.manual_seed(0)
+    update = train_locally(_model(), few, run, PrivacyState(1.0, 1 / 8, "rdp"), torch.device("cpu"))
+    assert update.steps == 24 and update.privacy.history == ((1.0, 1 / 8, 24),)

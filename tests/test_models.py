@@ -8,7 +8,7 @@ from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.config import GRAD_SAMPLE_MODES
+from common.config import GRAD_SAMPLE_MODES, RunConfig
 from common.errors import CohortInputError
 from common.models.registry import MODEL_REGISTRY, build_model
 from common.models.transformer import TokenTransformer
@@ -86,7 +86,7 @@ def test_images_too_small_for_the_cnn_are_refused() -> None:
 
 def _one_noiseless_dp_step(name: str, mode: str, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     torch.manual_seed(0)
-    model = build_model(name, (1, 8, 8), 10)
+    model = build_model(name, tuple(images.shape[1:]), 10)
     criterion = torch.nn.CrossEntropyLoss()
     private = PrivacyEngine().make_private(
         module=model,
@@ -116,3 +116,11 @@ def test_every_offered_grad_sample_mode_clips_exactly_like_hooks(name: str, mode
     other = _one_noiseless_dp_step(name, mode, images, labels)
     reference = _one_noiseless_dp_step(name, "hooks", images, labels)
     assert torch.allclose(other, reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_REGISTRY))
+def test_the_auto_grad_sample_mode_clips_28x28_images_exactly_like_hooks(name: str) -> None:
+    torch.manual_seed(2)
+    images, labels = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    auto = RunConfig.from_flower({"model": name}).dp.grad_sample_mode
+    assert torch.allclose(_one_noiseless_dp_step(name, auto, images, labels), _one_noiseless_dp_step(name, "hooks", images, labels), atol=1e-6)

@@ -36,7 +36,7 @@ from client.app import app as honest
 from common import protocol
 from common.config import RunConfig
 from common.data.federation import simulated_site_data
-from common.privacy.ledger import HEAD_FILE, LEDGER_FILE, PRIVATE_KEY_FILE, LedgerEntry, LedgerHead, sha256_hex, write_head
+from common.privacy.ledger import HEAD_FILE, LEDGER_FILE, PRIVATE_KEY_FILE, LedgerEntry, LedgerHead, SiteLedger, sha256_hex, write_head
 from common.site import SiteConfig
 from simulations.attack_spec import DATA_ATTACKS, AttackSpec
 from simulations.plan import PLAN_FILE
@@ -128,6 +128,8 @@ def _poisoned_context(context: Context, attack: str) -> Context:
     path = site.state_dir / f"poisoned-{attack}.npz"
     if not path.exists():
         write_poisoned_copy(path, run, site, attack)
+    # Read as a deployed site, the honest app never makes a key: this one is its operator.
+    SiteLedger(site.state_dir)
     node_config = {
         "data-path": str(path),
         "site-name": site.name,

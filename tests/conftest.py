@@ -7,10 +7,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import psutil
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
 
 _FEDERATION_PROCESS_MARKERS = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr-serverapp", "flwr-clientapp", "raylet", "gcs_server", "ray::")
 
@@ -48,6 +50,15 @@ def no_leftover_processes():
     yield
     leftover = {pid for pid in federation_processes() - before if psutil.pid_exists(pid)}
     assert not leftover, f"processes left running: {[psutil.Process(p).cmdline() for p in leftover if psutil.pid_exists(p)]}"
+
+
+@pytest.fixture
+def clientapp_identity() -> Iterator[None]:
+    """What Flower's ClientApp runtime sets before the app makes its first Message."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def make_images(count: int, size: int = 8, classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

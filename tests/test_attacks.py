@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from common import protocol
 from common.config import RunConfig
-from common.data.federation import local_site_data, simulated_site_data
+from common.data.federation import federated_split, local_site_data, simulated_site_data
+from common.models.registry import build_model
+from common.privacy.ledger import LedgerEntry
 from common.site import SiteConfig
 from simulations.attack_spec import AttackSpec
 from simulations.attacks import BACKDOOR_TARGET, write_poisoned_copy
+from simulations.plan import PLAN_FILE
 
 RUN = RunConfig()
 
@@ -43,3 +50,22 @@ def test_attacks_can_be_paired_with_sites() -> None:
     spec = AttackSpec.from_settings(["nan", "boost"], [2, 1], 10.0, num_sites=3)
     assert (spec.attack_of(2), spec.attack_of(1), spec.attack_of(0)) == ("nan", "boost", None)
     assert AttackSpec.from_settings("boost", 0.2, 10.0, num_sites=10).by_site == {8: "boost", 9: "boost"}
+
+
+@pytest.mark.parametrize("attack", ["label-flip", "backdoor"])
+def test_a_site_that_poisons_its_data_trains_on_the_poisoned_copy_and_signs_its_release(attack: str, tmp_path: Path, clientapp_identity: None) -> None:
+    from simulations.attacks import app
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / PLAN_FILE).write_text(json.dumps({"num-sites": 10, "attack": AttackSpec.from_settings(attack, [8], 10.0, num_sites=10).to_json()}))
+    run_config = {"dp": False, "site-allow-non-private": True, "run-dir": str(run_dir), "federation-home": str(tmp_path / "federation"), "rounds": 1}
+    split = federated_split(RUN.data)
+    model = build_model("cnn", split.input_shape, split.num_classes)
+    content = RecordDict({protocol.ARRAYS: ArrayRecord(model.state_dict()), protocol.CONFIG: ConfigRecord({protocol.CONFIG_ROUND: 1})})
+    context = Context(run_id=7, node_id=1, node_config={"partition-id": 8, "num-partitions": 10}, state=RecordDict(), run_config=run_config)
+    reply = app(Message(content=content, dst_node_id=1, message_type="train"), context)
+    assert not reply.has_error(), reply.error.reason
+    entry = LedgerEntry.from_json(str(reply.content[protocol.SITE][protocol.SITE_LEDGER_ENTRY]))
+    poisoned = local_site_data(str(tmp_path / "federation" / "site-8" / f"poisoned-{attack}.npz"), 0, 0.1)
+    assert entry.record.dataset_hash == poisoned.identity != simulated_site_data(RUN.data, 8, 10).identity

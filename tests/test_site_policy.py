@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from common import protocol
 from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps
@@ -27,15 +25,6 @@ HOSTILE_RUN = RunConfig.from_flower(
 
 def _deployed(state_dir: Path, **policy: object) -> SiteConfig:
     return SiteConfig.from_node_config({"data-path": "/data", "state-dir": str(state_dir), "epsilon": 2.0, "delta": 1e-5, **policy}, HOSTILE_RUN)
-
-
-@pytest.fixture
-def clientapp_identity() -> Iterator[None]:
-    """What Flower's ClientApp runtime sets before the app makes its first Message."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 @pytest.fixture

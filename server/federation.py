@@ -60,6 +60,7 @@ def initial_state(run: RunConfig, run_dir: RunDirectory, model: torch.nn.Module)
     if not run.resume_from:
         return FederationState(next_round=1, arrays=ArrayRecord(model.state_dict()))
     checkpoint = latest_checkpoint(run_dir.checkpoint_dir, run.fingerprint())
+    run_dir.reopen()
     # Metrics of rounds after the checkpoint are redone; ledger entries are kept: those
     # releases happened, and the sites' budgets paid for them.
     keep_rounds_up_to(run_dir.metrics_file, checkpoint.round)

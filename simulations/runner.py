@@ -95,6 +95,8 @@ def run_simulation(plan: SimulationPlan, on_round: RoundCallback, on_start: Call
     check_plan(plan)
     run_dir = RunDirectory(Path(plan.run.run_dir))
     run_dir.path.mkdir(parents=True, exist_ok=True)
+    if plan.run.resume_from:
+        run_dir.reopen()
     write_json_atomic(run_dir.path / PLAN_FILE, plan.to_json())
     log_file = run_dir.path / "flower.log"
     on_start(run_dir)

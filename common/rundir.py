@@ -54,6 +54,14 @@ class RunDirectory:
         (self.path / PLOT_DIR).mkdir(exist_ok=True)
         write_json_atomic(self.path / CONFIG_FILE, {"run_config": run.to_flower(), "fingerprint": run.fingerprint()})
 
+    def reopen(self) -> None:
+        """A resumed run is unfinished again: summary.json, which exists only for a
+        finished run (whoever follows a run takes its appearance as the end), goes until
+        the resumed run writes its own. Without this, a run that had stopped (a stop
+        reason, or its ServerApp writing one as the command was stopped) would look
+        finished the moment it was resumed."""
+        self.summary_file.unlink(missing_ok=True)
+
     def read_config(self) -> RunConfig:
         file = self.path / CONFIG_FILE
         try:

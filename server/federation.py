@@ -60,6 +60,7 @@ def initial_state(run: RunConfig, run_dir: RunDirectory, model: torch.nn.Module)
     if not run.resume_from:
         return FederationState(next_round=1, arrays=ArrayRecord(model.state_dict()))
     checkpoint = latest_checkpoint(run_dir.checkpoint_dir, run.fingerprint())
+    run_dir.reopen()
     # Metrics of rounds after the checkpoint are redone; ledger entries are kept: those
     # releases happened, and the sites' budgets paid for them.
     keep_rounds_up_to(run_dir.metrics_file, checkpoint.round)
@@ -154,9 +155,9 @@ class Federation:
         replies = self._exchange(messages, "train", timeout, record, state.registry)
         live = set(self.grid.get_node_ids())
         updates: list[Update] = []
-        for reply in replies:
+        for node, reply in replies:
             if reply.has_error():
-                self._error_reply(reply, "train", record, state.registry)
+                self._error_reply(node, reply, "train", record, state.registry)
                 continue
             checked = checker.check_train(server_round, reply, state.arrays, live)
             if isinstance(checked, Rejection):
@@ -176,9 +177,9 @@ class Federation:
     def _evaluate(self, server_round: int, state: FederationState, checker: ReplyChecker, timeout: ReplyTimeout, record: RoundRecord) -> None:
         messages = [m for m in self.strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), self.grid) if m.metadata.dst_node_id not in {*state.refused_nodes, *record.refusals}]
         live = set(self.grid.get_node_ids())
-        for reply in self._exchange(messages, "evaluate", timeout, record, state.registry):
+        for node, reply in self._exchange(messages, "evaluate", timeout, record, state.registry):
             if reply.has_error():
-                self._error_reply(reply, "evaluate", record, state.registry)
+                self._error_reply(node, reply, "evaluate", record, state.registry)
                 continue
             checked = checker.check_evaluate(reply, live)
             if isinstance(checked, SiteEvaluation):
@@ -186,25 +187,29 @@ class Federation:
             else:
                 record.reject(checked)
 
-    def _exchange(self, messages: list[Message], stage: str, timeout: ReplyTimeout, record: RoundRecord, registry: SiteRegistry) -> list[Message]:
-        """Send and wait at most the stage's timeout; a site that did not answer failed this round."""
+    def _exchange(self, messages: list[Message], stage: str, timeout: ReplyTimeout, record: RoundRecord, registry: SiteRegistry) -> list[tuple[int, Message]]:
+        """Send and wait at most the stage's timeout; a site that did not answer failed this round.
+
+        Each reply comes with the node it answers for: the node the message was sent to.
+        That is not always its sender: the SuperLink itself answers, with an error, for a
+        node that stopped sending heartbeats (a killed SuperNode)."""
         if not messages:
             return []
         seconds = timeout.seconds(stage)
         started = time.monotonic()
         replies = list(self.grid.send_and_receive(messages, timeout=seconds))
-        answered = {r.metadata.src_node_id for r in replies}
-        silent = sorted({m.metadata.dst_node_id for m in messages} - answered)
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # the grid set the ids on sending
+        answers = [(sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
+        silent = sorted({m.metadata.dst_node_id for m in messages} - {node for node, _ in answers})
         if silent:
             for node in silent:
                 record.failures.append({"node": node, "site": registry.name_of(node) or f"node {node}", "stage": stage, "reason": f"no reply within {seconds:.0f}s"})
             log(WARNING, "Round %d: no %s reply within %.0fs from node(s) %s", record.server_round, stage, seconds, silent)
         else:
             timeout.observe(stage, time.monotonic() - started)
-        return replies
+        return answers
 
-    def _error_reply(self, reply: Message, stage: str, record: RoundRecord, registry: SiteRegistry) -> None:
-        node = reply.metadata.src_node_id
+    def _error_reply(self, node: int, reply: Message, stage: str, record: RoundRecord, registry: SiteRegistry) -> None:
         reason = one_line(reply.error.reason)
         if stage == "train" and reply.error.code == protocol.SITE_REFUSED:
             record.refusals[node] = registry.name_of(node) or _site_named_in(reason, node)

@@ -16,6 +16,8 @@ import psutil
 from common.flower_runtime import flower_executable, offline_flower_env
 
 STARTUP_TIMEOUT_S = 60.0
+# The process that runs the ServerApp (and so writes the run directory) in a simulation.
+SERVERAPP_PROCESS = "flwr-simulation"
 
 
 def free_port() -> int:
@@ -81,19 +83,29 @@ class LocalSuperLink:
         raise RuntimeError(f"flower-superlink did not become ready in {STARTUP_TIMEOUT_S:.0f}s; see {self.log_file}")
 
     def stop(self) -> None:
-        """Stop the SuperLink and everything it started (ServerApp, Ray, ClientApps)."""
+        """Stop the SuperLink and everything it started (ServerApp, Ray, ClientApps).
+
+        The ServerApp (in `flwr-simulation`) is killed while the tree is frozen, before
+        any other process is let go: were it let go too, it would see its ClientApps die
+        around it, take every reply still due as a failure, and record and checkpoint a
+        round that never ran (and write summary.json), so that a resumed run would skip
+        that round. Killed frozen, it stops between two of its own steps, as in a crash,
+        which its run directory is written to survive.
+        """
         if self.process is None:
             return
-        stop_process_tree(self.process.pid)
+        stop_process_tree(self.process.pid, kill_first=(SERVERAPP_PROCESS,))
         self.process.wait()
         self.process = None
 
 
-def stop_process_tree(pid: int, grace_s: float = 10.0) -> None:
+def stop_process_tree(pid: int, grace_s: float = 10.0, kill_first: tuple[str, ...] = ()) -> None:
     """Stop a process and every descendant, including ones that re-parent on the way.
 
     The tree is frozen with SIGSTOP until no new descendant appears (Ray's raylet keeps
     forking workers, and orphans re-parent to init, out of reach), then terminated.
+    Processes whose command line contains one of `kill_first` are killed (SIGKILL) while
+    still frozen, so that they run no further step once the others start to stop.
     """
     frozen: dict[int, psutil.Process] = {}
     while True:
@@ -104,6 +116,9 @@ def stop_process_tree(pid: int, grace_s: float = 10.0) -> None:
         for process in new:
             frozen[process.pid] = process
             _signal(process, signal.SIGSTOP)
+    for process in frozen.values():
+        if any(name in _cmdline(process) for name in kill_first):
+            _signal(process, signal.SIGKILL)  # a pending SIGKILL lets no user code run again
     for process in frozen.values():
         _signal(process, signal.SIGTERM)
         _signal(process, signal.SIGCONT)
@@ -126,6 +141,13 @@ def _children(process: psutil.Process) -> list[psutil.Process]:
         return process.children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+
+
+def _cmdline(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return ""
 
 
 def _signal(process: psutil.Process, signum: int) -> None:

@@ -101,6 +101,8 @@ def run_simulation(
     check_plan(plan)
     run_dir = RunDirectory(Path(plan.run.run_dir))
     run_dir.path.mkdir(parents=True, exist_ok=True)
+    if plan.run.resume_from:
+        run_dir.reopen()
     write_json_atomic(run_dir.path / PLAN_FILE, plan.to_json())
     write_partitions(plan.run.data, plan.num_sites, run_dir.path)
     log_file = run_dir.path / "flower.log"

@@ -2,14 +2,16 @@
 admits only registered SuperNodes, behind the nginx front door), three hospital
 SuperNodes with their own data, budgets, state and key pairs made at the site, and a DP
 run submitted with stock `flwr run` on the coordinator's loopback. A site that holds
-ca.crt and a registered key reaches the Fleet API and nothing else. Every command comes
-from the recipe in deploy/commands.py, the same one docker/compose.yml and docs/deploy.md use."""
+ca.crt and a registered key reaches the Fleet API and nothing else. A second run then
+kills one site's SuperNode mid-round and starts it again. Every command comes from the
+recipe in deploy/commands.py, the same one docker/compose.yml and docs/deploy.md use."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -29,10 +31,11 @@ from flwr.supercore.date import now
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
 
 from common.flower_runtime import offline_flower_env
-from common.privacy.ledger import load_public_key, read_entries, verify_chain
+from common.privacy.ledger import LEDGER_FILE, LedgerEntry, load_public_key, read_entries, verify_chain
 from deploy import commands
 from deploy.certificates import CertificateLayout, create_site_key, init_certificates
 from deploy.front_door import REFUSAL
+from deploy.launch import SITE_RUNNER_MODULE
 from simulations.local_superlink import free_port, stop_process_tree
 from tests.conftest import make_images
 
@@ -45,6 +48,15 @@ PASSPHRASE = b"the coordinator's passphrase"
 SITES = {"hospital-a": 8.0, "hospital-b": 6.0, "hospital-c": 4.0}
 ROUNDS = 2
 STARTUP_TIMEOUT_S = 120.0
+# Fixed, so that the first run leaves every site budget for the run with a killed site
+# (a derived sigma spends a site's whole budget over the run's planned rounds).
+NOISE_MULTIPLIER = 2.0
+# The site killed mid-round, and how long the server waits for any exchange's replies:
+# above a healthy site's slowest exchange on a loaded 2-core machine (60 s was not). The
+# killed site's round ends sooner, when the SuperLink answers for it as unavailable
+# (two missed heartbeats, at most 60 s).
+KILLED_SITE = "hospital-c"
+REPLY_TIMEOUT_S = 120
 
 
 def _local(command: list[str]) -> list[str]:
@@ -216,7 +228,7 @@ def processes_while_serving(deployment: Deployment) -> list[psutil.Process]:
 def finished_run(deployment: Deployment) -> dict:
     run_config = (
         f"rounds={ROUNDS} dataset='{deployment.root / 'data' / 'coordinator.npz'}' run-dir='{deployment.root / 'run'}' "
-        "min-sites=3 batch-size=32 local-epochs=1"
+        f"min-sites=3 batch-size=32 local-epochs=1 noise-multiplier={NOISE_MULTIPLIER}"
     )
     result = deployment.run("coordinator", commands.run_command(APP_DIR, CONNECTION, run_config), timeout=600)
     started = re.search(r"Successfully started run (\d+)", result.stdout)
@@ -335,3 +347,126 @@ def test_cohort_supernode_names_the_ca_file_when_the_superlink_is_not_signed_by_
     result = deployment.run("hospital-a-wrong-ca", command)
     assert result.returncode == 2
     assert f"{other.ca_cert} does not trust" in result.stderr and "Traceback" not in result.stderr
+
+
+def _clientapps_of(process: subprocess.Popen[bytes]) -> set[int]:
+    """The ClientApp processes a site's SuperNode runs now, one per task it is answering:
+    the site's own `flwr-clientapp`, which runs client.site_runner."""
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return set()
+    found = set()
+    for child in children:
+        try:
+            if SITE_RUNNER_MODULE in child.cmdline():
+                found.add(child.pid)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def _kill_tree(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL, as a crash or the OOM killer would: no handler runs, nothing is flushed."""
+    root = psutil.Process(process.pid)
+    tree = [root, *root.children(recursive=True)]
+    for member in tree:
+        member.send_signal(signal.SIGKILL)
+    psutil.wait_procs(tree, timeout=30)
+    process.wait()
+
+
+@dataclass(frozen=True)
+class KilledSiteRun:
+    run_id: int
+    run_dir: Path
+    status: str
+    trained_when_killed: int
+
+
+@pytest.fixture(scope="module")
+def run_with_a_site_killed_mid_round(deployment: Deployment, finished_run: dict) -> KilledSiteRun:
+    """Three rounds with min-sites=2; hospital-c's SuperNode and everything under it are
+    killed while its flwr-clientapp answers round 1's training message, then `cohort
+    supernode` is started again with the same key, state and data once the SuperLink
+    holds it offline."""
+    (site_process,) = [p for p in deployment.processes if KILLED_SITE in p.args and "supernode" in p.args]
+    ledger = deployment.root / "state" / KILLED_SITE / LEDGER_FILE
+    entries_before = len(read_entries(ledger))
+    idle = _clientapps_of(site_process)
+    run_dir = deployment.root / "run-killed-site"
+    run_config = (
+        f"rounds=3 dataset='{deployment.root / 'data' / 'coordinator.npz'}' run-dir='{run_dir}' min-sites=2 "
+        f"batch-size=32 local-epochs=1 noise-multiplier={NOISE_MULTIPLIER} reply-timeout={REPLY_TIMEOUT_S}"
+    )
+    log = (deployment.root / "logs" / "run-killed-site.log").open("wb")
+    command = _local(commands.run_command(APP_DIR, CONNECTION, run_config))
+    run = subprocess.Popen(command, env=offline_flower_env(deployment.home("coordinator")), stdout=log, stderr=subprocess.STDOUT, cwd=deployment.root)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not _clientapps_of(site_process) - idle:
+            assert time.monotonic() < deadline and run.poll() is None, deployment.log("run-killed-site")
+            time.sleep(0.05)
+        _kill_tree(site_process)
+        trained_when_killed = len(read_entries(ledger)) - entries_before
+        # The SuperLink refuses to activate a node it still holds online ("Failed to
+        # activate SuperNode"): the site is started again once it has missed its heartbeats.
+        _wait_for_online(deployment, len(SITES) - 1)
+        deployment.spawn(KILLED_SITE, deployment.supernode(KILLED_SITE, deployment.site_keys(KILLED_SITE).site_key(KILLED_SITE)))
+        run.wait(timeout=600)
+    finally:
+        if run.poll() is None:
+            stop_process_tree(run.pid)
+        log.close()
+    started = re.search(r"Successfully started run (\d+)", deployment.log("run-killed-site"))
+    assert run.returncode == 0 and started, deployment.log("run-killed-site")
+    (flower_run,) = deployment.flwr_json("list", "--run-id", started.group(1))["runs"]
+    return KilledSiteRun(int(started.group(1)), run_dir, flower_run["status"], trained_when_killed)
+
+
+def _trained_rounds(run_dir: Path) -> dict[str, list[int]]:
+    trained: dict[str, list[int]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for site, values in record["sites"].items():
+            if values.get("trained"):
+                trained.setdefault(site, []).append(record["round"])
+    return trained
+
+
+def test_a_site_killed_mid_round_fails_that_round_after_the_reply_timeout_and_the_others_complete_it(run_with_a_site_killed_mid_round: KilledSiteRun) -> None:
+    killed = run_with_a_site_killed_mid_round
+    assert killed.status == "finished:completed", killed
+    summary = json.loads((killed.run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 3 and not summary["stop_reason"], summary
+    first = json.loads((killed.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    # The server learns a node's name from its replies in this run; this one never answered.
+    # Either the timeout ends its wait, or the SuperLink answers for the node first, once
+    # it has missed two heartbeats (Flower's interval is 30 s).
+    ((node, site, stage, reason),) = [(f["node"], f["site"], f["stage"], f["reason"]) for f in first["failures"]]
+    assert (site, stage) == (f"node {node}", "train")
+    assert reason == f"no reply within {REPLY_TIMEOUT_S}s" or "Node Unavailable" in reason, reason
+    assert sorted(site for site, values in first["sites"].items() if values.get("trained")) == sorted(set(SITES) - {KILLED_SITE})
+
+
+def test_the_restarted_site_rejoins_in_a_later_round(run_with_a_site_killed_mid_round: KilledSiteRun) -> None:
+    trained = _trained_rounds(run_with_a_site_killed_mid_round.run_dir)
+    assert trained[KILLED_SITE] in ([2, 3], [3]), trained
+    assert all(trained[site] == [1, 2, 3] for site in set(SITES) - {KILLED_SITE}), trained
+
+
+def test_the_killed_sites_ledger_holds_each_release_once_and_the_runs_copy_only_what_it_holds(run_with_a_site_killed_mid_round: KilledSiteRun, deployment: Deployment) -> None:
+    killed = run_with_a_site_killed_mid_round
+    state = deployment.root / "state" / KILLED_SITE
+    entries = read_entries(state / LEDGER_FILE)
+    assert verify_chain(entries, load_public_key(state / "ledger_key.pub.pem")) is None
+    at_site = [e for e in entries if e.record.run_id == killed.run_id]
+    copied = [LedgerEntry.from_json(line) for line in (killed.run_dir / LEDGER_FILE).read_text().splitlines()]
+    in_copy = [e for e in copied if e.record.site == KILLED_SITE]
+    assert len({e.record.round for e in at_site}) == len(at_site), "the site released a round twice"
+    assert len({e.sequence for e in in_copy}) == len(in_copy), "the run's ledger holds a release twice"
+    assert {(e.sequence, e.entry_hash()) for e in in_copy} <= {(e.sequence, e.entry_hash()) for e in at_site}
+    assert sorted(e.record.round for e in in_copy) == _trained_rounds(killed.run_dir)[KILLED_SITE]
+    # Killed before it could sign round 1 (its clientapp had just started), or after: then
+    # that release is in its own ledger, spent, though it never reached the coordinator.
+    assert sorted(e.record.round for e in at_site) == [1] * killed.trained_when_killed + _trained_rounds(killed.run_dir)[KILLED_SITE]

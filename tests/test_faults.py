@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import pytest
@@ -112,20 +113,19 @@ def _alive(process: psutil.Process) -> bool:
         return False
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_a_signal_stops_exactly_the_processes_the_command_started(signum: int, tmp_path: Path) -> None:
-    command = subprocess.Popen(
-        [COHORT, "simulate", *NO_DP[:1], "--set", "num-sites=3", "--set", "rounds=50", "--runs-dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
-    )  # fmt: skip
+def _stop_when(command: subprocess.Popen[str], signum: int, ready: Callable[[], bool]) -> None:
+    """Send `signum` once `ready()` holds; the command must exit with 128 + signum, leaving
+    none of the processes it started running."""
     started: dict[int, psutil.Process] = {}
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not any("ray::" in _cmdline(p) for p in started.values()):
+    deadline = time.monotonic() + 300
+    while True:
         for process in _descendants(command.pid):
             started.setdefault(process.pid, process)
-        time.sleep(0.5)
+        if ready() or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert command.poll() is None, command.stderr.read() if command.stderr else ""
-    assert any("flwr-simulation" in _cmdline(p) for p in started.values()), "the run had not started training"
+    assert any("flwr-simulation" in _cmdline(p) for p in started.values()), "the run had not started"
     command.send_signal(signum)
     _, stderr = command.communicate(timeout=120)
     assert command.returncode == 128 + signum, stderr
@@ -134,11 +134,20 @@ def test_a_signal_stops_exactly_the_processes_the_command_started(signum: int, t
     assert not alive, [_cmdline(p) for p in alive]
 
 
+# SIGTERM is sent by the resume test below, which checks the same.
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
+def test_a_signal_stops_exactly_the_processes_the_command_started(signum: int, tmp_path: Path) -> None:
+    command = subprocess.Popen(
+        [COHORT, "simulate", *NO_DP[:1], "--set", "num-sites=3", "--set", "rounds=50", "--runs-dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    _stop_when(command, signum, lambda: any("ray::" in _cmdline(p) for p in _descendants(command.pid)))
+
+
 def _ledger_lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-@pytest.mark.xfail(strict=False, reason="known bug, issue 10: about one resume in three after SIGTERM ends a round short ([1, 2, 3]); cause not found yet")
 def test_a_coordinator_stopped_mid_run_resumes_and_every_release_is_in_the_ledgers_once(tmp_path: Path) -> None:
     from common.privacy.ledger import LedgerEntry, load_public_key, read_entries, verify_chain
 
@@ -147,12 +156,8 @@ def test_a_coordinator_stopped_mid_run_resumes_and_every_release_is_in_the_ledge
         [COHORT, "simulate", *NO_DP[:1], "--set", "num-sites=3", "--set", "rounds=4", "--runs-dir", str(runs)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not list(runs.glob("*/checkpoints/round-0002.pt")):
-        time.sleep(0.2)
-    command.send_signal(signal.SIGTERM)
-    _, stderr = command.communicate(timeout=120)
-    assert command.returncode == 128 + signal.SIGTERM, stderr
+    # Round 3 is under way when the signal arrives (a round takes about a second here).
+    _stop_when(command, signal.SIGTERM, lambda: bool(list(runs.glob("*/checkpoints/round-0002.pt"))))
     (run_dir,) = list(runs.iterdir())
     sites = [run_dir / "federation" / f"site-{i}" / "privacy_ledger.jsonl" for i in range(3)]
     before = {site: _ledger_lines(site) for site in sites}

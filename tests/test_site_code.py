@@ -158,7 +158,11 @@ def _hostile_app(root: Path) -> Path:
     shutil.copytree(APP_DIR, app, ignore=shutil.ignore_patterns(".*", "runs", "tests", "docs", "docker", "benchmarks", "__pycache__", "*.egg-info"))
     client_app = app / "client" / "app.py"
     code = client_app.read_text()
-    for honest, hostile in (("    if run.dp.sample_level:\n", "    if False:\n"), ("    elif not site.allow_non_private:\n", "    elif False:\n")):
+    skipped = (
+        ("    if not run.dp.sample_level and not site.allow_non_private:", "    if False:"),
+        ("    privacy = _planned_privacy(release, entries, len(data.train)) if run.dp.sample_level else None\n", "    privacy = None\n"),
+    )
+    for honest, hostile in skipped:
         assert honest in code
         code = code.replace(honest, hostile)
     client_app.write_text(code)

@@ -14,7 +14,7 @@ from flwr.app import MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from common import protocol
-from common.config import ChecksConfig
+from common.config import ChecksConfig, RunConfig
 from server.reply_checks import Update
 
 AGGREGATION_WEIGHT = "aggregation-weight"
@@ -33,13 +33,16 @@ def weights_for(updates: list[Update], checks: ChecksConfig) -> list[float]:
     return [float(min(u.reported_examples, cap)) if u.reported_examples is not None else float(cap) for u in updates]
 
 
-def rewrite_for_aggregation(updates: list[Update], checks: ChecksConfig) -> None:
-    """Leave in each reply only its checked arrays, the server's weight, its training loss
-    when it sent one (q-FedAvg's input) and, under client-side adaptive clipping, the
-    checked bit Flower's wrapper counts."""
-    for update, weight in zip(updates, weights_for(updates, checks), strict=True):
+def rewrite_for_aggregation(updates: list[Update], run: RunConfig) -> None:
+    """Leave in each reply only its checked arrays, the server's weight, under q-FedAvg
+    its training loss, and under client-side adaptive clipping the clipping bit Flower's
+    wrapper counts. Every reply then carries the same keys (the checks rejected a reply
+    without a loss under q-FedAvg, or without a bit under that clipping): Flower's
+    strategies refuse to aggregate replies whose keys differ, so one site's choice of
+    what to send must not decide whether the round aggregates."""
+    for update, weight in zip(updates, weights_for(updates, run.checks), strict=True):
         metrics = MetricRecord({AGGREGATION_WEIGHT: weight})
-        if "train_loss" in update.metrics:
+        if run.training.strategy == "qfedavg":
             metrics[TRAIN_LOSS] = update.metrics["train_loss"]
         if update.norm_bit is not None:
             metrics[KEY_NORM_BIT] = update.norm_bit

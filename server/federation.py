@@ -171,7 +171,7 @@ class Federation:
         for update in updates:
             record.sites[update.site] = update.site_record()
             record.ledger.append(update.entry.to_json())
-        rewrite_for_aggregation(updates, self.run.checks)
+        rewrite_for_aggregation(updates, self.run)
         return updates
 
     def _evaluate(self, server_round: int, state: FederationState, checker: ReplyChecker, timeout: ReplyTimeout, record: RoundRecord) -> None:

@@ -19,7 +19,7 @@ from common.config import ChecksConfig, DPConfig, RunConfig, TrainingConfig
 from common.errors import CohortInputError
 from common.privacy.client_level import client_level_noise
 from common.privacy.ledger import LedgerEntry, LedgerRecord
-from server.aggregation_weight import AGGREGATION_WEIGHT, rewrite_for_aggregation, weights_for
+from server.aggregation_weight import AGGREGATION_WEIGHT, TRAIN_LOSS, rewrite_for_aggregation, weights_for
 from server.checkpoint import Checkpoint
 from server.dp_policy import SiteProtected
 from server.reply_checks import Update
@@ -48,7 +48,7 @@ def _update(node: int, value: float, examples: int | None = 100) -> Update:
 
 
 def _fedavg(updates: list[Update], checks: ChecksConfig) -> float:
-    rewrite_for_aggregation(updates, checks)
+    rewrite_for_aggregation(updates, RunConfig(checks=checks))
     arrays, _ = FedAvg(weighted_by_key=AGGREGATION_WEIGHT).aggregate_train(1, [u.reply for u in updates])
     assert arrays is not None
     return float(arrays["w"].numpy()[0])
@@ -76,8 +76,21 @@ def test_a_site_that_withholds_its_count_weighs_as_the_cap() -> None:
 
 def test_the_strategy_sees_only_the_arrays_and_the_servers_weight() -> None:
     updates = [_update(1, 1.0)]
-    rewrite_for_aggregation(updates, ChecksConfig())
+    rewrite_for_aggregation(updates, RunConfig())
     assert dict(updates[0].reply.content[protocol.METRICS]) == {AGGREGATION_WEIGHT: 1.0}
+
+
+def test_a_site_that_withholds_its_training_metrics_is_aggregated_with_those_that_send_them() -> None:
+    reporting, withholding = _update(1, 1.0), _update(2, 3.0)
+    reporting.metrics = {"train_loss": 0.5, "train_accuracy": 0.9}
+    assert _fedavg([reporting, withholding], ChecksConfig()) == pytest.approx(2.0)
+
+
+def test_q_fedavg_sees_each_sites_checked_training_loss() -> None:
+    update = _update(1, 1.0)
+    update.metrics = {"train_loss": 0.5}
+    rewrite_for_aggregation([update], RunConfig(training=TrainingConfig(strategy="qfedavg")))
+    assert dict(update.reply.content[protocol.METRICS]) == {AGGREGATION_WEIGHT: 1.0, TRAIN_LOSS: 0.5}
 
 
 def test_default_norm_bound_is_a_multiple_of_the_rounds_median_norm() -> None:
@@ -183,5 +196,5 @@ def test_the_clipping_bit_client_side_adaptive_clipping_counts_reaches_the_strat
 
     update = _update(1, 1.0)
     update.norm_bit = 1
-    rewrite_for_aggregation([update], ChecksConfig())
+    rewrite_for_aggregation([update], RunConfig())
     assert dict(update.reply.content[protocol.METRICS]) == {AGGREGATION_WEIGHT: 1.0, KEY_NORM_BIT: 1}

@@ -39,6 +39,7 @@ from common.evaluation import evaluate
 from common.models.registry import build_model
 from common.privacy.accounting import PrivacyState
 from common.site import SiteConfig
+from server.strategies import sample_size
 from simulations.plan import SimulationPlan, plan_from_values
 from simulations.runner import new_run, run_simulation
 
@@ -148,7 +149,7 @@ def _privacy_like_a_site(plan: SimulationPlan) -> PrivacyState | None:
 def measure(scale: Scale, runs_dir: Path) -> dict[str, Any]:
     plan = plan_from_values({**scale.settings, "rounds": ROUNDS, "run-name": "scale"})
     floor_plan = replace(plan, run=replace(plan.run, dp=replace(plan.run.dp, enabled=False)))
-    sampled = max(int(plan.num_sites * plan.run.training.fraction_train), plan.run.training.min_sites)
+    sampled = sample_size(plan.run.training, plan.num_sites)
     floor = simulate(floor_plan, runs_dir / "floor", FLOOR_CLIENTAPP)
     cohort = simulate(plan, runs_dir / "cohort", None)
     compute = training_compute_ms(plan)

@@ -65,7 +65,7 @@ def measure_fairness(directory: RunDirectory, margin: float) -> dict[str, Any]:
     device = torch.device("cpu")
     sites = {}
     for site_id in range(plan.num_sites):
-        data = simulated_site_data(run.data, site_id, plan.num_sites)
+        data = simulated_site_data(run.data, site_id, plan.num_sites, str(directory.path))
         predictions = predict(model, data.val, device)
         correct = int((predictions.classes == data.val.labels).sum())
         sites[f"site-{site_id}"] = {

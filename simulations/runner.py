@@ -28,8 +28,7 @@ from typing import Any, Callable, Iterator
 
 import tomli_w
 
-from common.data.federation import federated_split, write_partitions
-from common.data.partition import partition_indices
+from common.data.federation import federated_split, simulated_partitions, write_partitions
 from common.errors import CohortInputError
 from common.models.registry import build_model
 from common.rundir import RunDirectory, read_jsonl, write_json_atomic
@@ -70,7 +69,7 @@ class SimulationOutcome:
 def check_plan(plan: SimulationPlan) -> None:
     """Fail fast, before any process starts, on input the run would trip over later."""
     split = federated_split(plan.run.data)
-    partition_indices(split.pool.labels, plan.num_sites, plan.run.data)
+    simulated_partitions(plan.run.data, plan.num_sites)  # kept: write_partitions saves these
     build_model(plan.run.training.model, split.input_shape, split.num_classes)
     if plan.run.resume_from:
         latest_checkpoint(RunDirectory(Path(plan.run.resume_from)).checkpoint_dir, plan.run.fingerprint())

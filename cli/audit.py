@@ -14,7 +14,7 @@ from typer.core import TyperGroup
 
 from cli.errors import input_errors
 from common.privacy.ledger import LEDGER_FILE, key_fingerprint, load_public_key, read_entries, verify_chain
-from common.rundir import RunDirectory, write_bytes_atomic, write_json_atomic
+from server.rundir import RunDirectory, write_bytes_atomic, write_json_atomic
 
 console = Console()
 
@@ -164,10 +164,12 @@ def _epsilon(site: dict[str, Any], value: float | None) -> str:
     if site["non_private_rounds"]:
         return "no DP"
     return "-" if value is None else f"{value:.3f}"
+
+
 def _print_rejections(run_dir: RunDirectory) -> None:
     """The run view: replies the server's checks rejected, per site, with their reasons."""
     from server.summary import rejections
 
     for name, rejected in rejections(run_dir.read_metrics()).items():
-        rounds = ", ".join(map(str, rejected["rounds"]))
-        console.print(f"rejected: {name}: {rejected['count']} reply(ies), round(s) {rounds}: {'; '.join(rejected['reasons'])}", highlight=False, markup=False)
+        rounds = ", ".join(map(str, rejected.rounds))
+        console.print(f"rejected: {name}: {rejected.count} reply(ies), round(s) {rounds}: {'; '.join(rejected.reasons)}", highlight=False, markup=False)

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from cli.errors import input_errors
 from common.errors import CohortInputError
-from common.rundir import RunDirectory
+from server.rundir import RunDirectory
 
 console = Console()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -18,7 +19,8 @@ from cli.deploy import connect, front_door, superlink, supernode
 from cli.site import site_app
 from cli.errors import input_errors
 from common.errors import CohortInputError
-from common.rundir import RunDirectory, write_json_atomic
+from server.records import RoundRecord, Summary
+from server.rundir import RunDirectory, write_json_atomic
 from simulations.plan import DEFAULT_SIMULATION, SimulationPlan, load_plan, saved_plan
 
 if TYPE_CHECKING:
@@ -75,18 +77,18 @@ def simulate(
     _print_summary(outcome)
     _report_fairness(outcome, plan.run.fairness_margin)
     if not outcome.succeeded:
-        typer.echo(f"error: the run {outcome.summary['stop_reason']}", err=True)
+        typer.echo(f"error: the run {outcome.summary.stop_reason}", err=True)
         raise typer.Exit(code=1)
 
 
 def _run_with_progress(plan: SimulationPlan) -> SimulationOutcome:
-    from common.data.federation import federated_split
+    from server.held_out import federated_split
     from simulations.divergence import advice, divergence
     from simulations.runner import run_simulation
 
     rounds = plan.run.training.rounds
     num_classes = federated_split(plan.run.data).num_classes
-    seen: list[dict[str, Any]] = []
+    seen: list[RoundRecord] = []
     warned = False
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("starting Flower", total=rounds)
@@ -95,10 +97,10 @@ def _run_with_progress(plan: SimulationPlan) -> SimulationOutcome:
             progress.console.print(f"run directory: {run_dir.path}", highlight=False)
             progress.update(task, description="training")
 
-        def on_round(record: dict[str, Any]) -> None:
+        def on_round(record: RoundRecord) -> None:
             nonlocal warned
             progress.console.print(_round_line(record, rounds), highlight=False)
-            progress.update(task, completed=record["round"])
+            progress.update(task, completed=record.round)
             seen.append(record)
             reason = None if warned else divergence(seen, num_classes)
             if reason is not None:
@@ -112,72 +114,72 @@ def _run_with_progress(plan: SimulationPlan) -> SimulationOutcome:
 SITE_TABLE_LIMIT = 20
 
 
-def _round_line(record: dict[str, Any], rounds: int) -> str:
+def _round_line(record: RoundRecord, rounds: int) -> str:
     """One line under 80 columns; what went wrong, if anything, on a second one."""
-    epsilons = [s["epsilon"] for s in record["sites"].values() if s.get("epsilon") is not None]
+    epsilons = [s.epsilon for s in record.sites.values() if s.epsilon is not None]
     privacy = f"eps {max(epsilons):.2f}" if epsilons else "no DP"
-    if "client_level" in record:
-        privacy = f"client eps {record['client_level']['epsilon']:.2f}"
-        privacy += "" if record["client_level"]["released"] else " held"
-    trained = sum(bool(s.get("trained")) for s in record["sites"].values())
+    if record.client_level is not None:
+        privacy = f"client eps {_fmt(record.client_level.epsilon, '{:.2f}')}"
+        privacy += "" if record.client_level.released else " held"
+    trained = sum(s.trained for s in record.sites.values())
     line = (
-        f"round {record['round']:>3}/{rounds}  acc {record['global']['accuracy']:.3f}  "
-        f"loss {record['global']['loss']:.3f}  {privacy}  {trained} trained  {record['seconds']:.1f}s"
+        f"round {record.round:>3}/{rounds}  acc {record.accuracy:.3f}  "
+        f"loss {record.loss:.3f}  {privacy}  {trained} trained  {record.seconds:.1f}s"
     )
     problems = []
-    if record["failures"]:
-        problems.append(f"failed: {', '.join(sorted({f['site'] for f in record['failures']}))}")
-    if record.get("rejected"):
-        problems.append(f"rejected: {', '.join(sorted({r['site'] for r in record['rejected']}))}")
-    if record.get("refused"):
-        problems.append(f"refused: {', '.join(record['refused'])}")
+    if record.failures:
+        problems.append(f"failed: {', '.join(sorted({f.site for f in record.failures}))}")
+    if record.rejected:
+        problems.append(f"rejected: {', '.join(sorted({r.site for r in record.rejected}))}")
+    if record.refused:
+        problems.append(f"refused: {', '.join(record.refused)}")
     return line + "".join(f"\n          {problem}" for problem in problems)
 
 
 def _print_summary(outcome: SimulationOutcome) -> None:
-    summary = outcome.summary or {}
-    if not summary["sites"]:
+    summary = outcome.summary
+    if summary is None or not summary.sites:
         return
-    client_level = summary.get("client_level_epsilon") is not None
-    if len(summary["sites"]) > SITE_TABLE_LIMIT:
+    client_level = summary.client_level_epsilon is not None
+    if len(summary.sites) > SITE_TABLE_LIMIT:
         _print_federation(summary, client_level)
     else:
         _print_site_table(outcome.run_dir.path.name, summary, client_level)
-    if summary["refused"]:
-        console.print(f"refused to train (out of the run): {', '.join(summary['refused'])}", highlight=False)
-    for name, rejected in summary.get("rejected", {}).items():
-        console.print(f"rejected: {name}, {rejected['count']} reply(ies) in round(s) {', '.join(map(str, rejected['rounds']))}: {'; '.join(rejected['reasons'])}", highlight=False, markup=False)
-    max_eps, client_eps = summary["max_epsilon"], summary.get("client_level_epsilon")
+    if summary.refused:
+        console.print(f"refused to train (out of the run): {', '.join(summary.refused)}", highlight=False)
+    for name, rejected in summary.rejected.items():
+        console.print(f"rejected: {name}, {rejected.count} reply(ies) in round(s) {', '.join(map(str, rejected.rounds))}: {'; '.join(rejected.reasons)}", highlight=False, markup=False)
+    max_eps, client_eps = summary.max_epsilon, summary.client_level_epsilon
     privacy = f"largest site epsilon {'n/a (no DP)' if max_eps is None else f'{max_eps:.3f}'}"
     if client_level:
         privacy = f"client-level epsilon {client_eps:.3f} (server ledger)"
-    console.print(f"global test accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds; {privacy}", highlight=False)
+    console.print(f"global test accuracy {summary.final_accuracy:.4f} after {summary.rounds} rounds; {privacy}", highlight=False)
     console.print(f"run directory: {outcome.run_dir.path}", highlight=False, soft_wrap=True)
 
 
-def _print_site_table(title: str, summary: dict[str, Any], client_level: bool) -> None:
+def _print_site_table(title: str, summary: Summary, client_level: bool) -> None:
     table = Table(title=f"Cohort run: {title}")
     for column in ("site", "rounds trained", "val accuracy", "epsilon", "budget", "delta"):
         table.add_column(column, justify="right" if column != "site" else "left")
-    for name, site in summary["sites"].items():
+    for name, site in summary.sites.items():
         table.add_row(
             name,
-            str(site["rounds_trained"]),
-            _fmt(site.get("val_accuracy")),
-            _fmt(site.get("epsilon"), "{:.3f}", "client DP" if client_level else "no DP"),
-            _fmt(site.get("budget"), "{:g}", "-"),
-            _fmt(site.get("delta"), "{:g}", "-"),
+            str(site.rounds_trained),
+            _fmt(site.val_accuracy),
+            _fmt(site.epsilon, "{:.3f}", "client DP" if client_level else "no DP"),
+            _fmt(site.budget, "{:g}", "-"),
+            _fmt(site.delta, "{:g}", "-"),
         )
     console.print(table)
 
 
-def _print_federation(summary: dict[str, Any], client_level: bool) -> None:
+def _print_federation(summary: Summary, client_level: bool) -> None:
     """Many small sites: one device's validation accuracy on a handful of examples says
     little, so the spread across sites is what is shown."""
-    sites = list(summary["sites"].values())
-    rounds = sorted(site["rounds_trained"] for site in sites)
+    sites = list(summary.sites.values())
+    rounds = sorted(site.rounds_trained for site in sites)
     console.print(f"{len(sites)} sites; rounds trained per site: min {rounds[0]}, median {rounds[len(rounds) // 2]}, max {rounds[-1]}", highlight=False)
-    epsilons = sorted(site["epsilon"] for site in sites if site.get("epsilon") is not None)
+    epsilons = sorted(site.epsilon for site in sites if site.epsilon is not None)
     if epsilons:
         console.print(f"site epsilon: min {epsilons[0]:.3f}, max {epsilons[-1]:.3f}", highlight=False)
     elif client_level:
@@ -188,14 +190,15 @@ def _report_fairness(outcome: SimulationOutcome, margin: float) -> None:
     """Score the final model on every site's own data; record it in summary.json too."""
     from simulations.fairness import write_fairness
 
-    if outcome.summary is None or not outcome.summary["sites"]:
+    if outcome.summary is None or not outcome.summary.sites:
         return
     try:
         report = write_fairness(outcome.run_dir.path, margin)
     except CohortInputError as error:  # the run itself stands; only its report is missing
         console.print(f"[yellow]warning:[/] no fairness report: {error}", highlight=False)
         return
-    write_json_atomic(outcome.run_dir.summary_file, {**outcome.summary, "fairness": {**report["across_sites"], "warnings": report["warnings"]}})
+    fairness = {**report["across_sites"], "warnings": report["warnings"]}
+    write_json_atomic(outcome.run_dir.summary_file, dataclasses.replace(outcome.summary, fairness=fairness).to_json())
     across = report["across_sites"]
     console.print(
         f"by site: worst {across['worst_site']} {across['worst']:.3f}, best {across['best_site']} {across['best']:.3f}, "

@@ -50,8 +50,8 @@ import common
 from client.evaluation_policy import declined_evaluation
 from common import protocol
 from common.errors import CohortInputError
-from common.privacy.ledger import REFUSAL, RELEASE, LedgerRecord, SiteLedger
-from common.site import SiteConfig
+from client.policy import SiteConfig
+from common.privacy.ledger import LedgerRecord, RecordKind, SiteLedger, Spender
 
 # The ClientApp the site runs, as a FAB's pyproject names it.
 CLIENT_APP_REFERENCE = "client.app:app"
@@ -102,34 +102,14 @@ def refusal_reply(message: Message, context: Context, site: SiteConfig, fab: Fab
     text = f"site {site.name} refuses to run this run's code: {reason}; it runs only its own installed Cohort"
     ledger = SiteLedger(site.state_dir, create_key=False)
     ledger.verified_entries()
-    ledger.append(
-        LedgerRecord(
-            kind=REFUSAL,
-            run_id=context.run_id,
-            round=_round_of(message),
-            site=site.name,
-            mechanism="",
-            noise_multiplier=0.0,
-            sample_rate=0.0,
-            sampling="poisson",
-            steps=0,
-            clip_norm=0.0,
-            delta=site.delta,
-            epsilon=_last_epsilon(ledger),
-            accountant=site.accountants[0],
-            budget_epsilon=site.epsilon,
-            dataset_hash="",
-            model_hash="",
-            config_hash=f"fab:{fab.hash_str}",
-            reason=text,
-        )
-    )
+    spender = Spender(context.run_id, _round_of(message), site.name, site.delta, site.epsilon, dataset_hash="", config_hash=f"fab:{fab.hash_str}")
+    ledger.append(LedgerRecord.refusal(spender, text, _last_epsilon(ledger), site.accountants[0]))
     return Message(Error(code=protocol.SITE_REFUSED, reason=text), reply_to=message)
 
 
 def _last_epsilon(ledger: SiteLedger) -> float:
     """What the site had spent by its last release (its data is not loaded to refuse code)."""
-    releases = [e.record for e in ledger.entries() if e.record.kind == RELEASE]
+    releases = [e.record for e in ledger.entries() if e.record.kind == RecordKind.RELEASE]
     return releases[-1].epsilon if releases else 0.0
 
 

@@ -13,7 +13,7 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.config import RunConfig, TrainingConfig
+from common.config import SiteRunConfig, TrainingConfig
 from common.data.dataset import LabeledImages
 from common.privacy.accounting import PrivacyState, restore_accountant
 
@@ -50,7 +50,7 @@ def round_learning_rate(training: TrainingConfig, server_round: int) -> float:
 def train_locally(
     model: nn.Module,
     data: LabeledImages,
-    run: RunConfig,
+    run: SiteRunConfig,
     privacy: PrivacyState | None,
     device: torch.device,
     server_round: int = 1,

@@ -13,7 +13,7 @@ from types import TracebackType
 import httpx
 import psutil
 
-from common.flower_runtime import flower_executable, offline_flower_env
+from deploy.flower_runtime import flower_executable, offline_flower_env
 
 STARTUP_TIMEOUT_S = 60.0
 # The process that runs the ServerApp (and so writes the run directory) in a simulation.

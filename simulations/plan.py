@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig
+from server.run_config import RunConfig
 from common.errors import CohortInputError
 from simulations.attack_spec import AttackSpec
 
@@ -40,7 +40,7 @@ class SimulationPlan:
             raise CohortInputError(f"num-sites is {self.num_sites}; a federation needs at least 1 site")
         if self.cpus_per_site <= 0 or self.gpus_per_site < 0:
             raise CohortInputError("cpus-per-site must be > 0 and gpus-per-site >= 0")
-        self.run.refuse_federation_size(min(self.num_sites, max(int(self.num_sites * self.run.training.fraction_train), self.run.training.min_sites)))
+        self.run.refuse_federation_size(min(self.num_sites, max(int(self.num_sites * self.run.aggregation.fraction_train), self.run.aggregation.min_sites)))
 
     def federation_config(self) -> str:
         return (

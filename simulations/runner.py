@@ -14,7 +14,6 @@ ClientApp the same way (benchmarks/flower_floor.py); the source tree is never ch
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import signal
 import subprocess
@@ -24,16 +23,18 @@ import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import tomli_w
 
-from common.data.federation import federated_split, simulated_partitions, write_partitions
 from common.errors import CohortInputError
 from common.models.registry import build_model
-from common.rundir import RunDirectory, read_jsonl, write_json_atomic
+from deploy.flower_runtime import flower_executable, offline_flower_env
 from server.checkpoint import latest_checkpoint
-from common.flower_runtime import flower_executable, offline_flower_env
+from server.held_out import federated_split
+from server.records import RoundRecord, Summary
+from server.rundir import RunDirectory, write_json_atomic
+from simulations.federation import simulated_partitions, write_site_files
 from simulations.local_superlink import LocalSuperLink
 from simulations.plan import PLAN_FILE, SimulationPlan
 
@@ -55,21 +56,21 @@ class SimulationStopped(Exception):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
         self.signum = signum
 
-RoundCallback = Callable[[dict[str, Any]], None]
+RoundCallback = Callable[[RoundRecord], None]
 
 
 @dataclass(frozen=True)
 class SimulationOutcome:
     run_dir: RunDirectory
     succeeded: bool
-    summary: dict[str, Any] | None
+    summary: Summary | None
     log_file: Path
 
 
 def check_plan(plan: SimulationPlan) -> None:
     """Fail fast, before any process starts, on input the run would trip over later."""
     split = federated_split(plan.run.data)
-    simulated_partitions(plan.run.data, plan.num_sites)  # kept: write_partitions saves these
+    simulated_partitions(plan.run.data, plan.num_sites)  # kept: write_site_files shares them out
     build_model(plan.run.training.model, split.input_shape, split.num_classes)
     if plan.run.resume_from:
         latest_checkpoint(RunDirectory(Path(plan.run.resume_from)).checkpoint_dir, plan.run.fingerprint())
@@ -103,7 +104,7 @@ def run_simulation(
     if plan.run.resume_from:
         run_dir.reopen()
     write_json_atomic(run_dir.path / PLAN_FILE, plan.to_json())
-    write_partitions(plan.run.data, plan.num_sites, run_dir.path)
+    write_site_files(plan.run.data, plan.num_sites, run_dir.path)
     log_file = run_dir.path / "flower.log"
     on_start(run_dir)
     with _stopped_by_signals(), tempfile.TemporaryDirectory(prefix="cohort-flwr-home-") as home:
@@ -133,8 +134,8 @@ def run_simulation(
                     if process.poll() is None:
                         process.terminate()
                         process.wait()
-    summary = json.loads(run_dir.summary_file.read_text()) if run_dir.summary_file.exists() else None
-    return SimulationOutcome(run_dir=run_dir, succeeded=summary is not None and not summary["stop_reason"], summary=summary, log_file=log_file)
+    summary = run_dir.read_summary()
+    return SimulationOutcome(run_dir=run_dir, succeeded=summary is not None and not summary.stop_reason, summary=summary, log_file=log_file)
 
 
 @contextlib.contextmanager
@@ -171,14 +172,14 @@ def _app_copy(target: Path, component: str) -> Path:
 
 def _follow(process: subprocess.Popen[bytes], run_dir: RunDirectory, on_round: RoundCallback) -> None:
     """Report each new round as it lands in metrics.jsonl, until the run ends."""
-    reported = {r["round"] for r in read_jsonl(run_dir.metrics_file)}
+    reported = {r.round for r in run_dir.read_metrics()}
     while True:
         if run_dir.summary_file.exists():
             _wait_quietly(process, timeout_s=15.0)  # let the log stream drain
         finished = process.poll() is not None
-        for record in read_jsonl(run_dir.metrics_file):
-            if record["round"] not in reported:
-                reported.add(record["round"])
+        for record in run_dir.read_metrics():
+            if record.round not in reported:
+                reported.add(record.round)
                 on_round(record)
         if finished:
             return

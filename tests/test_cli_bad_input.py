@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from common.config import RunConfig
+from server.run_config import RunConfig
 from server.checkpoint import Checkpoint
 
 runner = CliRunner()
@@ -73,7 +73,7 @@ def test_missing_simulation_config_exits_2(tmp_path: Path) -> None:
 
 def _fake_run_dir(tmp_path: Path, run: RunConfig) -> Path:
     """A run directory as a crashed run leaves it: config, plan, one checkpoint."""
-    from common.rundir import RunDirectory, write_json_atomic
+    from server.rundir import RunDirectory, write_json_atomic
 
     run_dir = RunDirectory(tmp_path / "crashed")
     run_dir.prepare(run)

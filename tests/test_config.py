@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import AUTO_GRAD_SAMPLE_MODE, MODELS, RunConfig
+from client.policy import SiteConfig
+from common.config import AUTO_GRAD_SAMPLE_MODE, MODELS
 from common.errors import CohortInputError
-from common.site import SiteConfig
+from server.run_config import RunConfig
 
 
 def test_pyproject_run_config_builds_the_default_run() -> None:

@@ -12,19 +12,19 @@ from common.errors import CohortInputError
 from common.privacy.ledger import (
     PRIVATE_KEY_FILE,
     PUBLIC_KEY_FILE,
-    RELEASE,
-    SAMPLE_LEVEL_DP_SGD,
     LedgerRecord,
+    RecordKind,
     SiteLedger,
     load_public_key,
     read_entries,
     verify_chain,
 )
+from common.privacy.mechanisms import Mechanism
 
 
 def _record(round_: int, epsilon: float) -> LedgerRecord:
     return LedgerRecord(
-        kind=RELEASE, run_id=7, round=round_, site="site-0", mechanism=SAMPLE_LEVEL_DP_SGD, noise_multiplier=1.1,
+        kind=RecordKind.RELEASE, run_id=7, round=round_, site="site-0", mechanism=Mechanism.SAMPLE_LEVEL_DP_SGD, noise_multiplier=1.1,
         sample_rate=0.2, sampling="poisson", steps=5, clip_norm=1.0, delta=1e-5, epsilon=epsilon, accountant="rdp",
         budget_epsilon=8.0, dataset_hash="d" * 64, model_hash="m" * 64, config_hash="c" * 64,
     )

@@ -25,10 +25,12 @@ import numpy as np
 import psutil
 import pytest
 
-from common.flower_runtime import offline_flower_env
 from common.privacy.accounting import PrivacyState
-from common.privacy.ledger import LEDGER_FILE, NON_PRIVATE, REFUSAL, RELEASE, LedgerEntry, history_of, load_public_key, read_entries, verify_chain
+from common.privacy.ledger import LEDGER_FILE, LedgerEntry, RecordKind, history_of, load_public_key, read_entries, verify_chain
+from deploy.flower_runtime import offline_flower_env
 from deploy.launch import SITE_RUNTIME_DIR, SuperNodeLaunch, flower_env
+from server.records import SiteRound
+from server.rundir import RunDirectory
 from simulations.local_superlink import free_port, stop_process_tree
 from tests.conftest import make_images
 
@@ -77,7 +79,7 @@ class Federation:
         assert result.returncode == 0 and started, result.stdout + result.stderr
         listed = self.coordinator("list", "--run-id", started.group(1), CONNECTION, "--format", "json")
         (run,) = json.loads(listed.stdout)["runs"]
-        run["metrics"] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] if (run_dir / "metrics.jsonl").exists() else []
+        run["metrics"] = RunDirectory(run_dir).read_metrics()
         return run
 
     def stop(self) -> None:
@@ -160,7 +162,7 @@ def _hostile_app(root: Path) -> Path:
     code = client_app.read_text()
     skipped = (
         ("    if not run.dp.sample_level and not site.allow_non_private:", "    if False:"),
-        ("    privacy = _planned_privacy(release, entries, len(data.train)) if run.dp.sample_level else None\n", "    privacy = None\n"),
+        ("    privacy = _planned_privacy(run, site, spender, entries, len(data.train)) if run.dp.sample_level else None\n", "    privacy = None\n"),
     )
     for honest, hostile in skipped:
         assert honest in code
@@ -169,8 +171,8 @@ def _hostile_app(root: Path) -> Path:
     return app
 
 
-def _sites_reported(run: dict) -> list[dict]:
-    return [site for round_metrics in run["metrics"] for site in round_metrics.get("sites", {}).values()]
+def _sites_reported(run: dict) -> list[SiteRound]:
+    return [site for record in run["metrics"] for site in record.sites.values()]
 
 
 def test_a_fab_whose_clientapp_skips_the_budget_check_is_refused_and_recorded(federation: Federation) -> None:
@@ -178,7 +180,7 @@ def test_a_fab_whose_clientapp_skips_the_budget_check_is_refused_and_recorded(fe
     assert not _sites_reported(run), "an update from the hostile code reached the coordinator"
     for site in SITES:
         entries = federation.entries(site)
-        assert entries and {e.record.kind for e in entries} == {REFUSAL}, entries
+        assert entries and {e.record.kind for e in entries} == {RecordKind.REFUSAL}, entries
         assert all("refuses to run this run's code" in e.record.reason and "client/app.py" in e.record.reason for e in entries)
         assert all(e.record.config_hash.startswith("fab:") for e in entries)
         assert "refused run" in federation.log(site)
@@ -188,7 +190,7 @@ def test_the_sites_own_code_trains_with_the_sites_accountant_whatever_the_run_co
     run = federation.run(APP_DIR, "accountant='gdp' seed=1", "honest")
     assert run["status"] == "finished:completed", run
     for site, budget in SITES.items():
-        releases = [e.record for e in federation.entries(site) if e.record.kind == RELEASE]
+        releases = [e.record for e in federation.entries(site) if e.record.kind == RecordKind.RELEASE]
         assert [r.round for r in releases] == [1]
         assert {r.accountant for r in releases} == {"rdp"}
         rdp = PrivacyState(1.0, 1.0, "rdp", history_of(releases)).epsilon(DELTA)
@@ -197,20 +199,20 @@ def test_the_sites_own_code_trains_with_the_sites_accountant_whatever_the_run_co
 
 def test_with_the_default_policy_the_coordinator_receives_no_per_site_training_or_validation_metrics(federation: Federation) -> None:
     run_dir = federation.root / "runs" / "honest"
-    reported = [site for line in (run_dir / "metrics.jsonl").read_text().splitlines() for site in json.loads(line)["sites"].values()]
+    reported = [site for record in RunDirectory(run_dir).read_metrics() for site in record.sites.values()]
     assert reported, "no site took part in the honest run"
     for site in reported:
-        assert site.get("train_loss") is None and site.get("train_accuracy") is None
-        assert site.get("val_loss") is None and site.get("val_accuracy") is None
-        assert site["num_examples"] > 0 and site["epsilon"] > 0
+        assert site.train_loss is None and site.train_accuracy is None
+        assert site.val_loss is None and site.val_accuracy is None
+        assert site.num_examples > 0 and site.epsilon > 0
 
 
 def test_another_seed_and_validation_share_continue_the_same_budget(federation: Federation) -> None:
     federation.run(APP_DIR, "seed=43 val-fraction=0.3 noise-multiplier=1.0", "again")
     for site, budget in SITES.items():
         entries = federation.entries(site)
-        assert entries[-1].record.kind == REFUSAL and f"over its budget of {budget:g}" in entries[-1].record.reason
-        releases = [e.record for e in entries if e.record.kind == RELEASE]
+        assert entries[-1].record.kind == RecordKind.REFUSAL and f"over its budget of {budget:g}" in entries[-1].record.reason
+        releases = [e.record for e in entries if e.record.kind == RecordKind.RELEASE]
         assert len({r.dataset_hash for r in releases}) == 1
         assert PrivacyState(1.0, 1.0, "rdp", history_of(releases)).epsilon(DELTA) <= budget
 
@@ -227,9 +229,9 @@ def test_the_run_config_cannot_turn_dp_off_nor_move_the_ledger_and_a_truncated_l
     assert not _sites_reported(run)
     assert not elsewhere.exists()
     entries = federation.entries("hospital-a")
-    assert [e.record.kind for e in entries[before:]] == [REFUSAL]
+    assert [e.record.kind for e in entries[before:]] == [RecordKind.REFUSAL]
     assert "refuses to train without differential privacy" in entries[-1].record.reason
-    assert not any(e.record.kind == NON_PRIVATE for e in entries)
+    assert not any(e.record.kind == RecordKind.NON_PRIVATE for e in entries)
     assert len(federation.entries("hospital-b")) == len(lines) - 1
     operator_lines = [line for line in federation.log("hospital-b").splitlines() if "refuses to train until its operator" in line]
     assert len(operator_lines) == 1 and "records were removed from its end" in operator_lines[0]
@@ -241,5 +243,5 @@ def test_audit_shows_every_dataset_a_site_spent_on_and_its_chain_verifies(federa
     result = subprocess.run([str(BIN / "cohort"), "audit", str(state)], capture_output=True, text=True, timeout=120, cwd=federation.root)
     assert result.returncode == 0, result.stderr
     report = json.loads((state / "audit.json").read_text()) if (state / "audit.json").exists() else None
-    identities = {e.record.dataset_hash for e in federation.entries("hospital-a") if e.record.kind == RELEASE}
+    identities = {e.record.dataset_hash for e in federation.entries("hospital-a") if e.record.kind == RecordKind.RELEASE}
     assert report is not None and set(report["sites"]["hospital-a"]["datasets"]) == identities

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from common.privacy.ledger import HEAD_FILE, LEDGER_FILE, PRIVATE_KEY_FILE, REFUSAL, LedgerBroken, LedgerRecord, SiteLedger
+from common.privacy.ledger import HEAD_FILE, LEDGER_FILE, PRIVATE_KEY_FILE, LedgerBroken, LedgerRecord, RecordKind, SiteLedger
 
 BIN = Path(sys.executable).parent
 
 
 def _record(round_: int) -> LedgerRecord:
     return LedgerRecord(
-        kind=REFUSAL, run_id=1, round=round_, site="site", mechanism="", noise_multiplier=0.0, sample_rate=0.0, sampling="poisson",
+        kind=RecordKind.REFUSAL, run_id=1, round=round_, site="site", mechanism="", noise_multiplier=0.0, sample_rate=0.0, sampling="poisson",
         steps=0, clip_norm=1.0, delta=1e-5, epsilon=0.0, accountant="rdp", budget_epsilon=8.0, dataset_hash="d", model_hash="",
         config_hash="", reason="test",
     )  # fmt: skip

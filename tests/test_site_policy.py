@@ -8,17 +8,18 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from common import protocol
+from client.policy import ACCOUNTING_METRICS, SiteConfig
 from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps
-from common.config import RunConfig
-from common.data.federation import local_site_data
+from client.site_data import local_site_data
+from common import protocol
+from common.config import SiteRunConfig
 from common.errors import CohortInputError
 from common.privacy.accounting import PrivacyState
-from common.privacy.ledger import RELEASE, SAMPLE_LEVEL_DP_SGD, LedgerRecord, SiteLedger
-from common.site import ACCOUNTING_METRICS, SiteConfig
+from common.privacy.ledger import LedgerRecord, RecordKind, SiteLedger
+from common.privacy.mechanisms import Mechanism
 from tests.conftest import make_images
 
-HOSTILE_RUN = RunConfig.from_flower(
+HOSTILE_RUN = SiteRunConfig.from_flower(
     {"site-allow-non-private": True, "site-epsilon": 100.0, "accountant": "gdp", "federation-home": "/tmp/elsewhere", "dp": False}
 )
 
@@ -92,7 +93,7 @@ def test_a_sites_split_is_its_own_and_stable(site_npz: Path) -> None:
 def _release(run_id: int, plan_state: PrivacyState, steps: int, timestamp: float) -> LedgerRecord:
     after = plan_state.with_steps(steps)
     return LedgerRecord(
-        kind=RELEASE, run_id=run_id, round=1, site="site", mechanism=SAMPLE_LEVEL_DP_SGD, noise_multiplier=after.noise_multiplier,
+        kind=RecordKind.RELEASE, run_id=run_id, round=1, site="site", mechanism=Mechanism.SAMPLE_LEVEL_DP_SGD, noise_multiplier=after.noise_multiplier,
         sample_rate=after.sample_rate, sampling="poisson", steps=steps, clip_norm=1.0, delta=1e-5, epsilon=0.0, accountant="rdp",
         budget_epsilon=8.0, dataset_hash="data", model_hash="", config_hash="", timestamp=timestamp,
     )  # fmt: skip
@@ -101,13 +102,13 @@ def _release(run_id: int, plan_state: PrivacyState, steps: int, timestamp: float
 def test_the_per_run_cap_holds_across_new_run_ids_within_the_window(tmp_path: Path) -> None:
     site = _deployed(tmp_path, epsilon=8.0, **{"run-epsilon": 1.0, "run-window-hours": 24})
     ledger = SiteLedger(tmp_path)
-    run = RunConfig.from_flower({"rounds": 1, "batch-size": 20})
+    run = SiteRunConfig.from_flower({"rounds": 1, "batch-size": 20})
     now = 1_000_000.0
     plan = plan_round(run, site, ledger.entries(), "data", run_id=1, server_round=1, num_examples=100, now=now)
     steps = round_steps(100, run)
     assert refusal_reason(plan, steps, site) is None
     ledger.append(_release(1, plan.total, steps, now))
-    noisy = RunConfig.from_flower({"rounds": 1, "batch-size": 20, "noise-multiplier": 3.0})
+    noisy = SiteRunConfig.from_flower({"rounds": 1, "batch-size": 20, "noise-multiplier": 3.0})
     fresh_run = plan_round(noisy, site, ledger.entries(), "data", run_id=2, server_round=1, num_examples=100, now=now + 60)
     reason = refusal_reason(fresh_run, steps, site)
     assert reason is not None and "per-run cap of 1" in reason

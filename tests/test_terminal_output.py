@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from cli.main import _round_line
+from server.records import CentralRelease, Failure, Rejection, RoundRecord, SiteRound
 
 
-def _record(**extra: object) -> dict:
-    sites = {f"site-{i}": {"epsilon": 7.95, "trained": True} for i in range(5)}
-    return {"round": 50, "global": {"accuracy": 0.9361, "loss": 0.2113}, "sites": sites, "failures": [], "seconds": 123.4, **extra}
+def _record(**extra: object) -> RoundRecord:
+    sites = {f"site-{i}": SiteRound(trained=True, epsilon=7.95) for i in range(5)}
+    return RoundRecord(round=50, accuracy=0.9361, loss=0.2113, sites=sites, seconds=123.4, **extra)  # type: ignore[arg-type]
 
 
 def test_a_round_line_fits_80_columns() -> None:
@@ -17,12 +18,16 @@ def test_a_round_line_fits_80_columns() -> None:
 
 
 def test_client_level_rounds_say_whose_epsilon_it_is() -> None:
-    line = _round_line(_record(client_level={"epsilon": 3.2, "released": False}), rounds=10)
+    line = _round_line(_record(client_level=CentralRelease(released=False, epsilon=3.2)), rounds=10)
     assert "client eps 3.20 held" in line and len(line) <= 80
 
 
 def test_problems_go_on_their_own_lines() -> None:
-    record = _record(failures=[{"site": "site-3"}], rejected=[{"site": "site-1"}, {"site": "site-2"}], refused=["site-4"])
+    record = _record(
+        failures=(Failure(3, "site-3", "train", "no reply within 600s"),),
+        rejected=(Rejection(1, "site-1", "train", "NaN"), Rejection(2, "site-2", "train", "NaN")),
+        refused=("site-4",),
+    )
     first, *problems = _round_line(record, rounds=50).splitlines()
     assert len(first) <= 80
     assert [p.strip() for p in problems] == ["failed: site-3", "rejected: site-1, site-2", "refused: site-4"]

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from common.config import ACCOUNTANTS, RunConfig, validate_budget
+from common import protocol
+from common.config import SiteRunConfig, validate_budget
 from common.errors import CohortInputError
 
 POLICY_FILE = "policy.toml"
@@ -28,10 +29,10 @@ POLICY_FILE = "policy.toml"
 # What a site's replies may carry besides the weights (see docs/site.md for what each reveals).
 # Always sent: the example count, which the server may weigh by (aggregation-weight =
 # "examples", capped); the server never trusts it beyond its cap.
-AGGREGATION_METRICS = ("num-examples",)
-ACCOUNTING_METRICS = ("epsilon", "delta", "budget-epsilon", "noise-multiplier", "sample-rate", "steps")
-TRAINING_METRICS = ("train-loss", "train-accuracy")
-VALIDATION_METRICS = ("val-loss", "val-accuracy")
+AGGREGATION_METRICS = (protocol.NUM_EXAMPLES,)
+ACCOUNTING_METRICS = (protocol.EPSILON, protocol.DELTA, protocol.BUDGET_EPSILON, protocol.NOISE_MULTIPLIER, protocol.SAMPLE_RATE, protocol.STEPS)
+TRAINING_METRICS = (protocol.TRAIN_LOSS, protocol.TRAIN_ACCURACY)
+VALIDATION_METRICS = (protocol.VAL_LOSS, protocol.VAL_ACCURACY)
 OPTIONAL_METRICS = ACCOUNTING_METRICS + TRAINING_METRICS + VALIDATION_METRICS
 
 DEFAULT_RUN_WINDOW_HOURS = 24.0
@@ -82,14 +83,22 @@ class SiteConfig:
         return self.data_path is not None
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any], run: RunConfig) -> SiteConfig:
-        if node_config.get("data-path") is not None:
-            return cls.deployed_site(node_config)
-        return cls.simulated_site(node_config, run)
+    def from_node_config(cls, node_config: Mapping[str, Any], run: SiteRunConfig) -> SiteConfig:
+        """The site's policy as its ClientApp reads it, every key checked, the accountants it
+        names against Opacus' registry too."""
+        from common.privacy.accounting import accountant_names  # Opacus' registry: it loads PyTorch
+
+        site = cls.deployed_site(node_config) if node_config.get("data-path") is not None else cls.simulated_site(node_config, run)
+        _names(site.accountants, "accountants", accountant_names())
+        return site
 
     @classmethod
     def deployed_site(cls, node_config: Mapping[str, Any]) -> SiteConfig:
-        """A real site: everything from its node config and its policy.toml, nothing from a run."""
+        """A real site: everything from its node config and its policy.toml, nothing from a run.
+
+        Every key is checked but the accountants' names, which need Opacus (and so PyTorch)
+        loaded: the site's runner reads the policy with this to refuse code or decline an
+        evaluation before it loads any of that; from_node_config checks them too."""
         name = str(node_config.get("site-name", "site"))
         if "state-dir" not in node_config:
             raise CohortInputError(
@@ -109,7 +118,7 @@ class SiteConfig:
             epsilon=_number(policy["epsilon"], "epsilon"),
             delta=_number(policy["delta"], "delta"),
             state_dir=state_dir,
-            accountants=_names(policy.get("accountants", "rdp"), "accountants", ACCOUNTANTS),
+            accountants=_names(policy.get("accountants", "rdp"), "accountants"),
             send_metrics=_names(policy.get("send-metrics", ",".join(ACCOUNTING_METRICS)), "send-metrics", OPTIONAL_METRICS, allow_empty=True),
             answer_evaluation=_flag(policy.get("answer-evaluation", False), "answer-evaluation"),
             split_seed=int(_number(policy.get("split-seed", 0), "split-seed")),
@@ -122,7 +131,7 @@ class SiteConfig:
         return site
 
     @classmethod
-    def simulated_site(cls, node_config: Mapping[str, Any], run: RunConfig) -> SiteConfig:
+    def simulated_site(cls, node_config: Mapping[str, Any], run: SiteRunConfig) -> SiteConfig:
         """A simulated site: the run config's site-* settings are its defaults."""
         partition_id = node_config.get("partition-id")
         num_partitions = node_config.get("num-partitions")
@@ -136,7 +145,7 @@ class SiteConfig:
             epsilon=_number(policy["epsilon"], "epsilon"),
             delta=_number(policy["delta"], "delta"),
             state_dir=state_dir,
-            accountants=_names(policy.get("accountants", run.dp.accountant), "accountants", ACCOUNTANTS),
+            accountants=_names(policy.get("accountants", run.dp.accountant), "accountants"),
             send_metrics=_names(policy.get("send-metrics", ",".join(OPTIONAL_METRICS)), "send-metrics", OPTIONAL_METRICS, allow_empty=True),
             answer_evaluation=_flag(policy.get("answer-evaluation", True), "answer-evaluation"),
             partition_id=int(partition_id),
@@ -171,13 +180,14 @@ def _read_policy(path: Path) -> dict[str, Any]:
         raise CohortInputError(f"{path} is not valid TOML ({error}); fix the site's policy file") from None
 
 
-def _names(value: Any, key: str, choices: tuple[str, ...], allow_empty: bool = False) -> tuple[str, ...]:
-    """A list in policy.toml, or a comma-separated string in the node config."""
-    items = value if isinstance(value, list) else str(value).split(",")
+def _names(value: Any, key: str, choices: tuple[str, ...] | None = None, allow_empty: bool = False) -> tuple[str, ...]:
+    """A list in policy.toml (or the tuple already read), or a comma-separated string in the
+    node config; its names among `choices` when there are any to check against."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
     names = tuple(dict.fromkeys(str(item).strip() for item in items if str(item).strip()))
     if not names and not allow_empty:
-        raise CohortInputError(f"{key} is empty in the site's policy; name at least one of {', '.join(choices)}")
-    unknown = [name for name in names if name not in choices]
+        raise CohortInputError(f"{key} is empty in the site's policy; name at least one{' of ' + ', '.join(choices) if choices else ''}")
+    unknown = [name for name in names if choices is not None and name not in choices]
     if unknown:
         raise CohortInputError(f"{key} names {', '.join(unknown)} in the site's policy; choose from {', '.join(choices)}")
     return names

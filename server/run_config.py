@@ -1,0 +1,257 @@
+"""The coordinator's run configuration: the settings every site reads
+(common.config.SiteRunConfig) and the coordinator's own, as one typed object validated once.
+
+The coordinator owns everything here (it is the experiment), and it validates every key of
+a run config, its sites' included, before anything runs: a misspelt key is refused naming
+it. A site reads only the site-facing part and ignores the rest (docs/site.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+from common.config import SiteRunConfig, flat_values, flat_settings, require_choice, settings_hash, validate_budget
+from common.errors import CohortInputError
+from server.strategies import STRATEGIES
+
+PARTITIONERS = ("iid", "dirichlet", "shards")
+AGGREGATION_WEIGHTS = ("uniform", "examples")
+CLIPPING_SIDES = ("server", "client")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data the simulation uses, how it is split across simulated sites, and the
+    server's held-out test set.
+
+    dataset: a built-in name (digits, mnist-5k) or a path to an .npz, an MNIST IDX
+        folder or a folder of images with one subfolder per class.
+    partitioner: iid, dirichlet (label skew controlled by dirichlet_alpha) or shards
+        (each site gets shards_per_site label-sorted shards).
+    test_fraction: share held out for the server's central evaluation, when the data
+        brings no test split of its own.
+    val_fraction: share of each simulated site's data kept for local validation.
+    seed: the test split, the partitions, each simulated site's split (seed + its
+        partition id), the canaries and the global model's initial weights.
+    audit_canaries: m, the number of canaries for the one-run empirical privacy audit
+        (`cohort audit empirical`); 0 runs no audit. Each is a held-out image with a wrong
+        label that the simulated site audit_canary_site trains on with probability 1/2.
+    audit_canary_site: the partition id of the simulated site that holds the canaries.
+    """
+
+    dataset: str = "digits"
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 1.0
+    shards_per_site: int = 2
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+    seed: int = 42
+    audit_canaries: int = 0
+    audit_canary_site: int = 0
+
+    def validate(self) -> None:
+        require_choice("partitioner", self.partitioner, PARTITIONERS)
+        if self.dirichlet_alpha <= 0:
+            raise CohortInputError(f"dirichlet-alpha is {self.dirichlet_alpha}; it must be > 0")
+        if self.shards_per_site < 1:
+            raise CohortInputError(f"shards-per-site is {self.shards_per_site}; it must be >= 1")
+        if self.audit_canaries < 0 or self.audit_canary_site < 0:
+            raise CohortInputError("audit-canaries and audit-canary-site must be >= 0 (audit-canaries = 0: no audit)")
+        for name, value in (("test-fraction", self.test_fraction), ("val-fraction", self.val_fraction)):
+            if not 0 < value < 1:
+                raise CohortInputError(f"{name} is {value}; it must be between 0 and 1")
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """Which sites the server asks each round and how it aggregates their updates.
+
+    strategy: one of Flower's strategies (server.strategies.STRATEGIES).
+    fraction_train: share of the sites sampled to train each round.
+    fraction_evaluate: share of the sites sampled each round to validate the global model
+        on their own data; 0 takes fraction_train, so that validation never costs more
+        than training, whatever the federation's size. The server's central evaluation on
+        its held-out test set runs every round regardless.
+    proximal_mu: FedProx's pull towards the global model, sent with each training message.
+    qfedavg_q: q of q-FedAvg (Li et al., ICLR 2020): how much more a site with a higher
+        training loss weighs; 0 is FedAvg. It reads each site's training loss.
+    byzantine_sites: f, the hostile sites a robust strategy outvotes.
+    krum_selected: how many sites MultiKrum keeps (0: all but f).
+    """
+
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0
+    min_sites: int = 2
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.1
+    server_momentum: float = 0.9
+    trimmed_beta: float = 0.2
+    qfedavg_q: float = 0.1
+    byzantine_sites: int = 0
+    krum_selected: int = 0
+
+    def validate(self) -> None:
+        require_choice("strategy", self.strategy, STRATEGIES)
+        if self.min_sites < 1:
+            raise CohortInputError(f"min-sites is {self.min_sites}; it must be >= 1")
+        if not 0 < self.fraction_train <= 1:
+            raise CohortInputError(f"fraction-train is {self.fraction_train}; it must be in (0, 1]")
+        if not 0 <= self.fraction_evaluate <= 1:
+            raise CohortInputError(f"fraction-evaluate is {self.fraction_evaluate}; it must be in (0, 1], or 0 for fraction-train's share")
+        if self.qfedavg_q < 0:
+            raise CohortInputError(f"qfedavg-q is {self.qfedavg_q}; it must be >= 0 (0 is FedAvg)")
+        if not 0 <= self.trimmed_beta < 0.5:
+            raise CohortInputError(f"trimmed-beta is {self.trimmed_beta}; FedTrimmedAvg cuts that share off each end, so it must be in [0, 0.5)")
+        if self.byzantine_sites < 0 or self.krum_selected < 0:
+            raise CohortInputError("byzantine-sites and krum-selected must be >= 0")
+        if self.byzantine_sites and not STRATEGIES[self.strategy].robust:
+            robust = ", ".join(name for name, spec in STRATEGIES.items() if spec.robust)
+            raise CohortInputError(
+                f"byzantine-sites is {self.byzantine_sites}, but strategy {self.strategy} assumes no hostile sites; "
+                f"choose one that outvotes them ({robust}) or set byzantine-sites = 0"
+            )
+
+    @property
+    def evaluate_share(self) -> float:
+        return self.fraction_evaluate or self.fraction_train
+
+
+@dataclass(frozen=True)
+class CentralDPConfig:
+    """The server's part of client-level DP (dp-level = 'client').
+
+    clipping_side: where updates are clipped, by the 'server' on arrival or by each
+        'client' before sending (Flower's clipping mods); the noise is always the server's.
+    target_clipped_quantile, clip_norm_lr: adaptive clipping's target quantile of update
+        norms and learning rate (DPConfig.client_clipping = 'adaptive').
+    clipped_count_stddev: the std of the noise on the count of clipped updates; 0 picks
+        max(m/20, 2 sigma) for m sampled clients (Flower's default, raised so the count
+        spends at most a quarter of the privacy).
+    client_epsilon, client_delta: the run's client-level budget; the server stops before
+        a round that would exceed it.
+    """
+
+    clipping_side: str = "server"
+    target_clipped_quantile: float = 0.5
+    clip_norm_lr: float = 0.2
+    clipped_count_stddev: float = 0.0
+    client_epsilon: float = 8.0
+    client_delta: float = 1e-5
+
+    def validate(self) -> None:
+        require_choice("clipping-side", self.clipping_side, CLIPPING_SIDES)
+        if not 0 <= self.target_clipped_quantile <= 1:
+            raise CohortInputError(f"target-clipped-quantile is {self.target_clipped_quantile}; it must be in [0, 1]")
+        if self.clip_norm_lr <= 0:
+            raise CohortInputError(f"clip-norm-lr is {self.clip_norm_lr}; it must be > 0")
+        if self.clipped_count_stddev < 0:
+            raise CohortInputError(f"clipped-count-stddev is {self.clipped_count_stddev}; use 0 for the default, or a positive value")
+        validate_budget(self.client_epsilon, self.client_delta, source="client-epsilon/client-delta")
+
+
+@dataclass(frozen=True)
+class ChecksConfig:
+    """How the server receives replies: what it accepts and how much each one weighs.
+
+    aggregation_weight: 'uniform' (every accepted update counts the same) or 'examples'
+        (the example count the site reports, capped at example_cap).
+    example_cap: the largest example count one site is credited with; 0 caps it at the
+        round's median reported count, so no single site can outweigh the others.
+    update_norm_bound: the largest L2 norm of (update - global model) accepted; 0 picks
+        the default of the run's DP level (see server.dp_policy).
+    update_norm_factor: that default under sample-level DP or no DP: this multiple of the
+        round's median update norm.
+    reply_timeout: seconds the server waits for the replies of one exchange; 0 sizes it
+        from the run: 600 s for the first exchange, then 4x the slowest so far (>= 60 s).
+    """
+
+    aggregation_weight: str = "uniform"
+    example_cap: int = 0
+    update_norm_bound: float = 0.0
+    update_norm_factor: float = 4.0
+    reply_timeout: float = 0.0
+
+    def validate(self) -> None:
+        require_choice("aggregation-weight", self.aggregation_weight, AGGREGATION_WEIGHTS)
+        if self.example_cap < 0:
+            raise CohortInputError(f"example-cap is {self.example_cap}; use 0 for the round's median, or a positive count")
+        if self.update_norm_bound < 0:
+            raise CohortInputError(f"update-norm-bound is {self.update_norm_bound}; use 0 for the DP level's default, or a positive norm")
+        if self.update_norm_factor <= 1:
+            raise CohortInputError(f"update-norm-factor is {self.update_norm_factor}; it must be > 1 or honest sites above the median are rejected")
+        if self.reply_timeout < 0:
+            raise CohortInputError(f"reply-timeout is {self.reply_timeout}; use 0 to size it from the run, or a positive number of seconds")
+
+
+@dataclass(frozen=True)
+class RunConfig(SiteRunConfig):
+    """Everything the coordinator decides for one run: what its sites read (SiteRunConfig's
+    settings) and its own, validated once on construction.
+
+    run_name: the prefix of the run directory's name.
+    resume_from: a run directory to continue at the round after its newest checkpoint.
+    fairness_margin: the fairness report warns when the worst site's accuracy falls more
+        than this below the mean site's (simulations/fairness.py).
+    """
+
+    # Where a run lives, how it is resumed or reported: a run and its resumption may differ
+    # in these without making the checkpoint foreign.
+    PLACEMENT_KEYS: ClassVar[frozenset[str]] = SiteRunConfig.PLACEMENT_KEYS | {"run_name", "resume_from", "fairness_margin", "reply_timeout"}
+
+    run_name: str = "cohort"
+    resume_from: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
+    fairness_margin: float = 0.05
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.data.validate()
+        self.aggregation.validate()
+        self.central_dp.validate()
+        self.checks.validate()
+        strategy, mechanism = STRATEGIES[self.aggregation.strategy], self.dp.mechanism
+        if mechanism.equal_shares and not strategy.plain_mean:
+            plain = " or ".join(name for name, spec in STRATEGIES.items() if spec.plain_mean)
+            raise CohortInputError(
+                f"client-level DP needs a plain mean of the updates; strategy '{self.aggregation.strategy}' is not one; use {plain}"
+            )
+        if mechanism.equal_shares and self.checks.aggregation_weight != "uniform":
+            raise CohortInputError("client-level DP scales its noise for equal shares; set aggregation-weight = \"uniform\"")
+        if not 0 <= self.fairness_margin <= 1:
+            raise CohortInputError(f"fairness-margin is {self.fairness_margin}; it is an accuracy gap, between 0 and 1")
+
+    def refuse_federation_size(self, sites: int) -> None:
+        """Refuse a federation too small for the strategy, before any round starts."""
+        aggregation, strategy = self.aggregation, STRATEGIES[self.aggregation.strategy]
+        needed = strategy.sites_needed(aggregation.byzantine_sites)
+        if sites < needed:
+            raise CohortInputError(
+                f"strategy {aggregation.strategy} with byzantine-sites={aggregation.byzantine_sites} needs "
+                f"at least {needed} sites training each round, the run has {sites}; lower byzantine-sites or add sites"
+            )
+        if strategy.selects_sites and aggregation.krum_selected > sites - aggregation.byzantine_sites:
+            raise CohortInputError(
+                f"krum-selected is {aggregation.krum_selected}; {strategy.title} can select at most the "
+                f"{sites - aggregation.byzantine_sites} sites that are not byzantine"
+            )
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's flat run config, refusing any key Cohort does not know."""
+        known = flat_settings(cls)
+        unknown = sorted(key for key in run_config if key.replace("-", "_") not in known)
+        if unknown:
+            raise CohortInputError(
+                f"unknown setting(s): {', '.join(key.replace('_', '-') for key in unknown)}; see [tool.flwr.app.config] "
+                "in pyproject.toml for the settings Cohort understands"
+            )
+        return cls.from_settings(run_config)
+
+    def fingerprint(self) -> str:
+        """A hash of what the run computes, so a checkpoint can refuse a foreign config."""
+        return settings_hash(flat_values(self, flat_settings(RunConfig)), self.PLACEMENT_KEYS)

@@ -14,8 +14,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.clipping import central_dp_clipping_mod
+from client.integer_noise import KeystreamUniform
 from client.evaluation_policy import declined_evaluation
 from client.policy import AGGREGATION_METRICS, SiteConfig
+from client.secure_aggregation import Masker, respond
 from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps, spent_epsilon
 from client.site_data import SiteData, local_site_data, simulated_site_data
 from client.training import train_locally
@@ -25,6 +27,9 @@ from common.errors import CohortInputError
 from common.evaluation import evaluate, resolve_device
 from common.models.registry import build_model
 from common.privacy.accounting import PrivacyState
+from common.secure_aggregation import messages as secure_messages
+from common.secure_aggregation.messages import masked_input_record
+from common.secure_aggregation.model_vector import update_vector
 from common.privacy.ledger import LedgerBroken, LedgerEntry, LedgerRecord, Noise, Sampling, SiteLedger, Spender, model_hash
 
 app = ClientApp()
@@ -40,6 +45,19 @@ def _received_model(msg: Message, run: SiteRunConfig, data: SiteData) -> torch.n
 def train(msg: Message, context: Context) -> Message:
     run = SiteRunConfig.from_flower(context.run_config)
     site = SiteConfig.from_node_config(context.node_config, run)
+    secure = secure_messages.RECORD in msg.content.config_records
+    if secure != run.dp.secure_aggregation:  # the run config the site signs says how its update leaves it
+        said = "with" if run.dp.secure_aggregation else "without"
+        return Message(Error(code=secure_messages.REFUSED, reason=f"site {site.name} refuses: the run says {said} secure aggregation, the request does not"), reply_to=msg)
+    if secure:
+        return respond(msg, context, site.name, KeystreamUniform(), lambda masker: _train(msg, context, run, site, masker))
+    return _train(msg, context, run, site, None)
+
+
+def _train(msg: Message, context: Context, run: SiteRunConfig, site: SiteConfig, masker: Masker | None) -> Message:
+    """Train on the global model and reply with the update: in the clear, or masked by
+    `masker` under secure aggregation (the ledger entry then binds the masked input, which
+    is what leaves the site)."""
     try:
         ledger = SiteLedger(site.state_dir, create_key=not site.deployed)
         entries = ledger.verified_entries()
@@ -68,12 +86,15 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=float(config.get(protocol.CONFIG_PROXIMAL_MU, 0.0)),
     )
     arrays = ArrayRecord({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()})
+    released, key = arrays, protocol.ARRAYS
+    if masker is not None:
+        released, key = masked_input_record(masker(update_vector(arrays, msg.content[protocol.ARRAYS]))), secure_messages.MASKED_INPUT
     if update.privacy:
         epsilon, accountant = enforced_epsilon(update.privacy, site)
-        record = LedgerRecord.release(spender, mechanism, _noise(run, update.privacy, update.steps), epsilon, accountant, model_hash(arrays))
+        record = LedgerRecord.release(spender, mechanism, _noise(run, update.privacy, update.steps), epsilon, accountant, model_hash(released))
     else:
         epsilon = float("inf")
-        record = LedgerRecord.non_private(spender, mechanism, update.steps, run.dp.clip_norm, site.accountants[0], model_hash(arrays))
+        record = LedgerRecord.non_private(spender, mechanism, update.steps, run.dp.clip_norm, site.accountants[0], model_hash(released))
     entry = ledger.append(record)
     metrics = {
         protocol.NUM_EXAMPLES: update.num_examples,
@@ -93,7 +114,7 @@ def train(msg: Message, context: Context) -> Message:
             protocol.SITE_LEDGER_KEY: ledger.public_key_file.read_text(encoding="ascii"),
         }
     )
-    content = RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: _allowed(metrics, site), protocol.SITE: site_record})
+    content = RecordDict({key: released, protocol.METRICS: _allowed(metrics, site), protocol.SITE: site_record})
     return Message(content=content, reply_to=msg)
 
 
@@ -130,6 +151,12 @@ def _allowed(metrics: dict[str, float], site: SiteConfig) -> MetricRecord:
 
 
 def _no_local_dp_refusal(run: SiteRunConfig, site: SiteConfig) -> str:
+    if run.dp.mechanism.distributed_noise:
+        return (
+            f"site {site.name} refuses to send updates without sample-level DP: under distributed client-level DP its own "
+            "noise share does not protect it, the sum of all sites' shares does, if the coordinator follows the protocol; "
+            "a site that trusts it sets allow-non-private=true in its policy"
+        )
     if run.dp.client_level:
         return (
             f"site {site.name} refuses to send updates without sample-level DP: under client-level DP only the "

@@ -67,6 +67,12 @@ class DPConfig:
         target_clipped_quantile of update norms, learnt at rate clip_norm_lr from a
         noisy count of clipped updates (a site clipping its own update uses Flower's mod
         for the one or the other).
+    secure_aggregation: the sites' updates reach the coordinator only masked, and it
+        unmasks nothing but their sum (SecAgg+, client/secure_aggregation.py); at client
+        level each site adds its share of Skellam noise before masking (distributed DP,
+        Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM) instead of the server adding the
+        noise. Its parameters are the coordinator's (server.run_config.SecureAggregationConfig)
+        and reach each site with the round's first message.
     """
 
     enabled: bool = True
@@ -76,6 +82,7 @@ class DPConfig:
     accountant: str = "rdp"
     grad_sample_mode: str = "auto"
     client_clipping: str = "fixed"
+    secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dp_level", DPLevel(require_choice("dp-level", self.dp_level, tuple(DPLevel))))
@@ -96,11 +103,11 @@ class DPConfig:
 
     @property
     def mechanism(self) -> MechanismSpec:
-        return mechanism_of(self.enabled, self.dp_level)
+        return mechanism_of(self.enabled, self.dp_level, self.secure_aggregation)
 
     @property
     def client_level(self) -> bool:
-        return self.mechanism.server_noise
+        return self.mechanism.server_accounts
 
     @property
     def sample_level(self) -> bool:

@@ -84,7 +84,7 @@ class Exchange:
 
     def _error_reply(self, node: int, reply: Message, stage: str, report: RoundReport) -> None:
         reason = one_line(reply.error.reason)
-        if stage == Stage.TRAIN and reply.error.code == protocol.SITE_REFUSED:
+        if stage != Stage.EVALUATE and reply.error.code == protocol.SITE_REFUSED:  # a training stage, secure aggregation's included
             report.refusals[node] = self.registry.name_of(node) or _site_named_in(reason, node)
             log(WARNING, "Round %d: %s; it is out of this run", report.server_round, reason)
             return

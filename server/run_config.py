@@ -151,6 +151,48 @@ class CentralDPConfig:
         validate_budget(self.client_epsilon, self.client_delta, source="client-epsilon/client-delta")
 
 
+# The L2 bound a site clips its update to under secure aggregation when the DP level sets
+# none (sample-level DP, no DP). Its size costs no bits (the scale follows it) and only
+# quantisation: each update is rounded by at most 0.1% of it in L2. Digits' DP-SGD updates
+# measured 0.2 to 3.1 (docs/benchmarks.md), so it clips nothing there.
+SECURE_AGGREGATION_CLIP = 10.0
+
+
+@dataclass(frozen=True)
+class SecureAggregationConfig:
+    """The coordinator's parameters of secure aggregation (DPConfig.secure_aggregation turns
+    it on); each round's sites receive them with its first message and check them.
+
+    secure_aggregation_bits: b; masked inputs are vectors in Z/2^b. Checked before round 1:
+        the sum of every sampled site's clipped update (and noise) must fit.
+    secure_aggregation_neighbours: k, the sites each site shares its secrets with and masks
+        against; 0 takes every other site up to about 16 sites, then about 3 log2 n
+        (common/secure_aggregation/parameters.py).
+    secure_aggregation_threshold: t, the shares that rebuild a site's secrets; more than
+        half of its k + 1 holders; 0 takes the smallest such majority.
+    secure_aggregation_dropout: the share of a round's sites that may drop out with the
+        round still unmasked: a round with fewer than n (1 - dropout) inputs is abandoned,
+        and under distributed DP each site's noise is sized for that many.
+    secure_aggregation_clip: the L2 bound each site clips its update to before masking (no
+        one else can check it); 0 takes clip-norm at client level (the sensitivity the
+        noise is sized for) and SECURE_AGGREGATION_CLIP otherwise.
+    """
+
+    secure_aggregation_bits: int = 32
+    secure_aggregation_neighbours: int = 0
+    secure_aggregation_threshold: int = 0
+    secure_aggregation_dropout: float = 0.2
+    secure_aggregation_clip: float = 0.0
+
+    def validate(self) -> None:
+        if self.secure_aggregation_neighbours < 0 or self.secure_aggregation_threshold < 0:
+            raise CohortInputError("secure-aggregation-neighbours and secure-aggregation-threshold must be >= 0 (0: the default)")
+        if not 0 <= self.secure_aggregation_dropout < 1:
+            raise CohortInputError(f"secure-aggregation-dropout is {self.secure_aggregation_dropout}; it is the share of a round's sites that may drop, in [0, 1)")
+        if self.secure_aggregation_clip < 0:
+            raise CohortInputError(f"secure-aggregation-clip is {self.secure_aggregation_clip}; use 0 for the DP level's default, or a positive norm")
+
+
 @dataclass(frozen=True)
 class ChecksConfig:
     """How the server receives replies: what it accepts and how much each one weighs.
@@ -205,6 +247,7 @@ class RunConfig(SiteRunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
+    secure: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
     fairness_margin: float = 0.05
 
@@ -213,6 +256,7 @@ class RunConfig(SiteRunConfig):
         self.data.validate()
         self.aggregation.validate()
         self.central_dp.validate()
+        self.secure.validate()
         self.checks.validate()
         strategy, mechanism = STRATEGIES[self.aggregation.strategy], self.dp.mechanism
         if mechanism.equal_shares and not strategy.plain_mean:
@@ -224,6 +268,33 @@ class RunConfig(SiteRunConfig):
             raise CohortInputError("client-level DP scales its noise for equal shares; set aggregation-weight = \"uniform\"")
         if not 0 <= self.fairness_margin <= 1:
             raise CohortInputError(f"fairness-margin is {self.fairness_margin}; it is an accuracy gap, between 0 and 1")
+        if self.dp.secure_aggregation:
+            self._refuse_what_needs_each_update()
+
+    def _refuse_what_needs_each_update(self) -> None:
+        """Secure aggregation shows the server only the sum: refuse every setting that
+        needs a site's own update, naming the one to change."""
+        strategy = STRATEGIES[self.aggregation.strategy]
+        if not strategy.secure_aggregation:
+            secure = ", ".join(name for name, spec in STRATEGIES.items() if spec.secure_aggregation)
+            raise CohortInputError(f"strategy {strategy.title} needs each site's update, which secure aggregation hides; use one of {secure}")
+        if self.checks.aggregation_weight != "uniform":
+            raise CohortInputError('secure aggregation sums updates in equal shares; set aggregation-weight = "uniform"')
+        if self.checks.update_norm_bound > 0:
+            raise CohortInputError("the server cannot check each update's norm under secure aggregation; sites clip their own to secure-aggregation-clip: set update-norm-bound = 0")
+        if self.dp.client_level and self.dp.client_clipping != "fixed":
+            raise CohortInputError('adaptive clipping needs a count of clipped updates that secure aggregation hides; set client-clipping = "fixed"')
+        if self.dp.client_level and self.central_dp.clipping_side != "client":
+            raise CohortInputError('the server cannot clip updates it never sees; under secure aggregation the sites clip: set clipping-side = "client"')
+        if self.dp.client_level and self.secure.secure_aggregation_clip not in (0.0, self.dp.clip_norm):
+            raise CohortInputError("at client level the sites clip to clip-norm, the sensitivity the noise is sized for; set secure-aggregation-clip = 0")
+
+    @property
+    def secure_aggregation_clip(self) -> float:
+        """The L2 bound every site clips its update to under secure aggregation."""
+        if self.dp.client_level:
+            return self.dp.clip_norm
+        return self.secure.secure_aggregation_clip or SECURE_AGGREGATION_CLIP
 
     def refuse_federation_size(self, sites: int) -> None:
         """Refuse a federation too small for the strategy, before any round starts."""

@@ -7,7 +7,8 @@ that would unmask one.
 The sets of a round: U1 advertised keys, U2 shared its secrets, U3 sent a masked input,
 U4 revealed shares. Each stage is one exchange; a site that does not answer in time,
 answers with an error, or answers against the protocol drops out of the round (a
-`Dropout` says at which stage and why). Masks are removed for:
+`Dropout` says at which stage and why; the exchange itself reports silence and error
+replies, so only a violation is the protocol's to report). Masks are removed for:
 - each site in U3: its mask seed, rebuilt from `threshold` shares and checked against the
   commitment it made at stage 2;
 - each site in U2 but not in U3 (it shared, then dropped): the pairwise masks its
@@ -50,8 +51,9 @@ from common.secure_aggregation.messages import (
 )
 from common.secure_aggregation.parameters import SecAggParameters
 
-# Sends one stage's messages and returns the replies that came back in time, each with the
-# node the message was sent to.
+# Sends one stage's messages and returns the replies with content that came back in time,
+# each with the node the message was sent to (silence and error replies are the exchange's
+# to report: server.exchange).
 Exchange = Callable[[list[Message], Stage], list[tuple[int, Message]]]
 # Decides whether a site's masked-input reply may count (its ledger entry verified, say):
 # None, or why not.
@@ -61,16 +63,19 @@ Graph = dict[int, frozenset[int]]
 
 @dataclass(frozen=True)
 class Dropout:
-    """A site that left the round, the stage it left at, and why."""
+    """A site that left the round, the stage it left at, and why.
+
+    violation: it answered, against the protocol or with a contribution that was not
+    accepted; otherwise it sent nothing with content in time (the exchange knows why)."""
 
     node: int
     stage: Stage
     reason: str
-    error_code: int = 0  # the code of the site's error reply (0: it sent none)
+    violation: bool = True
 
 
 @dataclass(frozen=True)
-class SecureSum:
+class UnmaskedSum:
     """An unmasked round: the sum of the contributing sites' clipped updates (float64, flat,
     in the global model's order), their Skellam noise included, over `scale`."""
 
@@ -101,7 +106,7 @@ class SecureAggregationRound:
     _shares_to: dict[int, dict[int, bytes]] = field(default_factory=dict)
     _commitments: dict[int, bytes] = field(default_factory=dict)
 
-    def run(self, exchange: Exchange, training: RecordDict, accept: AcceptContribution) -> SecureSum | Abandoned:
+    def run(self, exchange: Exchange, training: RecordDict, accept: AcceptContribution) -> UnmaskedSum | Abandoned:
         """All four stages; `training` is the content a plain training request carries."""
         shared = self._advertise_and_share(exchange)
         if isinstance(shared, Abandoned):
@@ -171,7 +176,7 @@ class SecureAggregationRound:
         problem = self._too_few(survivors, Stage.MASKED_INPUT) or self._split(survivors) or self._unrebuildable(shared, survivors)
         return problem or (survivors, masked_sum)
 
-    def _unmask(self, exchange: Exchange, shared: set[int], survivors: set[int], masked_sum: np.ndarray) -> SecureSum | Abandoned:
+    def _unmask(self, exchange: Exchange, shared: set[int], survivors: set[int], masked_sum: np.ndarray) -> UnmaskedSum | Abandoned:
         """Stage 4: collect one share per neighbour from each survivor, rebuild, remove masks."""
         dropped = shared - survivors
         asked = {}
@@ -221,7 +226,7 @@ class SecureAggregationRound:
             return Abandoned(Stage.UNMASK, f"the shares of node {owner}'s masking key do not rebuild the key it advertised")
         return secret
 
-    def _checked_sum(self, integers: np.ndarray, survivors: set[int]) -> SecureSum | Abandoned:
+    def _checked_sum(self, integers: np.ndarray, survivors: set[int]) -> UnmaskedSum | Abandoned:
         """The sum, once it lies within what the survivors' honest inputs can reach."""
         count = len(survivors)
         largest, norm = float(np.abs(integers).max()), float(np.linalg.norm(integers.astype(np.float64)))
@@ -230,7 +235,7 @@ class SecureAggregationRound:
                 Stage.UNMASK,
                 f"the unmasked sum of {count} inputs lies outside the bound their clipping implies (a site sent an input it did not clip, or a share that does not match)",
             )
-        return SecureSum(integers.astype(np.float64) / self.parameters.scale, tuple(sorted(survivors)), count * self.parameters.noise_variance)
+        return UnmaskedSum(integers.astype(np.float64) / self.parameters.scale, tuple(sorted(survivors)), count * self.parameters.noise_variance)
 
     def _share_keys_request(self, node: int) -> ConfigRecord:
         holders = sorted(self._graph[node] | {node})
@@ -303,22 +308,16 @@ class SecureAggregationRound:
     def _replies(self, exchange: Exchange, stage: Stage, requests: dict[int, ConfigRecord], content: RecordDict) -> list[tuple[int, Message]]:
         """Send `requests` (each beside `content`); record who failed to answer."""
         messages = [Message(RecordDict({**content, RECORD: record}), dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(self.server_round)) for node, record in requests.items()]
-        replies = []
-        answered = set()
+        replies = {}
         for node, reply in exchange(messages, stage):
-            if node not in requests or node in answered:
-                continue
-            answered.add(node)
-            if reply.has_error():
-                self._drop(node, stage, reply.error.reason or f"error {reply.error.code}", reply.error.code)
-            else:
-                replies.append((node, reply))
-        for node in sorted(set(requests) - answered):
-            self._drop(node, stage, "no reply in time")
-        return replies
+            if node in requests and reply.has_content():
+                replies.setdefault(node, reply)
+        for node in sorted(set(requests) - set(replies)):
+            self._drop(node, stage, "sent no reply with content in time", violation=False)
+        return sorted(replies.items())
 
-    def _drop(self, node: int, stage: Stage, reason: str, error_code: int = 0) -> None:
-        self.dropouts.append(Dropout(node, stage, reason, error_code))
+    def _drop(self, node: int, stage: Stage, reason: str, violation: bool = True) -> None:
+        self.dropouts.append(Dropout(node, stage, reason, violation))
 
 
 def neighbour_graph(nodes: list[int], neighbours: int) -> Graph:

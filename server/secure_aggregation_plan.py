@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from common.errors import CohortInputError
 from common.privacy.skellam import variance_for_budget
 from common.secure_aggregation.parameters import SecAggParameters, default_neighbours, default_threshold
+from server.run_config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,25 @@ class DistributedNoise:
     delta: float
     rounds: int
     noise_multiplier: float = 0.0
+
+
+def run_parameters(run: RunConfig, sites: int, dimension: int) -> SecAggParameters:
+    """The parameters of a run's rounds of `sites` sites and a model of `dimension`
+    parameters: CohortInputError, naming the setting to change, when they cannot work."""
+    noise = None
+    if run.dp.mechanism.distributed_noise:
+        noise = DistributedNoise(run.central_dp.client_epsilon, run.central_dp.client_delta, run.training.rounds, run.dp.noise_multiplier)
+    secure = run.secure
+    return plan_parameters(
+        sites,
+        dimension,
+        run.secure_aggregation_clip,
+        secure.secure_aggregation_bits,
+        secure.secure_aggregation_dropout,
+        secure.secure_aggregation_neighbours,
+        secure.secure_aggregation_threshold,
+        noise,
+    )
 
 
 def plan_parameters(

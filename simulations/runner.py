@@ -26,14 +26,18 @@ from types import FrameType
 from typing import Callable, Iterator
 
 import tomli_w
+from flwr.app import ArrayRecord
 
 from common.errors import CohortInputError
 from common.models.registry import build_model
+from common.secure_aggregation.model_vector import dimension
 from deploy.flower_runtime import flower_executable, offline_flower_env
 from server.checkpoint import latest_checkpoint
 from server.held_out import federated_split
 from server.records import RoundRecord, Summary
 from server.rundir import RunDirectory, write_json_atomic
+from server.secure_aggregation_plan import run_parameters
+from server.strategies import sample_size
 from simulations.federation import simulated_partitions, write_site_files
 from simulations.local_superlink import LocalSuperLink
 from simulations.plan import PLAN_FILE, SimulationPlan
@@ -71,7 +75,9 @@ def check_plan(plan: SimulationPlan) -> None:
     """Fail fast, before any process starts, on input the run would trip over later."""
     split = federated_split(plan.run.data)
     simulated_partitions(plan.run.data, plan.num_sites)  # kept: write_site_files shares them out
-    build_model(plan.run.training.model, split.input_shape, split.num_classes)
+    model = build_model(plan.run.training.model, split.input_shape, split.num_classes)
+    if plan.run.dp.secure_aggregation:
+        run_parameters(plan.run, sample_size(plan.run.aggregation, plan.num_sites), dimension(ArrayRecord(model.state_dict())))
     if plan.run.resume_from:
         latest_checkpoint(RunDirectory(Path(plan.run.resume_from)).checkpoint_dir, plan.run.fingerprint())
 

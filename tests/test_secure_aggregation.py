@@ -17,7 +17,7 @@ from client.secure_aggregation import STATE, respond
 from common.secure_aggregation.messages import MASKED_INPUT, MASKED_VECTOR, RECORD, REFUSED, Stage, masked_input_record
 from common.secure_aggregation.parameters import SecAggParameters, default_threshold
 from common.secure_aggregation import field as modular
-from server.secure_aggregation import Abandoned, SecureAggregationRound, SecureSum, neighbour_graph
+from server.secure_aggregation import Abandoned, SecureAggregationRound, UnmaskedSum, neighbour_graph
 
 RUN_ID = 7
 DIMENSION = 300
@@ -36,6 +36,7 @@ class Sites:
     tamper: Tamper | None = None
     contexts: dict[int, Context] = field(init=False)
     seen_by_coordinator: list[Message] = field(default_factory=list)
+    errors: dict[int, tuple[Stage, int, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.contexts = {node: Context(RUN_ID, node, {}, RecordDict(), {}) for node in self.updates}
@@ -50,7 +51,10 @@ class Sites:
                 message = self.tamper(message, stage)
             reply = respond(message, self.contexts[node], f"site-{node}", KeystreamUniform(), self._contribution(message, node))
             self.seen_by_coordinator.append(reply)
-            replies.append((node, reply))
+            if reply.has_error():  # the exchange reports an error reply; the protocol sees no answer
+                self.errors[node] = (stage, reply.error.code, reply.error.reason)
+            else:
+                replies.append((node, reply))
         return replies
 
     def _contribution(self, message: Message, node: int) -> Callable:
@@ -71,7 +75,7 @@ def updates(count: int, seed: int = 0) -> dict[int, np.ndarray]:
     return {1000 + 37 * i: rng.normal(0, 0.6 / np.sqrt(DIMENSION), DIMENSION) * rng.uniform(0.5, 3.0) for i in range(count)}
 
 
-def run_round(sites: Sites, params: SecAggParameters, accept=lambda node, reply: None) -> tuple[SecureAggregationRound, SecureSum | Abandoned]:
+def run_round(sites: Sites, params: SecAggParameters, accept=lambda node, reply: None) -> tuple[SecureAggregationRound, UnmaskedSum | Abandoned]:
     protocol = SecureAggregationRound(params, RUN_ID, 3, sorted(sites.updates))
     return protocol, protocol.run(sites.exchange, RecordDict(), accept)
 
@@ -81,7 +85,7 @@ def plain_sum(sites: Sites, contributors) -> np.ndarray:
 
 
 def assert_sum_of(result, sites: Sites, contributors) -> None:
-    assert isinstance(result, SecureSum), result
+    assert isinstance(result, UnmaskedSum), result
     assert result.contributors == tuple(sorted(contributors))
     bound = len(contributors) / result_scale(sites)  # each site's rounding moves a coordinate by less than 1 / scale
     assert np.abs(result.total - plain_sum(sites, contributors)).max() < bound
@@ -189,9 +193,10 @@ def test_a_tampered_share_ciphertext_is_refused_by_its_receiver() -> None:
 
     sites.tamper = flip
     protocol, result = run_round(sites, parameters(6))
-    (dropout,) = protocol.dropouts
-    assert (dropout.node, dropout.stage, dropout.error_code) == (victim, Stage.MASKED_INPUT, REFUSED)
-    assert "do not authenticate" in dropout.reason
+    ((node, (stage, code, reason)),) = sites.errors.items()
+    assert (node, stage, code) == (victim, Stage.MASKED_INPUT, REFUSED)
+    assert "do not authenticate" in reason
+    assert [(d.node, d.stage, d.violation) for d in protocol.dropouts] == [(victim, Stage.MASKED_INPUT, False)]
     assert_sum_of(result, sites, set(sites.updates) - {victim})
 
 
@@ -208,8 +213,8 @@ def test_a_share_ciphertext_delivered_to_another_site_does_not_open() -> None:
         return message
 
     sites.tamper = redirect
-    protocol, _ = run_round(sites, parameters(6))
-    assert [(d.node, d.error_code) for d in protocol.dropouts] == [(second, REFUSED)]
+    run_round(sites, parameters(6))
+    assert {node: code for node, (_, code, _) in sites.errors.items()} == {second: REFUSED}
 
 
 def test_a_site_refuses_to_reveal_the_shares_of_its_own_input() -> None:
@@ -224,8 +229,8 @@ def test_a_site_refuses_to_reveal_the_shares_of_its_own_input() -> None:
         return message
 
     sites.tamper = claim_dropped
-    protocol, _ = run_round(sites, parameters(5))
-    assert [(d.node, d.stage, d.error_code) for d in protocol.dropouts] == [(target, Stage.UNMASK, REFUSED)]
+    run_round(sites, parameters(5))
+    assert {node: (stage, code) for node, (stage, code, _) in sites.errors.items()} == {target: (Stage.UNMASK, REFUSED)}
 
 
 def test_a_site_answers_one_unmask_request_per_round() -> None:
@@ -303,7 +308,7 @@ def test_each_contributors_noise_share_is_in_the_sum_and_a_dropped_sites_is_not(
     params = SecAggParameters(5, 4, 3, 32, CLIP, DIMENSION * 10, noise_variance=4.0e6, min_contributions=2)
     sites.drop_at = {min(sites.updates): Stage.MASKED_INPUT}
     _, result = run_round(sites, params)
-    assert isinstance(result, SecureSum) and result.noise_variance == 4 * 4.0e6
+    assert isinstance(result, UnmaskedSum) and result.noise_variance == 4 * 4.0e6
     integer_noise = result.total * params.scale
     assert np.var(integer_noise) == pytest.approx(4 * 4.0e6, rel=0.1)
 

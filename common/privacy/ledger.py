@@ -91,6 +91,11 @@ class LedgerRecord:
         refused to run the code a run shipped (client/site_runner.py).
     timestamp: seconds since the epoch.
     reason: why a refusal happened ('' for a release).
+    mechanism_details: what a mechanism's accounting needs beyond sigma, q and steps, as
+        canonical JSON ('' for the Gaussian mechanisms, and then absent from the record's
+        JSON and signature, so records written before the field existed still verify):
+        the distributed Skellam release's noise variance and sensitivities in the sum's
+        integer units, and the sites whose inputs and noise the sum holds.
     """
 
     kind: str
@@ -112,12 +117,13 @@ class LedgerRecord:
     config_hash: str
     timestamp: float = field(default_factory=time.time)
     reason: str = ""
+    mechanism_details: str = ""
 
     @classmethod
-    def release(cls, spender: Spender, mechanism: Mechanism, noise: Noise, epsilon: float, accountant: str, model_hash: str) -> LedgerRecord:
+    def release(cls, spender: Spender, mechanism: Mechanism, noise: Noise, epsilon: float, accountant: str, model_hash: str, mechanism_details: str = "") -> LedgerRecord:
         """A DP release: `noise` protected the model with hash `model_hash`, and the
         spender's epsilon under `accountant` stands at `epsilon` after it."""
-        return cls._of(RecordKind.RELEASE, spender, mechanism, noise, epsilon, accountant, model_hash)
+        return dataclasses.replace(cls._of(RecordKind.RELEASE, spender, mechanism, noise, epsilon, accountant, model_hash), mechanism_details=mechanism_details)
 
     @classmethod
     def non_private(cls, spender: Spender, mechanism: Mechanism, steps: int, clip_norm: float, accountant: str, model_hash: str) -> LedgerRecord:
@@ -192,14 +198,14 @@ class LedgerEntry:
     signature: str
 
     def signed_payload(self) -> bytes:
-        return _canonical({"sequence": self.sequence, "previous_hash": self.previous_hash, "record": dataclasses.asdict(self.record)})
+        return _canonical({"sequence": self.sequence, "previous_hash": self.previous_hash, "record": _record_fields(self.record)})
 
     def entry_hash(self) -> str:
         return hashlib.sha256(self.signed_payload()).hexdigest()
 
     def to_json(self) -> str:
         return json.dumps(
-            {"sequence": self.sequence, "previous_hash": self.previous_hash, "record": dataclasses.asdict(self.record), "signature": self.signature},
+            {"sequence": self.sequence, "previous_hash": self.previous_hash, "record": _record_fields(self.record), "signature": self.signature},
             sort_keys=True,
         )
 
@@ -207,6 +213,14 @@ class LedgerEntry:
     def from_json(cls, text: str) -> LedgerEntry:
         data = json.loads(text)
         return cls(int(data["sequence"]), str(data["previous_hash"]), LedgerRecord(**data["record"]), str(data["signature"]))
+
+
+def _record_fields(record: LedgerRecord) -> dict[str, Any]:
+    """A record's fields as signed and stored: mechanism_details only when it says something."""
+    fields = dataclasses.asdict(record)
+    if not record.mechanism_details:
+        del fields["mechanism_details"]
+    return fields
 
 
 class LedgerBroken(CohortInputError):

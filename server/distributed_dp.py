@@ -12,7 +12,6 @@ run directory, with the contributing sites named in the record.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
@@ -27,17 +26,6 @@ from common.secure_aggregation.parameters import SecAggParameters
 from server.central_dp import SERVER
 from server.client_level_noise import NO_AMPLIFICATION
 from server.run_config import RunConfig
-
-
-def release_details(release: SkellamRelease, sites: tuple[str, ...]) -> str:
-    """A Skellam release as its ledger record's mechanism_details (canonical JSON)."""
-    return json.dumps({"variance": release.variance, "l2_sensitivity": release.l2_sensitivity, "l1_sensitivity": release.l1_sensitivity, "sites": list(sites)}, sort_keys=True)
-
-
-def release_of(record: LedgerRecord) -> SkellamRelease:
-    """The Skellam release a ledger record describes."""
-    details = json.loads(record.mechanism_details)
-    return SkellamRelease(float(details["variance"]), float(details["l2_sensitivity"]), float(details["l1_sensitivity"]))
 
 
 @dataclass
@@ -73,7 +61,7 @@ class DistributedPrivacy:
         return SkellamRelease(self.parameters.min_contributions * self.parameters.noise_variance, l2, l1)
 
     def epsilon_after(self, more: list[SkellamRelease] | None = None) -> float:
-        return epsilon([release_of(r) for r in self.releases] + (more or []), self.run.central_dp.client_delta)
+        return epsilon([SkellamRelease.from_details(r.mechanism_details) for r in self.releases] + (more or []), self.run.central_dp.client_delta)
 
     def over_budget(self) -> str | None:
         """Why the next release may not happen (even a round with the fewest inputs allowed
@@ -91,7 +79,7 @@ class DistributedPrivacy:
         delta, budget = self.run.central_dp.client_delta, self.run.central_dp.client_epsilon
         spender = Spender(self.run_id, server_round, SERVER, delta, budget, self.run.fingerprint(), self.run.fingerprint())
         noise = Noise(release.noise_multiplier, NO_AMPLIFICATION, Sampling.NONE, 1, self.parameters.clip_norm)
-        record = LedgerRecord.release(spender, Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM, noise, spent, "rdp", model_hash(arrays), release_details(release, sites))
+        record = LedgerRecord.release(spender, Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM, noise, spent, "rdp", model_hash(arrays), release.details(sites))
         self.ledger.append(record)
         self.releases.append(record)
         return spent, release

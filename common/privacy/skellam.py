@@ -18,6 +18,7 @@ checks the bound against the Renyi divergence summed exactly over the pmfs.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -53,6 +54,18 @@ class SkellamRelease:
 
     def rdp(self, orders: np.ndarray = ORDERS) -> np.ndarray:
         return rdp_bound(orders, self.variance, self.l2_sensitivity, self.l1_sensitivity)
+
+    def details(self, sites: Iterable[str]) -> str:
+        """The release as a ledger record's mechanism_details (canonical JSON), with the
+        sites whose inputs and noise it holds."""
+        figures = {"variance": self.variance, "l2_sensitivity": self.l2_sensitivity, "l1_sensitivity": self.l1_sensitivity}
+        return json.dumps({**figures, "sites": sorted(sites)}, sort_keys=True)
+
+    @classmethod
+    def from_details(cls, text: str) -> SkellamRelease:
+        """The release a ledger record's mechanism_details describes."""
+        details = json.loads(text)
+        return cls(float(details["variance"]), float(details["l2_sensitivity"]), float(details["l1_sensitivity"]))
 
 
 def rdp_bound(orders: np.ndarray, variance: float, l2_sensitivity: float, l1_sensitivity: float) -> np.ndarray:

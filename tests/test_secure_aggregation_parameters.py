@@ -4,15 +4,19 @@ site's update becomes the integers it masks as the parameters say."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from client.integer_noise import KeystreamUniform
+from cli.main import app as cli
 from client.integer_update import clipped, integer_update
 from common.errors import CohortInputError
 from common.privacy.skellam import SkellamRelease, epsilon
 from common.secure_aggregation.parameters import SecAggParameters, default_neighbours, default_threshold
+from server.run_config import RunConfig
 from server.secure_aggregation_plan import DistributedNoise, plan_parameters
 
 VALID = SecAggParameters(sites=10, neighbours=9, threshold=6, bits=32, clip_norm=1.0, dimension=6186, noise_variance=0.0, min_contributions=8)
@@ -104,3 +108,27 @@ def test_the_plan_sizes_each_sites_noise_so_the_fewest_allowed_contributions_kee
 def test_the_plan_refuses_a_dropout_share_outside_zero_to_one() -> None:
     with pytest.raises(CohortInputError, match="secure-aggregation-dropout is 1.0"):
         plan_parameters(sites=10, dimension=100, clip_norm=1.0, bits=32, dropout=1.0)
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"strategy": "krum"}, "strategy Krum needs each site's update"),
+        ({"strategy": "qfedavg"}, "strategy q-FedAvg needs each site's update"),
+        ({"aggregation-weight": "examples"}, 'aggregation-weight = "uniform"'),
+        ({"update-norm-bound": 2.0}, "set update-norm-bound = 0"),
+        ({"dp-level": "client"}, 'set clipping-side = "client"'),
+        ({"dp-level": "client", "clipping-side": "client", "client-clipping": "adaptive"}, 'set client-clipping = "fixed"'),
+        ({"secure-aggregation-dropout": 1.0}, "secure-aggregation-dropout is 1.0"),
+    ],
+)
+def test_settings_that_need_each_update_are_refused_with_the_setting_to_change(settings: dict, named: str) -> None:
+    with pytest.raises(CohortInputError, match=re.escape(named)):
+        RunConfig.from_flower({"secure-aggregation": True, **settings})
+
+
+def test_simulate_refuses_too_few_bits_before_anything_starts(tmp_path) -> None:
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(cli, ["simulate", "--set", "secure-aggregation=true", "--set", "secure-aggregation-bits=16", "--runs-dir", str(runs)])
+    assert result.exit_code == 2 and not runs.exists()
+    assert len(result.stderr.strip().splitlines()) == 1 and "raise secure-aggregation-bits to at least" in result.stderr

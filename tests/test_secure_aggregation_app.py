@@ -1,16 +1,15 @@
-"""Cohort's ServerApp and ClientApp under secure aggregation, in one process: the real
-`server.app` round loop sends its messages through an in-process grid to each site's real
-`client.app` (data, training, ledger and all); only Flower's transport is left out. A
-hook on the sites' masking records each update before it is masked, so the tests can
-compare what the coordinator released and what it saw with what the sites computed."""
+"""Cohort's ServerApp and ClientApp under secure aggregation, in one process
+(simulations/in_process.py): the real round loop, the real sites (data, training, ledger
+and all); only Flower's transport is left out. A hook on the sites' masking records each
+update before it is masked, so the tests can compare what the coordinator released and
+what it saw with what the sites computed."""
 
 from __future__ import annotations
 
-import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,56 +27,14 @@ from common.secure_aggregation import field as modular
 from common.secure_aggregation.messages import MASKED_INPUT, MASKED_VECTOR, RECORD, REFUSED, Stage
 from common.models.registry import build_model
 from common.secure_aggregation.model_vector import update_vector
-from server.app import main as server_main
 from server.held_out import federated_split
 from server.records import RoundRecord, Summary
 from server.run_config import RunConfig
 from server.secure_aggregation_plan import run_parameters
-from simulations.federation import write_site_files
+from simulations.in_process import InProcessGrid, node_ids, run_in_process
 
 SITES = 5
-NODES = [4_000_000_000_000_000_000 + 977 * i for i in range(SITES)]  # Flower's node ids are large
-
-
-@dataclass
-class InProcessGrid:
-    """A Flower grid whose every message is answered at once by the site's own ClientApp.
-
-    drop: the stage (secure aggregation's, or 'evaluate') at which a site stops answering.
-    received: every reply the ServerApp got, its whole view of the sites.
-    """
-
-    run_config: dict[str, Any]
-    drop: dict[int, str] = field(default_factory=dict)
-    received: list[Message] = field(default_factory=list)
-    contexts: dict[int, Context] = field(init=False)
-    _ids: Iterator[int] = field(default_factory=itertools.count)
-
-    def __post_init__(self) -> None:
-        self.contexts = {
-            node: Context(run_id=7, node_id=node, node_config={"partition-id": i, "num-partitions": SITES}, state=RecordDict(), run_config=self.run_config)
-            for i, node in enumerate(NODES)
-        }
-
-    def get_node_ids(self) -> list[int]:
-        return list(NODES)
-
-    def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
-        replies = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = f"message-{next(self._ids)}"
-            node = message.metadata.dst_node_id
-            if self.drop.get(node) == _stage_of(message):
-                continue
-            reply = client_app(message, self.contexts[node])
-            self.received.append(reply)
-            replies.append(reply)
-        return replies
-
-
-def _stage_of(message: Message) -> str:
-    record = message.content.config_records.get(RECORD)
-    return str(record["stage"]) if record is not None else message.metadata.message_type
+NODES = node_ids(SITES)
 
 
 @dataclass
@@ -107,11 +64,6 @@ def run_federation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clientapp_id
     masking = site_protocol.masked_input
 
     def run(drop: dict[int, str] | None = None, **settings: Any) -> Run:
-        path = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
-        config = {"secure-aggregation": True, "rounds": 1, "dp": False, "site-allow-non-private": True, "run-dir": str(path), "federation-home": str(path / "federation"), **settings}
-        run_config = RunConfig.from_flower(config)
-        write_site_files(run_config.data, SITES, path)
-        grid = InProcessGrid(config, drop or {})
         updates: dict[int, np.ndarray] = {}
 
         def recording(context: Context, server_round: int, update: np.ndarray, source) -> np.ndarray:  # noqa: ANN001
@@ -119,8 +71,10 @@ def run_federation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clientapp_id
             return masking(context, server_round, update, source)
 
         monkeypatch.setattr(site_protocol, "masked_input", recording)
-        server_main(grid, Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=config))  # type: ignore[arg-type]
-        return Run(path, grid, updates, _initial_model(run_config))
+        config = {"secure-aggregation": True, "rounds": 1, "dp": False, "site-allow-non-private": True, **settings}
+        path = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
+        grid = run_in_process(config, SITES, path, drop)
+        return Run(path, grid, updates, _initial_model(RunConfig.from_flower(grid.run_config)))
 
     return run
 

@@ -28,6 +28,7 @@ import numpy as np
 from opacus.accountants.analysis.rdp import get_privacy_spent
 
 from common.errors import CohortInputError
+from common.privacy.accounting import smallest_noise_multiplier
 
 # Integer orders only: the bound is proved for integer alpha > 1.
 ORDERS = np.arange(2, 257, dtype=np.float64)
@@ -97,28 +98,16 @@ def rounded_sensitivity(clip_norm: float, scale: float, dimension: int) -> tuple
 
 def variance_for_budget(target_epsilon: float, delta: float, releases: int, l2_sensitivity: float, l1_sensitivity: float) -> float:
     """The smallest noise variance (within 1% of epsilon) whose `releases` releases stay
-    within `target_epsilon`; a bisection in which every epsilon comes from `epsilon`."""
+    within `target_epsilon`: the bisection Cohort's Gaussian noise uses, over sigma =
+    sqrt(variance) / D2, with every epsilon from `epsilon`."""
 
-    def epsilon_at(variance: float) -> float:
-        return epsilon([SkellamRelease(variance, l2_sensitivity, l1_sensitivity)] * releases, delta)
+    def epsilon_at(sigma: float) -> float:
+        return epsilon([SkellamRelease((sigma * l2_sensitivity) ** 2, l2_sensitivity, l1_sensitivity)] * releases, delta)
 
-    low, high = 0.0, l2_sensitivity**2
-    while epsilon_at(high) > target_epsilon:
-        low, high = high, 4 * high
-        if high > _MAX_NOISE_MULTIPLIER**2 * l2_sensitivity**2:
-            raise CohortInputError(
-                f"no noise keeps {releases} releases within epsilon {target_epsilon:g} at delta {delta:g}; raise client-epsilon or run fewer rounds"
-            )
-    while target_epsilon - epsilon_at(high) > 0.01 * target_epsilon and high - low > 1e-6 * high:
-        middle = (low + high) / 2
-        if epsilon_at(middle) > target_epsilon:
-            low = middle
-        else:
-            high = middle
-    return high
+    def exhausted() -> CohortInputError:
+        return CohortInputError(f"no noise keeps {releases} releases within epsilon {target_epsilon:g} at delta {delta:g}; raise client-epsilon or run fewer rounds")
 
-
-_MAX_NOISE_MULTIPLIER = 1e4
+    return (smallest_noise_multiplier(epsilon_at, target_epsilon, exhausted) * l2_sensitivity) ** 2
 
 
 def tail_bound(variance: float, coordinates: int, probability: float) -> float:

@@ -16,6 +16,7 @@ import pytest
 
 from common.privacy.accounting import PrivacyState
 from common.privacy.ledger import LedgerRecord, RecordKind, history_of, read_entries
+from common.privacy.mechanisms import Mechanism
 from server.records import RoundRecord
 from server.rundir import RunDirectory
 
@@ -186,3 +187,30 @@ def test_a_site_whose_budget_runs_out_is_refused_and_the_run_finishes_with_the_o
     site1 = [e.record for e in read_entries(home / "site-1" / "privacy_ledger.jsonl")]
     assert [(r.round, r.kind) for r in site1] == [(1, "release"), (2, "refusal")]
     assert "over its budget" in site1[1].reason
+
+
+@pytest.fixture(scope="module")
+def secure_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """simulations/secure-aggregation.toml, small: secure aggregation and distributed DP on
+    Flower's simulation engine, whose per-node context carries each site's secrets between
+    the stages of a round."""
+    runs = tmp_path_factory.mktemp("secure-runs")
+    result = subprocess.run(
+        [COHORT, "simulate", "simulations/secure-aggregation.toml", "--set", "num-sites=6", "--set", "rounds=2", "--set", "local-epochs=1", "--runs-dir", str(runs)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return _run_dir(runs)
+
+
+def test_secure_aggregation_with_distributed_dp_runs_on_the_simulation_engine_and_ledgers_each_release(secure_run: Path) -> None:
+    metrics = _metrics(secure_run)
+    assert [m.round for m in metrics] == [1, 2] and all(m.client_level is not None and m.client_level.released for m in metrics)
+    assert all(sum(site.trained for site in m.sites.values()) == 6 for m in metrics)
+    releases = [e.record for e in read_entries(secure_run / "server" / "privacy_ledger.jsonl")]
+    assert [(r.kind, r.mechanism, json.loads(r.mechanism_details)["sites"]) for r in releases] == [
+        (RecordKind.RELEASE, Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM, [f"site-{i}" for i in range(6)])
+    ] * 2
+    assert 0 < releases[-1].epsilon <= 8.0 and releases[-1].epsilon == metrics[-1].client_level.epsilon

@@ -8,6 +8,7 @@ policy (client/policy.py), never from the run config.
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -17,7 +18,8 @@ from client.clipping import central_dp_clipping_mod
 from client.integer_noise import KeystreamUniform
 from client.evaluation_policy import declined_evaluation
 from client.policy import AGGREGATION_METRICS, SiteConfig
-from client.secure_aggregation import Masker, respond
+from client.integer_update import integer_update
+from client.secure_aggregation import Masker, is_secure_aggregation, key_stage_reply, masked_input_reply
 from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps, spent_epsilon
 from client.site_data import SiteData, local_site_data, simulated_site_data
 from client.training import train_locally
@@ -45,12 +47,16 @@ def _received_model(msg: Message, run: SiteRunConfig, data: SiteData) -> torch.n
 def train(msg: Message, context: Context) -> Message:
     run = SiteRunConfig.from_flower(context.run_config)
     site = SiteConfig.from_node_config(context.node_config, run)
-    secure = secure_messages.RECORD in msg.content.config_records
+    secure = is_secure_aggregation(msg)
+    key_stage = key_stage_reply(msg, context, site.name) if secure else None
+    if key_stage is not None:
+        return key_stage
     if secure != run.dp.secure_aggregation:  # the run config the site signs says how its update leaves it
         said = "with" if run.dp.secure_aggregation else "without"
         return Message(Error(code=secure_messages.REFUSED, reason=f"site {site.name} refuses: the run says {said} secure aggregation, the request does not"), reply_to=msg)
     if secure:
-        return respond(msg, context, site.name, KeystreamUniform(), lambda masker: _train(msg, context, run, site, masker))
+        encode = partial(integer_update, source=KeystreamUniform())
+        return masked_input_reply(msg, context, site.name, encode, lambda masker: _train(msg, context, run, site, masker))
     return _train(msg, context, run, site, None)
 
 

@@ -32,8 +32,6 @@ from typing import Callable
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 
-from client.integer_noise import UniformSource
-from client.integer_update import integer_update
 from common.secure_aggregation import crypto, field as modular
 from common.secure_aggregation.messages import (
     RECORD,
@@ -64,23 +62,46 @@ Masker = Callable[[np.ndarray], np.ndarray]
 # masker, and returns its whole reply (the masked input beside whatever else it reports),
 # or an error reply when it declines to train.
 Contribute = Callable[[Masker], Message]
+# The site's update as the integers it masks (client/integer_update.py), under a round's parameters.
+Encode = Callable[[np.ndarray, SecAggParameters], np.ndarray]
 
 
-def respond(message: Message, context: Context, site_name: str, source: UniformSource, contribute: Contribute) -> Message:
-    """The site's reply to one stage's request (`message` carries it under RECORD)."""
+def key_stage_reply(message: Message, context: Context, site_name: str) -> Message | None:
+    """The site's reply to a stage that needs neither its data nor a model (advertise keys,
+    share keys, unmask); None for the masked-input stage, which needs training
+    (`masked_input_reply`). Nothing the site's data says leaves it in these stages, so a
+    deployed site answers them before it loads its training code (client/site_runner.py)."""
     try:
         request = read_request(message.content.config_records[RECORD])
-        node = message.metadata.dst_node_id
         if isinstance(request, AdvertiseKeys):
-            return _reply(message, advertise_keys(context, node, request).to_record())
+            return _reply(message, advertise_keys(context, message.metadata.dst_node_id, request).to_record())
         if isinstance(request, ShareKeys):
             return _reply(message, share_keys(context, request).to_record())
         if isinstance(request, Unmask):
             return _reply(message, unmask(context, request).to_record())
-        receive_shares(context, request)
-        return contribute(lambda update: masked_input(context, request.server_round, update, source))
+        return None
     except (Refused, ProtocolViolation) as declined:
-        return Message(Error(code=REFUSED, reason=f"site {site_name} leaves this secure aggregation round: {declined}"), reply_to=message)
+        return _declined(message, site_name, declined)
+
+
+def masked_input_reply(message: Message, context: Context, site_name: str, encode: Encode, contribute: Contribute) -> Message:
+    """The masked-input stage: open the neighbours' shares (before any training, so a round
+    the site cannot finish costs it no privacy), then train and mask."""
+    try:
+        request = ForwardedShares.from_record(message.content.config_records[RECORD])
+        receive_shares(context, request)
+        return contribute(lambda update: masked_input(context, request.server_round, update, encode))
+    except (Refused, ProtocolViolation) as declined:
+        return _declined(message, site_name, declined)
+
+
+def is_secure_aggregation(message: Message) -> bool:
+    """Whether `message` is a stage of secure aggregation."""
+    return message.has_content() and RECORD in message.content.config_records
+
+
+def _declined(message: Message, site_name: str, declined: Exception) -> Message:
+    return Message(Error(code=REFUSED, reason=f"site {site_name} leaves this secure aggregation round: {declined}"), reply_to=message)
 
 
 def _reply(message: Message, record: ConfigRecord) -> Message:
@@ -232,7 +253,7 @@ def receive_shares(context: Context, request: ForwardedShares) -> None:
     _save(context, secrets)
 
 
-def masked_input(context: Context, server_round: int, update: np.ndarray, source: UniformSource) -> np.ndarray:
+def masked_input(context: Context, server_round: int, update: np.ndarray, encode: Encode) -> np.ndarray:
     """Stage 3, second half: the update (flat, in the global model's order) as integers,
     plus the mask from the seed, plus one pairwise mask per neighbour that shared
     (added towards higher node ids, subtracted towards lower: they cancel in the sum)."""
@@ -241,7 +262,7 @@ def masked_input(context: Context, server_round: int, update: np.ndarray, source
     if update.shape != (parameters.dimension,) or not np.isfinite(update).all():
         raise Refused(f"its update is not {parameters.dimension} finite numbers")
     bits, length = parameters.bits, parameters.dimension
-    masked = modular.to_field(integer_update(update, parameters, source), bits)
+    masked = modular.to_field(encode(update, parameters), bits)
     masked = modular.add(masked, modular.keystream_mask(secrets.seed, length, bits), bits)
     for neighbour in secrets.senders:
         if neighbour == secrets.node:

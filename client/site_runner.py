@@ -14,7 +14,8 @@ code answers the message: never the FAB's.
 - anything else: the site refuses with a reply the coordinator can read, records the
   refusal in its ledger, and runs nothing of the FAB.
 An evaluation request that the site's policy declines is declined here, before any code
-that touches the site's data is loaded.
+that touches the site's data is loaded; so are secure aggregation's key stages answered
+(keys and shares, nothing of the data), without the site's training code.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 import client
 import common
 from client.evaluation_policy import declined_evaluation
+from client.secure_aggregation import is_secure_aggregation, key_stage_reply
 from common import protocol
 from common.errors import CohortInputError
 from client.policy import SiteConfig
@@ -132,6 +134,10 @@ def answer(message: Message, context: Context, run: Run, fab: Fab) -> Message:
         declined = declined_evaluation(message, site)
         if declined is not None:
             return declined
+    if is_secure_aggregation(message):
+        key_stage = key_stage_reply(message, context, site.name)  # keys and shares only: no data, no model
+        if key_stage is not None:
+            return key_stage
     from client.app import app  # only now: it loads PyTorch and the site's data code
 
     return app(message=message, context=context)

@@ -5,6 +5,7 @@ between them replaced by direct calls. Sites drop out, refuse, or misbehave at e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -13,7 +14,8 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.integer_noise import KeystreamUniform
 from client.integer_update import clipped
-from client.secure_aggregation import STATE, respond
+from client.integer_update import integer_update
+from client.secure_aggregation import STATE, key_stage_reply, masked_input_reply
 from common.secure_aggregation.messages import MASKED_INPUT, MASKED_VECTOR, RECORD, REFUSED, Stage, masked_input_record
 from common.secure_aggregation.parameters import SecAggParameters, default_threshold
 from common.secure_aggregation import field as modular
@@ -25,6 +27,12 @@ CLIP = 1.0
 
 # Rewrites a message on its way (a coordinator or network that tampers).
 Tamper = Callable[[Message, Stage], Message]
+
+
+def respond(message: Message, context: Context, name: str, contribute: Callable) -> Message:
+    """A site's reply to any stage, as the ClientApp gives it."""
+    encode = partial(integer_update, source=KeystreamUniform())
+    return key_stage_reply(message, context, name) or masked_input_reply(message, context, name, encode, contribute)
 
 
 @dataclass
@@ -49,7 +57,7 @@ class Sites:
                 continue
             if self.tamper is not None:
                 message = self.tamper(message, stage)
-            reply = respond(message, self.contexts[node], f"site-{node}", KeystreamUniform(), self._contribution(message, node))
+            reply = respond(message, self.contexts[node], f"site-{node}", self._contribution(message, node))
             self.seen_by_coordinator.append(reply)
             if reply.has_error():  # the exchange reports an error reply; the protocol sees no answer
                 self.errors[node] = (stage, reply.error.code, reply.error.reason)
@@ -245,7 +253,7 @@ def test_a_site_answers_one_unmask_request_per_round() -> None:
     sites.tamper = keep
     run_round(sites, parameters(4))
     again = requests[0]
-    reply = respond(again, sites.contexts[again.metadata.dst_node_id], "again", KeystreamUniform(), lambda masker: again)
+    reply = respond(again, sites.contexts[again.metadata.dst_node_id], "again", lambda masker: again)
     assert reply.has_error() and reply.error.code == REFUSED and "out of order" in reply.error.reason
 
 
@@ -253,7 +261,7 @@ def test_stages_out_of_order_are_refused() -> None:
     sites = Sites(updates(3, seed=11))
     node = min(sites.updates)
     request = Message(RecordDict({RECORD: ConfigRecord({"stage": "unmask", "round": 3, "survivors": [node], "dropped": []})}), dst_node_id=node, message_type="train")
-    reply = respond(request, sites.contexts[node], "s", KeystreamUniform(), lambda masker: request)
+    reply = respond(request, sites.contexts[node], "s", lambda masker: request)
     assert reply.has_error() and reply.error.code == REFUSED
 
 

@@ -8,6 +8,7 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -67,3 +68,29 @@ def test_cohort_supernode_puts_the_sites_own_flwr_clientapp_first_on_flowers_pat
     assert fingerprint.startswith("SHA256:") and "--isolation" in launch.argv()
     usage = subprocess.run([found, "--help"], env=env, capture_output=True, text=True, timeout=60)
     assert usage.returncode == 0 and "The site's own ClientApp runner" in usage.stdout
+
+
+KEY_STAGE_WITHOUT_TORCH = """
+import sys
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supercore.run import Run
+from client.site_runner import answer
+from common.secure_aggregation.messages import RECORD, AdvertiseKeys, PublicKeys
+from common.secure_aggregation.parameters import SecAggParameters
+from tests.test_site_runner import _fab
+
+TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
+parameters = SecAggParameters(3, 2, 2, 32, 1.0, 6186, 0.0, 3)
+message = Message(RecordDict({RECORD: AdvertiseKeys(1, parameters).to_record()}), dst_node_id=5, message_type="train")
+context = Context(7, 5, {"data-path": "/data", "state-dir": sys.argv[1], "epsilon": 1.0, "delta": 1e-5}, RecordDict(), {})
+reply = answer(message, context, Run.create_empty(7), _fab({}))
+PublicKeys.from_record(reply.content.config_records[RECORD])
+print("torch" in sys.modules)
+"""
+
+
+def test_a_deployed_site_answers_secure_aggregations_key_stages_without_loading_its_training_code(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", KEY_STAGE_WITHOUT_TORCH, str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False", "PyTorch was loaded to answer a key stage"

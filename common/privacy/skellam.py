@@ -25,10 +25,8 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
-from opacus.accountants.analysis.rdp import get_privacy_spent
 
 from common.errors import CohortInputError
-from common.privacy.accounting import smallest_noise_multiplier
 
 # Integer orders only: the bound is proved for integer alpha > 1.
 ORDERS = np.arange(2, 257, dtype=np.float64)
@@ -79,6 +77,8 @@ def rdp_bound(orders: np.ndarray, variance: float, l2_sensitivity: float, l1_sen
 
 def epsilon(releases: Iterable[SkellamRelease], delta: float) -> float:
     """(epsilon, delta) of the composition of `releases`."""
+    from opacus.accountants.analysis.rdp import get_privacy_spent  # here: Opacus loads PyTorch, which a site's key stages do without
+
     total = sum((release.rdp() for release in releases), start=np.zeros_like(ORDERS))
     if not total.any():
         return 0.0
@@ -100,6 +100,7 @@ def variance_for_budget(target_epsilon: float, delta: float, releases: int, l2_s
     """The smallest noise variance (within 1% of epsilon) whose `releases` releases stay
     within `target_epsilon`: the bisection Cohort's Gaussian noise uses, over sigma =
     sqrt(variance) / D2, with every epsilon from `epsilon`."""
+    from common.privacy.accounting import smallest_noise_multiplier  # here: it loads PyTorch, as `epsilon` does
 
     def epsilon_at(sigma: float) -> float:
         return epsilon([SkellamRelease((sigma * l2_sensitivity) ** 2, l2_sensitivity, l1_sensitivity)] * releases, delta)

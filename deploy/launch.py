@@ -28,10 +28,10 @@ import tomli_w
 
 from common.config import validate_budget
 from common.errors import CohortInputError
-from deploy.flower_runtime import flower_executable, offline_flower_env
 from common.privacy.ledger import SiteLedger
-from server.rundir import write_bytes_atomic
 from deploy.certificates import LOOPBACK, LOOPBACK_NAME, CertificateLayout, check_ca, check_server_files, check_site_key, validate_site_name
+from deploy.flower_runtime import flower_executable, offline_flower_env
+from server.rundir import write_bytes_atomic
 
 PROBE_TIMEOUT_S = 5.0
 # In a site's state directory: the folder put first on the PATH Flower starts ClientApps from.

@@ -56,18 +56,13 @@ class Update:
 
     def site_record(self) -> SiteRound:
         """What metrics.jsonl says of this site's round: its spend comes from the signed entry."""
-        record = self.entry.record
-        spend: dict[str, float] = {}
-        if record.kind == RecordKind.RELEASE:
-            spend = dict(
-                epsilon=record.epsilon,
-                delta=record.delta,
-                budget=record.budget_epsilon,
-                noise_multiplier=record.noise_multiplier,
-                sample_rate=record.sample_rate,
-                steps=record.steps,
-            )
-        return SiteRound(trained=True, update_norm=round(self.norm, 6), num_examples=self.reported_examples, **self.metrics, **spend)
+        figures = SiteRound(trained=True, update_norm=round(self.norm, 6), num_examples=self.reported_examples, **self.metrics)
+        spent = self.entry.record
+        if spent.kind != RecordKind.RELEASE:
+            return figures
+        return dataclasses.replace(
+            figures, epsilon=spent.epsilon, delta=spent.delta, budget=spent.budget_epsilon, noise_multiplier=spent.noise_multiplier, sample_rate=spent.sample_rate, steps=spent.steps
+        )
 
 
 @dataclass(frozen=True)

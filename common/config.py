@@ -200,7 +200,7 @@ class SiteRunConfig:
         sections: dict[str, dict[str, Any]] = {}
         for key, value in run_config.items():
             section, attribute, kind = known[key.replace("-", "_")]
-            sections.setdefault(section, {})[attribute] = coerce(key, value, kind)
+            sections.setdefault(section, {})[attribute] = _coerce(key, value, kind)
         top = sections.pop("", {})
         kinds = {f.name: f.default_factory for f in dataclasses.fields(cls)}  # type: ignore[misc]
         return cls(**top, **{section: kinds[section](**values) for section, values in sections.items()})  # type: ignore[misc]
@@ -286,7 +286,7 @@ def flat_values(config: SiteRunConfig, settings: Mapping[str, tuple[str, str, ty
     return flat
 
 
-def coerce(name: str, value: Any, kind: type) -> Any:
+def _coerce(name: str, value: Any, kind: type) -> Any:
     """Flower and TOML hand over ints where floats are meant (epsilon = 8); accept them."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

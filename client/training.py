@@ -5,7 +5,9 @@ wrappers, memory) accumulates across rounds."""
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from opacus import PrivacyEngine
@@ -13,9 +15,11 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.config import RunConfig, TrainingConfig
+from client.dp_randomness import Batch, PoissonBatches, ShuffledBatches, draw_noise_from
+from common.config import SECURE_NOISE, RunConfig, TrainingConfig
 from common.data.dataset import LabeledImages
 from common.privacy.accounting import PrivacyState, restore_accountant
+from common.privacy.noise import NoiseSource
 
 
 @dataclass(frozen=True)
@@ -53,45 +57,54 @@ def train_locally(
     run: RunConfig,
     privacy: PrivacyState | None,
     device: torch.device,
+    noise: NoiseSource,
     server_round: int = 1,
     proximal_mu: float = 0.0,
 ) -> LocalUpdate:
     """Train `model` in place for run.training.local_epochs epochs.
 
     With `privacy` given, the Opacus accountant starts from its history, so the epsilon
-    it reports afterwards covers every earlier round too.
+    it reports afterwards covers every earlier round too. Every random draw of the round
+    (the batches, and under DP the noise) comes from `noise`.
     """
     model.to(device).train()
     global_weights = [p.detach().clone() for p in model.parameters()]
-    loader = DataLoader(
-        TensorDataset(torch.from_numpy(data.images), torch.from_numpy(data.labels)),
-        batch_size=run.training.batch_size,
-        shuffle=privacy is None,
-    )
+    images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
     learning_rate = round_learning_rate(run.training, server_round)
     optimizer = _local_optimizer(model, run.training, learning_rate)
     criterion = nn.CrossEntropyLoss()
     engine = None
     trained: nn.Module = model
+    batches: Iterable[Batch] = ShuffledBatches(images, labels, run.training.batch_size, noise)
     if privacy is not None:
-        engine = PrivacyEngine(accountant=privacy.accountant)
+        with warnings.catch_warnings():
+            if noise.name == SECURE_NOISE:
+                # Opacus warns that its secure mode is off; neither its noise nor its
+                # sampling is used: both come from the secure source (draw_noise_from,
+                # PoissonBatches below).
+                warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            engine = PrivacyEngine(accountant=privacy.accountant)
         engine.accountant = restore_accountant(privacy)
         private = engine.make_private(
             module=model,
             optimizer=optimizer,
             criterion=criterion,
-            data_loader=loader,
+            # Opacus reads the sample rate (1 / batches) and expected batch size off this
+            # loader; the batches themselves are PoissonBatches at that same rate.
+            data_loader=DataLoader(TensorDataset(images, labels), batch_size=run.training.batch_size),
             noise_multiplier=privacy.noise_multiplier,
             max_grad_norm=run.dp.clip_norm,
-            poisson_sampling=True,
+            poisson_sampling=False,
             grad_sample_mode=run.dp.grad_sample_mode,
         )
+        trained, optimizer = private[0], private[1]
         if run.dp.grad_sample_mode == "ghost":
-            trained, optimizer, criterion, loader = private
-        else:
-            trained, optimizer, loader = private
+            criterion = private[2]
+        trained.forbid_grad_accumulation()  # what make_private does for a loader it samples itself
+        draw_noise_from(optimizer, noise)
+        batches = PoissonBatches(images, labels, privacy.sample_rate, steps_per_epoch(len(data), run.training.batch_size), noise)
     try:
-        loss_sum, correct, seen, steps = _run_epochs(trained, optimizer, criterion, loader, run.training.local_epochs, device, global_weights, proximal_mu, learning_rate)
+        loss_sum, correct, seen, steps = _run_epochs(trained, optimizer, criterion, batches, run.training.local_epochs, device, global_weights, proximal_mu, learning_rate)
     finally:
         if hasattr(trained, "_close"):
             trained._close()  # removes Opacus' hooks so the plain module is clean again
@@ -114,7 +127,7 @@ def _run_epochs(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     criterion: nn.Module,
-    loader: DataLoader,
+    batches: Iterable[Batch],
     epochs: int,
     device: torch.device,
     global_weights: list[torch.Tensor],
@@ -124,7 +137,7 @@ def _run_epochs(
     loss_sum, correct, seen, steps = 0.0, 0, 0, 0
     parameters = [p for p in model.parameters() if p.requires_grad]
     for _ in range(epochs):
-        for images, labels in loader:
+        for images, labels in batches:
             images, labels = images.to(device), labels.to(device)
             optimizer.zero_grad()
             if len(labels) == 0:

@@ -77,32 +77,7 @@ def train_locally(
     trained: nn.Module = model
     batches: Iterable[Batch] = ShuffledBatches(images, labels, run.training.batch_size, noise)
     if privacy is not None:
-        with warnings.catch_warnings():
-            if noise.name == SECURE_NOISE:
-                # Opacus warns that its secure mode is off; neither its noise nor its
-                # sampling is used: both come from the secure source (draw_noise_from,
-                # PoissonBatches below).
-                warnings.filterwarnings("ignore", message="Secure RNG turned off")
-            engine = PrivacyEngine(accountant=privacy.accountant)
-        engine.accountant = restore_accountant(privacy)
-        private = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            criterion=criterion,
-            # Opacus reads the sample rate (1 / batches) and expected batch size off this
-            # loader; the batches themselves are PoissonBatches at that same rate.
-            data_loader=DataLoader(TensorDataset(images, labels), batch_size=run.training.batch_size),
-            noise_multiplier=privacy.noise_multiplier,
-            max_grad_norm=run.dp.clip_norm,
-            poisson_sampling=False,
-            grad_sample_mode=run.dp.grad_sample_mode,
-        )
-        trained, optimizer = private[0], private[1]
-        if run.dp.grad_sample_mode == "ghost":
-            criterion = private[2]
-        trained.forbid_grad_accumulation()  # what make_private does for a loader it samples itself
-        draw_noise_from(optimizer, noise)
-        batches = PoissonBatches(images, labels, privacy.sample_rate, steps_per_epoch(len(data), run.training.batch_size), noise)
+        engine, trained, optimizer, criterion, batches = _dp_sgd(model, optimizer, criterion, images, labels, run, privacy, noise)
     try:
         loss_sum, correct, seen, steps = _run_epochs(trained, optimizer, criterion, batches, run.training.local_epochs, device, global_weights, proximal_mu, learning_rate)
     finally:
@@ -115,6 +90,37 @@ def train_locally(
         steps=steps,
         privacy=privacy.after(engine.accountant) if engine is not None and privacy is not None else None,
     )
+
+
+def _dp_sgd(
+    model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: RunConfig, privacy: PrivacyState, noise: NoiseSource
+) -> tuple[PrivacyEngine, nn.Module, DPOptimizer, nn.Module, PoissonBatches]:
+    """Opacus' DP-SGD from `privacy`'s accountant history, drawing its batches and noise from `noise`."""
+    with warnings.catch_warnings():
+        if noise.name == SECURE_NOISE:
+            # Opacus warns that its secure mode is off; neither its noise nor its sampling
+            # is used: both come from the secure source (draw_noise_from, PoissonBatches).
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=privacy.accountant)
+    engine.accountant = restore_accountant(privacy)
+    # Opacus accounts a sample rate of 1 / len(loader) and reads the expected batch size
+    # off this loader; the batches themselves are PoissonBatches at that rate.
+    loader = DataLoader(TensorDataset(images, labels), batch_size=run.training.batch_size)
+    private = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        criterion=criterion,
+        data_loader=loader,
+        noise_multiplier=privacy.noise_multiplier,
+        max_grad_norm=run.dp.clip_norm,
+        poisson_sampling=False,
+        grad_sample_mode=run.dp.grad_sample_mode,
+    )
+    module, dp_optimizer = private[0], private[1]
+    module.forbid_grad_accumulation()  # what make_private does for a loader it samples itself
+    draw_noise_from(dp_optimizer, noise)
+    batches = PoissonBatches(images, labels, 1 / len(loader), len(loader), noise)
+    return engine, module, dp_optimizer, private[2] if run.dp.grad_sample_mode == "ghost" else criterion, batches
 
 
 def _local_optimizer(model: nn.Module, training: TrainingConfig, learning_rate: float) -> torch.optim.Optimizer:

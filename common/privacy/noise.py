@@ -88,11 +88,12 @@ class SecureNoise:
         # and columns + j - 1 (cyclically): 4 pairs, all different once there are 2 columns.
         columns = max(count, 2)
         radius_u, angle_u = _keystream_uniforms(_SUMMANDS * columns).view(2, -1)
-        radius = torch.sqrt(-2.0 * torch.log(1.0 - radius_u))  # 1 - u is exact and in (0, 1]
-        angle = (2.0 * math.pi) * angle_u
-        cosines = (radius * torch.cos(angle)).view(2, columns)
-        sines = (radius * torch.sin(angle)).view(2, columns).roll(1, dims=1)
-        return ((cosines.sum(0) + sines.sum(0)) * (std / math.sqrt(_SUMMANDS)))[:count]
+        radius = radius_u.neg_().add_(1.0).log_().mul_(-2.0).sqrt_()  # sqrt(-2 log(1 - u)), 1 - u exact and > 0
+        angle = angle_u.mul_(2.0 * math.pi)
+        summands = torch.empty(_SUMMANDS, columns, dtype=torch.float64)
+        torch.mul(radius, torch.cos(angle), out=summands[:2].view(-1))
+        summands[2:] = (radius * torch.sin(angle)).view(2, columns).roll(1, dims=1)
+        return summands.sum(0).mul_(std / math.sqrt(_SUMMANDS))[:count]
 
     def uniform(self, count: int) -> torch.Tensor:
         return _keystream_uniforms(count)

@@ -75,8 +75,8 @@ def draw_noise_from(optimizer: DPOptimizer, source: NoiseSource) -> None:
     def add_noise() -> None:
         parameters = optimizer.params
         sizes = [p.numel() for p in parameters]
-        noise = source.gaussian(sum(sizes), optimizer.noise_multiplier * optimizer.max_grad_norm).split(sizes)
-        for parameter, values in zip(parameters, noise):
+        noise = source.gaussian(sum(sizes), optimizer.noise_multiplier * optimizer.max_grad_norm)
+        for parameter, values in zip(parameters, noise.to(parameters[0].summed_grad).split(sizes)):
             _check_processed_flag(parameter.summed_grad)
             summed = parameter.summed_grad
             parameter.grad = (summed + values.view_as(summed).to(summed)).view_as(parameter)

@@ -79,7 +79,7 @@ def draw_noise_from(optimizer: DPOptimizer, source: NoiseSource) -> None:
         for parameter, values in zip(parameters, noise.to(parameters[0].summed_grad).split(sizes)):
             _check_processed_flag(parameter.summed_grad)
             summed = parameter.summed_grad
-            parameter.grad = (summed + values.view_as(summed).to(summed)).view_as(parameter)
+            parameter.grad = (summed + values.view_as(summed)).view_as(parameter)
             _mark_as_processed(summed)
 
     optimizer.add_noise = add_noise  # type: ignore[method-assign]

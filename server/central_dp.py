@@ -72,9 +72,9 @@ def wrap_with_central_dp(
 
 
 class _SourcedNoise:
-    """Noise from the run's noise source instead of Flower's np.random.normal (Mersenne
-    Twister, seeded by nothing Cohort controls): one source per round, so a seeded run's
-    round r draws the same noise whether it ran straight through or was resumed.
+    """Noise from the run's noise source instead of Flower's np.random.normal (a Mersenne
+    Twister: neither a CSPRNG nor seeded by the run). One source per round, so a seeded
+    run's round r draws the same noise whether it ran straight through or was resumed.
 
     round_noise: the current round's source (the first round's until a round begins).
     """

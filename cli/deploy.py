@@ -16,12 +16,19 @@ from common.privacy.ledger import PUBLIC_KEY_FILE
 from deploy.certificates import LOOPBACK
 from deploy.commands import SUPERLINK_LISTEN_HOST, SUPERLINK_LOCAL_PORT, SUPERLINK_PORT, SUPERNODE_PORT
 from deploy.coordinator import CoordinatorLaunch
+from deploy.fleet_limits import DEFAULT_MAX_MODEL_MB, DEFAULT_SITES_PER_ADDRESS, FleetLimits
 from deploy.front_door import FrontDoor
 from deploy.launch import SITE_RUNTIME_DIR, SuperLinkLaunch, SuperNodeLaunch, exec_flower, flwr_home, probe_superlink, split_address, write_connection
 
 CertsOption = Annotated[Path, typer.Option("--certs", help="The directory of `cohort certs init` (ca.crt, superlink.crt, superlink.key).")]
 HostOption = Annotated[str, typer.Option("--host", help="Where the front door listens: the address sites reach.")]
 PortOption = Annotated[int, typer.Option("--port", help="The front door's port: the one port sites reach (Fleet API only).")]
+MaxModelOption = Annotated[
+    float, typer.Option("--max-model-mb", help="The largest model update (MB) the front door admits; it sizes the Fleet routes' body limits.")
+]
+SitesPerAddressOption = Annotated[
+    int, typer.Option("--sites-per-address", help="SuperNodes that may reach the front door from one address; it sizes the per-address limits.")
+]
 
 
 def superlink(
@@ -38,6 +45,8 @@ def superlink(
     front_door: Annotated[
         bool, typer.Option("--front-door/--no-front-door", help="Start the front door here (default), or run it elsewhere with `cohort front-door`.")
     ] = True,
+    max_model_mb: MaxModelOption = DEFAULT_MAX_MODEL_MB,
+    sites_per_address: SitesPerAddressOption = DEFAULT_SITES_PER_ADDRESS,
 ) -> None:
     """Start the coordinator's side: the SuperLink on loopback (TLS, only registered
     SuperNodes admitted) and the front door, which serves sites the Fleet API and refuses
@@ -46,7 +55,8 @@ def superlink(
         if front_door and local_host != LOOPBACK:
             raise CohortInputError(f"--local-host {local_host}: behind the front door the SuperLink listens on {LOOPBACK} only; drop --local-host")
         link = SuperLinkLaunch(certs=certs.resolve(), database=database.resolve(), host=local_host, port=local_port)
-        door = FrontDoor(certs.resolve(), host, port, LOOPBACK, local_port) if front_door else None
+        limits = FleetLimits(max_model_mb, sites_per_address)
+        door = FrontDoor(certs.resolve(), host, port, LOOPBACK, local_port, limits) if front_door else None
         code = CoordinatorLaunch(link, door).run()
     raise typer.Exit(code)
 
@@ -56,12 +66,15 @@ def front_door(
     upstream: Annotated[str, typer.Option("--upstream", help="HOST:PORT of the SuperLink on a private network (its certificate must cover HOST).")],
     host: HostOption = SUPERLINK_LISTEN_HOST,
     port: PortOption = SUPERLINK_PORT,
+    max_model_mb: MaxModelOption = DEFAULT_MAX_MODEL_MB,
+    sites_per_address: SitesPerAddressOption = DEFAULT_SITES_PER_ADDRESS,
 ) -> None:
     """Run only the front door, for a SuperLink started elsewhere with `cohort superlink
     --no-front-door` (docker/compose.yml): sites get the Fleet API and nothing else."""
     with input_errors():
         upstream_host, upstream_port = split_address(upstream)
-        code = CoordinatorLaunch(None, FrontDoor(certs.resolve(), host, port, upstream_host, upstream_port)).run()
+        door = FrontDoor(certs.resolve(), host, port, upstream_host, upstream_port, FleetLimits(max_model_mb, sites_per_address))
+        code = CoordinatorLaunch(None, door).run()
     raise typer.Exit(code)
 
 

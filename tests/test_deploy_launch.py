@@ -157,6 +157,13 @@ def test_supernode_with_a_budget_of_zero_is_refused(certs: CertificateLayout, tm
     _assert_one_clear_line(result, "a privacy budget must be > 0")
 
 
+@pytest.mark.parametrize("size", ["0", "nan", "inf", "-5"])
+def test_superlink_with_a_max_model_size_that_is_no_size_is_refused(certs: CertificateLayout, tmp_path: Path, size: str) -> None:
+    result = _cohort([*_superlink(certs.root, tmp_path, free_port(), free_port()), "--max-model-mb", size], tmp_path)
+    _assert_one_clear_line(result, "--max-model-mb")
+    assert not _processes_using(certs.root)
+
+
 def test_supernode_address_without_a_port_is_refused(certs: CertificateLayout, tmp_path: Path) -> None:
     result = _cohort(_supernode(certs, tmp_path, "superlink.example"), tmp_path)
     _assert_one_clear_line(result, "is not HOST:PORT")

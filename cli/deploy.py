@@ -29,16 +29,25 @@ MaxModelOption = Annotated[
 SitesPerAddressOption = Annotated[
     int, typer.Option("--sites-per-address", help="SuperNodes that may reach the front door from one address; it sizes the per-address limits.")
 ]
+DatabaseOption = Annotated[Path, typer.Option("--database", help="A file that keeps registered SuperNodes and runs across restarts.")]
+LocalPortOption = Annotated[int, typer.Option("--local-port", help="The SuperLink's own port on 127.0.0.1: flwr and `cohort connect` on this host use it.")]
+SuperLinkAddressOption = Annotated[str, typer.Option("--superlink", help="HOST:PORT of the SuperLink, as this site dials it.")]
+CaCertOption = Annotated[Path, typer.Option("--ca-cert", help="The federation's ca.crt.")]
+AuthKeyOption = Annotated[Path, typer.Option("--auth-key", help="This site's SuperNode key from `cohort certs site` (mode 0600).")]
+SiteNameOption = Annotated[str, typer.Option("--name", help="The site's name in ledgers and metrics.")]
+DataOption = Annotated[Path, typer.Option("--data", help="The site's data: an .npz, an MNIST IDX folder or an image folder.")]
+StateDirOption = Annotated[Path, typer.Option("--state-dir", help="Where the site keeps its privacy ledger and signing key; it outlives runs.")]
+EpsilonOption = Annotated[float, typer.Option("--epsilon", help="The site's total privacy budget for this data, over every run.")]
+DeltaOption = Annotated[float, typer.Option("--delta", help="The delta of that budget.")]
+SuperNodePortOption = Annotated[int, typer.Option("--port", help="The SuperNode's local API port; distinct per SuperNode on one machine.")]
 
 
 def superlink(
     certs: CertsOption,
-    database: Annotated[Path, typer.Option("--database", help="A file that keeps registered SuperNodes and runs across restarts.")],
+    database: DatabaseOption,
     host: HostOption = SUPERLINK_LISTEN_HOST,
     port: PortOption = SUPERLINK_PORT,
-    local_port: Annotated[
-        int, typer.Option("--local-port", help="The SuperLink's own port on 127.0.0.1: flwr and `cohort connect` on this host use it.")
-    ] = SUPERLINK_LOCAL_PORT,
+    local_port: LocalPortOption = SUPERLINK_LOCAL_PORT,
     local_host: Annotated[
         str, typer.Option("--local-host", help="Where the SuperLink listens; not 127.0.0.1 only with --no-front-door, on a private network.")
     ] = LOOPBACK,
@@ -79,15 +88,15 @@ def front_door(
 
 
 def supernode(
-    superlink_address: Annotated[str, typer.Option("--superlink", help="HOST:PORT of the SuperLink, as this site dials it.")],
-    ca_cert: Annotated[Path, typer.Option("--ca-cert", help="The federation's ca.crt.")],
-    auth_key: Annotated[Path, typer.Option("--auth-key", help="This site's SuperNode key from `cohort certs site` (mode 0600).")],
-    name: Annotated[str, typer.Option("--name", help="The site's name in ledgers and metrics.")],
-    data: Annotated[Path, typer.Option("--data", help="The site's data: an .npz, an MNIST IDX folder or an image folder.")],
-    state_dir: Annotated[Path, typer.Option("--state-dir", help="Where the site keeps its privacy ledger and signing key; it outlives runs.")],
-    epsilon: Annotated[float, typer.Option("--epsilon", help="The site's total privacy budget for this data, over every run.")],
-    delta: Annotated[float, typer.Option("--delta", help="The delta of that budget.")],
-    port: Annotated[int, typer.Option("--port", help="The SuperNode's local API port; distinct per SuperNode on one machine.")] = SUPERNODE_PORT,
+    superlink_address: SuperLinkAddressOption,
+    ca_cert: CaCertOption,
+    auth_key: AuthKeyOption,
+    name: SiteNameOption,
+    data: DataOption,
+    state_dir: StateDirOption,
+    epsilon: EpsilonOption,
+    delta: DeltaOption,
+    port: SuperNodePortOption = SUPERNODE_PORT,
 ) -> None:
     """Start a site's SuperNode with its own data, state and privacy budget; it runs only the
     site's installed Cohort (docs/site.md), and makes the site's ledger key on first start."""

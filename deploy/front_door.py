@@ -96,7 +96,9 @@ class FrontDoor:
 
     def config(self, directory: Path) -> str:
         """nginx.conf for a private directory: pid file, temporary files and everything
-        nginx writes stay in it; logs go to stderr, which `cohort superlink` passes on."""
+        nginx writes stay in it; errors go to stderr, which `cohort superlink` passes on
+        (a request refused for its size or rate is one; a body spilled to a temporary
+        file, every push of a model chunk, is a warning and not logged)."""
         layout = CertificateLayout(self.certs)
         temp_paths = "\n".join(f"    {name}_temp_path {_quote(directory / name)};" for name in _TEMP_PATHS)
         locations = "\n".join(self._location(route) for route in fleet_routes())
@@ -108,7 +110,7 @@ class FrontDoor:
 worker_processes 1;
 worker_rlimit_nofile {2 * WORKER_CONNECTIONS};
 pid {_quote(directory / "nginx.pid")};
-error_log stderr notice;
+error_log stderr error;
 events {{ worker_connections {WORKER_CONNECTIONS}; }}
 http {{
     access_log off;

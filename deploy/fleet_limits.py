@@ -62,7 +62,9 @@ OBJECT_PUSHES_PER_SITE = 2
 # has 53 on 224x224 images).
 REQUESTS_PER_SECOND_PER_SITE = 50
 BURST_PER_SITE = 500
-DEFAULT_SITES_PER_ADDRESS = 4
+# One site per address, as hospitals each have their own; SuperNodes that share an address
+# (behind one NAT, or several on one machine) need --sites-per-address.
+DEFAULT_SITES_PER_ADDRESS = 1
 
 
 def tree_entry_bytes() -> int:

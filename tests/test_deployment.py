@@ -62,9 +62,11 @@ NOISE_MULTIPLIER = 2.0
 # (two missed heartbeats, at most 60 s).
 KILLED_SITE = "hospital-c"
 REPLY_TIMEOUT_S = 120
-# The front door limits each client address; the sites all use 127.0.0.1, and each test
-# that plays an unauthenticated client on the network uses a loopback address of its own.
+# The front door limits each client address; the sites all use 127.0.0.1, so the front
+# door is told three sites share it, and each test that plays an unauthenticated client
+# on the network uses a loopback address of its own.
 SITES_ADDRESS = "127.0.0.1"
+LIMITS = FleetLimits(sites_per_address=len(SITES))
 MB = 1 << 20
 # How much the SuperLink may grow while anyone pushes bulk bodies at the front door.
 MEMORY_BOUND = 64 * MB
@@ -208,7 +210,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     try:
         superlink_command = commands.superlink_command(
             deployment.certs.root, deployment.root / "superlink.db", "127.0.0.1", deployment.port, deployment.local_port
-        )
+        ) + ["--sites-per-address", str(LIMITS.sites_per_address)]
         _wait_for_front_door(deployment, deployment.spawn("superlink", superlink_command))
         connect = deployment.run("coordinator", commands.connect_command(CONNECTION, deployment.local_address, deployment.certs.ca_cert))
         assert connect.returncode == 0, connect.stderr
@@ -576,7 +578,7 @@ def test_each_fleet_route_takes_a_body_up_to_its_limit_and_refuses_a_byte_more(d
     answers = {}
     with httpx.Client(transport=transport, timeout=60) as client:
         for route in fleet_routes():
-            limit = FleetLimits().body_limit(route)
+            limit = LIMITS.body_limit(route)
             at_limit = client.post(f"https://{deployment.address}{route}", content=bytes(limit))
             beyond = client.post(f"https://{deployment.address}{route}", content=bytes(limit + 1))
             answers[route] = (at_limit.headers.get("content-type"), beyond.status_code)
@@ -586,7 +588,6 @@ def test_each_fleet_route_takes_a_body_up_to_its_limit_and_refuses_a_byte_more(d
 def test_one_address_is_answered_503_past_its_burst_of_requests(deployment: Deployment) -> None:
     """GETs on a Fleet route: counted by the rate limit, then refused by nginx itself
     (POST only), so the flood never reaches the SuperLink."""
-    limits = FleetLimits()
     context = ssl.create_default_context(cafile=str(deployment.certs.ca_cert))
     transport = httpx.HTTPTransport(verify=context, local_address="127.0.0.3")
     answered = 0
@@ -594,17 +595,17 @@ def test_one_address_is_answered_503_past_its_burst_of_requests(deployment: Depl
     with httpx.Client(transport=transport, timeout=10) as client:
         while (status := client.get(f"https://{deployment.address}/v1/fleet/pull-messages").status_code) == 403:
             answered += 1
-            assert answered <= 10 * limits.burst_per_address, "never throttled"
+            assert answered <= 10 * LIMITS.burst_per_address, "never throttled"
     elapsed = time.monotonic() - started
     assert status == 503
-    assert limits.burst_per_address <= answered <= limits.burst_per_address + limits.requests_per_second_per_address * elapsed + 1
+    assert LIMITS.burst_per_address <= answered <= LIMITS.burst_per_address + LIMITS.requests_per_second_per_address * elapsed + 1
 
 
 @pytest.mark.parametrize(("route", "allowance"), [("/v1/fleet/push-messages", "connections_per_address"), (OBJECT_ROUTE, "object_pushes_per_address")])
 def test_one_address_has_at_most_its_allowance_of_requests_in_flight(deployment: Deployment, route: str, allowance: str) -> None:
     """Requests whose bodies are still arriving hold their place (nginx reads a body whole
     before the SuperLink sees it); the next from the same address is answered 503 at once."""
-    in_flight = getattr(FleetLimits(), allowance)
+    in_flight = getattr(LIMITS, allowance)
     source = "127.0.0.4" if route == OBJECT_ROUTE else "127.0.0.6"
     context = ssl.create_default_context(cafile=str(deployment.certs.ca_cert))
     started: list[ssl.SSLSocket] = []

@@ -80,9 +80,9 @@ def supernode_service(
     with input_errors():
         validate_site_name(name)
         validate_budget(epsilon, delta, source=f"site {name}'s --epsilon/--delta")
-        files = (ca_cert.resolve(), auth_key.resolve(), data.resolve())
-        command = commands.supernode_command(superlink_address, *files[:2], name, files[2], state_dir.resolve(), epsilon, delta, port)
-        _write(unit_file, supernode_unit(user, _cohort(), command, name, state_dir.resolve(), files))
+        ca, key, site_data, state = ca_cert.resolve(), auth_key.resolve(), data.resolve(), state_dir.resolve()
+        command = commands.supernode_command(superlink_address, ca, key, name, site_data, state, epsilon, delta, port)
+        _write(unit_file, supernode_unit(user, _cohort(), command, name, state, reads=(ca, key, site_data)))
 
 
 def _cohort() -> Path:

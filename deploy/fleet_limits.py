@@ -38,8 +38,8 @@ KIB = 1 << 10
 # model only lengthens push-messages' object tree, not push-object's body.
 DEFAULT_MAX_MODEL_MB = 1024.0
 # Beyond the model's bytes: an object's header and PushObjectRequest's framing (153 bytes
-# on a full chunk), or a non-array object of a reply (the largest measured in the
-# deployment test, the ledger entry's record: 1,812 bytes with its framing).
+# on a full chunk), or a non-array object of a reply (records, an array's index of its
+# chunks; the largest measured in the deployment test: 1,812 bytes with its framing).
 OBJECT_ALLOWANCE = 64 * KIB
 # A reply's metadata and its error's reason, if any (Cohort's are one line); the whole of
 # push-messages measured 1,935 bytes in the deployment test.
@@ -58,8 +58,8 @@ CONNECTIONS_PER_SITE = 4
 OBJECT_PUSHES_PER_SITE = 2
 # Requests per second a site may keep up (two transfers of 5 MiB objects at 2 Gb/s), and
 # at once: the deployment test's three sites made at most 36 in any second and 88 in any
-# 10 s; a reply costs a site about two requests per object of the model (the transformer
-# has 53 on 224x224 images).
+# 10 s; a round costs a site about two requests per object of the model, one to pull it
+# and one to push its update (the transformer has 53 on 224x224 images).
 REQUESTS_PER_SECOND_PER_SITE = 50
 BURST_PER_SITE = 500
 # One site per address, as hospitals each have their own; SuperNodes that share an address

@@ -46,18 +46,22 @@ def _install_units(root: Path, superlink_port: int = 8000) -> list[Path]:
     return sorted(units.iterdir())
 
 
+@pytest.fixture(scope="module")
+def installed_units(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return _install_units(tmp_path_factory.mktemp("root"))
+
+
 @needs_systemd_analyze
 @installed_where_a_service_can_run
-def test_systemd_analyze_verify_accepts_both_units_without_a_warning(tmp_path: Path) -> None:
-    units = _install_units(tmp_path)
-    verified = subprocess.run(["systemd-analyze", "verify", "--man=no", *map(str, units)], capture_output=True, text=True, timeout=60)
+def test_systemd_analyze_verify_accepts_both_units_without_a_warning(installed_units: list[Path]) -> None:
+    verified = subprocess.run(["systemd-analyze", "verify", "--man=no", *map(str, installed_units)], capture_output=True, text=True, timeout=60)
     assert verified.returncode == 0 and not verified.stdout + verified.stderr, verified.stdout + verified.stderr
 
 
 @needs_systemd_analyze
 @installed_where_a_service_can_run
-def test_each_unit_is_rated_little_exposed_by_systemd_analyze_security(tmp_path: Path) -> None:
-    for unit in _install_units(tmp_path):
+def test_each_unit_is_rated_little_exposed_by_systemd_analyze_security(installed_units: list[Path]) -> None:
+    for unit in installed_units:
         rated = subprocess.run(
             ["systemd-analyze", "security", "--offline=true", f"--threshold={EXPOSURE_THRESHOLD_TENTHS}", "--no-pager", str(unit)], capture_output=True, text=True, timeout=60
         )

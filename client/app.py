@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.clipping import central_dp_clipping_mod
+from client.dp_randomness import site_noise_source
 from client.evaluation_policy import declined_evaluation
 from client.policy import AGGREGATION_METRICS, SiteConfig
 from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps, spent_epsilon
@@ -64,6 +65,7 @@ def train(msg: Message, context: Context) -> Message:
         run,
         privacy,
         resolve_device(run.device),
+        site_noise_source(run, site, data, server_round),
         server_round=server_round,
         proximal_mu=float(config.get(protocol.CONFIG_PROXIMAL_MU, 0.0)),
     )

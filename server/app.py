@@ -15,7 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.evaluation import Evaluation, evaluate
 from common.errors import CohortInputError
 from common.models.registry import build_model
-from server.central_dp import CentralPrivacy, wrap_with_central_dp
+from server.central_dp import CentralPrivacy, coordinator_noise, wrap_with_central_dp
 from server.collect import PlainCollect, require_compatible
 from server.dp_policy import ClientLevel, DPPolicy, SiteProtected
 from server.exchange import Exchange, ReplyTimeout
@@ -59,7 +59,9 @@ def main(grid: Grid, context: Context) -> None:
     policy: DPPolicy = SiteProtected(run, strategy)
     if run.dp.client_level:
         central = CentralPrivacy.for_run(run, run_dir.path, sample_size(run.aggregation, num_sites), context.run_id)
-        strategy = wrap_with_central_dp(strategy, run, central.noise, central.sample_size, resume_clip_norm=central.last_clip_norm())
+        strategy = wrap_with_central_dp(
+            strategy, run, central.noise, central.sample_size, resume_clip_norm=central.last_clip_norm(), noise_sources=coordinator_noise(run)
+        )
         policy = ClientLevel(run, strategy, central)
     exchange = Exchange(grid, ReplyTimeout(run.checks.reply_timeout), state.registry)
     checker = ReplyChecker(run, context.run_id, state.registry)

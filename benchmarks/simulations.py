@@ -21,6 +21,7 @@ from client.training import train_locally
 from common.data.dataset import LabeledImages
 from common.evaluation import evaluate
 from common.models.registry import build_model
+from common.privacy.noise import noise_source
 from server.held_out import federated_split
 from server.rundir import RunDirectory
 from simulations.federation import simulated_site_data
@@ -60,7 +61,7 @@ def central_training(config: str) -> dict[str, Any]:
     model = build_model(run.training.model, split.input_shape, split.num_classes)
     central = dataclasses.replace(run, training=dataclasses.replace(run.training, local_epochs=run.training.rounds * run.training.local_epochs))
     started = time.perf_counter()
-    train_locally(model, pooled, central, None, torch.device("cpu"))
+    train_locally(model, pooled, central, None, torch.device("cpu"), noise_source(run.noise_source, run.data.seed, "central"))
     seconds = time.perf_counter() - started
     return {
         "config": config,

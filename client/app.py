@@ -15,10 +15,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.clipping import central_dp_clipping_mod
-from client.integer_noise import KeystreamUniform
+from client.dp_randomness import site_noise_source
+from client.integer_update import SECURE_AGGREGATION_STREAM, integer_update
 from client.evaluation_policy import declined_evaluation
 from client.policy import AGGREGATION_METRICS, SiteConfig
-from client.integer_update import integer_update
 from client.secure_aggregation import Masker, is_secure_aggregation, key_stage_reply, masked_input_reply
 from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps, spent_epsilon
 from client.site_data import SiteData, local_site_data, simulated_site_data
@@ -55,8 +55,7 @@ def train(msg: Message, context: Context) -> Message:
         said = "with" if run.dp.secure_aggregation else "without"
         return Message(Error(code=secure_messages.REFUSED, reason=f"site {site.name} refuses: the run says {said} secure aggregation, the request does not"), reply_to=msg)
     if secure:
-        encode = partial(integer_update, source=KeystreamUniform())
-        return masked_input_reply(msg, context, site.name, encode, lambda masker: _train(msg, context, run, site, masker))
+        return masked_input_reply(msg, context, site.name, lambda masker: _train(msg, context, run, site, masker))
     return _train(msg, context, run, site, None)
 
 
@@ -88,13 +87,15 @@ def _train(msg: Message, context: Context, run: SiteRunConfig, site: SiteConfig,
         run,
         privacy,
         resolve_device(run.device),
+        site_noise_source(run, site, data, server_round),
         server_round=server_round,
         proximal_mu=float(config.get(protocol.CONFIG_PROXIMAL_MU, 0.0)),
     )
     arrays = ArrayRecord({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()})
     released, key = arrays, protocol.ARRAYS
-    if masker is not None:
-        released, key = masked_input_record(masker(update_vector(arrays, msg.content[protocol.ARRAYS]))), secure_messages.MASKED_INPUT
+    if masker is not None:  # its rounding and noise share draw from their own stream of the site's noise source
+        encode = partial(integer_update, source=site_noise_source(run, site, data, server_round, SECURE_AGGREGATION_STREAM))
+        released, key = masked_input_record(masker(update_vector(arrays, msg.content[protocol.ARRAYS]), encode)), secure_messages.MASKED_INPUT
     if update.privacy:
         epsilon, accountant = enforced_epsilon(update.privacy, site)
         record = LedgerRecord.release(spender, mechanism, _noise(run, update.privacy, update.steps), epsilon, accountant, model_hash(released))

@@ -1,14 +1,13 @@
-"""The integer noise a site adds before masking: Skellam, from a cryptographically secure
-bit source.
+"""The integer noise a site adds before masking: Skellam, drawn from the site's noise source.
 
 Skellam(mu) is the difference of two independent Poisson(mu / 2) variables: integer-valued,
 variance mu, and closed under summation, so the sites' shares add up to exactly the noise
 the coordinator's accounting assumes (common/privacy/skellam.py).
 
-Every random bit comes from a ChaCha20 keystream (`cryptography`) under a fresh 256-bit key
-from the operating system, never from NumPy's or PyTorch's generators: whoever learns a
-generator's state could subtract the noise. The samplers take any `UniformSource`, so the
-site's secure Gaussian source (common/privacy/noise.py, when it lands) can feed them.
+Every random bit comes from the site's NoiseSource (common/privacy/noise.py), the one its
+DP-SGD draws from: at a deployed site ChaCha20's keystream under keys from the operating
+system (whoever learnt a generator's state could subtract the noise); in a simulation a
+seeded stream unless the run asks for the secure one, so that a seed repeats a run.
 
 Poisson sampling: inversion for small means; for means of 10 and more Hormann's
 transformed rejection (PTRS, 1993), the algorithm NumPy ships, here vectorised and with
@@ -20,53 +19,39 @@ loses digits. Doubles carry 53 random bits; the draw is an integer.
 from __future__ import annotations
 
 import math
-import os
-from typing import Protocol
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+from common.privacy.noise import NoiseSource
 
 _PTRS_MIN_MEAN = 10.0
 _STIRLING_MIN = 15
 
 
-class UniformSource(Protocol):
-    def uniform(self, count: int) -> np.ndarray:
-        """`count` independent doubles uniform on the open interval (0, 1)."""
-        ...
+def _uniform(source: NoiseSource, count: int) -> np.ndarray:
+    """`count` doubles uniform on the open interval (0, 1): the source's draws on [0, 1),
+    a draw of 0 (probability 2^-53) moved to the middle of the lowest step."""
+    draws = source.uniform(count).numpy()
+    return np.where(draws > 0, draws, 2.0**-54)
 
 
-class KeystreamUniform:
-    """Uniform doubles from a ChaCha20 keystream under a key drawn from os.urandom.
-
-    One object, one key: the keystream is never repeated because its 128-bit counter and
-    nonce block advance with every byte drawn."""
-
-    def __init__(self) -> None:
-        self._stream = Cipher(algorithms.ChaCha20(os.urandom(32), bytes(16)), mode=None).encryptor()
-
-    def uniform(self, count: int) -> np.ndarray:
-        words = np.frombuffer(self._stream.update(bytes(8 * count)), dtype="<u8")
-        return ((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
-
-
-def skellam(variance: float, count: int, source: UniformSource) -> np.ndarray:
+def skellam(variance: float, count: int, source: NoiseSource) -> np.ndarray:
     """`count` independent Skellam(variance) integers (int64)."""
     if variance == 0:
         return np.zeros(count, dtype=np.int64)
     return poisson(variance / 2, count, source) - poisson(variance / 2, count, source)
 
 
-def poisson(mean: float, count: int, source: UniformSource) -> np.ndarray:
+def poisson(mean: float, count: int, source: NoiseSource) -> np.ndarray:
     """`count` independent Poisson(mean) integers (int64)."""
     if mean < _PTRS_MIN_MEAN:
         return _poisson_inversion(mean, count, source)
     return _poisson_ptrs(mean, count, source)
 
 
-def _poisson_inversion(mean: float, count: int, source: UniformSource) -> np.ndarray:
+def _poisson_inversion(mean: float, count: int, source: NoiseSource) -> np.ndarray:
     """Walk the CDF up from 0 until it passes a uniform draw."""
-    u = source.uniform(count)
+    u = _uniform(source, count)
     result = np.zeros(count, dtype=np.int64)
     probability = math.exp(-mean)
     cdf = np.full(count, probability)
@@ -83,7 +68,7 @@ def _poisson_inversion(mean: float, count: int, source: UniformSource) -> np.nda
     return result
 
 
-def _poisson_ptrs(mean: float, count: int, source: UniformSource) -> np.ndarray:
+def _poisson_ptrs(mean: float, count: int, source: NoiseSource) -> np.ndarray:
     """Hormann's PTRS, every draw retried until accepted."""
     root = math.sqrt(mean)
     b = 0.931 + 2.53 * root
@@ -93,8 +78,8 @@ def _poisson_ptrs(mean: float, count: int, source: UniformSource) -> np.ndarray:
     result = np.empty(count, dtype=np.int64)
     pending = np.arange(count)
     while pending.size:
-        u = source.uniform(pending.size) - 0.5
-        v = source.uniform(pending.size)
+        u = _uniform(source, pending.size) - 0.5
+        v = _uniform(source, pending.size)
         us = 0.5 - np.abs(u)
         k = np.floor((2 * a / us + b) * u + mean + 0.43)
         accepted = (us >= 0.07) & (v <= squeeze)

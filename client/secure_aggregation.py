@@ -56,14 +56,14 @@ class Refused(Exception):
     """The site declines a stage; the text is one line saying why."""
 
 
-# Turns the site's flat update (float, the global model's order) into its masked input.
-Masker = Callable[[np.ndarray], np.ndarray]
+# The site's update as the integers it masks (client/integer_update.py), under a round's parameters.
+Encode = Callable[[np.ndarray, SecAggParameters], np.ndarray]
+# Turns the site's flat update (float, the global model's order), encoded, into its masked input.
+Masker = Callable[[np.ndarray, Encode], np.ndarray]
 # The site's training for the masked-input stage: it trains, masks its update with the
 # masker, and returns its whole reply (the masked input beside whatever else it reports),
 # or an error reply when it declines to train.
 Contribute = Callable[[Masker], Message]
-# The site's update as the integers it masks (client/integer_update.py), under a round's parameters.
-Encode = Callable[[np.ndarray, SecAggParameters], np.ndarray]
 
 
 def key_stage_reply(message: Message, context: Context, site_name: str) -> Message | None:
@@ -84,13 +84,13 @@ def key_stage_reply(message: Message, context: Context, site_name: str) -> Messa
         return _declined(message, site_name, declined)
 
 
-def masked_input_reply(message: Message, context: Context, site_name: str, encode: Encode, contribute: Contribute) -> Message:
+def masked_input_reply(message: Message, context: Context, site_name: str, contribute: Contribute) -> Message:
     """The masked-input stage: open the neighbours' shares (before any training, so a round
     the site cannot finish costs it no privacy), then train and mask."""
     try:
         request = ForwardedShares.from_record(message.content.config_records[RECORD])
         receive_shares(context, request)
-        return contribute(lambda update: masked_input(context, request.server_round, update, encode))
+        return contribute(lambda update, encode: masked_input(context, request.server_round, update, encode))
     except (Refused, ProtocolViolation) as declined:
         return _declined(message, site_name, declined)
 

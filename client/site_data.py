@@ -15,6 +15,7 @@ examples look like a new dataset with a fresh budget.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from dataclasses import dataclass
 from functools import lru_cache
@@ -37,12 +38,17 @@ SITE_DATA_CACHE_SIZE = 4096
 
 @dataclass(frozen=True)
 class SiteData:
-    """One site's local data: what it trains on and what it validates on."""
+    """One site's local data: what it trains on and what it validates on.
+
+    noise_seed: the seed a simulated site's seeded noise starts from, handed over with its
+    data by the simulation (None at a deployed site, whose noise is never seeded).
+    """
 
     train: LabeledImages
     val: LabeledImages
     num_classes: int
     identity: str
+    noise_seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,8 @@ class SimulatedHolding:
     examples: the site's share of the training pool, in the order the partition lists it.
     num_classes: the whole dataset's (a share may lack some classes; the model may not).
     val_fraction, split_seed: the site's train/validation split.
+    noise_seed: the simulation's seed, from which the site's seeded noise starts (when the
+        run asks for seeded noise: common.config.SiteRunConfig.noise_source).
     canaries: the audit's canaries this site trains on (the canary site only), added to
         its training split after the split, so they never score its validation.
     """
@@ -60,14 +68,15 @@ class SimulatedHolding:
     num_classes: int
     val_fraction: float
     split_seed: int
+    noise_seed: int
     canaries: LabeledImages | None = None
 
     def site_data(self) -> SiteData:
-        site = split_train_val(self.examples, self.num_classes, self.val_fraction, self.split_seed)
+        site = dataclasses.replace(split_train_val(self.examples, self.num_classes, self.val_fraction, self.split_seed), noise_seed=self.noise_seed)
         if self.canaries is None:
             return site
         train = site.train.concat(self.canaries)
-        return SiteData(train=train, val=site.val, num_classes=site.num_classes, identity=data_identity(train.concat(site.val)))
+        return dataclasses.replace(site, train=train, identity=data_identity(train.concat(site.val)))
 
     def to_bytes(self) -> bytes:
         arrays = {
@@ -76,6 +85,7 @@ class SimulatedHolding:
             "num_classes": np.array(self.num_classes),
             "val_fraction": np.array(self.val_fraction),
             "split_seed": np.array(self.split_seed),
+            "noise_seed": np.array(self.noise_seed),
         }
         if self.canaries is not None:
             arrays.update(canary_images=self.canaries.images, canary_labels=self.canaries.labels)
@@ -92,6 +102,7 @@ class SimulatedHolding:
                 num_classes=int(saved["num_classes"]),
                 val_fraction=float(saved["val_fraction"]),
                 split_seed=int(saved["split_seed"]),
+                noise_seed=int(saved["noise_seed"]),
                 canaries=canaries,
             )
 

@@ -37,6 +37,11 @@ DEVICES = ("auto", "cpu", "cuda")
 CLIENT_CLIPPINGS = ("fixed", "adaptive")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine")
+# Where DP noise comes from (common/privacy/noise.py): a cipher's keystream, or a generator
+# seeded by the run's seed. A deployed site always takes the secure one (client/dp_randomness.py).
+SECURE_NOISE = "secure"
+SEEDED_NOISE = "seeded"
+NOISE_SOURCES = (SECURE_NOISE, SEEDED_NOISE)
 
 
 @dataclass(frozen=True)
@@ -166,11 +171,18 @@ class SiteRunConfig:
         folder per site; sites spend from the same budget in every run that shares it.
     site_epsilon, site_delta, site_allow_non_private: the policy of a simulated site that
         sets none itself (a site's own policy always wins; see client.policy).
+    noise_source: where the DP noise of simulated sites and of the coordinator (under
+        client-level DP) comes from: 'secure' (a CSPRNG, never seeded; the default, so a
+        deployed coordinator gets it) or 'seeded' (from the run's seed, the site and the
+        round, so the same seed gives the same run; `cohort simulate` defaults to it; a
+        simulated site takes the seed with its data, client.site_data). A deployed site
+        always draws secure noise, whatever this says.
     """
 
-    # Settings that say where a run lives, not what it computes: they may differ between
-    # a run and its resumption, or between a site's view and the coordinator's.
-    PLACEMENT_KEYS: ClassVar[frozenset[str]] = frozenset({"run_dir", "device", "federation_home"})
+    # Settings that say where a run lives or who could predict its noise, not what it
+    # computes: they may differ between a run and its resumption, or between a site's view
+    # and the coordinator's.
+    PLACEMENT_KEYS: ClassVar[frozenset[str]] = frozenset({"run_dir", "device", "federation_home", "noise_source"})
 
     run_dir: str = ""
     device: str = "auto"
@@ -180,9 +192,11 @@ class SiteRunConfig:
     site_epsilon: float = 8.0
     site_delta: float = 1e-5
     site_allow_non_private: bool = False
+    noise_source: str = SECURE_NOISE
 
     def __post_init__(self) -> None:
         require_choice("device", self.device, DEVICES)
+        require_choice("noise-source", self.noise_source, NOISE_SOURCES)
         self.training.validate()
         self.dp.validate()
         object.__setattr__(self, "training", _with_local_training_defaults(self.training, self.dp.sample_level))
@@ -207,7 +221,7 @@ class SiteRunConfig:
         sections: dict[str, dict[str, Any]] = {}
         for key, value in run_config.items():
             section, attribute, kind = known[key.replace("-", "_")]
-            sections.setdefault(section, {})[attribute] = coerce(key, value, kind)
+            sections.setdefault(section, {})[attribute] = _coerce(key, value, kind)
         top = sections.pop("", {})
         kinds = {f.name: f.default_factory for f in dataclasses.fields(cls)}  # type: ignore[misc]
         return cls(**top, **{section: kinds[section](**values) for section, values in sections.items()})  # type: ignore[misc]
@@ -293,7 +307,7 @@ def flat_values(config: SiteRunConfig, settings: Mapping[str, tuple[str, str, ty
     return flat
 
 
-def coerce(name: str, value: Any, kind: type) -> Any:
+def _coerce(name: str, value: Any, kind: type) -> Any:
     """Flower and TOML hand over ints where floats are meant (epsilon = 8); accept them."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import CohortInputError
-from deploy.flower_runtime import offline_flower_env
 from deploy.certificates import CertificateLayout, check_server_files
+from deploy.flower_runtime import offline_flower_env
 from deploy.front_door import FrontDoor
 from deploy.launch import SuperLinkLaunch, flwr_home, require_free_port, wait_until_healthy
 from deploy.supervision import Program, Supervisor

@@ -28,10 +28,11 @@ import tomli_w
 
 from common.config import validate_budget
 from common.errors import CohortInputError
-from deploy.flower_runtime import flower_executable, offline_flower_env
 from common.privacy.ledger import SiteLedger
-from server.rundir import write_bytes_atomic
 from deploy.certificates import LOOPBACK, LOOPBACK_NAME, CertificateLayout, check_ca, check_server_files, check_site_key, validate_site_name
+from deploy.flower_runtime import flower_executable, offline_flower_env
+from deploy.state_lock import lock_state_dir
+from server.rundir import write_bytes_atomic
 
 PROBE_TIMEOUT_S = 5.0
 # In a site's state directory: the folder put first on the PATH Flower starts ClientApps from.
@@ -121,8 +122,10 @@ class SuperNodeLaunch:
         ]  # fmt: skip
 
     def prepare(self) -> str:
-        """The site's own runtime: its ledger key (made on first start) and its
-        `flwr-clientapp`. Returns the key's fingerprint, for the auditor's records."""
+        """The site's own runtime, once this process holds its state directory (for its
+        life, Flower's SuperNode's after the exec): its ledger key (made on first start)
+        and its `flwr-clientapp`. Returns the key's fingerprint, for the auditor's records."""
+        lock_state_dir(self.state_dir)
         fingerprint = init_site_state(self.state_dir)
         install_site_runner(self.state_dir)
         return fingerprint

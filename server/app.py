@@ -16,7 +16,7 @@ from common.evaluation import Evaluation, evaluate
 from common.errors import CohortInputError
 from common.models.registry import build_model
 from common.secure_aggregation.model_vector import dimension
-from server.central_dp import CentralPrivacy, wrap_with_central_dp
+from server.central_dp import CentralPrivacy, coordinator_noise, wrap_with_central_dp
 from server.collect import CollectStage, PlainCollect, require_compatible
 from server.distributed_dp import DistributedPrivacy
 from server.dp_policy import ClientLevel, DistributedClientLevel, DPPolicy, SiteProtected
@@ -77,7 +77,9 @@ def main(grid: Grid, context: Context) -> None:
     else:
         if run.dp.client_level:
             central = CentralPrivacy.for_run(run, run_dir.path, sample_size(run.aggregation, num_sites), context.run_id)
-            strategy = wrap_with_central_dp(strategy, run, central.noise, central.sample_size, resume_clip_norm=central.last_clip_norm())
+            strategy = wrap_with_central_dp(
+                strategy, run, central.noise, central.sample_size, resume_clip_norm=central.last_clip_norm(), noise_sources=coordinator_noise(run)
+            )
             policy = ClientLevel(run, strategy, central)
         collect = PlainCollect(run, strategy, exchange, checker, policy.norm_limit)
     require_compatible(collect, STRATEGIES[run.aggregation.strategy])

@@ -7,7 +7,7 @@ how contributions are gathered can change without touching it or the policy:
 
 - PlainCollect, today's: one training exchange, every reply in the clear and checked on its
   own (server.reply_checks), the policy's norm bound applied to each update, the accepted
-  updates weighed by the server and handed on one by one (SiteUpdates).
+  updates weighed by the server and handed on one by one, in site order (SiteUpdates).
 - a secure-aggregation protocol, later: as many exchanges as it needs (keys, masked
   updates, unmasking), dropouts and failures reported into the round's report as they
   happen, the sites' verified ledger entries accepted without their updates, and only the
@@ -128,6 +128,7 @@ class PlainCollect:
                 report.reject(checked)
             else:
                 updates.append(checked)
+        updates.sort(key=lambda update: update.site)  # replies arrive in any order; the float sums of aggregation must not depend on it
         limit = self.norm_limit([u.norm for u in updates])
         for update in [u for u in updates if u.norm > limit]:
             report.reject(Rejection(update.node, update.site, Stage.TRAIN, f"sent an update of norm {update.norm:.4g}, above the bound {limit:.4g}", update.entry))

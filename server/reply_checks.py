@@ -77,18 +77,13 @@ class MaskedContribution:
 
 def _site_round(entry: LedgerEntry, norm: float | None, reported_examples: int | None, metrics: dict[str, float]) -> SiteRound:
     """What metrics.jsonl says of a site that contributed: its spend comes from its signed entry."""
-    record = entry.record
-    spend: dict[str, float] = {}
-    if record.kind == RecordKind.RELEASE:
-        spend = dict(
-            epsilon=record.epsilon,
-            delta=record.delta,
-            budget=record.budget_epsilon,
-            noise_multiplier=record.noise_multiplier,
-            sample_rate=record.sample_rate,
-            steps=record.steps,
-        )
-    return SiteRound(trained=True, update_norm=norm, num_examples=reported_examples, **metrics, **spend)
+    figures = SiteRound(trained=True, update_norm=norm, num_examples=reported_examples, **metrics)
+    spent = entry.record
+    if spent.kind != RecordKind.RELEASE:
+        return figures
+    return dataclasses.replace(
+        figures, epsilon=spent.epsilon, delta=spent.delta, budget=spent.budget_epsilon, noise_multiplier=spent.noise_multiplier, sample_rate=spent.sample_rate, steps=spent.steps
+    )
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,14 @@ def simulated_partitions(config: DataConfig, num_partitions: int) -> tuple[np.nd
 
 def site_holding(config: DataConfig, partition_id: int, num_partitions: int) -> SimulatedHolding:
     """What simulated site `partition_id` holds: its share, split by the run's seed and
-    validation share, and the canaries it trains on when it is the audit's canary site."""
+    validation share, the run's seed for its seeded noise, and the canaries it trains on
+    when it is the audit's canary site."""
     if not 0 <= partition_id < num_partitions:
         raise CohortInputError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     split = federated_split(config)
     share = split.pool.subset(simulated_partitions(config, num_partitions)[partition_id])
     canaries = split.canaries.trained_on if split.canaries is not None and partition_id == config.audit_canary_site else None
-    return SimulatedHolding(share, split.num_classes, config.val_fraction, config.seed + partition_id, canaries)
+    return SimulatedHolding(share, split.num_classes, config.val_fraction, config.seed + partition_id, config.seed, canaries)
 
 
 def write_site_files(config: DataConfig, num_partitions: int, run_dir: Path) -> None:

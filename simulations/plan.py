@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.config import SEEDED_NOISE
 from server.run_config import RunConfig
 from common.errors import CohortInputError
 from simulations.attack_spec import AttackSpec
@@ -62,6 +63,9 @@ def load_plan(config_file: Path, overrides: list[str]) -> SimulationPlan:
 
 
 def plan_from_values(values: dict[str, Any]) -> SimulationPlan:
+    """A plan from flat settings. A simulation's noise is seeded unless it asks for the
+    secure source, so that the same seed gives the same run."""
+    values = {"noise-source": SEEDED_NOISE, **values}
     site_keys = {"num-sites": int, "cpus-per-site": int, "gpus-per-site": float}
     plan_values: dict[str, Any] = {}
     for key, kind in site_keys.items():

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from client.integer_noise import KeystreamUniform
 from client.integer_update import clipped
 from client.integer_update import integer_update
+from common.privacy.noise import SecureNoise
 from client.secure_aggregation import STATE, key_stage_reply, masked_input_reply
 from common.secure_aggregation.messages import MASKED_INPUT, MASKED_VECTOR, RECORD, REFUSED, Stage, masked_input_record
 from common.secure_aggregation.parameters import SecAggParameters, default_threshold
@@ -29,10 +29,12 @@ CLIP = 1.0
 Tamper = Callable[[Message, Stage], Message]
 
 
+ENCODE = partial(integer_update, source=SecureNoise())
+
+
 def respond(message: Message, context: Context, name: str, contribute: Callable) -> Message:
     """A site's reply to any stage, as the ClientApp gives it."""
-    encode = partial(integer_update, source=KeystreamUniform())
-    return key_stage_reply(message, context, name) or masked_input_reply(message, context, name, encode, contribute)
+    return key_stage_reply(message, context, name) or masked_input_reply(message, context, name, contribute)
 
 
 @dataclass
@@ -67,7 +69,7 @@ class Sites:
 
     def _contribution(self, message: Message, node: int) -> Callable:
         def contribute(masker: Callable[[np.ndarray], np.ndarray]) -> Message:
-            return Message(RecordDict({MASKED_INPUT: masked_input_record(masker(self.updates[node]))}), reply_to=message)
+            return Message(RecordDict({MASKED_INPUT: masked_input_record(masker(self.updates[node], ENCODE))}), reply_to=message)
 
         return contribute
 
@@ -292,7 +294,7 @@ def test_an_unclipped_input_puts_the_sum_outside_its_bound_and_abandons_the_roun
 
     def contribute_unclipped(message: Message, node: int):
         def contribute(masker):
-            masked = masker(np.zeros(DIMENSION))
+            masked = masker(np.zeros(DIMENSION), ENCODE)
             boost = modular.to_field(np.full(DIMENSION, int(params.coordinate_bound(4))), 32)
             return Message(RecordDict({MASKED_INPUT: masked_input_record(modular.add(masked.astype(np.uint64), boost, 32).astype(masked.dtype))}), reply_to=message)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from client.integer_noise import KeystreamUniform
+from common.privacy.noise import SecureNoise
 from cli.main import app as cli
 from client.integer_update import clipped, integer_update
 from common.errors import CohortInputError
@@ -81,7 +81,7 @@ def test_clipping_bounds_the_update_norm_and_leaves_short_updates_alone() -> Non
 def test_integer_update_is_the_scaled_update_rounded_by_less_than_one() -> None:
     params = dataclasses.replace(VALID, dimension=500)
     update = np.random.default_rng(0).normal(0, 0.02, 500)
-    integers = integer_update(update, params, KeystreamUniform())
+    integers = integer_update(update, params, SecureNoise())
     assert integers.dtype == np.int64
     assert np.abs(integers - clipped(update, 1.0) * params.scale).max() < 1
 
@@ -89,7 +89,7 @@ def test_integer_update_is_the_scaled_update_rounded_by_less_than_one() -> None:
 def test_stochastic_rounding_is_unbiased() -> None:
     params = dataclasses.replace(VALID, dimension=1, clip_norm=1.0)
     value = 0.3 / params.scale  # 0.3 of one integer step
-    draws = np.array([integer_update(np.array([value]), params, KeystreamUniform())[0] for _ in range(4000)])
+    draws = np.array([integer_update(np.array([value]), params, SecureNoise())[0] for _ in range(4000)])
     assert set(draws) == {0, 1}
     assert draws.mean() == pytest.approx(0.3, abs=0.03)
 

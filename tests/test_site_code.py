@@ -25,6 +25,7 @@ import numpy as np
 import psutil
 import pytest
 
+from common.config import SiteRunConfig
 from common.privacy.accounting import PrivacyState
 from common.privacy.ledger import LEDGER_FILE, LedgerEntry, RecordKind, history_of, load_public_key, read_entries, verify_chain
 from deploy.flower_runtime import offline_flower_env
@@ -153,22 +154,46 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         assert not leftovers, f"processes left running: {leftovers}"
 
 
+def _app_copy(root: Path, name: str) -> Path:
+    app = root / name
+    shutil.copytree(APP_DIR, app, ignore=shutil.ignore_patterns(".*", "runs", "tests", "docs", "docker", "benchmarks", "__pycache__", "*.egg-info"))
+    return app
+
+
+def _edit(path: Path, changes: tuple[tuple[str, str], ...]) -> None:
+    code = path.read_text()
+    for old, new in changes:
+        assert old in code, f"{path} no longer holds {old!r}"
+        code = code.replace(old, new)
+    path.write_text(code)
+
+
 def _hostile_app(root: Path) -> Path:
     """A copy of the Cohort app whose ClientApp skips the budget check and trains with no
     noise at all, even where the site's policy forbids it."""
-    app = root / "hostile-app"
-    shutil.copytree(APP_DIR, app, ignore=shutil.ignore_patterns(".*", "runs", "tests", "docs", "docker", "benchmarks", "__pycache__", "*.egg-info"))
-    client_app = app / "client" / "app.py"
-    code = client_app.read_text()
+    app = _app_copy(root, "hostile-app")
     skipped = (
         ("    if not run.dp.sample_level and not site.allow_non_private:", "    if False:"),
         ("    privacy = _planned_privacy(run, site, spender, entries, len(data.train)) if run.dp.sample_level else None\n", "    privacy = None\n"),
     )
-    for honest, hostile in skipped:
-        assert honest in code
-        code = code.replace(honest, hostile)
-    client_app.write_text(code)
+    _edit(app / "client" / "app.py", skipped)
     return app
+
+
+def _newer_coordinator_app(root: Path) -> Path:
+    """A copy of the Cohort app one coordinator version ahead of the sites: a changed
+    server/ file and a run-config setting the sites' installed version does not know, and
+    the sites' own site package (client/ and common/)."""
+    app = _app_copy(root, "newer-coordinator-app")
+    _edit(app / "server" / "run_config.py", (("    fairness_margin: float = 0.05\n", "    fairness_margin: float = 0.05\n    coordinator_note: str = \"\"\n"),))
+    _edit(app / "pyproject.toml", (("fairness-margin = 0.05\n", "fairness-margin = 0.05\ncoordinator-note = \"\"\n"),))
+    return app
+
+
+@pytest.fixture(scope="module")
+def honest_run(federation: Federation) -> dict:
+    """The first run the sites answer, submitted by a coordinator one version ahead of them."""
+    return federation.run(_newer_coordinator_app(federation.root), "accountant='gdp' seed=1 coordinator-note='newer'", "honest")
 
 
 def _sites_reported(run: dict) -> list[SiteRound]:
@@ -186,8 +211,8 @@ def test_a_fab_whose_clientapp_skips_the_budget_check_is_refused_and_recorded(fe
         assert "refused run" in federation.log(site)
 
 
-def test_the_sites_own_code_trains_with_the_sites_accountant_whatever_the_run_config_names(federation: Federation) -> None:
-    run = federation.run(APP_DIR, "accountant='gdp' seed=1", "honest")
+def test_the_sites_own_code_trains_with_the_sites_accountant_whatever_the_run_config_names(federation: Federation, honest_run: dict) -> None:
+    run = honest_run
     assert run["status"] == "finished:completed", run
     for site, budget in SITES.items():
         releases = [e.record for e in federation.entries(site) if e.record.kind == RecordKind.RELEASE]
@@ -195,6 +220,18 @@ def test_the_sites_own_code_trains_with_the_sites_accountant_whatever_the_run_co
         assert {r.accountant for r in releases} == {"rdp"}
         rdp = PrivacyState(1.0, 1.0, "rdp", history_of(releases)).epsilon(DELTA)
         assert releases[-1].epsilon == pytest.approx(rdp) and rdp <= budget
+
+
+def test_a_site_answers_a_coordinator_whose_own_code_and_settings_are_newer_than_its_own(federation: Federation, honest_run: dict) -> None:
+    """docs/site.md, "Versions": a site ignores run-config keys it does not read, and signs
+    the fingerprint of those it does, which the newer coordinator computes alike."""
+    assert honest_run["status"] == "finished:completed", honest_run
+    assert {name for record in honest_run["metrics"] for name, site in record.sites.items() if site.trained} == set(SITES)
+    settings = json.loads((federation.root / "runs" / "honest" / "config.json").read_text())["run_config"]
+    assert settings["coordinator-note"] == "newer"
+    for site in SITES:
+        last = federation.entries(site)[-1].record
+        assert last.kind == RecordKind.RELEASE and last.config_hash == SiteRunConfig.from_flower(settings).site_fingerprint()
 
 
 def test_with_the_default_policy_the_coordinator_receives_no_per_site_training_or_validation_metrics(federation: Federation) -> None:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from client.integer_noise import KeystreamUniform, poisson, skellam
+from client.integer_noise import poisson, skellam
+from common.privacy.noise import SecureNoise
 from common.privacy.accounting import derive_noise_multiplier
 from common.privacy.skellam import ORDERS, SkellamRelease, epsilon, rdp_bound, rounded_sensitivity, tail_bound, variance_for_budget
 
@@ -114,7 +115,7 @@ def test_tail_bound_holds_for_the_skellam_distribution() -> None:
 
 @pytest.mark.parametrize("mean", [0.4, 6.0, 12.0, 75.0, 2500.0])
 def test_poisson_sampler_matches_the_pmf(mean: float) -> None:
-    draws = poisson(mean, 100_000, KeystreamUniform())
+    draws = poisson(mean, 100_000, SecureNoise())
     values, counts = np.unique(draws, return_counts=True)
     expected = stats.poisson.pmf(values, mean) * draws.size
     kept = expected > 5
@@ -122,7 +123,7 @@ def test_poisson_sampler_matches_the_pmf(mean: float) -> None:
 
 
 def test_skellam_sampler_matches_the_pmf() -> None:
-    draws = skellam(40.0, 100_000, KeystreamUniform())
+    draws = skellam(40.0, 100_000, SecureNoise())
     values, counts = np.unique(draws, return_counts=True)
     expected = stats.skellam.pmf(values, 20.0, 20.0) * draws.size
     kept = expected > 5
@@ -131,11 +132,11 @@ def test_skellam_sampler_matches_the_pmf() -> None:
 
 def test_skellam_sampler_keeps_its_variance_at_the_means_sites_draw() -> None:
     variance = 2.5e10
-    draws = skellam(variance, 50_000, KeystreamUniform())
+    draws = skellam(variance, 50_000, SecureNoise())
     assert abs(draws.mean()) < 5 * math.sqrt(variance / draws.size)
     assert draws.var() == pytest.approx(variance, rel=0.03)
 
 
 def test_two_sources_never_draw_the_same_noise() -> None:
-    first, second = skellam(1e6, 1000, KeystreamUniform()), skellam(1e6, 1000, KeystreamUniform())
+    first, second = skellam(1e6, 1000, SecureNoise()), skellam(1e6, 1000, SecureNoise())
     assert not np.array_equal(first, second)

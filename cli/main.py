@@ -17,6 +17,7 @@ from cli.compare import compare
 from cli.deploy import connect, front_door, superlink, supernode
 from cli.site import site_app
 from cli.errors import input_errors
+from cli.rounds import round_line
 from common.errors import CohortInputError
 from common.rundir import RunDirectory, write_json_atomic
 from simulations.plan import DEFAULT_SIMULATION, SimulationPlan, load_plan, saved_plan
@@ -88,50 +89,33 @@ def _run_with_progress(plan: SimulationPlan) -> SimulationOutcome:
     num_classes = federated_split(plan.run.data).num_classes
     seen: list[dict[str, Any]] = []
     warned = False
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task("starting Flower", total=rounds)
+    # Shown once the run directory is locked and ready, so that a refusal prints nothing else.
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+    task = progress.add_task("starting Flower", total=rounds)
 
-        def on_start(run_dir: RunDirectory) -> None:
-            progress.console.print(f"run directory: {run_dir.path}", highlight=False)
-            progress.update(task, description="training")
+    def on_start(run_dir: RunDirectory) -> None:
+        progress.console.print(f"run directory: {run_dir.path}", highlight=False)
+        progress.start()
 
-        def on_round(record: dict[str, Any]) -> None:
-            nonlocal warned
-            progress.console.print(_round_line(record, rounds), highlight=False)
-            progress.update(task, completed=record["round"])
-            seen.append(record)
-            reason = None if warned else divergence(seen, num_classes)
-            if reason is not None:
-                warned = True
-                progress.console.print(f"[bold yellow]warning:[/] {advice(reason)}", highlight=False)
+    def on_round(record: dict[str, Any]) -> None:
+        nonlocal warned
+        progress.console.print(round_line(record, rounds), highlight=False)
+        progress.update(task, completed=record["round"], description="training")
+        seen.append(record)
+        reason = None if warned else divergence(seen, num_classes)
+        if reason is not None:
+            warned = True
+            progress.console.print(f"[bold yellow]warning:[/] {advice(reason)}", highlight=False)
 
+    try:
         return run_simulation(plan, on_round=on_round, on_start=on_start)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
 
 
 # Above this many sites the summary describes the federation instead of listing it.
 SITE_TABLE_LIMIT = 20
-
-
-def _round_line(record: dict[str, Any], rounds: int) -> str:
-    """One line under 80 columns; what went wrong, if anything, on a second one."""
-    epsilons = [s["epsilon"] for s in record["sites"].values() if s.get("epsilon") is not None]
-    privacy = f"eps {max(epsilons):.2f}" if epsilons else "no DP"
-    if "client_level" in record:
-        privacy = f"client eps {record['client_level']['epsilon']:.2f}"
-        privacy += "" if record["client_level"]["released"] else " held"
-    trained = sum(bool(s.get("trained")) for s in record["sites"].values())
-    line = (
-        f"round {record['round']:>3}/{rounds}  acc {record['global']['accuracy']:.3f}  "
-        f"loss {record['global']['loss']:.3f}  {privacy}  {trained} trained  {record['seconds']:.1f}s"
-    )
-    problems = []
-    if record["failures"]:
-        problems.append(f"failed: {', '.join(sorted({f['site'] for f in record['failures']}))}")
-    if record.get("rejected"):
-        problems.append(f"rejected: {', '.join(sorted({r['site'] for r in record['rejected']}))}")
-    if record.get("refused"):
-        problems.append(f"refused: {', '.join(record['refused'])}")
-    return line + "".join(f"\n          {problem}" for problem in problems)
 
 
 def _print_summary(outcome: SimulationOutcome) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -38,3 +40,15 @@ def flower_executable(name: str) -> str:
     if found is None:
         raise CohortInputError(f"'{name}' is not installed; run `make setup` (it installs flwr[simulation])")
     return found
+
+
+_PR_SET_PDEATHSIG = 1
+# Loaded here, not in the child: between fork and exec only the call itself should run.
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent() -> None:
+    """Popen's preexec_fn: the kernel sends the child SIGTERM when the thread that started it
+    dies, however it dies (Linux's PR_SET_PDEATHSIG), so a SIGKILL to a `cohort` command
+    leaves none of its direct children running."""
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

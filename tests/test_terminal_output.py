@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cli.main import _round_line
+from cli.rounds import round_line as _round_line
 
 
 def _record(**extra: object) -> dict:

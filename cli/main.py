@@ -14,11 +14,12 @@ from rich.table import Table
 from cli.audit import audit_app
 from cli.certs import certs_app
 from cli.compare import compare
-from cli.deploy import connect, front_door, superlink, supernode
+from cli.deploy import connect, front_door, run, superlink, supernode
 from cli.site import site_app
 from cli.errors import input_errors
 from cli.rounds import round_line
 from common.errors import CohortInputError
+from common.flower_runtime import require_app_dir
 from common.rundir import RunDirectory, write_json_atomic
 from simulations.plan import DEFAULT_SIMULATION, SimulationPlan, load_plan, saved_plan
 
@@ -52,7 +53,7 @@ def simulate(
 ) -> None:
     """Simulate a federation of sites on this machine on Flower's simulation engine."""
     # Imported here: the simulation engine loads torch, which the deployment commands do not need.
-    from simulations.runner import SimulationStopped, new_run, require_app_dir, resumed_run
+    from simulations.runner import SimulationStopped, new_run, resumed_run
 
     try:
         with input_errors():
@@ -195,7 +196,7 @@ def _fmt(value: Any, pattern: str = "{:.4f}", missing: str = "-") -> str:
 
 
 app.command()(compare)
-for deployment_command in (superlink, front_door, supernode, connect):
+for deployment_command in (superlink, front_door, supernode, connect, run):
     app.command()(deployment_command)
 
 

@@ -11,6 +11,9 @@ from pathlib import Path
 
 from common.errors import CohortInputError
 
+# The Cohort source tree: the Flower App that `flwr run` packs and submits.
+APP_DIR = Path(__file__).resolve().parents[1]
+
 
 def offline_flower_env(flwr_home: Path) -> dict[str, str]:
     """Environment for every Flower process: isolated home, nothing fetched or reported at
@@ -52,3 +55,8 @@ def die_with_parent() -> None:
     dies, however it dies (Linux's PR_SET_PDEATHSIG), so a SIGKILL to a `cohort` command
     leaves none of its direct children running."""
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def require_app_dir() -> None:
+    if not (APP_DIR / "pyproject.toml").exists():
+        raise CohortInputError(f"the Cohort source tree is not at {APP_DIR}; install Cohort from a checkout with `make setup`")

@@ -22,6 +22,7 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import tomli_w
@@ -34,6 +35,7 @@ from common.rundir import write_bytes_atomic
 from deploy.certificates import LOOPBACK, LOOPBACK_NAME, CertificateLayout, check_ca, check_server_files, check_site_key, validate_site_name
 
 PROBE_TIMEOUT_S = 5.0
+FLOWER_CONFIG_FILE = "config.toml"
 # In a site's state directory: the folder put first on the PATH Flower starts ClientApps from.
 SITE_RUNTIME_DIR = "runtime"
 # The module the site's own `flwr-clientapp` runs (client/site_runner.py).
@@ -235,13 +237,19 @@ def _verification_advice(error: ssl.SSLCertVerificationError, address: str, ca_c
     )
 
 
-def write_connection(flwr_home: Path, name: str, superlink: str, ca_cert: Path) -> Path:
-    """Add (or replace) a TLS connection in Flower's config.toml, keeping the others."""
-    config_file = flwr_home / "config.toml"
+def flower_config(flwr_home: Path) -> dict[str, Any]:
+    """Flower's config.toml (its SuperLink connections), or {} where there is none yet."""
+    config_file = flwr_home / FLOWER_CONFIG_FILE
     try:
-        config = tomllib.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+        return tomllib.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
     except tomllib.TOMLDecodeError as error:
         raise CohortInputError(f"{config_file} is not valid TOML ({error}); fix or move it") from None
+
+
+def write_connection(flwr_home: Path, name: str, superlink: str, ca_cert: Path) -> Path:
+    """Add (or replace) a TLS connection in Flower's config.toml, keeping the others."""
+    config_file = flwr_home / FLOWER_CONFIG_FILE
+    config = flower_config(flwr_home)
     connections = config.setdefault("superlink", {})
     connections.setdefault("default", name)
     # Flower reads root-certificates relative to its working directory: store it absolute.

@@ -1,5 +1,6 @@
 """The ServerApp: Flower's strategy over the round loop, central evaluation on the
-held-out test set, and the run directory."""
+held-out test set, and the run directory. A run that stops early ends as failed in
+Flower's records too (server/run_outcome.py)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from server.central_dp import CentralPrivacy, wrap_with_central_dp
 from server.dp_policy import ClientLevel, DPPolicy, SiteProtected
 from server.federation import Federation, FederationState, initial_state
 from server.plots import plot_run
+from server.run_outcome import end_run
 from server.strategies import build_strategy, restore_optimizer_state, sample_size
 from server.summary import summarize
 
@@ -76,3 +78,4 @@ def _finish(run_dir: RunDirectory, state: FederationState, wall_seconds: float) 
     if metrics:
         plot_run(metrics, run_dir.plot_dir)
     write_json_atomic(run_dir.summary_file, summarize(metrics, wall_seconds, state.stop_reason))
+    end_run(state.stop_reason)

@@ -36,11 +36,10 @@ from common.rundir import RunDirectory, write_json_atomic
 from common.run_follower import RoundCallback, follow_run
 from common.run_lock import run_directory_lock
 from server.checkpoint import latest_checkpoint
-from common.flower_runtime import die_with_parent, flower_executable, offline_flower_env
+from common.flower_runtime import APP_DIR, die_with_parent, flower_executable, offline_flower_env
 from simulations.local_superlink import LocalSuperLink
 from simulations.plan import PLAN_FILE, SimulationPlan
 
-APP_DIR = Path(__file__).resolve().parents[1]
 APP_PACKAGES = ("common", "server", "client", "simulations")
 HONEST_CLIENTAPP = "client.app:app"
 HOSTILE_CLIENTAPP = "simulations.attacks:app"
@@ -181,8 +180,3 @@ def _app_copy(target: Path, component: str) -> Path:
 def _write_connection(flwr_home: Path, address: str) -> None:
     config = {"superlink": {"default": CONNECTION, CONNECTION: {"address": address, "insecure": True}}}
     (flwr_home / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
-
-
-def require_app_dir() -> None:
-    if not (APP_DIR / "pyproject.toml").exists():
-        raise CohortInputError(f"the Cohort source tree is not at {APP_DIR}; install Cohort from a checkout with `make setup`")

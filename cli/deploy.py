@@ -4,7 +4,6 @@ on, sites reaching the Fleet API alone, checked before anything starts."""
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -12,16 +11,16 @@ import typer
 
 from cli.errors import input_errors
 from cli.rounds import round_line
-from cli.terminal import echo_message, labelled_path
+from cli.terminal import echo_message, labelled
 from common.config import RunConfig
 from common.errors import CohortInputError
 from common.flower_runtime import require_app_dir
 from common.privacy.ledger import PUBLIC_KEY_FILE
 from deploy.certificates import LOOPBACK
-from deploy.commands import SUPERLINK_LISTEN_HOST, SUPERLINK_LOCAL_PORT, SUPERLINK_PORT, SUPERNODE_PORT
+from deploy.commands import SUPERLINK_LISTEN_HOST, SUPERLINK_LOCAL_PORT, SUPERLINK_PORT, SUPERNODE_PORT, shell_line
 from deploy.coordinator import CoordinatorLaunch
 from deploy.front_door import FrontDoor
-from deploy.launch import SITE_RUNTIME_DIR, SuperLinkLaunch, SuperNodeLaunch, exec_flower, flwr_home, probe_superlink, split_address, write_connection
+from deploy.launch import SuperLinkLaunch, SuperNodeLaunch, exec_flower, flwr_home, probe_superlink, split_address, write_connection
 from deploy.submission import RunOutcome, submission
 from simulations.plan import parse_overrides
 
@@ -98,10 +97,11 @@ def supernode(
     with input_errors():
         launch.check()
         fingerprint = launch.prepare()
-    typer.echo(f"site {name}: ledger key {launch.state_dir / PUBLIC_KEY_FILE}, fingerprint {fingerprint} (give it to your auditor out of band)", err=True)
+    typer.echo(labelled(f"site {name}: ledger key", launch.state_dir / PUBLIC_KEY_FILE), err=True)
+    typer.echo(labelled("fingerprint (give it to your auditor out of band)", fingerprint), err=True)
     argv = launch.argv()
-    typer.echo(f"starting: {shlex.join(argv)}", err=True)
-    exec_flower(argv, first_on_path=launch.state_dir / SITE_RUNTIME_DIR)
+    typer.echo(f"starting:\n{shell_line(argv)}", err=True)
+    exec_flower(argv, first_on_path=launch.runtime_dir)
 
 
 def connect(
@@ -128,10 +128,11 @@ def run(
         typer.Option("--set", help="A run setting, e.g. --set rounds=20 (repeatable); the settings are [tool.flwr.app.config] in pyproject.toml."),
     ] = None,
 ) -> None:
-    """Submit a study to the coordinator's SuperLink with Flower and follow it, one line a
-    round. Exits 0 only when the run completed; 1 when it stopped early (every site
-    refused, too few updates) or failed, with the reason. Run it on the SuperLink's host,
-    where the ServerApp writes the run directory."""
+    """Submit a study to the coordinator's SuperLink and follow it, one line a round.
+
+    Exits 0 only when the run completed; 1 when it stopped early (every site refused, too
+    few updates) or failed, with the reason. Run it on the SuperLink's host, where the
+    ServerApp writes the run directory."""
     with input_errors():
         require_app_dir()
         study = submission(connection, RunConfig.from_flower(parse_overrides(set_ or [])), flwr_home())
@@ -140,7 +141,7 @@ def run(
         def on_round(record: dict[str, Any]) -> None:
             typer.echo(round_line(record, study.run.training.rounds))
 
-        outcome = study.submit_and_follow(lambda run_dir: typer.echo(labelled_path("run directory", run_dir.path)), on_round)
+        outcome = study.submit_and_follow(lambda run_dir: typer.echo(labelled("run directory", run_dir.path)), on_round)
     _report(outcome, connection)
 
 

@@ -18,6 +18,7 @@ from cli.deploy import connect, front_door, run, superlink, supernode
 from cli.site import site_app
 from cli.errors import input_errors
 from cli.rounds import round_line
+from cli.terminal import echo_message, labelled
 from common.errors import CohortInputError
 from common.flower_runtime import require_app_dir
 from common.rundir import RunDirectory, write_json_atomic
@@ -26,7 +27,7 @@ from simulations.plan import DEFAULT_SIMULATION, SimulationPlan, load_plan, save
 if TYPE_CHECKING:
     from simulations.runner import SimulationOutcome
 
-app = typer.Typer(help="Cohort: federated training with differential privacy, on Flower and Opacus.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(rich_markup_mode="markdown", help="Cohort: federated training with differential privacy, on Flower and Opacus.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
 
 
@@ -52,32 +53,34 @@ def simulate(
     ] = None,
 ) -> None:
     """Simulate a federation of sites on this machine on Flower's simulation engine."""
+    with input_errors():  # the settings first: a mistake in them is told before torch loads
+        require_app_dir()
+        if resume is not None and (config is not None or set_ or federation_home is not None):
+            raise CohortInputError("--resume continues a run with its own config; drop CONFIG, --set and --federation-home")
+        settings = load_plan(config or DEFAULT_SIMULATION, set_ or []) if resume is None else None
     # Imported here: the simulation engine loads torch, which the deployment commands do not need.
     from simulations.runner import SimulationStopped, new_run, resumed_run
 
     try:
         with input_errors():
-            require_app_dir()
-            if resume is not None:
-                if config is not None or set_ or federation_home is not None:
-                    raise CohortInputError("--resume continues a run with its own config; drop CONFIG, --set and --federation-home")
+            if settings is None:
                 plan = resumed_run(resume, lambda d: saved_plan(d, RunDirectory(d).read_config()))
             else:
-                plan = new_run(load_plan(config or DEFAULT_SIMULATION, set_ or []), runs_dir, federation_home)
+                plan = new_run(settings, runs_dir, federation_home)
             outcome = _run_with_progress(plan)
     except KeyboardInterrupt:
-        typer.echo("interrupted: every process this run started has been stopped", err=True)
+        echo_message("interrupted: every process this run started has been stopped")
         raise typer.Exit(code=130) from None
     except SimulationStopped as stopped:
-        typer.echo(f"{stopped}: every process this run started has been stopped", err=True)
+        echo_message(f"{stopped}: every process this run started has been stopped")
         raise typer.Exit(code=128 + stopped.signum) from None
     if outcome.summary is None:
-        typer.echo(f"error: the run failed; Flower's log is in {outcome.log_file}", err=True)
+        echo_message(f"error: the run failed; Flower's log is in {outcome.log_file}")
         raise typer.Exit(code=1)
     _print_summary(outcome)
     _report_fairness(outcome, plan.run.fairness_margin)
     if not outcome.succeeded:
-        typer.echo(f"error: the run {outcome.summary['stop_reason']}", err=True)
+        echo_message(f"error: the run {outcome.summary['stop_reason']}")
         raise typer.Exit(code=1)
 
 
@@ -95,7 +98,7 @@ def _run_with_progress(plan: SimulationPlan) -> SimulationOutcome:
     task = progress.add_task("starting Flower", total=rounds)
 
     def on_start(run_dir: RunDirectory) -> None:
-        progress.console.print(f"run directory: {run_dir.path}", highlight=False)
+        progress.console.print(labelled("run directory", run_dir.path), highlight=False, markup=False, soft_wrap=True)
         progress.start()
 
     def on_round(record: dict[str, Any]) -> None:
@@ -137,7 +140,7 @@ def _print_summary(outcome: SimulationOutcome) -> None:
     if client_level:
         privacy = f"client-level epsilon {client_eps:.3f} (server ledger)"
     console.print(f"global test accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds; {privacy}", highlight=False)
-    console.print(f"run directory: {outcome.run_dir.path}", highlight=False, soft_wrap=True)
+    console.print(labelled("run directory", outcome.run_dir.path), highlight=False, markup=False, soft_wrap=True)
 
 
 def _print_site_table(title: str, summary: dict[str, Any], client_level: bool) -> None:

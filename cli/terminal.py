@@ -16,6 +16,15 @@ COMMAND = re.compile(r"`[^`]+`")
 NO_BREAK = "\u00a0"
 
 
+def output_width() -> int:
+    """The width a report on stdout wraps at, as rich's tables do: $COLUMNS, else the
+    terminal's, else 80."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit():
+        return int(columns)
+    return os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() else WIDTH
+
+
 def message_width() -> int | None:
     """The width a message wraps at: $COLUMNS, else the terminal's; None when stderr is a
     file or pipe and no width was declared, where a message stays one line, whole for
@@ -26,15 +35,21 @@ def message_width() -> int | None:
     return os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else None
 
 
-def wrapped(text: str, width: int | None) -> str:
-    """text wrapped at width, continuation lines indented; neither a word nor a `command`
-    in backticks is broken, so one longer than the width stands whole on a line of its own."""
+def wrapped(text: str, width: int | None, indent: str = HANGING_INDENT) -> str:
+    """text wrapped at width, continuation lines indented by indent; neither a word (a
+    path) nor a `command` in backticks is broken, so one longer than the width stands
+    whole on a line of its own."""
     if width is None:
         return text
     # textwrap breaks at ASCII whitespace only: a command's spaces become no-break spaces.
     unbroken = COMMAND.sub(lambda command: command.group().replace(" ", NO_BREAK), text)
-    lines = textwrap.fill(unbroken, width, subsequent_indent=HANGING_INDENT, break_long_words=False, break_on_hyphens=False)
+    lines = textwrap.fill(unbroken, width, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
     return lines.replace(NO_BREAK, " ")
+
+
+def paragraph(text: str) -> str:
+    """Prose for stdout, wrapped to its width (rich would split a long path across lines)."""
+    return wrapped(text, output_width(), indent="")
 
 
 def echo_message(text: str) -> None:
@@ -42,7 +57,8 @@ def echo_message(text: str) -> None:
     typer.echo(wrapped(text, message_width()), err=True)
 
 
-def labelled_path(label: str, path: object) -> str:
-    """'label: path' on one line when it fits 80 columns, else the path on a line of its own."""
-    line = f"{label}: {path}"
-    return line if len(line) <= WIDTH else f"{label}:\n{HANGING_INDENT}{path}"
+def labelled(label: str, value: object) -> str:
+    """'label: value' on one line when it fits 80 columns, else the value (a path, a
+    fingerprint) whole on a line of its own."""
+    line = f"{label}: {value}"
+    return line if len(line) <= WIDTH else f"{label}:\n{HANGING_INDENT}{value}"

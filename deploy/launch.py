@@ -29,7 +29,7 @@ import tomli_w
 
 from common.config import validate_budget
 from common.errors import CohortInputError
-from common.flower_runtime import flower_executable, offline_flower_env
+from common.flower_runtime import flower_executable, install_flower_launchers, offline_flower_env
 from common.privacy.ledger import SiteLedger
 from common.rundir import write_bytes_atomic
 from deploy.certificates import LOOPBACK, LOOPBACK_NAME, CertificateLayout, check_ca, check_server_files, check_site_key, validate_site_name
@@ -65,10 +65,11 @@ class SuperLinkLaunch:
         """Where `flwr` on this host reaches it (the certificate covers 127.0.0.1)."""
         return f"{LOOPBACK}:{self.port}"
 
-    def argv(self) -> list[str]:
+    def argv(self, launchers: Path) -> list[str]:
+        """launchers: the folder of Flower's launchers it runs through (install_flower_launchers)."""
         layout = CertificateLayout(self.certs)
         return [
-            flower_executable("flower-superlink"),
+            flower_executable("flower-superlink", launchers),
             "--ssl-ca-certfile", str(layout.ca_cert),
             "--ssl-certfile", str(layout.server_cert),
             "--ssl-keyfile", str(layout.server_key),
@@ -113,7 +114,7 @@ class SuperNodeLaunch:
 
     def argv(self) -> list[str]:
         return [
-            flower_executable("flower-supernode"),
+            flower_executable("flower-supernode", self.runtime_dir),
             "--superlink", self.superlink,
             "--root-certificates", str(self.ca_cert),
             "--auth-supernode-private-key", str(self.auth_key),
@@ -122,11 +123,19 @@ class SuperNodeLaunch:
             "--node-config", self.node_config(),
         ]  # fmt: skip
 
+    @property
+    def runtime_dir(self) -> Path:
+        """The folder first on the SuperNode's PATH: the site's own `flwr-clientapp` and
+        Flower's launchers."""
+        return self.state_dir / SITE_RUNTIME_DIR
+
     def prepare(self) -> str:
-        """The site's own runtime: its ledger key (made on first start) and its
-        `flwr-clientapp`. Returns the key's fingerprint, for the auditor's records."""
+        """The site's own runtime: its ledger key (made on first start), its
+        `flwr-clientapp` and Flower's launchers. Returns the key's fingerprint, for the
+        auditor's records."""
         fingerprint = init_site_state(self.state_dir)
         install_site_runner(self.state_dir)
+        install_flower_launchers(self.runtime_dir)
         return fingerprint
 
     def node_config(self) -> str:
@@ -264,15 +273,12 @@ def flwr_home() -> Path:
     return Path(os.environ.get("FLWR_HOME", "~/.flwr")).expanduser()
 
 
-def exec_flower(argv: list[str], first_on_path: Path | None = None) -> None:
+def exec_flower(argv: list[str], first_on_path: Path) -> None:
     """Become the Flower process, with runtime dependency installation off (sites are
-    often air-gapped) and Flower's executables found beside this interpreter, after
-    `first_on_path` (a site's own runtime folder) when given."""
+    often air-gapped) and Flower's executables found in `first_on_path` (a site's own
+    runtime folder), then beside this interpreter."""
     os.execve(argv[0], argv, flower_env(first_on_path))
 
 
 def flower_env(first_on_path: Path | None = None) -> dict[str, str]:
-    env = offline_flower_env(flwr_home())
-    if first_on_path is not None:
-        env["PATH"] = os.pathsep.join([str(first_on_path), env["PATH"]])
-    return env
+    return offline_flower_env(flwr_home(), first_on_path)

@@ -31,7 +31,7 @@ import tomli_w
 
 from common.config import RunConfig
 from common.errors import CohortInputError
-from common.flower_runtime import APP_DIR, die_with_parent, flower_executable, offline_flower_env
+from common.flower_runtime import APP_DIR, die_with_parent, flower_executable, install_flower_launchers, offline_flower_env
 from common.run_follower import RoundCallback, follow_run
 from common.run_lock import run_directory_lock
 from common.rundir import RunDirectory
@@ -105,11 +105,14 @@ class Submission:
         with run_directory_lock(run_dir.path, "cohort run"), tempfile.TemporaryDirectory(prefix="cohort-run-") as private:
             overrides = Path(private) / "run-config.toml"
             overrides.write_text(tomli_w.dumps(self.run.to_flower()), encoding="utf-8")
-            command = [flower_executable("flwr"), "run", str(APP_DIR), self.connection, "--run-config", str(overrides), "--stream"]
+            launchers = install_flower_launchers(Path(private) / "bin")
+            command = [flower_executable("flwr", launchers), "run", str(APP_DIR), self.connection, "--run-config", str(overrides), "--stream"]
             offset = log_file.stat().st_size if log_file.exists() else 0
             on_start(run_dir)
             with log_file.open("ab") as log:
-                process = subprocess.Popen(command, env=self._env(), stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+                process = subprocess.Popen(
+                    command, env=offline_flower_env(self.flwr_home, launchers), stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+                )
                 try:
                     follow_run(process, run_dir, on_round)
                 except KeyboardInterrupt:
@@ -128,7 +131,7 @@ class Submission:
         deadline = time.monotonic() + STATUS_WAIT_S
         command = [flower_executable("flwr"), "list", self.connection, "--run-id", str(run_id), "--format", "json"]
         while True:
-            result = subprocess.run(command, env=self._env(), capture_output=True, text=True, timeout=FLWR_TIMEOUT_S)
+            result = subprocess.run(command, env=offline_flower_env(self.flwr_home), capture_output=True, text=True, timeout=FLWR_TIMEOUT_S)
             try:
                 (row,) = json.loads(result.stdout)["runs"]
             except (json.JSONDecodeError, KeyError, ValueError):
@@ -136,9 +139,6 @@ class Submission:
             if row["status"].startswith("finished") or time.monotonic() > deadline:
                 return row["status"], row["status-details"]
             time.sleep(1)
-
-    def _env(self) -> dict[str, str]:
-        return offline_flower_env(self.flwr_home)
 
 
 def submission(connection: str, run: RunConfig, flwr_home: Path) -> Submission:

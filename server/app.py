@@ -19,6 +19,7 @@ from common.evaluation import Evaluation, evaluate
 from common.models.registry import build_model
 from common.rundir import RunDirectory, write_json_atomic, write_torch_atomic
 from common.errors import CohortInputError
+from common.flower_logs import readable_flower_logs
 from server.central_dp import CentralPrivacy, wrap_with_central_dp
 from server.dp_policy import ClientLevel, DPPolicy, SiteProtected
 from server.federation import Federation, FederationState, initial_state
@@ -27,6 +28,8 @@ from server.run_outcome import end_run
 from server.strategies import build_strategy, restore_optimizer_state, sample_size
 from server.summary import summarize
 
+# Its lines travel to whoever runs `flwr run --stream` or `flwr log`: never coloured.
+readable_flower_logs(relayed=True)
 app = ServerApp()
 
 

@@ -31,13 +31,15 @@ def free_port() -> int:
 
 
 class LocalSuperLink:
-    """`with LocalSuperLink(home, log) as link:` runs `flower-superlink --simulation` under
-    its guardian. keep_open: file descriptors the guardian holds until everything under it
-    has stopped (the run directory's lock)."""
+    """`with LocalSuperLink(home, log, launchers) as link:` runs `flower-superlink
+    --simulation` under its guardian, through Flower's launchers in that folder
+    (install_flower_launchers). keep_open: file descriptors the guardian holds until
+    everything under it has stopped (the run directory's lock)."""
 
-    def __init__(self, flwr_home: Path, log_file: Path, keep_open: tuple[int, ...] = ()) -> None:
+    def __init__(self, flwr_home: Path, log_file: Path, launchers: Path, keep_open: tuple[int, ...] = ()) -> None:
         self.flwr_home = flwr_home
         self.log_file = log_file
+        self.launchers = launchers
         self.keep_open = keep_open
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -53,7 +55,7 @@ class LocalSuperLink:
             "-m",
             GUARDIAN_MODULE,
             str(os.getpid()),
-            flower_executable("flower-superlink"),
+            flower_executable("flower-superlink", self.launchers),
             "--insecure",
             "--simulation",
             "--isolation",
@@ -68,7 +70,7 @@ class LocalSuperLink:
             # Its own session: Ctrl-C in the terminal reaches only us, and we stop it.
             self.process = subprocess.Popen(
                 command,
-                env=offline_flower_env(self.flwr_home),
+                env=offline_flower_env(self.flwr_home, self.launchers),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -36,7 +36,7 @@ from common.rundir import RunDirectory, write_json_atomic
 from common.run_follower import RoundCallback, follow_run
 from common.run_lock import run_directory_lock
 from server.checkpoint import latest_checkpoint
-from common.flower_runtime import APP_DIR, die_with_parent, flower_executable, offline_flower_env
+from common.flower_runtime import APP_DIR, die_with_parent, flower_executable, install_flower_launchers, offline_flower_env
 from simulations.local_superlink import LocalSuperLink
 from simulations.plan import PLAN_FILE, SimulationPlan
 
@@ -118,12 +118,13 @@ def _run_on_local_superlink(
         flwr_home = Path(home)
         component = clientapp or (HOSTILE_CLIENTAPP if plan.attack is not None else HONEST_CLIENTAPP)
         app_dir = APP_DIR if component == HONEST_CLIENTAPP else _app_copy(flwr_home / "app", component)
-        with LocalSuperLink(flwr_home, run_dir.path / "superlink.log", keep_open=(lock,)) as superlink:
+        launchers = install_flower_launchers(flwr_home / "bin")
+        with LocalSuperLink(flwr_home, run_dir.path / "superlink.log", launchers, keep_open=(lock,)) as superlink:
             _write_connection(flwr_home, superlink.address)
             overrides = flwr_home / "run-config.toml"
             overrides.write_text(tomli_w.dumps(plan.run.to_flower()), encoding="utf-8")
             command = [
-                flower_executable("flwr"),
+                flower_executable("flwr", launchers),
                 "run",
                 str(app_dir),
                 CONNECTION,
@@ -135,7 +136,7 @@ def _run_on_local_superlink(
             ]
             with log_file.open("ab") as log:
                 process = subprocess.Popen(
-                    command, env=offline_flower_env(flwr_home), stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+                    command, env=offline_flower_env(flwr_home, launchers), stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
                 )
                 try:
                     follow_run(process, run_dir, on_round)

@@ -500,3 +500,14 @@ def test_flower_records_a_study_every_site_refused_as_failed_with_the_reason(dep
     assert run_id, study_every_site_refused.stderr
     (run,) = deployment.flwr_json("list", "--run-id", run_id.group(1))["runs"]
     assert run["status"] == "finished:failed" and "stopped after round 1" in run["status-details"], run
+
+
+def test_the_logs_of_cohorts_commands_hold_each_serverapp_line_once_and_no_colour_codes(
+    deployment: Deployment, study_every_site_refused: subprocess.CompletedProcess[str]
+) -> None:
+    """What `cohort superlink`, each `cohort supernode` and `cohort run` wrote (the run's
+    flower.log is the ServerApp's log as `flwr run --stream` relays it)."""
+    flower = deployment.root / "run-refused" / "flower.log"
+    logs = [deployment.root / "logs" / f"{role}.log" for role in ("superlink", *SITES, "cohort-run-refused")] + [flower]
+    assert [log.name for log in logs if "\x1b[" in log.read_text(errors="replace")] == []
+    assert flower.read_text().count("Round 1: global accuracy") == 1, flower.read_text()

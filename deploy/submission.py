@@ -34,7 +34,7 @@ from common.errors import CohortInputError
 from common.flower_runtime import APP_DIR, die_with_parent, flower_executable, install_flower_launchers, offline_flower_env
 from common.run_follower import RoundCallback, follow_run
 from common.run_lock import run_directory_lock
-from common.rundir import RunDirectory
+from common.rundir import CONFIG_FILE, RunDirectory
 from deploy.commands import SUPERLINK_LOCAL_ADDRESS
 from deploy.launch import FLOWER_CONFIG_FILE, flower_config
 
@@ -44,20 +44,23 @@ COMPLETED = "finished:completed"
 # The stream ends with the run; Flower may record its final status a moment later.
 STATUS_WAIT_S = 30.0
 FLWR_TIMEOUT_S = 60.0
+BOX_DRAWING = " \t│╭╮╰╯─"
 
 
 @dataclass(frozen=True)
 class RunOutcome:
-    """run_id: None when the SuperLink never started the run; status, details: Flower's
-    record of it (`finished:completed`, `finished:failed`, `finished:stopped`), '' when
-    unknown; summary: the run directory's summary.json, None when the run wrote none;
-    interrupted: `cohort run` stopped following before the run ended."""
+    """run_id: None when the SuperLink never started the run (last_message: what `flwr
+    run` said last); status, details: Flower's record of it (`finished:completed`,
+    `finished:failed`, `finished:stopped`), '' when unknown; summary: the run directory's
+    summary.json, None when the run wrote none; interrupted: `cohort run` stopped
+    following before the run ended."""
 
     run_id: int | None
     status: str
     details: str
     summary: dict[str, Any] | None
     log_file: Path
+    last_message: str = ""
     interrupted: bool = False
 
     @property
@@ -67,7 +70,7 @@ class RunOutcome:
     def failure(self) -> str:
         """Why the run did not succeed, in one sentence."""
         if self.run_id is None:
-            return f"flwr run started no run; its output is in {self.log_file}"
+            return f"flwr run started no run ({self.last_message or 'it said nothing'}); its output is in {self.log_file}"
         if self.summary is not None and self.summary["stop_reason"]:
             return f"run {self.run_id} {self.summary['stop_reason']}"
         if self.status == COMPLETED:
@@ -91,6 +94,10 @@ class Submission:
         return RunDirectory(Path(self.run.resume_from or self.run.run_dir))
 
     def check(self) -> None:
+        if not self.run.resume_from and (self.run_dir.path / CONFIG_FILE).exists():
+            raise CohortInputError(
+                f"run directory {self.run_dir.path} already holds a run; give another run-dir, or resume-from={self.run_dir.path} to continue it"
+            )
         connections = flower_config(self.flwr_home).get("superlink", {})
         if self.connection not in connections:
             raise CohortInputError(
@@ -108,6 +115,8 @@ class Submission:
             launchers = install_flower_launchers(Path(private) / "bin")
             command = [flower_executable("flwr", launchers), "run", str(APP_DIR), self.connection, "--run-config", str(overrides), "--stream"]
             offset = log_file.stat().st_size if log_file.exists() else 0
+            if self.run.resume_from:
+                run_dir.reopen()  # its old summary.json would read as this run's end
             on_start(run_dir)
             with log_file.open("ab") as log:
                 process = subprocess.Popen(
@@ -116,15 +125,16 @@ class Submission:
                 try:
                     follow_run(process, run_dir, on_round)
                 except KeyboardInterrupt:
-                    return RunOutcome(_started_run(log_file, offset), "", "", None, log_file, interrupted=True)
+                    return RunOutcome(_started_run(_output(log_file, offset)), "", "", None, log_file, interrupted=True)
                 finally:
                     if process.poll() is None:
                         process.terminate()
                         process.wait()
-        run_id = _started_run(log_file, offset)
+        output = _output(log_file, offset)
+        run_id = _started_run(output)
         status, details = self._flower_status(run_id) if run_id is not None else ("", "")
         summary = json.loads(run_dir.summary_file.read_text()) if run_dir.summary_file.exists() else None
-        return RunOutcome(run_id, status, details, summary, log_file)
+        return RunOutcome(run_id, status, details, summary, log_file, _last_message(output))
 
     def _flower_status(self, run_id: int) -> tuple[str, str]:
         """Flower's record of the run: (status, details), once it says the run finished."""
@@ -152,8 +162,22 @@ def submission(connection: str, run: RunConfig, flwr_home: Path) -> Submission:
     return Submission(connection, run, flwr_home)
 
 
-def _started_run(log_file: Path, offset: int) -> int | None:
+def _output(log_file: Path, offset: int) -> str:
+    """What this command's `flwr run` wrote to the log, which may hold earlier runs' too."""
     with log_file.open("rb") as log:
         log.seek(offset)
-        started = RUN_STARTED.search(log.read().decode(errors="replace"))
+        return log.read().decode(errors="replace")
+
+
+def _started_run(output: str) -> int | None:
+    started = RUN_STARTED.search(output)
     return int(started.group(1)) if started else None
+
+
+def _last_message(output: str) -> str:
+    """What `flwr run` said last, on one line: its last error box (Flower draws its errors
+    in one), else its last line."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    boxes = [number for number, line in enumerate(lines) if line.startswith("╭")]
+    last = lines[boxes[-1] :] if boxes else lines[-1:]
+    return " ".join(part for part in (line.strip(BOX_DRAWING) for line in last) if part)

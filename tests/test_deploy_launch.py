@@ -27,6 +27,8 @@ import pytest
 
 from flwr.common.config import parse_config_args
 
+from common.config import RunConfig
+from common.rundir import RunDirectory
 from deploy import commands
 from deploy.certificates import CertificateLayout, create_site_key, init_certificates
 from deploy.launch import SuperNodeLaunch
@@ -190,6 +192,12 @@ def test_run_with_a_misspelt_setting_names_the_closest_one_and_submits_nothing(t
 def test_run_without_the_connection_says_how_to_make_it(tmp_path: Path) -> None:
     result = _cohort(commands.cohort_run_command("hospitals", ["rounds=1"]), tmp_path / "home")
     _assert_one_clear_line(result, "no connection 'hospitals'", "`cohort connect hospitals --superlink 127.0.0.1:9093")
+
+
+def test_run_into_a_run_directory_that_holds_a_run_is_refused(tmp_path: Path) -> None:
+    RunDirectory(tmp_path / "study-1").prepare(RunConfig())
+    result = _cohort(commands.cohort_run_command("hospitals", [f"run-dir={tmp_path / 'study-1'}"]), tmp_path / "home")
+    _assert_one_clear_line(result, f"run directory {tmp_path / 'study-1'} already holds a run", f"resume-from={tmp_path / 'study-1'}")
 
 
 def test_the_node_config_flower_parses_is_the_sites_own_policy(tmp_path: Path) -> None:

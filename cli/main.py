@@ -15,6 +15,7 @@ from cli.audit import audit_app
 from cli.certs import certs_app
 from cli.compare import compare
 from cli.deploy import connect, front_door, run, superlink, supernode
+from cli.service import service_app
 from cli.site import site_app
 from cli.errors import input_errors
 from cli.rounds import round_line
@@ -33,6 +34,7 @@ console = Console()
 
 app.add_typer(audit_app, name="audit")
 app.add_typer(certs_app, name="certs")
+app.add_typer(service_app, name="service")
 app.add_typer(site_app, name="site")
 
 

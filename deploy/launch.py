@@ -33,6 +33,7 @@ from common.flower_runtime import flower_executable, install_flower_launchers, o
 from common.privacy.ledger import SiteLedger
 from common.rundir import write_bytes_atomic
 from deploy.certificates import LOOPBACK, LOOPBACK_NAME, CertificateLayout, check_ca, check_server_files, check_site_key, validate_site_name
+from deploy.state_lock import lock_state_dir
 
 PROBE_TIMEOUT_S = 5.0
 FLOWER_CONFIG_FILE = "config.toml"
@@ -130,9 +131,11 @@ class SuperNodeLaunch:
         return self.state_dir / SITE_RUNTIME_DIR
 
     def prepare(self) -> str:
-        """The site's own runtime: its ledger key (made on first start), its
-        `flwr-clientapp` and Flower's launchers. Returns the key's fingerprint, for the
-        auditor's records."""
+        """The site's own runtime, once this process holds its state directory (for its
+        life, Flower's SuperNode's after the exec): its ledger key (made on first start),
+        its `flwr-clientapp` and Flower's launchers. Returns the key's fingerprint, for
+        the auditor's records."""
+        lock_state_dir(self.state_dir)
         fingerprint = init_site_state(self.state_dir)
         install_site_runner(self.state_dir)
         install_flower_launchers(self.runtime_dir)

@@ -32,7 +32,8 @@ from common.rundir import RunDirectory
 from deploy import commands
 from deploy.certificates import CertificateLayout, create_site_key, init_certificates
 from deploy.launch import SuperNodeLaunch
-from simulations.local_superlink import free_port
+from deploy.state_lock import LOCK_FILE
+from simulations.local_superlink import free_port, stop_process_tree
 
 COHORT = str(Path(sys.executable).parent / "cohort")
 PASSPHRASE = b"the coordinator's passphrase"
@@ -157,6 +158,13 @@ def test_supernode_facing_a_superlink_without_tls_is_told_so(certs: CertificateL
 def test_supernode_with_a_budget_of_zero_is_refused(certs: CertificateLayout, tmp_path: Path, tls_server: int) -> None:
     result = _cohort(_supernode(certs, tmp_path, f"127.0.0.1:{tls_server}", epsilon=0.0), tmp_path)
     _assert_one_clear_line(result, "a privacy budget must be > 0")
+
+
+@pytest.mark.parametrize("size", ["0", "nan", "inf", "-5"])
+def test_superlink_with_a_max_model_size_that_is_no_size_is_refused(certs: CertificateLayout, tmp_path: Path, size: str) -> None:
+    result = _cohort([*_superlink(certs.root, tmp_path, free_port(), free_port()), "--max-model-mb", size], tmp_path)
+    _assert_one_clear_line(result, "--max-model-mb")
+    assert not _processes_using(certs.root)
 
 
 def test_supernode_address_without_a_port_is_refused(certs: CertificateLayout, tmp_path: Path) -> None:
@@ -330,3 +338,50 @@ def test_killing_the_supervisor_leaves_nothing_running(local_certs: CertificateL
     process.kill()
     process.wait(timeout=10)
     _assert_all_gone(tree)
+
+
+def _start_supernode(command: list[str], tmp_path: Path, name: str) -> subprocess.Popen[bytes]:
+    """`cohort supernode` in the background; it becomes Flower's SuperNode, which keeps
+    retrying the TLS endpoint that closes every connection."""
+    command = [*command[:-1], str(free_port())]  # each its own local API port
+    log = (tmp_path / f"{name}.log").open("wb")
+    return subprocess.Popen([COHORT, *command[1:]], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "FLWR_HOME": str(tmp_path / name)})
+
+
+def _wait_for_lock_holder(state_dir: Path, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the SuperNode stopped"
+        lock = state_dir / LOCK_FILE
+        if lock.exists() and lock.read_text().strip() == str(process.pid) and process.pid in {p.pid for p in psutil.process_iter() if p.name().startswith("flower-superno")}:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"no SuperNode with PID {process.pid} holds {state_dir}")
+
+
+def test_a_second_supernode_on_a_state_directory_in_use_refuses_naming_the_holder(
+    certs: CertificateLayout, tmp_path: Path, tls_server: int, no_leftover_processes: None
+) -> None:
+    command = _supernode(certs, tmp_path, f"127.0.0.1:{tls_server}")
+    first = _start_supernode(command, tmp_path, "first")
+    try:
+        _wait_for_lock_holder(tmp_path / "state", first)
+        second = _cohort([*command[:-1], str(free_port())], tmp_path)
+    finally:
+        stop_process_tree(first.pid)
+        first.wait()
+    _assert_one_clear_line(second, f"is in use by another SuperNode (PID {first.pid}")
+
+
+def test_the_state_directory_lock_dies_with_a_killed_supernode(certs: CertificateLayout, tmp_path: Path, tls_server: int, no_leftover_processes: None) -> None:
+    command = _supernode(certs, tmp_path, f"127.0.0.1:{tls_server}")
+    killed = _start_supernode(command, tmp_path, "killed")
+    _wait_for_lock_holder(tmp_path / "state", killed)
+    killed.kill()
+    killed.wait()
+    restarted = _start_supernode(command, tmp_path, "restarted")
+    try:
+        _wait_for_lock_holder(tmp_path / "state", restarted)
+    finally:
+        stop_process_tree(restarted.pid)
+        restarted.wait()

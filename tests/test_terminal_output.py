@@ -107,6 +107,16 @@ def _cheap_commands(root: Path) -> dict[str, list[str]]:
         "simulate, resume with settings": ["simulate", "--resume", str(run_a), "--set", "rounds=3"],
         "run, unknown setting": ["run", "hospitals", "--set", "min-site=2"],
         "run, no connection": ["run", "hospitals", "--set", "rounds=2"],
+        "service superlink": [
+            "service", "superlink", str(root / "cohort-superlink.service"), "--user", "cohort-coordinator", "--certs", str(deep / "certs"),
+            "--database", str(deep / "superlink.db"), "--runs-dir", str(deep / "runs"),
+        ],  # fmt: skip
+        "service supernode": [
+            "service", "supernode", str(root / "cohort-hospital-a.service"), "--user", "cohort-hospital-a",
+            "--superlink", "coordinator.hospital-net.example:8000", "--ca-cert", str(deep / "ca.crt"),
+            "--auth-key", str(deep / "hospital-a.key"), "--name", "hospital-a", "--data", str(deep / "hospital-a.npz"),
+            "--state-dir", str(deep / "state" / "hospital-a"), "--epsilon", "8", "--delta", "1e-5",
+        ],  # fmt: skip
         "supernode, missing data": [
             "supernode", "--superlink", "coordinator.hospital-net.example:8000", "--ca-cert", str(deep / "ca.crt"),
             "--auth-key", str(deep / "hospital-a.key"), "--name", "hospital-a", "--data", str(deep / "hospital-a.npz"),

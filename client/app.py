@@ -26,6 +26,7 @@ from common.privacy.accounting import PrivacyState
 from common.privacy.ledger import CLIENT_LEVEL_DP_FEDAVG, NON_PRIVATE, REFUSAL, RELEASE, SAMPLE_LEVEL_DP_SGD, LedgerBroken, LedgerEntry, LedgerRecord, SiteLedger, sha256_hex
 from common.site import AGGREGATION_METRICS, SiteConfig
 from client.clipping import central_dp_clipping_mod
+from client.dp_randomness import site_noise_source
 from client.evaluation_policy import declined_evaluation
 from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps, spent_epsilon
 from client.training import train_locally
@@ -67,6 +68,7 @@ def train(msg: Message, context: Context) -> Message:
         run,
         privacy,
         resolve_device(run.device),
+        site_noise_source(run, site, server_round),
         server_round=server_round,
         proximal_mu=float(config.get(protocol.CONFIG_PROXIMAL_MU, 0.0)),
     )

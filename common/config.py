@@ -40,11 +40,16 @@ CLIPPING_SIDES = ("server", "client")
 CLIENT_LEVEL_STRATEGIES = ("fedavg", "fedprox")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine")
+# Where DP noise comes from (common/privacy/noise.py): a cipher's keystream, or a generator
+# seeded by the run's seed. A deployed site always takes the secure one (client/dp_randomness.py).
+SECURE_NOISE = "secure"
+SEEDED_NOISE = "seeded"
+NOISE_SOURCES = (SECURE_NOISE, SEEDED_NOISE)
 
-# Settings that say where a run lives, how it is resumed or reported, not what it
-# computes: they may differ between a run and its resumption without making the
-# checkpoint foreign.
-_PLACEMENT_KEYS = frozenset({"run_name", "run_dir", "resume_from", "device", "federation_home", "fairness_margin", "reply_timeout"})
+# Settings that say where a run lives, how it is resumed or reported, or who could predict
+# its noise, not what it computes: they may differ between a run and its resumption
+# without making the checkpoint foreign.
+_PLACEMENT_KEYS = frozenset({"run_name", "run_dir", "resume_from", "device", "federation_home", "fairness_margin", "reply_timeout", "noise_source"})
 _SECTIONS = ("data", "training", "dp", "checks")
 
 
@@ -297,6 +302,11 @@ class RunConfig:
         sets none itself (a site's own policy always wins; see common.site).
     fairness_margin: the fairness report warns when the worst site's accuracy falls more
         than this below the mean site's (simulations/fairness.py).
+    noise_source: where the DP noise of simulated sites and of the coordinator (under
+        client-level DP) comes from: 'secure' (a CSPRNG, never seeded; the default, so a
+        deployed coordinator gets it) or 'seeded' (from the run's seed, the site and the
+        round, so the same seed gives the same run; `cohort simulate` defaults to it). A
+        deployed site always draws secure noise, whatever this says.
     """
 
     run_name: str = "cohort"
@@ -312,9 +322,11 @@ class RunConfig:
     site_delta: float = 1e-5
     site_allow_non_private: bool = False
     fairness_margin: float = 0.05
+    noise_source: str = SECURE_NOISE
 
     def __post_init__(self) -> None:
         _require_choice("device", self.device, DEVICES)
+        _require_choice("noise-source", self.noise_source, NOISE_SOURCES)
         self.data.validate()
         self.training.validate()
         self.dp.validate()

@@ -20,7 +20,7 @@ from common.models.registry import build_model
 from common.rundir import RunDirectory, write_json_atomic, write_torch_atomic
 from common.errors import CohortInputError
 from common.flower_logs import readable_flower_logs
-from server.central_dp import CentralPrivacy, wrap_with_central_dp
+from server.central_dp import CentralPrivacy, coordinator_noise, wrap_with_central_dp
 from server.dp_policy import ClientLevel, DPPolicy, SiteProtected
 from server.federation import Federation, FederationState, initial_state
 from server.plots import plot_run
@@ -60,7 +60,9 @@ def main(grid: Grid, context: Context) -> None:
     policy: DPPolicy = SiteProtected(run, strategy)
     if run.dp.client_level:
         central = CentralPrivacy.for_run(run, run_dir.path, sample_size(run.training, num_sites), context.run_id)
-        strategy = wrap_with_central_dp(strategy, run.dp, central.noise, central.sample_size, resume_clip_norm=central.last_clip_norm())
+        strategy = wrap_with_central_dp(
+            strategy, run.dp, central.noise, central.sample_size, resume_clip_norm=central.last_clip_norm(), noise_sources=coordinator_noise(run)
+        )
         policy = ClientLevel(run, strategy, central)
     federation = Federation(grid, run, run_dir, strategy, policy, evaluate_centrally, context.run_id)
     _finish(run_dir, federation.run_rounds(state), time.monotonic() - started)

@@ -164,6 +164,7 @@ class Federation:
                 record.reject(checked)
             else:
                 updates.append(checked)
+        updates.sort(key=lambda update: update.site)  # replies arrive in any order; the float sums of aggregation must not depend on it
         limit = self.policy.norm_limit([u.norm for u in updates])
         for update in [u for u in updates if u.norm > limit]:
             record.reject(Rejection(update.node, update.site, "train", f"sent an update of norm {update.norm:.4g}, above the bound {limit:.4g}", update.entry))

@@ -267,6 +267,13 @@ def test_every_site_ledger_records_each_round_within_its_own_budget(deployment: 
         assert all(e.record.budget_epsilon == budget and 0 < e.record.epsilon <= budget for e in entries)
 
 
+def test_deployed_sites_draw_secure_noise_so_opacus_warns_of_no_insecure_rng(deployment: Deployment, finished_run: dict) -> None:
+    """The site's DP-SGD noise and batches come from Cohort's secure source (docs/site.md),
+    not from the generator Opacus warns about."""
+    for site in SITES:
+        assert "Secure RNG turned off" not in deployment.log(site), site
+
+
 def _assert_refused_by_the_front_door(result: subprocess.CompletedProcess[str], route: str) -> None:
     """flwr reports the front door's answer as "Client error '403 Forbidden' for url '.../ROUTE'"."""
     output = " ".join((result.stdout + result.stderr).split())

@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 from common import protocol
 from common.config import RunConfig
 from common.errors import CohortInputError
+from common.flower_logs import readable_flower_logs
 from common.data.federation import SiteData, local_site_data, simulated_site_data
 from common.evaluation import evaluate, resolve_device
 from common.models.registry import build_model
@@ -30,6 +31,7 @@ from client.evaluation_policy import declined_evaluation
 from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps, spent_epsilon
 from client.training import train_locally
 
+readable_flower_logs()
 app = ClientApp()
 
 

@@ -8,11 +8,12 @@ site's node config instead.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from common.errors import CohortInputError
 
@@ -363,15 +364,9 @@ class RunConfig:
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
         """Build from Flower's flat run config (keys as in pyproject's [tool.flwr.app.config])."""
+        refuse_unknown_settings(run_config, run_settings())
         values = {key.replace("-", "_"): value for key, value in run_config.items()}
         known = _flat_field_names()
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            names = ", ".join(name.replace("_", "-") for name in unknown)
-            raise CohortInputError(
-                f"unknown setting(s): {names}; see [tool.flwr.app.config] in pyproject.toml "
-                "for the settings Cohort understands"
-            )
         sections: dict[str, dict[str, Any]] = {"data": {}, "training": {}, "dp": {}, "checks": {}, "": {}}
         for name, value in values.items():
             section, attribute, kind = known[name]
@@ -417,6 +412,21 @@ def _with_local_training_defaults(training: TrainingConfig, dp_sgd: bool) -> Tra
         batch_size=training.batch_size or batch_size,
         learning_rate=training.learning_rate or learning_rate,
     )
+
+
+def run_settings() -> frozenset[str]:
+    """Every run setting's name, as the run config spells it."""
+    return frozenset(name.replace("_", "-") for name in _flat_field_names())
+
+
+def refuse_unknown_settings(settings: Iterable[str], valid: Iterable[str]) -> None:
+    """Name the first setting that is not one of `valid`, with the valid one closest to it
+    (a typo in a key would otherwise reach Flower, which says only "Invalid run configuration")."""
+    choices = sorted(valid)
+    for name in sorted(set(settings) - set(choices)):
+        close = difflib.get_close_matches(name, choices, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "the settings are [tool.flwr.app.config] in pyproject.toml"
+        raise CohortInputError(f"unknown setting '{name}'; {hint}")
 
 
 def validate_budget(epsilon: float, delta: float, source: str) -> None:

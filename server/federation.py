@@ -257,6 +257,7 @@ class Federation:
 
     def _too_few_updates(self, server_round: int, updates: list[Update], record: RoundRecord) -> str:
         lost = [f"{r.site} ({r.reason})" for r in record.rejected] + [f"{f['site']} ({f['reason']})" for f in record.failures]
+        lost += [f"{site} (refused)" for site in sorted(record.refusals.values())]
         return (
             f"stopped after round {server_round}: {len(updates)} update(s) passed the checks, fewer than "
             f"min-sites={self._min_sites()}; the global model was kept; lost: {'; '.join(lost) or 'none'}"

@@ -24,10 +24,12 @@ from common import protocol
 from common.config import SiteRunConfig
 from common.errors import CohortInputError
 from common.evaluation import evaluate, resolve_device
+from common.flower_logs import readable_flower_logs
 from common.models.registry import build_model
 from common.privacy.accounting import PrivacyState
 from common.privacy.ledger import LedgerBroken, LedgerEntry, LedgerRecord, Noise, Sampling, SiteLedger, Spender, model_hash
 
+readable_flower_logs()
 app = ClientApp()
 
 

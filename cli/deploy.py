@@ -1,24 +1,30 @@
-"""`cohort superlink`, `cohort front-door`, `cohort supernode`, `cohort connect`: a real
-deployment on Flower's deployment engine, TLS and SuperNode authentication on, sites
-reaching the Fleet API alone, checked before anything starts."""
+"""`cohort superlink`, `cohort front-door`, `cohort supernode`, `cohort connect`, `cohort
+run`: a real deployment on Flower's deployment engine, TLS and SuperNode authentication
+on, sites reaching the Fleet API alone, checked before anything starts."""
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
-from typing import Annotated, Callable
+from typing import Annotated, Optional
 
 import typer
 
 from cli.errors import input_errors
+from cli.rounds import round_line
+from cli.terminal import echo_message, labelled
 from common.errors import CohortInputError
 from common.privacy.ledger import PUBLIC_KEY_FILE
 from deploy.certificates import LOOPBACK
-from deploy.commands import SUPERLINK_LISTEN_HOST, SUPERLINK_LOCAL_PORT, SUPERLINK_PORT, SUPERNODE_PORT
+from deploy.commands import SUPERLINK_LISTEN_HOST, SUPERLINK_LOCAL_PORT, SUPERLINK_PORT, SUPERNODE_PORT, shell_line
 from deploy.coordinator import CoordinatorLaunch
 from deploy.fleet_limits import DEFAULT_MAX_MODEL_MB, DEFAULT_SITES_PER_ADDRESS, FleetLimits
+from deploy.flower_runtime import require_app_dir
 from deploy.front_door import FrontDoor
-from deploy.launch import SITE_RUNTIME_DIR, SuperLinkLaunch, SuperNodeLaunch, exec_flower, flwr_home, probe_superlink, split_address, write_connection
+from deploy.launch import SuperLinkLaunch, SuperNodeLaunch, exec_flower, flwr_home, probe_superlink, split_address, write_connection
+from deploy.submission import RunOutcome, submission
+from server.records import RoundRecord
+from server.run_config import RunConfig
+from simulations.plan import parse_overrides
 
 CertsOption = Annotated[Path, typer.Option("--certs", help="The directory of `cohort certs init` (ca.crt, superlink.crt, superlink.key).")]
 HostOption = Annotated[str, typer.Option("--host", help="Where the front door listens: the address sites reach.")]
@@ -114,10 +120,11 @@ def supernode(
     with input_errors():
         launch.check()
         fingerprint = launch.prepare()
-    typer.echo(f"site {name}: ledger key {launch.state_dir / PUBLIC_KEY_FILE}, fingerprint {fingerprint} (give it to your auditor out of band)", err=True)
+    typer.echo(labelled(f"site {name}: ledger key", launch.state_dir / PUBLIC_KEY_FILE), err=True)
+    typer.echo(labelled("fingerprint (give it to your auditor out of band)", fingerprint), err=True)
     argv = launch.argv()
-    typer.echo(f"starting: {shlex.join(argv)}", err=True)
-    exec_flower(argv, first_on_path=launch.state_dir / SITE_RUNTIME_DIR)
+    typer.echo(f"starting:\n{shell_line(argv)}", err=True)
+    exec_flower(argv, first_on_path=launch.runtime_dir)
 
 
 def connect(
@@ -137,8 +144,41 @@ def connect(
     typer.echo(f"wrote connection '{connection}' to {config_file}")
 
 
-def _start(check: Callable[[], None], argv: list[str]) -> None:
+def run(
+    connection: Annotated[str, typer.Argument(help="The SuperLink connection that `cohort connect` made.")],
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="A run setting, e.g. --set rounds=20 (repeatable); the settings are [tool.flwr.app.config] in pyproject.toml."),
+    ] = None,
+) -> None:
+    """Submit a study to the coordinator's SuperLink and follow it, one line a round.
+
+    Exits 0 only when the run completed; 1 when it stopped early (every site refused, too
+    few updates) or failed, with the reason. Run it on the SuperLink's host, where the
+    ServerApp writes the run directory."""
     with input_errors():
-        check()
-    typer.echo(f"starting: {shlex.join(argv)}", err=True)
-    exec_flower(argv)
+        require_app_dir()
+        study = submission(connection, RunConfig.from_flower(parse_overrides(set_ or [])), flwr_home())
+        study.check()
+
+        def on_round(record: RoundRecord) -> None:
+            typer.echo(round_line(record, study.run.training.rounds))
+
+        outcome = study.submit_and_follow(lambda run_dir: typer.echo(labelled("run directory", run_dir.path)), on_round)
+    _report(outcome, connection)
+
+
+def _report(outcome: RunOutcome, connection: str) -> None:
+    if outcome.interrupted:
+        stop = f"`flwr stop {outcome.run_id} {connection}` stops it" if outcome.run_id is not None else "`flwr ls` lists it"
+        echo_message(f"interrupted: no longer following; the run goes on at the SuperLink ({stop})")
+        raise typer.Exit(code=130)
+    if not outcome.succeeded:
+        echo_message(f"error: {outcome.failure()}")
+        raise typer.Exit(code=1)
+    summary = outcome.summary
+    assert summary is not None  # a run that succeeded wrote its summary.json
+    epsilon = summary.client_level_epsilon or summary.max_epsilon
+    privacy = "no DP" if epsilon is None else f"epsilon {epsilon:.3f}"
+    accuracy = "-" if summary.final_accuracy is None else f"{summary.final_accuracy:.4f}"
+    typer.echo(f"run {outcome.run_id} completed: {summary.rounds} rounds, global test accuracy {accuracy}, {privacy}")

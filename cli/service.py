@@ -29,6 +29,7 @@ from cli.deploy import (
     SuperNodePortOption,
 )
 from cli.errors import input_errors
+from cli.terminal import labelled, paragraph
 from common.config import validate_budget
 from common.errors import CohortInputError
 from server.rundir import write_bytes_atomic
@@ -37,7 +38,7 @@ from deploy.certificates import validate_site_name
 from deploy.fleet_limits import DEFAULT_MAX_MODEL_MB, DEFAULT_SITES_PER_ADDRESS, FleetLimits
 from deploy.service_units import ServiceUnit, superlink_unit, supernode_unit
 
-service_app = typer.Typer(help="systemd units for the coordinator and the sites (install steps: docs/deploy.md).", no_args_is_help=True)
+service_app = typer.Typer(rich_markup_mode="markdown", help="systemd units for the coordinator and the sites (install steps: docs/deploy.md).", no_args_is_help=True)
 
 UnitFileArgument = Annotated[Path, typer.Argument(help="Where to write the unit, e.g. /etc/systemd/system/cohort-superlink.service.")]
 UserOption = Annotated[str, typer.Option("--user", help="The unprivileged account the service runs as; create it first.")]
@@ -94,4 +95,5 @@ def _write(unit_file: Path, unit: ServiceUnit) -> None:
     if not unit_file.parent.is_dir():
         raise CohortInputError(f"{unit_file}: folder {unit_file.parent} does not exist; give a path in an existing folder (/etc/systemd/system)")
     write_bytes_atomic(unit_file, unit.text().encode(), mode=0o644)
-    typer.echo(f"wrote {unit_file}; then: systemctl daemon-reload && systemctl enable --now {unit_file.name}")
+    typer.echo(labelled("wrote", unit_file))
+    typer.echo(paragraph(f"Then: `systemctl daemon-reload && systemctl enable --now {unit_file.name}`"))

@@ -27,6 +27,7 @@ from common import protocol
 from common.config import SiteRunConfig
 from common.errors import CohortInputError
 from common.evaluation import evaluate, resolve_device
+from common.flower_logs import readable_flower_logs
 from common.models.registry import build_model
 from common.privacy.accounting import PrivacyState
 from common.secure_aggregation import messages as secure_messages
@@ -34,6 +35,7 @@ from common.secure_aggregation.messages import masked_input_record
 from common.secure_aggregation.model_vector import update_vector
 from common.privacy.ledger import LedgerBroken, LedgerEntry, LedgerRecord, Noise, Sampling, SiteLedger, Spender, model_hash
 
+readable_flower_logs()
 app = ClientApp()
 
 

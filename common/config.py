@@ -258,6 +258,7 @@ def _with_local_training_defaults(training: TrainingConfig, dp_sgd: bool) -> Tra
     )
 
 
+
 def validate_budget(epsilon: float, delta: float, source: str) -> None:
     """A DP budget is an epsilon > 0 and a delta strictly between 0 and 1."""
     if not epsilon > 0:

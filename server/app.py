@@ -1,5 +1,6 @@
 """The ServerApp: Flower's strategy over the round loop, central evaluation on the
-held-out test set, and the run directory."""
+held-out test set, and the run directory. A run that stops early ends as failed in
+Flower's records too (server/run_outcome.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.evaluation import Evaluation, evaluate
 from common.errors import CohortInputError
+from common.flower_logs import readable_flower_logs
 from common.models.registry import build_model
 from common.secure_aggregation.model_vector import dimension
 from server.central_dp import CentralPrivacy, coordinator_noise, wrap_with_central_dp
@@ -28,11 +30,14 @@ from server.plots import plot_run
 from server.reply_checks import ReplyChecker
 from server.rundir import RunDirectory, write_json_atomic, write_torch_atomic
 from server.run_config import RunConfig
+from server.run_outcome import end_run
 from server.secure_aggregation_plan import run_parameters
 from server.secure_collect import SecureCollect
 from server.strategies import STRATEGIES, build_strategy, sample_size
 from server.summary import summarize
 
+# Its lines travel to whoever runs `flwr run --stream` or `flwr log`: never coloured.
+readable_flower_logs(relayed=True)
 app = ServerApp()
 
 
@@ -102,3 +107,4 @@ def _finish(run_dir: RunDirectory, state: FederationState, wall_seconds: float) 
     if metrics:
         plot_run(metrics, run_dir.plot_dir)
     write_json_atomic(run_dir.summary_file, summarize(metrics, wall_seconds, state.stop_reason).to_json())
+    end_run(state.stop_reason)

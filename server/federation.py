@@ -152,6 +152,7 @@ class Federation:
 
     def _too_few_updates(self, server_round: int, contributions: Contributions, report: RoundReport) -> str:
         lost = [f"{r.site} ({r.reason})" for r in report.rejected] + [f"{f.site} ({f.reason})" for f in report.failures]
+        lost += [f"{site} (refused)" for site in sorted(report.refusals.values())]
         return (
             f"stopped after round {server_round}: {contributions.count} update(s) passed the checks, fewer than "
             f"min-sites={self._min_sites()}; the global model was kept; lost: {'; '.join(lost) or 'none'}"

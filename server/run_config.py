@@ -8,8 +8,9 @@ it. A site reads only the site-facing part and ignores the rest (docs/site.md).
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Iterable, Mapping
 
 from common.config import SiteRunConfig, flat_values, flat_settings, require_choice, settings_hash, validate_budget
 from common.errors import CohortInputError
@@ -314,15 +315,24 @@ class RunConfig(SiteRunConfig):
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
         """Build from Flower's flat run config, refusing any key Cohort does not know."""
-        known = flat_settings(cls)
-        unknown = sorted(key for key in run_config if key.replace("-", "_") not in known)
-        if unknown:
-            raise CohortInputError(
-                f"unknown setting(s): {', '.join(key.replace('_', '-') for key in unknown)}; see [tool.flwr.app.config] "
-                "in pyproject.toml for the settings Cohort understands"
-            )
+        refuse_unknown_settings(run_config, run_settings())
         return cls.from_settings(run_config)
 
     def fingerprint(self) -> str:
         """A hash of what the run computes, so a checkpoint can refuse a foreign config."""
         return settings_hash(flat_values(self, flat_settings(RunConfig)), self.PLACEMENT_KEYS)
+
+
+def run_settings() -> frozenset[str]:
+    """Every run setting's name, as the run config spells it."""
+    return frozenset(name.replace("_", "-") for name in flat_settings(RunConfig))
+
+
+def refuse_unknown_settings(settings: Iterable[str], valid: Iterable[str]) -> None:
+    """Name the first setting that is not one of `valid`, with the valid one closest to it
+    (a typo in a key would otherwise reach Flower, which says only "Invalid run configuration")."""
+    choices = sorted(valid)
+    for name in sorted(set(settings) - set(choices)):
+        close = difflib.get_close_matches(name, choices, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "the settings are [tool.flwr.app.config] in pyproject.toml"
+        raise CohortInputError(f"unknown setting '{name}'; {hint}")

@@ -1,5 +1,5 @@
-"""`cohort superlink`, `cohort front-door`, `cohort supernode` and `cohort connect` check
-before anything starts: a deployment mistake gets one line naming the file and the fix,
+"""`cohort superlink`, `cohort front-door`, `cohort supernode`, `cohort connect` and `cohort
+run` check before anything starts: a deployment mistake gets one line naming the file and the fix,
 and exit 2 with nothing left running, never a bare TLS error or a SuperNode retrying
 forever. `cohort superlink` runs the SuperLink and the front door together and stops
 both, whichever way it ends."""
@@ -29,8 +29,10 @@ from flwr.common.config import parse_config_args
 
 from deploy import commands
 from deploy.certificates import CertificateLayout, create_site_key, init_certificates
+from deploy.directory_lock import STATE_LOCK_FILE
 from deploy.launch import SuperNodeLaunch
-from deploy.state_lock import LOCK_FILE
+from server.run_config import RunConfig
+from server.rundir import RunDirectory
 from simulations.local_superlink import free_port, stop_process_tree
 
 COHORT = str(Path(sys.executable).parent / "cohort")
@@ -186,6 +188,26 @@ def test_connect_writes_the_tls_connection_into_flowers_config(certs: Certificat
     assert config["superlink"]["hospitals"] == {"address": f"127.0.0.1:{tls_server}", "root-certificates": str(certs.ca_cert.resolve())}
 
 
+def test_run_with_a_misspelt_setting_names_the_closest_one_and_submits_nothing(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [COHORT, *commands.cohort_run_command("hospitals", ["round=1", "min-sites=2"])[1:]],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env={**os.environ, "FLWR_HOME": str(tmp_path / "home")},
+    )  # fmt: skip
+    _assert_one_clear_line(result, "unknown setting 'round'; did you mean 'rounds'?")
+    assert list(tmp_path.iterdir()) == [], "nothing may be written before the settings are valid"
+
+
+def test_run_without_the_connection_says_how_to_make_it(tmp_path: Path) -> None:
+    result = _cohort(commands.cohort_run_command("hospitals", ["rounds=1"]), tmp_path / "home")
+    _assert_one_clear_line(result, "no connection 'hospitals'", "`cohort connect hospitals --superlink 127.0.0.1:9093")
+
+
+def test_run_into_a_run_directory_that_holds_a_run_is_refused(tmp_path: Path) -> None:
+    RunDirectory(tmp_path / "study-1").prepare(RunConfig())
+    result = _cohort(commands.cohort_run_command("hospitals", [f"run-dir={tmp_path / 'study-1'}"]), tmp_path / "home")
+    _assert_one_clear_line(result, f"run directory {tmp_path / 'study-1'} already holds a run", f"resume-from={tmp_path / 'study-1'}")
+
+
 def test_the_node_config_flower_parses_is_the_sites_own_policy(tmp_path: Path) -> None:
     launch = SuperNodeLaunch("superlink.example:8000", tmp_path / "ca.crt", tmp_path / "k", "hospital-a", Path("/data/a b.npz"), Path("/var/lib/cohort"), 3.0, 1e-6, 9094)
     parsed = parse_config_args([launch.node_config()])
@@ -330,7 +352,7 @@ def _wait_for_lock_holder(state_dir: Path, process: subprocess.Popen[bytes]) -> 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         assert process.poll() is None, "the SuperNode stopped"
-        lock = state_dir / LOCK_FILE
+        lock = state_dir / STATE_LOCK_FILE
         if lock.exists() and lock.read_text().strip() == str(process.pid) and process.pid in {p.pid for p in psutil.process_iter() if p.name().startswith("flower-superno")}:
             return
         time.sleep(0.2)

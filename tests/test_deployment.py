@@ -524,6 +524,47 @@ def test_the_killed_sites_ledger_holds_each_release_once_and_the_runs_copy_only_
     assert sorted(e.record.round for e in at_site) == [1] * killed.trained_when_killed + _trained_rounds(killed.run_dir)[KILLED_SITE]
 
 
+@pytest.fixture(scope="module")
+def study_every_site_refused(deployment: Deployment) -> subprocess.CompletedProcess[str]:
+    """`cohort run` of a study without DP: every site's policy forbids training without it
+    (allow-non-private is off unless a site sets it), so every site refuses round 1."""
+    settings = [
+        f"rounds={ROUNDS}", f"dataset={deployment.root / 'data' / 'coordinator.npz'}", f"run-dir={deployment.root / 'run-refused'}",
+        "min-sites=3", "dp=false", "batch-size=32",
+    ]  # fmt: skip
+    result = deployment.run("coordinator", commands.cohort_run_command(CONNECTION, settings), timeout=600)
+    (deployment.root / "logs" / "cohort-run-refused.log").write_text(result.stdout + result.stderr)
+    return result
+
+
+def test_cohort_run_of_a_study_every_site_refused_exits_1_naming_the_reason(study_every_site_refused: subprocess.CompletedProcess[str]) -> None:
+    result = study_every_site_refused
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"round   1/{ROUNDS}" in result.stdout and "refused: hospital-a, hospital-b, hospital-c" in result.stdout
+    assert f"round   2/{ROUNDS}" not in result.stdout
+    message = " ".join(result.stderr.split())
+    assert re.fullmatch(r"error: run \d+ stopped after round 1: 0 update\(s\) passed the checks, fewer than min-sites=3; .*", message), message
+    assert "hospital-a (refused); hospital-b (refused); hospital-c (refused)" in message
+
+
+def test_flower_records_a_study_every_site_refused_as_failed_with_the_reason(deployment: Deployment, study_every_site_refused: subprocess.CompletedProcess[str]) -> None:
+    run_id = re.search(r"error: run (\d+) stopped", study_every_site_refused.stderr)
+    assert run_id, study_every_site_refused.stderr
+    (run,) = deployment.flwr_json("list", "--run-id", run_id.group(1))["runs"]
+    assert run["status"] == "finished:failed" and "stopped after round 1" in run["status-details"], run
+
+
+def test_the_logs_of_cohorts_commands_hold_each_serverapp_line_once_and_no_colour_codes(
+    deployment: Deployment, study_every_site_refused: subprocess.CompletedProcess[str]
+) -> None:
+    """What `cohort superlink`, each `cohort supernode` and `cohort run` wrote (the run's
+    flower.log is the ServerApp's log as `flwr run --stream` relays it)."""
+    flower = deployment.root / "run-refused" / "flower.log"
+    logs = [deployment.root / "logs" / f"{role}.log" for role in ("superlink", *SITES, "cohort-run-refused")] + [flower]
+    assert [log.name for log in logs if "\x1b[" in log.read_text(errors="replace")] == []
+    assert flower.read_text().count("Round 1: global accuracy") == 1, flower.read_text()
+
+
 def _superlink_process(deployment: Deployment) -> psutil.Process:
     (superlink,) = [p for p in deployment.started_processes() if "flower-superlink" in " ".join(p.cmdline()[:2])]
     return superlink

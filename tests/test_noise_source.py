@@ -4,7 +4,8 @@ assumes in every grad-sample mode, and who decides which source a release uses."
 
 from __future__ import annotations
 
-import multiprocessing
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from simulations.plan import plan_from_values
 
 # Statistical checks fail a correct sampler with probability below about 1e-6 each.
 DRAWS = 1_000_000
+REPO_ROOT = Path(__file__).resolve().parent.parent
 Z = 5.0
 
 SIMULATED = SiteConfig(name="site-0", epsilon=8.0, delta=1e-5, state_dir=Path("/unused"), partition_id=0, num_partitions=5)
@@ -68,16 +70,30 @@ def test_secure_noise_never_repeats_across_draws() -> None:
     assert len(np.unique(first.numpy())) == 50_000
 
 
-def _draw_in_child(source: SecureNoise) -> list[float]:
+# Forked from a fresh interpreter: forking this test process, whose earlier tests left
+# gRPC and PyTorch threads running, can deadlock the children on locks those threads held.
+_FORKED_DRAWS = """
+import multiprocessing
+from common.privacy.noise import SecureNoise
+
+def draw(source):
     return source.gaussian(1_000, 1.0).tolist()
 
-
-def test_secure_noise_never_repeats_across_processes_forked_from_one_source() -> None:
+if __name__ == "__main__":
     source = SecureNoise()
     with multiprocessing.get_context("fork").Pool(2) as pool:
-        children = pool.map(_draw_in_child, [source, source])
-    draws = [*children, _draw_in_child(source)]
-    assert len(set().union(*map(set, draws))) == 3 * 1_000
+        children = pool.map(draw, [source, source])
+    draws = [*children, draw(source)]
+    print(len(set().union(*map(set, draws))))
+"""
+
+
+def test_secure_noise_never_repeats_across_processes_forked_from_one_source(tmp_path: Path) -> None:
+    script = tmp_path / "forked_draws.py"
+    script.write_text(_FORKED_DRAWS)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == 3 * 1_000
 
 
 def test_seeded_noise_repeats_for_the_same_seed_site_and_round() -> None:

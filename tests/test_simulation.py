@@ -134,6 +134,13 @@ def test_progress_and_summary_are_printed(completed_run: tuple[subprocess.Comple
     assert "global test accuracy" in result.stdout and "site-2" in result.stdout
 
 
+def test_flowers_logs_hold_each_serverapp_line_once_and_no_colour_codes(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    _, run_dir = completed_run
+    flower, superlink = (run_dir / "flower.log").read_text(), (run_dir / "superlink.log").read_text()
+    assert "\x1b[" not in flower and "\x1b[" not in superlink
+    assert flower.count("Round 1: global accuracy") == 1, flower
+
+
 def test_interrupted_run_resumes_at_the_next_round_with_epsilon_continuing(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     process = subprocess.Popen(

@@ -1,10 +1,11 @@
 """Which code answers at a deployed site: only its installed Cohort, decided from the FAB's
-bytes without unpacking or importing it; and how `cohort supernode` puts the site's own
-`flwr-clientapp` in Flower's way."""
+bytes without unpacking or importing it; how `cohort supernode` puts the site's own
+`flwr-clientapp` in Flower's way; and what a failure leaves in the site's log."""
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 import subprocess
@@ -12,9 +13,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.supercore.fab import Fab
 
-from client.site_runner import SITE_PACKAGES, code_refusal
+from client.site_runner import SITE_PACKAGES, code_refusal, log_failure
 from deploy.launch import SITE_RUNTIME_DIR, SuperNodeLaunch, flower_env
 
 PYPROJECT = b'[tool.flwr.app.components]\nserverapp = "server.app:app"\nclientapp = "client.app:app"\n'
@@ -94,3 +96,28 @@ def test_a_deployed_site_answers_secure_aggregations_key_stages_without_loading_
     result = subprocess.run([sys.executable, "-c", KEY_STAGE_WITHOUT_TORCH, str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False", "PyTorch was loaded to answer a key stage"
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_site_failure_is_one_line_in_its_log_and_its_traceback_only_at_debug_level() -> None:
+    caught = _Records()
+    FLOWER_LOGGER.addHandler(caught)
+    try:
+        try:
+            raise FileNotFoundError("/data/hospital-a.npz")
+        except FileNotFoundError as error:
+            details = log_failure(error)
+    finally:
+        FLOWER_LOGGER.removeHandler(caught)
+    shown = [r for r in caught.records if r.levelno >= logging.INFO]
+    assert [r.getMessage() for r in shown] == ["the site's ClientApp failed: FileNotFoundError: /data/hospital-a.npz"]
+    assert shown[0].exc_info is None and details == "FileNotFoundError: /data/hospital-a.npz"
+    assert [r.levelno for r in caught.records if r.exc_info] == [logging.DEBUG]

@@ -19,6 +19,7 @@ from client.app import app as client_app
 from common.secure_aggregation.messages import RECORD
 from server.app import main as server_main
 from server.run_config import RunConfig
+from server.run_outcome import RunStopped
 from simulations.federation import write_site_files
 
 # Flower's node ids are large random integers; these are too.
@@ -33,6 +34,8 @@ class InProcessGrid:
         which the site stops answering, as a site that goes offline mid-round.
     sent, received: every message the ServerApp sent and every reply it got: its whole
         view of the sites.
+    stopped: why the run stopped early, '' when it completed (Flower records such a run
+        as failed with this reason: server/run_outcome.py).
     """
 
     nodes: list[int]
@@ -40,6 +43,7 @@ class InProcessGrid:
     drop: dict[int, str] = field(default_factory=dict)
     sent: list[Message] = field(default_factory=list)
     received: list[Message] = field(default_factory=list)
+    stopped: str = ""
     contexts: dict[int, Context] = field(init=False)
     _ids: Iterator[int] = field(default_factory=itertools.count)
 
@@ -96,5 +100,8 @@ def run_in_process(settings: dict[str, Any], sites: int, run_dir: Path, drop: di
     config = {"run-dir": str(run_dir), "federation-home": str(run_dir / "federation"), **settings}
     write_site_files(RunConfig.from_flower(config).data, sites, run_dir)
     grid = InProcessGrid(node_ids(sites), config, drop or {})
-    server_main(grid, Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=config))  # type: ignore[arg-type]
+    try:
+        server_main(grid, Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=config))  # type: ignore[arg-type]
+    except RunStopped as stopped:
+        grid.stopped = str(stopped)
     return grid

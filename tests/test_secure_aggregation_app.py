@@ -133,7 +133,7 @@ def test_dropouts_beyond_the_threshold_abandon_the_round_and_keep_the_global_mod
     (record,) = run.records()
     assert not any(site.trained for site in record.sites.values())
     assert np.abs(run.released_update()).max() == 0.0
-    assert "fewer than min-sites" in run.summary().stop_reason
+    assert "fewer than min-sites" in run.summary().stop_reason and run.grid.stopped == run.summary().stop_reason
 
 
 def test_distributed_dp_ledgers_each_release_with_the_noise_of_the_sites_that_contributed(run_federation) -> None:

@@ -224,7 +224,7 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     the stages of a round."""
     runs = tmp_path_factory.mktemp("secure-runs")
     result = subprocess.run(
-        [COHORT, "simulate", "simulations/secure-aggregation.toml", "--set", "num-sites=6", "--set", "rounds=2", "--set", "local-epochs=1", "--runs-dir", str(runs)],
+        [COHORT, "simulate", "simulations/secure-aggregation.toml", *SMALL, "--set", "rounds=2", "--runs-dir", str(runs)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -236,9 +236,9 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_secure_aggregation_with_distributed_dp_runs_on_the_simulation_engine_and_ledgers_each_release(secure_run: Path) -> None:
     metrics = _metrics(secure_run)
     assert [m.round for m in metrics] == [1, 2] and all(m.client_level is not None and m.client_level.released for m in metrics)
-    assert all(sum(site.trained for site in m.sites.values()) == 6 for m in metrics)
+    assert all(sum(site.trained for site in m.sites.values()) == 3 for m in metrics)
     releases = [e.record for e in read_entries(secure_run / "server" / "privacy_ledger.jsonl")]
     assert [(r.kind, r.mechanism, json.loads(r.mechanism_details)["sites"]) for r in releases] == [
-        (RecordKind.RELEASE, Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM, [f"site-{i}" for i in range(6)])
+        (RecordKind.RELEASE, Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM, [f"site-{i}" for i in range(3)])
     ] * 2
     assert 0 < releases[-1].epsilon <= 8.0 and releases[-1].epsilon == metrics[-1].client_level.epsilon

@@ -57,10 +57,12 @@ def main(grid: Grid, context: Context) -> None:
     num_sites = len(list(grid.get_node_ids()))
     state = initial_state(run, run_dir, model)
     log(INFO, "Cohort run directory: %s", run_dir.path)
+    sampled = sample_size(run.aggregation, num_sites)
     try:
-        run.refuse_federation_size(sample_size(run.aggregation, num_sites))
-    except CohortInputError as too_small:
-        state.stop_reason = f"stopped before round {state.next_round}: {too_small}"
+        run.refuse_federation_size(sampled)
+        parameters = run_parameters(run, sampled, dimension(ArrayRecord(model.state_dict()))) if run.dp.secure_aggregation else None
+    except CohortInputError as unworkable:
+        state.stop_reason = f"stopped before round {state.next_round}: {unworkable}"
         _finish(run_dir, state, time.monotonic() - started)
         return
     strategy = build_strategy(run, num_sites)
@@ -69,19 +71,13 @@ def main(grid: Grid, context: Context) -> None:
     checker = ReplyChecker(run, context.run_id, state.registry)
     policy: DPPolicy = SiteProtected(run, strategy)
     collect: CollectStage
-    if run.dp.secure_aggregation:
-        try:
-            parameters = run_parameters(run, sample_size(run.aggregation, num_sites), dimension(ArrayRecord(model.state_dict())))
-        except CohortInputError as unworkable:
-            state.stop_reason = f"stopped before round {state.next_round}: {unworkable}"
-            _finish(run_dir, state, time.monotonic() - started)
-            return
+    if parameters is not None:
         if run.dp.mechanism.distributed_noise:
             policy = DistributedClientLevel(run, strategy, DistributedPrivacy.for_run(run, run_dir.path, parameters, context.run_id))
         collect = SecureCollect(run, strategy, exchange, checker, parameters, context.run_id)
     else:
         if run.dp.client_level:
-            central = CentralPrivacy.for_run(run, run_dir.path, sample_size(run.aggregation, num_sites), context.run_id)
+            central = CentralPrivacy.for_run(run, run_dir.path, sampled, context.run_id)
             strategy = wrap_with_central_dp(
                 strategy, run, central.noise, central.sample_size, resume_clip_norm=central.last_clip_norm(), noise_sources=coordinator_noise(run)
             )

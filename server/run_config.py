@@ -167,7 +167,7 @@ class SecureAggregationConfig:
     secure_aggregation_bits: b; masked inputs are vectors in Z/2^b. Checked before round 1:
         the sum of every sampled site's clipped update (and noise) must fit.
     secure_aggregation_neighbours: k, the sites each site shares its secrets with and masks
-        against; 0 takes every other site up to about 16 sites, then about 3 log2 n
+        against; 0 takes every other site up to 13 sites, then about 3 log2 n
         (common/secure_aggregation/parameters.py).
     secure_aggregation_threshold: t, the shares that rebuild a site's secrets; more than
         half of its k + 1 holders; 0 takes the smallest such majority.

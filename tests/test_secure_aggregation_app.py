@@ -136,6 +136,12 @@ def test_dropouts_beyond_the_threshold_abandon_the_round_and_keep_the_global_mod
     assert "fewer than min-sites" in run.summary().stop_reason and run.grid.stopped == run.summary().stop_reason
 
 
+def test_parameters_that_cannot_hold_the_sum_stop_the_run_before_round_1_with_nothing_sent(run_federation) -> None:
+    run = run_federation(**{"secure-aggregation-bits": 8})
+    assert run.grid.sent == [] and run.summary().stop_reason == run.grid.stopped
+    assert run.grid.stopped.startswith("stopped before round 1: secure-aggregation-bits = 8 cannot hold the sum of 5 sites' updates")
+
+
 def test_distributed_dp_ledgers_each_release_with_the_noise_of_the_sites_that_contributed(run_federation) -> None:
     dropped = NODES[2]
     run = run_federation(

@@ -137,7 +137,7 @@ def _key(name: str) -> str:
 
 
 def default_neighbours(sites: int) -> int:
-    """k for n sites: every other site up to about 16 sites, then the even number nearest
+    """k for n sites: every other site up to 13 sites, then the even number nearest
     above 3 log2 n (a logarithmic degree, as SecAgg+ proposes)."""
     k = 2 * math.ceil(1.5 * math.log2(sites)) if sites > 1 else 1
     return min(sites - 1, k)

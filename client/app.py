@@ -18,6 +18,7 @@ from client.dp_randomness import site_noise_source
 from client.evaluation_policy import declined_evaluation
 from client.policy import AGGREGATION_METRICS, SiteConfig
 from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps, spent_epsilon
+from client.site_failure import failure_reply, log_failure
 from client.site_data import SiteData, local_site_data, simulated_site_data
 from client.training import train_locally
 from common import protocol
@@ -41,6 +42,14 @@ def _received_model(msg: Message, run: SiteRunConfig, data: SiteData) -> torch.n
 
 @app.train(mods=[central_dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
+    """Train, or reply with one line of the site's own when anything fails (client.site_failure)."""
+    try:
+        return _train(msg, context)
+    except Exception as error:  # noqa: BLE001 - every failure becomes the site's one-line reply
+        return failure_reply(msg, log_failure(error))
+
+
+def _train(msg: Message, context: Context) -> Message:
     run = SiteRunConfig.from_flower(context.run_config)
     site = SiteConfig.from_node_config(context.node_config, run)
     try:
@@ -150,6 +159,14 @@ def _refuse(msg: Message, ledger: SiteLedger, refusal: LedgerRecord) -> Message:
 
 @app.evaluate()
 def evaluate_locally(msg: Message, context: Context) -> Message:
+    """Evaluate, or reply with one line of the site's own when anything fails."""
+    try:
+        return _evaluate_locally(msg, context)
+    except Exception as error:  # noqa: BLE001 - every failure becomes the site's one-line reply
+        return failure_reply(msg, log_failure(error))
+
+
+def _evaluate_locally(msg: Message, context: Context) -> Message:
     run = SiteRunConfig.from_flower(context.run_config)
     site = SiteConfig.from_node_config(context.node_config, run)
     declined = declined_evaluation(msg, site)

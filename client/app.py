@@ -116,10 +116,10 @@ def _planned_privacy(run: SiteRunConfig, site: SiteConfig, spender: Spender, ent
     mechanism = run.dp.mechanism.mechanism
     try:
         plan = plan_round(run, site, entries, spender.dataset_hash, spender.run_id, spender.round, train_size)
-    except CohortInputError as exhausted:  # no noise level fits what is left of the budget
+        reason = refusal_reason(plan, round_steps(train_size, run), site)
+    except CohortInputError as unworkable:  # no noise level fits what is left of the budget, or an accountant cannot compose the round
         spent = spent_epsilon(entries, spender.dataset_hash, site)
-        return LedgerRecord.refusal(spender, f"site {site.name} refuses to train: {exhausted}", spent, site.accountants[0], mechanism, _noise(run, None))
-    reason = refusal_reason(plan, round_steps(train_size, run), site)
+        return LedgerRecord.refusal(spender, f"site {site.name} refuses to train: {unworkable}", spent, site.accountants[0], mechanism, _noise(run, None))
     if reason is not None:
         return LedgerRecord.refusal(spender, reason, enforced_epsilon(plan.total, site)[0], site.accountants[0], mechanism, _noise(run, plan.total))
     return plan.total

@@ -13,6 +13,7 @@ from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, ro
 from client.site_data import local_site_data
 from common import protocol
 from common.config import SiteRunConfig
+from common.models.registry import build_model
 from common.errors import CohortInputError
 from common.privacy.accounting import PrivacyState
 from common.privacy.ledger import LedgerRecord, RecordKind, SiteLedger
@@ -129,3 +130,36 @@ def test_a_site_whose_policy_forbids_a_run_without_dp_refuses_before_reading_any
     assert "refuses to train without differential privacy" in reply.error.reason
     (refusal,) = SiteLedger(tmp_path / "state").verified_entries()
     assert (refusal.record.kind, refusal.record.dataset_hash) == ("refusal", "")
+
+
+def _round_one(model_shape: tuple[int, int, int] = (1, 8, 8), classes: int = 3) -> Message:
+    arrays = ArrayRecord(build_model("cnn", model_shape, classes).state_dict())
+    return Message(
+        content=RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: ConfigRecord({protocol.CONFIG_ROUND: 1})}), dst_node_id=1, message_type="train"
+    )
+
+
+def _site_answers(data: Path, state: Path, run_config: dict[str, object], run_id: int = 7, **policy: object) -> Message:
+    """The site's own ClientApp, as its runner calls it, on its data and state directory."""
+    from client.app import app
+
+    node_config = {"data-path": str(data), "state-dir": str(state), "epsilon": 8.0, "delta": 1e-5, "site-name": "a", **policy}
+    small = {"rounds": 1, "batch-size": 20, "noise-multiplier": 1.0, **run_config}
+    return app(_round_one(), Context(run_id=run_id, node_id=1, node_config=node_config, state=RecordDict(), run_config=small))
+
+
+def test_a_gdp_site_refuses_a_round_at_another_sigma_than_its_ledger_holds(site_npz: Path, tmp_path: Path, clientapp_identity: None) -> None:
+    state = tmp_path / "state"
+    SiteLedger(state)
+    assert not _site_answers(site_npz, state, {}, run_id=1, accountants="rdp").has_error()
+    reply = _site_answers(site_npz, state, {"noise-multiplier": 2.0}, run_id=2, accountants="gdp")
+    assert reply.has_error() and reply.error.code == protocol.SITE_REFUSED
+    assert reply.error.reason.startswith("site a refuses to train: the gdp accountant composes one noise multiplier and sample rate only")
+    assert len(reply.error.reason.splitlines()) == 1
+    assert [e.record.kind for e in SiteLedger(state).verified_entries()] == [RecordKind.RELEASE, RecordKind.REFUSAL]
+
+
+def test_the_gdp_accountant_never_composes_two_noise_levels_silently() -> None:
+    with pytest.raises(CohortInputError, match=r"would be released at 2 \(sigma 1 at q 0.2, sigma 2 at q 0.2\)"):
+        PrivacyState(2.0, 0.2, "gdp", ((1.0, 0.2, 5), (2.0, 0.2, 5))).epsilon(1e-5)
+

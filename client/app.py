@@ -8,6 +8,7 @@ policy (client/policy.py), never from the run config.
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -20,7 +21,8 @@ from client.policy import AGGREGATION_METRICS, SiteConfig
 from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps, spent_epsilon
 from client.site_failure import failure_reply, log_failure
 from client.site_data import SiteData, local_site_data, simulated_site_data
-from client.training import train_locally
+from client.training import RoundOverTime, train_locally
+from client.work_limits import overtime_refusal, steps_refusal
 from common import protocol
 from common.config import SiteRunConfig
 from common.errors import CohortInputError
@@ -66,20 +68,28 @@ def _train(msg: Message, context: Context) -> Message:
         return _refuse(msg, ledger, LedgerRecord.refusal(spender, _no_local_dp_refusal(run, site), 0.0, site.accountants[0], mechanism, _noise(run, None)))
     data = _site_data(site, run)
     spender = _spender(run, site, context.run_id, server_round, data.identity)
+    too_many_steps = steps_refusal(site, run, len(data.train))
+    if too_many_steps is not None:
+        return _refuse(msg, ledger, _refusal_at_spent(run, site, spender, entries, too_many_steps))
     privacy = _planned_privacy(run, site, spender, entries, len(data.train)) if run.dp.sample_level else None
     if isinstance(privacy, LedgerRecord):
         return _refuse(msg, ledger, privacy)
     model = _received_model(msg, run, data)  # built only once the site knows it will train
-    update = train_locally(
-        model,
-        data.train,
-        run,
-        privacy,
-        resolve_device(run.device),
-        site_noise_source(run, site, data, server_round),
-        server_round=server_round,
-        proximal_mu=float(config.get(protocol.CONFIG_PROXIMAL_MU, 0.0)),
-    )
+    try:
+        update = train_locally(
+            model,
+            data.train,
+            run,
+            privacy,
+            resolve_device(run.device),
+            site_noise_source(run, site, data, server_round),
+            server_round=server_round,
+            proximal_mu=float(config.get(protocol.CONFIG_PROXIMAL_MU, 0.0)),
+            deadline=time.monotonic() + site.max_round_seconds,
+        )
+    except RoundOverTime as over:
+        reason = overtime_refusal(site, over.steps, round_steps(len(data.train), run))
+        return _refuse(msg, ledger, _refusal_at_spent(run, site, spender, entries, reason))
     arrays = ArrayRecord({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()})
     if update.privacy:
         epsilon, accountant = enforced_epsilon(update.privacy, site)
@@ -118,11 +128,16 @@ def _planned_privacy(run: SiteRunConfig, site: SiteConfig, spender: Spender, ent
         plan = plan_round(run, site, entries, spender.dataset_hash, spender.run_id, spender.round, train_size)
         reason = refusal_reason(plan, round_steps(train_size, run), site)
     except CohortInputError as unworkable:  # no noise level fits what is left of the budget, or an accountant cannot compose the round
-        spent = spent_epsilon(entries, spender.dataset_hash, site)
-        return LedgerRecord.refusal(spender, f"site {site.name} refuses to train: {unworkable}", spent, site.accountants[0], mechanism, _noise(run, None))
+        return _refusal_at_spent(run, site, spender, entries, f"site {site.name} refuses to train: {unworkable}")
     if reason is not None:
         return LedgerRecord.refusal(spender, reason, enforced_epsilon(plan.total, site)[0], site.accountants[0], mechanism, _noise(run, plan.total))
     return plan.total
+
+
+def _refusal_at_spent(run: SiteRunConfig, site: SiteConfig, spender: Spender, entries: list[LedgerEntry], reason: str) -> LedgerRecord:
+    """The refusal of a round that releases nothing, with what the dataset had spent before it."""
+    spent = spent_epsilon(entries, spender.dataset_hash, site)
+    return LedgerRecord.refusal(spender, reason, spent, site.accountants[0], run.dp.mechanism.mechanism, _noise(run, None))
 
 
 def _spender(run: SiteRunConfig, site: SiteConfig, run_id: int, server_round: int, data_hash: str) -> Spender:

@@ -37,6 +37,7 @@ from sklearn.metrics import accuracy_score  # noqa: E402
 
 from common.errors import CohortInputError  # noqa: E402
 from common.evaluation import predict  # noqa: E402
+from common.private_files import private_dir  # noqa: E402
 from server.held_out import federated_split  # noqa: E402
 from server.records import RoundRecord  # noqa: E402
 from server.rundir import RunDirectory, write_bytes_atomic, write_json_atomic  # noqa: E402
@@ -54,7 +55,7 @@ def write_fairness(run_dir: Path, margin: float) -> dict[str, Any]:
     directory = RunDirectory(run_dir)
     report = measure_fairness(directory, margin)
     write_json_atomic(run_dir / FAIRNESS_FILE, report)
-    directory.plot_dir.mkdir(exist_ok=True)
+    private_dir(directory.plot_dir)
     write_bytes_atomic(directory.plot_dir / PLOT_FILE, _site_accuracy_plot(directory.read_metrics(), report["across_sites"]["worst_site"]))
     return report
 

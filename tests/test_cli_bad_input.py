@@ -38,6 +38,8 @@ def _simulate(tmp_path: Path, *args: str) -> tuple[int, str]:
         ("site-delta=1.5", "site-delta is 1.5; it must be a finite number in (0, 1)"),
         ("site-delta=0", "site-delta is 0.0; it must be a finite number in (0, 1)"),
         ("clip-norm=inf", "clip-norm is inf; it must be a finite number in (0, 1000]"),
+        ("num-sites=inf", "num-sites is inf; it must be an integer"),
+        ("gpus-per-site=nan", "gpus-per-site is nan; it must be a finite number in [0, 1024]"),
         ("dataset=/no/such/file.npz", "nor an existing path"),
         ("num-sites=5000", "5000 sites but only 1437 training examples"),
         ("rounds", "is not key=value"),

@@ -294,8 +294,9 @@ class RunConfig:
         folder per site; sites spend from the same budget in every run that shares it.
     site_epsilon, site_delta, site_allow_non_private: the policy of a simulated site that
         sets none itself (a site's own policy always wins; see common.site).
-    fairness_margin: the fairness report warns when the worst site's accuracy falls more
-        than this below the mean site's (simulations/fairness.py).
+    fairness_margin: the fairness report warns about a site whose accuracy falls more
+        than this below the mean site's and whose 95% interval lies below that mean
+        (simulations/fairness.py).
     """
 
     run_name: str = "cohort"

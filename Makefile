@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cohort-installed
 
-.PHONY: setup browser nginx demo test benchmark clean
+.PHONY: setup browser nginx systemd demo test benchmark clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,13 @@ browser:
 nginx:
 	@command -v nginx >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; } || echo "nginx is not installed: the deployment tests will be skipped"
 
-test: setup browser nginx
+# The systemd units `cohort service` writes are checked with systemd-analyze (Debian's
+# systemd package; nothing is started, systemd need not run). As root it is installed
+# here, otherwise those tests are skipped with their reason.
+systemd:
+	@command -v systemd-analyze >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; } || echo "systemd-analyze is not installed: the service unit tests will be skipped"
+
+test: setup browser nginx systemd
 	$(BIN)/python -m pytest
 
 benchmark: setup

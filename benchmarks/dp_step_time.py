@@ -10,6 +10,10 @@ caches and memory bandwidth still does). Each repetition times every variant onc
 shuffled order, so that what noise is left hits all of them alike; the figures are
 medians over the repetitions. Opacus 1.6's other modes do not
 apply to a site: 'ghost_fsdp' needs a distributed FSDP model, 'no_op' does not clip.
+
+The model's fastest mode (AUTO_GRAD_SAMPLE_MODE) also runs with the site's noise sources
+in place of Opacus' own noise (client/dp_randomness.py): 'secure' (a deployed site's) and
+'seeded' (a simulation's), so that their cost is a ratio measured in the same run.
 """
 
 from __future__ import annotations
@@ -25,19 +29,22 @@ from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.results import run_table
+from client.dp_randomness import draw_noise_from
 from common.config import AUTO_GRAD_SAMPLE_MODE
 from common.models.registry import build_model
+from common.privacy.noise import NoiseSource, SecureNoise, SeededNoise
 
 SHAPES = {"8x8": (1, 8, 8), "28x28": (1, 28, 28)}
 # The DP-SGD batch sizes of AUTO_LOCAL_TRAINING: 256 with SGD (the default), 64 with Adam.
 BATCH_SIZES = (64, 256)
 OPACUS_MODES = ("hooks", "functorch", "ew", "ghost")
 PHASES = ("forward", "backward", "optimizer")
+NOISE_SOURCES = ("secure", "seeded")
 
 Step = Callable[[], tuple[float, float, float]]
 
 
-def _step_fn(model_name: str, shape: tuple[int, int, int], mode: str | None, batch_size: int) -> Step:
+def _step_fn(model_name: str, shape: tuple[int, int, int], mode: str | None, batch_size: int, noise: NoiseSource | None = None) -> Step:
     torch.manual_seed(0)
     model = build_model(model_name, shape, 10)
     images, labels = torch.randn(batch_size, *shape), torch.randint(0, 10, (batch_size,))
@@ -52,6 +59,8 @@ def _step_fn(model_name: str, shape: tuple[int, int, int], mode: str | None, bat
         model, optimizer = private[0], private[1]
         if mode == "ghost":
             criterion = private[2]
+        if noise is not None:
+            draw_noise_from(optimizer, noise)
 
     def step() -> tuple[float, float, float]:
         started = time.thread_time()
@@ -84,6 +93,10 @@ def measure(model_name: str, shape: tuple[int, int, int], batch_size: int, repet
         except Exception as error:  # a mode Opacus cannot apply to this model is reported, not fatal
             variants.pop(mode, None)
             failures[mode] = f"{type(error).__name__}: {error}"[:160]
+    auto = AUTO_GRAD_SAMPLE_MODE[model_name]
+    sources = {"secure": SecureNoise(), "seeded": SeededNoise(0, "benchmark")}
+    for name in NOISE_SOURCES:
+        variants[f"{auto} {name}"] = _step_fn(model_name, shape, auto, batch_size, sources[name])
     timings: dict[str, list[tuple[float, ...]]] = {name: [] for name in variants}
     for step in variants.values():
         _seconds_per_step(step, 2)  # warm-up
@@ -104,8 +117,18 @@ def measure(model_name: str, shape: tuple[int, int, int], batch_size: int, repet
             for name, values in timings.items()
         },
         "ratio_to_non_private": {name: round(value / base, 2) for name, value in medians.items() if name != "non-private"},
+        "noise_cost": {name: _noise_cost(timings, medians, auto, f"{auto} {name}") for name in NOISE_SOURCES},
         "failed_modes": failures,
     }
+
+
+def _noise_cost(timings: dict[str, list[tuple[float, ...]]], medians: dict[str, float], opacus: str, sourced: str) -> dict[str, float]:
+    """A noise source against Opacus' own noise in the same mode: the ratio of whole steps,
+    and the time it adds to the optimizer step, the only phase it changes (the forward and
+    backward passes run the same code, so what differs there is the machine's noise)."""
+    optimizer_phase = {name: statistics.median(p[PHASES.index("optimizer")] for p in timings[name]) for name in (opacus, sourced)}
+    added = optimizer_phase[sourced] - optimizer_phase[opacus]
+    return {"step_ratio": round(medians[sourced] / medians[opacus], 3), "optimizer_ms_added": round(1000 * added, 2), "added_share_of_step": round(added / medians[opacus], 3)}
 
 
 def run() -> list[dict[str, Any]]:
@@ -129,10 +152,21 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         ratios = [f"{row['ratio_to_non_private'][m]:.2f}x" if m in row["ratio_to_non_private"] else "fails" for m in OPACUS_MODES]
         size = "x".join(str(n) for n in row["input"][1:])
         lines.append(f"| {row['model']}, {size}, {row['batch_size']} | {row['ms_per_step']['non-private']:.1f} | " + " | ".join(ratios) + " |")
+    lines += [
+        "",
+        "| model, input, batch | auto mode with Opacus' noise, ms/step | " + " | ".join(f"{name} noise: step ratio, optimizer +ms (share of step)" for name in NOISE_SOURCES) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in NOISE_SOURCES) + " |",
+    ]
+    for row in rows:
+        size = "x".join(str(n) for n in row["input"][1:])
+        auto = AUTO_GRAD_SAMPLE_MODE[row["model"]]
+        costs = [row["noise_cost"][name] for name in NOISE_SOURCES]
+        cells = [f"{c['step_ratio']:.2f}x, {c['optimizer_ms_added']:+.1f} ({100 * c['added_share_of_step']:+.0f}%)" for c in costs]
+        lines.append(f"| {row['model']}, {size}, {row['batch_size']} | {row['ms_per_step'][auto]:.1f} ({auto}) | " + " | ".join(cells) + " |")
     lines += ["", "| model, input, batch | variant | forward ms | backward ms | optimizer ms |", "| --- | --- | --- | --- | --- |"]
     for row in rows:
         size = "x".join(str(n) for n in row["input"][1:])
-        for name in ("non-private", "hooks", AUTO_GRAD_SAMPLE_MODE[row["model"]]):
+        for name in ("non-private", "hooks", AUTO_GRAD_SAMPLE_MODE[row["model"]], f"{AUTO_GRAD_SAMPLE_MODE[row['model']]} secure"):
             phases = row["ms_per_phase"][name]
             lines.append(f"| {row['model']}, {size}, {row['batch_size']} | {name} | " + " | ".join(f"{phases[p]:.1f}" for p in PHASES) + " |")
     return "\n".join(lines)

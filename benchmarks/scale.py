@@ -38,6 +38,7 @@ from common.data.federation import SiteData, simulated_site_data
 from common.evaluation import evaluate
 from common.models.registry import build_model
 from common.privacy.accounting import PrivacyState
+from common.privacy.noise import noise_source
 from common.site import SiteConfig
 from server.strategies import sample_size
 from simulations.plan import SimulationPlan, plan_from_values
@@ -133,7 +134,7 @@ def training_compute_ms(plan: SimulationPlan) -> float:
 
 def _train_and_validate(site: SiteData, run: RunConfig, privacy: PrivacyState | None) -> None:
     model = build_model(run.training.model, site.train.input_shape, site.num_classes)
-    train_locally(model, site.train, run, privacy, torch.device("cpu"), server_round=2)
+    train_locally(model, site.train, run, privacy, torch.device("cpu"), noise_source(run.noise_source, run.data.seed, "scale", 2), server_round=2)
     evaluate(model, site.val, torch.device("cpu"))
 
 

@@ -23,6 +23,7 @@ from common.data.dataset import LabeledImages
 from common.data.federation import federated_split, simulated_site_data
 from common.evaluation import evaluate
 from common.models.registry import build_model
+from common.privacy.noise import noise_source
 from simulations.plan import SIMULATIONS_DIR, load_plan
 
 COHORT = str(Path(sys.executable).parent / "cohort")
@@ -58,7 +59,7 @@ def central_training(config: str) -> dict[str, Any]:
     model = build_model(run.training.model, split.input_shape, split.num_classes)
     central = dataclasses.replace(run, training=dataclasses.replace(run.training, local_epochs=run.training.rounds * run.training.local_epochs))
     started = time.perf_counter()
-    train_locally(model, pooled, central, None, torch.device("cpu"))
+    train_locally(model, pooled, central, None, torch.device("cpu"), noise_source(run.noise_source, run.data.seed, "central"))
     seconds = time.perf_counter() - started
     return {
         "config": config,

@@ -13,6 +13,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from cli.errors import input_errors
+from cli.terminal import paragraph
 from common.privacy.ledger import LEDGER_FILE, key_fingerprint, load_public_key, read_entries, verify_chain
 from common.rundir import RunDirectory, write_bytes_atomic, write_json_atomic
 
@@ -29,6 +30,7 @@ class _SummaryByDefault(TyperGroup):
 
 
 audit_app = typer.Typer(
+    rich_markup_mode="markdown",
     cls=_SummaryByDefault,
     no_args_is_help=True,
     help=(
@@ -69,7 +71,7 @@ def summary(
     _print_report(report)
     if path.is_dir():
         _print_rejections(RunDirectory(path))
-    console.print(f"wrote {target / 'audit.json'} and {target / 'audit.html'}", highlight=False, soft_wrap=True)
+    console.print(paragraph(f"wrote {target / 'audit.json'} and {target / 'audit.html'}"), highlight=False, markup=False, soft_wrap=True)
 
 
 @audit_app.command("verify")
@@ -107,7 +109,7 @@ def empirical(
     console.print(f"{result.site}: {result.canaries} canaries, {result.included} trained on", highlight=False)
     console.print(f"guessed {result.guesses} by their loss under the final model: {result.correct} right", highlight=False)
     console.print(verdict(result), style="bold red" if result.contradicts_accountant else None, highlight=False)
-    console.print(f"wrote {run_dir / EMPIRICAL_AUDIT_FILE} ({result.seconds:.1f} s)", highlight=False, soft_wrap=True)
+    console.print(paragraph(f"wrote {run_dir / EMPIRICAL_AUDIT_FILE} ({result.seconds:.1f} s)"), highlight=False, markup=False, soft_wrap=True)
     if result.contradicts_accountant:
         raise typer.Exit(code=1)
 

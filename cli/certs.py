@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.errors import input_errors
+from cli.terminal import labelled, paragraph
 from common.errors import CohortInputError
 from deploy.certificates import (
     CertificateLayout,
@@ -38,6 +39,7 @@ from deploy.commands import (
 console = Console()
 
 certs_app = typer.Typer(
+    rich_markup_mode="markdown",
     no_args_is_help=True,
     help=(
         "TLS and SuperNode authentication for a Flower deployment.\n\n"
@@ -75,13 +77,8 @@ def init(
         checked = check_server_files(directory, superlink_host)
     layout = CertificateLayout(directory)
     _print_files("wrote", directory, checked)
-    console.print(
-        f"SANs written: {names} (127.0.0.1 and localhost for the coordinator's own flwr, SuperExec and front door; sites dial a host you gave)",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
-    )
-    console.print(f"{layout.ca_key} is encrypted with your passphrase; only `cohort certs init` needs it: keep it off the SuperLink's host.", markup=False, highlight=False)
+    _say(f"SANs written: {names} (127.0.0.1 and localhost for the coordinator's own flwr, SuperExec and front door; sites dial a host you gave)")
+    _say(f"{layout.ca_key} is encrypted with your passphrase; only `cohort certs init` needs it: keep it off the SuperLink's host.")
     _print_step(
         "On the coordinator's host (it needs ca.crt, superlink.crt and superlink.key): the SuperLink on loopback and the front door that sites reach:",
         shell_line(superlink_command(certs_dir=directory.absolute())),
@@ -95,12 +92,8 @@ def init(
         shell_line(certs_site_command()),
     )
     _print_step("For each NAME.pub received, on the coordinator's host:", shell_line(register_command(f"{SITE_NAME}.pub")))
-    console.print(
-        "\nReplace each <PLACEHOLDER>; <SUPERLINK_DATABASE> is a file that keeps the registered SuperNodes across restarts, "
-        "<CONNECTION> a name of your choosing.",
-        markup=False,
-        highlight=False,
-    )
+    console.print()
+    _say("Replace each <PLACEHOLDER>; <SUPERLINK_DATABASE> is a file that keeps the registered SuperNodes across restarts, <CONNECTION> a name of your choosing.")
 
 
 @certs_app.command("site")
@@ -124,7 +117,8 @@ def site(
         f"Then, here, with the coordinator's ca.crt copied to {layout.ca_cert}:",
         shell_line(supernode_command(ca_cert=layout.ca_cert.absolute(), auth_key=layout.site_key(name).absolute(), name=name)),
     )
-    console.print("\nReplace each <PLACEHOLDER>; <SUPERLINK_HOST> is the coordinator's public address.", markup=False, highlight=False)
+    console.print()
+    _say("Replace each <PLACEHOLDER>; <SUPERLINK_HOST> is the coordinator's public address.")
 
 
 @certs_app.command("check")
@@ -169,8 +163,9 @@ def _ca_passphrase(path: Path | None) -> bytes:
 
 
 def _print_files(title: str, directory: Path, checked: list[CheckedFile]) -> None:
-    """Files relative to the directory named in the title, so that narrow terminals show them whole."""
-    table = Table(title=Text(f"{title}: {directory}"), title_justify="left")
+    """Files relative to the directory named above them, so that narrow terminals show them whole."""
+    console.print(labelled(title, directory), markup=False, highlight=False, soft_wrap=True)
+    table = Table()
     table.add_column("file", overflow="fold")
     table.add_column("checked", overflow="fold")
     for row in checked:
@@ -180,5 +175,11 @@ def _print_files(title: str, directory: Path, checked: list[CheckedFile]) -> Non
 
 def _print_step(heading: str, text: str) -> None:
     """Commands are printed without markup or wrapping, so they paste exactly as shown."""
-    console.print(f"\n{heading}", markup=False, highlight=False, soft_wrap=True)
+    console.print()
+    _say(heading)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _say(text: str) -> None:
+    """Prose wrapped to the terminal, a path in it whole on a line of its own."""
+    console.print(paragraph(text), markup=False, highlight=False, soft_wrap=True)

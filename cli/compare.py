@@ -6,6 +6,7 @@ disparity across sites, and which sites DP costs more than it costs the median s
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.errors import input_errors
+from cli.terminal import labelled
 from common.errors import CohortInputError
 from common.rundir import RunDirectory
 
@@ -27,13 +29,13 @@ def compare(
     run_b: Annotated[Path, typer.Argument(help="Its twin on the same data and sites (e.g. the no-DP run).")],
 ) -> None:
     """Per-site accuracy of two runs' final models, and the sites A costs the most."""
-    from simulations.fairness import read_fairness, write_fairness
-
     with input_errors():
         _require_twins(run_a, run_b)
+        from simulations.fairness import read_fairness, write_fairness  # loads torch: once the runs are known to compare
+
         reports = [read_fairness(run) or write_fairness(run, RunDirectory(run).read_config().fairness_margin) for run in (run_a, run_b)]
         rows = compare_sites(reports[0], reports[1])
-    console.print(f"A: {run_a}\nB: {run_b}", highlight=False, soft_wrap=True)
+    console.print(f"{labelled('A', run_a)}\n{labelled('B', run_b)}", highlight=False, markup=False, soft_wrap=True)
     table = Table(box=box.SIMPLE_HEAD)
     for column in ("site", "A", "B", "A - B", ""):
         table.add_column(column, justify="left" if column in ("site", "") else "right", no_wrap=column != "site")
@@ -58,9 +60,10 @@ def compare_sites(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _require_twins(run_a: Path, run_b: Path) -> None:
     """Per-site figures compare only when both runs split the same data the same way."""
-    configs = [RunDirectory(run).read_config() for run in (run_a, run_b)]
-    if configs[0].data != configs[1].data:
+    a, b = (dataclasses.asdict(RunDirectory(run).read_config().data) for run in (run_a, run_b))
+    differences = [f"{name.replace('_', '-')} {a[name]!r} against {b[name]!r}" for name in a if a[name] != b[name]]
+    if differences:
         raise CohortInputError(
-            f"{run_a} and {run_b} use different data or splits ({configs[0].data} against {configs[1].data}); "
+            f"{run_a} and {run_b} use different data or splits ({', '.join(differences)}); "
             "compare runs of the same dataset, partitioner and seed"
         )

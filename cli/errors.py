@@ -7,14 +7,15 @@ from contextlib import contextmanager
 
 import typer
 
+from cli.terminal import echo_message
 from common.errors import CohortInputError
 
 
 @contextmanager
 def input_errors() -> Iterator[None]:
-    """One line on stderr naming the problem and its fix, and exit 2; never a traceback."""
+    """One message on stderr naming the problem and its fix, and exit 2; never a traceback."""
     try:
         yield
     except CohortInputError as error:
-        typer.echo(f"error: {error}", err=True)
+        echo_message(f"error: {error}")
         raise typer.Exit(code=2) from None

@@ -14,22 +14,27 @@ from rich.table import Table
 from cli.audit import audit_app
 from cli.certs import certs_app
 from cli.compare import compare
-from cli.deploy import connect, front_door, superlink, supernode
+from cli.deploy import connect, front_door, run, superlink, supernode
+from cli.service import service_app
 from cli.site import site_app
 from cli.errors import input_errors
+from cli.rounds import round_line
+from cli.terminal import echo_message, labelled
 from common.errors import CohortInputError
+from common.flower_runtime import require_app_dir
 from common.rundir import RunDirectory, write_json_atomic
 from simulations.plan import DEFAULT_SIMULATION, SimulationPlan, load_plan, saved_plan
 
 if TYPE_CHECKING:
     from simulations.runner import SimulationOutcome
 
-app = typer.Typer(help="Cohort: federated training with differential privacy, on Flower and Opacus.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(rich_markup_mode="markdown", help="Cohort: federated training with differential privacy, on Flower and Opacus.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
 
 
 app.add_typer(audit_app, name="audit")
 app.add_typer(certs_app, name="certs")
+app.add_typer(service_app, name="service")
 app.add_typer(site_app, name="site")
 
 
@@ -50,32 +55,34 @@ def simulate(
     ] = None,
 ) -> None:
     """Simulate a federation of sites on this machine on Flower's simulation engine."""
+    with input_errors():  # the settings first: a mistake in them is told before torch loads
+        require_app_dir()
+        if resume is not None and (config is not None or set_ or federation_home is not None):
+            raise CohortInputError("--resume continues a run with its own config; drop CONFIG, --set and --federation-home")
+        settings = load_plan(config or DEFAULT_SIMULATION, set_ or []) if resume is None else None
     # Imported here: the simulation engine loads torch, which the deployment commands do not need.
-    from simulations.runner import SimulationStopped, new_run, require_app_dir, resumed_run
+    from simulations.runner import SimulationStopped, new_run, resumed_run
 
     try:
         with input_errors():
-            require_app_dir()
-            if resume is not None:
-                if config is not None or set_ or federation_home is not None:
-                    raise CohortInputError("--resume continues a run with its own config; drop CONFIG, --set and --federation-home")
+            if settings is None:
                 plan = resumed_run(resume, lambda d: saved_plan(d, RunDirectory(d).read_config()))
             else:
-                plan = new_run(load_plan(config or DEFAULT_SIMULATION, set_ or []), runs_dir, federation_home)
+                plan = new_run(settings, runs_dir, federation_home)
             outcome = _run_with_progress(plan)
     except KeyboardInterrupt:
-        typer.echo("interrupted: every process this run started has been stopped", err=True)
+        echo_message("interrupted: every process this run started has been stopped")
         raise typer.Exit(code=130) from None
     except SimulationStopped as stopped:
-        typer.echo(f"{stopped}: every process this run started has been stopped", err=True)
+        echo_message(f"{stopped}: every process this run started has been stopped")
         raise typer.Exit(code=128 + stopped.signum) from None
     if outcome.summary is None:
-        typer.echo(f"error: the run failed; Flower's log is in {outcome.log_file}", err=True)
+        echo_message(f"error: the run failed; Flower's log is in {outcome.log_file}")
         raise typer.Exit(code=1)
     _print_summary(outcome)
     _report_fairness(outcome, plan.run.fairness_margin)
     if not outcome.succeeded:
-        typer.echo(f"error: the run {outcome.summary['stop_reason']}", err=True)
+        echo_message(f"error: the run {outcome.summary['stop_reason']}")
         raise typer.Exit(code=1)
 
 
@@ -88,50 +95,33 @@ def _run_with_progress(plan: SimulationPlan) -> SimulationOutcome:
     num_classes = federated_split(plan.run.data).num_classes
     seen: list[dict[str, Any]] = []
     warned = False
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task("starting Flower", total=rounds)
+    # Shown once the run directory is locked and ready, so that a refusal prints nothing else.
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+    task = progress.add_task("starting Flower", total=rounds)
 
-        def on_start(run_dir: RunDirectory) -> None:
-            progress.console.print(f"run directory: {run_dir.path}", highlight=False)
-            progress.update(task, description="training")
+    def on_start(run_dir: RunDirectory) -> None:
+        progress.console.print(labelled("run directory", run_dir.path), highlight=False, markup=False, soft_wrap=True)
+        progress.start()
 
-        def on_round(record: dict[str, Any]) -> None:
-            nonlocal warned
-            progress.console.print(_round_line(record, rounds), highlight=False)
-            progress.update(task, completed=record["round"])
-            seen.append(record)
-            reason = None if warned else divergence(seen, num_classes)
-            if reason is not None:
-                warned = True
-                progress.console.print(f"[bold yellow]warning:[/] {advice(reason)}", highlight=False)
+    def on_round(record: dict[str, Any]) -> None:
+        nonlocal warned
+        progress.console.print(round_line(record, rounds), highlight=False)
+        progress.update(task, completed=record["round"], description="training")
+        seen.append(record)
+        reason = None if warned else divergence(seen, num_classes)
+        if reason is not None:
+            warned = True
+            progress.console.print(f"[bold yellow]warning:[/] {advice(reason)}", highlight=False)
 
+    try:
         return run_simulation(plan, on_round=on_round, on_start=on_start)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
 
 
 # Above this many sites the summary describes the federation instead of listing it.
 SITE_TABLE_LIMIT = 20
-
-
-def _round_line(record: dict[str, Any], rounds: int) -> str:
-    """One line under 80 columns; what went wrong, if anything, on a second one."""
-    epsilons = [s["epsilon"] for s in record["sites"].values() if s.get("epsilon") is not None]
-    privacy = f"eps {max(epsilons):.2f}" if epsilons else "no DP"
-    if "client_level" in record:
-        privacy = f"client eps {record['client_level']['epsilon']:.2f}"
-        privacy += "" if record["client_level"]["released"] else " held"
-    trained = sum(bool(s.get("trained")) for s in record["sites"].values())
-    line = (
-        f"round {record['round']:>3}/{rounds}  acc {record['global']['accuracy']:.3f}  "
-        f"loss {record['global']['loss']:.3f}  {privacy}  {trained} trained  {record['seconds']:.1f}s"
-    )
-    problems = []
-    if record["failures"]:
-        problems.append(f"failed: {', '.join(sorted({f['site'] for f in record['failures']}))}")
-    if record.get("rejected"):
-        problems.append(f"rejected: {', '.join(sorted({r['site'] for r in record['rejected']}))}")
-    if record.get("refused"):
-        problems.append(f"refused: {', '.join(record['refused'])}")
-    return line + "".join(f"\n          {problem}" for problem in problems)
 
 
 def _print_summary(outcome: SimulationOutcome) -> None:
@@ -152,7 +142,7 @@ def _print_summary(outcome: SimulationOutcome) -> None:
     if client_level:
         privacy = f"client-level epsilon {client_eps:.3f} (server ledger)"
     console.print(f"global test accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds; {privacy}", highlight=False)
-    console.print(f"run directory: {outcome.run_dir.path}", highlight=False, soft_wrap=True)
+    console.print(labelled("run directory", outcome.run_dir.path), highlight=False, markup=False, soft_wrap=True)
 
 
 def _print_site_table(title: str, summary: dict[str, Any], client_level: bool) -> None:
@@ -211,7 +201,7 @@ def _fmt(value: Any, pattern: str = "{:.4f}", missing: str = "-") -> str:
 
 
 app.command()(compare)
-for deployment_command in (superlink, front_door, supernode, connect):
+for deployment_command in (superlink, front_door, supernode, connect, run):
     app.command()(deployment_command)
 
 

@@ -8,10 +8,11 @@ from typing import Annotated
 import typer
 
 from cli.errors import input_errors
+from cli.terminal import labelled, paragraph
 from common.privacy.ledger import PUBLIC_KEY_FILE
 from deploy.launch import init_site_state
 
-site_app = typer.Typer(help="A site's own state: its ledger key and head.", no_args_is_help=True)
+site_app = typer.Typer(rich_markup_mode="markdown", help="A site's own state: its ledger key and head.", no_args_is_help=True)
 
 
 @site_app.command()
@@ -21,6 +22,6 @@ def init(
     """Make the site's ledger signing key (kept if it exists) and print its fingerprint."""
     with input_errors():
         fingerprint = init_site_state(state_dir.resolve())
-    typer.echo(f"ledger key {state_dir.resolve() / PUBLIC_KEY_FILE}")
-    typer.echo(f"fingerprint {fingerprint}")
-    typer.echo("give the fingerprint to your auditor out of band, to check the ledger_key.pub.pem they are later sent")
+    typer.echo(labelled("ledger key", state_dir.resolve() / PUBLIC_KEY_FILE))
+    typer.echo(labelled("fingerprint", fingerprint))
+    typer.echo(paragraph("Give the fingerprint to your auditor out of band, to check the ledger_key.pub.pem they are later sent."))

@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 from common import protocol
 from common.config import RunConfig
 from common.errors import CohortInputError
+from common.flower_logs import readable_flower_logs
 from common.data.federation import SiteData, local_site_data, simulated_site_data
 from common.evaluation import evaluate, resolve_device
 from common.models.registry import build_model
@@ -25,10 +26,12 @@ from common.privacy.accounting import PrivacyState
 from common.privacy.ledger import CLIENT_LEVEL_DP_FEDAVG, NON_PRIVATE, REFUSAL, RELEASE, SAMPLE_LEVEL_DP_SGD, LedgerBroken, LedgerEntry, LedgerRecord, SiteLedger, sha256_hex
 from common.site import AGGREGATION_METRICS, SiteConfig
 from client.clipping import central_dp_clipping_mod
+from client.dp_randomness import site_noise_source
 from client.evaluation_policy import declined_evaluation
 from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps, spent_epsilon
 from client.training import train_locally
 
+readable_flower_logs()
 app = ClientApp()
 
 
@@ -65,6 +68,7 @@ def train(msg: Message, context: Context) -> Message:
         run,
         privacy,
         resolve_device(run.device),
+        site_noise_source(run, site, server_round),
         server_round=server_round,
         proximal_mu=float(config.get(protocol.CONFIG_PROXIMAL_MU, 0.0)),
     )

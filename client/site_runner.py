@@ -25,7 +25,7 @@ import sys
 import tomllib
 import zipfile
 from dataclasses import dataclass
-from logging import ERROR
+from logging import DEBUG, ERROR
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType
@@ -50,6 +50,7 @@ import common
 from client.evaluation_policy import declined_evaluation
 from common import protocol
 from common.errors import CohortInputError
+from common.flower_logs import readable_flower_logs
 from common.privacy.ledger import REFUSAL, RELEASE, LedgerRecord, SiteLedger
 from common.site import SiteConfig
 
@@ -166,6 +167,16 @@ class _TaskOutcome:
     details: str = "the site's ClientApp failed"
 
 
+def log_failure(error: Exception) -> str:
+    """One line in the site's log (and the reply's reason); the traceback only at debug
+    level (FLWR_LOG_LEVEL=DEBUG), for whoever looks into a failure that is not the site's
+    setup. Returns that line."""
+    details = f"{type(error).__name__}: {error}"
+    log(ERROR, "the site's ClientApp failed: %s", details)
+    log(DEBUG, "the site's ClientApp failed here:", exc_info=error)
+    return details
+
+
 def run_site_clientapp(runtime_api_address: str, token: str, insecure: bool, certificates: bytes | None, parent_pid: int | None) -> None:
     """One task, start to end, with Flower's own runtime client, heartbeat and exit codes."""
     if parent_pid is not None:
@@ -198,9 +209,7 @@ def run_site_clientapp(runtime_api_address: str, token: str, insecure: bool, cer
         reply = answer(message, context, run, fab)
         outcome.status, outcome.details = SubStatus.COMPLETED, ""
     except Exception as error:  # noqa: BLE001 - every failure becomes an error reply, as in Flower's own flwr-clientapp
-        log(ERROR, "the site's ClientApp raised an exception", exc_info=error)
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        outcome.details = f"{type(error).__name__}: {error}"
+        outcome.details = log_failure(error)
         if message is not None:
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=outcome.details), reply_to=message)
         exit_code = ExitCode.TASK_PROC_EXCEPTION
@@ -216,6 +225,7 @@ def main() -> None:
     parser.add_argument("--runtime-api-address", dest="runtime_api_address", default=SUPERNODE_DEFAULT_CLIENT_ADDRESS)
     add_args_flwr_app_common(parser=parser)
     args = parser.parse_args()
+    readable_flower_logs()
     run_site_clientapp(
         runtime_api_address=args.runtime_api_address,
         token=try_obtain_flwr_app_token(args),

@@ -5,7 +5,9 @@ wrappers, memory) accumulates across rounds."""
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from opacus import PrivacyEngine
@@ -13,9 +15,11 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.config import RunConfig, TrainingConfig
+from client.dp_randomness import Batch, PoissonBatches, ShuffledBatches, draw_noise_from
+from common.config import SECURE_NOISE, RunConfig, TrainingConfig
 from common.data.dataset import LabeledImages
 from common.privacy.accounting import PrivacyState, restore_accountant
+from common.privacy.noise import NoiseSource
 
 
 @dataclass(frozen=True)
@@ -53,45 +57,29 @@ def train_locally(
     run: RunConfig,
     privacy: PrivacyState | None,
     device: torch.device,
+    noise: NoiseSource,
     server_round: int = 1,
     proximal_mu: float = 0.0,
 ) -> LocalUpdate:
     """Train `model` in place for run.training.local_epochs epochs.
 
     With `privacy` given, the Opacus accountant starts from its history, so the epsilon
-    it reports afterwards covers every earlier round too.
+    it reports afterwards covers every earlier round too. Every random draw of the round
+    (the batches, and under DP the noise) comes from `noise`.
     """
     model.to(device).train()
     global_weights = [p.detach().clone() for p in model.parameters()]
-    loader = DataLoader(
-        TensorDataset(torch.from_numpy(data.images), torch.from_numpy(data.labels)),
-        batch_size=run.training.batch_size,
-        shuffle=privacy is None,
-    )
+    images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
     learning_rate = round_learning_rate(run.training, server_round)
     optimizer = _local_optimizer(model, run.training, learning_rate)
     criterion = nn.CrossEntropyLoss()
     engine = None
     trained: nn.Module = model
+    batches: Iterable[Batch] = ShuffledBatches(images, labels, run.training.batch_size, noise)
     if privacy is not None:
-        engine = PrivacyEngine(accountant=privacy.accountant)
-        engine.accountant = restore_accountant(privacy)
-        private = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            criterion=criterion,
-            data_loader=loader,
-            noise_multiplier=privacy.noise_multiplier,
-            max_grad_norm=run.dp.clip_norm,
-            poisson_sampling=True,
-            grad_sample_mode=run.dp.grad_sample_mode,
-        )
-        if run.dp.grad_sample_mode == "ghost":
-            trained, optimizer, criterion, loader = private
-        else:
-            trained, optimizer, loader = private
+        engine, trained, optimizer, criterion, batches = _dp_sgd(model, optimizer, criterion, images, labels, run, privacy, noise)
     try:
-        loss_sum, correct, seen, steps = _run_epochs(trained, optimizer, criterion, loader, run.training.local_epochs, device, global_weights, proximal_mu, learning_rate)
+        loss_sum, correct, seen, steps = _run_epochs(trained, optimizer, criterion, batches, run.training.local_epochs, device, global_weights, proximal_mu, learning_rate)
     finally:
         if hasattr(trained, "_close"):
             trained._close()  # removes Opacus' hooks so the plain module is clean again
@@ -104,6 +92,37 @@ def train_locally(
     )
 
 
+def _dp_sgd(
+    model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: RunConfig, privacy: PrivacyState, noise: NoiseSource
+) -> tuple[PrivacyEngine, nn.Module, DPOptimizer, nn.Module, PoissonBatches]:
+    """Opacus' DP-SGD from `privacy`'s accountant history, drawing its batches and noise from `noise`."""
+    with warnings.catch_warnings():
+        if noise.name == SECURE_NOISE:
+            # Opacus warns that its secure mode is off; neither its noise nor its sampling
+            # is used: both come from the secure source (draw_noise_from, PoissonBatches).
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=privacy.accountant)
+    engine.accountant = restore_accountant(privacy)
+    # Opacus accounts a sample rate of 1 / len(loader) and reads the expected batch size
+    # off this loader; the batches themselves are PoissonBatches at that rate.
+    loader = DataLoader(TensorDataset(images, labels), batch_size=run.training.batch_size)
+    private = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        criterion=criterion,
+        data_loader=loader,
+        noise_multiplier=privacy.noise_multiplier,
+        max_grad_norm=run.dp.clip_norm,
+        poisson_sampling=False,
+        grad_sample_mode=run.dp.grad_sample_mode,
+    )
+    module, dp_optimizer = private[0], private[1]
+    module.forbid_grad_accumulation()  # what make_private does for a loader it samples itself
+    draw_noise_from(dp_optimizer, noise)
+    batches = PoissonBatches(images, labels, 1 / len(loader), len(loader), noise)
+    return engine, module, dp_optimizer, private[2] if run.dp.grad_sample_mode == "ghost" else criterion, batches
+
+
 def _local_optimizer(model: nn.Module, training: TrainingConfig, learning_rate: float) -> torch.optim.Optimizer:
     if training.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=learning_rate)
@@ -114,7 +133,7 @@ def _run_epochs(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     criterion: nn.Module,
-    loader: DataLoader,
+    batches: Iterable[Batch],
     epochs: int,
     device: torch.device,
     global_weights: list[torch.Tensor],
@@ -124,7 +143,7 @@ def _run_epochs(
     loss_sum, correct, seen, steps = 0.0, 0, 0, 0
     parameters = [p for p in model.parameters() if p.requires_grad]
     for _ in range(epochs):
-        for images, labels in loader:
+        for images, labels in batches:
             images, labels = images.to(device), labels.to(device)
             optimizer.zero_grad()
             if len(labels) == 0:

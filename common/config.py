@@ -8,11 +8,12 @@ site's node config instead.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from common.errors import CohortInputError
 
@@ -46,11 +47,16 @@ CLIPPING_SIDES = ("server", "client")
 CLIENT_LEVEL_STRATEGIES = ("fedavg", "fedprox")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine")
+# Where DP noise comes from (common/privacy/noise.py): a cipher's keystream, or a generator
+# seeded by the run's seed. A deployed site always takes the secure one (client/dp_randomness.py).
+SECURE_NOISE = "secure"
+SEEDED_NOISE = "seeded"
+NOISE_SOURCES = (SECURE_NOISE, SEEDED_NOISE)
 
-# Settings that say where a run lives, how it is resumed or reported, not what it
-# computes: they may differ between a run and its resumption without making the
-# checkpoint foreign.
-_PLACEMENT_KEYS = frozenset({"run_name", "run_dir", "resume_from", "device", "federation_home", "fairness_margin", "reply_timeout"})
+# Settings that say where a run lives, how it is resumed or reported, or who could predict
+# its noise, not what it computes: they may differ between a run and its resumption
+# without making the checkpoint foreign.
+_PLACEMENT_KEYS = frozenset({"run_name", "run_dir", "resume_from", "device", "federation_home", "fairness_margin", "reply_timeout", "noise_source"})
 _SECTIONS = ("data", "training", "dp", "checks")
 
 
@@ -305,6 +311,11 @@ class RunConfig:
     fairness_margin: the fairness report warns about a site whose accuracy falls more
         than this below the mean site's and whose 95% interval lies below that mean
         (simulations/fairness.py).
+    noise_source: where the DP noise of simulated sites and of the coordinator (under
+        client-level DP) comes from: 'secure' (a CSPRNG, never seeded; the default, so a
+        deployed coordinator gets it) or 'seeded' (from the run's seed, the site and the
+        round, so the same seed gives the same run; `cohort simulate` defaults to it). A
+        deployed site always draws secure noise, whatever this says.
     """
 
     run_name: str = "cohort"
@@ -320,9 +331,11 @@ class RunConfig:
     site_delta: float = 1e-5
     site_allow_non_private: bool = False
     fairness_margin: float = 0.05
+    noise_source: str = SECURE_NOISE
 
     def __post_init__(self) -> None:
         _require_choice("device", self.device, DEVICES)
+        _require_choice("noise-source", self.noise_source, NOISE_SOURCES)
         self.data.validate()
         self.training.validate()
         self.dp.validate()
@@ -362,15 +375,9 @@ class RunConfig:
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
         """Build from Flower's flat run config (keys as in pyproject's [tool.flwr.app.config])."""
+        refuse_unknown_settings(run_config, run_settings())
         values = {key.replace("-", "_"): value for key, value in run_config.items()}
         known = _flat_field_names()
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            names = ", ".join(name.replace("_", "-") for name in unknown)
-            raise CohortInputError(
-                f"unknown setting(s): {names}; see [tool.flwr.app.config] in pyproject.toml "
-                "for the settings Cohort understands"
-            )
         sections: dict[str, dict[str, Any]] = {"data": {}, "training": {}, "dp": {}, "checks": {}, "": {}}
         for name, value in values.items():
             section, attribute, kind = known[name]
@@ -416,6 +423,21 @@ def _with_local_training_defaults(training: TrainingConfig, dp_sgd: bool) -> Tra
         batch_size=training.batch_size or batch_size,
         learning_rate=training.learning_rate or learning_rate,
     )
+
+
+def run_settings() -> frozenset[str]:
+    """Every run setting's name, as the run config spells it."""
+    return frozenset(name.replace("_", "-") for name in _flat_field_names())
+
+
+def refuse_unknown_settings(settings: Iterable[str], valid: Iterable[str]) -> None:
+    """Name the first setting that is not one of `valid`, with the valid one closest to it
+    (a typo in a key would otherwise reach Flower, which says only "Invalid run configuration")."""
+    choices = sorted(valid)
+    for name in sorted(set(settings) - set(choices)):
+        close = difflib.get_close_matches(name, choices, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "the settings are [tool.flwr.app.config] in pyproject.toml"
+        raise CohortInputError(f"unknown setting '{name}'; {hint}")
 
 
 def validate_budget(epsilon: float, delta: float, source: str) -> None:

@@ -2,21 +2,41 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from common.errors import CohortInputError
 
+# The Cohort source tree: the Flower App that `flwr run` packs and submits.
+APP_DIR = Path(__file__).resolve().parents[1]
 
-def offline_flower_env(flwr_home: Path) -> dict[str, str]:
+
+# Flower's executables that Cohort starts, and those Flower starts by name from PATH.
+FLOWER_EXECUTABLES = ("flwr", "flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-simulation")
+LAUNCHER = """#!{python}
+# Flower's {name}, as Cohort starts it: log lines plain where no terminal reads them.
+import sys
+from common.flower_logs import readable_flower_logs
+readable_flower_logs()
+from {module} import {attribute}
+sys.exit({attribute}())
+"""
+
+
+def offline_flower_env(flwr_home: Path, launchers: Path | None = None) -> dict[str, str]:
     """Environment for every Flower process: isolated home, nothing fetched or reported at
-    run time (Flower's telemetry is on unless FLWR_TELEMETRY_ENABLED=0)."""
+    run time (Flower's telemetry is on unless FLWR_TELEMETRY_ENABLED=0), and the folder of
+    Flower's launchers (install_flower_launchers) first on PATH when given."""
     env = dict(os.environ)
     # The SuperLink spawns flower-superexec and flwr-simulation by name: they must be
     # found in this interpreter's environment, also when it was not activated.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    folders = [str(launchers)] if launchers is not None else []
+    env["PATH"] = os.pathsep.join([*folders, str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(
         FLWR_HOME=str(flwr_home),
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
@@ -24,13 +44,33 @@ def offline_flower_env(flwr_home: Path) -> dict[str, str]:
         FLWR_TELEMETRY_ENABLED="0",
         RAY_USAGE_STATS_ENABLED="0",
         RAY_DEDUP_LOGS="0",
+        # Ray prints its workers' lines into the ServerApp's log, which is relayed as text.
+        RAY_COLOR_PREFIX="0",
         PYTHONUNBUFFERED="1",
     )
     return env
 
 
-def flower_executable(name: str) -> str:
-    """Flower's console scripts from this interpreter's environment first."""
+def install_flower_launchers(folder: Path) -> Path:
+    """Write into folder a launcher for each of FLOWER_EXECUTABLES: Flower's own entry
+    point, run after common/flower_logs.py has made its log lines plain where no terminal
+    reads them. With folder first on PATH, the processes Flower starts by name (SuperExec,
+    ServerApp, simulation) run through them too. Returns folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in FLOWER_EXECUTABLES:
+        (entry,) = entry_points(group="console_scripts", name=name)
+        module, _, attribute = entry.value.partition(":")
+        launcher = folder / name
+        launcher.write_text(LAUNCHER.format(python=sys.executable, name=name, module=module, attribute=attribute), encoding="utf-8")
+        launcher.chmod(0o755)
+    return folder
+
+
+def flower_executable(name: str, launchers: Path | None = None) -> str:
+    """Flower's console script: its launcher when a folder of them is given, else the one
+    in this interpreter's environment first."""
+    if launchers is not None:
+        return str(launchers / name)
     beside = Path(sys.executable).parent / name
     if beside.exists():
         return str(beside)
@@ -38,3 +78,20 @@ def flower_executable(name: str) -> str:
     if found is None:
         raise CohortInputError(f"'{name}' is not installed; run `make setup` (it installs flwr[simulation])")
     return found
+
+
+_PR_SET_PDEATHSIG = 1
+# Loaded here, not in the child: between fork and exec only the call itself should run.
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent() -> None:
+    """Popen's preexec_fn: the kernel sends the child SIGTERM when the thread that started it
+    dies, however it dies (Linux's PR_SET_PDEATHSIG), so a SIGKILL to a `cohort` command
+    leaves none of its direct children running."""
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def require_app_dir() -> None:
+    if not (APP_DIR / "pyproject.toml").exists():
+        raise CohortInputError(f"the Cohort source tree is not at {APP_DIR}; install Cohort from a checkout with `make setup`")

@@ -39,6 +39,7 @@ EPSILON = "<EPSILON>"
 DELTA = "<DELTA>"
 APP_DIR = "<COHORT_SOURCE_DIR>"
 RUN_CONFIG = "<RUN_CONFIG>"
+RUN_SETTING = "<KEY>=<VALUE>"
 
 
 def certs_init_command(certs_dir: str | Path = CERTS_DIR, hosts: Sequence[str] = (SUPERLINK_HOST,)) -> list[str]:
@@ -134,6 +135,12 @@ def supernode_command(
 def run_command(app_dir: str | Path = APP_DIR, connection: str = CONNECTION, run_config: str = RUN_CONFIG) -> list[str]:
     """The coordinator submits the Cohort app with stock Flower."""
     return ["flwr", "run", str(app_dir), connection, "--run-config", run_config, "--stream"]
+
+
+def cohort_run_command(connection: str = CONNECTION, settings: Sequence[str] = (RUN_SETTING,)) -> list[str]:
+    """The coordinator submits a study with Cohort: its settings checked first, one line a
+    round, and an exit code that says whether the run completed (deploy/submission.py)."""
+    return ["cohort", "run", connection, *(word for setting in settings for word in ("--set", setting))]
 
 
 def shell_line(command: Sequence[str]) -> str:

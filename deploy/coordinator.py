@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import CohortInputError
-from common.flower_runtime import offline_flower_env
+from common.flower_runtime import install_flower_launchers, offline_flower_env
 from deploy.certificates import CertificateLayout, check_server_files
+from deploy.commands import shell_line
 from deploy.front_door import FrontDoor
 from deploy.launch import SuperLinkLaunch, flwr_home, require_free_port, wait_until_healthy
 from deploy.supervision import Program, Supervisor
@@ -44,15 +45,16 @@ class CoordinatorLaunch:
     def run(self) -> int:
         """Check, start and supervise; returns the exit code (0 after SIGTERM or Ctrl-C)."""
         self.check()
-        with tempfile.TemporaryDirectory(prefix="cohort-front-door-") as private:
+        with tempfile.TemporaryDirectory(prefix="cohort-coordinator-") as private:
+            launchers = install_flower_launchers(Path(private) / "bin")
             programs: list[Program] = []
             if self.superlink is not None:
-                programs.append(Program("flower-superlink", self.superlink.argv(), self._wait_for_superlink))
+                programs.append(Program("flower-superlink", self.superlink.argv(launchers), self._wait_for_superlink))
             if self.front_door is not None:
                 programs.append(Program("the front door (nginx)", self.front_door.prepare(Path(private))))
             for program in programs:
-                print(f"starting {program.name}: {subprocess.list2cmdline(program.argv)}", file=sys.stderr)
-            return Supervisor(offline_flower_env(flwr_home())).run(programs)
+                print(f"starting {program.name}:\n{shell_line(program.argv)}", file=sys.stderr)
+            return Supervisor(offline_flower_env(flwr_home(), launchers)).run(programs)
 
     def _wait_for_superlink(self, process: subprocess.Popen[bytes]) -> None:
         """The front door starts only once the SuperLink answers behind it."""

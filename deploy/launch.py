@@ -22,18 +22,21 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import tomli_w
 
 from common.config import validate_budget
 from common.errors import CohortInputError
-from common.flower_runtime import flower_executable, offline_flower_env
+from common.flower_runtime import flower_executable, install_flower_launchers, offline_flower_env
 from common.privacy.ledger import SiteLedger
 from common.rundir import write_bytes_atomic
 from deploy.certificates import LOOPBACK, LOOPBACK_NAME, CertificateLayout, check_ca, check_server_files, check_site_key, validate_site_name
+from deploy.state_lock import lock_state_dir
 
 PROBE_TIMEOUT_S = 5.0
+FLOWER_CONFIG_FILE = "config.toml"
 # In a site's state directory: the folder put first on the PATH Flower starts ClientApps from.
 SITE_RUNTIME_DIR = "runtime"
 # The module the site's own `flwr-clientapp` runs (client/site_runner.py).
@@ -63,10 +66,11 @@ class SuperLinkLaunch:
         """Where `flwr` on this host reaches it (the certificate covers 127.0.0.1)."""
         return f"{LOOPBACK}:{self.port}"
 
-    def argv(self) -> list[str]:
+    def argv(self, launchers: Path) -> list[str]:
+        """launchers: the folder of Flower's launchers it runs through (install_flower_launchers)."""
         layout = CertificateLayout(self.certs)
         return [
-            flower_executable("flower-superlink"),
+            flower_executable("flower-superlink", launchers),
             "--ssl-ca-certfile", str(layout.ca_cert),
             "--ssl-certfile", str(layout.server_cert),
             "--ssl-keyfile", str(layout.server_key),
@@ -111,7 +115,7 @@ class SuperNodeLaunch:
 
     def argv(self) -> list[str]:
         return [
-            flower_executable("flower-supernode"),
+            flower_executable("flower-supernode", self.runtime_dir),
             "--superlink", self.superlink,
             "--root-certificates", str(self.ca_cert),
             "--auth-supernode-private-key", str(self.auth_key),
@@ -120,11 +124,21 @@ class SuperNodeLaunch:
             "--node-config", self.node_config(),
         ]  # fmt: skip
 
+    @property
+    def runtime_dir(self) -> Path:
+        """The folder first on the SuperNode's PATH: the site's own `flwr-clientapp` and
+        Flower's launchers."""
+        return self.state_dir / SITE_RUNTIME_DIR
+
     def prepare(self) -> str:
-        """The site's own runtime: its ledger key (made on first start) and its
-        `flwr-clientapp`. Returns the key's fingerprint, for the auditor's records."""
+        """The site's own runtime, once this process holds its state directory (for its
+        life, Flower's SuperNode's after the exec): its ledger key (made on first start),
+        its `flwr-clientapp` and Flower's launchers. Returns the key's fingerprint, for
+        the auditor's records."""
+        lock_state_dir(self.state_dir)
         fingerprint = init_site_state(self.state_dir)
         install_site_runner(self.state_dir)
+        install_flower_launchers(self.runtime_dir)
         return fingerprint
 
     def node_config(self) -> str:
@@ -235,13 +249,19 @@ def _verification_advice(error: ssl.SSLCertVerificationError, address: str, ca_c
     )
 
 
-def write_connection(flwr_home: Path, name: str, superlink: str, ca_cert: Path) -> Path:
-    """Add (or replace) a TLS connection in Flower's config.toml, keeping the others."""
-    config_file = flwr_home / "config.toml"
+def flower_config(flwr_home: Path) -> dict[str, Any]:
+    """Flower's config.toml (its SuperLink connections), or {} where there is none yet."""
+    config_file = flwr_home / FLOWER_CONFIG_FILE
     try:
-        config = tomllib.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+        return tomllib.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
     except tomllib.TOMLDecodeError as error:
         raise CohortInputError(f"{config_file} is not valid TOML ({error}); fix or move it") from None
+
+
+def write_connection(flwr_home: Path, name: str, superlink: str, ca_cert: Path) -> Path:
+    """Add (or replace) a TLS connection in Flower's config.toml, keeping the others."""
+    config_file = flwr_home / FLOWER_CONFIG_FILE
+    config = flower_config(flwr_home)
     connections = config.setdefault("superlink", {})
     connections.setdefault("default", name)
     # Flower reads root-certificates relative to its working directory: store it absolute.
@@ -256,15 +276,12 @@ def flwr_home() -> Path:
     return Path(os.environ.get("FLWR_HOME", "~/.flwr")).expanduser()
 
 
-def exec_flower(argv: list[str], first_on_path: Path | None = None) -> None:
+def exec_flower(argv: list[str], first_on_path: Path) -> None:
     """Become the Flower process, with runtime dependency installation off (sites are
-    often air-gapped) and Flower's executables found beside this interpreter, after
-    `first_on_path` (a site's own runtime folder) when given."""
+    often air-gapped) and Flower's executables found in `first_on_path` (a site's own
+    runtime folder), then beside this interpreter."""
     os.execve(argv[0], argv, flower_env(first_on_path))
 
 
 def flower_env(first_on_path: Path | None = None) -> dict[str, str]:
-    env = offline_flower_env(flwr_home())
-    if first_on_path is not None:
-        env["PATH"] = os.pathsep.join([str(first_on_path), env["PATH"]])
-    return env
+    return offline_flower_env(flwr_home(), first_on_path)

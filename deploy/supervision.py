@@ -9,7 +9,6 @@ even a SIGKILL leaves nothing running.
 
 from __future__ import annotations
 
-import ctypes
 import signal
 import subprocess
 import sys
@@ -20,7 +19,8 @@ from types import FrameType
 
 import psutil
 
-_PR_SET_PDEATHSIG = 1
+from common.flower_runtime import die_with_parent
+
 _POLL_S = 0.2
 _GRACE_S = 10.0
 
@@ -44,7 +44,7 @@ class Supervisor:
     _stop_requested: bool = False
 
     def start(self, program: Program) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(program.argv, env=self.env, preexec_fn=_die_with_parent)
+        process = subprocess.Popen(program.argv, env=self.env, preexec_fn=die_with_parent)
         self.running.append((program, process))
         return process
 
@@ -103,11 +103,6 @@ class Supervisor:
 
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:
         self._stop_requested = True
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: the kernel sends it SIGTERM when the supervisor dies."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _signal(process: psutil.Process, signum: int) -> None:

@@ -1,5 +1,6 @@
 """The ServerApp: Flower's strategy over the round loop, central evaluation on the
-held-out test set, and the run directory."""
+held-out test set, and the run directory. A run that stops early ends as failed in
+Flower's records too (server/run_outcome.py)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,17 @@ from common.evaluation import Evaluation, evaluate
 from common.models.registry import build_model
 from common.rundir import RunDirectory, write_json_atomic, write_torch_atomic
 from common.errors import CohortInputError
-from server.central_dp import CentralPrivacy, wrap_with_central_dp
+from common.flower_logs import readable_flower_logs
+from server.central_dp import CentralPrivacy, coordinator_noise, wrap_with_central_dp
 from server.dp_policy import ClientLevel, DPPolicy, SiteProtected
 from server.federation import Federation, FederationState, initial_state
 from server.plots import plot_run
+from server.run_outcome import end_run
 from server.strategies import build_strategy, restore_optimizer_state, sample_size
 from server.summary import summarize
 
+# Its lines travel to whoever runs `flwr run --stream` or `flwr log`: never coloured.
+readable_flower_logs(relayed=True)
 app = ServerApp()
 
 
@@ -55,7 +60,9 @@ def main(grid: Grid, context: Context) -> None:
     policy: DPPolicy = SiteProtected(run, strategy)
     if run.dp.client_level:
         central = CentralPrivacy.for_run(run, run_dir.path, sample_size(run.training, num_sites), context.run_id)
-        strategy = wrap_with_central_dp(strategy, run.dp, central.noise, central.sample_size, resume_clip_norm=central.last_clip_norm())
+        strategy = wrap_with_central_dp(
+            strategy, run.dp, central.noise, central.sample_size, resume_clip_norm=central.last_clip_norm(), noise_sources=coordinator_noise(run)
+        )
         policy = ClientLevel(run, strategy, central)
     federation = Federation(grid, run, run_dir, strategy, policy, evaluate_centrally, context.run_id)
     _finish(run_dir, federation.run_rounds(state), time.monotonic() - started)
@@ -76,3 +83,4 @@ def _finish(run_dir: RunDirectory, state: FederationState, wall_seconds: float) 
     if metrics:
         plot_run(metrics, run_dir.plot_dir)
     write_json_atomic(run_dir.summary_file, summarize(metrics, wall_seconds, state.stop_reason))
+    end_run(state.stop_reason)

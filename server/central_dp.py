@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -23,23 +23,41 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     Strategy,
 )
+from flwr.supercore.differential_privacy import compute_stdv
 
 from common.config import DPConfig, RunConfig
 from common.privacy.accounting import PrivacyState
 from common.privacy.client_level import NO_AMPLIFICATION, ClientLevelNoise, client_level_noise
 from common.privacy.ledger import CLIENT_LEVEL_DP_FEDAVG, RELEASE, LedgerRecord, SiteLedger, history_of, iter_releases, sha256_hex
+from common.privacy.noise import NoiseSource, SecureNoise, noise_source
 
 SERVER = "server"
 
+# round -> the source of that round's noise
+RoundNoise = Callable[[int], NoiseSource]
 
-def wrap_with_central_dp(strategy: Strategy, dp: DPConfig, noise: ClientLevelNoise, sample_size: int, resume_clip_norm: float | None = None) -> Strategy:
+
+def _secure_every_round(server_round: int) -> NoiseSource:
+    return SecureNoise()
+
+
+def coordinator_noise(run: RunConfig) -> RoundNoise:
+    """The run's noise-source for the coordinator's releases: secure unless the run asks for
+    seeded noise (a simulation's default), seeded then by the run's seed and the round."""
+    return lambda server_round: noise_source(run.noise_source, run.data.seed, SERVER, server_round)
+
+
+def wrap_with_central_dp(
+    strategy: Strategy, dp: DPConfig, noise: ClientLevelNoise, sample_size: int, resume_clip_norm: float | None = None, noise_sources: RoundNoise = _secure_every_round
+) -> Strategy:
     """One of Flower's four wrappers: fixed or adaptive clipping, done by the server or the clients.
 
     resume_clip_norm: the adaptive norm a resumed run continues from (its last release's).
+    noise_sources: where each round's noise comes from.
     """
     if dp.client_clipping == "fixed":
-        fixed = DifferentialPrivacyServerSideFixedClipping if dp.clipping_side == "server" else DifferentialPrivacyClientSideFixedClipping
-        return fixed(strategy, noise_multiplier=noise.flower, clipping_norm=dp.clip_norm, num_sampled_clients=sample_size)
+        fixed = ServerSideFixedClipping if dp.clipping_side == "server" else ClientSideFixedClipping
+        return fixed(strategy, noise_multiplier=noise.flower, clipping_norm=dp.clip_norm, num_sampled_clients=sample_size, noise_sources=noise_sources)
     adaptive = ServerSideAdaptiveClipping if dp.clipping_side == "server" else ClientSideAdaptiveClipping
     return adaptive(
         strategy,
@@ -49,7 +67,57 @@ def wrap_with_central_dp(strategy: Strategy, dp: DPConfig, noise: ClientLevelNoi
         target_clipped_quantile=dp.target_clipped_quantile,
         clip_norm_lr=dp.clip_norm_lr,
         clipped_count_stddev=noise.clipped_count,
+        noise_sources=noise_sources,
     )
+
+
+class _SourcedNoise:
+    """Noise from the run's noise source instead of Flower's np.random.normal (a Mersenne
+    Twister: neither a CSPRNG nor seeded by the run). One source per round, so a seeded
+    run's round r draws the same noise whether it ran straight through or was resumed.
+
+    round_noise: the current round's source (the first round's until a round begins).
+    """
+
+    noise_multiplier: float
+    clipping_norm: float
+    num_sampled_clients: int
+
+    def __init__(self, *args: Any, noise_sources: RoundNoise = _secure_every_round, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.noise_sources = noise_sources
+        self.round_noise = noise_sources(1)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self.round_noise = self.noise_sources(server_round)
+        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+
+    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
+        std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+        arrays = aggregated.to_numpy_ndarrays()
+        noise = self.round_noise.gaussian(sum(a.size for a in arrays), std).split([a.size for a in arrays])
+        log(INFO, "aggregate_fit: central DP noise with %.4f stdev added (%s noise)", std, self.round_noise.name)
+        return ArrayRecord(
+            {name: Array(array + values.numpy().reshape(array.shape).astype(array.dtype)) for name, array, values in zip(aggregated.keys(), arrays, noise, strict=True)}
+        )
+
+
+class _SourcedAdaptiveNoise(_SourcedNoise):
+    """Adaptive clipping's noisy count of clipped updates from the same source: it is half
+    of the round's Gaussian mechanism (common/privacy/client_level.py)."""
+
+    clipped_count_stddev: float
+
+    def _noisy_fraction(self, count: int, total: int) -> float:
+        return (count + float(self.round_noise.gaussian(1, self.clipped_count_stddev)[0])) / total
+
+
+class ServerSideFixedClipping(_SourcedNoise, DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed clipping, noised from the run's source."""
+
+
+class ClientSideFixedClipping(_SourcedNoise, DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed clipping, noised from the run's source."""
 
 
 class _NoiseAtClippedNorm:
@@ -76,12 +144,12 @@ class _NoiseAtClippedNorm:
             self.clipping_norm = next_norm
 
 
-class ServerSideAdaptiveClipping(_NoiseAtClippedNorm, DifferentialPrivacyServerSideAdaptiveClipping):
-    """Flower's server-side adaptive clipping, noised at the norm it clipped to."""
+class ServerSideAdaptiveClipping(_NoiseAtClippedNorm, _SourcedAdaptiveNoise, DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's server-side adaptive clipping, noised at the norm it clipped to, from the run's source."""
 
 
-class ClientSideAdaptiveClipping(_NoiseAtClippedNorm, DifferentialPrivacyClientSideAdaptiveClipping):
-    """Flower's client-side adaptive clipping, noised at the norm the clients clipped to."""
+class ClientSideAdaptiveClipping(_NoiseAtClippedNorm, _SourcedAdaptiveNoise, DifferentialPrivacyClientSideAdaptiveClipping):
+    """Flower's client-side adaptive clipping, noised at the norm the clients clipped to, from the run's source."""
 
 
 def clipping_norm_of(strategy: Strategy) -> float:

@@ -164,6 +164,7 @@ class Federation:
                 record.reject(checked)
             else:
                 updates.append(checked)
+        updates.sort(key=lambda update: update.site)  # replies arrive in any order; the float sums of aggregation must not depend on it
         limit = self.policy.norm_limit([u.norm for u in updates])
         for update in [u for u in updates if u.norm > limit]:
             record.reject(Rejection(update.node, update.site, "train", f"sent an update of norm {update.norm:.4g}, above the bound {limit:.4g}", update.entry))
@@ -256,6 +257,7 @@ class Federation:
 
     def _too_few_updates(self, server_round: int, updates: list[Update], record: RoundRecord) -> str:
         lost = [f"{r.site} ({r.reason})" for r in record.rejected] + [f"{f['site']} ({f['reason']})" for f in record.failures]
+        lost += [f"{site} (refused)" for site in sorted(record.refusals.values())]
         return (
             f"stopped after round {server_round}: {len(updates)} update(s) passed the checks, fewer than "
             f"min-sites={self._min_sites()}; the global model was kept; lost: {'; '.join(lost) or 'none'}"

@@ -1,11 +1,14 @@
 """A private Flower SuperLink for one simulation: free port, isolated Flower home, no
-network use, and every process it spawned stopped when it closes."""
+network use, and every process it spawned stopped when it closes, or when the command that
+opened it dies (simulations/guardian.py)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import TracebackType
@@ -13,11 +16,12 @@ from types import TracebackType
 import httpx
 import psutil
 
-from common.flower_runtime import flower_executable, offline_flower_env
+from common.flower_runtime import die_with_parent, flower_executable, offline_flower_env
 
 STARTUP_TIMEOUT_S = 60.0
 # The process that runs the ServerApp (and so writes the run directory) in a simulation.
 SERVERAPP_PROCESS = "flwr-simulation"
+GUARDIAN_MODULE = "simulations.guardian"
 
 
 def free_port() -> int:
@@ -27,11 +31,16 @@ def free_port() -> int:
 
 
 class LocalSuperLink:
-    """`with LocalSuperLink(home, log) as link:` runs `flower-superlink --simulation`."""
+    """`with LocalSuperLink(home, log, launchers) as link:` runs `flower-superlink
+    --simulation` under its guardian, through Flower's launchers in that folder
+    (install_flower_launchers). keep_open: file descriptors the guardian holds until
+    everything under it has stopped (the run directory's lock)."""
 
-    def __init__(self, flwr_home: Path, log_file: Path) -> None:
+    def __init__(self, flwr_home: Path, log_file: Path, launchers: Path, keep_open: tuple[int, ...] = ()) -> None:
         self.flwr_home = flwr_home
         self.log_file = log_file
+        self.launchers = launchers
+        self.keep_open = keep_open
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -42,7 +51,11 @@ class LocalSuperLink:
     def __enter__(self) -> LocalSuperLink:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         command = [
-            flower_executable("flower-superlink"),
+            sys.executable,
+            "-m",
+            GUARDIAN_MODULE,
+            str(os.getpid()),
+            flower_executable("flower-superlink", self.launchers),
             "--insecure",
             "--simulation",
             "--isolation",
@@ -56,7 +69,13 @@ class LocalSuperLink:
         with self.log_file.open("ab") as log:
             # Its own session: Ctrl-C in the terminal reaches only us, and we stop it.
             self.process = subprocess.Popen(
-                command, env=offline_flower_env(self.flwr_home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                env=offline_flower_env(self.flwr_home, self.launchers),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+                pass_fds=self.keep_open,
             )
         try:
             self._wait_until_healthy()
@@ -83,24 +102,24 @@ class LocalSuperLink:
         raise RuntimeError(f"flower-superlink did not become ready in {STARTUP_TIMEOUT_S:.0f}s; see {self.log_file}")
 
     def stop(self) -> None:
-        """Stop the SuperLink and everything it started (ServerApp, Ray, ClientApps).
-
-        The ServerApp (in `flwr-simulation`) is killed while the tree is frozen, before
-        any other process is let go: were it let go too, it would see its ClientApps die
-        around it, take every reply still due as a failure, and record and checkpoint a
-        round that never ran (and write summary.json), so that a resumed run would skip
-        that round. Killed frozen, it stops between two of its own steps, as in a crash,
-        which its run directory is written to survive.
-        """
+        """Stop the SuperLink and everything it started (ServerApp, Ray, ClientApps): the
+        guardian does it on SIGTERM, as it does when this process dies."""
         if self.process is None:
             return
-        stop_process_tree(self.process.pid, kill_first=(SERVERAPP_PROCESS,))
+        self.process.terminate()
         self.process.wait()
         self.process = None
 
 
 def stop_process_tree(pid: int, grace_s: float = 10.0, kill_first: tuple[str, ...] = ()) -> None:
     """Stop a process and every descendant, including ones that re-parent on the way.
+
+    The ServerApp (in `flwr-simulation`, named in kill_first) is killed while the tree is
+    frozen, before any other process is let go: were it let go too, it would see its
+    ClientApps die around it, take every reply still due as a failure, and record and
+    checkpoint a round that never ran (and write summary.json), so that a resumed run
+    would skip that round. Killed frozen, it stops between two of its own steps, as in a
+    crash, which its run directory is written to survive.
 
     The tree is frozen with SIGSTOP until no new descendant appears (Ray's raylet keeps
     forking workers, and orphans re-parent to init, out of reach), then terminated.

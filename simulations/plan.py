@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig
+from common.config import SEEDED_NOISE, RunConfig, refuse_unknown_settings, run_settings
 from common.errors import CohortInputError
 from simulations.attack_spec import AttackSpec
 
@@ -61,7 +61,15 @@ def load_plan(config_file: Path, overrides: list[str]) -> SimulationPlan:
     return plan_from_values(values)
 
 
+# What a simulation TOML or --set may say beyond the run settings.
+SIMULATION_SETTINGS = frozenset({"num-sites", "cpus-per-site", "gpus-per-site", "attack", "attack-sites", "attack-scale"})
+
+
 def plan_from_values(values: dict[str, Any]) -> SimulationPlan:
+    """A plan from flat settings. A simulation's noise is seeded unless it asks for the
+    secure source, so that the same seed gives the same run."""
+    refuse_unknown_settings(values, run_settings() | SIMULATION_SETTINGS)
+    values = {"noise-source": SEEDED_NOISE, **values}
     site_keys = {"num-sites": int, "cpus-per-site": int, "gpus-per-site": float}
     plan_values: dict[str, Any] = {}
     for key, kind in site_keys.items():

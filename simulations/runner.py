@@ -1,10 +1,12 @@
 """Run a simulation plan on Flower's simulation engine through a private SuperLink.
 
 The run itself is stock Flower: `flwr run <app> <connection>` against a SuperLink started
-with --simulation. This module only checks the input first, starts and stops that
-SuperLink, and follows the run directory while the run goes on. However the command ends
-(the run finishing or failing, an error here, Ctrl-C, SIGTERM or SIGHUP), the SuperLink and
-every process under it are stopped before it returns.
+with --simulation. This module only checks the input first, locks the run directory,
+starts and stops that SuperLink, and follows the run directory while the run goes on.
+However the command ends (the run finishing or failing, an error here, Ctrl-C, SIGTERM or
+SIGHUP), the SuperLink and every process under it are stopped before it returns; if the
+command is killed outright, its children die with it (the kernel's parent-death signal)
+and the SuperLink's guardian stops the rest (simulations/guardian.py).
 
 A plan with an attack submits a copy of the app whose ClientApp is simulations.attacks:app
 (the honest ClientApp, bent at the hostile sites), and a benchmark may submit another
@@ -19,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,18 +32,18 @@ import tomli_w
 from common.data.federation import federated_split, simulated_partitions, write_partitions
 from common.errors import CohortInputError
 from common.models.registry import build_model
-from common.rundir import RunDirectory, read_jsonl, write_json_atomic
+from common.rundir import RunDirectory, write_json_atomic
+from common.run_follower import RoundCallback, follow_run
+from common.run_lock import run_directory_lock
 from server.checkpoint import latest_checkpoint
-from common.flower_runtime import flower_executable, offline_flower_env
+from common.flower_runtime import APP_DIR, die_with_parent, flower_executable, install_flower_launchers, offline_flower_env
 from simulations.local_superlink import LocalSuperLink
 from simulations.plan import PLAN_FILE, SimulationPlan
 
-APP_DIR = Path(__file__).resolve().parents[1]
 APP_PACKAGES = ("common", "server", "client", "simulations")
 HONEST_CLIENTAPP = "client.app:app"
 HOSTILE_CLIENTAPP = "simulations.attacks:app"
 CONNECTION = "cohort-local"
-POLL_INTERVAL_S = 0.5
 # Signals that end `cohort simulate` from outside (timeout, systemd, docker stop, a closed
 # terminal); SIGINT (Ctrl-C) already arrives as KeyboardInterrupt.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -54,8 +55,6 @@ class SimulationStopped(Exception):
     def __init__(self, signum: int) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name}")
         self.signum = signum
-
-RoundCallback = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -71,8 +70,6 @@ def check_plan(plan: SimulationPlan) -> None:
     split = federated_split(plan.run.data)
     simulated_partitions(plan.run.data, plan.num_sites)  # kept: write_partitions saves these
     build_model(plan.run.training.model, split.input_shape, split.num_classes)
-    if plan.run.resume_from:
-        latest_checkpoint(RunDirectory(Path(plan.run.resume_from)).checkpoint_dir, plan.run.fingerprint())
 
 
 def new_run(plan: SimulationPlan, runs_root: Path, federation_home: Path | None = None) -> SimulationPlan:
@@ -99,23 +96,35 @@ def run_simulation(
     honest one, or the hostile one when the plan names an attack."""
     check_plan(plan)
     run_dir = RunDirectory(Path(plan.run.run_dir))
-    run_dir.path.mkdir(parents=True, exist_ok=True)
-    if plan.run.resume_from:
-        run_dir.reopen()
-    write_json_atomic(run_dir.path / PLAN_FILE, plan.to_json())
-    write_partitions(plan.run.data, plan.num_sites, run_dir.path)
     log_file = run_dir.path / "flower.log"
-    on_start(run_dir)
-    with _stopped_by_signals(), tempfile.TemporaryDirectory(prefix="cohort-flwr-home-") as home:
+    with run_directory_lock(run_dir.path, "cohort simulate") as lock, _stopped_by_signals():
+        if plan.run.resume_from:  # checked once no other run can be writing it
+            latest_checkpoint(run_dir.checkpoint_dir, plan.run.fingerprint())
+            run_dir.reopen()
+        write_json_atomic(run_dir.path / PLAN_FILE, plan.to_json())
+        write_partitions(plan.run.data, plan.num_sites, run_dir.path)
+        on_start(run_dir)
+        _run_on_local_superlink(plan, run_dir, log_file, lock, on_round, clientapp)
+    summary = json.loads(run_dir.summary_file.read_text()) if run_dir.summary_file.exists() else None
+    return SimulationOutcome(run_dir=run_dir, succeeded=summary is not None and not summary["stop_reason"], summary=summary, log_file=log_file)
+
+
+def _run_on_local_superlink(
+    plan: SimulationPlan, run_dir: RunDirectory, log_file: Path, lock: int, on_round: RoundCallback, clientapp: str | None
+) -> None:
+    """Submit the plan with stock `flwr run` to a private SuperLink and follow it to its end.
+    lock: the run directory's lock, which the SuperLink's guardian keeps until it has stopped."""
+    with tempfile.TemporaryDirectory(prefix="cohort-flwr-home-") as home:
         flwr_home = Path(home)
         component = clientapp or (HOSTILE_CLIENTAPP if plan.attack is not None else HONEST_CLIENTAPP)
         app_dir = APP_DIR if component == HONEST_CLIENTAPP else _app_copy(flwr_home / "app", component)
-        with LocalSuperLink(flwr_home, run_dir.path / "superlink.log") as superlink:
+        launchers = install_flower_launchers(flwr_home / "bin")
+        with LocalSuperLink(flwr_home, run_dir.path / "superlink.log", launchers, keep_open=(lock,)) as superlink:
             _write_connection(flwr_home, superlink.address)
             overrides = flwr_home / "run-config.toml"
             overrides.write_text(tomli_w.dumps(plan.run.to_flower()), encoding="utf-8")
             command = [
-                flower_executable("flwr"),
+                flower_executable("flwr", launchers),
                 "run",
                 str(app_dir),
                 CONNECTION,
@@ -126,15 +135,15 @@ def run_simulation(
                 "--stream",
             ]
             with log_file.open("ab") as log:
-                process = subprocess.Popen(command, env=offline_flower_env(flwr_home), stdout=log, stderr=subprocess.STDOUT)
+                process = subprocess.Popen(
+                    command, env=offline_flower_env(flwr_home, launchers), stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+                )
                 try:
-                    _follow(process, run_dir, on_round)
+                    follow_run(process, run_dir, on_round)
                 finally:
                     if process.poll() is None:
                         process.terminate()
                         process.wait()
-    summary = json.loads(run_dir.summary_file.read_text()) if run_dir.summary_file.exists() else None
-    return SimulationOutcome(run_dir=run_dir, succeeded=summary is not None and not summary["stop_reason"], summary=summary, log_file=log_file)
 
 
 @contextlib.contextmanager
@@ -169,35 +178,6 @@ def _app_copy(target: Path, component: str) -> Path:
     return target
 
 
-def _follow(process: subprocess.Popen[bytes], run_dir: RunDirectory, on_round: RoundCallback) -> None:
-    """Report each new round as it lands in metrics.jsonl, until the run ends."""
-    reported = {r["round"] for r in read_jsonl(run_dir.metrics_file)}
-    while True:
-        if run_dir.summary_file.exists():
-            _wait_quietly(process, timeout_s=15.0)  # let the log stream drain
-        finished = process.poll() is not None
-        for record in read_jsonl(run_dir.metrics_file):
-            if record["round"] not in reported:
-                reported.add(record["round"])
-                on_round(record)
-        if finished:
-            return
-        time.sleep(POLL_INTERVAL_S)
-
-
-def _wait_quietly(process: subprocess.Popen[bytes], timeout_s: float) -> None:
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.terminate()
-        process.wait()
-
-
 def _write_connection(flwr_home: Path, address: str) -> None:
     config = {"superlink": {"default": CONNECTION, CONNECTION: {"address": address, "insecure": True}}}
     (flwr_home / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
-
-
-def require_app_dir() -> None:
-    if not (APP_DIR / "pyproject.toml").exists():
-        raise CohortInputError(f"the Cohort source tree is not at {APP_DIR}; install Cohort from a checkout with `make setup`")

@@ -162,7 +162,7 @@ def test_a_tls_client_refuses_superlink_crt_for_a_host_not_given(tmp_path: Path)
 
 def test_init_prints_the_sans_and_the_superlink_command(tmp_path: Path) -> None:
     result = _init(tmp_path)
-    assert "SANs written: IP:10.0.0.5, DNS:superlink.example.org, IP:127.0.0.1, DNS:localhost" in result.stdout
+    assert "SANs written: IP:10.0.0.5, DNS:superlink.example.org, IP:127.0.0.1, DNS:localhost" in " ".join(result.stdout.split())
     assert f"cohort superlink \\\n    --certs {tmp_path}" in result.stdout
     assert f"cohort connect '<CONNECTION>' \\\n    --superlink 127.0.0.1:{SUPERLINK_LOCAL_PORT} \\\n    --ca-cert {tmp_path / 'ca.crt'}" in result.stdout
     assert "flwr supernode register '<SITE_NAME>.pub' '<CONNECTION>'" in result.stdout
@@ -223,7 +223,7 @@ def test_flwr_supernode_register_accepts_the_site_public_key(tmp_path: Path) -> 
 def test_site_prints_the_register_and_supernode_commands(tmp_path: Path) -> None:
     result = _certs("site", tmp_path, "hospital-a")
     site = tmp_path / "sites" / "hospital-a"
-    assert f"Send {site / 'hospital-a.pub'} to the coordinator" in result.stdout
+    assert f"Send {site / 'hospital-a.pub'} to the coordinator" in " ".join(result.stdout.split())
     assert "flwr supernode register hospital-a.pub '<CONNECTION>'" in result.stdout
     assert f"--ca-cert {tmp_path / 'ca.crt'}" in result.stdout
     assert f"--auth-key {site / 'hospital-a.key'}" in result.stdout

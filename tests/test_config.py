@@ -65,8 +65,8 @@ def test_bad_setting_is_refused_naming_the_problem(setting: str, value: object, 
         RunConfig.from_flower({setting: value})
 
 
-def test_unknown_setting_is_refused() -> None:
-    with pytest.raises(CohortInputError, match="unknown setting.*learning-rat"):
+def test_unknown_setting_is_refused_naming_the_closest_one() -> None:
+    with pytest.raises(CohortInputError, match="unknown setting 'learning-rat'; did you mean 'learning-rate'"):
         RunConfig.from_flower({"learning-rat": 0.1})
 
 

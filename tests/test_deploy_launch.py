@@ -1,5 +1,5 @@
-"""`cohort superlink`, `cohort front-door`, `cohort supernode` and `cohort connect` check
-before anything starts: a deployment mistake gets one line naming the file and the fix,
+"""`cohort superlink`, `cohort front-door`, `cohort supernode`, `cohort connect` and `cohort
+run` check before anything starts: a deployment mistake gets one line naming the file and the fix,
 and exit 2 with nothing left running, never a bare TLS error or a SuperNode retrying
 forever. `cohort superlink` runs the SuperLink and the front door together and stops
 both, whichever way it ends."""
@@ -27,10 +27,13 @@ import pytest
 
 from flwr.common.config import parse_config_args
 
+from common.config import RunConfig
+from common.rundir import RunDirectory
 from deploy import commands
 from deploy.certificates import CertificateLayout, create_site_key, init_certificates
 from deploy.launch import SuperNodeLaunch
-from simulations.local_superlink import free_port
+from deploy.state_lock import LOCK_FILE
+from simulations.local_superlink import free_port, stop_process_tree
 
 COHORT = str(Path(sys.executable).parent / "cohort")
 PASSPHRASE = b"the coordinator's passphrase"
@@ -157,6 +160,13 @@ def test_supernode_with_a_budget_of_zero_is_refused(certs: CertificateLayout, tm
     _assert_one_clear_line(result, "a privacy budget must be > 0")
 
 
+@pytest.mark.parametrize("size", ["0", "nan", "inf", "-5"])
+def test_superlink_with_a_max_model_size_that_is_no_size_is_refused(certs: CertificateLayout, tmp_path: Path, size: str) -> None:
+    result = _cohort([*_superlink(certs.root, tmp_path, free_port(), free_port()), "--max-model-mb", size], tmp_path)
+    _assert_one_clear_line(result, "--max-model-mb")
+    assert not _processes_using(certs.root)
+
+
 def test_supernode_address_without_a_port_is_refused(certs: CertificateLayout, tmp_path: Path) -> None:
     result = _cohort(_supernode(certs, tmp_path, "superlink.example"), tmp_path)
     _assert_one_clear_line(result, "is not HOST:PORT")
@@ -176,6 +186,26 @@ def test_connect_writes_the_tls_connection_into_flowers_config(certs: Certificat
     config = tomllib.loads((tmp_path / "home" / "config.toml").read_text())
     assert config["superlink"]["default"] == "hospitals"
     assert config["superlink"]["hospitals"] == {"address": f"127.0.0.1:{tls_server}", "root-certificates": str(certs.ca_cert.resolve())}
+
+
+def test_run_with_a_misspelt_setting_names_the_closest_one_and_submits_nothing(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [COHORT, *commands.cohort_run_command("hospitals", ["round=1", "min-sites=2"])[1:]],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env={**os.environ, "FLWR_HOME": str(tmp_path / "home")},
+    )  # fmt: skip
+    _assert_one_clear_line(result, "unknown setting 'round'; did you mean 'rounds'?")
+    assert list(tmp_path.iterdir()) == [], "nothing may be written before the settings are valid"
+
+
+def test_run_without_the_connection_says_how_to_make_it(tmp_path: Path) -> None:
+    result = _cohort(commands.cohort_run_command("hospitals", ["rounds=1"]), tmp_path / "home")
+    _assert_one_clear_line(result, "no connection 'hospitals'", "`cohort connect hospitals --superlink 127.0.0.1:9093")
+
+
+def test_run_into_a_run_directory_that_holds_a_run_is_refused(tmp_path: Path) -> None:
+    RunDirectory(tmp_path / "study-1").prepare(RunConfig())
+    result = _cohort(commands.cohort_run_command("hospitals", [f"run-dir={tmp_path / 'study-1'}"]), tmp_path / "home")
+    _assert_one_clear_line(result, f"run directory {tmp_path / 'study-1'} already holds a run", f"resume-from={tmp_path / 'study-1'}")
 
 
 def test_the_node_config_flower_parses_is_the_sites_own_policy(tmp_path: Path) -> None:
@@ -308,3 +338,50 @@ def test_killing_the_supervisor_leaves_nothing_running(local_certs: CertificateL
     process.kill()
     process.wait(timeout=10)
     _assert_all_gone(tree)
+
+
+def _start_supernode(command: list[str], tmp_path: Path, name: str) -> subprocess.Popen[bytes]:
+    """`cohort supernode` in the background; it becomes Flower's SuperNode, which keeps
+    retrying the TLS endpoint that closes every connection."""
+    command = [*command[:-1], str(free_port())]  # each its own local API port
+    log = (tmp_path / f"{name}.log").open("wb")
+    return subprocess.Popen([COHORT, *command[1:]], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "FLWR_HOME": str(tmp_path / name)})
+
+
+def _wait_for_lock_holder(state_dir: Path, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the SuperNode stopped"
+        lock = state_dir / LOCK_FILE
+        if lock.exists() and lock.read_text().strip() == str(process.pid) and process.pid in {p.pid for p in psutil.process_iter() if p.name().startswith("flower-superno")}:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"no SuperNode with PID {process.pid} holds {state_dir}")
+
+
+def test_a_second_supernode_on_a_state_directory_in_use_refuses_naming_the_holder(
+    certs: CertificateLayout, tmp_path: Path, tls_server: int, no_leftover_processes: None
+) -> None:
+    command = _supernode(certs, tmp_path, f"127.0.0.1:{tls_server}")
+    first = _start_supernode(command, tmp_path, "first")
+    try:
+        _wait_for_lock_holder(tmp_path / "state", first)
+        second = _cohort([*command[:-1], str(free_port())], tmp_path)
+    finally:
+        stop_process_tree(first.pid)
+        first.wait()
+    _assert_one_clear_line(second, f"is in use by another SuperNode (PID {first.pid}")
+
+
+def test_the_state_directory_lock_dies_with_a_killed_supernode(certs: CertificateLayout, tmp_path: Path, tls_server: int, no_leftover_processes: None) -> None:
+    command = _supernode(certs, tmp_path, f"127.0.0.1:{tls_server}")
+    killed = _start_supernode(command, tmp_path, "killed")
+    _wait_for_lock_holder(tmp_path / "state", killed)
+    killed.kill()
+    killed.wait()
+    restarted = _start_supernode(command, tmp_path, "restarted")
+    try:
+        _wait_for_lock_holder(tmp_path / "state", restarted)
+    finally:
+        stop_process_tree(restarted.pid)
+        restarted.wait()

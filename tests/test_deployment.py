@@ -12,13 +12,17 @@ import json
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from base64 import b64encode
 from dataclasses import dataclass, field
 from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Iterator
 
 import httpx
@@ -34,7 +38,8 @@ from common.flower_runtime import offline_flower_env
 from common.privacy.ledger import LEDGER_FILE, LedgerEntry, load_public_key, read_entries, verify_chain
 from deploy import commands
 from deploy.certificates import CertificateLayout, create_site_key, init_certificates
-from deploy.front_door import REFUSAL
+from deploy.fleet_limits import OBJECT_ROUTE, FleetLimits
+from deploy.front_door import REFUSAL, fleet_routes
 from deploy.launch import SITE_RUNNER_MODULE
 from simulations.local_superlink import free_port, stop_process_tree
 from tests.conftest import make_images
@@ -57,6 +62,14 @@ NOISE_MULTIPLIER = 2.0
 # (two missed heartbeats, at most 60 s).
 KILLED_SITE = "hospital-c"
 REPLY_TIMEOUT_S = 120
+# The front door limits each client address; the sites all use 127.0.0.1, so the front
+# door is told three sites share it, and each test that plays an unauthenticated client
+# on the network uses a loopback address of its own.
+SITES_ADDRESS = "127.0.0.1"
+LIMITS = FleetLimits(sites_per_address=len(SITES))
+MB = 1 << 20
+# How much the SuperLink may grow while anyone pushes bulk bodies at the front door.
+MEMORY_BOUND = 64 * MB
 
 
 def _local(command: list[str]) -> list[str]:
@@ -197,7 +210,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     try:
         superlink_command = commands.superlink_command(
             deployment.certs.root, deployment.root / "superlink.db", "127.0.0.1", deployment.port, deployment.local_port
-        )
+        ) + ["--sites-per-address", str(LIMITS.sites_per_address)]
         _wait_for_front_door(deployment, deployment.spawn("superlink", superlink_command))
         connect = deployment.run("coordinator", commands.connect_command(CONNECTION, deployment.local_address, deployment.certs.ca_cert))
         assert connect.returncode == 0, connect.stderr
@@ -252,6 +265,13 @@ def test_every_site_ledger_records_each_round_within_its_own_budget(deployment: 
         assert verify_chain(entries, load_public_key(state / "ledger_key.pub.pem")) is None
         assert [(e.record.kind, e.record.round) for e in entries] == [("release", r) for r in range(1, ROUNDS + 1)]
         assert all(e.record.budget_epsilon == budget and 0 < e.record.epsilon <= budget for e in entries)
+
+
+def test_deployed_sites_draw_secure_noise_so_opacus_warns_of_no_insecure_rng(deployment: Deployment, finished_run: dict) -> None:
+    """The site's DP-SGD noise and batches come from Cohort's secure source (docs/site.md),
+    not from the generator Opacus warns about."""
+    for site in SITES:
+        assert "Secure RNG turned off" not in deployment.log(site), site
 
 
 def _assert_refused_by_the_front_door(result: subprocess.CompletedProcess[str], route: str) -> None:
@@ -470,3 +490,189 @@ def test_the_killed_sites_ledger_holds_each_release_once_and_the_runs_copy_only_
     # Killed before it could sign round 1 (its clientapp had just started), or after: then
     # that release is in its own ledger, spent, though it never reached the coordinator.
     assert sorted(e.record.round for e in at_site) == [1] * killed.trained_when_killed + _trained_rounds(killed.run_dir)[KILLED_SITE]
+
+
+@pytest.fixture(scope="module")
+def study_every_site_refused(deployment: Deployment) -> subprocess.CompletedProcess[str]:
+    """`cohort run` of a study without DP: every site's policy forbids training without it
+    (allow-non-private is off unless a site sets it), so every site refuses round 1."""
+    settings = [
+        f"rounds={ROUNDS}", f"dataset={deployment.root / 'data' / 'coordinator.npz'}", f"run-dir={deployment.root / 'run-refused'}",
+        "min-sites=3", "dp=false", "batch-size=32",
+    ]  # fmt: skip
+    result = deployment.run("coordinator", commands.cohort_run_command(CONNECTION, settings), timeout=600)
+    (deployment.root / "logs" / "cohort-run-refused.log").write_text(result.stdout + result.stderr)
+    return result
+
+
+def test_cohort_run_of_a_study_every_site_refused_exits_1_naming_the_reason(study_every_site_refused: subprocess.CompletedProcess[str]) -> None:
+    result = study_every_site_refused
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"round   1/{ROUNDS}" in result.stdout and "refused: hospital-a, hospital-b, hospital-c" in result.stdout
+    assert f"round   2/{ROUNDS}" not in result.stdout
+    message = " ".join(result.stderr.split())
+    assert re.fullmatch(r"error: run \d+ stopped after round 1: 0 update\(s\) passed the checks, fewer than min-sites=3; .*", message), message
+    assert "hospital-a (refused); hospital-b (refused); hospital-c (refused)" in message
+
+
+def test_flower_records_a_study_every_site_refused_as_failed_with_the_reason(deployment: Deployment, study_every_site_refused: subprocess.CompletedProcess[str]) -> None:
+    run_id = re.search(r"error: run (\d+) stopped", study_every_site_refused.stderr)
+    assert run_id, study_every_site_refused.stderr
+    (run,) = deployment.flwr_json("list", "--run-id", run_id.group(1))["runs"]
+    assert run["status"] == "finished:failed" and "stopped after round 1" in run["status-details"], run
+
+
+def test_the_logs_of_cohorts_commands_hold_each_serverapp_line_once_and_no_colour_codes(
+    deployment: Deployment, study_every_site_refused: subprocess.CompletedProcess[str]
+) -> None:
+    """What `cohort superlink`, each `cohort supernode` and `cohort run` wrote (the run's
+    flower.log is the ServerApp's log as `flwr run --stream` relays it)."""
+    flower = deployment.root / "run-refused" / "flower.log"
+    logs = [deployment.root / "logs" / f"{role}.log" for role in ("superlink", *SITES, "cohort-run-refused")] + [flower]
+    assert [log.name for log in logs if "\x1b[" in log.read_text(errors="replace")] == []
+    assert flower.read_text().count("Round 1: global accuracy") == 1, flower.read_text()
+
+
+def _superlink_process(deployment: Deployment) -> psutil.Process:
+    (superlink,) = [p for p in deployment.started_processes() if "flower-superlink" in " ".join(p.cmdline()[:2])]
+    return superlink
+
+
+@contextmanager
+def _peak_memory(process: psutil.Process) -> Iterator[list[int]]:
+    """Samples the process's resident memory every 20 ms while the block runs; yields
+    [resident before, peak], the peak filled in when the block ends."""
+    figures = [process.memory_info().rss, 0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            figures[1] = max(figures[1], process.memory_info().rss)
+            done.wait(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield figures
+    finally:
+        time.sleep(0.5)  # what the SuperLink still does with the last body
+        done.set()
+        sampler.join()
+
+
+def _push_zeros(deployment: Deployment, route: str, size: int, source: str, chunked: bool = False) -> tuple[int, int]:
+    """An unauthenticated POST of `size` zero bytes (declared up front, or chunked without
+    a length), sent 1 MiB at a time until the front door answers or the body is all sent.
+    Returns the HTTP status and how many body bytes left this client."""
+    context = ssl.create_default_context(cafile=str(deployment.certs.ca_cert))
+    raw = socket.create_connection((SITES_ADDRESS, deployment.port), timeout=300, source_address=(source, 0))
+    with context.wrap_socket(raw, server_hostname="localhost") as tls:
+        framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}"
+        tls.sendall(f"POST {route} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/protobuf\r\n{framing}\r\n\r\n".encode())
+        block, sent, answer = bytes(MB), 0, b""
+        try:
+            while sent < size and not answer:
+                piece = block[: min(MB, size - sent)]
+                tls.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n" if chunked else piece)
+                sent += len(piece)
+                answer = _answer_so_far(tls)
+            if chunked and not answer:
+                tls.sendall(b"0\r\n\r\n")
+            answer = answer or tls.recv(4096)
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            answer = tls.recv(4096)  # the front door answered and closed while this client was still sending
+    return int(answer.split(b" ", 2)[1]), sent
+
+
+def _answer_so_far(tls: ssl.SSLSocket) -> bytes:
+    """Whatever HTTP answer has arrived, without waiting for one."""
+    tls.setblocking(False)
+    try:
+        return tls.recv(4096)
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return b""
+    finally:
+        tls.setblocking(True)
+
+
+def test_bulk_unauthenticated_bodies_are_refused_before_the_superlink_holds_them(deployment: Deployment) -> None:
+    """One 300 MB body, one of 600 MB without a length, then three of 400 MB at once: on
+    the Fleet routes that carry the most, from an address that holds no registered key."""
+    attacker = "127.0.0.2"
+    with _peak_memory(_superlink_process(deployment)) as memory:
+        answers = [
+            _push_zeros(deployment, "/v1/fleet/push-messages", 300 * MB, attacker),
+            _push_zeros(deployment, OBJECT_ROUTE, 600 * MB, attacker, chunked=True),
+        ]
+        with ThreadPoolExecutor(3) as pool:
+            answers += pool.map(lambda _: _push_zeros(deployment, OBJECT_ROUTE, 400 * MB, attacker), range(3))
+    before, peak = memory
+    assert peak - before <= MEMORY_BOUND, f"the SuperLink grew by {(peak - before) / MB:.0f} MB (from {before / MB:.0f} MB): {answers}"
+    assert [status for status, _ in answers] == [413] * 5, answers
+    assert all(sent < 100 * MB for _, sent in answers), answers  # refused long before the end
+
+
+def test_a_fleet_route_with_a_trailing_newline_is_refused_by_the_front_door(deployment: Deployment) -> None:
+    context = ssl.create_default_context(cafile=str(deployment.certs.ca_cert))
+    response = httpx.post(f"https://{deployment.address}/v1/fleet/pull-messages%0A", content=b"", verify=context, timeout=10)
+    assert response.status_code == 403 and REFUSAL in response.text, response.text
+
+
+def test_each_fleet_route_takes_a_body_up_to_its_limit_and_refuses_a_byte_more(deployment: Deployment) -> None:
+    """A body at the limit reaches Flower (which answers in JSON that it is no valid
+    request); one byte more gets nginx's 413 and never reaches it."""
+    context = ssl.create_default_context(cafile=str(deployment.certs.ca_cert))
+    transport = httpx.HTTPTransport(verify=context, local_address="127.0.0.5")
+    answers = {}
+    with httpx.Client(transport=transport, timeout=60) as client:
+        for route in fleet_routes():
+            limit = LIMITS.body_limit(route)
+            at_limit = client.post(f"https://{deployment.address}{route}", content=bytes(limit))
+            beyond = client.post(f"https://{deployment.address}{route}", content=bytes(limit + 1))
+            answers[route] = (at_limit.headers.get("content-type"), beyond.status_code)
+    assert all(at == "application/json" and beyond == 413 for at, beyond in answers.values()), answers
+
+
+def test_one_address_is_answered_503_past_its_burst_of_requests(deployment: Deployment) -> None:
+    """GETs on a Fleet route: counted by the rate limit, then refused by nginx itself
+    (POST only), so the flood never reaches the SuperLink."""
+    context = ssl.create_default_context(cafile=str(deployment.certs.ca_cert))
+    transport = httpx.HTTPTransport(verify=context, local_address="127.0.0.3")
+    answered = 0
+    started = time.monotonic()
+    with httpx.Client(transport=transport, timeout=10) as client:
+        while (status := client.get(f"https://{deployment.address}/v1/fleet/pull-messages").status_code) == 403:
+            answered += 1
+            assert answered <= 10 * LIMITS.burst_per_address, "never throttled"
+    elapsed = time.monotonic() - started
+    assert status == 503
+    assert LIMITS.burst_per_address <= answered <= LIMITS.burst_per_address + LIMITS.requests_per_second_per_address * elapsed + 1
+
+
+@pytest.mark.parametrize(("route", "allowance"), [("/v1/fleet/push-messages", "connections_per_address"), (OBJECT_ROUTE, "object_pushes_per_address")])
+def test_one_address_has_at_most_its_allowance_of_requests_in_flight(deployment: Deployment, route: str, allowance: str) -> None:
+    """Requests whose bodies are still arriving hold their place (nginx reads a body whole
+    before the SuperLink sees it); the next from the same address is answered 503 at once."""
+    in_flight = getattr(LIMITS, allowance)
+    source = "127.0.0.4" if route == OBJECT_ROUTE else "127.0.0.6"
+    context = ssl.create_default_context(cafile=str(deployment.certs.ca_cert))
+    started: list[ssl.SSLSocket] = []
+    try:
+        for _ in range(in_flight + 1):
+            raw = socket.create_connection((SITES_ADDRESS, deployment.port), timeout=10, source_address=(source, 0))
+            tls = context.wrap_socket(raw, server_hostname="localhost")
+            tls.sendall(f"POST {route} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n".encode() + bytes(10))
+            started.append(tls)
+        time.sleep(0.5)
+        answered = [_answer_so_far(tls) for tls in started]
+    finally:
+        for tls in started:
+            tls.close()
+    assert [answer[:12] for answer in answered] == [b""] * in_flight + [b"HTTP/1.1 503"], answered
+
+
+def test_the_federation_was_never_throttled_nor_refused_a_body(deployment: Deployment, finished_run: dict, run_with_a_site_killed_mid_round: KilledSiteRun) -> None:
+    """After both runs, nginx (whose log is in `cohort superlink`'s) has refused nothing the sites sent."""
+    refused = ("limiting requests", "limiting connections", "client intended to send too large body")
+    refusals = [line for line in deployment.log("superlink").splitlines() if f"client: {SITES_ADDRESS}," in line and any(r in line for r in refused)]
+    assert not refusals, refusals

@@ -114,4 +114,4 @@ def test_compare_refuses_runs_of_different_datasets(private_run: Path, tmp_path:
     (tmp_path / "config.json").write_text(json.dumps(config))
     result = _compare(private_run, tmp_path)
     assert result.returncode == 2
-    assert "different data" in result.stderr
+    assert "use different data or splits (dataset 'digits' against 'mnist-5k')" in " ".join(result.stderr.split())

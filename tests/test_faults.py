@@ -1,4 +1,4 @@
-"""Hostile and failing sites, and a command stopped from outside, with real processes:
+"""Hostile and failing sites, and a command stopped or killed from outside, with real processes:
 `cohort simulate` on Flower's simulation engine, attacks from simulations/attacks.py."""
 
 from __future__ import annotations
@@ -9,11 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import psutil
 import pytest
+
+from tests.conftest import federation_processes
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -175,3 +178,69 @@ def test_a_coordinator_stopped_mid_run_resumes_and_every_release_is_in_the_ledge
         assert len({e.sequence for e in mine}) == len(mine), "the run's ledger holds a release twice"
         assert {e.entry_hash() for e in mine} <= {e.entry_hash() for e in entries}
         assert sorted(e.record.round for e in mine) == [1, 2, 3, 4]
+
+
+@dataclass(frozen=True)
+class KilledRun:
+    """A run whose `cohort simulate` was SIGKILLed with its process group mid-run, and what
+    two more commands on its run directory said while it ran."""
+
+    run_dir: Path
+    pid: int
+    second_writers: list[subprocess.CompletedProcess[str]]
+    rounds_at_kill: int
+    seconds_until_none_left: float
+    left_running: list[str]
+
+
+def _wait_for(command: subprocess.Popen[bytes], runs: Path, pattern: str) -> None:
+    deadline = time.monotonic() + 300
+    while not list(runs.glob(pattern)):
+        assert command.poll() is None and time.monotonic() < deadline, f"the run wrote no {pattern}"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory: pytest.TempPathFactory) -> KilledRun:
+    runs = tmp_path_factory.mktemp("killed")
+    before = federation_processes()
+    # Its own process group, as a batch scheduler or a shell job would run it.
+    command = subprocess.Popen(
+        [COHORT, "simulate", NO_DP[0], "--set", "num-sites=3", "--set", "rounds=500", "--runs-dir", str(runs)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True,
+    )  # fmt: skip
+    _wait_for(command, runs, "*/config.json")  # the ServerApp has started writing
+    (run_dir,) = list(runs.iterdir())
+    second_writers = [
+        subprocess.run([COHORT, "simulate", "--resume", str(run_dir)], capture_output=True, text=True, timeout=300, env=ENV),
+        subprocess.run([COHORT, "simulate", NO_DP[0], "--set", "num-sites=3", "--set", f"run-dir={run_dir}"], capture_output=True, text=True, timeout=300, env=ENV),
+    ]
+    _wait_for(command, runs, "*/checkpoints/round-0001.pt")  # the sites are training
+    assert command.poll() is None and not (run_dir / "summary.json").exists(), "the run ended before it was killed"
+    os.killpg(command.pid, signal.SIGKILL)  # as the OOM killer or a scheduler would: no handler runs
+    command.wait()
+    killed_at = time.monotonic()
+    rounds_at_kill = len(_metrics(run_dir))
+    while federation_processes() - before and time.monotonic() - killed_at < 60:
+        time.sleep(0.2)
+    left = [_cmdline(psutil.Process(pid)) for pid in federation_processes() - before if psutil.pid_exists(pid)]
+    return KilledRun(run_dir, command.pid, second_writers, rounds_at_kill, time.monotonic() - killed_at, left)
+
+
+def test_a_second_writer_on_a_running_run_directory_is_refused_naming_the_holder(killed_run: KilledRun) -> None:
+    for refused in killed_run.second_writers:
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        (line,) = refused.stderr.strip().splitlines()
+        assert line.startswith(f"error: run directory {killed_run.run_dir} is in use by cohort simulate (pid {killed_run.pid}, since ")
+        assert refused.stdout == ""
+
+
+def test_every_process_a_sigkilled_simulation_started_stops_within_a_minute(killed_run: KilledRun) -> None:
+    assert not killed_run.left_running, killed_run.left_running
+    assert killed_run.seconds_until_none_left < 60
+
+
+def test_a_sigkilled_simulation_trains_no_further_round(killed_run: KilledRun) -> None:
+    time.sleep(2)
+    assert len(_metrics(killed_run.run_dir)) <= killed_run.rounds_at_kill + 1  # at most the round under way
+    assert not (killed_run.run_dir / "summary.json").exists()

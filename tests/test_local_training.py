@@ -16,12 +16,17 @@ from common.config import GRAD_SAMPLE_MODES, DataConfig, RunConfig, TrainingConf
 from common.data.federation import simulated_site_data
 from common.models.registry import build_model
 from common.privacy.accounting import PrivacyState
+from common.privacy.noise import SeededNoise
 from common.site import SiteConfig
 
 RUN = RunConfig.from_flower({"rounds": 3, "local-epochs": 1, "batch-size": 64})
 SITE = SiteConfig(name="site-0", epsilon=8.0, delta=1e-5, state_dir=Path("/unused"), partition_id=0, num_partitions=5)
 DATA = simulated_site_data(DataConfig(), 0, 5)
 STEPS = round_steps(len(DATA.train), RUN)
+
+
+def _noise(server_round: int = 1) -> SeededNoise:
+    return SeededNoise(42, SITE.name, server_round)
 
 
 def _model() -> torch.nn.Module:
@@ -36,14 +41,14 @@ def test_rounds_on_the_same_module_leave_no_opacus_hooks_behind() -> None:
     model = _model()
     privacy = _fresh_plan().total
     for _ in range(2):
-        privacy = train_locally(model, DATA.train, RUN, privacy, torch.device("cpu")).privacy
+        privacy = train_locally(model, DATA.train, RUN, privacy, torch.device("cpu"), _noise()).privacy
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
     assert not any(getattr(p, "grad_sample", None) is not None for p in model.parameters())
 
 
 def test_each_round_adds_its_steps_to_the_carried_history() -> None:
-    first = train_locally(_model(), DATA.train, RUN, _fresh_plan().total, torch.device("cpu"))
-    second = train_locally(_model(), DATA.train, RUN, first.privacy, torch.device("cpu"))
+    first = train_locally(_model(), DATA.train, RUN, _fresh_plan().total, torch.device("cpu"), _noise(1))
+    second = train_locally(_model(), DATA.train, RUN, first.privacy, torch.device("cpu"), _noise(2))
     assert first.steps == STEPS
     assert second.privacy.steps == 2 * first.steps
     assert second.privacy.epsilon(SITE.delta) > first.privacy.epsilon(SITE.delta)
@@ -75,7 +80,7 @@ def test_a_per_run_cap_lowers_the_run_plan_and_refuses_beyond_it() -> None:
 
 def test_non_private_training_reports_no_privacy_state() -> None:
     run = RunConfig.from_flower({"dp": False})
-    update = train_locally(_model(), DATA.train, run, None, torch.device("cpu"))
+    update = train_locally(_model(), DATA.train, run, None, torch.device("cpu"), _noise())
     assert update.privacy is None and update.num_examples == len(DATA.train)
 
 
@@ -87,8 +92,7 @@ def test_fedprox_pull_keeps_weights_closer_to_the_global_model() -> None:
     def distance(mu: float) -> float:
         model = _model()
         model.load_state_dict(start.state_dict())
-        torch.manual_seed(0)
-        train_locally(model, DATA.train, run, None, torch.device("cpu"), proximal_mu=mu)
+        train_locally(model, DATA.train, run, None, torch.device("cpu"), _noise(), proximal_mu=mu)
         return float((torch.cat([p.detach().flatten() for p in model.parameters()]) - anchor).norm())
 
     assert distance(0.5) < distance(0.0)
@@ -148,6 +152,5 @@ def test_a_round_with_empty_poisson_batches_takes_and_accounts_every_step() -> N
     # q = 1/8 over 8 examples: about a third of the 24 batches are empty.
     run = RunConfig.from_flower({"rounds": 1, "local-epochs": 3, "batch-size": 1})
     few = DATA.train.subset(np.arange(8))
-    torch.manual_seed(0)
-    update = train_locally(_model(), few, run, PrivacyState(1.0, 1 / 8, "rdp"), torch.device("cpu"))
+    update = train_locally(_model(), few, run, PrivacyState(1.0, 1 / 8, "rdp"), torch.device("cpu"), _noise())
     assert update.steps == 24 and update.privacy.history == ((1.0, 1 / 8, 24),)

@@ -45,6 +45,27 @@ def completed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.
     return result, _run_dir(runs)
 
 
+@pytest.fixture(scope="module")
+def repeated_run(tmp_path_factory: pytest.TempPathFactory, completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> Path:
+    """completed_run again: the same settings and seed, on a SuperLink and Ray workers of its own."""
+    runs = tmp_path_factory.mktemp("again")
+    result = subprocess.run([COHORT, "simulate", *SMALL, "--set", "rounds=2", "--runs-dir", str(runs)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return _run_dir(runs)
+
+
+def _figures(run_dir: Path) -> list[tuple]:
+    """Each round's figures but its duration: global accuracy and loss, and every site's
+    epsilon, update norm, training and validation figures."""
+    return [(m["round"], m["global"], m["sites"]) for m in _metrics(run_dir)]
+
+
+def test_the_same_seed_gives_the_same_run_noise_included(completed_run: tuple[subprocess.CompletedProcess[str], Path], repeated_run: Path) -> None:
+    _, run_dir = completed_run
+    assert _figures(repeated_run) == _figures(run_dir)
+    assert json.loads((run_dir / "config.json").read_text())["run_config"]["noise-source"] == "seeded"
+
+
 def test_simulation_writes_a_complete_run_directory(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
     _, run_dir = completed_run
     for name in ("config.json", "metrics.jsonl", "privacy_ledger.jsonl", "model.pt", "summary.json", "plots/accuracy.png", "plots/epsilon.png", "checkpoints/round-0001.pt", "checkpoints/round-0002.pt"):
@@ -109,6 +130,13 @@ def test_progress_and_summary_are_printed(completed_run: tuple[subprocess.Comple
     result, _ = completed_run
     assert "round   1/2" in result.stdout and "round   2/2" in result.stdout
     assert "global test accuracy" in result.stdout and "site-2" in result.stdout
+
+
+def test_flowers_logs_hold_each_serverapp_line_once_and_no_colour_codes(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    _, run_dir = completed_run
+    flower, superlink = (run_dir / "flower.log").read_text(), (run_dir / "superlink.log").read_text()
+    assert "\x1b[" not in flower and "\x1b[" not in superlink
+    assert flower.count("Round 1: global accuracy") == 1, flower
 
 
 def test_interrupted_run_resumes_at_the_next_round_with_epsilon_continuing(tmp_path: Path) -> None:

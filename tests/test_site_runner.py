@@ -1,19 +1,21 @@
 """Which code answers at a deployed site: only its installed Cohort, decided from the FAB's
-bytes without unpacking or importing it; and how `cohort supernode` puts the site's own
-`flwr-clientapp` in Flower's way."""
+bytes without unpacking or importing it; how `cohort supernode` puts the site's own
+`flwr-clientapp` in Flower's way; and what a failure leaves in the site's log."""
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 import subprocess
 import zipfile
 from pathlib import Path
 
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.supercore.fab import Fab
 
-from client.site_runner import SITE_PACKAGES, code_refusal
+from client.site_runner import SITE_PACKAGES, code_refusal, log_failure
 from deploy.launch import SITE_RUNTIME_DIR, SuperNodeLaunch, flower_env
 
 PYPROJECT = b'[tool.flwr.app.components]\nserverapp = "server.app:app"\nclientapp = "client.app:app"\n'
@@ -67,3 +69,28 @@ def test_cohort_supernode_puts_the_sites_own_flwr_clientapp_first_on_flowers_pat
     assert fingerprint.startswith("SHA256:") and "--isolation" in launch.argv()
     usage = subprocess.run([found, "--help"], env=env, capture_output=True, text=True, timeout=60)
     assert usage.returncode == 0 and "The site's own ClientApp runner" in usage.stdout
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_site_failure_is_one_line_in_its_log_and_its_traceback_only_at_debug_level() -> None:
+    caught = _Records()
+    FLOWER_LOGGER.addHandler(caught)
+    try:
+        try:
+            raise FileNotFoundError("/data/hospital-a.npz")
+        except FileNotFoundError as error:
+            details = log_failure(error)
+    finally:
+        FLOWER_LOGGER.removeHandler(caught)
+    shown = [r for r in caught.records if r.levelno >= logging.INFO]
+    assert [r.getMessage() for r in shown] == ["the site's ClientApp failed: FileNotFoundError: /data/hospital-a.npz"]
+    assert shown[0].exc_info is None and details == "FileNotFoundError: /data/hospital-a.npz"
+    assert [r.levelno for r in caught.records if r.exc_info] == [logging.DEBUG]

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from audit.one_run import CONFIDENCE, Guesses, epsilon_lower_bound, require_power
-from common.data.federation import federated_split
 from common.errors import CohortInputError
 from common.evaluation import predict
 from audit.spending import audit
-from common.rundir import RunDirectory
+from server.held_out import federated_split
+from server.rundir import RunDirectory
 
 EMPIRICAL_AUDIT_FILE = "empirical_audit.json"
 SCORE = "loss of each canary (with its wrong label) under the final global model"

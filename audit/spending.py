@@ -29,18 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from audit.cross_check import compare_accountants
 from common.errors import CohortInputError
 from common.privacy.accounting import PrivacyState
-from audit.cross_check import compare_accountants
+from common.privacy.mechanisms import Mechanism
 from common.privacy.ledger import (
-    CLIENT_LEVEL_DP_FEDAVG,
     LEDGER_FILE,
-    NON_PRIVATE,
     PUBLIC_KEY_FILE,
-    REFUSAL,
-    RELEASE,
     LedgerEntry,
     LedgerRecord,
+    RecordKind,
+    Sampling,
     history_of,
     load_public_key,
     read_entries,
@@ -51,8 +50,8 @@ SCHEMA = "cohort-audit/1"
 NEAR_EXHAUSTION = 0.9
 # What each ledger `sampling` value assumes; an epsilon is only as true as its assumption.
 SAMPLING_ASSUMPTIONS = {
-    "poisson": "Poisson sampling: every example joins every step independently with probability q (Opacus' sampler)",
-    "none": "no amplification by sampling claimed: every release counts as a full Gaussian mechanism (q = 1)",
+    Sampling.POISSON: "Poisson sampling: every example joins every step independently with probability q (Opacus' sampler)",
+    Sampling.NONE: "no amplification by sampling claimed: every release counts as a full Gaussian mechanism (q = 1)",
 }
 
 
@@ -94,7 +93,7 @@ def audit(path: Path) -> dict[str, Any]:
 
 def _audit_site(entries: list[LedgerEntry], ledger: SiteLedgerFile) -> dict[str, Any]:
     records = [e.record for e in entries]
-    releases = [r for r in records if r.kind == RELEASE]
+    releases = [r for r in records if r.kind == RecordKind.RELEASE]
     latest = records[-1]
     dataset = releases[-1].dataset_hash if releases else latest.dataset_hash
     on_dataset = [r for r in releases if r.dataset_hash == dataset]
@@ -105,7 +104,7 @@ def _audit_site(entries: list[LedgerEntry], ledger: SiteLedgerFile) -> dict[str,
     total = comparison.rdp
     chain = _chain_status(entries, ledger.path.parent / PUBLIC_KEY_FILE)
     warnings = list(comparison.warnings)
-    non_private = sum(r.kind == NON_PRIVATE for r in records)
+    non_private = sum(r.kind == RecordKind.NON_PRIVATE for r in records)
     if non_private:
         warnings.append(_non_private_warning(records, non_private))
     if total >= NEAR_EXHAUSTION * latest.budget_epsilon:
@@ -116,7 +115,7 @@ def _audit_site(entries: list[LedgerEntry], ledger: SiteLedgerFile) -> dict[str,
         "budget_epsilon": latest.budget_epsilon,
         "delta": delta,
         "releases": len(on_dataset),
-        "refusals": [r.reason for r in records if r.kind == REFUSAL],
+        "refusals": [r.reason for r in records if r.kind == RecordKind.REFUSAL],
         "non_private_rounds": non_private,
         "epsilon_total": total,
         "epsilon_this_run": PrivacyState(1.0, 1.0, "rdp", this_run).epsilon(delta) if ledger.run_ids is not None else None,
@@ -147,7 +146,7 @@ def _datasets(releases: list[LedgerRecord]) -> dict[str, dict[str, Any]]:
 
 
 def _non_private_warning(records: list[LedgerRecord], rounds: int) -> str:
-    if all(r.mechanism == CLIENT_LEVEL_DP_FEDAVG for r in records if r.kind == NON_PRIVATE):
+    if all(r.mechanism == Mechanism.CLIENT_LEVEL_DP_FEDAVG for r in records if r.kind == RecordKind.NON_PRIVATE):
         return f"sent {rounds} update(s) without local DP: only the coordinator's client-level DP (its server ledger) protects them"
     return f"trained without differential privacy in {rounds} round(s): those releases carry no guarantee"
 

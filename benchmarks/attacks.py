@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from common.data.federation import federated_split
 from common.evaluation import resolve_device
 from common.models.registry import build_model
-from common.rundir import RunDirectory
+from server.held_out import federated_split
+from server.rundir import RunDirectory
 from simulations.attack_spec import ATTACKS
 from simulations.attacks import BACKDOOR_TARGET, stamp_trigger
 from simulations.plan import SIMULATIONS_DIR, load_plan
@@ -62,20 +62,19 @@ def run_cell(attack: str | None, strategy: str, dp: str, rounds: int, runs_dir: 
     result = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - started
     run_dirs = list(target.glob("*")) if target.exists() else []
-    summary_file = run_dirs[0] / "summary.json" if run_dirs else None
-    if summary_file is None or not summary_file.exists():
+    summary = RunDirectory(run_dirs[0]).read_summary() if run_dirs else None
+    if summary is None:
         return {"attack": attack or "clean", "strategy": strategy, "dp": dp, "error": result.stderr.strip().splitlines()[-1:] or ["no run directory"]}
-    summary = json.loads(summary_file.read_text())
     metrics = RunDirectory(run_dirs[0]).read_metrics()
     cell = {
         "attack": attack or "clean",
         "strategy": strategy,
         "dp": dp,
-        "accuracy": round(summary["final_accuracy"], 4),
-        "rounds": summary["rounds"],
-        "rejected": {site: r["count"] for site, r in summary["rejected"].items()},
-        "failures": sum(len(m["failures"]) for m in metrics),
-        "stop_reason": summary["stop_reason"],
+        "accuracy": round(summary.final_accuracy, 4),
+        "rounds": summary.rounds,
+        "rejected": {site: r.count for site, r in summary.rejected.items()},
+        "failures": sum(len(m.failures) for m in metrics),
+        "stop_reason": summary.stop_reason,
         "wall_seconds": round(wall, 1),
     }
     if attack == "backdoor":

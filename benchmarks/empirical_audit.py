@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.results import run_table
+from server.rundir import RunDirectory
 
 COHORT = str(Path(sys.executable).parent / "cohort")
 CANARIES = 150
@@ -40,10 +41,11 @@ def audit_one(label: str, settings: list[str], runs_dir: Path) -> dict[str, Any]
     subprocess.run([COHORT, "audit", "empirical", str(run_dir)], check=True, capture_output=True)
     audit_seconds = time.perf_counter() - started
     saved = json.loads((run_dir / "empirical_audit.json").read_text())
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = RunDirectory(run_dir).read_summary()
+    assert summary is not None and summary.final_accuracy is not None
     return {
         "setting": label,
-        "accuracy": round(summary["final_accuracy"], 4),
+        "accuracy": round(summary.final_accuracy, 4),
         "accountant_epsilon": None if saved["accountant_epsilon"] is None else round(saved["accountant_epsilon"], 3),
         "epsilon_lower_bound": round(saved["epsilon_lower_bound"], 3),
         "canaries": saved["canaries"],

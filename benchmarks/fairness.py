@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.results import run_table
+from server.rundir import RunDirectory
 
 COHORT = str(Path(sys.executable).parent / "cohort")
 ROUNDS = 20
@@ -37,12 +38,13 @@ def run_one(strategy: str, privacy: str, settings: list[str], runs_dir: Path) ->
     seconds = time.perf_counter() - started
     (run_dir,) = list(runs.iterdir())
     fairness = json.loads((run_dir / "fairness.json").read_text())
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = RunDirectory(run_dir).read_summary()
+    assert summary is not None and summary.final_accuracy is not None
     across = fairness["across_sites"]
     return {
         "strategy": strategy,
         "privacy": privacy,
-        "test_accuracy": round(summary["final_accuracy"], 4),
+        "test_accuracy": round(summary.final_accuracy, 4),
         "mean_site_accuracy": round(across["mean"], 4),
         "worst_site": across["worst_site"],
         "worst_site_accuracy": round(across["worst"], 4),

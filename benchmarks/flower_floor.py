@@ -17,8 +17,6 @@ this lives in benchmarks/ and never in the app.
 
 from __future__ import annotations
 
-import base64
-import dataclasses
 import hashlib
 from functools import lru_cache
 
@@ -28,8 +26,9 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common import protocol
-from common.config import RunConfig
-from common.privacy.ledger import NON_PRIVATE, LedgerEntry, LedgerRecord, sha256_hex
+from common.config import SiteRunConfig
+from common.privacy.ledger import LedgerRecord, Spender, model_hash, sign_entry
+from common.privacy.mechanisms import Mechanism
 
 app = ClientApp()
 
@@ -43,7 +42,7 @@ def _key(site: str) -> tuple[Ed25519PrivateKey, str]:
 
 @lru_cache(maxsize=8)
 def _fingerprint(items: tuple[tuple[str, object], ...]) -> str:
-    return RunConfig.from_flower(dict(items)).fingerprint()
+    return SiteRunConfig.from_flower(dict(items)).site_fingerprint()
 
 
 @app.train()
@@ -51,22 +50,17 @@ def train(msg: Message, context: Context) -> Message:
     site = f"site-{context.node_config['partition-id']}"
     server_round = int(msg.content[protocol.CONFIG][protocol.CONFIG_ROUND])
     arrays = msg.content[protocol.ARRAYS]
-    record = LedgerRecord(
-        kind=NON_PRIVATE, run_id=context.run_id, round=server_round, site=site, mechanism="none",
-        noise_multiplier=0.0, sample_rate=0.0, sampling="poisson", steps=0, clip_norm=0.0, delta=0.0,
-        epsilon=0.0, accountant="rdp", budget_epsilon=0.0, dataset_hash="", config_hash=_fingerprint(tuple(sorted(context.run_config.items()))),
-        model_hash=sha256_hex(*(array.numpy().tobytes() for array in arrays.values())),
-    )  # fmt: skip
+    spender = Spender(context.run_id, server_round, site, 0.0, 0.0, dataset_hash="", config_hash=_fingerprint(tuple(sorted(context.run_config.items()))))
+    record = LedgerRecord.non_private(spender, Mechanism.NONE, steps=0, clip_norm=0.0, accountant="rdp", model_hash=model_hash(arrays))
     key, public = _key(site)
-    unsigned = LedgerEntry(2 * server_round, "", record, signature="")
-    entry = dataclasses.replace(unsigned, signature=base64.b64encode(key.sign(unsigned.signed_payload())).decode())
+    entry = sign_entry(key, 2 * server_round, "", record)
     site_record = ConfigRecord({protocol.SITE_NAME: site, protocol.SITE_LEDGER_ENTRY: entry.to_json(), protocol.SITE_LEDGER_KEY: public})
-    content = RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: MetricRecord({"num-examples": 1}), protocol.SITE: site_record})
+    content = RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 1}), protocol.SITE: site_record})
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     site = f"site-{context.node_config['partition-id']}"
-    content = RecordDict({protocol.METRICS: MetricRecord({"num-examples": 1}), protocol.SITE: ConfigRecord({protocol.SITE_NAME: site})})
+    content = RecordDict({protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 1}), protocol.SITE: ConfigRecord({protocol.SITE_NAME: site})})
     return Message(content=content, reply_to=msg)

@@ -31,16 +31,18 @@ import psutil
 import torch
 
 from benchmarks.results import run_table
+from client.policy import SiteConfig
 from client.privacy_plan import plan_round
+from client.site_data import SiteData
 from client.training import train_locally
-from common.config import RunConfig
-from common.data.federation import SiteData, simulated_site_data
 from common.evaluation import evaluate
 from common.models.registry import build_model
 from common.privacy.accounting import PrivacyState
 from common.privacy.noise import noise_source
-from common.site import SiteConfig
+from server.records import RoundRecord
+from server.run_config import RunConfig
 from server.strategies import sample_size
+from simulations.federation import simulated_site_data
 from simulations.plan import SimulationPlan, plan_from_values
 from simulations.runner import new_run, run_simulation
 
@@ -92,10 +94,10 @@ class PeakMemory:
 
 
 def simulate(plan: SimulationPlan, runs_dir: Path, clientapp: str | None) -> dict[str, Any]:
-    rounds: list[dict[str, Any]] = []
+    rounds: list[RoundRecord] = []
     first_round_end: list[float] = []
 
-    def on_round(record: dict[str, Any]) -> None:
+    def on_round(record: RoundRecord) -> None:
         rounds.append(record)
         if not first_round_end:
             first_round_end.append(time.perf_counter())
@@ -105,7 +107,7 @@ def simulate(plan: SimulationPlan, runs_dir: Path, clientapp: str | None) -> dic
         outcome = run_simulation(new_run(plan, runs_dir), on_round, clientapp=clientapp)
     if not outcome.succeeded:
         raise RuntimeError(f"the {clientapp or 'Cohort'} run did not complete; see {outcome.log_file}")
-    seconds = [r["seconds"] for r in sorted(rounds, key=lambda r: r["round"])]
+    seconds = [r.seconds for r in sorted(rounds, key=lambda r: r.round)]
     return {
         "seconds_per_round": sum(seconds[1:]) / len(seconds[1:]),
         "first_round_seconds": seconds[0],
@@ -150,7 +152,7 @@ def _privacy_like_a_site(plan: SimulationPlan) -> PrivacyState | None:
 def measure(scale: Scale, runs_dir: Path) -> dict[str, Any]:
     plan = plan_from_values({**scale.settings, "rounds": ROUNDS, "run-name": "scale"})
     floor_plan = replace(plan, run=replace(plan.run, dp=replace(plan.run.dp, enabled=False)))
-    sampled = sample_size(plan.run.training, plan.num_sites)
+    sampled = sample_size(plan.run.aggregation, plan.num_sites)
     floor = simulate(floor_plan, runs_dir / "floor", FLOOR_CLIENTAPP)
     cohort = simulate(plan, runs_dir / "cohort", None)
     compute = training_compute_ms(plan)

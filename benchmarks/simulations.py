@@ -8,7 +8,6 @@ process run) trains the same model centrally for the same number of sample passe
 from __future__ import annotations
 
 import dataclasses
-import json
 import subprocess
 import sys
 import time
@@ -20,10 +19,12 @@ import torch
 
 from client.training import train_locally
 from common.data.dataset import LabeledImages
-from common.data.federation import federated_split, simulated_site_data
 from common.evaluation import evaluate
 from common.models.registry import build_model
 from common.privacy.noise import noise_source
+from server.held_out import federated_split
+from server.rundir import RunDirectory
+from simulations.federation import simulated_site_data
 from simulations.plan import SIMULATIONS_DIR, load_plan
 
 COHORT = str(Path(sys.executable).parent / "cohort")
@@ -38,15 +39,16 @@ def run_simulation(config: str, runs_dir: Path, settings: tuple[str, ...] = (), 
     subprocess.run([cohort, "simulate", str(SIMULATIONS_DIR / config), *overrides, "--runs-dir", str(runs_dir)], check=True, capture_output=True)
     wall = time.perf_counter() - started
     (run_dir,) = set(runs_dir.glob("*")) - before
-    summary = json.loads((run_dir / "summary.json").read_text())
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = RunDirectory(run_dir).read_summary()
+    assert summary is not None and summary.final_accuracy is not None
+    metrics = RunDirectory(run_dir).read_metrics()
     return {
         "config": config,
-        "final_accuracy": round(summary["final_accuracy"], 4),
-        "max_epsilon": None if summary["max_epsilon"] is None else round(summary["max_epsilon"], 3),
-        "client_level_epsilon": None if summary["client_level_epsilon"] is None else round(summary["client_level_epsilon"], 3),
+        "final_accuracy": round(summary.final_accuracy, 4),
+        "max_epsilon": None if summary.max_epsilon is None else round(summary.max_epsilon, 3),
+        "client_level_epsilon": None if summary.client_level_epsilon is None else round(summary.client_level_epsilon, 3),
         "wall_seconds": round(wall, 1),
-        "round_seconds": round(sum(m["seconds"] for m in metrics), 1),
+        "round_seconds": round(sum(m.seconds for m in metrics), 1),
         "run_dir": str(run_dir),
     }
 

@@ -14,8 +14,9 @@ from typer.core import TyperGroup
 
 from cli.errors import input_errors
 from cli.terminal import paragraph
+from common.private_files import private_dir
 from common.privacy.ledger import LEDGER_FILE, key_fingerprint, load_public_key, read_entries, verify_chain
-from common.rundir import RunDirectory, write_bytes_atomic, write_json_atomic
+from server.rundir import RunDirectory, write_bytes_atomic, write_json_atomic
 
 console = Console()
 
@@ -65,7 +66,7 @@ def summary(
     plot = path / "plots" / PLOT_FILE
     fairness_plot = plot.read_bytes() if fairness is not None and plot.is_file() else None
     target = out or (path if path.is_dir() else path.parent)
-    target.mkdir(parents=True, exist_ok=True)
+    private_dir(target)
     write_json_atomic(target / "audit.json", report)
     write_bytes_atomic(target / "audit.html", render_page(report, fairness_plot).encode())
     _print_report(report)
@@ -166,10 +167,12 @@ def _epsilon(site: dict[str, Any], value: float | None) -> str:
     if site["non_private_rounds"]:
         return "no DP"
     return "-" if value is None else f"{value:.3f}"
+
+
 def _print_rejections(run_dir: RunDirectory) -> None:
     """The run view: replies the server's checks rejected, per site, with their reasons."""
     from server.summary import rejections
 
     for name, rejected in rejections(run_dir.read_metrics()).items():
-        rounds = ", ".join(map(str, rejected["rounds"]))
-        console.print(f"rejected: {name}: {rejected['count']} reply(ies), round(s) {rounds}: {'; '.join(rejected['reasons'])}", highlight=False, markup=False)
+        rounds = ", ".join(map(str, rejected.rounds))
+        console.print(f"rejected: {name}: {rejected.count} reply(ies), round(s) {rounds}: {'; '.join(rejected.reasons)}", highlight=False, markup=False)

@@ -19,7 +19,7 @@ from rich.table import Table
 from cli.errors import input_errors
 from cli.terminal import labelled
 from common.errors import CohortInputError
-from common.rundir import RunDirectory
+from server.rundir import RunDirectory
 
 console = Console()
 

@@ -5,24 +5,25 @@ on, sites reaching the Fleet API alone, checked before anything starts."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from cli.errors import input_errors
 from cli.rounds import round_line
 from cli.terminal import echo_message, labelled
-from common.config import RunConfig
 from common.errors import CohortInputError
-from common.flower_runtime import require_app_dir
 from common.privacy.ledger import PUBLIC_KEY_FILE
 from deploy.certificates import LOOPBACK
 from deploy.commands import SUPERLINK_LISTEN_HOST, SUPERLINK_LOCAL_PORT, SUPERLINK_PORT, SUPERNODE_PORT, shell_line
 from deploy.coordinator import CoordinatorLaunch
 from deploy.fleet_limits import DEFAULT_MAX_MODEL_MB, DEFAULT_SITES_PER_ADDRESS, FleetLimits
+from deploy.flower_runtime import require_app_dir
 from deploy.front_door import FrontDoor
 from deploy.launch import SuperLinkLaunch, SuperNodeLaunch, exec_flower, flwr_home, probe_superlink, split_address, write_connection
 from deploy.submission import RunOutcome, submission
+from server.records import RoundRecord
+from server.run_config import RunConfig
 from simulations.plan import parse_overrides
 
 CertsOption = Annotated[Path, typer.Option("--certs", help="The directory of `cohort certs init` (ca.crt, superlink.crt, superlink.key).")]
@@ -160,7 +161,7 @@ def run(
         study = submission(connection, RunConfig.from_flower(parse_overrides(set_ or [])), flwr_home())
         study.check()
 
-        def on_round(record: dict[str, Any]) -> None:
+        def on_round(record: RoundRecord) -> None:
             typer.echo(round_line(record, study.run.training.rounds))
 
         outcome = study.submit_and_follow(lambda run_dir: typer.echo(labelled("run directory", run_dir.path)), on_round)
@@ -175,8 +176,9 @@ def _report(outcome: RunOutcome, connection: str) -> None:
     if not outcome.succeeded:
         echo_message(f"error: {outcome.failure()}")
         raise typer.Exit(code=1)
-    summary = outcome.summary or {}
-    epsilon = summary.get("client_level_epsilon") or summary.get("max_epsilon")
+    summary = outcome.summary
+    assert summary is not None  # a run that succeeded wrote its summary.json
+    epsilon = summary.client_level_epsilon or summary.max_epsilon
     privacy = "no DP" if epsilon is None else f"epsilon {epsilon:.3f}"
-    accuracy = "-" if summary.get("final_accuracy") is None else f"{summary['final_accuracy']:.4f}"
-    typer.echo(f"run {outcome.run_id} completed: {summary.get('rounds', '-')} rounds, global test accuracy {accuracy}, {privacy}")
+    accuracy = "-" if summary.final_accuracy is None else f"{summary.final_accuracy:.4f}"
+    typer.echo(f"run {outcome.run_id} completed: {summary.rounds} rounds, global test accuracy {accuracy}, {privacy}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -21,8 +22,9 @@ from cli.errors import input_errors
 from cli.rounds import round_line
 from cli.terminal import echo_message, labelled
 from common.errors import CohortInputError
-from common.flower_runtime import require_app_dir
-from common.rundir import RunDirectory, write_json_atomic
+from deploy.flower_runtime import require_app_dir
+from server.records import RoundRecord, Summary
+from server.rundir import RunDirectory, write_json_atomic
 from simulations.plan import DEFAULT_SIMULATION, SimulationPlan, load_plan, saved_plan
 
 if TYPE_CHECKING:
@@ -82,18 +84,18 @@ def simulate(
     _print_summary(outcome)
     _report_fairness(outcome, plan.run.fairness_margin)
     if not outcome.succeeded:
-        echo_message(f"error: the run {outcome.summary['stop_reason']}")
+        echo_message(f"error: the run {outcome.summary.stop_reason}")
         raise typer.Exit(code=1)
 
 
 def _run_with_progress(plan: SimulationPlan) -> SimulationOutcome:
-    from common.data.federation import federated_split
+    from server.held_out import federated_split
     from simulations.divergence import advice, divergence
     from simulations.runner import run_simulation
 
     rounds = plan.run.training.rounds
     num_classes = federated_split(plan.run.data).num_classes
-    seen: list[dict[str, Any]] = []
+    seen: list[RoundRecord] = []
     warned = False
     # Shown once the run directory is locked and ready, so that a refusal prints nothing else.
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
@@ -103,10 +105,10 @@ def _run_with_progress(plan: SimulationPlan) -> SimulationOutcome:
         progress.console.print(labelled("run directory", run_dir.path), highlight=False, markup=False, soft_wrap=True)
         progress.start()
 
-    def on_round(record: dict[str, Any]) -> None:
+    def on_round(record: RoundRecord) -> None:
         nonlocal warned
         progress.console.print(round_line(record, rounds), highlight=False)
-        progress.update(task, completed=record["round"], description="training")
+        progress.update(task, completed=record.round, description="training")
         seen.append(record)
         reason = None if warned else divergence(seen, num_classes)
         if reason is not None:
@@ -125,49 +127,49 @@ SITE_TABLE_LIMIT = 20
 
 
 def _print_summary(outcome: SimulationOutcome) -> None:
-    summary = outcome.summary or {}
-    if not summary["sites"]:
+    summary = outcome.summary
+    if summary is None or not summary.sites:
         return
-    client_level = summary.get("client_level_epsilon") is not None
-    if len(summary["sites"]) > SITE_TABLE_LIMIT:
+    client_level = summary.client_level_epsilon is not None
+    if len(summary.sites) > SITE_TABLE_LIMIT:
         _print_federation(summary, client_level)
     else:
         _print_site_table(outcome.run_dir.path.name, summary, client_level)
-    if summary["refused"]:
-        console.print(f"refused to train (out of the run): {', '.join(summary['refused'])}", highlight=False)
-    for name, rejected in summary.get("rejected", {}).items():
-        console.print(f"rejected: {name}, {rejected['count']} reply(ies) in round(s) {', '.join(map(str, rejected['rounds']))}: {'; '.join(rejected['reasons'])}", highlight=False, markup=False)
-    max_eps, client_eps = summary["max_epsilon"], summary.get("client_level_epsilon")
+    if summary.refused:
+        console.print(f"refused to train (out of the run): {', '.join(summary.refused)}", highlight=False)
+    for name, rejected in summary.rejected.items():
+        console.print(f"rejected: {name}, {rejected.count} reply(ies) in round(s) {', '.join(map(str, rejected.rounds))}: {'; '.join(rejected.reasons)}", highlight=False, markup=False)
+    max_eps, client_eps = summary.max_epsilon, summary.client_level_epsilon
     privacy = f"largest site epsilon {'n/a (no DP)' if max_eps is None else f'{max_eps:.3f}'}"
     if client_level:
         privacy = f"client-level epsilon {client_eps:.3f} (server ledger)"
-    console.print(f"global test accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds; {privacy}", highlight=False)
+    console.print(f"global test accuracy {summary.final_accuracy:.4f} after {summary.rounds} rounds; {privacy}", highlight=False)
     console.print(labelled("run directory", outcome.run_dir.path), highlight=False, markup=False, soft_wrap=True)
 
 
-def _print_site_table(title: str, summary: dict[str, Any], client_level: bool) -> None:
+def _print_site_table(title: str, summary: Summary, client_level: bool) -> None:
     table = Table(title=f"Cohort run: {title}")
     for column in ("site", "rounds trained", "val accuracy", "epsilon", "budget", "delta"):
         table.add_column(column, justify="right" if column != "site" else "left")
-    for name, site in summary["sites"].items():
+    for name, site in summary.sites.items():
         table.add_row(
             name,
-            str(site["rounds_trained"]),
-            _fmt(site.get("val_accuracy")),
-            _fmt(site.get("epsilon"), "{:.3f}", "client DP" if client_level else "no DP"),
-            _fmt(site.get("budget"), "{:g}", "-"),
-            _fmt(site.get("delta"), "{:g}", "-"),
+            str(site.rounds_trained),
+            _fmt(site.val_accuracy),
+            _fmt(site.epsilon, "{:.3f}", "client DP" if client_level else "no DP"),
+            _fmt(site.budget, "{:g}", "-"),
+            _fmt(site.delta, "{:g}", "-"),
         )
     console.print(table)
 
 
-def _print_federation(summary: dict[str, Any], client_level: bool) -> None:
+def _print_federation(summary: Summary, client_level: bool) -> None:
     """Many small sites: one device's validation accuracy on a handful of examples says
     little, so the spread across sites is what is shown."""
-    sites = list(summary["sites"].values())
-    rounds = sorted(site["rounds_trained"] for site in sites)
+    sites = list(summary.sites.values())
+    rounds = sorted(site.rounds_trained for site in sites)
     console.print(f"{len(sites)} sites; rounds trained per site: min {rounds[0]}, median {rounds[len(rounds) // 2]}, max {rounds[-1]}", highlight=False)
-    epsilons = sorted(site["epsilon"] for site in sites if site.get("epsilon") is not None)
+    epsilons = sorted(site.epsilon for site in sites if site.epsilon is not None)
     if epsilons:
         console.print(f"site epsilon: min {epsilons[0]:.3f}, max {epsilons[-1]:.3f}", highlight=False)
     elif client_level:
@@ -178,14 +180,15 @@ def _report_fairness(outcome: SimulationOutcome, margin: float) -> None:
     """Score the final model on every site's own data; record it in summary.json too."""
     from simulations.fairness import write_fairness
 
-    if outcome.summary is None or not outcome.summary["sites"]:
+    if outcome.summary is None or not outcome.summary.sites:
         return
     try:
         report = write_fairness(outcome.run_dir.path, margin)
     except CohortInputError as error:  # the run itself stands; only its report is missing
         console.print(f"[yellow]warning:[/] no fairness report: {error}", highlight=False)
         return
-    write_json_atomic(outcome.run_dir.summary_file, {**outcome.summary, "fairness": {**report["across_sites"], "warnings": report["warnings"]}})
+    fairness = {**report["across_sites"], "warnings": report["warnings"]}
+    write_json_atomic(outcome.run_dir.summary_file, dataclasses.replace(outcome.summary, fairness=fairness).to_json())
     across = report["across_sites"]
     console.print(
         f"by site: worst {across['worst_site']} {across['worst']:.3f}, best {across['best_site']} {across['best']:.3f}, "

@@ -32,7 +32,7 @@ from cli.errors import input_errors
 from cli.terminal import labelled, paragraph
 from common.config import validate_budget
 from common.errors import CohortInputError
-from common.rundir import write_bytes_atomic
+from server.rundir import write_bytes_atomic
 from deploy import commands
 from deploy.certificates import validate_site_name
 from deploy.fleet_limits import DEFAULT_MAX_MODEL_MB, DEFAULT_SITES_PER_ADDRESS, FleetLimits

@@ -13,11 +13,11 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common import protocol
-from common.config import RunConfig
+from common.config import SiteRunConfig
 
 
 def central_dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     if KEY_CLIPPING_NORM not in msg.content[protocol.CONFIG]:
         return call_next(msg, context)
-    adaptive = RunConfig.from_flower(context.run_config).dp.client_clipping == "adaptive"
+    adaptive = SiteRunConfig.from_flower(context.run_config).dp.client_clipping == "adaptive"
     return (adaptiveclipping_mod if adaptive else fixedclipping_mod)(msg, context, call_next)

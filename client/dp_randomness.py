@@ -16,18 +16,21 @@ import torch
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-from common.config import SECURE_NOISE, RunConfig
-from common.privacy.noise import NoiseSource, noise_source
-from common.site import SiteConfig
+from client.policy import SiteConfig
+from client.site_data import SiteData
+from common.config import SiteRunConfig
+from common.privacy.noise import NoiseSource, SecureNoise, noise_source
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def site_noise_source(run: RunConfig, site: SiteConfig, server_round: int) -> NoiseSource:
+def site_noise_source(run: SiteRunConfig, site: SiteConfig, data: SiteData, server_round: int) -> NoiseSource:
     """A deployed site always draws secure noise: this is the site's own code, and no run
     setting reaches the choice. A simulated site follows the run's noise-source, seeded by
-    the run's seed, its name and the round."""
-    return noise_source(SECURE_NOISE if site.deployed else run.noise_source, run.data.seed, site.name, server_round)
+    the run's seed (handed over with its data), its name and the round."""
+    if site.deployed or data.noise_seed is None:
+        return SecureNoise()
+    return noise_source(run.noise_source, data.noise_seed, site.name, server_round)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from flwr.app import Error, Message
 
 from common import protocol
-from common.site import SiteConfig
+from client.policy import SiteConfig
 
 
 def declined_evaluation(msg: Message, site: SiteConfig) -> Message | None:

@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass
 
 from client.training import steps_per_epoch
-from common.config import RunConfig
+from common.config import SiteRunConfig
 from common.privacy.accounting import PrivacyState, derive_noise_multiplier
 from common.privacy.ledger import LedgerEntry, LedgerRecord, history_of, iter_releases
-from common.site import SiteConfig
+from client.policy import SiteConfig
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def noise_for(site: SiteConfig, target_epsilon: float, sample_rate: float, steps
     return max(derive_noise_multiplier(target_epsilon, site.delta, sample_rate, steps, name, prior=prior) for name in site.accountants)
 
 
-def round_steps(num_examples: int, run: RunConfig) -> int:
+def round_steps(num_examples: int, run: SiteRunConfig) -> int:
     return run.training.local_epochs * steps_per_epoch(num_examples, run.training.batch_size)
 
 
@@ -49,7 +49,7 @@ def spent_epsilon(entries: list[LedgerEntry], data_hash: str, site: SiteConfig) 
 
 
 def plan_round(
-    run: RunConfig,
+    run: SiteRunConfig,
     site: SiteConfig,
     entries: list[LedgerEntry],
     data_hash: str,

@@ -25,13 +25,11 @@ import sys
 import tomllib
 import zipfile
 from dataclasses import dataclass
-from logging import DEBUG, ERROR
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType
 from flwr.common.args import add_args_flwr_app_common, try_obtain_flwr_app_token
-from flwr.common.constant import ErrorCode, SubStatus
-from flwr.supercore import log
+from flwr.common.constant import SubStatus
 from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.constant import SUPERNODE_DEFAULT_CLIENT_ADDRESS
 from flwr.supercore.exit import ExitCode, flwr_exit, register_signal_handlers
@@ -48,11 +46,12 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 import client
 import common
 from client.evaluation_policy import declined_evaluation
+from client.site_failure import failure_reply, log_failure
 from common import protocol
 from common.errors import CohortInputError
+from client.policy import SiteConfig
 from common.flower_logs import readable_flower_logs
-from common.privacy.ledger import REFUSAL, RELEASE, LedgerRecord, SiteLedger
-from common.site import SiteConfig
+from common.privacy.ledger import LedgerRecord, RecordKind, SiteLedger, Spender
 
 # The ClientApp the site runs, as a FAB's pyproject names it.
 CLIENT_APP_REFERENCE = "client.app:app"
@@ -103,34 +102,14 @@ def refusal_reply(message: Message, context: Context, site: SiteConfig, fab: Fab
     text = f"site {site.name} refuses to run this run's code: {reason}; it runs only its own installed Cohort"
     ledger = SiteLedger(site.state_dir, create_key=False)
     ledger.verified_entries()
-    ledger.append(
-        LedgerRecord(
-            kind=REFUSAL,
-            run_id=context.run_id,
-            round=_round_of(message),
-            site=site.name,
-            mechanism="",
-            noise_multiplier=0.0,
-            sample_rate=0.0,
-            sampling="poisson",
-            steps=0,
-            clip_norm=0.0,
-            delta=site.delta,
-            epsilon=_last_epsilon(ledger),
-            accountant=site.accountants[0],
-            budget_epsilon=site.epsilon,
-            dataset_hash="",
-            model_hash="",
-            config_hash=f"fab:{fab.hash_str}",
-            reason=text,
-        )
-    )
+    spender = Spender(context.run_id, _round_of(message), site.name, site.delta, site.epsilon, dataset_hash="", config_hash=f"fab:{fab.hash_str}")
+    ledger.append(LedgerRecord.refusal(spender, text, _last_epsilon(ledger), site.accountants[0]))
     return Message(Error(code=protocol.SITE_REFUSED, reason=text), reply_to=message)
 
 
 def _last_epsilon(ledger: SiteLedger) -> float:
     """What the site had spent by its last release (its data is not loaded to refuse code)."""
-    releases = [e.record for e in ledger.entries() if e.record.kind == RELEASE]
+    releases = [e.record for e in ledger.entries() if e.record.kind == RecordKind.RELEASE]
     return releases[-1].epsilon if releases else 0.0
 
 
@@ -167,16 +146,6 @@ class _TaskOutcome:
     details: str = "the site's ClientApp failed"
 
 
-def log_failure(error: Exception) -> str:
-    """One line in the site's log (and the reply's reason); the traceback only at debug
-    level (FLWR_LOG_LEVEL=DEBUG), for whoever looks into a failure that is not the site's
-    setup. Returns that line."""
-    details = f"{type(error).__name__}: {error}"
-    log(ERROR, "the site's ClientApp failed: %s", details)
-    log(DEBUG, "the site's ClientApp failed here:", exc_info=error)
-    return details
-
-
 def run_site_clientapp(runtime_api_address: str, token: str, insecure: bool, certificates: bytes | None, parent_pid: int | None) -> None:
     """One task, start to end, with Flower's own runtime client, heartbeat and exit codes."""
     if parent_pid is not None:
@@ -211,7 +180,7 @@ def run_site_clientapp(runtime_api_address: str, token: str, insecure: bool, cer
     except Exception as error:  # noqa: BLE001 - every failure becomes an error reply, as in Flower's own flwr-clientapp
         outcome.details = log_failure(error)
         if message is not None:
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=outcome.details), reply_to=message)
+            reply = failure_reply(message, outcome.details)
         exit_code = ExitCode.TASK_PROC_EXCEPTION
     finally:
         if reply is not None and outcome.context is not None:

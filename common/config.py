@@ -1,29 +1,32 @@
-"""The run configuration: one typed, validated object built from Flower's run config.
+"""The run settings a site reads: one typed, validated object built from Flower's run config.
 
-The coordinator owns everything here (it is the experiment). What belongs to a site,
-its data and its privacy budget, lives in `common.site.SiteConfig` and is read from the
-site's node config instead.
+A run config holds the settings every site reads to train (this module's SiteRunConfig:
+the model, local training, the DP the site applies, where a simulated site finds its data
+and state, and a simulated site's default policy) and the coordinator's own (strategy,
+checks, its data and test set, ...: server.run_config.RunConfig, which extends this one).
+A site parses only its own keys and ignores every other: a coordinator whose own code or
+settings changed still finds its sites answering, as long as the site package (client/
+and common/) is the one they installed. docs/site.md states the rule.
+
+What belongs to a site itself, its data and its privacy budget, is its policy
+(client.policy.SiteConfig), read from the site's node config and never from a run config.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from enum import StrEnum
+from typing import Any, ClassVar, Iterable, Mapping, TypeVar
 
 from common.errors import CohortInputError
+from common.privacy.mechanisms import DPLevel, MechanismSpec, mechanism_of
 
 MODELS = ("cnn", "transformer")
-PARTITIONERS = ("iid", "dirichlet", "shards")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "qfedavg")
-# Aggregators that assume some sites are hostile; each needs enough replies to outvote them.
-ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
-AGGREGATION_WEIGHTS = ("uniform", "examples")
-ACCOUNTANTS = ("rdp", "prv", "gdp")
 # Opacus' ways of computing per-sample gradients that fit a site (each gives the clipped
 # update of hooks; the training loop takes an empty Poisson batch's step itself, since ew
 # and functorch fail on one). A run may also say 'auto': AUTO_GRAD_SAMPLE_MODE's.
@@ -39,12 +42,7 @@ UNSUPPORTED_GRAD_SAMPLE_MODES = {
     ("cnn", "ew"): "PyTorch's expanded weights cannot differentiate the cnn's weight standardisation",
 }
 DEVICES = ("auto", "cpu", "cuda")
-DP_LEVELS = ("sample", "client")
 CLIENT_CLIPPINGS = ("fixed", "adaptive")
-CLIPPING_SIDES = ("server", "client")
-# Client-level DP bounds each client's share of the mean update by clip_norm / m; only
-# strategies whose aggregate is that plain mean keep the bound (FedProx aggregates as FedAvg).
-CLIENT_LEVEL_STRATEGIES = ("fedavg", "fedprox")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine")
 # Where DP noise comes from (common/privacy/noise.py): a cipher's keystream, or a generator
@@ -53,28 +51,74 @@ SECURE_NOISE = "secure"
 SEEDED_NOISE = "seeded"
 NOISE_SOURCES = (SECURE_NOISE, SEEDED_NOISE)
 
-# Settings that say where a run lives, how it is resumed or reported, or who could predict
-# its noise, not what it computes: they may differ between a run and its resumption
-# without making the checkpoint foreign.
-_PLACEMENT_KEYS = frozenset({"run_name", "run_dir", "resume_from", "device", "federation_home", "fairness_margin", "reply_timeout", "noise_source"})
-_SECTIONS = ("data", "training", "dp", "checks")
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: finite, from low to high, either end open.
+
+    Every numeric setting declares one (number()), so that a value no run can mean (inf,
+    NaN, 1e30, a negative count) is refused where it is parsed, naming the key, and
+    never reaches Opacus or a site's machine. note says what a special value means.
+    """
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def check(self, name: str, value: float) -> None:
+        """Refuse `value` for the setting `name` unless it lies in this range."""
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        if not (math.isfinite(value) and above and below):
+            kind = "an integer" if isinstance(value, int) else "a finite number"
+            note = f" ({self.note})" if self.note else ""
+            raise CohortInputError(f"{name} is {value!r}; it must be {kind} in {self}{note}")
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+RANGE = "range"
+EPSILON_RANGE = Range(0, 1000, low_open=True)
+DELTA_RANGE = Range(0, 1, low_open=True, high_open=True)
+
+
+def number(default: float, low: float, high: float, *, low_open: bool = False, high_open: bool = False, note: str = "") -> Any:
+    """A numeric setting's field with its default and its valid range."""
+    return field(default=default, metadata={RANGE: Range(low, high, low_open, high_open, note)})
+
+
+def in_range(default: float, valid: Range) -> Any:
+    """A numeric setting's field whose range is shared with another check (a budget's)."""
+    return field(default=default, metadata={RANGE: valid})
+
+
+def check_ranges(settings: object) -> None:
+    """Every numeric field of a settings dataclass, against the range it declares."""
+    for item in dataclasses.fields(settings):  # type: ignore[arg-type]
+        if RANGE in item.metadata:
+            item.metadata[RANGE].check(item.name.replace("_", "-"), getattr(settings, item.name))
 
 
 @dataclass(frozen=True)
 class DPConfig:
-    """The differential privacy of this run, chosen by the coordinator.
+    """The differential privacy of this run, as far as a site applies it.
 
     enabled: train with DP; off only for a non-private baseline.
     dp_level: 'sample' protects every example with Opacus DP-SGD at each site (the
         sites' own budgets, cross-silo); 'client' protects every client's whole update
         with central DP-FedAvg through Flower's DP strategy wrappers (the server's
-        budget for the run, cross-device).
+        budget for the run, cross-device; its settings are the coordinator's,
+        server.run_config.CentralDPConfig).
     noise_multiplier: sigma, the Gaussian noise std in units of clip_norm. 0 derives it:
         at sample level each site from its own budget, at client level the server from
         client_epsilon over the run's rounds.
     clip_norm: C, the bound on every example's gradient (sample level) or on every
         client's update (client level; the starting value under adaptive clipping).
-    accountant: the Opacus accountant used to derive sigma and enforce budgets.
+    accountant: the Opacus accountant used to derive sigma and enforce budgets, one of
+        Opacus' own registry (a simulated site's default; a deployed site names its own).
     grad_sample_mode: how Opacus computes per-sample gradients; every mode computes the
         same clipped, noised update, so this is speed only. 'auto' (the default) becomes
         the fastest mode for the model, AUTO_GRAD_SAMPLE_MODE: 'ew' for the transformer,
@@ -85,104 +129,48 @@ class DPConfig:
         are refused ('ghost' fails on the transformer).
     client_clipping: 'fixed' C, or 'adaptive' (Andrew et al. 2021): C follows the
         target_clipped_quantile of update norms, learnt at rate clip_norm_lr from a
-        noisy count of clipped updates.
-    clipping_side: where updates are clipped, by the 'server' on arrival or by each
-        'client' before sending (Flower's clipping mods); the noise is always the server's.
-    clipped_count_stddev: the std of the noise on that count; 0 picks max(m/20, 2 sigma)
-        for m sampled clients (Flower's default, raised so the count spends at most a
-        quarter of the privacy).
-    client_epsilon, client_delta: the run's client-level budget; the server stops before
-        a round that would exceed it.
+        noisy count of clipped updates (a site clipping its own update uses Flower's mod
+        for the one or the other).
     """
 
     enabled: bool = True
-    dp_level: str = "sample"
-    noise_multiplier: float = 0.0
-    clip_norm: float = 1.0
+    dp_level: DPLevel = DPLevel.SAMPLE
+    noise_multiplier: float = number(0.0, 0, 100, note="0 derives it from the site budget")
+    clip_norm: float = number(1.0, 0, 1000, low_open=True)
     accountant: str = "rdp"
     grad_sample_mode: str = "auto"
     client_clipping: str = "fixed"
-    clipping_side: str = "server"
-    target_clipped_quantile: float = 0.5
-    clip_norm_lr: float = 0.2
-    clipped_count_stddev: float = 0.0
-    client_epsilon: float = 8.0
-    client_delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dp_level", DPLevel(require_choice("dp-level", self.dp_level, tuple(DPLevel))))
 
     def validate(self) -> None:
-        if self.noise_multiplier < 0:
-            raise CohortInputError(
-                f"noise-multiplier is {self.noise_multiplier}; use 0 to derive it from "
-                "the site budget, or a positive value"
-            )
-        if self.clip_norm <= 0:
-            raise CohortInputError(f"clip-norm is {self.clip_norm}; it must be > 0")
-        _require_choice("accountant", self.accountant, ACCOUNTANTS)
-        _require_choice("grad-sample-mode", self.grad_sample_mode, ("auto", *GRAD_SAMPLE_MODES))
-        _require_choice("dp-level", self.dp_level, DP_LEVELS)
-        _require_choice("client-clipping", self.client_clipping, CLIENT_CLIPPINGS)
-        _require_choice("clipping-side", self.clipping_side, CLIPPING_SIDES)
-        if not 0 <= self.target_clipped_quantile <= 1:
-            raise CohortInputError(f"target-clipped-quantile is {self.target_clipped_quantile}; it must be in [0, 1]")
-        if self.clip_norm_lr <= 0:
-            raise CohortInputError(f"clip-norm-lr is {self.clip_norm_lr}; it must be > 0")
-        if self.clipped_count_stddev < 0:
-            raise CohortInputError(f"clipped-count-stddev is {self.clipped_count_stddev}; use 0 for the default, or a positive value")
-        validate_budget(self.client_epsilon, self.client_delta, source="client-epsilon/client-delta")
+        from common.privacy.accounting import accountant_names  # Opacus' registry: it loads PyTorch
+
+        check_ranges(self)
+        require_choice("accountant", self.accountant, accountant_names())
+        require_choice("grad-sample-mode", self.grad_sample_mode, ("auto", *GRAD_SAMPLE_MODES))
+        require_choice("client-clipping", self.client_clipping, CLIENT_CLIPPINGS)
+
+    @property
+    def mechanism(self) -> MechanismSpec:
+        return mechanism_of(self.enabled, self.dp_level)
 
     @property
     def client_level(self) -> bool:
-        return self.enabled and self.dp_level == "client"
+        return self.mechanism.server_noise
 
     @property
     def sample_level(self) -> bool:
-        return self.enabled and self.dp_level == "sample"
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Which data the simulation uses and how it is split across simulated sites.
-
-    dataset: a built-in name (digits, mnist-5k) or a path to an .npz, an MNIST IDX
-        folder or a folder of images with one subfolder per class.
-    partitioner: iid, dirichlet (label skew controlled by dirichlet_alpha) or shards
-        (each site gets shards_per_site label-sorted shards).
-    test_fraction: share held out for the server's central evaluation, when the data
-        brings no test split of its own.
-    val_fraction: share of each site's data kept for local validation.
-    audit_canaries: m, the number of canaries for the one-run empirical privacy audit
-        (`cohort audit empirical`); 0 runs no audit. Each is a held-out image with a wrong
-        label that the simulated site audit_canary_site trains on with probability 1/2.
-    audit_canary_site: the partition id of the simulated site that holds the canaries.
-    """
-
-    dataset: str = "digits"
-    partitioner: str = "dirichlet"
-    dirichlet_alpha: float = 1.0
-    shards_per_site: int = 2
-    test_fraction: float = 0.2
-    val_fraction: float = 0.1
-    seed: int = 42
-    audit_canaries: int = 0
-    audit_canary_site: int = 0
-
-    def validate(self) -> None:
-        _require_choice("partitioner", self.partitioner, PARTITIONERS)
-        if self.dirichlet_alpha <= 0:
-            raise CohortInputError(f"dirichlet-alpha is {self.dirichlet_alpha}; it must be > 0")
-        if self.shards_per_site < 1:
-            raise CohortInputError(f"shards-per-site is {self.shards_per_site}; it must be >= 1")
-        if self.audit_canaries < 0 or self.audit_canary_site < 0:
-            raise CohortInputError("audit-canaries and audit-canary-site must be >= 0 (audit-canaries = 0: no audit)")
-        for name, value in (("test-fraction", self.test_fraction), ("val-fraction", self.val_fraction)):
-            if not 0 < value < 1:
-                raise CohortInputError(f"{name} is {value}; it must be between 0 and 1")
+        return self.mechanism.site_noise
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """Local training at each site and aggregation at the server.
+    """Local training at each site.
 
+    rounds: the run's rounds; a site plans its noise over the rounds still to come, and
+        decays its learning rate over them.
     optimizer: the local optimizer, fresh every round: 'sgd' (with momentum) or 'adam'
         (what transformers need); under DP, Opacus wraps either.
     batch_size, learning_rate: 0 picks what trains well for the optimizer and whether the
@@ -191,217 +179,104 @@ class TrainingConfig:
         switches DP off or on with one setting still gets a model that learns.
     lr_schedule: 'constant', or 'cosine' decay of the local rate over the rounds (to a
         tenth of learning_rate in the last round).
-    qfedavg_q: q of q-FedAvg (Li et al., ICLR 2020): how much more a site with a higher
-        training loss weighs; 0 is FedAvg. It reads each site's training loss.
-    fraction_train: share of the sites sampled to train each round.
-    fraction_evaluate: share of the sites sampled each round to validate the global model
-        on their own data; 0 takes fraction_train, so that validation never costs more
-        than training, whatever the federation's size. The server's central evaluation on
-        its held-out test set runs every round regardless.
     """
 
     model: str = "cnn"
-    rounds: int = 50
-    local_epochs: int = 1
-    batch_size: int = 0
-    learning_rate: float = 0.0
-    momentum: float = 0.9
+    rounds: int = number(50, 1, 100_000)
+    local_epochs: int = number(1, 1, 10_000)
+    batch_size: int = number(0, 0, 1_000_000, note="0 picks the default of the DP mode")
+    learning_rate: float = number(0.0, 0, 100, note="0 picks the default of the DP mode")
+    momentum: float = number(0.9, 0, 1, high_open=True)
     optimizer: str = "sgd"
     lr_schedule: str = "cosine"
-    strategy: str = "fedavg"
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 0.0
-    min_sites: int = 2
-    proximal_mu: float = 0.01
-    server_learning_rate: float = 0.1
-    server_momentum: float = 0.9
-    trimmed_beta: float = 0.2
-    qfedavg_q: float = 0.1
-    byzantine_sites: int = 0
-    krum_selected: int = 0
 
     def validate(self) -> None:
-        _require_choice("model", self.model, MODELS)
-        _require_choice("strategy", self.strategy, STRATEGIES)
-        _require_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _require_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
-        for name, value in (
-            ("rounds", self.rounds),
-            ("local-epochs", self.local_epochs),
-            ("min-sites", self.min_sites),
-        ):
-            if value < 1:
-                raise CohortInputError(f"{name} is {value}; it must be >= 1")
-        if self.batch_size < 0:
-            raise CohortInputError(f"batch-size is {self.batch_size}; use 0 for the default of the DP mode, or a positive size")
-        if self.learning_rate < 0:
-            raise CohortInputError(f"learning-rate is {self.learning_rate}; use 0 for the default of the DP mode, or a positive rate")
-        if not 0 < self.fraction_train <= 1:
-            raise CohortInputError(f"fraction-train is {self.fraction_train}; it must be in (0, 1]")
-        if not 0 <= self.fraction_evaluate <= 1:
-            raise CohortInputError(f"fraction-evaluate is {self.fraction_evaluate}; it must be in (0, 1], or 0 for fraction-train's share")
-        if self.qfedavg_q < 0:
-            raise CohortInputError(f"qfedavg-q is {self.qfedavg_q}; it must be >= 0 (0 is FedAvg)")
-        if not 0 <= self.trimmed_beta < 0.5:
-            raise CohortInputError(f"trimmed-beta is {self.trimmed_beta}; FedTrimmedAvg cuts that share off each end, so it must be in [0, 0.5)")
-        if self.byzantine_sites < 0 or self.krum_selected < 0:
-            raise CohortInputError("byzantine-sites and krum-selected must be >= 0")
+        require_choice("model", self.model, MODELS)
+        require_choice("optimizer", self.optimizer, OPTIMIZERS)
+        require_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        check_ranges(self)
 
-    @property
-    def evaluate_share(self) -> float:
-        return self.fraction_evaluate or self.fraction_train
 
-    def sites_needed(self) -> int:
-        """The fewest training replies the strategy can aggregate with byzantine_sites hostile
-        (Blanchard et al. for Krum, El Mhamdi et al. for Bulyan; Flower's Bulyan refuses fewer)."""
-        hostile = self.byzantine_sites
-        if self.strategy == "bulyan":
-            return 4 * hostile + 3
-        if self.strategy in ("krum", "multikrum"):
-            return 2 * hostile + 3
-        return 1
+Settings = TypeVar("Settings", bound="SiteRunConfig")
 
 
 @dataclass(frozen=True)
-class ChecksConfig:
-    """How the server receives replies: what it accepts and how much each one weighs.
+class SiteRunConfig:
+    """What a site reads of a run config, validated once on construction.
 
-    aggregation_weight: 'uniform' (every accepted update counts the same) or 'examples'
-        (the example count the site reports, capped at example_cap).
-    example_cap: the largest example count one site is credited with; 0 caps it at the
-        round's median reported count, so no single site can outweigh the others.
-    update_norm_bound: the largest L2 norm of (update - global model) accepted; 0 picks
-        the default of the run's DP level (see server.dp_policy).
-    update_norm_factor: that default under sample-level DP or no DP: this multiple of the
-        round's median update norm.
-    reply_timeout: seconds the server waits for the replies of one exchange; 0 sizes it
-        from the run: 600 s for the first exchange, then 4x the slowest so far (>= 60 s).
-    """
-
-    aggregation_weight: str = "uniform"
-    example_cap: int = 0
-    update_norm_bound: float = 0.0
-    update_norm_factor: float = 4.0
-    reply_timeout: float = 0.0
-
-    def validate(self) -> None:
-        _require_choice("aggregation-weight", self.aggregation_weight, AGGREGATION_WEIGHTS)
-        if self.example_cap < 0:
-            raise CohortInputError(f"example-cap is {self.example_cap}; use 0 for the round's median, or a positive count")
-        if self.update_norm_bound < 0:
-            raise CohortInputError(f"update-norm-bound is {self.update_norm_bound}; use 0 for the DP level's default, or a positive norm")
-        if self.update_norm_factor <= 1:
-            raise CohortInputError(f"update-norm-factor is {self.update_norm_factor}; it must be > 1 or honest sites above the median are rejected")
-        if self.reply_timeout < 0:
-            raise CohortInputError(f"reply-timeout is {self.reply_timeout}; use 0 to size it from the run, or a positive number of seconds")
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything the coordinator decides for one run, validated once on construction.
-
-    run_name: the prefix of the run directory's name.
-    run_dir: where the run writes; '' means runs/<run_name>-<timestamp>.
-    resume_from: a run directory to continue at the round after its newest checkpoint.
+    run_dir: where the run writes; a simulated site finds its data there. '' means
+        runs/<run_name>-<timestamp>.
     device: where sites train: 'auto' takes CUDA when visible.
     federation_home: where simulated sites keep their state (ledger, key, policy), one
         folder per site; sites spend from the same budget in every run that shares it.
     site_epsilon, site_delta, site_allow_non_private: the policy of a simulated site that
-        sets none itself (a site's own policy always wins; see common.site).
-    fairness_margin: the fairness report warns about a site whose accuracy falls more
-        than this below the mean site's and whose 95% interval lies below that mean
-        (simulations/fairness.py).
+        sets none itself (a site's own policy always wins; see client.policy).
     noise_source: where the DP noise of simulated sites and of the coordinator (under
         client-level DP) comes from: 'secure' (a CSPRNG, never seeded; the default, so a
         deployed coordinator gets it) or 'seeded' (from the run's seed, the site and the
-        round, so the same seed gives the same run; `cohort simulate` defaults to it). A
-        deployed site always draws secure noise, whatever this says.
+        round, so the same seed gives the same run; `cohort simulate` defaults to it; a
+        simulated site takes the seed with its data, client.site_data). A deployed site
+        always draws secure noise, whatever this says.
     """
 
-    run_name: str = "cohort"
+    # Settings that say where a run lives or who could predict its noise, not what it
+    # computes: they may differ between a run and its resumption, or between a site's view
+    # and the coordinator's.
+    PLACEMENT_KEYS: ClassVar[frozenset[str]] = frozenset({"run_dir", "device", "federation_home", "noise_source"})
+
     run_dir: str = ""
-    resume_from: str = ""
     device: str = "auto"
     federation_home: str = "runs/federation"
-    data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     dp: DPConfig = field(default_factory=DPConfig)
-    checks: ChecksConfig = field(default_factory=ChecksConfig)
-    site_epsilon: float = 8.0
-    site_delta: float = 1e-5
+    site_epsilon: float = in_range(8.0, EPSILON_RANGE)
+    site_delta: float = in_range(1e-5, DELTA_RANGE)
     site_allow_non_private: bool = False
-    fairness_margin: float = 0.05
     noise_source: str = SECURE_NOISE
 
     def __post_init__(self) -> None:
-        _require_choice("device", self.device, DEVICES)
-        _require_choice("noise-source", self.noise_source, NOISE_SOURCES)
-        self.data.validate()
+        check_ranges(self)
+        require_choice("device", self.device, DEVICES)
+        require_choice("noise-source", self.noise_source, NOISE_SOURCES)
         self.training.validate()
         self.dp.validate()
         object.__setattr__(self, "training", _with_local_training_defaults(self.training, self.dp.sample_level))
         if self.dp.grad_sample_mode == "auto":
             object.__setattr__(self, "dp", dataclasses.replace(self.dp, grad_sample_mode=AUTO_GRAD_SAMPLE_MODE[self.training.model]))
-        self.checks.validate()
         unsupported = UNSUPPORTED_GRAD_SAMPLE_MODES.get((self.training.model, self.dp.grad_sample_mode))
         if unsupported:
             usable = [m for m in ("auto", *GRAD_SAMPLE_MODES) if (self.training.model, m) not in UNSUPPORTED_GRAD_SAMPLE_MODES]
             raise CohortInputError(f"{unsupported}; use {', '.join(usable[:-1])} or {usable[-1]}")
-        if self.dp.client_level and self.training.strategy not in CLIENT_LEVEL_STRATEGIES:
-            raise CohortInputError(
-                f"client-level DP needs a plain mean of the updates; strategy '{self.training.strategy}' "
-                f"is not one; use {' or '.join(CLIENT_LEVEL_STRATEGIES)}"
-            )
-        if self.dp.client_level and self.checks.aggregation_weight != "uniform":
-            raise CohortInputError("client-level DP scales its noise for equal shares; set aggregation-weight = \"uniform\"")
-        validate_budget(self.site_epsilon, self.site_delta, source="site-epsilon/site-delta")
-        if not 0 <= self.fairness_margin <= 1:
-            raise CohortInputError(f"fairness-margin is {self.fairness_margin}; it is an accuracy gap, between 0 and 1")
-
-    def refuse_federation_size(self, sites: int) -> None:
-        """Refuse a federation too small for the strategy, before any round starts."""
-        needed = self.training.sites_needed()
-        if sites < needed:
-            raise CohortInputError(
-                f"strategy {self.training.strategy} with byzantine-sites={self.training.byzantine_sites} needs "
-                f"at least {needed} sites training each round, the run has {sites}; lower byzantine-sites or add sites"
-            )
-        if self.training.strategy == "multikrum" and self.training.krum_selected > sites - self.training.byzantine_sites:
-            raise CohortInputError(
-                f"krum-selected is {self.training.krum_selected}; MultiKrum can select at most the "
-                f"{sites - self.training.byzantine_sites} sites that are not byzantine"
-            )
 
     @classmethod
-    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
-        """Build from Flower's flat run config (keys as in pyproject's [tool.flwr.app.config])."""
-        refuse_unknown_settings(run_config, run_settings())
-        values = {key.replace("-", "_"): value for key, value in run_config.items()}
-        known = _flat_field_names()
-        sections: dict[str, dict[str, Any]] = {"data": {}, "training": {}, "dp": {}, "checks": {}, "": {}}
-        for name, value in values.items():
-            section, attribute, kind = known[name]
-            sections[section][attribute] = _coerce(name, value, kind)
-        return cls(
-            data=DataConfig(**sections["data"]),
-            training=TrainingConfig(**sections["training"]),
-            dp=DPConfig(**sections["dp"]),
-            checks=ChecksConfig(**sections["checks"]),
-            **sections[""],
-        )
+    def from_flower(cls: type[Settings], run_config: Mapping[str, Any]) -> Settings:
+        """A site's view of Flower's flat run config: its own keys; every other key is the
+        coordinator's, and a site ignores it (docs/site.md)."""
+        own = flat_settings(cls)
+        return cls.from_settings({key: value for key, value in run_config.items() if key.replace("-", "_") in own})
+
+    @classmethod
+    def from_settings(cls: type[Settings], run_config: Mapping[str, Any]) -> Settings:
+        """Build from flat settings that are all this class's own (keys as in pyproject's
+        [tool.flwr.app.config])."""
+        known = flat_settings(cls)
+        sections: dict[str, dict[str, Any]] = {}
+        for key, value in run_config.items():
+            section, attribute, kind = known[key.replace("-", "_")]
+            sections.setdefault(section, {})[attribute] = _coerce(key, value, kind)
+        top = sections.pop("", {})
+        kinds = {f.name: f.default_factory for f in dataclasses.fields(cls)}  # type: ignore[misc]
+        return cls(**top, **{section: kinds[section](**values) for section, values in sections.items()})  # type: ignore[misc]
 
     def to_flower(self) -> dict[str, Any]:
         """The flat run config this object was built from, with defaults filled in."""
-        flat: dict[str, Any] = {}
-        for name, (section, attribute, _) in _flat_field_names().items():
-            owner = getattr(self, section) if section else self
-            flat[name.replace("_", "-")] = getattr(owner, attribute)
-        return flat
+        return flat_values(self, flat_settings(type(self)))
 
-    def fingerprint(self) -> str:
-        """A hash of what the run computes, so a checkpoint can refuse a foreign config."""
-        experiment = {k: v for k, v in self.to_flower().items() if k.replace("-", "_") not in _PLACEMENT_KEYS}
-        return hashlib.sha256(json.dumps(experiment, sort_keys=True).encode()).hexdigest()
+    def site_fingerprint(self) -> str:
+        """A hash of what a site computes with: the run config's fingerprint that a site
+        signs into every ledger record, and that the coordinator, which holds the same
+        settings, checks."""
+        return settings_hash(flat_values(self, flat_settings(SiteRunConfig)), SiteRunConfig.PLACEMENT_KEYS)
 
 
 # (optimizer, sample-level DP-SGD) -> (batch size, learning rate) when the run sets 0.
@@ -425,49 +300,52 @@ def _with_local_training_defaults(training: TrainingConfig, dp_sgd: bool) -> Tra
     )
 
 
-def run_settings() -> frozenset[str]:
-    """Every run setting's name, as the run config spells it."""
-    return frozenset(name.replace("_", "-") for name in _flat_field_names())
-
-
-def refuse_unknown_settings(settings: Iterable[str], valid: Iterable[str]) -> None:
-    """Name the first setting that is not one of `valid`, with the valid one closest to it
-    (a typo in a key would otherwise reach Flower, which says only "Invalid run configuration")."""
-    choices = sorted(valid)
-    for name in sorted(set(settings) - set(choices)):
-        close = difflib.get_close_matches(name, choices, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else "the settings are [tool.flwr.app.config] in pyproject.toml"
-        raise CohortInputError(f"unknown setting '{name}'; {hint}")
-
 
 def validate_budget(epsilon: float, delta: float, source: str) -> None:
-    """A DP budget is an epsilon > 0 and a delta strictly between 0 and 1."""
-    if not epsilon > 0:
-        raise CohortInputError(f"epsilon is {epsilon} in {source}; a privacy budget must be > 0")
-    if not 0 < delta < 1:
-        raise CohortInputError(f"delta is {delta} in {source}; it must be between 0 and 1 (e.g. 1e-5)")
+    """A DP budget is a finite epsilon > 0 (EPSILON_RANGE) and a delta strictly between 0 and 1."""
+    EPSILON_RANGE.check(f"epsilon in {source}", epsilon)
+    DELTA_RANGE.check(f"delta in {source}", delta)
 
 
-def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise CohortInputError(f"unknown {name} '{value}'; choose one of: {', '.join(choices)}")
+def require_choice(name: str, value: str, choices: Iterable[str]) -> str:
+    """`value`, when it is one of `choices`."""
+    options = tuple(choices)
+    if value not in options:
+        raise CohortInputError(f"unknown {name} '{value}'; choose one of: {', '.join(options)}")
+    return value
 
 
 @functools.cache
-def _flat_field_names() -> dict[str, tuple[str, str, type]]:
-    """Map each flat setting name to (section attribute, field name, type).
+def flat_settings(config: type) -> dict[str, tuple[str, str, type]]:
+    """Map each flat setting name of a run config class to (section attribute, field name,
+    type); '' is the class itself. A field with a default factory is a section.
 
     Flat names are the field names, except that DPConfig.enabled is the switch `dp`.
     """
     names: dict[str, tuple[str, str, type]] = {}
-    for top in dataclasses.fields(RunConfig):
-        if top.name in _SECTIONS:
-            for inner in dataclasses.fields(top.default_factory()):  # type: ignore[misc]
+    for top in dataclasses.fields(config):
+        if top.default_factory is not dataclasses.MISSING:
+            for inner in dataclasses.fields(top.default_factory()):  # type: ignore[arg-type]
                 flat = "dp" if (top.name, inner.name) == ("dp", "enabled") else inner.name
                 names[flat] = (top.name, inner.name, type(inner.default))
         else:
             names[top.name] = ("", top.name, type(top.default))
     return names
+
+
+def settings_hash(flat: Mapping[str, Any], placement: frozenset[str]) -> str:
+    """SHA-256 of the settings that decide what is computed (flat names, as to_flower gives)."""
+    experiment = {key: value for key, value in flat.items() if key.replace("-", "_") not in placement}
+    return hashlib.sha256(json.dumps(experiment, sort_keys=True).encode()).hexdigest()
+
+
+def flat_values(config: SiteRunConfig, settings: Mapping[str, tuple[str, str, type]]) -> dict[str, Any]:
+    """The flat settings of `config` named in `settings` (flat_settings of it or of a base)."""
+    flat: dict[str, Any] = {}
+    for name, (section, attribute, _) in settings.items():
+        value = getattr(getattr(config, section) if section else config, attribute)
+        flat[name.replace("_", "-")] = str(value) if isinstance(value, StrEnum) else value
+    return flat
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:
@@ -476,6 +354,8 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
         return float(value)
     if kind is bool and not isinstance(value, bool):
         raise CohortInputError(f"{name.replace('_', '-')} is {value!r}; use true or false")
+    if issubclass(kind, StrEnum) and isinstance(value, str):
+        return value
     if not isinstance(value, kind):
         raise CohortInputError(
             f"{name.replace('_', '-')} is {value!r}; it must be a {kind.__name__}"

@@ -15,6 +15,20 @@ SITE_LEDGER_ENTRY = "ledger-entry"
 SITE_LEDGER_KEY = "ledger-public-key"
 
 
+# The metrics a site's replies may carry (client.policy says which leave a site, docs/site.md
+# what each reveals).
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+TRAIN_ACCURACY = "train-accuracy"
+VAL_LOSS = "val-loss"
+VAL_ACCURACY = "val-accuracy"
+STEPS = "steps"
+NOISE_MULTIPLIER = "noise-multiplier"
+SAMPLE_RATE = "sample-rate"
+EPSILON = "epsilon"
+DELTA = "delta"
+BUDGET_EPSILON = "budget-epsilon"
+
 CONFIG_ROUND = "server-round"
 CONFIG_PROXIMAL_MU = "proximal-mu"
 

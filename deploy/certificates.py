@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import CohortInputError
-from common.rundir import write_bytes_atomic
+from server.rundir import write_bytes_atomic
 
 # Where the SuperLink's SuperExec, the coordinator's flwr and the front door reach it;
 # every SuperLink certificate covers both: the address (Python's TLS checks IP SANs) and

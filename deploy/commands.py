@@ -117,7 +117,7 @@ def supernode_command(
     port: int = SUPERNODE_PORT,
 ) -> list[str]:
     """What a site's operator runs: its data, its state and its own privacy budget, which
-    the coordinator's run config cannot override (common/site.py)."""
+    the coordinator's run config cannot override (client/policy.py)."""
     return [
         "cohort", "supernode",
         "--superlink", superlink,

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import CohortInputError
-from common.flower_runtime import install_flower_launchers, offline_flower_env
 from deploy.certificates import CertificateLayout, check_server_files
 from deploy.commands import shell_line
+from deploy.flower_runtime import install_flower_launchers, offline_flower_env
 from deploy.front_door import FrontDoor
 from deploy.launch import SuperLinkLaunch, flwr_home, require_free_port, wait_until_healthy
 from deploy.supervision import Program, Supervisor

@@ -29,11 +29,11 @@ import tomli_w
 
 from common.config import validate_budget
 from common.errors import CohortInputError
-from common.flower_runtime import flower_executable, install_flower_launchers, offline_flower_env
 from common.privacy.ledger import SiteLedger
-from common.rundir import write_bytes_atomic
 from deploy.certificates import LOOPBACK, LOOPBACK_NAME, CertificateLayout, check_ca, check_server_files, check_site_key, validate_site_name
-from deploy.state_lock import lock_state_dir
+from deploy.directory_lock import lock_state_dir
+from deploy.flower_runtime import flower_executable, install_flower_launchers, offline_flower_env
+from server.rundir import write_bytes_atomic
 
 PROBE_TIMEOUT_S = 5.0
 FLOWER_CONFIG_FILE = "config.toml"

@@ -25,18 +25,20 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import tomli_w
 
-from common.config import RunConfig
 from common.errors import CohortInputError
-from common.flower_runtime import APP_DIR, die_with_parent, flower_executable, install_flower_launchers, offline_flower_env
-from common.run_follower import RoundCallback, follow_run
-from common.run_lock import run_directory_lock
-from common.rundir import CONFIG_FILE, RunDirectory
+from common.private_files import open_private
 from deploy.commands import SUPERLINK_LOCAL_ADDRESS
+from deploy.directory_lock import run_directory_lock
+from deploy.flower_runtime import APP_DIR, die_with_parent, flower_executable, install_flower_launchers, offline_flower_env
 from deploy.launch import FLOWER_CONFIG_FILE, flower_config
+from deploy.run_follower import RoundCallback, follow_run
+from server.records import Summary
+from server.run_config import RunConfig
+from server.rundir import CONFIG_FILE, RunDirectory
 
 # What `flwr run` prints once the SuperLink has accepted the run.
 RUN_STARTED = re.compile(r"Successfully started run (\d+)")
@@ -58,21 +60,21 @@ class RunOutcome:
     run_id: int | None
     status: str
     details: str
-    summary: dict[str, Any] | None
+    summary: Summary | None
     log_file: Path
     last_message: str = ""
     interrupted: bool = False
 
     @property
     def succeeded(self) -> bool:
-        return self.status == COMPLETED and not (self.summary or {}).get("stop_reason")
+        return self.status == COMPLETED and self.summary is not None and not self.summary.stop_reason
 
     def failure(self) -> str:
         """Why the run did not succeed, in one sentence."""
         if self.run_id is None:
             return f"flwr run started no run ({self.last_message or 'it said nothing'}); its output is in {self.log_file}"
-        if self.summary is not None and self.summary["stop_reason"]:
-            return f"run {self.run_id} {self.summary['stop_reason']}"
+        if self.summary is not None and self.summary.stop_reason:
+            return f"run {self.run_id} {self.summary.stop_reason}"
         if self.status == COMPLETED:
             return f"run {self.run_id} completed but wrote no summary.json; its log is in {self.log_file}"
         reason = f": {self.details}" if self.details else ""
@@ -118,7 +120,7 @@ class Submission:
             if self.run.resume_from:
                 run_dir.reopen()  # its old summary.json would read as this run's end
             on_start(run_dir)
-            with log_file.open("ab") as log:
+            with open_private(log_file, "ab") as log:
                 process = subprocess.Popen(
                     command, env=offline_flower_env(self.flwr_home, launchers), stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
                 )
@@ -133,8 +135,7 @@ class Submission:
         output = _output(log_file, offset)
         run_id = _started_run(output)
         status, details = self._flower_status(run_id) if run_id is not None else ("", "")
-        summary = json.loads(run_dir.summary_file.read_text()) if run_dir.summary_file.exists() else None
-        return RunOutcome(run_id, status, details, summary, log_file, _last_message(output))
+        return RunOutcome(run_id, status, details, run_dir.read_summary(), log_file, _last_message(output))
 
     def _flower_status(self, run_id: int) -> tuple[str, str]:
         """Flower's record of the run: (status, details), once it says the run finished."""

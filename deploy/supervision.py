@@ -19,7 +19,7 @@ from types import FrameType
 
 import psutil
 
-from common.flower_runtime import die_with_parent
+from deploy.flower_runtime import die_with_parent
 
 _POLL_S = 0.2
 _GRACE_S = 10.0

@@ -3,7 +3,7 @@
 Flower's strategies weigh an update by a key in its MetricRecord, which the site writes
 itself: a site that claims 10^12 examples would replace the global model. Before any
 strategy sees them, the accepted replies are rewritten to carry their arrays and the
-weight the server chose, under AGGREGATION_WEIGHT, which the strategies weigh by.
+weight the server chose, under server.strategies.AGGREGATION_WEIGHT, which the strategies weigh by.
 """
 
 from __future__ import annotations
@@ -14,12 +14,9 @@ from flwr.app import MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from common import protocol
-from common.config import ChecksConfig, RunConfig
 from server.reply_checks import Update
-
-AGGREGATION_WEIGHT = "aggregation-weight"
-# q-FedAvg weighs by each site's training loss: carried over, checked finite.
-TRAIN_LOSS = "train-loss"
+from server.run_config import ChecksConfig, RunConfig
+from server.strategies import AGGREGATION_WEIGHT, STRATEGIES
 
 
 def weights_for(updates: list[Update], checks: ChecksConfig) -> list[float]:
@@ -42,8 +39,8 @@ def rewrite_for_aggregation(updates: list[Update], run: RunConfig) -> None:
     what to send must not decide whether the round aggregates."""
     for update, weight in zip(updates, weights_for(updates, run.checks), strict=True):
         metrics = MetricRecord({AGGREGATION_WEIGHT: weight})
-        if run.training.strategy == "qfedavg":
-            metrics[TRAIN_LOSS] = update.metrics["train_loss"]
+        if STRATEGIES[run.aggregation.strategy].needs_train_loss:  # checked finite
+            metrics[protocol.TRAIN_LOSS] = update.metrics["train_loss"]
         if update.norm_bit is not None:
             metrics[KEY_NORM_BIT] = update.norm_bit
         update.reply.content = RecordDict({protocol.ARRAYS: update.arrays, protocol.METRICS: metrics})

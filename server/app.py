@@ -13,19 +13,23 @@ from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RunConfig
-from common.data.federation import federated_split
 from common.evaluation import Evaluation, evaluate
-from common.models.registry import build_model
-from common.rundir import RunDirectory, write_json_atomic, write_torch_atomic
 from common.errors import CohortInputError
 from common.flower_logs import readable_flower_logs
+from common.models.registry import build_model
 from server.central_dp import CentralPrivacy, coordinator_noise, wrap_with_central_dp
+from server.collect import PlainCollect, require_compatible
 from server.dp_policy import ClientLevel, DPPolicy, SiteProtected
+from server.exchange import Exchange, ReplyTimeout
 from server.federation import Federation, FederationState, initial_state
+from server.held_out import federated_split
+from server.optimizer_state import restore_optimizer_state
 from server.plots import plot_run
+from server.reply_checks import ReplyChecker
+from server.rundir import RunDirectory, write_json_atomic, write_torch_atomic
+from server.run_config import RunConfig
 from server.run_outcome import end_run
-from server.strategies import build_strategy, restore_optimizer_state, sample_size
+from server.strategies import STRATEGIES, build_strategy, sample_size
 from server.summary import summarize
 
 # Its lines travel to whoever runs `flwr run --stream` or `flwr log`: never coloured.
@@ -50,7 +54,7 @@ def main(grid: Grid, context: Context) -> None:
     state = initial_state(run, run_dir, model)
     log(INFO, "Cohort run directory: %s", run_dir.path)
     try:
-        run.refuse_federation_size(sample_size(run.training, num_sites))
+        run.refuse_federation_size(sample_size(run.aggregation, num_sites))
     except CohortInputError as too_small:
         state.stop_reason = f"stopped before round {state.next_round}: {too_small}"
         _finish(run_dir, state, time.monotonic() - started)
@@ -59,12 +63,16 @@ def main(grid: Grid, context: Context) -> None:
     restore_optimizer_state(strategy, state.optimizer)
     policy: DPPolicy = SiteProtected(run, strategy)
     if run.dp.client_level:
-        central = CentralPrivacy.for_run(run, run_dir.path, sample_size(run.training, num_sites), context.run_id)
+        central = CentralPrivacy.for_run(run, run_dir.path, sample_size(run.aggregation, num_sites), context.run_id)
         strategy = wrap_with_central_dp(
-            strategy, run.dp, central.noise, central.sample_size, resume_clip_norm=central.last_clip_norm(), noise_sources=coordinator_noise(run)
+            strategy, run, central.noise, central.sample_size, resume_clip_norm=central.last_clip_norm(), noise_sources=coordinator_noise(run)
         )
         policy = ClientLevel(run, strategy, central)
-    federation = Federation(grid, run, run_dir, strategy, policy, evaluate_centrally, context.run_id)
+    exchange = Exchange(grid, ReplyTimeout(run.checks.reply_timeout), state.registry)
+    checker = ReplyChecker(run, context.run_id, state.registry)
+    collect = PlainCollect(run, strategy, exchange, checker, policy.norm_limit)
+    require_compatible(collect, STRATEGIES[run.aggregation.strategy])
+    federation = Federation(grid, run, run_dir, strategy, policy, collect, exchange, checker, evaluate_centrally)
     _finish(run_dir, federation.run_rounds(state), time.monotonic() - started)
 
 
@@ -82,5 +90,5 @@ def _finish(run_dir: RunDirectory, state: FederationState, wall_seconds: float) 
     metrics = run_dir.read_metrics()
     if metrics:
         plot_run(metrics, run_dir.plot_dir)
-    write_json_atomic(run_dir.summary_file, summarize(metrics, wall_seconds, state.stop_reason))
+    write_json_atomic(run_dir.summary_file, summarize(metrics, wall_seconds, state.stop_reason).to_json())
     end_run(state.stop_reason)

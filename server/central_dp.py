@@ -25,11 +25,12 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import compute_stdv
 
-from common.config import DPConfig, RunConfig
 from common.privacy.accounting import PrivacyState
-from common.privacy.client_level import NO_AMPLIFICATION, ClientLevelNoise, client_level_noise
-from common.privacy.ledger import CLIENT_LEVEL_DP_FEDAVG, RELEASE, LedgerRecord, SiteLedger, history_of, iter_releases, sha256_hex
+from common.privacy.ledger import LedgerRecord, Noise, Sampling, SiteLedger, Spender, history_of, iter_releases, model_hash
+from common.privacy.mechanisms import Mechanism
 from common.privacy.noise import NoiseSource, SecureNoise, noise_source
+from server.client_level_noise import NO_AMPLIFICATION, ClientLevelNoise, client_level_noise
+from server.run_config import RunConfig
 
 SERVER = "server"
 
@@ -48,24 +49,25 @@ def coordinator_noise(run: RunConfig) -> RoundNoise:
 
 
 def wrap_with_central_dp(
-    strategy: Strategy, dp: DPConfig, noise: ClientLevelNoise, sample_size: int, resume_clip_norm: float | None = None, noise_sources: RoundNoise = _secure_every_round
+    strategy: Strategy, run: RunConfig, noise: ClientLevelNoise, sample_size: int, resume_clip_norm: float | None = None, noise_sources: RoundNoise = _secure_every_round
 ) -> Strategy:
     """One of Flower's four wrappers: fixed or adaptive clipping, done by the server or the clients.
 
     resume_clip_norm: the adaptive norm a resumed run continues from (its last release's).
     noise_sources: where each round's noise comes from.
     """
+    dp, central = run.dp, run.central_dp
     if dp.client_clipping == "fixed":
-        fixed = ServerSideFixedClipping if dp.clipping_side == "server" else ClientSideFixedClipping
+        fixed = ServerSideFixedClipping if central.clipping_side == "server" else ClientSideFixedClipping
         return fixed(strategy, noise_multiplier=noise.flower, clipping_norm=dp.clip_norm, num_sampled_clients=sample_size, noise_sources=noise_sources)
-    adaptive = ServerSideAdaptiveClipping if dp.clipping_side == "server" else ClientSideAdaptiveClipping
+    adaptive = ServerSideAdaptiveClipping if central.clipping_side == "server" else ClientSideAdaptiveClipping
     return adaptive(
         strategy,
         noise_multiplier=noise.flower,
         num_sampled_clients=sample_size,
         initial_clipping_norm=resume_clip_norm or dp.clip_norm,
-        target_clipped_quantile=dp.target_clipped_quantile,
-        clip_norm_lr=dp.clip_norm_lr,
+        target_clipped_quantile=central.target_clipped_quantile,
+        clip_norm_lr=central.clip_norm_lr,
         clipped_count_stddev=noise.clipped_count,
         noise_sources=noise_sources,
     )
@@ -104,7 +106,7 @@ class _SourcedNoise:
 
 class _SourcedAdaptiveNoise(_SourcedNoise):
     """Adaptive clipping's noisy count of clipped updates from the same source: it is half
-    of the round's Gaussian mechanism (common/privacy/client_level.py)."""
+    of the round's Gaussian mechanism (server/client_level_noise.py)."""
 
     clipped_count_stddev: float
 
@@ -179,7 +181,7 @@ class CentralPrivacy:
 
     @classmethod
     def for_run(cls, run: RunConfig, run_dir: Path, sample_size: int, run_id: int) -> CentralPrivacy:
-        noise = client_level_noise(run.dp, run.training.rounds, sample_size)
+        noise = client_level_noise(run.dp, run.central_dp, run.training.rounds, sample_size)
         log(
             INFO,
             "Client-level DP: accounted sigma %.4f (update noise %.4f, clipped-count noise %.4f), %d clients per round, no sampling amplification",
@@ -194,14 +196,14 @@ class CentralPrivacy:
     def epsilon_after(self, more_rounds: int = 0) -> float:
         """The run's client-level epsilon once `more_rounds` further rounds are released."""
         history = history_of(self.releases) + ((self.noise.accounted, NO_AMPLIFICATION, more_rounds),)
-        return PrivacyState(self.noise.accounted, NO_AMPLIFICATION, self.run.dp.accountant, history).epsilon(self.run.dp.client_delta)
+        return PrivacyState(self.noise.accounted, NO_AMPLIFICATION, self.run.dp.accountant, history).epsilon(self.run.central_dp.client_delta)
 
     def over_budget(self) -> str | None:
         """Why the next release may not happen, or None when the budget allows it."""
         after = self.epsilon_after(more_rounds=1)
-        if after <= self.run.dp.client_epsilon:
+        if after <= self.run.central_dp.client_epsilon:
             return None
-        return f"client-level budget reached: one more round would spend epsilon {after:.3f} of client-epsilon {self.run.dp.client_epsilon:g}"
+        return f"client-level budget reached: one more round would spend epsilon {after:.3f} of client-epsilon {self.run.central_dp.client_epsilon:g}"
 
     def incomplete(self, accepted: int) -> str | None:
         """Why a round with `accepted` checked updates may not be released, or None when
@@ -213,25 +215,9 @@ class CentralPrivacy:
     def record(self, server_round: int, arrays: ArrayRecord, clip_norm: float) -> float:
         """Sign and append the round's release; returns the run's epsilon after it."""
         epsilon = self.epsilon_after(more_rounds=1)
-        record = LedgerRecord(
-            kind=RELEASE,
-            run_id=self.run_id,
-            round=server_round,
-            site=SERVER,
-            mechanism=CLIENT_LEVEL_DP_FEDAVG,
-            noise_multiplier=self.noise.accounted,
-            sample_rate=NO_AMPLIFICATION,
-            sampling="none",
-            steps=1,
-            clip_norm=clip_norm,
-            delta=self.run.dp.client_delta,
-            epsilon=epsilon,
-            accountant=self.run.dp.accountant,
-            budget_epsilon=self.run.dp.client_epsilon,
-            dataset_hash=self.run.fingerprint(),
-            model_hash=sha256_hex(*(a.tobytes() for a in arrays.to_numpy_ndarrays())),
-            config_hash=self.run.fingerprint(),
-        )
+        spender = Spender(self.run_id, server_round, SERVER, self.run.central_dp.client_delta, self.run.central_dp.client_epsilon, self.run.fingerprint(), self.run.fingerprint())
+        noise = Noise(self.noise.accounted, NO_AMPLIFICATION, Sampling.NONE, 1, clip_norm)
+        record = LedgerRecord.release(spender, Mechanism.CLIENT_LEVEL_DP_FEDAVG, noise, epsilon, self.run.dp.accountant, model_hash(arrays))
         self.ledger.append(record)
         self.releases.append(record)
         return epsilon

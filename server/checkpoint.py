@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from common.errors import CohortInputError
-from common.rundir import write_torch_atomic
+from server.rundir import write_torch_atomic
 
 _NAME = re.compile(r"round-(\d{4,})\.pt$")
 

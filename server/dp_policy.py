@@ -15,15 +15,16 @@ import math
 import statistics
 from dataclasses import dataclass
 from logging import WARNING
-from typing import Any, Protocol
+from typing import Protocol
 
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
-from common.config import RunConfig
 from server.central_dp import CentralPrivacy, clipping_norm_of
-from server.reply_checks import Update
+from server.collect import Contributions
+from server.records import CentralRelease
+from server.run_config import RunConfig
 
 # Clients clip in float32; a norm this close above the bound is rounding, not an attack.
 _CLIPPED_NORM_TOLERANCE = 1e-3
@@ -31,20 +32,97 @@ _CLIPPED_NORM_TOLERANCE = 1e-3
 
 @dataclass(frozen=True)
 class Release:
-    """A round's aggregate (None: the global model stays) and what metrics.jsonl records of it."""
+    """A round's aggregate (None: the global model stays), and the server's own release
+    under client-level DP, as metrics.jsonl records it (None at the other levels)."""
 
     arrays: ArrayRecord | None
-    record: dict[str, Any] | None = None
+    record: CentralRelease | None = None
 
 
 class DPPolicy(Protocol):
-    def stop_before(self, server_round: int) -> str | None: ...
+    """What a run's DP level decides, asked by the round loop (server.federation) at fixed
+    points of every round, in this order: `stop_before`; `norm_limit`, by the collect stage
+    (server.collect) while it gathers the round's contributions; `release`, when enough
+    sites contributed; `stop_after`, once the round is recorded and checkpointed.
+    """
 
-    def norm_limit(self, norms: list[float]) -> float: ...
+    def stop_before(self, server_round: int) -> str | None:
+        """Whether the run must stop before a round.
 
-    def release(self, server_round: int, updates: list[Update]) -> Release: ...
+        Called at the start of every round, before any message is sent.
 
-    def stop_after(self, server_round: int, refused: list[str]) -> str | None: ...
+        Parameters
+        ----------
+        server_round : int
+            The round about to start, from 1 (a resumed run starts after its checkpoint's).
+
+        Returns
+        -------
+        str | None
+            Why the run stops (one line: it becomes the run's stop reason), or None to go on.
+        """
+        ...
+
+    def norm_limit(self, norms: list[float]) -> float:
+        """The largest L2 norm of (update - global model) accepted this round.
+
+        Called by a collect stage that sees each site's update, once per round, after every
+        reply passed its own checks and before any update is handed on.
+
+        Parameters
+        ----------
+        norms : list[float]
+            The norm of every checked update of the round, all finite; possibly empty.
+
+        Returns
+        -------
+        float
+            The bound: an update above it is rejected (math.inf for none).
+        """
+        ...
+
+    def release(self, server_round: int, contributions: Contributions) -> Release:
+        """Aggregate the round's contributions, as far as the DP level lets it.
+
+        Called once per round, after the collect stage, when at least min-sites sites
+        contributed (otherwise the round ends with the global model kept, and the run stops
+        after it).
+
+        Parameters
+        ----------
+        server_round : int
+            The current round, from 1.
+        contributions : Contributions
+            What counts this round: checked, within the norm bound, weighed by the server.
+            The policy may assume `contributions.count >= 1` and that the replies carry the
+            global model's array names, shapes and dtypes, all finite.
+
+        Returns
+        -------
+        Release
+            The new global model (arrays None keeps the old one) and, at client level, the
+            server's release as metrics.jsonl records it.
+        """
+        ...
+
+    def stop_after(self, server_round: int, refused: list[str]) -> str | None:
+        """Whether the run must stop after a round that was released.
+
+        Called once the round is recorded and checkpointed, for a round with a release.
+
+        Parameters
+        ----------
+        server_round : int
+            The round just recorded.
+        refused : list[str]
+            The sites that refused to train in this round (out of the run from now on).
+
+        Returns
+        -------
+        str | None
+            Why the run stops (it becomes the run's stop reason), or None to go on.
+        """
+        ...
 
 
 @dataclass
@@ -71,10 +149,8 @@ class SiteProtected:
         median = statistics.median_low(norms)
         return self.run.checks.update_norm_factor * median if median > 0 else math.inf
 
-    def release(self, server_round: int, updates: list[Update]) -> Release:
-        if not updates:
-            return Release(None)
-        arrays, _ = self.strategy.aggregate_train(server_round, [u.reply for u in updates])
+    def release(self, server_round: int, contributions: Contributions) -> Release:
+        arrays, _ = self.strategy.aggregate_train(server_round, contributions.replies())
         return Release(arrays)
 
     def stop_after(self, server_round: int, refused: list[str]) -> str | None:
@@ -101,22 +177,24 @@ class ClientLevel:
     def norm_limit(self, norms: list[float]) -> float:
         if self.run.checks.update_norm_bound > 0:
             return self.run.checks.update_norm_bound
-        if self.run.dp.clipping_side == "client":
+        if self.run.central_dp.clipping_side == "client":
             return clipping_norm_of(self.strategy) * (1 + _CLIPPED_NORM_TOLERANCE)
         return math.inf
 
-    def release(self, server_round: int, updates: list[Update]) -> Release:
-        budget = self.run.dp.client_epsilon
-        problem = self.central.incomplete(len(updates))
+    def release(self, server_round: int, contributions: Contributions) -> Release:
+        budget = self.run.central_dp.client_epsilon
+        problem = self.central.incomplete(contributions.count)
         if problem is not None:
             log(WARNING, "Round %d: no client-level release: %s", server_round, problem)
-            return Release(None, {"released": False, "reason": problem, "epsilon": self.central.epsilon_after(), "budget": budget})
+            return Release(None, CentralRelease(released=False, reason=problem, epsilon=self.central.epsilon_after(), budget=budget))
         clip_norm = clipping_norm_of(self.strategy)
-        aggregated, _ = self.strategy.aggregate_train(server_round, [u.reply for u in updates])
+        aggregated, _ = self.strategy.aggregate_train(server_round, contributions.replies())
         epsilon = self.central.record(server_round, aggregated, clip_norm)
         return Release(
             aggregated,
-            {"released": True, "epsilon": epsilon, "delta": self.run.dp.client_delta, "budget": budget, "noise_multiplier": self.central.noise.accounted, "clip_norm": clip_norm},
+            CentralRelease(
+                released=True, epsilon=epsilon, delta=self.run.central_dp.client_delta, budget=budget, noise_multiplier=self.central.noise.accounted, clip_norm=clip_norm
+            ),
         )
 
     def stop_after(self, server_round: int, refused: list[str]) -> str | None:

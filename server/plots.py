@@ -11,19 +11,20 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common.rundir import write_bytes_atomic  # noqa: E402
+from server.records import RoundRecord  # noqa: E402
+from server.rundir import write_bytes_atomic  # noqa: E402
 
 
-def plot_run(metrics: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+def plot_run(metrics: list[RoundRecord], out_dir: Path) -> list[Path]:
     return [_plot_accuracy(metrics, out_dir / "accuracy.png"), _plot_epsilon(metrics, out_dir / "epsilon.png")]
 
 
-def _plot_accuracy(metrics: list[dict[str, Any]], path: Path) -> Path:
+def _plot_accuracy(metrics: list[RoundRecord], path: Path) -> Path:
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    rounds = [m["round"] for m in metrics]
-    axes.plot(rounds, [m["global"]["accuracy"] for m in metrics], "k-o", linewidth=2, label="global (held-out test)")
+    rounds = [m.round for m in metrics]
+    axes.plot(rounds, [m.accuracy for m in metrics], "k-o", linewidth=2, label="global (held-out test)")
     for site in _sites(metrics):
-        points = [(m["round"], m["sites"][site]["val_accuracy"]) for m in metrics if m["sites"].get(site, {}).get("val_accuracy") is not None]
+        points = [(m.round, m.sites[site].val_accuracy) for m in metrics if site in m.sites and m.sites[site].val_accuracy is not None]
         if points:
             axes.plot(*zip(*points), "--", alpha=0.7, label=f"{site} (local val)")
     axes.set(xlabel="round", ylabel="accuracy", title="Accuracy by round", ylim=(0, 1.02))
@@ -32,15 +33,15 @@ def _plot_accuracy(metrics: list[dict[str, Any]], path: Path) -> Path:
     return _save(figure, path)
 
 
-def _plot_epsilon(metrics: list[dict[str, Any]], path: Path) -> Path:
+def _plot_epsilon(metrics: list[RoundRecord], path: Path) -> Path:
     figure, axes = plt.subplots(figsize=(7, 4.5))
     plotted = False
     for site in _sites(metrics):
-        points = [(m["round"], m["sites"][site]["epsilon"]) for m in metrics if m["sites"].get(site, {}).get("epsilon") is not None]
+        points = [(m.round, m.sites[site].epsilon) for m in metrics if site in m.sites and m.sites[site].epsilon is not None]
         if points:
             line = axes.plot(*zip(*points), "-o", label=site)[0]
             plotted = True
-            budget = next((m["sites"][site]["budget"] for m in reversed(metrics) if m["sites"].get(site, {}).get("budget")), None)
+            budget = next((m.sites[site].budget for m in reversed(metrics) if site in m.sites and m.sites[site].budget), None)
             if budget is not None:
                 axes.axhline(budget, color=line.get_color(), linestyle=":", alpha=0.6)
     if plotted:
@@ -53,8 +54,8 @@ def _plot_epsilon(metrics: list[dict[str, Any]], path: Path) -> Path:
     return _save(figure, path)
 
 
-def _sites(metrics: list[dict[str, Any]]) -> list[str]:
-    return sorted({site for m in metrics for site in m["sites"]})
+def _sites(metrics: list[RoundRecord]) -> list[str]:
+    return sorted({site for m in metrics for site in m.sites})
 
 
 def _save(figure: Any, path: Path) -> Path:

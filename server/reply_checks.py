@@ -10,7 +10,8 @@ a `Rejection` with a one-line reason instead of an exception or a poisoned model
   run and round, matches the run's DP mechanism and hashes the arrays it came with;
 - what it sent: the same array names, shapes and dtypes as the global model, all finite.
 
-The norm bound, which depends on the whole round, is applied by the DP policy.
+The norm bound, which depends on the whole round, is the DP policy's, applied by the
+collect stage (server.collect) once every reply of the round is checked.
 """
 
 from __future__ import annotations
@@ -27,28 +28,16 @@ from flwr.app import ArrayRecord, Message
 from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from common import protocol
-from common.config import RunConfig
-from common.privacy.ledger import CLIENT_LEVEL_DP_FEDAVG, NON_PRIVATE, RELEASE, SAMPLE_LEVEL_DP_SGD, LedgerEntry, LedgerRecord, sha256_hex
+from common.privacy.ledger import LedgerEntry, LedgerRecord, RecordKind, model_hash
+from server.records import Rejection, SiteRound, Stage
+from server.run_config import RunConfig
 from server.site_registry import SiteRegistry
+from server.strategies import STRATEGIES
 
 _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_OPTIONAL_TRAIN_METRICS = {"train-loss": "train_loss", "train-accuracy": "train_accuracy"}
-_OPTIONAL_EVAL_METRICS = {"val-loss": "val_loss", "val-accuracy": "val_accuracy"}
+_OPTIONAL_TRAIN_METRICS = {protocol.TRAIN_LOSS: "train_loss", protocol.TRAIN_ACCURACY: "train_accuracy"}
+_OPTIONAL_EVAL_METRICS = {protocol.VAL_LOSS: "val_loss", protocol.VAL_ACCURACY: "val_accuracy"}
 _REASON_CHARS = 300
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """A reply that does not count, and why (one line, safe to log and print)."""
-
-    node: int
-    site: str
-    stage: str
-    reason: str
-    entry: LedgerEntry | None = None  # a verified ledger entry: the site spent it even though the update does not count
-
-    def to_json(self) -> dict[str, Any]:
-        return {"node": self.node, "site": self.site, "stage": self.stage, "reason": self.reason}
 
 
 @dataclass
@@ -65,22 +54,15 @@ class Update:
     metrics: dict[str, float] = field(default_factory=dict)
     norm_bit: int | None = None  # client-side adaptive clipping: whether the site clipped
 
-    def site_record(self) -> dict[str, Any]:
+    def site_record(self) -> SiteRound:
         """What metrics.jsonl says of this site's round: its spend comes from the signed entry."""
-        record = self.entry.record
-        values: dict[str, Any] = {"trained": True, "epsilon": None, "update_norm": round(self.norm, 6), **self.metrics}
-        if self.reported_examples is not None:
-            values["num_examples"] = self.reported_examples
-        if record.kind == RELEASE:
-            values.update(
-                epsilon=record.epsilon,
-                delta=record.delta,
-                budget=record.budget_epsilon,
-                noise_multiplier=record.noise_multiplier,
-                sample_rate=record.sample_rate,
-                steps=record.steps,
-            )
-        return values
+        figures = SiteRound(trained=True, update_norm=round(self.norm, 6), num_examples=self.reported_examples, **self.metrics)
+        spent = self.entry.record
+        if spent.kind != RecordKind.RELEASE:
+            return figures
+        return dataclasses.replace(
+            figures, epsilon=spent.epsilon, delta=spent.delta, budget=spent.budget_epsilon, noise_multiplier=spent.noise_multiplier, sample_rate=spent.sample_rate, steps=spent.steps
+        )
 
 
 @dataclass(frozen=True)
@@ -103,7 +85,7 @@ class ReplyChecker:
         try:
             return self._check_train(server_round, reply, node, global_arrays, live_nodes)
         except _Rejected as rejected:
-            return Rejection(node, self.registry.name_of(node) or f"node {node}", "train", one_line(str(rejected)), rejected.entry)
+            return Rejection(node, self.registry.name_of(node) or f"node {node}", Stage.TRAIN, one_line(str(rejected)), rejected.entry)
 
     def check_evaluate(self, reply: Message, live_nodes: set[int]) -> SiteEvaluation | Rejection:
         node = reply.metadata.src_node_id
@@ -120,7 +102,7 @@ class ReplyChecker:
             metrics = reply.content.metric_records.get(protocol.METRICS)
             return SiteEvaluation(node, name, _optional_metrics(metrics, _OPTIONAL_EVAL_METRICS))
         except _Rejected as rejected:
-            return Rejection(node, self.registry.name_of(node) or f"node {node}", "evaluate", one_line(str(rejected)))
+            return Rejection(node, self.registry.name_of(node) or f"node {node}", Stage.EVALUATE, one_line(str(rejected)))
 
     def _check_train(self, server_round: int, reply: Message, node: int, global_arrays: ArrayRecord, live_nodes: set[int]) -> Update:
         if not reply.has_content():
@@ -141,18 +123,18 @@ class ReplyChecker:
             rejected.entry = entry
             raise
         metrics = reply.content.metric_records.get(protocol.METRICS)
-        examples = metrics.get("num-examples") if metrics is not None else None
+        examples = metrics.get(protocol.NUM_EXAMPLES) if metrics is not None else None
         reported = int(examples) if isinstance(examples, (int, float)) and not isinstance(examples, bool) and math.isfinite(examples) and examples >= 1 else None
         bit = metrics.get(KEY_NORM_BIT) if metrics is not None else None
         norm_bit = int(bit) if isinstance(bit, int) and bit in (0, 1) else None
         dp = self.run.dp
-        if norm_bit is None and dp.client_level and dp.clipping_side == "client" and dp.client_clipping == "adaptive":
+        if norm_bit is None and dp.client_level and self.run.central_dp.clipping_side == "client" and dp.client_clipping == "adaptive":
             exc = _Rejected(f"sent no clipping bit ('{KEY_NORM_BIT}' 0 or 1), which client-side adaptive clipping needs")
             exc.entry = entry
             raise exc
         kept = _optional_metrics(metrics, _OPTIONAL_TRAIN_METRICS)
-        if self.run.training.strategy == "qfedavg" and "train_loss" not in kept:
-            exc = _Rejected("sent no finite 'train-loss', which q-FedAvg weighs by (a site's policy may withhold it)")
+        if STRATEGIES[self.run.aggregation.strategy].needs_train_loss and "train_loss" not in kept:
+            exc = _Rejected(f"sent no finite '{protocol.TRAIN_LOSS}', which {STRATEGIES[self.run.aggregation.strategy].title} weighs by (a site's policy may withhold it)")
             exc.entry = entry
             raise exc
         return Update(reply, node, name, arrays, norm, entry, reported, kept, norm_bit)
@@ -174,31 +156,27 @@ class ReplyChecker:
         return entry
 
     def _entry_mismatch(self, server_round: int, name: str, record: LedgerRecord, arrays: ArrayRecord) -> str | None:
-        expected_kind, expected_mechanism = self._expected_release()
+        mechanism = self.run.dp.mechanism
+        expected_kind, expected_mechanism = (RecordKind.RELEASE if mechanism.site_noise else RecordKind.NON_PRIVATE), mechanism.mechanism
         if record.site != name:
             return f"its ledger entry is {record.site!r}'s, not {name}'s"
         if (record.run_id, record.round) != (self.run_id, server_round):
             return f"its ledger entry is for run {record.run_id} round {record.round}, not run {self.run_id} round {server_round}"
         if (record.kind, record.mechanism) != (expected_kind, expected_mechanism):
             return f"its ledger entry records a {record.kind} by {record.mechanism}; this run needs a {expected_kind} by {expected_mechanism}"
-        if record.kind == RELEASE and not (record.noise_multiplier > 0 and 0 < record.sample_rate <= 1 and record.steps >= 1 and record.epsilon >= 0):
+        if record.kind == RecordKind.RELEASE and not (record.noise_multiplier > 0 and 0 < record.sample_rate <= 1 and record.steps >= 1 and record.epsilon >= 0):
             return "its ledger entry records a release without noise, sampling or steps"
-        if record.config_hash != self.run.fingerprint():
+        if record.config_hash != self.run.site_fingerprint():
             return "its ledger entry was made under another run config"
-        if self.run.dp.client_level and self.run.dp.clipping_side == "client":
+        if self.run.dp.client_level and self.run.central_dp.clipping_side == "client":
             return None  # Flower's clipping mod clips the arrays after the site signed what it trained
         try:
-            sent_hash = arrays_hash(arrays)
+            sent_hash = model_hash(arrays)
         except Exception as error:  # any decoding failure of untrusted bytes is a bad reply
             return f"sent arrays that do not decode ({type(error).__name__})"
         if record.model_hash != sent_hash:
             return "its ledger entry's model hash is not the hash of the arrays it sent"
         return None
-
-    def _expected_release(self) -> tuple[str, str]:
-        if self.run.dp.sample_level:
-            return RELEASE, SAMPLE_LEVEL_DP_SGD
-        return NON_PRIVATE, CLIENT_LEVEL_DP_FEDAVG if self.run.dp.client_level else "none"
 
 
 def check_arrays(arrays: ArrayRecord, global_arrays: ArrayRecord) -> str | None:
@@ -230,11 +208,6 @@ def update_norm(arrays: ArrayRecord, global_arrays: ArrayRecord) -> float:
         delta = arrays[name].numpy().astype(np.float64) - reference.numpy().astype(np.float64)
         total += float(np.square(delta).sum())
     return math.sqrt(total)
-
-
-def arrays_hash(arrays: ArrayRecord) -> str:
-    """The model hash a site signs: SHA-256 over its arrays' bytes, in the order sent."""
-    return sha256_hex(*(array.numpy().tobytes() for array in arrays.values()))
 
 
 def parse_entry(text: str) -> LedgerEntry:

@@ -2,53 +2,47 @@
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+
+from server.records import RoundRecord, SiteRejections, SiteSummary, Summary
 
 
-def summarize(metrics: list[dict[str, Any]], wall_seconds: float, stop_reason: str = "") -> dict[str, Any]:
-    """stop_reason: why the run ended before its last round ('' when it did not).
-
-    rejected: per site, how many of its replies the server's checks rejected and why.
-    max_epsilon is the largest site's sample-level epsilon; client_level_epsilon the
-    server's, for runs with client-level DP (None otherwise).
-    """
+def summarize(metrics: list[RoundRecord], wall_seconds: float, stop_reason: str = "") -> Summary:
+    """stop_reason: why the run ended before its last round ('' when it did not)."""
     if not metrics:
-        return {"rounds": 0, "final_accuracy": None, "final_loss": None, "max_epsilon": None, "client_level_epsilon": None, "sites": {}, "refused": [], "rejected": {}, "stop_reason": stop_reason, "wall_seconds": round(wall_seconds, 2)}
+        return Summary(0, None, None, None, None, {}, (), {}, stop_reason, round(wall_seconds, 2))
     last = metrics[-1]
-    sites: dict[str, dict[str, Any]] = {}
+    sites: dict[str, SiteSummary] = {}
     for record in metrics:
-        for name, site in record["sites"].items():
-            summary = sites.setdefault(name, {"epsilon": None, "budget": None, "rounds_trained": 0})
-            summary["rounds_trained"] += bool(site.get("trained"))
-            if site.get("epsilon") is not None:
-                summary["epsilon"] = site["epsilon"]
-                summary["delta"] = site["delta"]
-                summary["budget"] = site["budget"]
-            if site.get("val_accuracy") is not None:
-                summary["val_accuracy"] = site["val_accuracy"]
-    epsilons = [s["epsilon"] for s in sites.values() if s["epsilon"] is not None]
-    return {
-        "rounds": last["round"],
-        "final_accuracy": last["global"]["accuracy"],
-        "final_loss": last["global"]["loss"],
-        "max_epsilon": max(epsilons) if epsilons else None,
-        "client_level_epsilon": last["client_level"]["epsilon"] if "client_level" in last else None,
-        "sites": dict(sorted(sites.items())),
-        "refused": last.get("refused", []),
-        "rejected": rejections(metrics),
-        "stop_reason": stop_reason,
-        "wall_seconds": round(wall_seconds, 2),
-    }
+        for name, site in record.sites.items():
+            summary = sites.get(name, SiteSummary())
+            summary = dataclasses.replace(summary, rounds_trained=summary.rounds_trained + site.trained)
+            if site.epsilon is not None:
+                summary = dataclasses.replace(summary, epsilon=site.epsilon, delta=site.delta, budget=site.budget)
+            if site.val_accuracy is not None:
+                summary = dataclasses.replace(summary, val_accuracy=site.val_accuracy)
+            sites[name] = summary
+    epsilons = [s.epsilon for s in sites.values() if s.epsilon is not None]
+    return Summary(
+        rounds=last.round,
+        final_accuracy=last.accuracy,
+        final_loss=last.loss,
+        max_epsilon=max(epsilons) if epsilons else None,
+        client_level_epsilon=last.client_level.epsilon if last.client_level is not None else None,
+        sites=dict(sorted(sites.items())),
+        refused=last.refused,
+        rejected=rejections(metrics),
+        stop_reason=stop_reason,
+        wall_seconds=round(wall_seconds, 2),
+    )
 
 
-def rejections(metrics: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def rejections(metrics: list[RoundRecord]) -> dict[str, SiteRejections]:
     """Per site: the rounds in which a reply was rejected, and each distinct reason."""
-    found: dict[str, dict[str, Any]] = {}
+    found: dict[str, SiteRejections] = {}
     for record in metrics:
-        for rejection in record.get("rejected", []):
-            site = found.setdefault(rejection["site"], {"count": 0, "rounds": [], "reasons": []})
-            site["count"] += 1
-            site["rounds"].append(record["round"])
-            if rejection["reason"] not in site["reasons"]:
-                site["reasons"].append(rejection["reason"])
+        for rejection in record.rejected:
+            site = found.get(rejection.site, SiteRejections(0, (), ()))
+            reasons = site.reasons if rejection.reason in site.reasons else (*site.reasons, rejection.reason)
+            found[rejection.site] = SiteRejections(site.count + 1, (*site.rounds, record.round), reasons)
     return dict(sorted(found.items()))

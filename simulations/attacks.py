@@ -20,11 +20,9 @@ its spend is real, and its signature proves only that it sent this update.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +31,11 @@ from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from client.app import app as honest
+from client.policy import SiteConfig
+from client.site_data import simulated_site_data
 from common import protocol
-from common.config import RunConfig
-from common.data.federation import simulated_site_data
-from common.privacy.ledger import HEAD_FILE, LEDGER_FILE, PRIVATE_KEY_FILE, LedgerEntry, LedgerHead, SiteLedger, sha256_hex, write_head
-from common.site import SiteConfig
+from common.config import SiteRunConfig
+from common.privacy.ledger import HEAD_FILE, LEDGER_FILE, PRIVATE_KEY_FILE, LedgerEntry, LedgerHead, SiteLedger, model_hash, sign_entry, write_head
 from simulations.attack_spec import DATA_ATTACKS, AttackSpec
 from simulations.plan import PLAN_FILE
 
@@ -76,11 +74,11 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _attack_of(context: Context) -> tuple[str | None, float]:
     """This simulated site's attack (None when it is honest) and the boost factor, from the
     plan the runner wrote into the run directory."""
-    plan = json.loads((Path(RunConfig.from_flower(context.run_config).run_dir) / PLAN_FILE).read_text(encoding="utf-8"))
+    plan = json.loads((Path(SiteRunConfig.from_flower(context.run_config).run_dir) / PLAN_FILE).read_text(encoding="utf-8"))
     if "attack" not in plan:
         return None, 1.0
     spec = AttackSpec.from_json(plan["attack"])
-    return spec.attack_of(int(context.node_config.get("partition-id", -1))), spec.scale
+    return spec.attack_of(int(context.node_config.get("partition-id", -1))), spec.attack_scale
 
 
 def _tamper(reply: Message, global_arrays: ArrayRecord, attack: str, scale: float, context: Context) -> None:
@@ -100,15 +98,14 @@ def _tamper(reply: Message, global_arrays: ArrayRecord, attack: str, scale: floa
     reply.content[protocol.ARRAYS] = arrays
     site_record = reply.content[protocol.SITE]
     entry = LedgerEntry.from_json(str(site_record[protocol.SITE_LEDGER_ENTRY]))
-    resigned = _resign(_state_dir(context), entry, sha256_hex(*(a.numpy().tobytes() for a in arrays.values())))
+    resigned = _resign(_state_dir(context), entry, model_hash(arrays))
     site_record[protocol.SITE_LEDGER_ENTRY] = resigned.to_json()
 
 
-def _resign(state_dir: Path, entry: LedgerEntry, model_hash: str) -> LedgerEntry:
+def _resign(state_dir: Path, entry: LedgerEntry, sent_hash: str) -> LedgerEntry:
     """The site's own last ledger entry, rewritten for the tampered model and signed again."""
     key = serialization.load_pem_private_key((state_dir / PRIVATE_KEY_FILE).read_bytes(), password=None)
-    unsigned = LedgerEntry(entry.sequence, entry.previous_hash, dataclasses.replace(entry.record, model_hash=model_hash), "")
-    signed = dataclasses.replace(unsigned, signature=base64.b64encode(key.sign(unsigned.signed_payload())).decode())  # type: ignore[union-attr,call-arg]
+    signed = sign_entry(key, entry.sequence, entry.previous_hash, dataclasses.replace(entry.record, model_hash=sent_hash))  # type: ignore[arg-type]
     ledger = state_dir / LEDGER_FILE
     lines = ledger.read_text(encoding="utf-8").splitlines()
     lines[-1] = signed.to_json()
@@ -118,12 +115,12 @@ def _resign(state_dir: Path, entry: LedgerEntry, model_hash: str) -> LedgerEntry
 
 
 def _state_dir(context: Context) -> Path:
-    return SiteConfig.from_node_config(context.node_config, RunConfig.from_flower(context.run_config)).state_dir
+    return SiteConfig.from_node_config(context.node_config, SiteRunConfig.from_flower(context.run_config)).state_dir
 
 
 def _poisoned_context(context: Context, attack: str) -> Context:
     """The same site, now reading a poisoned copy of its partition as a deployed site would."""
-    run = RunConfig.from_flower(context.run_config)
+    run = SiteRunConfig.from_flower(context.run_config)
     site = SiteConfig.from_node_config(context.node_config, run)
     path = site.state_dir / f"poisoned-{attack}.npz"
     if not path.exists():
@@ -141,9 +138,9 @@ def _poisoned_context(context: Context, attack: str) -> Context:
     return Context(context.run_id, context.node_id, node_config, context.state, context.run_config)
 
 
-def write_poisoned_copy(path: Path, run: RunConfig, site: SiteConfig, attack: str) -> None:
-    assert site.partition_id is not None and site.num_partitions is not None
-    data = simulated_site_data(run.data, site.partition_id, site.num_partitions, run.run_dir)
+def write_poisoned_copy(path: Path, run: SiteRunConfig, site: SiteConfig, attack: str) -> None:
+    assert site.partition_id is not None
+    data = simulated_site_data(run.run_dir, site.partition_id)
     images = (np.concatenate([data.train.images, data.val.images]) + 1) / 2  # back to [0, 1]
     labels = np.concatenate([data.train.labels, data.val.labels])
     classes = data.num_classes

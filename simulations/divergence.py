@@ -9,7 +9,7 @@ risen well above where it started, is said out loud once.
 from __future__ import annotations
 
 import math
-from typing import Any
+from server.records import RoundRecord
 
 GRACE_ROUNDS = 5
 # Accuracy within this factor of chance (1 / classes) counts as "at chance".
@@ -17,21 +17,21 @@ CHANCE_FACTOR = 1.5
 LOSS_RISE = 1.5
 
 
-def divergence(metrics: list[dict[str, Any]], num_classes: int) -> str | None:
+def divergence(metrics: list[RoundRecord], num_classes: int) -> str | None:
     """Why the run looks broken, or None while it looks like it is learning."""
     if not metrics:
         return None
-    last = metrics[-1]["global"]
-    if not math.isfinite(last["loss"]):
-        return f"the global loss is {last['loss']} in round {metrics[-1]['round']}: training diverged"
+    last = metrics[-1]
+    if not math.isfinite(last.loss):
+        return f"the global loss is {last.loss} in round {last.round}: training diverged"
     if len(metrics) < GRACE_ROUNDS:
         return None
     chance = 1 / num_classes
-    if last["accuracy"] <= CHANCE_FACTOR * chance:
-        return f"global accuracy {last['accuracy']:.3f} after {len(metrics)} rounds is near chance ({chance:.3f}): the model is not learning"
-    first = metrics[0]["global"]["loss"]
-    if last["loss"] > LOSS_RISE * first:
-        return f"the global loss rose from {first:.3f} to {last['loss']:.3f}: training is diverging"
+    if last.accuracy <= CHANCE_FACTOR * chance:
+        return f"global accuracy {last.accuracy:.3f} after {len(metrics)} rounds is near chance ({chance:.3f}): the model is not learning"
+    first = metrics[0].loss
+    if last.loss > LOSS_RISE * first:
+        return f"the global loss rose from {first:.3f} to {last.loss:.3f}: training is diverging"
     return None
 
 

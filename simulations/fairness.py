@@ -39,10 +39,13 @@ from fairlearn.metrics import MetricFrame  # noqa: E402
 from scipy.stats import binomtest  # noqa: E402
 from sklearn.metrics import accuracy_score  # noqa: E402
 
-from common.data.federation import federated_split, simulated_site_data  # noqa: E402
 from common.errors import CohortInputError  # noqa: E402
 from common.evaluation import predict  # noqa: E402
-from common.rundir import RunDirectory, write_bytes_atomic, write_json_atomic  # noqa: E402
+from common.private_files import private_dir  # noqa: E402
+from server.held_out import federated_split  # noqa: E402
+from server.records import RoundRecord  # noqa: E402
+from server.rundir import RunDirectory, write_bytes_atomic, write_json_atomic  # noqa: E402
+from simulations.federation import simulated_site_data  # noqa: E402
 from simulations.plan import saved_plan  # noqa: E402
 
 SCHEMA = "cohort-fairness/1"
@@ -56,7 +59,7 @@ def write_fairness(run_dir: Path, margin: float) -> dict[str, Any]:
     directory = RunDirectory(run_dir)
     report = measure_fairness(directory, margin)
     write_json_atomic(run_dir / FAIRNESS_FILE, report)
-    directory.plot_dir.mkdir(exist_ok=True)
+    private_dir(directory.plot_dir)
     write_bytes_atomic(directory.plot_dir / PLOT_FILE, _site_accuracy_plot(directory.read_metrics(), report["across_sites"]["worst_site"]))
     return report
 
@@ -157,11 +160,11 @@ def read_fairness(run_dir: Path) -> dict[str, Any] | None:
         raise CohortInputError(f"{file} is corrupt ({error}); delete it and run `cohort compare` again to remeasure") from None
 
 
-def _site_accuracy_plot(metrics: list[dict[str, Any]], worst_site: str) -> bytes:
+def _site_accuracy_plot(metrics: list[RoundRecord], worst_site: str) -> bytes:
     figure, axes = plt.subplots(figsize=(7, 4.2))
-    names = sorted({name for record in metrics for name in record["sites"]})
+    names = sorted({name for record in metrics for name in record.sites})
     for name in names:
-        points = [(m["round"], m["sites"][name]["val_accuracy"]) for m in metrics if m["sites"].get(name, {}).get("val_accuracy") is not None]
+        points = [(m.round, m.sites[name].val_accuracy) for m in metrics if name in m.sites and m.sites[name].val_accuracy is not None]
         if not points:
             continue
         worst = name == worst_site

@@ -22,7 +22,7 @@ import sys
 import threading
 from types import FrameType
 
-from common.flower_runtime import die_with_parent
+from deploy.flower_runtime import die_with_parent
 from simulations.local_superlink import SERVERAPP_PROCESS, stop_process_tree
 
 POLL_S = 0.2

@@ -16,7 +16,6 @@ ClientApp the same way (benchmarks/flower_floor.py); the source tree is never ch
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import signal
 import subprocess
@@ -25,18 +24,20 @@ import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import tomli_w
 
-from common.data.federation import federated_split, simulated_partitions, write_partitions
-from common.errors import CohortInputError
 from common.models.registry import build_model
-from common.rundir import RunDirectory, write_json_atomic
-from common.run_follower import RoundCallback, follow_run
-from common.run_lock import run_directory_lock
+from common.private_files import open_private
+from deploy.directory_lock import run_directory_lock
+from deploy.flower_runtime import APP_DIR, die_with_parent, flower_executable, install_flower_launchers, offline_flower_env
+from deploy.run_follower import RoundCallback, follow_run
 from server.checkpoint import latest_checkpoint
-from common.flower_runtime import APP_DIR, die_with_parent, flower_executable, install_flower_launchers, offline_flower_env
+from server.held_out import federated_split
+from server.records import Summary
+from server.rundir import RunDirectory, write_json_atomic
+from simulations.federation import simulated_partitions, write_site_files
 from simulations.local_superlink import LocalSuperLink
 from simulations.plan import PLAN_FILE, SimulationPlan
 
@@ -61,14 +62,14 @@ class SimulationStopped(Exception):
 class SimulationOutcome:
     run_dir: RunDirectory
     succeeded: bool
-    summary: dict[str, Any] | None
+    summary: Summary | None
     log_file: Path
 
 
 def check_plan(plan: SimulationPlan) -> None:
     """Fail fast, before any process starts, on input the run would trip over later."""
     split = federated_split(plan.run.data)
-    simulated_partitions(plan.run.data, plan.num_sites)  # kept: write_partitions saves these
+    simulated_partitions(plan.run.data, plan.num_sites)  # kept: write_site_files shares them out
     build_model(plan.run.training.model, split.input_shape, split.num_classes)
 
 
@@ -102,11 +103,11 @@ def run_simulation(
             latest_checkpoint(run_dir.checkpoint_dir, plan.run.fingerprint())
             run_dir.reopen()
         write_json_atomic(run_dir.path / PLAN_FILE, plan.to_json())
-        write_partitions(plan.run.data, plan.num_sites, run_dir.path)
+        write_site_files(plan.run.data, plan.num_sites, run_dir.path)
         on_start(run_dir)
         _run_on_local_superlink(plan, run_dir, log_file, lock, on_round, clientapp)
-    summary = json.loads(run_dir.summary_file.read_text()) if run_dir.summary_file.exists() else None
-    return SimulationOutcome(run_dir=run_dir, succeeded=summary is not None and not summary["stop_reason"], summary=summary, log_file=log_file)
+    summary = run_dir.read_summary()
+    return SimulationOutcome(run_dir=run_dir, succeeded=summary is not None and not summary.stop_reason, summary=summary, log_file=log_file)
 
 
 def _run_on_local_superlink(
@@ -134,7 +135,7 @@ def _run_on_local_superlink(
                 plan.federation_config(),
                 "--stream",
             ]
-            with log_file.open("ab") as log:
+            with open_private(log_file, "ab") as log:
                 process = subprocess.Popen(
                     command, env=offline_flower_env(flwr_home, launchers), stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
                 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,14 +10,16 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from client.policy import SiteConfig
+from client.site_data import local_site_data
 from common import protocol
-from common.config import RunConfig
-from common.data.federation import federated_split, local_site_data, simulated_site_data
 from common.models.registry import build_model
 from common.privacy.ledger import LedgerEntry
-from common.site import SiteConfig
+from server.held_out import federated_split
+from server.run_config import RunConfig
 from simulations.attack_spec import AttackSpec
 from simulations.attacks import BACKDOOR_TARGET, write_poisoned_copy
+from simulations.federation import simulated_site_data, write_site_files
 from simulations.plan import PLAN_FILE
 
 RUN = RunConfig()
@@ -25,7 +28,8 @@ RUN = RunConfig()
 def _poisoned(tmp_path: Path, attack: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     site = SiteConfig(name="site-8", epsilon=8.0, delta=1e-5, state_dir=tmp_path / "site-8", partition_id=8, num_partitions=10)
     path = site.state_dir / f"poisoned-{attack}.npz"
-    write_poisoned_copy(path, RUN, site, attack)
+    write_site_files(RUN.data, 10, tmp_path / "run")
+    write_poisoned_copy(path, dataclasses.replace(RUN, run_dir=str(tmp_path / "run")), site, attack)
     honest = simulated_site_data(RUN.data, 8, 10)
     poisoned = local_site_data(str(path), site.split_seed, site.val_fraction)
     assert poisoned.num_classes == honest.num_classes
@@ -57,7 +61,7 @@ def test_a_site_that_poisons_its_data_trains_on_the_poisoned_copy_and_signs_its_
     from simulations.attacks import app
 
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    write_site_files(RUN.data, 10, run_dir)
     (run_dir / PLAN_FILE).write_text(json.dumps({"num-sites": 10, "attack": AttackSpec.from_settings(attack, [8], 10.0, num_sites=10).to_json()}))
     run_config = {"dp": False, "site-allow-non-private": True, "run-dir": str(run_dir), "federation-home": str(tmp_path / "federation"), "rounds": 1}
     split = federated_split(RUN.data)

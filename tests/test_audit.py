@@ -14,14 +14,15 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from common.privacy.accounting import PrivacyState
-from common.privacy.ledger import NON_PRIVATE, RELEASE, SAMPLE_LEVEL_DP_SGD, LedgerRecord, SiteLedger
+from common.privacy.ledger import LedgerRecord, RecordKind, SiteLedger
+from common.privacy.mechanisms import Mechanism
 
 runner = CliRunner()
 
 
-def _release(round_: int, history: tuple, kind: str = RELEASE, budget: float = 8.0) -> LedgerRecord:
+def _release(round_: int, history: tuple, kind: str = RecordKind.RELEASE, budget: float = 8.0) -> LedgerRecord:
     return LedgerRecord(
-        kind=kind, run_id=1, round=round_, site="site-0", mechanism=SAMPLE_LEVEL_DP_SGD, noise_multiplier=1.2,
+        kind=kind, run_id=1, round=round_, site="site-0", mechanism=Mechanism.SAMPLE_LEVEL_DP_SGD, noise_multiplier=1.2,
         sample_rate=0.25, sampling="poisson", steps=4, clip_norm=1.0, delta=1e-5,
         epsilon=PrivacyState(1.2, 0.25, "rdp", history).epsilon(1e-5), accountant="rdp", budget_epsilon=budget,
         dataset_hash="d", model_hash="m", config_hash="c",
@@ -50,7 +51,7 @@ def test_audit_recomputes_epsilon_from_the_ledger_under_three_accountants(site_d
 def test_audit_warns_about_training_without_dp_and_a_nearly_spent_budget(tmp_path: Path) -> None:
     ledger = SiteLedger(tmp_path / "site-0")
     ledger.append(_release(1, ((1.2, 0.25, 400),), budget=3.0))
-    ledger.append(_release(2, (), kind=NON_PRIVATE, budget=3.0))
+    ledger.append(_release(2, (), kind=RecordKind.NON_PRIVATE, budget=3.0))
     runner.invoke(app, ["audit", str(ledger.state_dir)])
     warnings = json.loads((ledger.state_dir / "audit.json").read_text())["warnings"]
     assert any("without differential privacy" in w for w in warnings)

@@ -9,15 +9,16 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from client.policy import SiteConfig
 from client.privacy_plan import plan_round, refusal_reason, round_steps
-from common.config import RunConfig
+from common.config import SiteRunConfig
 from common.errors import CohortInputError
 from common.privacy.accounting import PrivacyState
-from common.privacy.ledger import REFUSAL, RELEASE, SAMPLE_LEVEL_DP_SGD, LedgerRecord, SiteLedger, iter_releases
-from common.site import SiteConfig
+from common.privacy.ledger import LedgerRecord, RecordKind, SiteLedger, iter_releases
+from common.privacy.mechanisms import Mechanism
 
 
-def _spend_like_a_site(ledger: SiteLedger, run: RunConfig, site: SiteConfig, num_examples: int, runs: int) -> None:
+def _spend_like_a_site(ledger: SiteLedger, run: SiteRunConfig, site: SiteConfig, num_examples: int, runs: int) -> None:
     """The client's decision for every round of every run, minus the training itself."""
     for run_id in range(runs):
         for server_round in range(1, run.training.rounds + 1):
@@ -30,8 +31,8 @@ def _spend_like_a_site(ledger: SiteLedger, run: RunConfig, site: SiteConfig, num
             after = plan.total if reason else plan.total.with_steps(steps)
             ledger.append(
                 LedgerRecord(
-                    kind=REFUSAL if reason else RELEASE, run_id=run_id, round=server_round, site=site.name,
-                    mechanism=SAMPLE_LEVEL_DP_SGD, noise_multiplier=after.noise_multiplier, sample_rate=after.sample_rate,
+                    kind=RecordKind.REFUSAL if reason else RecordKind.RELEASE, run_id=run_id, round=server_round, site=site.name,
+                    mechanism=Mechanism.SAMPLE_LEVEL_DP_SGD, noise_multiplier=after.noise_multiplier, sample_rate=after.sample_rate,
                     sampling="poisson", steps=0 if reason else steps, clip_norm=1.0, delta=site.delta,
                     epsilon=after.epsilon(site.delta), accountant="rdp", budget_epsilon=site.epsilon,
                     dataset_hash="data", model_hash="", config_hash="", reason=reason or "",
@@ -49,7 +50,7 @@ def _spend_like_a_site(ledger: SiteLedger, run: RunConfig, site: SiteConfig, num
     runs=st.integers(min_value=1, max_value=3),
 )
 def test_no_ledger_ever_shows_more_epsilon_than_the_budget(budget: float, sigma: float, num_examples: int, batch_size: int, rounds: int, runs: int) -> None:
-    run = RunConfig.from_flower({"noise-multiplier": sigma, "batch-size": batch_size, "rounds": rounds, "local-epochs": 1})
+    run = SiteRunConfig.from_flower({"noise-multiplier": sigma, "batch-size": batch_size, "rounds": rounds, "local-epochs": 1})
     with tempfile.TemporaryDirectory() as home:
         site = SiteConfig(name="site", epsilon=budget, delta=1e-5, state_dir=Path(home))
         ledger = SiteLedger(Path(home))

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from common.config import RunConfig
+from server.run_config import RunConfig
 from server.checkpoint import Checkpoint
 
 runner = CliRunner()
@@ -33,10 +33,13 @@ def _simulate(tmp_path: Path, *args: str) -> tuple[int, str]:
         ("model=resnet", "unknown model 'resnet'"),
         ("dataset=imagenet", "unknown dataset 'imagenet'"),
         ("strategy=fedsgd", "unknown strategy 'fedsgd'"),
-        ("site-epsilon=0", "a privacy budget must be > 0"),
-        ("site-epsilon=-3", "a privacy budget must be > 0"),
-        ("site-delta=1.5", "it must be between 0 and 1"),
-        ("site-delta=0", "it must be between 0 and 1"),
+        ("site-epsilon=0", "site-epsilon is 0.0; it must be a finite number in (0, 1000]"),
+        ("site-epsilon=-3", "site-epsilon is -3.0; it must be a finite number in (0, 1000]"),
+        ("site-delta=1.5", "site-delta is 1.5; it must be a finite number in (0, 1)"),
+        ("site-delta=0", "site-delta is 0.0; it must be a finite number in (0, 1)"),
+        ("clip-norm=inf", "clip-norm is inf; it must be a finite number in (0, 1000]"),
+        ("num-sites=inf", "num-sites is inf; it must be an integer"),
+        ("gpus-per-site=nan", "gpus-per-site is nan; it must be a finite number in [0, 1024]"),
         ("dataset=/no/such/file.npz", "nor an existing path"),
         ("num-sites=5000", "5000 sites but only 1437 training examples"),
         ("rounds", "is not key=value"),
@@ -73,7 +76,7 @@ def test_missing_simulation_config_exits_2(tmp_path: Path) -> None:
 
 def _fake_run_dir(tmp_path: Path, run: RunConfig) -> Path:
     """A run directory as a crashed run leaves it: config, plan, one checkpoint."""
-    from common.rundir import RunDirectory, write_json_atomic
+    from server.rundir import RunDirectory, write_json_atomic
 
     run_dir = RunDirectory(tmp_path / "crashed")
     run_dir.prepare(run)

@@ -16,26 +16,28 @@ from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedAvg
 from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 
-from common.config import DPConfig, RunConfig, TrainingConfig
+from common.config import DPConfig
 from common.errors import CohortInputError
 from common.privacy.accounting import PrivacyState
-from common.privacy.client_level import client_level_noise
 from common.privacy.ledger import load_public_key, read_entries, verify_chain
 from server.central_dp import ServerSideAdaptiveClipping
+from server.client_level_noise import client_level_noise
+from server.run_config import AggregationConfig, CentralDPConfig, RunConfig
+from server.rundir import RunDirectory
 
 COHORT = str(Path(sys.executable).parent / "cohort")
 CLIENT_LEVEL = Path(__file__).resolve().parents[1] / "simulations" / "client-level.toml"
 
 
 def test_fixed_clipping_accounts_exactly_the_noise_flower_adds() -> None:
-    noise = client_level_noise(DPConfig(dp_level="client", noise_multiplier=1.3), rounds=10, sample_size=20)
+    noise = client_level_noise(DPConfig(dp_level="client", noise_multiplier=1.3), CentralDPConfig(), rounds=10, sample_size=20)
     assert noise.accounted == noise.update == noise.flower == 1.3
     assert noise.clipped_count == 0.0
 
 
 def test_adaptive_clipping_accounts_update_and_count_noise_as_one_mechanism() -> None:
-    dp = DPConfig(dp_level="client", client_clipping="adaptive", noise_multiplier=2.0, clipped_count_stddev=5.0)
-    noise = client_level_noise(dp, rounds=10, sample_size=20)
+    dp = DPConfig(dp_level="client", client_clipping="adaptive", noise_multiplier=2.0)
+    noise = client_level_noise(dp, CentralDPConfig(clipped_count_stddev=5.0), rounds=10, sample_size=20)
     flower_count, flower_update = compute_adaptive_noise_params(noise.flower, 20, noise.clipped_count)
     assert flower_count == 5.0
     assert flower_update == pytest.approx(noise.update)
@@ -43,28 +45,28 @@ def test_adaptive_clipping_accounts_update_and_count_noise_as_one_mechanism() ->
 
 
 def test_adaptive_clipping_adds_more_update_noise_than_flowers_centred_count_convention() -> None:
-    dp = DPConfig(dp_level="client", client_clipping="adaptive", noise_multiplier=2.0, clipped_count_stddev=5.0)
-    noise = client_level_noise(dp, rounds=10, sample_size=20)
+    dp = DPConfig(dp_level="client", client_clipping="adaptive", noise_multiplier=2.0)
+    noise = client_level_noise(dp, CentralDPConfig(clipped_count_stddev=5.0), rounds=10, sample_size=20)
     _, flower_update_for_sigma = compute_adaptive_noise_params(2.0, 20, 5.0)
     assert noise.update > flower_update_for_sigma
 
 
 def test_derived_noise_keeps_the_runs_rounds_within_client_epsilon() -> None:
-    dp = DPConfig(dp_level="client", client_epsilon=4.0, client_delta=1e-5)
-    noise = client_level_noise(dp, rounds=12, sample_size=10)
+    central = CentralDPConfig(client_epsilon=4.0, client_delta=1e-5)
+    noise = client_level_noise(DPConfig(dp_level="client"), central, rounds=12, sample_size=10)
     epsilon = PrivacyState(noise.accounted, 1.0, "rdp", ((noise.accounted, 1.0, 12),)).epsilon(1e-5)
     assert 0.95 * 4.0 <= epsilon <= 4.0
 
 
 def test_count_noise_that_would_spend_the_whole_budget_is_refused() -> None:
-    dp = DPConfig(dp_level="client", client_clipping="adaptive", noise_multiplier=2.0, clipped_count_stddev=1.5)
+    dp = DPConfig(dp_level="client", client_clipping="adaptive", noise_multiplier=2.0)
     with pytest.raises(CohortInputError, match="clipped-count-stddev"):
-        client_level_noise(dp, rounds=10, sample_size=20)
+        client_level_noise(dp, CentralDPConfig(clipped_count_stddev=1.5), rounds=10, sample_size=20)
 
 
 def test_client_level_dp_refuses_aggregators_that_are_not_a_plain_mean() -> None:
     with pytest.raises(CohortInputError, match="plain mean"):
-        RunConfig(training=TrainingConfig(strategy="krum"), dp=DPConfig(dp_level="client"))
+        RunConfig(aggregation=AggregationConfig(strategy="krum"), dp=DPConfig(dp_level="client"))
 
 
 def _noise_std(strategy: DifferentialPrivacyServerSideAdaptiveClipping) -> float:
@@ -106,15 +108,15 @@ def test_client_level_simulation_ledgers_its_release_signed_by_the_server(budget
     assert verify_chain(entries, load_public_key(run_dir / "server" / "ledger_key.pub.pem")) is None
     (record,) = [e.record for e in entries]
     assert (record.round, record.mechanism, record.sample_rate, record.noise_multiplier) == (1, "client-level-dp-fedavg", 1.0, 1.0)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["client_level_epsilon"] == pytest.approx(record.epsilon)
+    summary = RunDirectory(run_dir).read_summary()
+    assert summary is not None and summary.client_level_epsilon == pytest.approx(record.epsilon)
 
 
 def test_client_level_run_stops_before_a_round_that_would_exceed_client_epsilon(budget_stopped_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
     result, run_dir = budget_stopped_run
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = RunDirectory(run_dir).read_summary()
     assert result.returncode == 1 and "client-level budget reached" in result.stderr
-    assert summary["rounds"] == 1 and "client-level budget reached" in summary["stop_reason"]
+    assert summary is not None and summary.rounds == 1 and "client-level budget reached" in summary.stop_reason
     (record,) = [e.record for e in read_entries(run_dir / "server" / "privacy_ledger.jsonl")]
     assert 0 < record.epsilon <= 6.0
 

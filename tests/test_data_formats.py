@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.config import DataConfig
-from common.data.federation import federated_split, local_site_data
+from client.site_data import local_site_data
 from common.data.loading import load_dataset
 from common.errors import CohortInputError
+from server.held_out import federated_split
+from server.run_config import DataConfig
 from tests.conftest import make_images
 
 

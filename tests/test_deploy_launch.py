@@ -27,12 +27,12 @@ import pytest
 
 from flwr.common.config import parse_config_args
 
-from common.config import RunConfig
-from common.rundir import RunDirectory
 from deploy import commands
 from deploy.certificates import CertificateLayout, create_site_key, init_certificates
+from deploy.directory_lock import STATE_LOCK_FILE
 from deploy.launch import SuperNodeLaunch
-from deploy.state_lock import LOCK_FILE
+from server.run_config import RunConfig
+from server.rundir import RunDirectory
 from simulations.local_superlink import free_port, stop_process_tree
 
 COHORT = str(Path(sys.executable).parent / "cohort")
@@ -157,7 +157,7 @@ def test_supernode_facing_a_superlink_without_tls_is_told_so(certs: CertificateL
 
 def test_supernode_with_a_budget_of_zero_is_refused(certs: CertificateLayout, tmp_path: Path, tls_server: int) -> None:
     result = _cohort(_supernode(certs, tmp_path, f"127.0.0.1:{tls_server}", epsilon=0.0), tmp_path)
-    _assert_one_clear_line(result, "a privacy budget must be > 0")
+    _assert_one_clear_line(result, "is 0.0; it must be a finite number in (0, 1000]")
 
 
 @pytest.mark.parametrize("size", ["0", "nan", "inf", "-5"])
@@ -352,7 +352,7 @@ def _wait_for_lock_holder(state_dir: Path, process: subprocess.Popen[bytes]) -> 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         assert process.poll() is None, "the SuperNode stopped"
-        lock = state_dir / LOCK_FILE
+        lock = state_dir / STATE_LOCK_FILE
         if lock.exists() and lock.read_text().strip() == str(process.pid) and process.pid in {p.pid for p in psutil.process_iter() if p.name().startswith("flower-superno")}:
             return
         time.sleep(0.2)

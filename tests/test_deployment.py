@@ -34,13 +34,14 @@ from cryptography.hazmat.primitives import serialization
 from flwr.supercore.date import now
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
 
-from common.flower_runtime import offline_flower_env
 from common.privacy.ledger import LEDGER_FILE, LedgerEntry, load_public_key, read_entries, verify_chain
 from deploy import commands
 from deploy.certificates import CertificateLayout, create_site_key, init_certificates
 from deploy.fleet_limits import OBJECT_ROUTE, FleetLimits
+from deploy.flower_runtime import offline_flower_env
 from deploy.front_door import REFUSAL, fleet_routes
 from deploy.launch import SITE_RUNNER_MODULE
+from server.rundir import RunDirectory
 from simulations.local_superlink import free_port, stop_process_tree
 from tests.conftest import make_images
 
@@ -253,9 +254,9 @@ def finished_run(deployment: Deployment) -> dict:
 
 def test_dp_run_over_three_authenticated_sites_completes(deployment: Deployment, finished_run: dict) -> None:
     assert finished_run["status"] == "finished:completed", finished_run
-    summary = json.loads((deployment.root / "run" / "summary.json").read_text())
-    assert summary["rounds"] == ROUNDS and not summary["stop_reason"]
-    assert set(summary["sites"]) == set(SITES)
+    summary = RunDirectory(deployment.root / "run").read_summary()
+    assert summary is not None and summary.rounds == ROUNDS and not summary.stop_reason
+    assert set(summary.sites) == set(SITES)
 
 
 def test_every_site_ledger_records_each_round_within_its_own_budget(deployment: Deployment, finished_run: dict) -> None:
@@ -446,27 +447,26 @@ def run_with_a_site_killed_mid_round(deployment: Deployment, finished_run: dict)
 
 def _trained_rounds(run_dir: Path) -> dict[str, list[int]]:
     trained: dict[str, list[int]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        for site, values in record["sites"].items():
-            if values.get("trained"):
-                trained.setdefault(site, []).append(record["round"])
+    for record in RunDirectory(run_dir).read_metrics():
+        for site, values in record.sites.items():
+            if values.trained:
+                trained.setdefault(site, []).append(record.round)
     return trained
 
 
 def test_a_site_killed_mid_round_fails_that_round_after_the_reply_timeout_and_the_others_complete_it(run_with_a_site_killed_mid_round: KilledSiteRun) -> None:
     killed = run_with_a_site_killed_mid_round
     assert killed.status == "finished:completed", killed
-    summary = json.loads((killed.run_dir / "summary.json").read_text())
-    assert summary["rounds"] == 3 and not summary["stop_reason"], summary
-    first = json.loads((killed.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    summary = RunDirectory(killed.run_dir).read_summary()
+    assert summary is not None and summary.rounds == 3 and not summary.stop_reason, summary
+    first = RunDirectory(killed.run_dir).read_metrics()[0]
     # The server learns a node's name from its replies in this run; this one never answered.
     # Either the timeout ends its wait, or the SuperLink answers for the node first, once
     # it has missed two heartbeats (Flower's interval is 30 s).
-    ((node, site, stage, reason),) = [(f["node"], f["site"], f["stage"], f["reason"]) for f in first["failures"]]
+    ((node, site, stage, reason),) = [(f.node, f.site, f.stage, f.reason) for f in first.failures]
     assert (site, stage) == (f"node {node}", "train")
     assert reason == f"no reply within {REPLY_TIMEOUT_S}s" or "Node Unavailable" in reason, reason
-    assert sorted(site for site, values in first["sites"].items() if values.get("trained")) == sorted(set(SITES) - {KILLED_SITE})
+    assert sorted(site for site, values in first.sites.items() if values.trained) == sorted(set(SITES) - {KILLED_SITE})
 
 
 def test_the_restarted_site_rejoins_in_a_later_round(run_with_a_site_killed_mid_round: KilledSiteRun) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+from server.records import RoundRecord
 from simulations.divergence import divergence
 
 
-def _rounds(*pairs: tuple[float, float]) -> list[dict]:
-    return [{"round": i, "global": {"accuracy": accuracy, "loss": loss}} for i, (accuracy, loss) in enumerate(pairs, start=1)]
+def _rounds(*pairs: tuple[float, float]) -> list[RoundRecord]:
+    return [RoundRecord(i, accuracy=accuracy, loss=loss) for i, (accuracy, loss) in enumerate(pairs, start=1)]
 
 
 def test_a_learning_run_raises_nothing() -> None:

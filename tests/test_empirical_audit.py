@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.config import DataConfig
-from common.data.federation import federated_split, simulated_site_data
+from server.held_out import federated_split
+from server.run_config import DataConfig
+from simulations.federation import simulated_site_data
 from tests.conftest import COHORT
 
 ENV = {**os.environ, "COLUMNS": "80"}

@@ -11,6 +11,7 @@ import pytest
 
 from cli.compare import compare_sites
 from common.errors import CohortInputError
+from server.rundir import RunDirectory
 from simulations.fairness import accuracy_interval, below_the_mean, disparity
 from tests.conftest import COHORT
 
@@ -91,8 +92,9 @@ def test_simulation_writes_the_fairness_report_into_summary_and_plots(private_ru
         low, high = site["accuracy_ci"]
         assert low <= site["accuracy"] <= high
         assert sum(site["label_mix"]) == site["train_examples"]
-    summary = json.loads((private_run / "summary.json").read_text())
-    assert summary["fairness"]["worst_site"] == report["across_sites"]["worst_site"]
+    summary = RunDirectory(private_run).read_summary()
+    assert summary is not None and summary.fairness is not None
+    assert summary.fairness["worst_site"] == report["across_sites"]["worst_site"]
     assert (private_run / "plots" / "site_accuracy.png").read_bytes().startswith(b"\x89PNG")
 
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,6 +15,9 @@ from typing import Callable
 import psutil
 import pytest
 
+from common.privacy.ledger import read_entries
+from server.records import RoundRecord, Summary
+from server.rundir import RunDirectory
 from tests.conftest import federation_processes
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
@@ -32,8 +34,14 @@ def _simulate(runs: Path, *args: str) -> tuple[subprocess.CompletedProcess[str],
     return result, run_dir
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def _metrics(run_dir: Path) -> list[RoundRecord]:
+    return RunDirectory(run_dir).read_metrics()
+
+
+def _summary(run_dir: Path) -> Summary:
+    summary = RunDirectory(run_dir).read_summary()
+    assert summary is not None, f"{run_dir} has no summary.json"
+    return summary
 
 
 @pytest.fixture(scope="module")
@@ -49,24 +57,24 @@ def hostile_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Co
 def test_a_run_with_a_nan_site_and_a_boosting_site_completes_near_the_clean_accuracy(clean_run, hostile_run) -> None:  # type: ignore[no-untyped-def]
     (clean, clean_dir), (hostile, hostile_dir) = clean_run, hostile_run
     assert clean.returncode == 0 and hostile.returncode == 0, hostile.stdout + hostile.stderr
-    clean_accuracy = json.loads((clean_dir / "summary.json").read_text())["final_accuracy"]
-    hostile_accuracy = json.loads((hostile_dir / "summary.json").read_text())["final_accuracy"]
+    clean_accuracy = _summary(clean_dir).final_accuracy
+    hostile_accuracy = _summary(hostile_dir).final_accuracy
     assert hostile_accuracy >= clean_accuracy - 0.1, (clean_accuracy, hostile_accuracy)
 
 
 def test_every_round_names_both_hostile_sites_with_their_reasons(hostile_run) -> None:  # type: ignore[no-untyped-def]
     _, run_dir = hostile_run
     for record in _metrics(run_dir):
-        reasons = {r["site"]: r["reason"] for r in record["rejected"]}
+        reasons = {r.site: r.reason for r in record.rejected}
         assert set(reasons) == {"site-1", "site-2"}
         assert "NaN" in reasons["site-1"] and "above the bound" in reasons["site-2"]
-        assert not record["sites"]["site-1"].get("trained") and record["sites"]["site-0"]["trained"]
+        assert not record.sites["site-1"].trained and record.sites["site-0"].trained
 
 
 def test_summary_progress_line_and_audit_name_the_rejected_sites(hostile_run) -> None:  # type: ignore[no-untyped-def]
     result, run_dir = hostile_run
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["rejected"]["site-1"]["count"] == ROUNDS and summary["rejected"]["site-2"]["rounds"] == list(range(1, ROUNDS + 1))
+    summary = _summary(run_dir)
+    assert summary.rejected["site-1"].count == ROUNDS and summary.rejected["site-2"].rounds == tuple(range(1, ROUNDS + 1))
     assert "rejected: site-1, site-2" in result.stdout
     audit = subprocess.run([COHORT, "audit", str(run_dir)], capture_output=True, text=True, timeout=300, env=ENV)
     assert audit.returncode == 0, audit.stderr
@@ -75,8 +83,8 @@ def test_summary_progress_line_and_audit_name_the_rejected_sites(hostile_run) ->
 
 def test_the_rejected_sites_spend_is_still_in_the_runs_ledger(hostile_run) -> None:  # type: ignore[no-untyped-def]
     _, run_dir = hostile_run
-    records = [json.loads(line)["record"] for line in (run_dir / "privacy_ledger.jsonl").read_text().splitlines()]
-    assert sorted((r["round"], r["site"]) for r in records) == [(n, f"site-{s}") for n in range(1, ROUNDS + 1) for s in range(5)]
+    records = [e.record for e in read_entries(run_dir / "privacy_ledger.jsonl")]
+    assert sorted((r.round, r.site) for r in records) == [(n, f"site-{s}") for n in range(1, ROUNDS + 1) for s in range(5)]
 
 
 def test_a_silent_site_fails_its_round_after_the_timeout_and_the_round_finishes(tmp_path: Path) -> None:
@@ -89,10 +97,10 @@ def test_a_silent_site_fails_its_round_after_the_timeout_and_the_round_finishes(
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     (record,) = _metrics(run_dir)
-    assert [(f["site"], f["stage"]) for f in record["failures"]] == [("node %d" % record["failures"][0]["node"], "train")]
-    assert all(f"no reply within {timeout}s" in f["reason"] for f in record["failures"])
-    assert sorted(name for name, site in record["sites"].items() if site.get("trained")) == ["site-0", "site-1"]
-    assert record["seconds"] >= timeout
+    assert [(f.site, f.stage) for f in record.failures] == [("node %d" % record.failures[0].node, "train")]
+    assert all(f"no reply within {timeout}s" in f.reason for f in record.failures)
+    assert sorted(name for name, site in record.sites.items() if site.trained) == ["site-0", "site-1"]
+    assert record.seconds >= timeout
 
 
 def _descendants(pid: int) -> list[psutil.Process]:
@@ -152,7 +160,7 @@ def _ledger_lines(path: Path) -> list[str]:
 
 
 def test_a_coordinator_stopped_mid_run_resumes_and_every_release_is_in_the_ledgers_once(tmp_path: Path) -> None:
-    from common.privacy.ledger import LedgerEntry, load_public_key, read_entries, verify_chain
+    from common.privacy.ledger import LedgerEntry, load_public_key, verify_chain
 
     runs = tmp_path / "runs"
     command = subprocess.Popen(
@@ -167,7 +175,7 @@ def test_a_coordinator_stopped_mid_run_resumes_and_every_release_is_in_the_ledge
 
     resumed = subprocess.run([COHORT, "simulate", "--resume", str(run_dir)], capture_output=True, text=True, timeout=600, env=ENV)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert [m["round"] for m in _metrics(run_dir)] == [1, 2, 3, 4], resumed.stdout + (run_dir / "summary.json").read_text() + str(sorted(p.name for p in (run_dir / "checkpoints").iterdir()))
+    assert [m.round for m in _metrics(run_dir)] == [1, 2, 3, 4], resumed.stdout + (run_dir / "summary.json").read_text() + str(sorted(p.name for p in (run_dir / "checkpoints").iterdir()))
     copies = [LedgerEntry.from_json(line) for line in _ledger_lines(run_dir / "privacy_ledger.jsonl")]
     for site in sites:
         after = _ledger_lines(site)

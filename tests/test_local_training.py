@@ -10,16 +10,17 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.policy import SiteConfig
 from client.privacy_plan import RoundPlan, plan_round, refusal_reason, round_steps
 from client.training import noise_only_step, round_learning_rate, train_locally
-from common.config import GRAD_SAMPLE_MODES, DataConfig, RunConfig, TrainingConfig
-from common.data.federation import simulated_site_data
+from common.config import GRAD_SAMPLE_MODES, SiteRunConfig, TrainingConfig
 from common.models.registry import build_model
 from common.privacy.accounting import PrivacyState
 from common.privacy.noise import SeededNoise
-from common.site import SiteConfig
+from server.run_config import DataConfig
+from simulations.federation import simulated_site_data
 
-RUN = RunConfig.from_flower({"rounds": 3, "local-epochs": 1, "batch-size": 64})
+RUN = SiteRunConfig.from_flower({"rounds": 3, "local-epochs": 1, "batch-size": 64})
 SITE = SiteConfig(name="site-0", epsilon=8.0, delta=1e-5, state_dir=Path("/unused"), partition_id=0, num_partitions=5)
 DATA = simulated_site_data(DataConfig(), 0, 5)
 STEPS = round_steps(len(DATA.train), RUN)
@@ -79,13 +80,13 @@ def test_a_per_run_cap_lowers_the_run_plan_and_refuses_beyond_it() -> None:
 
 
 def test_non_private_training_reports_no_privacy_state() -> None:
-    run = RunConfig.from_flower({"dp": False})
+    run = SiteRunConfig.from_flower({"dp": False})
     update = train_locally(_model(), DATA.train, run, None, torch.device("cpu"), _noise())
     assert update.privacy is None and update.num_examples == len(DATA.train)
 
 
 def test_fedprox_pull_keeps_weights_closer_to_the_global_model() -> None:
-    run = RunConfig.from_flower({"dp": False, "local-epochs": 3, "batch-size": 32, "learning-rate": 0.05})
+    run = SiteRunConfig.from_flower({"dp": False, "local-epochs": 3, "batch-size": 32, "learning-rate": 0.05})
     start = _model()
     anchor = torch.cat([p.detach().flatten() for p in start.parameters()])
 
@@ -150,7 +151,7 @@ def test_an_empty_batch_takes_exactly_opacus_own_noisy_step_in_every_mode(mode: 
 
 def test_a_round_with_empty_poisson_batches_takes_and_accounts_every_step() -> None:
     # q = 1/8 over 8 examples: about a third of the 24 batches are empty.
-    run = RunConfig.from_flower({"rounds": 1, "local-epochs": 3, "batch-size": 1})
+    run = SiteRunConfig.from_flower({"rounds": 1, "local-epochs": 3, "batch-size": 1})
     few = DATA.train.subset(np.arange(8))
     update = train_locally(_model(), few, run, PrivacyState(1.0, 1 / 8, "rdp"), torch.device("cpu"), _noise())
     assert update.steps == 24 and update.privacy.history == ((1.0, 1 / 8, 24),)

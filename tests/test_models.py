@@ -8,7 +8,7 @@ from opacus import GradSampleModule, PrivacyEngine
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.config import GRAD_SAMPLE_MODES, UNSUPPORTED_GRAD_SAMPLE_MODES, RunConfig
+from common.config import GRAD_SAMPLE_MODES, UNSUPPORTED_GRAD_SAMPLE_MODES, SiteRunConfig
 from common.errors import CohortInputError
 from common.models.registry import MODEL_REGISTRY, build_model
 from common.models.transformer import TokenTransformer
@@ -125,7 +125,7 @@ def test_the_auto_grad_sample_mode_clips_28x28_images_exactly_like_functorch(nam
     # auto mode (hooks, with Cohort's rule for the standardised convolutions) independently.
     torch.manual_seed(2)
     images, labels = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
-    auto = RunConfig.from_flower({"model": name}).dp.grad_sample_mode
+    auto = SiteRunConfig.from_flower({"model": name}).dp.grad_sample_mode
     assert torch.allclose(_one_noiseless_dp_step(name, auto, images, labels), _one_noiseless_dp_step(name, "functorch", images, labels), atol=1e-6)
 
 

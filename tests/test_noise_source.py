@@ -19,14 +19,15 @@ from scipy import stats
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.dp_randomness import PoissonBatches, ShuffledBatches, draw_noise_from, site_noise_source
+from client.policy import SiteConfig
 from client.training import noise_only_step, train_locally
-from common.config import AUTO_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES, UNSUPPORTED_GRAD_SAMPLE_MODES, DataConfig, DPConfig, RunConfig
-from common.data.federation import simulated_site_data
+from common.config import AUTO_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES, UNSUPPORTED_GRAD_SAMPLE_MODES, DPConfig, SiteRunConfig
 from common.models.registry import build_model
 from common.privacy.accounting import PrivacyState
 from common.privacy.noise import NoiseSource, SecureNoise, SeededNoise
-from common.site import SiteConfig
 from server.central_dp import ServerSideFixedClipping, coordinator_noise
+from server.run_config import DataConfig, RunConfig
+from simulations.federation import simulated_site_data
 from simulations.plan import plan_from_values
 
 # Statistical checks fail a correct sampler with probability below about 1e-6 each.
@@ -107,12 +108,12 @@ def test_seeded_noise_differs_between_seeds_sites_and_rounds(other: tuple[int, s
 
 
 def test_a_deployed_site_draws_secure_noise_whatever_the_run_asks() -> None:
-    assert site_noise_source(RunConfig(noise_source="seeded"), DEPLOYED, 1).name == "secure"
+    assert site_noise_source(SiteRunConfig(noise_source="seeded"), DEPLOYED, DATA, 1).name == "secure"
 
 
 @pytest.mark.parametrize("kind", ["secure", "seeded"])
 def test_a_simulated_site_draws_the_noise_the_run_asks_for(kind: str) -> None:
-    assert site_noise_source(RunConfig(noise_source=kind), SIMULATED, 1).name == kind
+    assert site_noise_source(SiteRunConfig(noise_source=kind), SIMULATED, DATA, 1).name == kind
 
 
 def test_simulations_default_to_seeded_noise_and_other_runs_to_secure() -> None:
@@ -205,7 +206,7 @@ def test_the_optimizer_noise_comes_from_the_source() -> None:
 DATA = simulated_site_data(DataConfig(), 0, 5)
 
 
-def _trained_weights(run: RunConfig, source: NoiseSource) -> torch.Tensor:
+def _trained_weights(run: SiteRunConfig, source: NoiseSource) -> torch.Tensor:
     torch.manual_seed(0)
     model = build_model("cnn", DATA.train.input_shape, DATA.num_classes)
     privacy = PrivacyState(1.0, 1 / -(-len(DATA.train) // run.training.batch_size), "rdp") if run.dp.sample_level else None
@@ -215,7 +216,7 @@ def _trained_weights(run: RunConfig, source: NoiseSource) -> torch.Tensor:
 
 @pytest.mark.parametrize("dp", [True, False], ids=["dp", "no-dp"])
 def test_a_seeded_round_trains_to_the_same_weights_twice(dp: bool) -> None:
-    run = RunConfig(dp=DPConfig(enabled=dp))
+    run = SiteRunConfig(dp=DPConfig(enabled=dp))
     first, second = (_trained_weights(run, SeededNoise(42, "site-0", 1)) for _ in range(2))
     assert torch.equal(first, second)
     assert not torch.equal(first, _trained_weights(run, SeededNoise(42, "site-0", 2)))
@@ -224,5 +225,5 @@ def test_a_seeded_round_trains_to_the_same_weights_twice(dp: bool) -> None:
 def test_a_round_with_secure_noise_raises_no_secure_rng_warning() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _trained_weights(RunConfig(), SecureNoise())
+        _trained_weights(SiteRunConfig(), SecureNoise())
     assert not [w for w in caught if "Secure RNG" in str(w.message)]

@@ -7,11 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.config import DataConfig
-from common.data.federation import federated_split, simulated_partitions, simulated_site_data, write_partitions
-from common.data.partition import partition_indices
+from client.site_data import simulated_site_data as site_reads
+from client.site_data import simulated_site_file
 from common.errors import CohortInputError
-from common.rundir import RunDirectory
+from server.held_out import federated_split
+from server.run_config import DataConfig
+from simulations.federation import simulated_partitions, simulated_site_data, write_site_files
+from simulations.partition import partition_indices
 
 LABELS = np.random.default_rng(0).integers(0, 10, size=1003)
 
@@ -58,16 +60,21 @@ def test_site_train_and_validation_splits_are_disjoint() -> None:
     assert not any(row.tobytes() in train_rows for row in site.val.images)
 
 
-def test_a_simulation_partitions_once_and_its_sites_read_the_saved_shares(tmp_path: Path) -> None:
+def test_a_simulation_partitions_once_and_each_site_reads_its_own_share(tmp_path: Path) -> None:
     config = DataConfig(partitioner="dirichlet", seed=7)
-    write_partitions(config, 6, tmp_path)
-    saved = np.load(RunDirectory(tmp_path).partitions_file)
-    assert all(np.array_equal(saved[f"site-{i}"], part) for i, part in enumerate(partition_indices(federated_split(config).pool.labels, 6, config)))
-    assert np.array_equal(simulated_site_data(config, 2, 6, str(tmp_path)).train.images, simulated_site_data(config, 2, 6).train.images)
+    write_site_files(config, 6, tmp_path)
+    pool = federated_split(config).pool
+    parts = partition_indices(pool.labels, 6, config)
+    for site in (0, 2, 5):
+        read = site_reads(str(tmp_path), site)
+        assert np.array_equal(read.train.images, simulated_site_data(config, site, 6).train.images)
+        assert len(read.train) + len(read.val) == len(parts[site])
+        assert {row.tobytes() for row in pool.images[parts[site]]} == {row.tobytes() for row in np.concatenate([read.train.images, read.val.images])}
 
 
-def test_saved_partitions_of_other_data_settings_are_not_used(tmp_path: Path) -> None:
-    write_partitions(DataConfig(partitioner="iid", seed=1), 4, tmp_path)
-    other = DataConfig(partitioner="iid", seed=2)
-    assert [len(p) for p in simulated_partitions(other, 4, str(tmp_path))] == [len(p) for p in simulated_partitions(other, 4)]
-    assert not np.array_equal(simulated_partitions(other, 4, str(tmp_path))[0], simulated_partitions(DataConfig(partitioner="iid", seed=1), 4)[0])
+def test_each_sites_file_holds_that_sites_share_alone(tmp_path: Path) -> None:
+    config = DataConfig(partitioner="iid", seed=1)
+    write_site_files(config, 4, tmp_path)
+    sizes = [len(part) for part in simulated_partitions(config, 4)]
+    held = [np.load(simulated_site_file(tmp_path, site))["labels"].shape[0] for site in range(4)]
+    assert held == sizes and sum(held) == len(federated_split(config).pool)

@@ -16,9 +16,12 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common import protocol
-from common.config import ChecksConfig, DPConfig, RunConfig, TrainingConfig
-from common.privacy.ledger import CLIENT_LEVEL_DP_FEDAVG, NON_PRIVATE, RELEASE, SAMPLE_LEVEL_DP_SGD, LedgerRecord, SiteLedger
-from server.reply_checks import ReplyChecker, Rejection, SiteEvaluation, Update, arrays_hash
+from common.config import DPConfig
+from common.privacy.ledger import LedgerRecord, RecordKind, SiteLedger, model_hash
+from common.privacy.mechanisms import Mechanism
+from server.records import Rejection
+from server.reply_checks import ReplyChecker, SiteEvaluation, Update
+from server.run_config import AggregationConfig, CentralDPConfig, ChecksConfig, RunConfig
 from server.site_registry import SiteRegistry
 
 RUN = RunConfig()
@@ -41,9 +44,9 @@ class Site:
     def reply(self, arrays: dict[str, np.ndarray] | None = None, *, record: dict | None = None, site: dict | None = None, metrics: dict | None = None, server_round: int = ROUND, run: RunConfig = RUN) -> Message:
         sent = ArrayRecord({k: Array(v) for k, v in (arrays or honest_arrays()).items()})
         fields = dict(
-            kind=RELEASE, run_id=RUN_ID, round=server_round, site=self.name, mechanism=SAMPLE_LEVEL_DP_SGD, noise_multiplier=1.1,
+            kind=RecordKind.RELEASE, run_id=RUN_ID, round=server_round, site=self.name, mechanism=Mechanism.SAMPLE_LEVEL_DP_SGD, noise_multiplier=1.1,
             sample_rate=0.1, sampling="poisson", steps=10, clip_norm=1.0, delta=1e-5, epsilon=0.5, accountant="rdp", budget_epsilon=8.0,
-            dataset_hash="d" * 64, model_hash=arrays_hash(sent), config_hash=run.fingerprint(),
+            dataset_hash="d" * 64, model_hash=model_hash(sent), config_hash=run.site_fingerprint(),
         )
         entry = self.ledger.append(LedgerRecord(**{**fields, **(record or {})}))
         site_record = {protocol.SITE_NAME: self.name, protocol.SITE_LEDGER_ENTRY: entry.to_json(), protocol.SITE_LEDGER_KEY: self.key_pem, **(site or {})}
@@ -108,17 +111,17 @@ def test_an_honest_reply_is_accepted_with_its_spend_from_the_signed_entry(checke
     assert isinstance(update, Update)
     assert update.site == "site-0" and update.norm == pytest.approx(0.01 * np.sqrt(15), rel=1e-5)
     record = update.site_record()
-    assert (record["epsilon"], record["noise_multiplier"], record["sample_rate"], record["steps"]) == (0.5, 1.1, 0.1, 10)
+    assert (record.epsilon, record.noise_multiplier, record.sample_rate, record.steps) == (0.5, 1.1, 0.1, 10)
 
 
 def test_a_reply_without_its_metrics_is_still_accepted(checker: ReplyChecker, alice: Site) -> None:
     update = check(checker, alice.reply(metrics={}))
     assert isinstance(update, Update) and update.reported_examples is None
-    assert "train_loss" not in update.site_record() and update.site_record()["trained"]
+    assert update.site_record().train_loss is None and update.site_record().trained
 
 
 def test_under_qfedavg_a_reply_without_its_training_loss_is_rejected(registry: SiteRegistry, alice: Site) -> None:
-    run = RunConfig(training=TrainingConfig(strategy="qfedavg"))
+    run = RunConfig(aggregation=AggregationConfig(strategy="qfedavg"))
     result = ReplyChecker(run, RUN_ID, registry).check_train(ROUND, alice.reply(metrics={"num-examples": 100}, run=run), GLOBAL, LIVE)
     assert isinstance(result, Rejection) and "q-FedAvg" in result.reason
 
@@ -202,7 +205,7 @@ def test_entry_of_another_round_is_rejected(checker: ReplyChecker, alice: Site) 
 
 
 def test_entry_of_another_mechanism_is_rejected(checker: ReplyChecker, alice: Site) -> None:
-    rejected(checker, alice.reply(record={"kind": NON_PRIVATE, "epsilon": 0.0}), "this run needs a release by sample-level-dp-sgd")
+    rejected(checker, alice.reply(record={"kind": RecordKind.NON_PRIVATE, "epsilon": 0.0}), "this run needs a release by sample-level-dp-sgd")
 
 
 def test_release_without_noise_is_rejected(checker: ReplyChecker, alice: Site) -> None:
@@ -287,9 +290,9 @@ def test_checks_settings_are_validated() -> None:
 
 
 def test_client_side_adaptive_clipping_needs_the_sites_clipping_bit(registry: SiteRegistry, alice: Site, bob: Site) -> None:
-    run = RunConfig(dp=DPConfig(dp_level="client", clipping_side="client", client_clipping="adaptive"), site_allow_non_private=True)
+    run = RunConfig(dp=DPConfig(dp_level="client", client_clipping="adaptive"), central_dp=CentralDPConfig(clipping_side="client"), site_allow_non_private=True)
     checker = ReplyChecker(run, RUN_ID, registry)
-    release = {"kind": NON_PRIVATE, "mechanism": CLIENT_LEVEL_DP_FEDAVG, "noise_multiplier": 0.0, "epsilon": 0.0}
+    release = {"kind": RecordKind.NON_PRIVATE, "mechanism": Mechanism.CLIENT_LEVEL_DP_FEDAVG, "noise_multiplier": 0.0, "epsilon": 0.0}
     without = checker.check_train(ROUND, alice.reply(record=release, run=run, metrics={}), GLOBAL, LIVE)
     assert isinstance(without, Rejection) and "clipping bit" in without.reason
     clipped = checker.check_train(ROUND, bob.reply(record=release, run=run, metrics={KEY_NORM_BIT: 1}), GLOBAL, LIVE)

@@ -15,15 +15,17 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.supercore.task_identity import TaskIdentity
 
 from common import protocol
-from common.config import ChecksConfig, DPConfig, RunConfig, TrainingConfig
+from common.config import DPConfig
 from common.errors import CohortInputError
-from common.privacy.client_level import client_level_noise
 from common.privacy.ledger import LedgerEntry, LedgerRecord
-from server.aggregation_weight import AGGREGATION_WEIGHT, TRAIN_LOSS, rewrite_for_aggregation, weights_for
+from server.aggregation_weight import rewrite_for_aggregation, weights_for
 from server.checkpoint import Checkpoint
+from server.client_level_noise import client_level_noise
 from server.dp_policy import SiteProtected
+from server.optimizer_state import optimizer_state, restore_optimizer_state
 from server.reply_checks import Update
-from server.strategies import build_strategy, optimizer_state, restore_optimizer_state
+from server.run_config import AggregationConfig, CentralDPConfig, ChecksConfig, RunConfig
+from server.strategies import AGGREGATION_WEIGHT, build_strategy
 
 
 @pytest.fixture(autouse=True)
@@ -89,8 +91,8 @@ def test_a_site_that_withholds_its_training_metrics_is_aggregated_with_those_tha
 def test_q_fedavg_sees_each_sites_checked_training_loss() -> None:
     update = _update(1, 1.0)
     update.metrics = {"train_loss": 0.5}
-    rewrite_for_aggregation([update], RunConfig(training=TrainingConfig(strategy="qfedavg")))
-    assert dict(update.reply.content[protocol.METRICS]) == {AGGREGATION_WEIGHT: 1.0, TRAIN_LOSS: 0.5}
+    rewrite_for_aggregation([update], RunConfig(aggregation=AggregationConfig(strategy="qfedavg")))
+    assert dict(update.reply.content[protocol.METRICS]) == {AGGREGATION_WEIGHT: 1.0, protocol.TRAIN_LOSS: 0.5}
 
 
 def test_default_norm_bound_is_a_multiple_of_the_rounds_median_norm() -> None:
@@ -107,9 +109,9 @@ def test_client_level_dp_with_client_side_clipping_bounds_updates_by_the_clippin
     from server.central_dp import CentralPrivacy, wrap_with_central_dp
     from server.dp_policy import ClientLevel
 
-    run = RunConfig(dp=DPConfig(dp_level="client", clipping_side="client", clip_norm=0.7, noise_multiplier=1.0))
-    noise = client_level_noise(run.dp, run.training.rounds, 5)
-    strategy = wrap_with_central_dp(build_strategy(run, 5), run.dp, noise, 5)
+    run = RunConfig(dp=DPConfig(dp_level="client", clip_norm=0.7, noise_multiplier=1.0), central_dp=CentralDPConfig(clipping_side="client"))
+    noise = client_level_noise(run.dp, run.central_dp, run.training.rounds, 5)
+    strategy = wrap_with_central_dp(build_strategy(run, 5), run, noise, 5)
     policy = ClientLevel(run, strategy, CentralPrivacy.__new__(CentralPrivacy))
     assert policy.norm_limit([0.1]) == pytest.approx(0.7 * 1.001)
 
@@ -119,7 +121,7 @@ def test_client_level_dp_with_client_side_clipping_bounds_updates_by_the_clippin
     [("bulyan", 2, 10, 11), ("krum", 2, 6, 7), ("multikrum", 1, 4, 5)],
 )
 def test_a_federation_too_small_for_the_robust_strategy_is_refused(strategy: str, hostile: int, sites: int, needed: int) -> None:
-    run = RunConfig(training=TrainingConfig(strategy=strategy, byzantine_sites=hostile))
+    run = RunConfig(aggregation=AggregationConfig(strategy=strategy, byzantine_sites=hostile))
     with pytest.raises(CohortInputError, match=f"needs at least {needed} sites"):
         run.refuse_federation_size(sites)
     run.refuse_federation_size(needed)
@@ -128,7 +130,7 @@ def test_a_federation_too_small_for_the_robust_strategy_is_refused(strategy: str
 @pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"])
 def test_client_level_dp_refuses_every_robust_strategy(strategy: str) -> None:
     with pytest.raises(CohortInputError, match="plain mean"):
-        RunConfig(training=TrainingConfig(strategy=strategy), dp=DPConfig(dp_level="client"))
+        RunConfig(aggregation=AggregationConfig(strategy=strategy), dp=DPConfig(dp_level="client"))
 
 
 def test_client_level_dp_refuses_example_weights() -> None:
@@ -138,7 +140,7 @@ def test_client_level_dp_refuses_example_weights() -> None:
 
 def test_trimmed_beta_of_half_or_more_is_refused() -> None:
     with pytest.raises(CohortInputError, match="trimmed-beta"):
-        TrainingConfig(strategy="fedtrimmedavg", trimmed_beta=0.5).validate()
+        AggregationConfig(strategy="fedtrimmedavg", trimmed_beta=0.5).validate()
 
 
 def _configure(strategy: Strategy, arrays: ArrayRecord) -> None:
@@ -178,7 +180,7 @@ def _resumed_after_round_one(run: RunConfig, start: ArrayRecord, tmp_path: Path,
 
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedavgm"])
 def test_a_resumed_server_optimizer_continues_exactly_where_it_stopped(name: str, tmp_path: Path) -> None:
-    run = RunConfig(training=TrainingConfig(strategy=name), dp=DPConfig(enabled=False))
+    run = RunConfig(aggregation=AggregationConfig(strategy=name), dp=DPConfig(enabled=False))
     start = ArrayRecord({"w": Array(np.zeros((2, 3), dtype=np.float32)), "b": Array(np.ones(3, dtype=np.float32))})
     uninterrupted = build_strategy(run, 3)
     arrays = start

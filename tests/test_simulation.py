@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -15,6 +16,9 @@ from pathlib import Path
 import pytest
 
 from common.privacy.accounting import PrivacyState
+from common.privacy.ledger import PUBLIC_KEY_FILE, LedgerRecord, RecordKind, history_of, read_entries
+from server.records import RoundRecord
+from server.rundir import RunDirectory
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -27,8 +31,8 @@ def _run_dir(runs: Path) -> Path:
     return run_dir
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def _metrics(run_dir: Path) -> list[RoundRecord]:
+    return RunDirectory(run_dir).read_metrics()
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +61,21 @@ def repeated_run(tmp_path_factory: pytest.TempPathFactory, completed_run: tuple[
 def _figures(run_dir: Path) -> list[tuple]:
     """Each round's figures but its duration: global accuracy and loss, and every site's
     epsilon, update norm, training and validation figures."""
-    return [(m["round"], m["global"], m["sites"]) for m in _metrics(run_dir)]
+    return [(m.round, m.accuracy, m.loss, m.sites) for m in _metrics(run_dir)]
 
 
 def test_the_same_seed_gives_the_same_run_noise_included(completed_run: tuple[subprocess.CompletedProcess[str], Path], repeated_run: Path) -> None:
     _, run_dir = completed_run
     assert _figures(repeated_run) == _figures(run_dir)
-    assert json.loads((run_dir / "config.json").read_text())["run_config"]["noise-source"] == "seeded"
+    assert RunDirectory(run_dir).read_config().noise_source == "seeded"
+
+
+def test_a_run_directory_and_its_sites_state_are_private_to_the_user(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    _, run_dir = completed_run
+    shared = {PUBLIC_KEY_FILE: 0o644}  # what Cohort writes for others to read
+    modes = {path: stat.S_IMODE(path.stat().st_mode) for path in (run_dir, *run_dir.rglob("*"))}
+    expected = {path: 0o700 if path.is_dir() else shared.get(path.name, 0o600) for path in modes}
+    assert {p.relative_to(run_dir).as_posix(): oct(m) for p, m in modes.items() if m != expected[p]} == {}
 
 
 def test_simulation_writes_a_complete_run_directory(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
@@ -76,30 +88,28 @@ def test_simulation_writes_a_complete_run_directory(completed_run: tuple[subproc
 def test_metrics_have_one_line_a_round_with_every_site(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
     _, run_dir = completed_run
     metrics = _metrics(run_dir)
-    assert [m["round"] for m in metrics] == [1, 2]
+    assert [m.round for m in metrics] == [1, 2]
     for record in metrics:
-        assert set(record["sites"]) == {"site-0", "site-1", "site-2"}
-        assert 0.0 <= record["global"]["accuracy"] <= 1.0
-        assert all(0 < site["epsilon"] <= 8.0 for site in record["sites"].values())
+        assert set(record.sites) == {"site-0", "site-1", "site-2"}
+        assert 0.0 <= record.accuracy <= 1.0
+        assert all(0 < site.epsilon <= 8.0 for site in record.sites.values())
 
 
-def _releases(ledger: Path, site: str | None = None) -> list[dict]:
-    records = [json.loads(line)["record"] for line in ledger.read_text().splitlines()]
-    return [r for r in records if r["kind"] == "release" and (site is None or r["site"] == site)]
+def _releases(ledger: Path) -> list[LedgerRecord]:
+    return [e.record for e in read_entries(ledger) if e.record.kind == RecordKind.RELEASE]
 
 
-def _recomputed_epsilon(releases: list[dict]) -> float:
-    history = tuple((r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in releases)
-    return PrivacyState(1.0, 1.0, "rdp", history).epsilon(releases[-1]["delta"])
+def _recomputed_epsilon(releases: list[LedgerRecord]) -> float:
+    return PrivacyState(1.0, 1.0, "rdp", history_of(releases)).epsilon(releases[-1].delta)
 
 
 def test_run_ledger_has_one_record_per_site_per_round_that_recomputes_to_its_epsilon(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
     _, run_dir = completed_run
     records = _releases(run_dir / "privacy_ledger.jsonl")
-    assert sorted((r["round"], r["site"]) for r in records) == [(r, f"site-{s}") for r in (1, 2) for s in range(3)]
+    assert sorted((r.round, r.site) for r in records) == [(r, f"site-{s}") for r in (1, 2) for s in range(3)]
     for site in ("site-0", "site-1", "site-2"):
-        mine = sorted((r for r in records if r["site"] == site), key=lambda r: r["round"])
-        assert _recomputed_epsilon(mine) == pytest.approx(mine[-1]["epsilon"], rel=1e-9)
+        mine = sorted((r for r in records if r.site == site), key=lambda r: r.round)
+        assert _recomputed_epsilon(mine) == pytest.approx(mine[-1].epsilon, rel=1e-9)
 
 
 def test_each_site_keeps_its_own_signed_ledger_that_verifies(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
@@ -118,10 +128,10 @@ def test_audit_of_a_run_directory_recomputes_every_sites_epsilon(completed_run: 
     result = subprocess.run([COHORT, "audit", str(run_dir)], capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     report = json.loads((run_dir / "audit.json").read_text())
-    last = _metrics(run_dir)[-1]["sites"]
+    last = _metrics(run_dir)[-1].sites
     for site in ("site-0", "site-1", "site-2"):
-        assert report["sites"][site]["epsilon_total"] == pytest.approx(last[site]["epsilon"], rel=1e-9)
-        assert report["sites"][site]["epsilon_this_run"] == pytest.approx(last[site]["epsilon"], rel=1e-9)
+        assert report["sites"][site]["epsilon_total"] == pytest.approx(last[site].epsilon, rel=1e-9)
+        assert report["sites"][site]["epsilon_this_run"] == pytest.approx(last[site].epsilon, rel=1e-9)
         assert report["sites"][site]["chain"] == "verified"
     assert (run_dir / "audit.html").exists()
 
@@ -155,21 +165,21 @@ def test_interrupted_run_resumes_at_the_next_round_with_epsilon_continuing(tmp_p
     assert process.returncode == 130, output
     run_dir = _run_dir(runs)
     assert not (run_dir / "summary.json").exists()
-    done = max(m["round"] for m in _metrics(run_dir))
+    done = max(m.round for m in _metrics(run_dir))
     assert done < 3
 
     resumed = subprocess.run([COHORT, "simulate", "--resume", str(run_dir)], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     metrics = _metrics(run_dir)
-    assert [m["round"] for m in metrics] == [1, 2, 3]
+    assert [m.round for m in metrics] == [1, 2, 3]
     for site in ("site-0", "site-1", "site-2"):
-        epsilons = [m["sites"][site]["epsilon"] for m in metrics]
+        epsilons = [m.sites[site].epsilon for m in metrics]
         assert epsilons[0] < epsilons[1] < epsilons[2] <= 8.0
     # The site's own ledger holds every release, including one made in the round that was
     # interrupted; the reported epsilon composes all of them.
     site0 = _releases(run_dir / "federation" / "site-0" / "privacy_ledger.jsonl")
-    assert site0[-1]["epsilon"] == pytest.approx(_recomputed_epsilon(site0), rel=1e-9)
-    assert metrics[-1]["sites"]["site-0"]["epsilon"] == pytest.approx(site0[-1]["epsilon"], rel=1e-9)
+    assert site0[-1].epsilon == pytest.approx(_recomputed_epsilon(site0), rel=1e-9)
+    assert metrics[-1].sites["site-0"].epsilon == pytest.approx(site0[-1].epsilon, rel=1e-9)
 
 
 def _simulate(*args: str) -> subprocess.CompletedProcess[str]:
@@ -185,15 +195,15 @@ def test_a_second_run_on_the_same_data_starts_from_what_the_first_spent(tmp_path
     first_metrics, second_metrics = _metrics(_run_dir(tmp_path / "first")), _metrics(_run_dir(tmp_path / "second"))
     for site in ("site-0", "site-1", "site-2"):
         releases = _releases(home / site / "privacy_ledger.jsonl")
-        assert len({r["run_id"] for r in releases}) == 2 and len(releases) == 4
-        assert second_metrics[0]["sites"][site]["epsilon"] > first_metrics[-1]["sites"][site]["epsilon"]
-        assert second_metrics[-1]["sites"][site]["epsilon"] == pytest.approx(_recomputed_epsilon(releases), rel=1e-9)
+        assert len({r.run_id for r in releases}) == 2 and len(releases) == 4
+        assert second_metrics[0].sites[site].epsilon > first_metrics[-1].sites[site].epsilon
+        assert second_metrics[-1].sites[site].epsilon == pytest.approx(_recomputed_epsilon(releases), rel=1e-9)
 
 
 def test_a_site_whose_budget_runs_out_is_refused_and_the_run_finishes_with_the_others(tmp_path: Path) -> None:
-    from common.config import DataConfig
-    from common.data.federation import simulated_site_data
     from client.training import steps_per_epoch
+    from server.run_config import DataConfig
+    from simulations.federation import simulated_site_data
 
     sigma, batch = 1.5, 256
     steps = steps_per_epoch(len(simulated_site_data(DataConfig(), 1, 3).train), batch)
@@ -206,10 +216,10 @@ def test_a_site_whose_budget_runs_out_is_refused_and_the_run_finishes_with_the_o
     result = _simulate("--set", "rounds=3", "--set", f"noise-multiplier={sigma}", "--federation-home", str(home), "--runs-dir", str(tmp_path / "runs"))
     assert result.returncode == 0, result.stdout + result.stderr
     metrics = _metrics(_run_dir(tmp_path / "runs"))
-    trained = [sorted(name for name, site in m["sites"].items() if site.get("trained")) for m in metrics]
+    trained = [sorted(name for name, site in m.sites.items() if site.trained) for m in metrics]
     assert trained == [["site-0", "site-1", "site-2"], ["site-0", "site-2"], ["site-0", "site-2"]]
-    assert metrics[-1]["refused"] == ["site-1"]
+    assert metrics[-1].refused == ("site-1",)
     assert "refused to train (out of the run): site-1" in result.stdout
-    site1 = [json.loads(line)["record"] for line in (home / "site-1" / "privacy_ledger.jsonl").read_text().splitlines()]
-    assert [(r["round"], r["kind"]) for r in site1] == [(1, "release"), (2, "refusal")]
-    assert "over its budget" in site1[1]["reason"]
+    site1 = [e.record for e in read_entries(home / "site-1" / "privacy_ledger.jsonl")]
+    assert [(r.round, r.kind) for r in site1] == [(1, "release"), (2, "refusal")]
+    assert "over its budget" in site1[1].reason

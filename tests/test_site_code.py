@@ -25,10 +25,13 @@ import numpy as np
 import psutil
 import pytest
 
-from common.flower_runtime import offline_flower_env
+from common.config import SiteRunConfig
 from common.privacy.accounting import PrivacyState
-from common.privacy.ledger import LEDGER_FILE, NON_PRIVATE, REFUSAL, RELEASE, LedgerEntry, history_of, load_public_key, read_entries, verify_chain
+from common.privacy.ledger import LEDGER_FILE, LedgerEntry, RecordKind, history_of, load_public_key, read_entries, verify_chain
+from deploy.flower_runtime import offline_flower_env
 from deploy.launch import SITE_RUNTIME_DIR, SuperNodeLaunch, flower_env
+from server.records import SiteRound
+from server.rundir import RunDirectory
 from simulations.local_superlink import free_port, stop_process_tree
 from tests.conftest import make_images
 
@@ -77,7 +80,7 @@ class Federation:
         assert result.returncode == 0 and started, result.stdout + result.stderr
         listed = self.coordinator("list", "--run-id", started.group(1), CONNECTION, "--format", "json")
         (run,) = json.loads(listed.stdout)["runs"]
-        run["metrics"] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] if (run_dir / "metrics.jsonl").exists() else []
+        run["metrics"] = RunDirectory(run_dir).read_metrics()
         return run
 
     def stop(self) -> None:
@@ -151,26 +154,50 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         assert not leftovers, f"processes left running: {leftovers}"
 
 
-def _hostile_app(root: Path) -> Path:
-    """A copy of the Cohort app whose ClientApp skips the budget check and trains with no
-    noise at all, even where the site's policy forbids it."""
-    app = root / "hostile-app"
+def _app_copy(root: Path, name: str) -> Path:
+    app = root / name
     shutil.copytree(APP_DIR, app, ignore=shutil.ignore_patterns(".*", "runs", "tests", "docs", "docker", "benchmarks", "__pycache__", "*.egg-info"))
-    client_app = app / "client" / "app.py"
-    code = client_app.read_text()
-    skipped = (
-        ("    if not run.dp.sample_level and not site.allow_non_private:", "    if False:"),
-        ("    privacy = _planned_privacy(release, entries, len(data.train)) if run.dp.sample_level else None\n", "    privacy = None\n"),
-    )
-    for honest, hostile in skipped:
-        assert honest in code
-        code = code.replace(honest, hostile)
-    client_app.write_text(code)
     return app
 
 
-def _sites_reported(run: dict) -> list[dict]:
-    return [site for round_metrics in run["metrics"] for site in round_metrics.get("sites", {}).values()]
+def _edit(path: Path, changes: tuple[tuple[str, str], ...]) -> None:
+    code = path.read_text()
+    for old, new in changes:
+        assert old in code, f"{path} no longer holds {old!r}"
+        code = code.replace(old, new)
+    path.write_text(code)
+
+
+def _hostile_app(root: Path) -> Path:
+    """A copy of the Cohort app whose ClientApp skips the budget check and trains with no
+    noise at all, even where the site's policy forbids it."""
+    app = _app_copy(root, "hostile-app")
+    skipped = (
+        ("    if not run.dp.sample_level and not site.allow_non_private:", "    if False:"),
+        ("    privacy = _planned_privacy(run, site, spender, entries, len(data.train)) if run.dp.sample_level else None\n", "    privacy = None\n"),
+    )
+    _edit(app / "client" / "app.py", skipped)
+    return app
+
+
+def _newer_coordinator_app(root: Path) -> Path:
+    """A copy of the Cohort app one coordinator version ahead of the sites: a changed
+    server/ file and a run-config setting the sites' installed version does not know, and
+    the sites' own site package (client/ and common/)."""
+    app = _app_copy(root, "newer-coordinator-app")
+    _edit(app / "server" / "run_config.py", (("    fairness_margin: float = 0.05\n", "    fairness_margin: float = 0.05\n    coordinator_note: str = \"\"\n"),))
+    _edit(app / "pyproject.toml", (("fairness-margin = 0.05\n", "fairness-margin = 0.05\ncoordinator-note = \"\"\n"),))
+    return app
+
+
+@pytest.fixture(scope="module")
+def honest_run(federation: Federation) -> dict:
+    """The first run the sites answer, submitted by a coordinator one version ahead of them."""
+    return federation.run(_newer_coordinator_app(federation.root), "accountant='gdp' seed=1 coordinator-note='newer'", "honest")
+
+
+def _sites_reported(run: dict) -> list[SiteRound]:
+    return [site for record in run["metrics"] for site in record.sites.values()]
 
 
 def test_a_fab_whose_clientapp_skips_the_budget_check_is_refused_and_recorded(federation: Federation) -> None:
@@ -178,39 +205,51 @@ def test_a_fab_whose_clientapp_skips_the_budget_check_is_refused_and_recorded(fe
     assert not _sites_reported(run), "an update from the hostile code reached the coordinator"
     for site in SITES:
         entries = federation.entries(site)
-        assert entries and {e.record.kind for e in entries} == {REFUSAL}, entries
+        assert entries and {e.record.kind for e in entries} == {RecordKind.REFUSAL}, entries
         assert all("refuses to run this run's code" in e.record.reason and "client/app.py" in e.record.reason for e in entries)
         assert all(e.record.config_hash.startswith("fab:") for e in entries)
         assert "refused run" in federation.log(site)
 
 
-def test_the_sites_own_code_trains_with_the_sites_accountant_whatever_the_run_config_names(federation: Federation) -> None:
-    run = federation.run(APP_DIR, "accountant='gdp' seed=1", "honest")
+def test_the_sites_own_code_trains_with_the_sites_accountant_whatever_the_run_config_names(federation: Federation, honest_run: dict) -> None:
+    run = honest_run
     assert run["status"] == "finished:completed", run
     for site, budget in SITES.items():
-        releases = [e.record for e in federation.entries(site) if e.record.kind == RELEASE]
+        releases = [e.record for e in federation.entries(site) if e.record.kind == RecordKind.RELEASE]
         assert [r.round for r in releases] == [1]
         assert {r.accountant for r in releases} == {"rdp"}
         rdp = PrivacyState(1.0, 1.0, "rdp", history_of(releases)).epsilon(DELTA)
         assert releases[-1].epsilon == pytest.approx(rdp) and rdp <= budget
 
 
+def test_a_site_answers_a_coordinator_whose_own_code_and_settings_are_newer_than_its_own(federation: Federation, honest_run: dict) -> None:
+    """docs/site.md, "Versions": a site ignores run-config keys it does not read, and signs
+    the fingerprint of those it does, which the newer coordinator computes alike."""
+    assert honest_run["status"] == "finished:completed", honest_run
+    assert {name for record in honest_run["metrics"] for name, site in record.sites.items() if site.trained} == set(SITES)
+    settings = json.loads((federation.root / "runs" / "honest" / "config.json").read_text())["run_config"]
+    assert settings["coordinator-note"] == "newer"
+    for site in SITES:
+        last = federation.entries(site)[-1].record
+        assert last.kind == RecordKind.RELEASE and last.config_hash == SiteRunConfig.from_flower(settings).site_fingerprint()
+
+
 def test_with_the_default_policy_the_coordinator_receives_no_per_site_training_or_validation_metrics(federation: Federation) -> None:
     run_dir = federation.root / "runs" / "honest"
-    reported = [site for line in (run_dir / "metrics.jsonl").read_text().splitlines() for site in json.loads(line)["sites"].values()]
+    reported = [site for record in RunDirectory(run_dir).read_metrics() for site in record.sites.values()]
     assert reported, "no site took part in the honest run"
     for site in reported:
-        assert site.get("train_loss") is None and site.get("train_accuracy") is None
-        assert site.get("val_loss") is None and site.get("val_accuracy") is None
-        assert site["num_examples"] > 0 and site["epsilon"] > 0
+        assert site.train_loss is None and site.train_accuracy is None
+        assert site.val_loss is None and site.val_accuracy is None
+        assert site.num_examples > 0 and site.epsilon > 0
 
 
 def test_another_seed_and_validation_share_continue_the_same_budget(federation: Federation) -> None:
     federation.run(APP_DIR, "seed=43 val-fraction=0.3 noise-multiplier=1.0", "again")
     for site, budget in SITES.items():
         entries = federation.entries(site)
-        assert entries[-1].record.kind == REFUSAL and f"over its budget of {budget:g}" in entries[-1].record.reason
-        releases = [e.record for e in entries if e.record.kind == RELEASE]
+        assert entries[-1].record.kind == RecordKind.REFUSAL and f"over its budget of {budget:g}" in entries[-1].record.reason
+        releases = [e.record for e in entries if e.record.kind == RecordKind.RELEASE]
         assert len({r.dataset_hash for r in releases}) == 1
         assert PrivacyState(1.0, 1.0, "rdp", history_of(releases)).epsilon(DELTA) <= budget
 
@@ -227,9 +266,9 @@ def test_the_run_config_cannot_turn_dp_off_nor_move_the_ledger_and_a_truncated_l
     assert not _sites_reported(run)
     assert not elsewhere.exists()
     entries = federation.entries("hospital-a")
-    assert [e.record.kind for e in entries[before:]] == [REFUSAL]
+    assert [e.record.kind for e in entries[before:]] == [RecordKind.REFUSAL]
     assert "refuses to train without differential privacy" in entries[-1].record.reason
-    assert not any(e.record.kind == NON_PRIVATE for e in entries)
+    assert not any(e.record.kind == RecordKind.NON_PRIVATE for e in entries)
     assert len(federation.entries("hospital-b")) == len(lines) - 1
     operator_lines = [line for line in federation.log("hospital-b").splitlines() if "refuses to train until its operator" in line]
     assert len(operator_lines) == 1 and "records were removed from its end" in operator_lines[0]
@@ -241,5 +280,5 @@ def test_audit_shows_every_dataset_a_site_spent_on_and_its_chain_verifies(federa
     result = subprocess.run([str(BIN / "cohort"), "audit", str(state)], capture_output=True, text=True, timeout=120, cwd=federation.root)
     assert result.returncode == 0, result.stderr
     report = json.loads((state / "audit.json").read_text()) if (state / "audit.json").exists() else None
-    identities = {e.record.dataset_hash for e in federation.entries("hospital-a") if e.record.kind == RELEASE}
+    identities = {e.record.dataset_hash for e in federation.entries("hospital-a") if e.record.kind == RecordKind.RELEASE}
     assert report is not None and set(report["sites"]["hospital-a"]["datasets"]) == identities

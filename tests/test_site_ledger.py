@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from common.privacy.ledger import HEAD_FILE, LEDGER_FILE, PRIVATE_KEY_FILE, REFUSAL, LedgerBroken, LedgerRecord, SiteLedger
+from cli.terminal import labelled
+from common.privacy.ledger import HEAD_FILE, LEDGER_FILE, PRIVATE_KEY_FILE, LedgerBroken, LedgerRecord, RecordKind, SiteLedger
 
 BIN = Path(sys.executable).parent
 
 
 def _record(round_: int) -> LedgerRecord:
     return LedgerRecord(
-        kind=REFUSAL, run_id=1, round=round_, site="site", mechanism="", noise_multiplier=0.0, sample_rate=0.0, sampling="poisson",
+        kind=RecordKind.REFUSAL, run_id=1, round=round_, site="site", mechanism="", noise_multiplier=0.0, sample_rate=0.0, sampling="poisson",
         steps=0, clip_norm=1.0, delta=1e-5, epsilon=0.0, accountant="rdp", budget_epsilon=8.0, dataset_hash="d", model_hash="",
         config_hash="", reason="test",
     )  # fmt: skip
@@ -86,7 +87,7 @@ def test_cohort_site_init_makes_the_key_and_an_empty_head_and_prints_the_fingerp
     result = subprocess.run([str(BIN / "cohort"), "site", "init", "--state-dir", str(tmp_path / "site")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     ledger = SiteLedger(tmp_path / "site", create_key=False)
-    assert f"fingerprint {ledger.fingerprint()}" in result.stdout
+    assert labelled("fingerprint", ledger.fingerprint()) in result.stdout
     assert (tmp_path / "site" / HEAD_FILE).exists() and not (tmp_path / "site" / LEDGER_FILE).exists()
     assert ledger.verified_entries() == []
 

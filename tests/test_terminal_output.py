@@ -17,10 +17,12 @@ import typer
 
 from cli.main import app
 from cli.rounds import round_line
-from common.config import DataConfig, RunConfig
 from common.privacy.accounting import PrivacyState
-from common.privacy.ledger import NON_PRIVATE, RELEASE, SAMPLE_LEVEL_DP_SGD, LedgerRecord, SiteLedger
-from common.rundir import RunDirectory
+from common.privacy.ledger import LedgerRecord, Noise, SiteLedger, Spender
+from common.privacy.mechanisms import Mechanism
+from server.records import CentralRelease, Failure, Rejection, RoundRecord, SiteRound
+from server.run_config import DataConfig, RunConfig
+from server.rundir import RunDirectory
 
 COHORT = str(Path(sys.executable).parent / "cohort")
 COLUMNS = 80
@@ -31,9 +33,9 @@ COMMAND_LINE = re.compile(r"^(cohort |flwr |--|`[^`]+`[.;,]?$)")
 LONG_FOLDER = Path("a-folder-with-a-rather-long-name") / "and-another-one-inside-it-to-make-paths-long"
 
 
-def _record(**extra: object) -> dict:
-    sites = {f"site-{i}": {"epsilon": 7.95, "trained": True} for i in range(5)}
-    return {"round": 50, "global": {"accuracy": 0.9361, "loss": 0.2113}, "sites": sites, "failures": [], "seconds": 123.4, **extra}
+def _record(**extra: object) -> RoundRecord:
+    sites = {f"site-{i}": SiteRound(trained=True, epsilon=7.95) for i in range(5)}
+    return RoundRecord(round=50, accuracy=0.9361, loss=0.2113, sites=sites, seconds=123.4, **extra)  # type: ignore[arg-type]
 
 
 def test_a_round_line_fits_80_columns() -> None:
@@ -43,12 +45,16 @@ def test_a_round_line_fits_80_columns() -> None:
 
 
 def test_client_level_rounds_say_whose_epsilon_it_is() -> None:
-    line = round_line(_record(client_level={"epsilon": 3.2, "released": False}), rounds=10)
+    line = round_line(_record(client_level=CentralRelease(released=False, epsilon=3.2)), rounds=10)
     assert "client eps 3.20 held" in line and len(line) <= 80
 
 
 def test_problems_go_on_their_own_lines() -> None:
-    record = _record(failures=[{"site": "site-3"}], rejected=[{"site": "site-1"}, {"site": "site-2"}], refused=["site-4"])
+    record = _record(
+        failures=(Failure(3, "site-3", "train", "no reply within 600s"),),
+        rejected=(Rejection(1, "site-1", "train", "NaN"), Rejection(2, "site-2", "train", "NaN")),
+        refused=("site-4",),
+    )
     first, *problems = round_line(record, rounds=50).splitlines()
     assert len(first) <= 80
     assert [p.strip() for p in problems] == ["failed: site-3", "rejected: site-1, site-2", "refused: site-4"]
@@ -71,14 +77,11 @@ def _ledger(state_dir: Path) -> Path:
     audit prints its tables and its warnings."""
     ledger = SiteLedger(state_dir, create_key=True)
     spent = PrivacyState(1.2, 0.25, "rdp", ((1.2, 0.25, 8),)).epsilon(1e-5)
-    for round_, kind, steps in ((1, RELEASE, 4), (2, RELEASE, 8), (3, NON_PRIVATE, 0)):
-        ledger.append(
-            LedgerRecord(
-                kind=kind, run_id=1, round=round_, site="hospital-with-a-long-name", mechanism=SAMPLE_LEVEL_DP_SGD,
-                noise_multiplier=1.2, sample_rate=0.25, sampling="poisson", steps=steps, clip_norm=1.0, delta=1e-5,
-                epsilon=spent, accountant="rdp", budget_epsilon=round(spent * 1.05, 2), dataset_hash="d", model_hash="m", config_hash="c",
-            )
-        )  # fmt: skip
+    for round_, steps in ((1, 4), (2, 8)):
+        spender = Spender(1, round_, "hospital-with-a-long-name", 1e-5, round(spent * 1.05, 2), "d", "c")
+        ledger.append(LedgerRecord.release(spender, Mechanism.SAMPLE_LEVEL_DP_SGD, Noise(1.2, 0.25, steps=steps, clip_norm=1.0), spent, "rdp", "m"))
+    spender = Spender(1, 3, "hospital-with-a-long-name", 1e-5, round(spent * 1.05, 2), "d", "c")
+    ledger.append(LedgerRecord.non_private(spender, Mechanism.NONE, 0, 1.0, "rdp", "m"))
     return state_dir
 
 

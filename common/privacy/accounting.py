@@ -14,10 +14,16 @@ from functools import lru_cache
 
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
+from opacus.accountants.registry import _ACCOUNTANTS
 
 from common.errors import CohortInputError
 
 HistoryEntry = tuple[float, float, int]
+
+# Opacus' accountants that compose a single (sigma, q) only: the GaussianAccountant raises
+# when a step changes either, and its get_epsilon reads only the last history entry, so a
+# restored history of several would silently count the last mechanism alone.
+CONSTANT_NOISE_ACCOUNTANTS = frozenset({"gdp"})
 
 
 @dataclass(frozen=True)
@@ -26,7 +32,7 @@ class PrivacyState:
 
     noise_multiplier: sigma chosen once for the run (given, or derived from the budget).
     sample_rate: q, the Poisson sampling probability of one example per step.
-    accountant: the Opacus mechanism name ('rdp', 'prv' or 'gdp').
+    accountant: the Opacus mechanism name ('rdp', 'prv' or 'gdp': accountant_names()).
     history: (sigma, q, steps) entries in the order they were spent.
     """
 
@@ -40,9 +46,17 @@ class PrivacyState:
         return sum(steps for _, _, steps in self.history)
 
     def epsilon(self, delta: float) -> float:
+        """Raises CohortInputError when the accountant cannot compose this history."""
         if not self.history:
             return 0.0
-        return _epsilon(self.accountant, merged_history(self.history), delta)
+        history = merged_history(self.history)
+        if self.accountant in CONSTANT_NOISE_ACCOUNTANTS and len(history) > 1:
+            mechanisms = ", ".join(f"sigma {sigma:.4g} at q {q:.4g}" for sigma, q, _ in history)
+            raise CohortInputError(
+                f"the {self.accountant} accountant composes one noise multiplier and sample rate only, and this "
+                f"dataset would be released at {len(history)} ({mechanisms}); use accountant rdp or prv"
+            )
+        return _epsilon(self.accountant, history, delta)
 
     def with_steps(self, steps: int) -> PrivacyState:
         """This state after `steps` more steps at its own sigma and q (not yet taken)."""
@@ -51,6 +65,13 @@ class PrivacyState:
     def after(self, accountant: IAccountant) -> PrivacyState:
         """This state with the history a round's accountant ended with."""
         return PrivacyState(self.noise_multiplier, self.sample_rate, self.accountant, _history_of(accountant))
+
+
+def accountant_names() -> tuple[str, ...]:
+    """The accountants a run or a site may name: Opacus' own registry (what
+    `create_accountant` builds, including any added with `register_accountant`), which has
+    no public listing but its dict."""
+    return tuple(_ACCOUNTANTS)
 
 
 def restore_accountant(state: PrivacyState) -> IAccountant:

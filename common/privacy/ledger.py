@@ -24,19 +24,34 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common.errors import CohortInputError
+from common.privacy.mechanisms import Mechanism
+from common.private_files import open_private, private_dir
 
-SAMPLE_LEVEL_DP_SGD = "sample-level-dp-sgd"
-CLIENT_LEVEL_DP_FEDAVG = "client-level-dp-fedavg"
-RELEASE = "release"
-REFUSAL = "refusal"
-NON_PRIVATE = "non-private"  # training without DP, allowed by the site's policy: no guarantee
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord
+
+
+class RecordKind(StrEnum):
+    """What a ledger record says happened."""
+
+    RELEASE = "release"
+    REFUSAL = "refusal"
+    NON_PRIVATE = "non-private"  # training without DP, allowed by the site's policy: no guarantee
+
+
+class Sampling(StrEnum):
+    """What a record's sample rate q refers to, and so which amplification its epsilon claims."""
+
+    POISSON = "poisson"
+    NONE = "none"  # q = 1: no amplification by sampling claimed
 
 LEDGER_FILE = "privacy_ledger.jsonl"
 HEAD_FILE = "privacy_ledger.head.json"
@@ -49,15 +64,18 @@ GENESIS_HASH = "0" * 64
 class LedgerRecord:
     """One DP release (or one refused release), enough to recompute the epsilon.
 
-    kind: 'release'; 'refusal' for a round the site declined; 'non-private' for training
-        without DP that the site's policy allowed (it carries no guarantee).
+    kind: a RecordKind: 'release'; 'refusal' for a round the site declined; 'non-private'
+        for training without DP that the site's policy allowed (it carries no guarantee).
+        Records are built by the constructors below (release, non_private, refusal), the
+        one place that says what each kind records.
     run_id: the Flower run that asked for the release.
     round: the federated round.
     site: the site that trained (or the server, for client-level DP).
-    mechanism: sample-level DP-SGD at a site, or client-level DP-FedAvg at the server.
+    mechanism: the run's common.privacy.mechanisms.Mechanism: sample-level DP-SGD at a
+        site, client-level DP-FedAvg at the server, or none ('' for code a site refused).
     noise_multiplier: sigma, noise std in units of clip_norm.
     sample_rate: q, the sampling probability of one example (or client) per step.
-    sampling: the scheme q refers to ('poisson'; 'none' means q = 1, no amplification).
+    sampling: the Sampling scheme q refers to ('poisson'; 'none' means q = 1, no amplification).
     steps: noisy steps in this release.
     clip_norm: C, the per-example (or per-update) L2 bound.
     delta: the delta at which epsilon is stated.
@@ -68,8 +86,10 @@ class LedgerRecord:
         spending composes per dataset ('' for a refusal made before the site read its data:
         a run's code it did not install, or a run without the DP its policy requires).
     model_hash: SHA-256 of the released weights ('' for a refusal).
-    config_hash: the run config's fingerprint; 'fab:<FAB hash>' when the site refused to run
-        the code a run shipped (client/site_runner.py).
+    config_hash: the fingerprint of the run config's site-facing settings
+        (common.config.SiteRunConfig.site_fingerprint), which site and coordinator both
+        compute; at the server, the whole run config's; 'fab:<FAB hash>' when the site
+        refused to run the code a run shipped (client/site_runner.py).
     timestamp: seconds since the epoch.
     reason: why a refusal happened ('' for a release).
     """
@@ -93,6 +113,74 @@ class LedgerRecord:
     config_hash: str
     timestamp: float = field(default_factory=time.time)
     reason: str = ""
+
+    @classmethod
+    def release(cls, spender: Spender, mechanism: Mechanism, noise: Noise, epsilon: float, accountant: str, model_hash: str) -> LedgerRecord:
+        """A DP release: `noise` protected the model with hash `model_hash`, and the
+        spender's epsilon under `accountant` stands at `epsilon` after it."""
+        return cls._of(RecordKind.RELEASE, spender, mechanism, noise, epsilon, accountant, model_hash)
+
+    @classmethod
+    def non_private(cls, spender: Spender, mechanism: Mechanism, steps: int, clip_norm: float, accountant: str, model_hash: str) -> LedgerRecord:
+        """Training without noise of the spender's own (its policy allowed it): no guarantee
+        of its own, whatever `mechanism` may add after it."""
+        return cls._of(RecordKind.NON_PRIVATE, spender, mechanism, Noise(steps=steps, clip_norm=clip_norm), 0.0, accountant, model_hash)
+
+    @classmethod
+    def refusal(cls, spender: Spender, reason: str, epsilon: float, accountant: str, mechanism: str = "", noise: Noise | None = None) -> LedgerRecord:
+        """A round the spender declined, and why; `epsilon`: what it had spent, and `noise`
+        what the round would have applied, when it knew."""
+        return cls._of(RecordKind.REFUSAL, spender, mechanism, noise or Noise(), epsilon, accountant, "", reason)
+
+    @classmethod
+    def _of(cls, kind: RecordKind, spender: Spender, mechanism: str, noise: Noise, epsilon: float, accountant: str, model_hash: str, reason: str = "") -> LedgerRecord:
+        return cls(
+            kind=kind,
+            run_id=spender.run_id,
+            round=spender.round,
+            site=spender.site,
+            mechanism=mechanism,
+            noise_multiplier=noise.noise_multiplier,
+            sample_rate=noise.sample_rate,
+            sampling=noise.sampling,
+            steps=noise.steps,
+            clip_norm=noise.clip_norm,
+            delta=spender.delta,
+            epsilon=epsilon,
+            accountant=accountant,
+            budget_epsilon=spender.budget_epsilon,
+            dataset_hash=spender.dataset_hash,
+            model_hash=model_hash,
+            config_hash=spender.config_hash,
+            reason=reason,
+        )
+
+
+@dataclass(frozen=True)
+class Spender:
+    """What every record of one spender's round shares: who spends (a site, or the server
+    for client-level DP), in which run and round, on which data, under which run config
+    and budget. Fields as in LedgerRecord."""
+
+    run_id: int
+    round: int
+    site: str
+    delta: float
+    budget_epsilon: float
+    dataset_hash: str
+    config_hash: str
+
+
+@dataclass(frozen=True)
+class Noise:
+    """The Gaussian mechanism of a release: sigma in units of C, q and what q assumes, the
+    noisy steps taken, and C. Fields as in LedgerRecord; the default is no noise at all."""
+
+    noise_multiplier: float = 0.0
+    sample_rate: float = 0.0
+    sampling: Sampling = Sampling.POISSON
+    steps: int = 0
+    clip_norm: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -206,11 +294,8 @@ class SiteLedger:
         ledger one signed record ahead of its head, which verification accepts.
         """
         existing = self.entries()
-        previous = existing[-1].entry_hash() if existing else GENESIS_HASH
-        unsigned = LedgerEntry(len(existing), previous, record, signature="")
-        signature = base64.b64encode(self._key.sign(unsigned.signed_payload())).decode()
-        entry = dataclasses.replace(unsigned, signature=signature)
-        with self.path.open("a", encoding="utf-8") as stream:
+        entry = sign_entry(self._key, len(existing), existing[-1].entry_hash() if existing else GENESIS_HASH, record)
+        with open_private(self.path, "a") as stream:
             stream.write(entry.to_json() + "\n")
             stream.flush()
             os.fsync(stream.fileno())
@@ -243,7 +328,7 @@ def write_head(path: Path, head: LedgerHead) -> None:
     unreadable, and the site then refuses to train until its operator restores it. Either
     way no release is lost and no site spends more."""
     temporary = path.with_suffix(".tmp")
-    with temporary.open("w", encoding="utf-8") as stream:
+    with open_private(temporary, "w") as stream:
         json.dump({"count": head.count, "last_hash": head.last_hash}, stream)
     os.replace(temporary, path)
 
@@ -268,6 +353,12 @@ def read_entries(path: Path) -> list[LedgerEntry]:
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise CohortInputError(f"{path}: record {number} is not a ledger record ({type(error).__name__}); the file is truncated or edited") from None
     return entries
+
+
+def sign_entry(key: Ed25519PrivateKey, sequence: int, previous_hash: str, record: LedgerRecord) -> LedgerEntry:
+    """`record` as the entry at `sequence` after the entry hashing to `previous_hash`, signed."""
+    unsigned = LedgerEntry(sequence, previous_hash, record, signature="")
+    return dataclasses.replace(unsigned, signature=base64.b64encode(key.sign(unsigned.signed_payload())).decode())
 
 
 def verify_chain(entries: list[LedgerEntry], public_key: Ed25519PublicKey) -> str | None:
@@ -305,6 +396,12 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     return key
 
 
+def model_hash(arrays: ArrayRecord) -> str:
+    """The model hash a release records and the server checks against what the reply
+    carries: SHA-256 over the arrays' bytes, in the order the record holds (and sends) them."""
+    return sha256_hex(*(array.numpy().tobytes() for array in arrays.values()))
+
+
 def sha256_hex(*chunks: bytes) -> str:
     digest = hashlib.sha256()
     for chunk in chunks:
@@ -318,12 +415,12 @@ def history_of(records: Iterable[LedgerRecord]) -> tuple[tuple[float, float, int
 
 
 def iter_releases(entries: list[LedgerEntry], dataset_hash: str) -> Iterator[LedgerRecord]:
-    return (e.record for e in entries if e.record.kind == RELEASE and e.record.dataset_hash == dataset_hash)
+    return (e.record for e in entries if e.record.kind == RecordKind.RELEASE and e.record.dataset_hash == dataset_hash)
 
 
 def _load_or_create_key(state_dir: Path, head_path: Path) -> Ed25519PrivateKey:
     """The site's signing key, created on first use with 0600 permissions, with an empty head."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(state_dir)
     key_file = state_dir / PRIVATE_KEY_FILE
     if key_file.exists():
         if key_file.stat().st_mode & 0o077:
@@ -338,7 +435,7 @@ def _load_or_create_key(state_dir: Path, head_path: Path) -> Ed25519PrivateKey:
     with os.fdopen(descriptor, "wb") as stream:
         stream.write(pem)
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    (state_dir / PUBLIC_KEY_FILE).write_bytes(public)
+    (state_dir / PUBLIC_KEY_FILE).write_bytes(public)  # meant to be shared: an auditor verifies the ledger with it
     if not head_path.exists() and not (state_dir / LEDGER_FILE).exists():
         write_head(head_path, LedgerHead(0, GENESIS_HASH))
     return key

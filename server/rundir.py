@@ -6,6 +6,8 @@ runs/<name>-<timestamp>/
   metrics.jsonl          one line a round
   privacy_ledger.jsonl   the sites' signed ledger entries of this run
   federation/<site>/     in simulation, each site's own state (ledger, key, policy)
+  site-data/site-N.npz   in simulation, each site's data, as the simulation hands it over
+                         (client.site_data)
   checkpoints/round-NNNN.pt
   model.pt               the final global model (state_dict)
   summary.json           the final figures, written last
@@ -23,9 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from common.config import RunConfig
 from common.errors import CohortInputError
 from common.privacy.ledger import LEDGER_FILE
+from common.private_files import open_private, private_dir
+from server.records import RoundRecord, Summary
+from server.run_config import RunConfig
 
 if TYPE_CHECKING:
     from torch import nn
@@ -50,8 +54,8 @@ class RunDirectory:
 
     def prepare(self, run: RunConfig) -> None:
         """Create the directory and record the config it was created for."""
-        (self.path / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-        (self.path / PLOT_DIR).mkdir(exist_ok=True)
+        private_dir(self.path / CHECKPOINT_DIR)
+        private_dir(self.path / PLOT_DIR)
         write_json_atomic(self.path / CONFIG_FILE, {"run_config": run.to_flower(), "fingerprint": run.fingerprint()})
 
     def reopen(self) -> None:
@@ -89,11 +93,6 @@ class RunDirectory:
         return self.path / MODEL_FILE
 
     @property
-    def partitions_file(self) -> Path:
-        """Every simulated site's share of the data, saved once for the site workers to read."""
-        return self.path / "partitions.npz"
-
-    @property
     def checkpoint_dir(self) -> Path:
         return self.path / CHECKPOINT_DIR
 
@@ -101,8 +100,14 @@ class RunDirectory:
     def plot_dir(self) -> Path:
         return self.path / PLOT_DIR
 
-    def read_metrics(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.metrics_file)
+    def read_metrics(self) -> list[RoundRecord]:
+        return [RoundRecord.from_json(line) for line in read_jsonl(self.metrics_file)]
+
+    def read_summary(self) -> Summary | None:
+        """The run's final figures; None while it has not finished."""
+        if not self.summary_file.is_file():
+            return None
+        return Summary.from_json(json.loads(self.summary_file.read_text(encoding="utf-8")))
 
     def final_model(self, run: RunConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
         """The finished run's global model, for what is measured after the run."""
@@ -154,7 +159,7 @@ def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 def append_lines(path: Path, lines: Iterable[str]) -> None:
     """Append whole lines and fsync, so a crash loses at most the lines being written."""
-    with path.open("a", encoding="utf-8") as stream:
+    with open_private(path, "a") as stream:
         for line in lines:
             stream.write(line + "\n")
         stream.flush()
@@ -179,5 +184,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def keep_rounds_up_to(path: Path, last_round: int) -> None:
     """Drop lines from rounds after the checkpoint we resume from: they will be redone."""
-    kept = [json.dumps(r, sort_keys=True) for r in read_jsonl(path) if r["round"] <= last_round]
+    records = [RoundRecord.from_json(line) for line in read_jsonl(path)]
+    kept = [json.dumps(r.to_json(), sort_keys=True) for r in records if r.round <= last_round]
     write_bytes_atomic(path, "".join(line + "\n" for line in kept).encode())

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from common.config import DPConfig
 from common.errors import CohortInputError
 from common.privacy.accounting import derive_noise_multiplier
+from server.run_config import CentralDPConfig
 
 # The sample rate recorded for a client-level release: no amplification is claimed.
 NO_AMPLIFICATION = 1.0
@@ -48,16 +49,16 @@ class ClientLevelNoise:
     flower: float
 
 
-def client_level_noise(dp: DPConfig, rounds: int, sample_size: int) -> ClientLevelNoise:
+def client_level_noise(dp: DPConfig, central: CentralDPConfig, rounds: int, sample_size: int) -> ClientLevelNoise:
     """The noise that keeps `rounds` releases within the run's client-level budget.
 
     The accounted sigma is dp.noise_multiplier, or the smallest sigma whose `rounds`
     releases stay within client_epsilon.
     """
-    accounted = dp.noise_multiplier or derive_noise_multiplier(dp.client_epsilon, dp.client_delta, NO_AMPLIFICATION, rounds, dp.accountant)
+    accounted = dp.noise_multiplier or derive_noise_multiplier(central.client_epsilon, central.client_delta, NO_AMPLIFICATION, rounds, dp.accountant)
     if dp.client_clipping == "fixed":
         return ClientLevelNoise(accounted=accounted, update=accounted, clipped_count=0.0, flower=accounted)
-    count = dp.clipped_count_stddev or max(sample_size / 20, 2 * accounted)
+    count = central.clipped_count_stddev or max(sample_size / 20, 2 * accounted)
     if count <= accounted:
         raise CohortInputError(
             f"clipped-count-stddev {count:g} must exceed the noise multiplier {accounted:.3f}, or the count of "

@@ -6,28 +6,29 @@ from __future__ import annotations
 
 import subprocess
 import time
-from typing import Any, Callable
+from typing import Callable
 
-from common.rundir import RunDirectory, read_jsonl
+from server.records import RoundRecord
+from server.rundir import RunDirectory
 
 POLL_INTERVAL_S = 0.5
 # Once summary.json exists the run is over; `flwr run --stream` gets this long to drain
 # the rest of the log stream before it is stopped.
 DRAIN_S = 15.0
 
-RoundCallback = Callable[[dict[str, Any]], None]
+RoundCallback = Callable[[RoundRecord], None]
 
 
 def follow_run(process: subprocess.Popen[bytes], run_dir: RunDirectory, on_round: RoundCallback) -> None:
     """Report each new round as it lands in metrics.jsonl, until process ends."""
-    reported = {r["round"] for r in read_jsonl(run_dir.metrics_file)}
+    reported = {r.round for r in run_dir.read_metrics()}
     while True:
         if run_dir.summary_file.exists():
             _wait_quietly(process, DRAIN_S)
         finished = process.poll() is not None
-        for record in read_jsonl(run_dir.metrics_file):
-            if record["round"] not in reported:
-                reported.add(record["round"])
+        for record in run_dir.read_metrics():
+            if record.round not in reported:
+                reported.add(record.round)
                 on_round(record)
         if finished:
             return

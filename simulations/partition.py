@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 
-from common.config import DataConfig
+from server.run_config import DataConfig
 from common.errors import CohortInputError
 
 

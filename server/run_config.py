@@ -1,0 +1,234 @@
+"""The coordinator's run configuration: the settings every site reads
+(common.config.SiteRunConfig) and the coordinator's own, as one typed object validated once.
+
+The coordinator owns everything here (it is the experiment), and it validates every key of
+a run config, its sites' included, before anything runs: a misspelt key is refused naming
+it. A site reads only the site-facing part and ignores the rest (docs/site.md).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Mapping
+
+from common.config import DELTA_RANGE, EPSILON_RANGE, SiteRunConfig, check_ranges, flat_values, flat_settings, in_range, number, require_choice, settings_hash
+from common.errors import CohortInputError
+from server.strategies import STRATEGIES
+
+PARTITIONERS = ("iid", "dirichlet", "shards")
+AGGREGATION_WEIGHTS = ("uniform", "examples")
+CLIPPING_SIDES = ("server", "client")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data the simulation uses, how it is split across simulated sites, and the
+    server's held-out test set.
+
+    dataset: a built-in name (digits, mnist-5k) or a path to an .npz, an MNIST IDX
+        folder or a folder of images with one subfolder per class.
+    partitioner: iid, dirichlet (label skew controlled by dirichlet_alpha) or shards
+        (each site gets shards_per_site label-sorted shards).
+    test_fraction: share held out for the server's central evaluation, when the data
+        brings no test split of its own.
+    val_fraction: share of each simulated site's data kept for local validation.
+    seed: the test split, the partitions, each simulated site's split (seed + its
+        partition id), the canaries and the global model's initial weights.
+    audit_canaries: m, the number of canaries for the one-run empirical privacy audit
+        (`cohort audit empirical`); 0 runs no audit. Each is a held-out image with a wrong
+        label that the simulated site audit_canary_site trains on with probability 1/2.
+    audit_canary_site: the partition id of the simulated site that holds the canaries.
+    """
+
+    dataset: str = "digits"
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = number(1.0, 0, 1e6, low_open=True)
+    shards_per_site: int = number(2, 1, 10_000)
+    test_fraction: float = number(0.2, 0, 1, low_open=True, high_open=True)
+    val_fraction: float = number(0.1, 0, 1, low_open=True, high_open=True)
+    seed: int = number(42, 0, 2**32 - 1)
+    audit_canaries: int = number(0, 0, 100_000, note="0 runs no audit")
+    audit_canary_site: int = number(0, 0, 100_000)
+
+    def validate(self) -> None:
+        require_choice("partitioner", self.partitioner, PARTITIONERS)
+        check_ranges(self)
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """Which sites the server asks each round and how it aggregates their updates.
+
+    strategy: one of Flower's strategies (server.strategies.STRATEGIES).
+    fraction_train: share of the sites sampled to train each round.
+    fraction_evaluate: share of the sites sampled each round to validate the global model
+        on their own data; 0 takes fraction_train, so that validation never costs more
+        than training, whatever the federation's size. The server's central evaluation on
+        its held-out test set runs every round regardless.
+    proximal_mu: FedProx's pull towards the global model, sent with each training message.
+    qfedavg_q: q of q-FedAvg (Li et al., ICLR 2020): how much more a site with a higher
+        training loss weighs; 0 is FedAvg. It reads each site's training loss.
+    byzantine_sites: f, the hostile sites a robust strategy outvotes.
+    krum_selected: how many sites MultiKrum keeps (0: all but f).
+    """
+
+    strategy: str = "fedavg"
+    fraction_train: float = number(1.0, 0, 1, low_open=True)
+    fraction_evaluate: float = number(0.0, 0, 1, note="0 takes fraction-train's share")
+    min_sites: int = number(2, 1, 100_000)
+    proximal_mu: float = number(0.01, 0, 1000)
+    server_learning_rate: float = number(0.1, 0, 100, low_open=True)
+    server_momentum: float = number(0.9, 0, 1, high_open=True)
+    trimmed_beta: float = number(0.2, 0, 0.5, high_open=True, note="FedTrimmedAvg cuts that share off each end")
+    qfedavg_q: float = number(0.1, 0, 100, note="0 is FedAvg")
+    byzantine_sites: int = number(0, 0, 100_000)
+    krum_selected: int = number(0, 0, 100_000, note="0 keeps all but byzantine-sites")
+
+    def validate(self) -> None:
+        require_choice("strategy", self.strategy, STRATEGIES)
+        check_ranges(self)
+        if self.byzantine_sites and not STRATEGIES[self.strategy].robust:
+            robust = ", ".join(name for name, spec in STRATEGIES.items() if spec.robust)
+            raise CohortInputError(
+                f"byzantine-sites is {self.byzantine_sites}, but strategy {self.strategy} assumes no hostile sites; "
+                f"choose one that outvotes them ({robust}) or set byzantine-sites = 0"
+            )
+
+    @property
+    def evaluate_share(self) -> float:
+        return self.fraction_evaluate or self.fraction_train
+
+
+@dataclass(frozen=True)
+class CentralDPConfig:
+    """The server's part of client-level DP (dp-level = 'client').
+
+    clipping_side: where updates are clipped, by the 'server' on arrival or by each
+        'client' before sending (Flower's clipping mods); the noise is always the server's.
+    target_clipped_quantile, clip_norm_lr: adaptive clipping's target quantile of update
+        norms and learning rate (DPConfig.client_clipping = 'adaptive').
+    clipped_count_stddev: the std of the noise on the count of clipped updates; 0 picks
+        max(m/20, 2 sigma) for m sampled clients (Flower's default, raised so the count
+        spends at most a quarter of the privacy).
+    client_epsilon, client_delta: the run's client-level budget; the server stops before
+        a round that would exceed it.
+    """
+
+    clipping_side: str = "server"
+    target_clipped_quantile: float = number(0.5, 0, 1)
+    clip_norm_lr: float = number(0.2, 0, 100, low_open=True)
+    clipped_count_stddev: float = number(0.0, 0, 1e6, note="0 picks the default")
+    client_epsilon: float = in_range(8.0, EPSILON_RANGE)
+    client_delta: float = in_range(1e-5, DELTA_RANGE)
+
+    def validate(self) -> None:
+        require_choice("clipping-side", self.clipping_side, CLIPPING_SIDES)
+        check_ranges(self)
+
+
+@dataclass(frozen=True)
+class ChecksConfig:
+    """How the server receives replies: what it accepts and how much each one weighs.
+
+    aggregation_weight: 'uniform' (every accepted update counts the same) or 'examples'
+        (the example count the site reports, capped at example_cap).
+    example_cap: the largest example count one site is credited with; 0 caps it at the
+        round's median reported count, so no single site can outweigh the others.
+    update_norm_bound: the largest L2 norm of (update - global model) accepted; 0 picks
+        the default of the run's DP level (see server.dp_policy).
+    update_norm_factor: that default under sample-level DP or no DP: this multiple of the
+        round's median update norm.
+    reply_timeout: seconds the server waits for the replies of one exchange; 0 sizes it
+        from the run: 600 s for the first exchange, then 4x the slowest so far (>= 60 s).
+    """
+
+    aggregation_weight: str = "uniform"
+    example_cap: int = number(0, 0, 10**9, note="0 caps it at the round's median")
+    update_norm_bound: float = number(0.0, 0, 1e9, note="0 picks the DP level's default")
+    update_norm_factor: float = number(4.0, 1, 1e6, low_open=True, note="at 1 or below, honest sites above the median are rejected")
+    reply_timeout: float = number(0.0, 0, 7 * 86400, note="0 sizes it from the run")
+
+    def validate(self) -> None:
+        require_choice("aggregation-weight", self.aggregation_weight, AGGREGATION_WEIGHTS)
+        check_ranges(self)
+
+
+@dataclass(frozen=True)
+class RunConfig(SiteRunConfig):
+    """Everything the coordinator decides for one run: what its sites read (SiteRunConfig's
+    settings) and its own, validated once on construction.
+
+    run_name: the prefix of the run directory's name.
+    resume_from: a run directory to continue at the round after its newest checkpoint.
+    fairness_margin: the fairness report warns about a site whose accuracy falls more
+        than this below the mean site's and whose 95% interval lies below that mean
+        (simulations/fairness.py).
+    """
+
+    # Where a run lives, how it is resumed or reported: a run and its resumption may differ
+    # in these without making the checkpoint foreign.
+    PLACEMENT_KEYS: ClassVar[frozenset[str]] = SiteRunConfig.PLACEMENT_KEYS | {"run_name", "resume_from", "fairness_margin", "reply_timeout"}
+
+    run_name: str = "cohort"
+    resume_from: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
+    fairness_margin: float = number(0.05, 0, 1, note="an accuracy gap")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.data.validate()
+        self.aggregation.validate()
+        self.central_dp.validate()
+        self.checks.validate()
+        strategy, mechanism = STRATEGIES[self.aggregation.strategy], self.dp.mechanism
+        if mechanism.equal_shares and not strategy.plain_mean:
+            plain = " or ".join(name for name, spec in STRATEGIES.items() if spec.plain_mean)
+            raise CohortInputError(
+                f"client-level DP needs a plain mean of the updates; strategy '{self.aggregation.strategy}' is not one; use {plain}"
+            )
+        if mechanism.equal_shares and self.checks.aggregation_weight != "uniform":
+            raise CohortInputError("client-level DP scales its noise for equal shares; set aggregation-weight = \"uniform\"")
+
+    def refuse_federation_size(self, sites: int) -> None:
+        """Refuse a federation too small for the strategy, before any round starts."""
+        aggregation, strategy = self.aggregation, STRATEGIES[self.aggregation.strategy]
+        needed = strategy.sites_needed(aggregation.byzantine_sites)
+        if sites < needed:
+            raise CohortInputError(
+                f"strategy {aggregation.strategy} with byzantine-sites={aggregation.byzantine_sites} needs "
+                f"at least {needed} sites training each round, the run has {sites}; lower byzantine-sites or add sites"
+            )
+        if strategy.selects_sites and aggregation.krum_selected > sites - aggregation.byzantine_sites:
+            raise CohortInputError(
+                f"krum-selected is {aggregation.krum_selected}; {strategy.title} can select at most the "
+                f"{sites - aggregation.byzantine_sites} sites that are not byzantine"
+            )
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's flat run config, refusing any key Cohort does not know."""
+        refuse_unknown_settings(run_config, run_settings())
+        return cls.from_settings(run_config)
+
+    def fingerprint(self) -> str:
+        """A hash of what the run computes, so a checkpoint can refuse a foreign config."""
+        return settings_hash(flat_values(self, flat_settings(RunConfig)), self.PLACEMENT_KEYS)
+
+
+def run_settings() -> frozenset[str]:
+    """Every run setting's name, as the run config spells it."""
+    return frozenset(name.replace("_", "-") for name in flat_settings(RunConfig))
+
+
+def refuse_unknown_settings(settings: Iterable[str], valid: Iterable[str]) -> None:
+    """Name the first setting that is not one of `valid`, with the valid one closest to it
+    (a typo in a key would otherwise reach Flower, which says only "Invalid run configuration")."""
+    choices = sorted(valid)
+    for name in sorted(set(settings) - set(choices)):
+        close = difflib.get_close_matches(name, choices, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "the settings are [tool.flwr.app.config] in pyproject.toml"
+        raise CohortInputError(f"unknown setting '{name}'; {hint}")

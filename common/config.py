@@ -31,9 +31,16 @@ MODELS = ("cnn", "transformer")
 # update of hooks; the training loop takes an empty Poisson batch's step itself, since ew
 # and functorch fail on one). A run may also say 'auto': AUTO_GRAD_SAMPLE_MODE's.
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
-# model -> the fastest mode for it: ew (PyTorch's expanded weights) beats hooks, functorch
-# and ghost clipping for both models at the batch sizes Cohort uses (docs/benchmarks.md).
-AUTO_GRAD_SAMPLE_MODE = {"cnn": "ew", "transformer": "ew"}
+# model -> the fastest mode for it (docs/benchmarks.md): ew (PyTorch's expanded weights)
+# beats hooks, functorch and ghost clipping for the transformer at the batch sizes Cohort
+# uses; it cannot run the cnn's weight-standardised convolutions, for which Cohort
+# registers a per-sample rule that hooks uses.
+AUTO_GRAD_SAMPLE_MODE = {"cnn": "hooks", "transformer": "ew"}
+# (model, mode) -> why that mode cannot train that model.
+UNSUPPORTED_GRAD_SAMPLE_MODES = {
+    ("transformer", "ghost"): "Opacus' ghost clipping fails on the transformer",
+    ("cnn", "ew"): "PyTorch's expanded weights cannot differentiate the cnn's weight standardisation",
+}
 DEVICES = ("auto", "cpu", "cuda")
 CLIENT_CLIPPINGS = ("fixed", "adaptive")
 OPTIMIZERS = ("sgd", "adam")
@@ -114,11 +121,12 @@ class DPConfig:
         Opacus' own registry (a simulated site's default; a deployed site names its own).
     grad_sample_mode: how Opacus computes per-sample gradients; every mode computes the
         same clipped, noised update, so this is speed only. 'auto' (the default) becomes
-        the fastest mode for the model, AUTO_GRAD_SAMPLE_MODE: 'ew' for both, measured
-        on one thread at batch 64 and 256 on 8x8 and 28x28 input, 9-27% less time a
-        step than 'hooks' and faster than 'functorch' and 'ghost' in every case
-        (benchmarks/dp_step_time.py, docs/benchmarks.md). 'ghost' (ghost clipping)
-        fails on the transformer and is refused for it.
+        the fastest mode for the model, AUTO_GRAD_SAMPLE_MODE: 'ew' for the transformer,
+        measured on one thread at batch 64 and 256 on 8x8 and 28x28 input, 9-27% less
+        time a step than 'hooks' and faster than 'functorch' and 'ghost' in every case
+        (benchmarks/dp_step_time.py, docs/benchmarks.md); 'hooks' for the cnn, whose
+        weight-standardised convolutions 'ew' cannot run. UNSUPPORTED_GRAD_SAMPLE_MODES
+        are refused ('ghost' fails on the transformer).
     client_clipping: 'fixed' C, or 'adaptive' (Andrew et al. 2021): C follows the
         target_clipped_quantile of update norms, learnt at rate clip_norm_lr from a
         noisy count of clipped updates (a site clipping its own update uses Flower's mod
@@ -235,8 +243,10 @@ class SiteRunConfig:
         object.__setattr__(self, "training", _with_local_training_defaults(self.training, self.dp.sample_level))
         if self.dp.grad_sample_mode == "auto":
             object.__setattr__(self, "dp", dataclasses.replace(self.dp, grad_sample_mode=AUTO_GRAD_SAMPLE_MODE[self.training.model]))
-        if (self.training.model, self.dp.grad_sample_mode) == ("transformer", "ghost"):
-            raise CohortInputError("Opacus' ghost clipping fails on the transformer; use auto, ew, hooks or functorch")
+        unsupported = UNSUPPORTED_GRAD_SAMPLE_MODES.get((self.training.model, self.dp.grad_sample_mode))
+        if unsupported:
+            usable = [m for m in ("auto", *GRAD_SAMPLE_MODES) if (self.training.model, m) not in UNSUPPORTED_GRAD_SAMPLE_MODES]
+            raise CohortInputError(f"{unsupported}; use {', '.join(usable[:-1])} or {usable[-1]}")
 
     @classmethod
     def from_flower(cls: type[Settings], run_config: Mapping[str, Any]) -> Settings:

@@ -161,8 +161,9 @@ class RunConfig(SiteRunConfig):
 
     run_name: the prefix of the run directory's name.
     resume_from: a run directory to continue at the round after its newest checkpoint.
-    fairness_margin: the fairness report warns when the worst site's accuracy falls more
-        than this below the mean site's (simulations/fairness.py).
+    fairness_margin: the fairness report warns about a site whose accuracy falls more
+        than this below the mean site's and whose 95% interval lies below that mean
+        (simulations/fairness.py).
     """
 
     # Where a run lives, how it is resumed or reported: a run and its resumption may differ

@@ -20,7 +20,7 @@ def test_pyproject_run_config_builds_the_default_run() -> None:
     settings = pyproject["tool"]["flwr"]["app"]["config"]
     run = RunConfig.from_flower(settings)
     assert run == RunConfig()
-    assert run.to_flower() == {**settings, "batch-size": 256, "learning-rate": 2.0, "grad-sample-mode": "ew"}
+    assert run.to_flower() == {**settings, "batch-size": 256, "learning-rate": 2.0, "grad-sample-mode": "hooks"}
 
 
 def test_local_training_defaults_follow_dp_so_switching_it_off_still_trains() -> None:
@@ -136,8 +136,13 @@ def test_node_config_without_data_is_refused() -> None:
 
 
 def test_ghost_clipping_is_refused_for_the_transformer() -> None:
-    with pytest.raises(CohortInputError, match="ghost clipping fails on the transformer; use auto, ew, hooks or functorch"):
+    with pytest.raises(CohortInputError, match="ghost clipping fails on the transformer; use auto, hooks, functorch or ew"):
         RunConfig.from_flower({"model": "transformer", "grad-sample-mode": "ghost"})
+
+
+def test_expanded_weights_are_refused_for_the_weight_standardised_cnn() -> None:
+    with pytest.raises(CohortInputError, match="cannot differentiate the cnn's weight standardisation; use auto, hooks, functorch or ghost"):
+        RunConfig.from_flower({"model": "cnn", "grad-sample-mode": "ew"})
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -8,6 +8,7 @@ policy (client/policy.py), never from the run config.
 from __future__ import annotations
 
 import sys
+import time
 from functools import partial
 
 import torch
@@ -21,8 +22,10 @@ from client.evaluation_policy import declined_evaluation
 from client.policy import AGGREGATION_METRICS, SiteConfig
 from client.secure_aggregation import Masker, is_secure_aggregation, key_stage_reply, masked_input_reply
 from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps, spent_epsilon
+from client.site_failure import failure_reply, log_failure
 from client.site_data import SiteData, local_site_data, simulated_site_data
-from client.training import train_locally
+from client.training import RoundOverTime, train_locally
+from client.work_limits import overtime_refusal, steps_refusal
 from common import protocol
 from common.config import SiteRunConfig
 from common.errors import CohortInputError
@@ -47,6 +50,16 @@ def _received_model(msg: Message, run: SiteRunConfig, data: SiteData) -> torch.n
 
 @app.train(mods=[central_dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
+    """Train, or reply with one line of the site's own when anything fails (client.site_failure)."""
+    try:
+        return _answer_train(msg, context)
+    except Exception as error:  # noqa: BLE001 - every failure becomes the site's one-line reply
+        return failure_reply(msg, log_failure(error))
+
+
+def _answer_train(msg: Message, context: Context) -> Message:
+    """Under secure aggregation a train message is one of its stages: the key stages are
+    answered without training, the masked-input stage trains and masks."""
     run = SiteRunConfig.from_flower(context.run_config)
     site = SiteConfig.from_node_config(context.node_config, run)
     secure = is_secure_aggregation(msg)
@@ -79,20 +92,28 @@ def _train(msg: Message, context: Context, run: SiteRunConfig, site: SiteConfig,
         return _refuse(msg, ledger, LedgerRecord.refusal(spender, _no_local_dp_refusal(run, site), 0.0, site.accountants[0], mechanism, _noise(run, None)))
     data = _site_data(site, run)
     spender = _spender(run, site, context.run_id, server_round, data.identity)
+    too_many_steps = steps_refusal(site, run, len(data.train))
+    if too_many_steps is not None:
+        return _refuse(msg, ledger, _refusal_at_spent(run, site, spender, entries, too_many_steps))
     privacy = _planned_privacy(run, site, spender, entries, len(data.train)) if run.dp.sample_level else None
     if isinstance(privacy, LedgerRecord):
         return _refuse(msg, ledger, privacy)
     model = _received_model(msg, run, data)  # built only once the site knows it will train
-    update = train_locally(
-        model,
-        data.train,
-        run,
-        privacy,
-        resolve_device(run.device),
-        site_noise_source(run, site, data, server_round),
-        server_round=server_round,
-        proximal_mu=float(config.get(protocol.CONFIG_PROXIMAL_MU, 0.0)),
-    )
+    try:
+        update = train_locally(
+            model,
+            data.train,
+            run,
+            privacy,
+            resolve_device(run.device),
+            site_noise_source(run, site, data, server_round),
+            server_round=server_round,
+            proximal_mu=float(config.get(protocol.CONFIG_PROXIMAL_MU, 0.0)),
+            deadline=time.monotonic() + site.max_round_seconds,
+        )
+    except RoundOverTime as over:
+        reason = overtime_refusal(site, over.steps, round_steps(len(data.train), run))
+        return _refuse(msg, ledger, _refusal_at_spent(run, site, spender, entries, reason))
     arrays = ArrayRecord({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()})
     released, key = arrays, protocol.ARRAYS
     if masker is not None:  # its rounding and noise share draw from their own stream of the site's noise source
@@ -133,13 +154,18 @@ def _planned_privacy(run: SiteRunConfig, site: SiteConfig, spender: Spender, ent
     mechanism = run.dp.mechanism.mechanism
     try:
         plan = plan_round(run, site, entries, spender.dataset_hash, spender.run_id, spender.round, train_size)
-    except CohortInputError as exhausted:  # no noise level fits what is left of the budget
-        spent = spent_epsilon(entries, spender.dataset_hash, site)
-        return LedgerRecord.refusal(spender, f"site {site.name} refuses to train: {exhausted}", spent, site.accountants[0], mechanism, _noise(run, None))
-    reason = refusal_reason(plan, round_steps(train_size, run), site)
+        reason = refusal_reason(plan, round_steps(train_size, run), site)
+    except CohortInputError as unworkable:  # no noise level fits what is left of the budget, or an accountant cannot compose the round
+        return _refusal_at_spent(run, site, spender, entries, f"site {site.name} refuses to train: {unworkable}")
     if reason is not None:
         return LedgerRecord.refusal(spender, reason, enforced_epsilon(plan.total, site)[0], site.accountants[0], mechanism, _noise(run, plan.total))
     return plan.total
+
+
+def _refusal_at_spent(run: SiteRunConfig, site: SiteConfig, spender: Spender, entries: list[LedgerEntry], reason: str) -> LedgerRecord:
+    """The refusal of a round that releases nothing, with what the dataset had spent before it."""
+    spent = spent_epsilon(entries, spender.dataset_hash, site)
+    return LedgerRecord.refusal(spender, reason, spent, site.accountants[0], run.dp.mechanism.mechanism, _noise(run, None))
 
 
 def _spender(run: SiteRunConfig, site: SiteConfig, run_id: int, server_round: int, data_hash: str) -> Spender:
@@ -182,6 +208,14 @@ def _refuse(msg: Message, ledger: SiteLedger, refusal: LedgerRecord) -> Message:
 
 @app.evaluate()
 def evaluate_locally(msg: Message, context: Context) -> Message:
+    """Evaluate, or reply with one line of the site's own when anything fails."""
+    try:
+        return _evaluate_locally(msg, context)
+    except Exception as error:  # noqa: BLE001 - every failure becomes the site's one-line reply
+        return failure_reply(msg, log_failure(error))
+
+
+def _evaluate_locally(msg: Message, context: Context) -> Message:
     run = SiteRunConfig.from_flower(context.run_config)
     site = SiteConfig.from_node_config(context.node_config, run)
     declined = declined_evaluation(msg, site)

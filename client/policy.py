@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from common import protocol
-from common.config import SiteRunConfig, validate_budget
+from common.config import EPSILON_RANGE, Range, SiteRunConfig, validate_budget
 from common.errors import CohortInputError
 
 POLICY_FILE = "policy.toml"
@@ -37,6 +37,18 @@ OPTIONAL_METRICS = ACCOUNTING_METRICS + TRAINING_METRICS + VALIDATION_METRICS
 
 DEFAULT_RUN_WINDOW_HOURS = 24.0
 DEFAULT_VAL_FRACTION = 0.1
+# The most work one round may ask of a site (docs/site.md): 10,000 local DP-SGD steps is
+# 50 epochs of 50,000 examples at batch 256, far beyond what federated rounds use, yet it
+# stops a run config whose local-epochs would keep the site's machine busy for days; an
+# hour of wall time bounds a round whose every step is slow (a large model, a slow machine).
+DEFAULT_MAX_ROUND_STEPS = 10_000
+DEFAULT_MAX_ROUND_SECONDS = 3600.0
+# The valid values of the policy's numeric keys besides the budget (EPSILON_RANGE, DELTA_RANGE).
+RUN_WINDOW_HOURS_RANGE = Range(0, 24 * 366, low_open=True)
+VAL_FRACTION_RANGE = Range(0, 1, low_open=True, high_open=True)
+SPLIT_SEED_RANGE = Range(0, 2**32 - 1)
+MAX_ROUND_STEPS_RANGE = Range(1, 10**9)
+MAX_ROUND_SECONDS_RANGE = Range(0, 30 * 86400, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,9 @@ class SiteConfig:
         (None for no cap). The site cannot tell a coordinator's runs apart (it makes run
         ids at will), so a "run", for the cap, is everything released in that window.
     run_window_hours: the window of that cap, on the site's own clock.
+    max_round_steps, max_round_seconds: the most work one round may ask (local DP-SGD
+        steps, from local-epochs, the dataset's size and the batch size) and may take (wall
+        time); a site refuses a round beyond either (DEFAULT_MAX_ROUND_STEPS, _SECONDS).
     allow_non_private: whether the site trains at all when a run asks for no DP; off
         unless the site's policy turns it on, since such training has no guarantee.
     accountants: the Opacus accountants whose epsilon is enforced; the largest counts.
@@ -68,6 +83,8 @@ class SiteConfig:
     state_dir: Path
     run_epsilon: float | None = None
     run_window_hours: float = DEFAULT_RUN_WINDOW_HOURS
+    max_round_steps: int = DEFAULT_MAX_ROUND_STEPS
+    max_round_seconds: float = DEFAULT_MAX_ROUND_SECONDS
     allow_non_private: bool = False
     accountants: tuple[str, ...] = ("rdp",)
     send_metrics: tuple[str, ...] = OPTIONAL_METRICS
@@ -121,13 +138,11 @@ class SiteConfig:
             accountants=_names(policy.get("accountants", "rdp"), "accountants"),
             send_metrics=_names(policy.get("send-metrics", ",".join(ACCOUNTING_METRICS)), "send-metrics", OPTIONAL_METRICS, allow_empty=True),
             answer_evaluation=_flag(policy.get("answer-evaluation", False), "answer-evaluation"),
-            split_seed=int(_number(policy.get("split-seed", 0), "split-seed")),
-            val_fraction=_number(policy.get("val-fraction", DEFAULT_VAL_FRACTION), "val-fraction"),
+            split_seed=int(_number(policy.get("split-seed", 0), "split-seed", SPLIT_SEED_RANGE)),
+            val_fraction=_number(policy.get("val-fraction", DEFAULT_VAL_FRACTION), "val-fraction", VAL_FRACTION_RANGE),
             data_path=str(node_config["data-path"]),
             **_shared_policy(policy, name, allow_non_private_default=False),
         )
-        if not 0 < site.val_fraction < 1:
-            raise CohortInputError(f"val-fraction is {site.val_fraction} in site {name}'s policy; it must be between 0 and 1")
         return site
 
     @classmethod
@@ -158,14 +173,11 @@ def _shared_policy(policy: Mapping[str, Any], name: str, allow_non_private_defau
     """The keys a deployed and a simulated site read alike, validated."""
     validate_budget(_number(policy["epsilon"], "epsilon"), _number(policy["delta"], "delta"), source=f"site {name}'s policy")
     run_epsilon = policy.get("run-epsilon")
-    if run_epsilon is not None and _number(run_epsilon, "run-epsilon") <= 0:
-        raise CohortInputError(f"run-epsilon is {run_epsilon} in site {name}'s policy; a per-run cap must be > 0")
-    window = _number(policy.get("run-window-hours", DEFAULT_RUN_WINDOW_HOURS), "run-window-hours")
-    if window <= 0:
-        raise CohortInputError(f"run-window-hours is {window} in site {name}'s policy; it must be > 0")
     return {
-        "run_epsilon": _number(run_epsilon, "run-epsilon") if run_epsilon is not None else None,
-        "run_window_hours": window,
+        "run_epsilon": _number(run_epsilon, "run-epsilon", EPSILON_RANGE) if run_epsilon is not None else None,
+        "run_window_hours": _number(policy.get("run-window-hours", DEFAULT_RUN_WINDOW_HOURS), "run-window-hours", RUN_WINDOW_HOURS_RANGE),
+        "max_round_steps": int(_number(policy.get("max-round-steps", DEFAULT_MAX_ROUND_STEPS), "max-round-steps", MAX_ROUND_STEPS_RANGE)),
+        "max_round_seconds": _number(policy.get("max-round-seconds", DEFAULT_MAX_ROUND_SECONDS), "max-round-seconds", MAX_ROUND_SECONDS_RANGE),
         "allow_non_private": _flag(policy.get("allow-non-private", allow_non_private_default), "allow-non-private"),
     }
 
@@ -201,8 +213,12 @@ def _flag(value: Any, name: str) -> bool:
     raise CohortInputError(f"{name} is {value!r} in the site's policy; use true or false")
 
 
-def _number(value: Any, name: str) -> float:
+def _number(value: Any, name: str, valid: Range | None = None) -> float:
+    """A number of the policy, within `valid` when given (the budget's are checked together)."""
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise CohortInputError(f"{name} is {value!r} in the site's policy; it must be a number") from None
+    if valid is not None:
+        valid.check(f"{name} in the site's policy", number)
+    return number

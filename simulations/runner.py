@@ -30,6 +30,7 @@ import tomli_w
 from flwr.app import ArrayRecord
 
 from common.models.registry import build_model
+from common.private_files import open_private
 from common.secure_aggregation.model_vector import dimension
 from deploy.directory_lock import run_directory_lock
 from deploy.flower_runtime import APP_DIR, die_with_parent, flower_executable, install_flower_launchers, offline_flower_env
@@ -140,7 +141,7 @@ def _run_on_local_superlink(
                 plan.federation_config(),
                 "--stream",
             ]
-            with log_file.open("ab") as log:
+            with open_private(log_file, "ab") as log:
                 process = subprocess.Popen(
                     command, env=offline_flower_env(flwr_home, launchers), stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
                 )

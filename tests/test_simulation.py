@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from common.privacy.accounting import PrivacyState
-from common.privacy.ledger import LedgerRecord, RecordKind, history_of, read_entries
+from common.privacy.ledger import PUBLIC_KEY_FILE, LedgerRecord, RecordKind, history_of, read_entries
 from common.privacy.mechanisms import Mechanism
 from server.records import RoundRecord
 from server.rundir import RunDirectory
@@ -68,6 +69,14 @@ def test_the_same_seed_gives_the_same_run_noise_included(completed_run: tuple[su
     _, run_dir = completed_run
     assert _figures(repeated_run) == _figures(run_dir)
     assert RunDirectory(run_dir).read_config().noise_source == "seeded"
+
+
+def test_a_run_directory_and_its_sites_state_are_private_to_the_user(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    _, run_dir = completed_run
+    shared = {PUBLIC_KEY_FILE: 0o644}  # what Cohort writes for others to read
+    modes = {path: stat.S_IMODE(path.stat().st_mode) for path in (run_dir, *run_dir.rglob("*"))}
+    expected = {path: 0o700 if path.is_dir() else shared.get(path.name, 0o600) for path in modes}
+    assert {p.relative_to(run_dir).as_posix(): oct(m) for p, m in modes.items() if m != expected[p]} == {}
 
 
 def test_simulation_writes_a_complete_run_directory(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:

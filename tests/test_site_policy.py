@@ -7,12 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import ErrorCode
 
-from client.policy import ACCOUNTING_METRICS, SiteConfig
+from client.policy import ACCOUNTING_METRICS, DEFAULT_MAX_ROUND_STEPS, SiteConfig
 from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps
 from client.site_data import local_site_data
 from common import protocol
 from common.config import SiteRunConfig
+from common.models.registry import build_model
 from common.errors import CohortInputError
 from common.privacy.accounting import PrivacyState
 from common.privacy.ledger import LedgerRecord, RecordKind, SiteLedger
@@ -129,3 +131,68 @@ def test_a_site_whose_policy_forbids_a_run_without_dp_refuses_before_reading_any
     assert "refuses to train without differential privacy" in reply.error.reason
     (refusal,) = SiteLedger(tmp_path / "state").verified_entries()
     assert (refusal.record.kind, refusal.record.dataset_hash) == ("refusal", "")
+
+
+def _round_one(model_shape: tuple[int, int, int] = (1, 8, 8), classes: int = 3) -> Message:
+    arrays = ArrayRecord(build_model("cnn", model_shape, classes).state_dict())
+    return Message(
+        content=RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: ConfigRecord({protocol.CONFIG_ROUND: 1})}), dst_node_id=1, message_type="train"
+    )
+
+
+def _site_answers(data: Path, state: Path, run_config: dict[str, object], run_id: int = 7, **policy: object) -> Message:
+    """The site's own ClientApp, as its runner calls it, on its data and state directory."""
+    from client.app import app
+
+    node_config = {"data-path": str(data), "state-dir": str(state), "epsilon": 8.0, "delta": 1e-5, "site-name": "a", **policy}
+    small = {"rounds": 1, "batch-size": 20, "noise-multiplier": 1.0, **run_config}
+    return app(_round_one(), Context(run_id=run_id, node_id=1, node_config=node_config, state=RecordDict(), run_config=small))
+
+
+def test_a_gdp_site_refuses_a_round_at_another_sigma_than_its_ledger_holds(site_npz: Path, tmp_path: Path, clientapp_identity: None) -> None:
+    state = tmp_path / "state"
+    SiteLedger(state)
+    assert not _site_answers(site_npz, state, {}, run_id=1, accountants="rdp").has_error()
+    reply = _site_answers(site_npz, state, {"noise-multiplier": 2.0}, run_id=2, accountants="gdp")
+    assert reply.has_error() and reply.error.code == protocol.SITE_REFUSED
+    assert reply.error.reason.startswith("site a refuses to train: the gdp accountant composes one noise multiplier and sample rate only")
+    assert len(reply.error.reason.splitlines()) == 1
+    assert [e.record.kind for e in SiteLedger(state).verified_entries()] == [RecordKind.RELEASE, RecordKind.REFUSAL]
+
+
+def test_the_gdp_accountant_never_composes_two_noise_levels_silently() -> None:
+    with pytest.raises(CohortInputError, match=r"would be released at 2 \(sigma 1 at q 0.2, sigma 2 at q 0.2\)"):
+        PrivacyState(2.0, 0.2, "gdp", ((1.0, 0.2, 5), (2.0, 0.2, 5))).epsilon(1e-5)
+
+
+def test_a_sites_failure_reaches_the_coordinator_as_one_line_without_its_paths(tmp_path: Path, clientapp_identity: None) -> None:
+    wrong_shape = tmp_path / "hospital-a.npz"
+    np.savez(wrong_shape, train_images=np.zeros(10, np.uint8), train_labels=np.zeros(10, np.int64))
+    SiteLedger(tmp_path / "state")
+    reply = _site_answers(wrong_shape, tmp_path / "state", {})
+    assert reply.has_error() and reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert reply.error.reason.startswith("CohortInputError: <local path>")
+    assert str(tmp_path) not in reply.error.reason and "hospital-a" not in reply.error.reason
+    assert len(reply.error.reason.splitlines()) == 1
+
+
+def test_a_round_asking_more_steps_than_the_policy_allows_is_refused_before_training(site_npz: Path, tmp_path: Path, clientapp_identity: None) -> None:
+    SiteLedger(tmp_path / "state")
+    reply = _site_answers(site_npz, tmp_path / "state", {"local-epochs": 10_000})
+    assert reply.has_error() and reply.error.code == protocol.SITE_REFUSED
+    assert f"over its policy's max-round-steps of {DEFAULT_MAX_ROUND_STEPS}; a site that agrees raises max-round-steps" in reply.error.reason
+    assert [e.record.kind for e in SiteLedger(tmp_path / "state").verified_entries()] == [RecordKind.REFUSAL]
+
+
+def test_a_round_over_the_policys_wall_time_is_stopped_and_releases_nothing(site_npz: Path, tmp_path: Path, clientapp_identity: None) -> None:
+    SiteLedger(tmp_path / "state")
+    reply = _site_answers(site_npz, tmp_path / "state", {"local-epochs": 3}, **{"max-round-seconds": 1e-6})
+    assert reply.has_error() and reply.error.code == protocol.SITE_REFUSED
+    assert "stopped training after 1 of 15 steps and released nothing" in reply.error.reason and "max-round-seconds of 1e-06" in reply.error.reason
+    assert [e.record.kind for e in SiteLedger(tmp_path / "state").verified_entries()] == [RecordKind.REFUSAL]
+
+
+@pytest.mark.parametrize("key,value", [("max-round-steps", 0), ("max-round-seconds", "inf"), ("run-epsilon", "nan"), ("run-window-hours", -1)])
+def test_a_policy_number_out_of_its_range_is_refused_naming_the_key(tmp_path: Path, key: str, value: object) -> None:
+    with pytest.raises(CohortInputError, match=f"^{key} in the site's policy is .*; it must be a finite number in"):
+        _deployed(tmp_path, **{key: value})

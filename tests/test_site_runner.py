@@ -13,10 +13,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.supercore.fab import Fab
 
-from client.site_runner import SITE_PACKAGES, code_refusal, log_failure
+from client.site_failure import log_failure, site_reason
+from client.site_runner import SITE_PACKAGES, code_refusal
 from deploy.launch import SITE_RUNTIME_DIR, SuperNodeLaunch, flower_env
 
 PYPROJECT = b'[tool.flwr.app.components]\nserverapp = "server.app:app"\nclientapp = "client.app:app"\n'
@@ -107,6 +109,21 @@ class _Records(logging.Handler):
         self.records.append(record)
 
 
+@pytest.mark.parametrize(
+    "error,reason",
+    [
+        (ValueError("cannot reshape /data/hospital-a.npz: got (10,)"), "ValueError: cannot reshape <local path>: got (10,)"),
+        (OSError("~/sites/a/state/ledger.jsonl is not writable"), "OSError: <local path> is not writable"),
+        (ValueError("bad file C:\\data\\a.npz"), "ValueError: bad file <local path>"),
+        (ValueError("see file:///srv/a.npz, or ./a.npz"), "ValueError: see <local path>, or <local path>"),
+        (ValueError("epsilon/delta is 1/2"), "ValueError: epsilon/delta is 1/2"),
+        (RuntimeError("line one\n  File \"/opt/x.py\", line 3"), "RuntimeError: line one"),
+    ],
+)
+def test_what_a_site_sends_for_a_failure_is_one_line_without_local_paths(error: Exception, reason: str) -> None:
+    assert site_reason(error) == reason
+
+
 def test_a_site_failure_is_one_line_in_its_log_and_its_traceback_only_at_debug_level() -> None:
     caught = _Records()
     FLOWER_LOGGER.addHandler(caught)
@@ -119,5 +136,5 @@ def test_a_site_failure_is_one_line_in_its_log_and_its_traceback_only_at_debug_l
         FLOWER_LOGGER.removeHandler(caught)
     shown = [r for r in caught.records if r.levelno >= logging.INFO]
     assert [r.getMessage() for r in shown] == ["the site's ClientApp failed: FileNotFoundError: /data/hospital-a.npz"]
-    assert shown[0].exc_info is None and details == "FileNotFoundError: /data/hospital-a.npz"
+    assert shown[0].exc_info is None and details == "FileNotFoundError: <local path>"
     assert [r.levelno for r in caught.records if r.exc_info] == [logging.DEBUG]

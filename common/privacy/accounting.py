@@ -21,6 +21,11 @@ from common.errors import CohortInputError
 
 HistoryEntry = tuple[float, float, int]
 
+# Opacus' accountants that compose a single (sigma, q) only: the GaussianAccountant raises
+# when a step changes either, and its get_epsilon reads only the last history entry, so a
+# restored history of several would silently count the last mechanism alone.
+CONSTANT_NOISE_ACCOUNTANTS = frozenset({"gdp"})
+
 
 @dataclass(frozen=True)
 class PrivacyState:
@@ -42,9 +47,17 @@ class PrivacyState:
         return sum(steps for _, _, steps in self.history)
 
     def epsilon(self, delta: float) -> float:
+        """Raises CohortInputError when the accountant cannot compose this history."""
         if not self.history:
             return 0.0
-        return _epsilon(self.accountant, merged_history(self.history), delta)
+        history = merged_history(self.history)
+        if self.accountant in CONSTANT_NOISE_ACCOUNTANTS and len(history) > 1:
+            mechanisms = ", ".join(f"sigma {sigma:.4g} at q {q:.4g}" for sigma, q, _ in history)
+            raise CohortInputError(
+                f"the {self.accountant} accountant composes one noise multiplier and sample rate only, and this "
+                f"dataset would be released at {len(history)} ({mechanisms}); use accountant rdp or prv"
+            )
+        return _epsilon(self.accountant, history, delta)
 
     def with_steps(self, steps: int) -> PrivacyState:
         """This state after `steps` more steps at its own sigma and q (not yet taken)."""

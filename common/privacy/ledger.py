@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from common.errors import CohortInputError
 from common.privacy.mechanisms import Mechanism
+from common.private_files import open_private, private_dir
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord
@@ -308,7 +309,7 @@ class SiteLedger:
         """
         existing = self.entries()
         entry = sign_entry(self._key, len(existing), existing[-1].entry_hash() if existing else GENESIS_HASH, record)
-        with self.path.open("a", encoding="utf-8") as stream:
+        with open_private(self.path, "a") as stream:
             stream.write(entry.to_json() + "\n")
             stream.flush()
             os.fsync(stream.fileno())
@@ -341,7 +342,7 @@ def write_head(path: Path, head: LedgerHead) -> None:
     unreadable, and the site then refuses to train until its operator restores it. Either
     way no release is lost and no site spends more."""
     temporary = path.with_suffix(".tmp")
-    with temporary.open("w", encoding="utf-8") as stream:
+    with open_private(temporary, "w") as stream:
         json.dump({"count": head.count, "last_hash": head.last_hash}, stream)
     os.replace(temporary, path)
 
@@ -433,7 +434,7 @@ def iter_releases(entries: list[LedgerEntry], dataset_hash: str) -> Iterator[Led
 
 def _load_or_create_key(state_dir: Path, head_path: Path) -> Ed25519PrivateKey:
     """The site's signing key, created on first use with 0600 permissions, with an empty head."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(state_dir)
     key_file = state_dir / PRIVATE_KEY_FILE
     if key_file.exists():
         if key_file.stat().st_mode & 0o077:
@@ -448,7 +449,7 @@ def _load_or_create_key(state_dir: Path, head_path: Path) -> Ed25519PrivateKey:
     with os.fdopen(descriptor, "wb") as stream:
         stream.write(pem)
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    (state_dir / PUBLIC_KEY_FILE).write_bytes(public)
+    (state_dir / PUBLIC_KEY_FILE).write_bytes(public)  # meant to be shared: an auditor verifies the ledger with it
     if not head_path.exists() and not (state_dir / LEDGER_FILE).exists():
         write_head(head_path, LedgerHead(0, GENESIS_HASH))
     return key

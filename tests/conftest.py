@@ -15,6 +15,10 @@ import psutil
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
+# The commands under test wrap at $COLUMNS; the tests that check a width set it
+# themselves, and the runner's own (pytest-xdist sets 80 in its workers) must not leak in.
+os.environ.pop("COLUMNS", None)
+
 # Tests press Ctrl-C on the commands they start. A shell that runs the suite in the
 # background starts it with SIGINT ignored, which its children would inherit and Python
 # would honour (no KeyboardInterrupt): the commands must see the terminal's default.

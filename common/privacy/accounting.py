@@ -87,7 +87,21 @@ def _epsilon(accountant: str, history: tuple[HistoryEntry, ...], delta: float) -
     """Remembered, because the sites of a simulation compose the same (sigma, q, steps)
     over and over (a thousand IID sites plan the same rounds), and the accountant's
     arithmetic is the costliest part of planning one."""
-    return float(restore_accountant(PrivacyState(1.0, 1.0, accountant, history)).get_epsilon(delta=delta))
+    try:
+        return float(restore_accountant(PrivacyState(1.0, 1.0, accountant, history)).get_epsilon(delta=delta))
+    except ValueError:  # Opacus' gdp solves for epsilon within [0, 500] only
+        if accountant in CONSTANT_NOISE_ACCOUNTANTS:
+            return float("inf")
+        raise
+
+
+def composing_accountants(names: tuple[str, ...], mechanisms: int) -> tuple[str, ...]:
+    """The accountants among `names` that can compose a history of `mechanisms` distinct
+    (sigma, q): a site that enforces gdp beside rdp or prv keeps the others' bound (valid
+    for any history) once gdp cannot compose its history. All of `names` when none can,
+    so that the first one's error names the problem."""
+    able = tuple(name for name in names if name not in CONSTANT_NOISE_ACCOUNTANTS or mechanisms <= 1)
+    return able or names
 
 
 def merged_history(history: tuple[HistoryEntry, ...]) -> tuple[HistoryEntry, ...]:

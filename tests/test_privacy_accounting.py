@@ -6,7 +6,7 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from common.errors import CohortInputError
-from common.privacy.accounting import PrivacyState, derive_noise_multiplier, restore_accountant
+from common.privacy.accounting import PrivacyState, composing_accountants, derive_noise_multiplier, restore_accountant
 
 DELTA = 1e-5
 
@@ -59,3 +59,18 @@ def test_merging_rounds_of_the_same_mechanism_changes_no_epsilon() -> None:
     separate = RDPAccountant()
     separate.history = list(rounds)
     assert PrivacyState(1.3, 0.25, "rdp", rounds).epsilon(DELTA) == pytest.approx(separate.get_epsilon(DELTA), rel=1e-12)
+
+
+def test_gdp_is_left_out_of_a_history_of_several_noise_levels_while_another_accountant_bounds_it() -> None:
+    assert composing_accountants(("gdp", "rdp"), 1) == ("gdp", "rdp")
+    assert composing_accountants(("gdp", "rdp"), 2) == ("rdp",)
+
+
+def test_gdp_alone_is_kept_so_that_its_refusal_names_the_problem() -> None:
+    assert composing_accountants(("gdp",), 2) == ("gdp",)
+    with pytest.raises(CohortInputError, match="gdp accountant composes one noise multiplier"):
+        PrivacyState(1.0, 0.01, "gdp", ((1.0, 0.01, 10), (2.0, 0.01, 10))).epsilon(1e-5)
+
+
+def test_gdp_epsilon_beyond_opacus_solver_range_is_infinite() -> None:
+    assert PrivacyState(0.3, 0.5, "gdp", ((0.3, 0.5, 1000),)).epsilon(1e-5) == float("inf")

@@ -31,5 +31,8 @@ def round_line(record: RoundRecord, rounds: int) -> str:
         problems.append(f"rejected: {', '.join(sorted({r.site for r in record.rejected}))}")
     if record.refused:
         problems.append(f"refused: {', '.join(record.refused)}")
-    wrapped = [textwrap.fill(p, WIDTH, initial_indent=PROBLEM_INDENT, subsequent_indent=PROBLEM_INDENT + "  ") for p in problems]
+    wrapped = [
+        textwrap.fill(p, WIDTH, initial_indent=PROBLEM_INDENT, subsequent_indent=PROBLEM_INDENT + "  ")
+        for p in problems
+    ]
     return "\n".join([line, *wrapped])

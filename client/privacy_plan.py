@@ -12,11 +12,11 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
+from client.policy import SiteConfig
 from client.training import steps_per_epoch
 from common.config import SiteRunConfig
 from common.privacy.accounting import PrivacyState, composing_accountants, derive_noise_multiplier, merged_history
 from common.privacy.ledger import LedgerEntry, LedgerRecord, history_of, iter_releases
-from client.policy import SiteConfig
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,15 @@ def enforced_epsilon(state: PrivacyState, site: SiteConfig) -> tuple[float, str]
     return max((dataclasses.replace(state, accountant=name).epsilon(site.delta), name) for name in names)
 
 
-def noise_for(site: SiteConfig, target_epsilon: float, sample_rate: float, steps: int, prior: tuple[tuple[float, float, int], ...]) -> float:
+def noise_for(
+    site: SiteConfig, target_epsilon: float, sample_rate: float, steps: int, prior: tuple[tuple[float, float, int], ...]
+) -> float:
     """The smallest sigma that keeps every one of the site's accountants that can compose
     the prior releases and a new one within the target."""
     names = composing_accountants(site.accountants, len(merged_history(prior)) + 1)
-    return max(derive_noise_multiplier(target_epsilon, site.delta, sample_rate, steps, name, prior=prior) for name in names)
+    return max(
+        derive_noise_multiplier(target_epsilon, site.delta, sample_rate, steps, name, prior=prior) for name in names
+    )
 
 
 def round_steps(num_examples: int, run: SiteRunConfig) -> int:

@@ -199,7 +199,14 @@ class RoundReport:
     ledger: list[str] = field(default_factory=list)
 
     def reject(self, rejection: Rejection) -> None:
-        log(WARNING, "Round %d: rejected %s reply of %s: %s", self.server_round, rejection.stage, rejection.site, rejection.reason)
+        log(
+            WARNING,
+            "Round %d: rejected %s reply of %s: %s",
+            self.server_round,
+            rejection.stage,
+            rejection.site,
+            rejection.reason,
+        )
         self.rejected.append(rejection)
         if rejection.entry is not None:
             self.ledger.append(rejection.entry.to_json())
@@ -213,11 +220,23 @@ class RoundReport:
         self.ledger.append(entry.to_json())
 
     def validated(self, site: str, val_loss: float | None, val_accuracy: float | None) -> None:
-        self.sites[site] = dataclasses.replace(self.sites.get(site, SiteRound()), val_loss=val_loss, val_accuracy=val_accuracy)
+        self.sites[site] = dataclasses.replace(
+            self.sites.get(site, SiteRound()), val_loss=val_loss, val_accuracy=val_accuracy
+        )
 
-    def record(self, accuracy: float, loss: float, refused: list[str], seconds: float, client_level: CentralRelease | None) -> RoundRecord:
+    def record(
+        self, accuracy: float, loss: float, refused: list[str], seconds: float, client_level: CentralRelease | None
+    ) -> RoundRecord:
         return RoundRecord(
-            self.server_round, accuracy, loss, dict(sorted(self.sites.items())), tuple(refused), tuple(self.failures), tuple(self.rejected), round(seconds, 3), client_level
+            self.server_round,
+            accuracy,
+            loss,
+            dict(sorted(self.sites.items())),
+            tuple(refused),
+            tuple(self.failures),
+            tuple(self.rejected),
+            round(seconds, 3),
+            client_level,
         )
 
 
@@ -283,7 +302,11 @@ class Summary:
 
     def to_json(self) -> dict[str, Any]:
         summary = {
-            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("sites", "refused", "rejected", "fairness")},
+            **{
+                f.name: getattr(self, f.name)
+                for f in dataclasses.fields(self)
+                if f.name not in ("sites", "refused", "rejected", "fairness")
+            },
             "sites": {name: site.to_json() for name, site in self.sites.items()},
             "refused": list(self.refused),
             "rejected": {name: site.to_json() for name, site in self.rejected.items()},

@@ -77,11 +77,19 @@ class SiteRegistry:
         site.sequence, site.entry_hash = entry.sequence, entry.entry_hash()
 
     def to_json(self) -> dict[str, dict[str, object]]:
-        return {name: {"public_key_pem": s.public_key_pem, "sequence": s.sequence, "entry_hash": s.entry_hash} for name, s in sorted(self.sites.items())}
+        return {
+            name: {"public_key_pem": s.public_key_pem, "sequence": s.sequence, "entry_hash": s.entry_hash}
+            for name, s in sorted(self.sites.items())
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, dict[str, object]]) -> SiteRegistry:
-        return cls({name: KnownSite(str(s["public_key_pem"]), int(s["sequence"]), str(s["entry_hash"])) for name, s in data.items()})  # type: ignore[call-overload]
+        return cls(
+            {
+                name: KnownSite(str(s["public_key_pem"]), int(s["sequence"]), str(s["entry_hash"]))
+                for name, s in data.items()
+            }
+        )  # type: ignore[call-overload]
 
 
 def _ed25519_problem(key_pem: str) -> str | None:

@@ -22,10 +22,23 @@ runner = CliRunner()
 
 def _release(round_: int, history: tuple, kind: str = RecordKind.RELEASE, budget: float = 8.0) -> LedgerRecord:
     return LedgerRecord(
-        kind=kind, run_id=1, round=round_, site="site-0", mechanism=Mechanism.SAMPLE_LEVEL_DP_SGD, noise_multiplier=1.2,
-        sample_rate=0.25, sampling="poisson", steps=4, clip_norm=1.0, delta=1e-5,
-        epsilon=PrivacyState(1.2, 0.25, "rdp", history).epsilon(1e-5), accountant="rdp", budget_epsilon=budget,
-        dataset_hash="d", model_hash="m", config_hash="c",
+        kind=kind,
+        run_id=1,
+        round=round_,
+        site="site-0",
+        mechanism=Mechanism.SAMPLE_LEVEL_DP_SGD,
+        noise_multiplier=1.2,
+        sample_rate=0.25,
+        sampling="poisson",
+        steps=4,
+        clip_norm=1.0,
+        delta=1e-5,
+        epsilon=PrivacyState(1.2, 0.25, "rdp", history).epsilon(1e-5),
+        accountant="rdp",
+        budget_epsilon=budget,
+        dataset_hash="d",
+        model_hash="m",
+        config_hash="c",
     )
 
 
@@ -66,7 +79,9 @@ def test_audit_flags_a_broken_chain(site_dir: Path) -> None:
 
 
 def test_verify_passes_an_intact_ledger(site_dir: Path) -> None:
-    result = runner.invoke(app, ["audit", "verify", str(site_dir), "--public-key", str(site_dir / "ledger_key.pub.pem")])
+    result = runner.invoke(
+        app, ["audit", "verify", str(site_dir), "--public-key", str(site_dir / "ledger_key.pub.pem")]
+    )
     assert result.exit_code == 0 and "3 record(s)" in result.stdout
 
 
@@ -85,7 +100,11 @@ def test_verify_fails_with_another_sites_key(site_dir: Path, tmp_path: Path) -> 
 
 @pytest.mark.parametrize(
     "content,message",
-    [(None, "does not exist"), ("not json at all\n", "record 1 is not a ledger record"), ('{"sequence": 0}\n', "record 1 is not a ledger record")],
+    [
+        (None, "does not exist"),
+        ("not json at all\n", "record 1 is not a ledger record"),
+        ('{"sequence": 0}\n', "record 1 is not a ledger record"),
+    ],
 )
 def test_a_missing_or_malformed_ledger_exits_2_with_one_line(tmp_path: Path, content: str | None, message: str) -> None:
     ledger = tmp_path / "privacy_ledger.jsonl"
@@ -109,19 +128,37 @@ def test_a_path_without_a_ledger_exits_2(tmp_path: Path) -> None:
 CHROMIUM = shutil.which("chromium")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it when run as root)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it when run as root)"
+)
 def test_audit_page_renders_with_its_plot_in_headless_chromium(site_dir: Path, tmp_path: Path) -> None:
     runner.invoke(app, ["audit", str(site_dir)])
     page = (site_dir / "audit.html").read_text()
     assert "http://" not in page and "https://" not in page  # self-contained: nothing to fetch
     shot = tmp_path / "audit.png"
     subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1000",
-         f"--screenshot={shot}", (site_dir / "audit.html").as_uri()],
-        check=True, capture_output=True, timeout=120,
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1200,1000",
+            f"--screenshot={shot}",
+            (site_dir / "audit.html").as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     image = Image.open(shot).convert("RGB")
     matplotlib_blue = (31, 119, 180)
     pixels = list(image.get_flattened_data())
-    assert sum(1 for p in pixels if all(abs(a - b) < 20 for a, b in zip(p, matplotlib_blue))) > 100  # the plotted line is on screen
+    assert (
+        sum(1 for p in pixels if all(abs(a - b) < 20 for a, b in zip(p, matplotlib_blue))) > 100
+    )  # the plotted line is on screen

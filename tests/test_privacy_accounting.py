@@ -35,7 +35,9 @@ def test_a_fresh_accountant_every_round_would_undercount() -> None:
 
 @pytest.mark.parametrize("target", [1.0, 3.0, 8.0])
 @pytest.mark.parametrize("sample_rate,steps", [(0.2, 100), (0.05, 600), (0.5, 40)])
-def test_derived_sigma_keeps_epsilon_within_target_after_the_planned_steps(target: float, sample_rate: float, steps: int) -> None:
+def test_derived_sigma_keeps_epsilon_within_target_after_the_planned_steps(
+    target: float, sample_rate: float, steps: int
+) -> None:
     sigma = derive_noise_multiplier(target, DELTA, sample_rate, steps, "rdp")
     state = PrivacyState(sigma, sample_rate, "rdp", ((sigma, sample_rate, steps),))
     assert state.epsilon(DELTA) <= target
@@ -58,7 +60,9 @@ def test_merging_rounds_of_the_same_mechanism_changes_no_epsilon() -> None:
     assert merged_history(rounds) == ((1.3, 0.25, 48), (0.9, 0.1, 7))
     separate = RDPAccountant()
     separate.history = list(rounds)
-    assert PrivacyState(1.3, 0.25, "rdp", rounds).epsilon(DELTA) == pytest.approx(separate.get_epsilon(DELTA), rel=1e-12)
+    assert PrivacyState(1.3, 0.25, "rdp", rounds).epsilon(DELTA) == pytest.approx(
+        separate.get_epsilon(DELTA), rel=1e-12
+    )
 
 
 def test_gdp_is_left_out_of_a_history_of_several_noise_levels_while_another_accountant_bounds_it() -> None:

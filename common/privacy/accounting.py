@@ -61,7 +61,12 @@ class PrivacyState:
 
     def with_steps(self, steps: int) -> PrivacyState:
         """This state after `steps` more steps at its own sigma and q (not yet taken)."""
-        return PrivacyState(self.noise_multiplier, self.sample_rate, self.accountant, self.history + ((self.noise_multiplier, self.sample_rate, steps),))
+        return PrivacyState(
+            self.noise_multiplier,
+            self.sample_rate,
+            self.accountant,
+            self.history + ((self.noise_multiplier, self.sample_rate, steps),),
+        )
 
     def after(self, accountant: IAccountant) -> PrivacyState:
         """This state with the history a round's accountant ended with."""
@@ -145,7 +150,9 @@ def derive_noise_multiplier(
     return smallest_noise_multiplier(epsilon_at, target_epsilon, exhausted)
 
 
-def smallest_noise_multiplier(epsilon_at: Callable[[float], float], target_epsilon: float, exhausted: Callable[[], CohortInputError]) -> float:
+def smallest_noise_multiplier(
+    epsilon_at: Callable[[float], float], target_epsilon: float, exhausted: Callable[[], CohortInputError]
+) -> float:
     """The smallest sigma (within 1% of epsilon) with epsilon_at(sigma) <= target_epsilon:
     doubling from 1 until within, then bisecting. `exhausted` is raised when no sigma up
     to _MAX_NOISE_MULTIPLIER is."""

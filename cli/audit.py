@@ -13,8 +13,8 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from cli.errors import input_errors
-from cli.terminal import paragraph
-from common.privacy.ledger import LEDGER_FILE, key_fingerprint, load_public_key, read_entries, verify_chain
+from cli.terminal import echo_message, labelled, paragraph
+from common.privacy.ledger import load_public_key
 from common.private_files import private_dir
 from server.rundir import RunDirectory, write_bytes_atomic, write_json_atomic
 
@@ -38,7 +38,8 @@ audit_app = typer.Typer(
         "Audit privacy spending from the sites' ledgers.\n\n"
         "cohort audit PATH: per-site summary, audit.json and audit.html (PATH: a run directory, a site's "
         "state directory or a privacy_ledger.jsonl).\n\n"
-        "cohort audit verify PATH --public-key KEY: check every link and signature.\n\n"
+        "cohort audit verify STATE_DIR --public-key KEY: check the pinned key, every link and signature, the "
+        "signed head and, with --run-dir, the coordinator's copies.\n\n"
         "cohort audit empirical RUN_DIR: measure an epsilon lower bound with the run's canaries."
     ),
 )
@@ -84,22 +85,48 @@ def summary(
 
 @audit_app.command("verify")
 def verify(
-    path: Annotated[Path, typer.Argument(help="A site's privacy_ledger.jsonl or its state directory.")],
+    path: Annotated[Path, typer.Argument(help="A site's state directory (or its privacy_ledger.jsonl).")],
     public_key: Annotated[Path, typer.Option("--public-key", help="The site's exported ledger_key.pub.pem.")],
+    fingerprint: Annotated[
+        Optional[str],
+        typer.Option("--fingerprint", help="The key's fingerprint as the site gave it (default: its policy's pin)."),
+    ] = None,
+    copies: Annotated[
+        Optional[list[Path]],
+        typer.Option(
+            "--run-dir",
+            help="A coordinator's run directory: its copies of this site's entries must be in the ledger (repeatable).",
+        ),
+    ] = None,
 ) -> None:
-    """Check every chain link and signature; exit 1 naming the first bad record."""
-    ledger = path / LEDGER_FILE if path.is_dir() else path
+    """Check the pinned key, every chain link and signature, the signed head, and the
+    coordinator's copies; exit 1 naming the first thing wrong."""
+    from audit.ledger_verification import LedgerFailed, verify_site_ledger
+
     with input_errors():
-        entries = read_entries(ledger)
         key = load_public_key(public_key)
-        problem = verify_chain(entries, key)
-    if problem is not None:
-        typer.echo(f"FAILED: {ledger}: {problem}", err=True)
-        raise typer.Exit(code=1)
-    console.print(f"verified: {len(entries)} record(s) in {ledger}, every link and signature intact", highlight=False)
+        try:
+            verified = verify_site_ledger(path, key, fingerprint, copies or [])
+        except LedgerFailed as failed:
+            echo_message(f"FAILED: {failed}")
+            raise typer.Exit(code=1) from None
     console.print(
-        f"signed by key {key_fingerprint(key)}: compare with the fingerprint the site gave you", highlight=False
+        paragraph(
+            f"verified: {verified.records} record(s) in {path}, every link, signature and the signed head intact"
+        ),
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
     )
+    console.print(labelled("signed by key", verified.fingerprint), highlight=False, markup=False, soft_wrap=True)
+    if verified.pinned_by == "no pin":
+        console.print("no pin to compare with: compare the key with the fingerprint the site gave you", highlight=False)
+    else:
+        console.print(labelled("the pinned key", verified.pinned_by), highlight=False, markup=False, soft_wrap=True)
+    if copies:
+        console.print(
+            f"{verified.compared} entry(ies) in the coordinator's copies, each in the ledger", highlight=False
+        )
 
 
 @audit_app.command("empirical")

@@ -1,4 +1,4 @@
-"""`cohort site init`: a site's ledger key, made by the site's own command."""
+"""`cohort site`: a site's own state: its ledger key and its pin, and what a restore needs."""
 
 from __future__ import annotations
 
@@ -8,29 +8,60 @@ from typing import Annotated
 import typer
 
 from cli.errors import input_errors
-from cli.terminal import labelled, paragraph
+from cli.terminal import echo_message, labelled, paragraph
+from client.policy import LEDGER_KEY, POLICY_FILE
 from common.privacy.ledger import PUBLIC_KEY_FILE
 from deploy.launch import init_site_state
 
 site_app = typer.Typer(
-    rich_markup_mode="markdown", help="A site's own state: its ledger key and head.", no_args_is_help=True
+    rich_markup_mode="markdown",
+    help="A site's own state: its ledger key, its pin and its ledger.",
+    no_args_is_help=True,
 )
+
+StateDir = Annotated[
+    Path,
+    typer.Option("--state-dir", help="Where the site keeps its privacy ledger and signing key; it outlives runs."),
+]
 
 
 @site_app.command()
-def init(
-    state_dir: Annotated[
-        Path,
-        typer.Option("--state-dir", help="Where the site keeps its privacy ledger and signing key; it outlives runs."),
-    ],
-) -> None:
-    """Make the site's ledger signing key (kept if it exists) and print its fingerprint."""
+def init(state_dir: StateDir) -> None:
+    """Make the site's ledger signing key (kept if it exists), pin it in policy.toml and print its fingerprint."""
     with input_errors():
         fingerprint = init_site_state(state_dir.resolve())
     typer.echo(labelled("ledger key", state_dir.resolve() / PUBLIC_KEY_FILE))
     typer.echo(labelled("fingerprint", fingerprint))
+    typer.echo(labelled("pinned in", state_dir.resolve() / POLICY_FILE))
     typer.echo(
         paragraph(
-            "Give the fingerprint to your auditor out of band, to check the ledger_key.pub.pem they are later sent."
+            f"Keep the fingerprint ({LEDGER_KEY} in {POLICY_FILE}) off this machine with your backups, and give it "
+            "to your auditor out of band, to check the ledger_key.pub.pem they are later sent."
         )
     )
+
+
+@site_app.command("import")
+def import_(
+    state_dir: StateDir,
+    sources: Annotated[
+        list[Path],
+        typer.Argument(
+            help="The coordinator's run directories (or their privacy_ledger.jsonl) holding this site's entries."
+        ),
+    ],
+) -> None:
+    """Take back, from the coordinator's run copies, the site's own signed ledger entries that
+    a restore from backup lost; only entries signed by the site's key that continue its chain."""
+    from client.ledger_import import import_entries
+
+    with input_errors():
+        imported = import_entries(state_dir.resolve(), sources)
+    typer.echo(f"imported {imported.after - imported.before} record(s); the ledger holds {imported.after}")
+    if imported.waiting:
+        echo_message(
+            f"error: the copies hold this site's record(s) {', '.join(str(s + 1) for s in imported.waiting)} but not "
+            f"record {imported.after + 1}, which comes before them; add the run directory that holds it "
+            "(docs/site.md, Backup and restore)"
+        )
+        raise typer.Exit(code=1)

@@ -19,6 +19,7 @@ from client.clipping import central_dp_clipping_mod
 from client.dp_randomness import site_noise_source
 from client.evaluation_policy import declined_evaluation
 from client.integer_update import SECURE_AGGREGATION_STREAM, integer_update
+from client.ledger_guard import LedgerBehind, check_not_behind, newest_entry, open_site_ledger
 from client.policy import AGGREGATION_METRICS, SiteConfig
 from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps, spent_epsilon
 from client.secure_aggregation import Masker, is_secure_aggregation, key_stage_reply, masked_input_reply
@@ -94,17 +95,17 @@ def _train(msg: Message, context: Context, run: SiteRunConfig, site: SiteConfig,
     `masker` under secure aggregation (the ledger entry then binds the masked input, which
     is what leaves the site)."""
     try:
-        ledger = SiteLedger(site.state_dir, create_key=not site.deployed)
+        ledger = open_site_ledger(site)
         entries = ledger.verified_entries()
-    except LedgerBroken as broken:  # nothing may be planned on a ledger that could have been reset
+        check_not_behind(site, ledger, entries, newest_entry(msg))
+    except LedgerBroken as broken:  # nothing may be planned (or recorded) on a ledger that could have been reset
         print(f"error: {broken}", file=sys.stderr, flush=True)
-        return Message(
-            Error(
-                code=protocol.SITE_REFUSED,
-                reason=f"site {site.name} refuses to train: its privacy ledger does not verify",
-            ),
-            reply_to=msg,
+        reason = (
+            broken.reason
+            if isinstance(broken, LedgerBehind)
+            else f"site {site.name} refuses to train: its privacy ledger does not verify"
         )
+        return Message(Error(code=protocol.SITE_REFUSED, reason=reason), reply_to=msg)
     config = msg.content[protocol.CONFIG]
     server_round = int(config[protocol.CONFIG_ROUND])
     mechanism = run.dp.mechanism.mechanism

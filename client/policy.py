@@ -15,6 +15,8 @@ every metric so that the simulation's summaries and plots can be drawn.
 
 from __future__ import annotations
 
+import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +25,11 @@ from typing import Any, Mapping
 from common import protocol
 from common.config import EPSILON_RANGE, Range, SiteRunConfig, validate_budget
 from common.errors import CohortInputError
+from common.private_files import open_private
 
 POLICY_FILE = "policy.toml"
+# The policy key pinning the fingerprint of the site's ledger key.
+LEDGER_KEY = "ledger-key"
 
 # What a site's replies may carry besides the weights (see docs/site.md for what each reveals).
 # Always sent: the example count, which the server may weigh by (aggregation-weight =
@@ -73,6 +78,9 @@ class SiteConfig:
     max_round_steps, max_round_seconds: the most work one round may ask (local DP-SGD
         steps, from local-epochs, the dataset's size and the batch size) and may take (wall
         time); a site refuses a round beyond either (DEFAULT_MAX_ROUND_STEPS, _SECONDS).
+    ledger_key: the fingerprint of the site's ledger key, pinned in its policy (`cohort
+        site init` writes it; a simulated site's first round does): a state directory
+        holding another key refuses to train. None: not pinned yet.
     allow_non_private: whether the site trains at all when a run asks for no DP; off
         unless the site's policy turns it on, since such training has no guarantee.
     accountants: the Opacus accountants whose epsilon is enforced; the largest counts.
@@ -92,6 +100,7 @@ class SiteConfig:
     run_window_hours: float = DEFAULT_RUN_WINDOW_HOURS
     max_round_steps: int = DEFAULT_MAX_ROUND_STEPS
     max_round_seconds: float = DEFAULT_MAX_ROUND_SECONDS
+    ledger_key: str | None = None
     allow_non_private: bool = False
     accountants: tuple[str, ...] = ("rdp",)
     send_metrics: tuple[str, ...] = OPTIONAL_METRICS
@@ -213,7 +222,36 @@ def _shared_policy(policy: Mapping[str, Any], name: str, allow_non_private_defau
             policy.get("max-round-seconds", DEFAULT_MAX_ROUND_SECONDS), "max-round-seconds", MAX_ROUND_SECONDS_RANGE
         ),
         "allow_non_private": _flag(policy.get("allow-non-private", allow_non_private_default), "allow-non-private"),
+        "ledger_key": _fingerprint(policy[LEDGER_KEY]) if LEDGER_KEY in policy else None,
     }
+
+
+def pinned_ledger_key(state_dir: Path) -> str | None:
+    """The ledger key fingerprint the site's policy.toml pins, if it pins one."""
+    value = _read_policy(state_dir / POLICY_FILE).get(LEDGER_KEY)
+    return None if value is None else _fingerprint(value)
+
+
+def pin_ledger_key(state_dir: Path, fingerprint: str) -> None:
+    """Pin the site's ledger key in its policy.toml (the first line, so it belongs to the
+    file's top-level table), leaving the rest of the file as the operator wrote it."""
+    path = state_dir / POLICY_FILE
+    rest = path.read_text(encoding="utf-8") if path.exists() else ""
+    with open_private(path.with_suffix(".tmp"), "w") as stream:
+        stream.write(
+            f'{LEDGER_KEY} = "{fingerprint}"  # the ledger key\'s fingerprint: keep a copy off this machine\n{rest}'
+        )
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def _fingerprint(value: Any) -> str:
+    text = str(value)
+    if not re.fullmatch(r"SHA256:[0-9a-f]{64}", text):
+        raise CohortInputError(
+            f"{LEDGER_KEY} is {text!r} in the site's policy; "
+            "it must be the fingerprint `cohort site init` prints (SHA256:<64 hex digits>)"
+        )
+    return text
 
 
 def _read_policy(path: Path) -> dict[str, Any]:

@@ -31,6 +31,7 @@ BUDGET_EPSILON = "budget-epsilon"
 
 CONFIG_ROUND = "server-round"
 CONFIG_PROXIMAL_MU = "proximal-mu"
+SITE_NEWEST_ENTRY = "newest-ledger-entry"
 
 # Error code of a reply in which a site declines a round (budget, or a policy that forbids
 # training without DP); the server stops asking that site for the rest of the run.

@@ -27,9 +27,10 @@ from typing import Any
 import httpx
 import tomli_w
 
+from client.policy import pin_ledger_key, pinned_ledger_key
 from common.config import validate_budget
 from common.errors import CohortInputError
-from common.privacy.ledger import SiteLedger
+from common.privacy.ledger import PRIVATE_KEY_FILE, SiteLedger
 from deploy.certificates import (
     LOOPBACK,
     LOOPBACK_NAME,
@@ -166,10 +167,21 @@ class SuperNodeLaunch:
 
 
 def init_site_state(state_dir: Path) -> str:
-    """The site's ledger key and ledger head, made by the site's own command (never by a
-    ClientApp): an existing key is kept, and a ledger kept before heads existed gets one
-    once its chain verifies. Returns the key's fingerprint."""
-    ledger = SiteLedger(state_dir, create_key=True)
+    """The site's ledger key, signed ledger head and the key's pin in its policy.toml, made
+    by the site's own command (never by a ClientApp): an existing key is kept (and must be
+    the one the policy pins), and a ledger kept before heads existed, or before they were
+    signed, gets a signed head once its chain verifies. Returns the key's fingerprint."""
+    pinned = pinned_ledger_key(state_dir)
+    if pinned is not None and not (state_dir / PRIVATE_KEY_FILE).exists():
+        raise CohortInputError(
+            f"{state_dir} has no ledger key {PRIVATE_KEY_FILE} but its policy pins {pinned}: restore the state directory "
+            "from backup (docs/site.md, Backup and restore); no new key is made while the old one is pinned"
+        )
+    ledger = SiteLedger(state_dir, create_key=pinned is None, pinned_key=pinned)
+    if pinned is None:
+        pin_ledger_key(state_dir, ledger.fingerprint())
+    elif ledger.fingerprint() != pinned:
+        ledger.verified_entries()  # raises: names the replaced key and the fix
     ledger.adopt()
     return ledger.fingerprint()
 

@@ -3,6 +3,7 @@ and its head, before every round, and its key is made by the site's own command.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,10 @@ from pathlib import Path
 import pytest
 
 from cli.terminal import labelled
+from client.policy import POLICY_FILE, pinned_ledger_key
+from common.errors import CohortInputError
 from common.privacy.ledger import (
+    GENESIS_HASH,
     HEAD_FILE,
     LEDGER_FILE,
     PRIVATE_KEY_FILE,
@@ -20,6 +24,7 @@ from common.privacy.ledger import (
     RecordKind,
     SiteLedger,
 )
+from deploy.launch import init_site_state
 
 BIN = Path(sys.executable).parent
 
@@ -109,3 +114,48 @@ def test_site_init_adopts_a_ledger_kept_before_heads_existed_once_its_chain_veri
     ledger.head_path.unlink()
     assert ledger.adopt() == 3
     assert len(SiteLedger(ledger.state_dir, create_key=False).verified_entries()) == 3
+
+
+def test_a_head_rewritten_without_the_key_is_refused(ledger: SiteLedger) -> None:
+    lines = ledger.path.read_text().splitlines(keepends=True)
+    ledger.path.write_text("".join(lines[:-1]))
+    last = ledger.entries()[-1]
+    ledger.head_path.write_text(json.dumps({"count": 2, "last_hash": last.entry_hash()}))
+    assert "not signed by this key: it was rewritten" in _refusal_line(ledger)
+
+
+def test_an_emptied_ledger_under_a_zero_head_is_refused(ledger: SiteLedger) -> None:
+    ledger.path.write_text("")
+    ledger.head_path.write_text(json.dumps({"count": 0, "last_hash": GENESIS_HASH}))
+    assert "not signed by this key: it was rewritten" in _refusal_line(ledger)
+
+
+def test_a_state_directory_holding_another_key_than_its_pin_is_refused(tmp_path: Path) -> None:
+    pinned = init_site_state(tmp_path / "site")
+    for name in (PRIVATE_KEY_FILE, HEAD_FILE):
+        (tmp_path / "site" / name).unlink()
+    swapped = SiteLedger(tmp_path / "site", create_key=True, pinned_key=pinned)
+    with pytest.raises(LedgerBroken, match=f"not the key {pinned} its policy pins"):
+        swapped.verified_entries()
+
+
+def test_site_init_refuses_to_make_a_new_key_while_the_old_one_is_pinned(tmp_path: Path) -> None:
+    init_site_state(tmp_path / "site")
+    (tmp_path / "site" / PRIVATE_KEY_FILE).unlink()
+    with pytest.raises(CohortInputError, match="no new key is made while the old one is pinned"):
+        init_site_state(tmp_path / "site")
+
+
+def test_site_init_pins_the_key_in_the_sites_policy(tmp_path: Path) -> None:
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / POLICY_FILE).write_text("epsilon = 4.0\n")
+    fingerprint = init_site_state(tmp_path / "site")
+    assert pinned_ledger_key(tmp_path / "site") == fingerprint
+    assert "epsilon = 4.0" in (tmp_path / "site" / POLICY_FILE).read_text()
+
+
+def test_site_init_signs_a_head_written_before_heads_were_signed(ledger: SiteLedger) -> None:
+    head = json.loads(ledger.head_path.read_text())
+    ledger.head_path.write_text(json.dumps({"count": head["count"], "last_hash": head["last_hash"]}))
+    assert ledger.adopt() == 3
+    assert len(ledger.verified_entries()) == 3

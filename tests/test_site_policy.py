@@ -19,6 +19,7 @@ from common.models.registry import build_model
 from common.privacy.accounting import PrivacyState
 from common.privacy.ledger import LedgerRecord, RecordKind, SiteLedger
 from common.privacy.mechanisms import Mechanism
+from deploy.launch import init_site_state
 from tests.conftest import make_images
 
 HOSTILE_RUN = SiteRunConfig.from_flower(
@@ -142,7 +143,7 @@ def test_a_site_whose_policy_forbids_a_run_without_dp_refuses_before_reading_any
 ) -> None:
     from client.app import app
 
-    SiteLedger(tmp_path / "state")  # the operator's `cohort site init`
+    init_site_state(tmp_path / "state")
     node_config = {
         "data-path": str(tmp_path / "not-read.npz"),
         "state-dir": str(tmp_path / "state"),
@@ -195,7 +196,7 @@ def test_a_gdp_site_refuses_a_round_at_another_sigma_than_its_ledger_holds(
     site_npz: Path, tmp_path: Path, clientapp_identity: None
 ) -> None:
     state = tmp_path / "state"
-    SiteLedger(state)
+    init_site_state(state)
     assert not _site_answers(site_npz, state, {}, run_id=1, accountants="rdp").has_error()
     reply = _site_answers(site_npz, state, {"noise-multiplier": 2.0}, run_id=2, accountants="gdp")
     assert reply.has_error() and reply.error.code == protocol.SITE_REFUSED
@@ -216,7 +217,7 @@ def test_a_sites_failure_reaches_the_coordinator_as_one_line_without_its_paths(
 ) -> None:
     wrong_shape = tmp_path / "hospital-a.npz"
     np.savez(wrong_shape, train_images=np.zeros(10, np.uint8), train_labels=np.zeros(10, np.int64))
-    SiteLedger(tmp_path / "state")
+    init_site_state(tmp_path / "state")
     reply = _site_answers(wrong_shape, tmp_path / "state", {})
     assert reply.has_error() and reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
     assert reply.error.reason.startswith("CohortInputError: <local path>")
@@ -227,7 +228,7 @@ def test_a_sites_failure_reaches_the_coordinator_as_one_line_without_its_paths(
 def test_a_round_asking_more_steps_than_the_policy_allows_is_refused_before_training(
     site_npz: Path, tmp_path: Path, clientapp_identity: None
 ) -> None:
-    SiteLedger(tmp_path / "state")
+    init_site_state(tmp_path / "state")
     reply = _site_answers(site_npz, tmp_path / "state", {"local-epochs": 10_000})
     assert reply.has_error() and reply.error.code == protocol.SITE_REFUSED
     assert (
@@ -240,7 +241,7 @@ def test_a_round_asking_more_steps_than_the_policy_allows_is_refused_before_trai
 def test_a_round_over_the_policys_wall_time_is_stopped_and_releases_nothing(
     site_npz: Path, tmp_path: Path, clientapp_identity: None
 ) -> None:
-    SiteLedger(tmp_path / "state")
+    init_site_state(tmp_path / "state")
     reply = _site_answers(site_npz, tmp_path / "state", {"local-epochs": 3}, **{"max-round-seconds": 1e-6})
     assert reply.has_error() and reply.error.code == protocol.SITE_REFUSED
     assert (

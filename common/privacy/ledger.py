@@ -7,11 +7,13 @@ re-signing a record breaks the chain or a signature. Sites send their signed ent
 the coordinator, whose run directory keeps the same entries, in the same format.
 
 Removing the last records leaves a valid chain, so beside the ledger a head file keeps
-the count and the last hash; a site verifies chain and head before every round and
-refuses to train when either does not hold (SiteLedger.verified_entries). A deployed
-site's key is made by the site's own command (`cohort supernode` / `cohort site init`),
-never by a ClientApp, and that command writes an empty head, so deleting the ledger and
-head together is noticed too.
+the count and the last hash, signed by the same key (no one without the key can rewrite
+it); a site verifies chain and head before every round and refuses to train when either
+does not hold (SiteLedger.verified_entries). A deployed site's key is made by the site's
+own command (`cohort supernode` / `cohort site init`), never by a ClientApp, and that
+command writes an empty signed head, so deleting the ledger and head together is noticed
+too. What a signed head cannot tell is a whole older state restored from a backup: the
+coordinator's copy of the site's newest entry does (client/ledger_guard.py).
 """
 
 from __future__ import annotations
@@ -284,12 +286,15 @@ class SiteLedger:
     create_key: make the key (and an empty head) when there is none; only the site's own
     setup (and a simulated site, which belongs to the researcher) does that, a deployed
     ClientApp never.
+    pinned_key: the fingerprint of the key the site's policy pins (client.policy), if any:
+    a state directory holding another key refuses to train (its key was swapped).
     """
 
-    def __init__(self, state_dir: Path, create_key: bool = True) -> None:
+    def __init__(self, state_dir: Path, create_key: bool = True, pinned_key: str | None = None) -> None:
         self.state_dir = state_dir
         self.path = state_dir / LEDGER_FILE
         self.head_path = state_dir / HEAD_FILE
+        self.pinned_key = pinned_key
         if not create_key and not (state_dir / PRIVATE_KEY_FILE).exists():
             raise LedgerBroken(
                 f"site state {state_dir} has no signing key {PRIVATE_KEY_FILE}; the site refuses to train until its operator "
@@ -301,17 +306,27 @@ class SiteLedger:
     def public_key_file(self) -> Path:
         return self.state_dir / PUBLIC_KEY_FILE
 
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return self._key.public_key()
+
     def fingerprint(self) -> str:
-        return key_fingerprint(self._key.public_key())
+        return key_fingerprint(self.public_key)
 
     def entries(self) -> list[LedgerEntry]:
         return read_entries(self.path) if self.path.exists() else []
 
     def verified_entries(self) -> list[LedgerEntry]:
-        """The whole ledger, after checking every link and signature against the site's key
-        and the count and last hash against the head. Raises LedgerBroken, with one line
-        for the site's operator, when anything does not hold."""
-        problem = self._problem()
+        """The whole ledger, after checking the key against the policy's pin, every link and
+        signature against the key, and the count and last hash against the signed head.
+        Raises LedgerBroken, with one line for the site's operator, when anything does not hold."""
+        if self.pinned_key is not None and self.fingerprint() != self.pinned_key:
+            raise LedgerBroken(
+                f"site state {self.state_dir} holds ledger key {self.fingerprint()}, not the key {self.pinned_key} its "
+                f"policy pins (ledger-key): the key was replaced; the site refuses to train until its operator restores "
+                f"{PRIVATE_KEY_FILE} (with the ledger and {HEAD_FILE}) from backup"
+            )
+        problem = ledger_problem(self.path, self.head_path, self.public_key)
         if problem is not None:
             raise LedgerBroken(
                 f"site ledger {self.path} {problem}; the site refuses to train until its operator restores the ledger "
@@ -319,38 +334,27 @@ class SiteLedger:
             )
         return self.entries()
 
-    def _problem(self) -> str | None:
-        if not self.head_path.exists():
-            return f"has no head file {HEAD_FILE} beside it: it was deleted"
-        head = read_head(self.head_path)
-        if not self.path.exists():
-            return f"is missing while its head says it holds {head.count} record(s)" if head.count else None
-        try:
-            entries = read_entries(self.path)
-        except CohortInputError as unreadable:
-            return f"cannot be read ({unreadable})"
-        broken = verify_chain(entries, self._key.public_key())
-        if broken is not None:
-            return f"is broken: {broken}"
-        if len(entries) < head.count:
-            return f"holds {len(entries)} record(s) but its head says {head.count}: records were removed from its end"
-        if head.count and entries[head.count - 1].entry_hash() != head.last_hash:
-            return f"record {head.count} is not the one its head names: the ledger was replaced"
-        return None
-
     def adopt(self) -> int:
-        """Write the head of a ledger that has none (one kept before heads existed), after
-        verifying its whole chain against the site's key; the operator's act, through
-        `cohort site init`. Returns the number of records the head now covers."""
-        if self.head_path.exists() or not self.path.exists():
-            return read_head(self.head_path).count if self.head_path.exists() else 0
-        entries = read_entries(self.path)
-        broken = verify_chain(entries, self._key.public_key())
+        """Write the signed head of a ledger that has none, or sign a head written before
+        heads were signed, after verifying the whole chain against the site's key (and, for
+        an unsigned head, that it names the chain's last record); the operator's act,
+        through `cohort site init`. Returns the number of records the head now covers."""
+        head = read_head(self.head_path) if self.head_path.exists() else None
+        if head is not None and head.signature:
+            return head.count
+        entries = self.entries()
+        broken = verify_chain(entries, self.public_key)
         if broken is not None:
             raise LedgerBroken(
                 f"site ledger {self.path} is broken: {broken}; restore it from backup before adopting it"
             )
-        write_head(self.head_path, LedgerHead(len(entries), entries[-1].entry_hash() if entries else GENESIS_HASH))
+        last_hash = entries[-1].entry_hash() if entries else GENESIS_HASH
+        if head is not None and (head.count, head.last_hash) != (len(entries), last_hash):
+            raise LedgerBroken(
+                f"site ledger {self.path} holds {len(entries)} record(s) but its unsigned head says {head.count}: "
+                f"restore the ledger and {HEAD_FILE} from backup before adopting them"
+            )
+        write_head(self.head_path, sign_head(self._key, len(entries), last_hash))
         return len(entries)
 
     def append(self, record: LedgerRecord) -> LedgerEntry:
@@ -361,27 +365,80 @@ class SiteLedger:
         """
         existing = self.entries()
         entry = sign_entry(self._key, len(existing), existing[-1].entry_hash() if existing else GENESIS_HASH, record)
+        self._write([entry], len(existing))
+        return entry
+
+    def extend(self, entries: list[LedgerEntry]) -> None:
+        """Append entries signed before (a site's own, as the coordinator kept them), each
+        continuing the chain: the ledger is verified first and the entries must link on."""
+        existing = self.verified_entries()
+        broken = verify_chain(existing + entries, self.public_key)
+        if broken is not None:
+            raise LedgerBroken(f"the entries to import do not continue site ledger {self.path}: {broken}")
+        self._write(entries, len(existing))
+
+    def _write(self, entries: list[LedgerEntry], existing: int) -> None:
         with open_private(self.path, "a") as stream:
-            stream.write(entry.to_json() + "\n")
+            stream.write("".join(entry.to_json() + "\n" for entry in entries))
             stream.flush()
             os.fsync(stream.fileno())
-        write_head(self.head_path, LedgerHead(len(existing) + 1, entry.entry_hash()))
-        return entry
+        write_head(self.head_path, sign_head(self._key, existing + len(entries), entries[-1].entry_hash()))
+
+
+def ledger_problem(path: Path, head_path: Path, public_key: Ed25519PublicKey) -> str | None:
+    """What is wrong with a ledger and its head under `public_key`, as the end of a sentence
+    starting with the ledger's path; None when chain and head hold."""
+    if not head_path.exists():
+        return f"has no head file {HEAD_FILE} beside it: it was deleted"
+    head = read_head(head_path)
+    try:
+        entries = read_entries(path) if path.exists() else []
+    except CohortInputError as unreadable:
+        return f"cannot be read ({unreadable})"
+    broken = verify_chain(entries, public_key)
+    if broken is not None:
+        return f"is broken: {broken}"
+    if not head.signed_by(public_key):
+        return f"has a head {HEAD_FILE} not signed by this key: it was rewritten"
+    if not path.exists() and head.count:
+        return f"is missing while its head says it holds {head.count} record(s)"
+    if len(entries) < head.count:
+        return f"holds {len(entries)} record(s) but its head says {head.count}: records were removed from its end"
+    if head.count and entries[head.count - 1].entry_hash() != head.last_hash:
+        return f"record {head.count} is not the one its head names: the ledger was replaced"
+    return None
 
 
 @dataclass(frozen=True)
 class LedgerHead:
-    """How many records the ledger holds and the hash of the last one."""
+    """How many records the ledger holds and the hash of the last one, signed by the
+    ledger's key ('' for a head written before heads were signed)."""
 
     count: int
     last_hash: str
+    signature: str = ""
+
+    def signed_payload(self) -> bytes:
+        return _canonical({"count": self.count, "last_hash": self.last_hash})
+
+    def signed_by(self, public_key: Ed25519PublicKey) -> bool:
+        try:
+            public_key.verify(base64.b64decode(self.signature), self.signed_payload())
+            return True
+        except (InvalidSignature, ValueError):
+            return False
+
+
+def sign_head(key: Ed25519PrivateKey, count: int, last_hash: str) -> LedgerHead:
+    unsigned = LedgerHead(count, last_hash)
+    return dataclasses.replace(unsigned, signature=base64.b64encode(key.sign(unsigned.signed_payload())).decode())
 
 
 def read_head(path: Path) -> LedgerHead:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return LedgerHead(int(data["count"]), str(data["last_hash"]))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return LedgerHead(int(data["count"]), str(data["last_hash"]), str(data.get("signature", "")))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         raise LedgerBroken(f"{path} is not a ledger head; restore it from backup") from None
 
 
@@ -395,7 +452,7 @@ def write_head(path: Path, head: LedgerHead) -> None:
     way no release is lost and no site spends more."""
     temporary = path.with_suffix(".tmp")
     with open_private(temporary, "w") as stream:
-        json.dump({"count": head.count, "last_hash": head.last_hash}, stream)
+        json.dump({"count": head.count, "last_hash": head.last_hash, "signature": head.signature}, stream)
     os.replace(temporary, path)
 
 
@@ -511,7 +568,7 @@ def _load_or_create_key(state_dir: Path, head_path: Path) -> Ed25519PrivateKey:
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     (state_dir / PUBLIC_KEY_FILE).write_bytes(public)  # meant to be shared: an auditor verifies the ledger with it
     if not head_path.exists() and not (state_dir / LEDGER_FILE).exists():
-        write_head(head_path, LedgerHead(0, GENESIS_HASH))
+        write_head(head_path, sign_head(key, 0, GENESIS_HASH))
     return key
 
 

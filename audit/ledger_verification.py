@@ -15,7 +15,6 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from client.policy import pinned_ledger_key
-from common.errors import CohortInputError
 from common.privacy.ledger import (
     HEAD_FILE,
     LEDGER_FILE,
@@ -55,12 +54,10 @@ def verify_site_ledger(
             f"{ledger}: the key given is {key_fingerprint(key)}, not the pinned {pinned} ({pinned_by}): "
             "the ledger was re-signed with another key, or the wrong key was sent"
         )
-    if not path.is_dir() and not ledger.exists():
-        raise CohortInputError(f"ledger {ledger} does not exist; give a site's state directory or its {LEDGER_FILE}")
+    entries = [] if path.is_dir() and not ledger.exists() else read_entries(ledger)
     problem = ledger_problem(ledger, state_dir / HEAD_FILE, key)
     if problem is not None:
         raise LedgerFailed(f"{ledger} {problem}")
-    entries = read_entries(ledger) if ledger.exists() else []
     compared = 0
     for copy in copies:
         for entry in _site_entries(copy, key):

@@ -19,6 +19,7 @@ from common.privacy.ledger import (
     HEAD_FILE,
     LEDGER_FILE,
     LedgerEntry,
+    chain_keys,
     key_fingerprint,
     ledger_problem,
     read_entries,
@@ -32,13 +33,15 @@ class LedgerFailed(Exception):
 
 @dataclass(frozen=True)
 class VerifiedLedger:
-    """records: how many; fingerprint: the key's; pinned_by: where the pin came from;
-    compared: how many of the site's entries the coordinator's copies held."""
+    """records: how many; fingerprint: the first key's (the one given); pinned_by: where the
+    pin came from; compared: how many of the site's entries the coordinator's copies held;
+    rotations: how many times the key was rotated since, each signed by the key before."""
 
     records: int
     fingerprint: str
     pinned_by: str
     compared: int
+    rotations: int
 
 
 def verify_site_ledger(
@@ -59,8 +62,9 @@ def verify_site_ledger(
     if problem is not None:
         raise LedgerFailed(f"{ledger} {problem}")
     compared = 0
+    keys = chain_keys(entries, key)
     for copy in copies:
-        for entry in _site_entries(copy, key):
+        for entry in _site_entries(copy, keys):
             compared += 1
             if entry.sequence >= len(entries) or entries[entry.sequence].entry_hash() != entry.entry_hash():
                 raise LedgerFailed(
@@ -69,7 +73,7 @@ def verify_site_ledger(
                     f"that the site signed and {copy} holds: the state directory was restored from an older backup "
                     "or cut short (the site imports it with `cohort site import`)"
                 )
-    return VerifiedLedger(len(entries), key_fingerprint(key), pinned_by, compared)
+    return VerifiedLedger(len(entries), key_fingerprint(key), pinned_by, compared, len(keys) - 1)
 
 
 def _pin(state_dir: Path, fingerprint: str | None) -> tuple[str | None, str]:
@@ -79,8 +83,8 @@ def _pin(state_dir: Path, fingerprint: str | None) -> tuple[str | None, str]:
     return (pinned, f"ledger-key in {state_dir}/policy.toml") if pinned else (None, "no pin")
 
 
-def _site_entries(copy: Path, key: Ed25519PublicKey) -> list[LedgerEntry]:
-    """The entries signed by `key` in a coordinator's run copy (which holds every site's)."""
-    return [
-        entry for entry in read_entries(copy / LEDGER_FILE if copy.is_dir() else copy) if verify_signature(entry, key)
-    ]
+def _site_entries(copy: Path, keys: list[Ed25519PublicKey]) -> list[LedgerEntry]:
+    """The entries signed by one of the site's `keys` in a coordinator's run copy (which
+    holds every site's)."""
+    entries = read_entries(copy / LEDGER_FILE if copy.is_dir() else copy)
+    return [entry for entry in entries if any(verify_signature(entry, key) for key in keys)]

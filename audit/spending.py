@@ -38,6 +38,7 @@ from common.privacy.accounting import PrivacyState
 from common.privacy.ledger import (
     LEDGER_FILE,
     PUBLIC_KEY_FILE,
+    ROOT_PUBLIC_KEY_FILE,
     LedgerEntry,
     LedgerRecord,
     RecordKind,
@@ -110,7 +111,7 @@ def _audit_site(entries: list[LedgerEntry], ledger: SiteLedgerFile) -> dict[str,
     delta = latest.delta
     comparison = _accounted(on_dataset, delta)
     total = comparison.rdp
-    chain = _chain_status(entries, ledger.path.parent / PUBLIC_KEY_FILE)
+    chain = _chain_status(entries, _root_key_file(ledger.path.parent))
     warnings = list(comparison.warnings)
     non_private = sum(r.kind == RecordKind.NON_PRIVATE for r in records)
     if non_private:
@@ -179,6 +180,12 @@ def _non_private_warning(records: list[LedgerRecord], rounds: int) -> str:
     ):
         return f"sent {rounds} masked update(s) with a share of the noise: the sum of all sites' shares protects them (the server ledger's distributed client-level DP)"
     return f"trained without differential privacy in {rounds} round(s): those releases carry no guarantee"
+
+
+def _root_key_file(state_dir: Path) -> Path:
+    """The key the chain starts from: the first one, kept apart once the key was rotated."""
+    root = state_dir / ROOT_PUBLIC_KEY_FILE
+    return root if root.exists() else state_dir / PUBLIC_KEY_FILE
 
 
 def _chain_status(entries: list[LedgerEntry], key_file: Path) -> str:

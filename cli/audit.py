@@ -86,7 +86,10 @@ def summary(
 @audit_app.command("verify")
 def verify(
     path: Annotated[Path, typer.Argument(help="A site's state directory (or its privacy_ledger.jsonl).")],
-    public_key: Annotated[Path, typer.Option("--public-key", help="The site's exported ledger_key.pub.pem.")],
+    public_key: Annotated[
+        Path,
+        typer.Option("--public-key", help="The site's first ledger key (ledger_key.root.pub.pem once rotated)."),
+    ],
     fingerprint: Annotated[
         Optional[str],
         typer.Option("--fingerprint", help="The key's fingerprint as the site gave it (default: its policy's pin)."),
@@ -122,7 +125,9 @@ def verify(
     if verified.pinned_by == "no pin":
         console.print("no pin to compare with: compare the key with the fingerprint the site gave you", highlight=False)
     else:
-        console.print(labelled("the pinned key", verified.pinned_by), highlight=False, markup=False, soft_wrap=True)
+        console.print(labelled("matches the pin", verified.pinned_by), highlight=False, markup=False, soft_wrap=True)
+    if verified.rotations:
+        console.print(f"the key was rotated {verified.rotations} time(s), each rotation signed by the key before it")
     if copies:
         console.print(
             f"{verified.compared} entry(ies) in the coordinator's copies, each in the ledger", highlight=False

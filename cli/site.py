@@ -65,3 +65,24 @@ def import_(
             "(docs/site.md, Backup and restore)"
         )
         raise typer.Exit(code=1)
+
+
+@site_app.command("rotate-key")
+def rotate_key(state_dir: StateDir) -> None:
+    """Replace the site's ledger key: the ledger's last entry under the old key names the new
+    one, so the chain, and `cohort audit verify` from the pinned first key, run on unbroken."""
+    from client.key_rotation import rotate_key as rotate
+
+    with input_errors():
+        rotation = rotate(state_dir.resolve())
+    typer.echo(
+        f"{'finished the interrupted rotation' if rotation.resumed else 'rotated'} at record {rotation.sequence + 1}"
+    )
+    typer.echo(labelled("old key", rotation.old))
+    typer.echo(labelled("new key", rotation.new))
+    typer.echo(
+        paragraph(
+            f"The pin ({LEDGER_KEY}) stays the first key's. Back up the state directory now (an older backup holds "
+            "the old key), and tell your coordinator: it binds your site's name to the key your replies carry."
+        )
+    )

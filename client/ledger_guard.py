@@ -14,7 +14,6 @@ can withhold the entry, never forge a later one: it holds no key of the site's.
 from __future__ import annotations
 
 import json
-import sys
 
 from flwr.app import ConfigRecord, Message
 
@@ -55,21 +54,27 @@ def newest_entry(message: Message) -> str | None:
 
 
 def check_not_behind(site: SiteConfig, ledger: SiteLedger, entries: list[LedgerEntry], newest: str | None) -> None:
-    """Raise LedgerBehind when `newest` is an entry signed by the site's key that its
-    ledger does not hold at its sequence. An entry that does not parse or verify is not
-    the site's: it proves nothing, and is said in the site's log."""
+    """Raise LedgerBehind when `newest` is not an entry the site's ledger holds at its
+    sequence. An entry that no key of the site's ledger signed is refused too, not
+    ignored: a state directory restored from before a key rotation knows only the old key,
+    and a coordinator that sends something else gains only a refusal."""
     if newest is None:
         return
     try:
         entry = LedgerEntry.from_json(newest)
+        signed = any(verify_signature(entry, key) for key in ledger.keys())
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        print(f"warning: the coordinator's copy of site {site.name}'s newest entry is not a ledger entry; ignored",
-              file=sys.stderr, flush=True)  # fmt: skip
-        return
-    if not verify_signature(entry, ledger.public_key):
-        print(f"warning: the coordinator's copy of site {site.name}'s newest entry is not signed by its key; ignored",
-              file=sys.stderr, flush=True)  # fmt: skip
-        return
+        signed, entry = False, None
+    if not signed or entry is None:
+        gap = (
+            "the coordinator's copy of its newest ledger entry is not signed by any key its ledger holds: its state "
+            "directory was restored from before a key rotation, or the coordinator binds its name to another key"
+        )
+        raise LedgerBehind(
+            f"site {site.name} refuses to train: {gap}; restore the newest backup of {site.state_dir} and import "
+            "what it lacks (`cohort site import`), or ask the coordinator which key it holds for this site",
+            f"site {site.name} refuses to train: {gap}",
+        )
     held = len(entries)
     if entry.sequence < held and entries[entry.sequence].entry_hash() == entry.entry_hash():
         return

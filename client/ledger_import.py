@@ -50,10 +50,11 @@ def _own_entries(ledger: SiteLedger, sources: list[Path]) -> dict[int, LedgerEnt
     """The entries signed by the site's key in every source, by sequence; two different
     ones at one sequence mean two histories, which an import must not choose between."""
     found: dict[int, LedgerEntry] = {}
+    keys = ledger.keys()
     for source in sources:
         path = source / LEDGER_FILE if source.is_dir() else source
         for entry in read_entries(path):
-            if not verify_signature(entry, ledger.public_key):
+            if not any(verify_signature(entry, key) for key in keys):
                 continue
             other = found.setdefault(entry.sequence, entry)
             if other.entry_hash() != entry.entry_hash():

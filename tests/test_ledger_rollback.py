@@ -102,11 +102,23 @@ def test_the_sites_log_line_names_the_import_command(
     assert line.endswith(f"`cohort site import --state-dir {state.resolve()} RUN_DIR...`")
 
 
-def test_a_coordinator_cannot_forge_a_later_entry(site_npz: Path, restored: tuple[Path, list[LedgerEntry]]) -> None:
+def test_an_entry_no_key_of_the_site_signed_gains_a_coordinator_only_a_refusal(
+    site_npz: Path, restored: tuple[Path, list[LedgerEntry]]
+) -> None:
     state, (first, second) = restored
     forger = SiteLedger(state.parent / "forger")
-    forged = sign_entry(forger._key, 5, second.entry_hash(), second.record)
-    assert not _train(site_npz, state, 3, forged).has_error()
+    forged = sign_entry(forger._key, 0, first.previous_hash, first.record)
+    reply = _train(site_npz, state, 3, forged)
+    assert reply.has_error() and "is not signed by any key its ledger holds" in reply.error.reason
+    assert len(SiteLedger(state).verified_entries()) == 1
+
+
+def test_a_coordinator_that_withholds_the_entry_leaves_the_site_as_its_own_ledger_says(
+    site_npz: Path, restored: tuple[Path, list[LedgerEntry]]
+) -> None:
+    state, (first, _) = restored
+    assert not _train(site_npz, state, 3, None).has_error()
+    assert not _train(site_npz, state, 3, first).has_error()
 
 
 def test_import_takes_back_the_lost_entries_and_the_site_trains_again(

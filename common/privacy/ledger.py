@@ -47,6 +47,7 @@ class RecordKind(StrEnum):
     RELEASE = "release"
     REFUSAL = "refusal"
     NON_PRIVATE = "non-private"  # training without DP, allowed by the site's policy: no guarantee
+    KEY_ROTATION = "key-rotation"  # the ledger's signing key changes after this record (client/key_rotation.py)
 
 
 class Sampling(StrEnum):
@@ -60,6 +61,11 @@ LEDGER_FILE = "privacy_ledger.jsonl"
 HEAD_FILE = "privacy_ledger.head.json"
 PRIVATE_KEY_FILE = "ledger_key.pem"
 PUBLIC_KEY_FILE = "ledger_key.pub.pem"
+# The public key the ledger's first record was signed with, kept once the key is rotated:
+# the chain is verified from it (the pin is its fingerprint).
+ROOT_PUBLIC_KEY_FILE = "ledger_key.root.pub.pem"
+# A rotation's new private key, until the state directory's key is replaced by it.
+NEXT_KEY_FILE = "ledger_key.next.pem"
 GENESIS_HASH = "0" * 64
 
 
@@ -234,37 +240,46 @@ class Noise:
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """A record as it stands in a ledger: its position, its link and its signature."""
+    """A record as it stands in a ledger: its position, its link and its signature.
+
+    next_key: in a key rotation's entry only (client/key_rotation.py), the raw new public
+    key, base64: every later entry and the head are signed by it. Absent from the JSON and
+    the signature otherwise, so entries written before rotations existed still verify.
+    """
 
     sequence: int
     previous_hash: str
     record: LedgerRecord
     signature: str
+    next_key: str = ""
 
     def signed_payload(self) -> bytes:
-        return _canonical(
-            {"sequence": self.sequence, "previous_hash": self.previous_hash, "record": _record_fields(self.record)}
-        )
+        return _canonical(self._linked_fields())
+
+    def _linked_fields(self) -> dict[str, Any]:
+        fields = {"sequence": self.sequence, "previous_hash": self.previous_hash, "record": _record_fields(self.record)}
+        return {**fields, "next_key": self.next_key} if self.next_key else fields
+
+    def successor_key(self) -> Ed25519PublicKey | None:
+        """The key that signs from the next entry on, when this entry rotates it; raises
+        ValueError for a next_key that is no Ed25519 key."""
+        return Ed25519PublicKey.from_public_bytes(base64.b64decode(self.next_key)) if self.next_key else None
 
     def entry_hash(self) -> str:
         return hashlib.sha256(self.signed_payload()).hexdigest()
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "sequence": self.sequence,
-                "previous_hash": self.previous_hash,
-                "record": _record_fields(self.record),
-                "signature": self.signature,
-            },
-            sort_keys=True,
-        )
+        return json.dumps({**self._linked_fields(), "signature": self.signature}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> LedgerEntry:
         data = json.loads(text)
         return cls(
-            int(data["sequence"]), str(data["previous_hash"]), LedgerRecord(**data["record"]), str(data["signature"])
+            int(data["sequence"]),
+            str(data["previous_hash"]),
+            LedgerRecord(**data["record"]),
+            str(data["signature"]),
+            str(data.get("next_key", "")),
         )
 
 
@@ -308,10 +323,26 @@ class SiteLedger:
 
     @property
     def public_key(self) -> Ed25519PublicKey:
+        """The key that signs the site's next entry."""
         return self._key.public_key()
 
+    @property
+    def root_key_file(self) -> Path:
+        """The public key the ledger's chain starts from: the first key, once rotated."""
+        root = self.state_dir / ROOT_PUBLIC_KEY_FILE
+        return root if root.exists() else self.public_key_file
+
+    def root_key(self) -> Ed25519PublicKey:
+        return load_public_key(self.root_key_file)
+
     def fingerprint(self) -> str:
-        return key_fingerprint(self.public_key)
+        """The fingerprint of the chain's first key: what the policy pins and the auditor
+        records; a rotation keeps it."""
+        return key_fingerprint(self.root_key())
+
+    def keys(self) -> list[Ed25519PublicKey]:
+        """Every key the site's ledger has been signed with, first to current."""
+        return chain_keys(self.entries(), self.root_key())
 
     def entries(self) -> list[LedgerEntry]:
         return read_entries(self.path) if self.path.exists() else []
@@ -326,11 +357,18 @@ class SiteLedger:
                 f"policy pins (ledger-key): the key was replaced; the site refuses to train until its operator restores "
                 f"{PRIVATE_KEY_FILE} (with the ledger and {HEAD_FILE}) from backup"
             )
-        problem = ledger_problem(self.path, self.head_path, self.public_key)
+        if (self.state_dir / NEXT_KEY_FILE).exists():
+            raise LedgerBroken(
+                f"site state {self.state_dir} holds a key rotation that did not finish; the site refuses to train until "
+                f"its operator runs `cohort site rotate-key --state-dir {self.state_dir}` again, which finishes it"
+            )
+        problem = ledger_problem(self.path, self.head_path, self.root_key())
+        if problem is None and key_fingerprint(self.keys()[-1]) != key_fingerprint(self.public_key):
+            problem = f"names {key_fingerprint(self.keys()[-1])} as its signing key, not the state directory's key"
         if problem is not None:
             raise LedgerBroken(
                 f"site ledger {self.path} {problem}; the site refuses to train until its operator restores the ledger "
-                f"(and {HEAD_FILE}) from backup and checks it with `cohort audit verify {self.state_dir} --public-key {self.public_key_file}`"
+                f"(and {HEAD_FILE}) from backup and checks it with `cohort audit verify {self.state_dir} --public-key {self.root_key_file}`"
             )
         return self.entries()
 
@@ -343,7 +381,7 @@ class SiteLedger:
         if head is not None and head.signature:
             return head.count
         entries = self.entries()
-        broken = verify_chain(entries, self.public_key)
+        broken = verify_chain(entries, self.root_key())
         if broken is not None:
             raise LedgerBroken(
                 f"site ledger {self.path} is broken: {broken}; restore it from backup before adopting it"
@@ -372,10 +410,64 @@ class SiteLedger:
         """Append entries signed before (a site's own, as the coordinator kept them), each
         continuing the chain: the ledger is verified first and the entries must link on."""
         existing = self.verified_entries()
-        broken = verify_chain(existing + entries, self.public_key)
+        broken = verify_chain(existing + entries, self.root_key())
         if broken is not None:
             raise LedgerBroken(f"the entries to import do not continue site ledger {self.path}: {broken}")
         self._write(entries, len(existing))
+
+    def rotate(self, record: LedgerRecord) -> LedgerEntry:
+        """Append `record` signed by the current key and naming a new one, which signs
+        everything after it (the head included). The ledger is verified first; the first
+        key's public half is kept as ROOT_PUBLIC_KEY_FILE, the chain's start. The new key is
+        on disk (NEXT_KEY_FILE) before the entry naming it, so a crash between leaves what
+        finish_rotation completes."""
+        existing = self.verified_entries()
+        root = self.state_dir / ROOT_PUBLIC_KEY_FILE
+        if not root.exists():
+            root.write_bytes(self.public_key_file.read_bytes())  # meant to be shared, like the public key
+        new = Ed25519PrivateKey.generate()
+        _write_private_key(self.state_dir / NEXT_KEY_FILE, new)
+        raw = new.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        unsigned = LedgerEntry(
+            len(existing),
+            existing[-1].entry_hash() if existing else GENESIS_HASH,
+            record,
+            signature="",
+            next_key=base64.b64encode(raw).decode(),
+        )
+        entry = dataclasses.replace(
+            unsigned, signature=base64.b64encode(self._key.sign(unsigned.signed_payload())).decode()
+        )
+        with open_private(self.path, "a") as stream:
+            stream.write(entry.to_json() + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        self.finish_rotation()
+        return entry
+
+    def finish_rotation(self) -> bool:
+        """Make the key a rotation entry names the state directory's key, when the last
+        rotation stopped before that (NEXT_KEY_FILE is left and the chain names it).
+        Returns whether there was one to finish; a next key no entry names (the rotation
+        stopped before its entry) signs nothing and is removed."""
+        pending = self.state_dir / NEXT_KEY_FILE
+        if not pending.exists():
+            return False
+        new = _read_private_key(pending)
+        entries = self.entries()
+        broken = verify_chain(entries, self.root_key())
+        if broken is not None:
+            raise LedgerBroken(f"site ledger {self.path} is broken: {broken}; restore it from backup")
+        if key_fingerprint(chain_keys(entries, self.root_key())[-1]) != key_fingerprint(new.public_key()):
+            pending.unlink()
+            return False
+        os.replace(pending, self.state_dir / PRIVATE_KEY_FILE)
+        self._key = new
+        self.public_key_file.write_bytes(
+            new.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
+        write_head(self.head_path, sign_head(new, len(entries), entries[-1].entry_hash()))
+        return True
 
     def _write(self, entries: list[LedgerEntry], existing: int) -> None:
         with open_private(self.path, "a") as stream:
@@ -386,8 +478,8 @@ class SiteLedger:
 
 
 def ledger_problem(path: Path, head_path: Path, public_key: Ed25519PublicKey) -> str | None:
-    """What is wrong with a ledger and its head under `public_key`, as the end of a sentence
-    starting with the ledger's path; None when chain and head hold."""
+    """What is wrong with a ledger and its head under `public_key` (the chain's first key),
+    as the end of a sentence starting with the ledger's path; None when chain and head hold."""
     if not head_path.exists():
         return f"has no head file {HEAD_FILE} beside it: it was deleted"
     head = read_head(head_path)
@@ -398,7 +490,7 @@ def ledger_problem(path: Path, head_path: Path, public_key: Ed25519PublicKey) ->
     broken = verify_chain(entries, public_key)
     if broken is not None:
         return f"is broken: {broken}"
-    if not head.signed_by(public_key):
+    if not head.signed_by(chain_keys(entries, public_key)[-1]):
         return f"has a head {HEAD_FILE} not signed by this key: it was rewritten"
     if not path.exists() and head.count:
         return f"is missing while its head says it holds {head.count} record(s)"
@@ -489,8 +581,9 @@ def sign_entry(key: Ed25519PrivateKey, sequence: int, previous_hash: str, record
 
 
 def verify_chain(entries: list[LedgerEntry], public_key: Ed25519PublicKey) -> str | None:
-    """None if every link and signature holds, else a sentence naming the first bad record."""
-    previous = GENESIS_HASH
+    """None if every link and signature holds, else a sentence naming the first bad record.
+    `public_key` signs from the first entry on, each rotation's next key after it."""
+    previous, key = GENESIS_HASH, public_key
     for position, entry in enumerate(entries):
         label = f"record {position + 1} (round {entry.record.round}, run {entry.record.run_id})"
         if entry.sequence != position:
@@ -499,10 +592,19 @@ def verify_chain(entries: list[LedgerEntry], public_key: Ed25519PublicKey) -> st
             )
         if entry.previous_hash != previous:
             return f"{label} does not link to the record before it: a record was removed, reordered or edited"
-        if not verify_signature(entry, public_key):
+        if not verify_signature(entry, key):
             return f"{label} has a signature that does not match this key: it was edited or signed by another key"
         previous = entry.entry_hash()
+        try:
+            key = entry.successor_key() or key
+        except ValueError:
+            return f"{label} rotates to a key that is not an Ed25519 public key"
     return None
+
+
+def chain_keys(entries: list[LedgerEntry], root: Ed25519PublicKey) -> list[Ed25519PublicKey]:
+    """Every key of a verified chain, from `root` to the one that signs its next entry."""
+    return [root, *(key for key in (entry.successor_key() for entry in entries) if key is not None)]
 
 
 def verify_signature(entry: LedgerEntry, public_key: Ed25519PublicKey) -> bool:
@@ -554,22 +656,32 @@ def _load_or_create_key(state_dir: Path, head_path: Path) -> Ed25519PrivateKey:
     private_dir(state_dir)
     key_file = state_dir / PRIVATE_KEY_FILE
     if key_file.exists():
-        if key_file.stat().st_mode & 0o077:
-            raise CohortInputError(f"{key_file} is readable by others; run `chmod 600 {key_file}`")
-        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise CohortInputError(f"{key_file} is not an Ed25519 key; move it away and a new one is made")
-        return key
+        return _read_private_key(key_file)
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as stream:
-        stream.write(pem)
+    _write_private_key(key_file, key)
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     (state_dir / PUBLIC_KEY_FILE).write_bytes(public)  # meant to be shared: an auditor verifies the ledger with it
     if not head_path.exists() and not (state_dir / LEDGER_FILE).exists():
         write_head(head_path, sign_head(key, 0, GENESIS_HASH))
     return key
+
+
+def _read_private_key(key_file: Path) -> Ed25519PrivateKey:
+    if key_file.stat().st_mode & 0o077:
+        raise CohortInputError(f"{key_file} is readable by others; run `chmod 600 {key_file}`")
+    key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise CohortInputError(f"{key_file} is not an Ed25519 key; move it away and a new one is made")
+    return key
+
+
+def _write_private_key(key_file: Path, key: Ed25519PrivateKey) -> None:
+    """0600 from its creation; fsynced, since a ledger entry may name its public half."""
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    with open_private(key_file, "wb") as stream:
+        stream.write(pem)
+        stream.flush()
+        os.fsync(stream.fileno())
 
 
 def _canonical(payload: Any) -> bytes:

@@ -19,6 +19,7 @@ from common.privacy.ledger import (
     HEAD_FILE,
     LEDGER_FILE,
     LedgerEntry,
+    RecordKind,
     chain_keys,
     key_fingerprint,
     ledger_problem,
@@ -35,13 +36,15 @@ class LedgerFailed(Exception):
 class VerifiedLedger:
     """records: how many; fingerprint: the first key's (the one given); pinned_by: where the
     pin came from; compared: how many of the site's entries the coordinator's copies held;
-    rotations: how many times the key was rotated since, each signed by the key before."""
+    rotations: how many times the key was rotated since, each signed by the key before;
+    retired: whether the ledger ends with its dataset's retirement."""
 
     records: int
     fingerprint: str
     pinned_by: str
     compared: int
     rotations: int
+    retired: bool
 
 
 def verify_site_ledger(
@@ -73,7 +76,8 @@ def verify_site_ledger(
                     f"that the site signed and {copy} holds: the state directory was restored from an older backup "
                     "or cut short (the site imports it with `cohort site import`)"
                 )
-    return VerifiedLedger(len(entries), key_fingerprint(key), pinned_by, compared, len(keys) - 1)
+    retired = bool(entries) and entries[-1].record.kind == RecordKind.RETIREMENT
+    return VerifiedLedger(len(entries), key_fingerprint(key), pinned_by, compared, len(keys) - 1, retired)
 
 
 def _pin(state_dir: Path, fingerprint: str | None) -> tuple[str | None, str]:

@@ -126,6 +126,8 @@ def verify(
         console.print("no pin to compare with: compare the key with the fingerprint the site gave you", highlight=False)
     else:
         console.print(labelled("matches the pin", verified.pinned_by), highlight=False, markup=False, soft_wrap=True)
+    if verified.retired:
+        console.print(f"the dataset was retired at record {verified.records}: no record follows", highlight=False)
     if verified.rotations:
         console.print(f"the key was rotated {verified.rotations} time(s), each rotation signed by the key before it")
     if copies:

@@ -86,3 +86,22 @@ def rotate_key(state_dir: StateDir) -> None:
             "the old key), and tell your coordinator: it binds your site's name to the key your replies carry."
         )
     )
+
+
+@site_app.command()
+def retire(
+    state_dir: StateDir,
+    archive: Annotated[
+        Path, typer.Option("--archive", help="A new folder for the retired ledger, its keys and policy.")
+    ],
+) -> None:
+    """Retire the site's dataset: a last signed record, the ledger archived where an auditor
+    can verify it, and the private key deleted so that nothing more is signed."""
+    from client.retirement import retire as retire_dataset
+
+    with input_errors():
+        retired = retire_dataset(state_dir.resolve(), archive.resolve())
+    typer.echo(f"retired: {retired.records} record(s), the last one the retirement; the private key is deleted")
+    typer.echo(labelled("archive", retired.archive))
+    typer.echo(paragraph("Verify it (and keep the fingerprint you pinned beside it):"))
+    typer.echo(f"cohort audit verify {retired.archive} --public-key {retired.first_key}")

@@ -39,15 +39,6 @@ def rotate_key(state_dir: Path) -> Rotation:
             f"the ledger in {state_dir} is empty: nothing was signed with its key yet; to start with another key, "
             "move the state directory away and run `cohort site init` (then pin the new fingerprint)"
         )
-    entry = ledger.rotate(_rotation_record(entries[-1].record, old))
+    reason = f"ledger key {old} retired by its operator; the next key is in this entry"
+    entry = ledger.rotate(LedgerRecord.about_the_ledger(RecordKind.KEY_ROTATION, entries[-1].record, reason))
     return Rotation(old, key_fingerprint(ledger.public_key), entry.sequence, resumed=False)
-
-
-def _rotation_record(last: LedgerRecord, old: str) -> LedgerRecord:
-    """The rotation's record: no release, the site's name, budget and data as they stand."""
-    return LedgerRecord(
-        kind=RecordKind.KEY_ROTATION, run_id=0, round=0, site=last.site, mechanism="", noise_multiplier=0.0,
-        sample_rate=0.0, sampling="none", steps=0, clip_norm=0.0, delta=last.delta, epsilon=last.epsilon,
-        accountant=last.accountant, budget_epsilon=last.budget_epsilon, dataset_hash=last.dataset_hash, model_hash="",
-        config_hash="", reason=f"ledger key {old} retired by its operator; the next key is in this entry",
-    )  # fmt: skip

@@ -48,6 +48,7 @@ class RecordKind(StrEnum):
     REFUSAL = "refusal"
     NON_PRIVATE = "non-private"  # training without DP, allowed by the site's policy: no guarantee
     KEY_ROTATION = "key-rotation"  # the ledger's signing key changes after this record (client/key_rotation.py)
+    RETIREMENT = "retirement"  # the dataset is retired: the ledger's last record (client/retirement.py)
 
 
 class Sampling(StrEnum):
@@ -176,6 +177,17 @@ class LedgerRecord:
         """A round the spender declined, and why; `epsilon`: what it had spent, and `noise`
         what the round would have applied, when it knew."""
         return cls._of(RecordKind.REFUSAL, spender, mechanism, noise or Noise(), epsilon, accountant, "", reason)
+
+    @classmethod
+    def about_the_ledger(cls, kind: RecordKind, before: LedgerRecord, reason: str) -> LedgerRecord:
+        """A record about the ledger itself (a key rotation, the dataset's retirement): no
+        release; the site, budget, data and epsilon as the record `before` it left them."""
+        return cls(
+            kind=kind, run_id=0, round=0, site=before.site, mechanism="", noise_multiplier=0.0, sample_rate=0.0,
+            sampling=Sampling.NONE, steps=0, clip_norm=0.0, delta=before.delta, epsilon=before.epsilon,
+            accountant=before.accountant, budget_epsilon=before.budget_epsilon, dataset_hash=before.dataset_hash,
+            model_hash="", config_hash="", reason=reason,
+        )  # fmt: skip
 
     @classmethod
     def _of(
@@ -370,7 +382,13 @@ class SiteLedger:
                 f"site ledger {self.path} {problem}; the site refuses to train until its operator restores the ledger "
                 f"(and {HEAD_FILE}) from backup and checks it with `cohort audit verify {self.state_dir} --public-key {self.root_key_file}`"
             )
-        return self.entries()
+        entries = self.entries()
+        if entries and entries[-1].record.kind == RecordKind.RETIREMENT:
+            raise LedgerBroken(
+                f"site ledger {self.path} ends with the retirement of its dataset (record {len(entries)}); "
+                "a retired dataset trains no more"
+            )
+        return entries
 
     def adopt(self) -> int:
         """Write the signed head of a ledger that has none, or sign a head written before

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -22,38 +21,22 @@ from common.privacy.ledger import (
     PRIVATE_KEY_FILE,
     PUBLIC_KEY_FILE,
     LedgerEntry,
-    LedgerRecord,
-    RecordKind,
     SiteLedger,
     load_public_key,
 )
-from deploy.launch import init_site_state
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _record(round_: int) -> LedgerRecord:
-    return LedgerRecord(
-        kind=RecordKind.RELEASE, run_id=1, round=round_, site="site", mechanism="", noise_multiplier=1.0, sample_rate=0.1, sampling="poisson",
-        steps=10, clip_norm=1.0, delta=1e-5, epsilon=0.5, accountant="rdp", budget_epsilon=8.0, dataset_hash="d", model_hash="",
-        config_hash="",
-    )  # fmt: skip
+from tests.conftest import cohort, ledger_release
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> tuple[Path, Ed25519PublicKey, Path]:
+def site(site_state: Path, tmp_path: Path) -> tuple[Path, Ed25519PublicKey, Path]:
     """A site's state directory after rounds 1 and 2 (backed up) and 3, and the
     coordinator's run copy of all three entries."""
-    state = tmp_path / "state"
-    init_site_state(state)
-    ledger = SiteLedger(state)
-    entries = [ledger.append(_record(1)), ledger.append(_record(2))]
-    shutil.copytree(state, tmp_path / "backup")
-    entries.append(ledger.append(_record(3)))
+    shutil.copytree(site_state, tmp_path / "backup")
+    SiteLedger(site_state).append(ledger_release(3))
     copy = tmp_path / "run"
     copy.mkdir()
-    (copy / LEDGER_FILE).write_text("".join(e.to_json() + "\n" for e in entries))
-    return state, load_public_key(state / PUBLIC_KEY_FILE), copy
+    (copy / LEDGER_FILE).write_text("".join(e.to_json() + "\n" for e in SiteLedger(site_state).entries()))
+    return site_state, load_public_key(site_state / PUBLIC_KEY_FILE), copy
 
 
 def _truncate(state: Path) -> None:
@@ -130,8 +113,7 @@ def test_cohort_audit_verify_exits_1_on_a_restored_backup_and_0_once_it_is_whole
     _restore_older_backup(state)
 
     def verify(path: Path) -> subprocess.CompletedProcess[str]:
-        command = ["audit", "verify", str(path), "--public-key", str(path / PUBLIC_KEY_FILE), "--run-dir", str(copy)]
-        return subprocess.run([sys.executable, "-m", "cli.main", *command], capture_output=True, text=True, cwd=ROOT)
+        return cohort("audit", "verify", str(path), "--public-key", str(path / PUBLIC_KEY_FILE), "--run-dir", str(copy))
 
     restored = verify(state)
     assert restored.returncode == 1 and "lacks record 3 (run 1, round 3)" in " ".join(restored.stderr.split())

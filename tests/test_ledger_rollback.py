@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
@@ -19,18 +18,9 @@ from common import protocol
 from common.models.registry import build_model
 from common.privacy.ledger import GENESIS_HASH, LEDGER_FILE, LedgerEntry, SiteLedger, sign_entry, sign_head, write_head
 from deploy.launch import init_site_state
-from tests.conftest import make_images
 
 COHORT = [sys.executable, "-m", "cli.main"]
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def site_npz(tmp_path: Path) -> Path:
-    images, labels = make_images(100, seed=5)
-    path = tmp_path / "site.npz"
-    np.savez(path, train_images=images, train_labels=labels[:, None])
-    return path
 
 
 def _instruction(server_round: int, newest: LedgerEntry | None) -> Message:

@@ -20,7 +20,6 @@ from common.privacy.accounting import PrivacyState
 from common.privacy.ledger import LedgerRecord, RecordKind, SiteLedger
 from common.privacy.mechanisms import Mechanism
 from deploy.launch import init_site_state
-from tests.conftest import make_images
 
 HOSTILE_RUN = SiteRunConfig.from_flower(
     {
@@ -37,14 +36,6 @@ def _deployed(state_dir: Path, **policy: object) -> SiteConfig:
     return SiteConfig.from_node_config(
         {"data-path": "/data", "state-dir": str(state_dir), "epsilon": 2.0, "delta": 1e-5, **policy}, HOSTILE_RUN
     )
-
-
-@pytest.fixture
-def site_npz(tmp_path: Path) -> Path:
-    images, labels = make_images(100, seed=5)
-    path = tmp_path / "site.npz"
-    np.savez(path, train_images=images, train_labels=labels[:, None])
-    return path
 
 
 def test_a_deployed_site_takes_nothing_from_the_run_config(tmp_path: Path) -> None:

@@ -42,6 +42,10 @@ class SiteRegistry:
     def name_of(self, node: int) -> str | None:
         return self.nodes.get(node)
 
+    def known_as(self, node: int) -> str:
+        """The site's name once it has one, the node id before: what reports say."""
+        return self.nodes.get(node) or f"node {node}"
+
     def admit(self, node: int, claimed: str, key_pem: str, live_nodes: set[int]) -> str | None:
         """Bind or check who `node` is; None when it may speak as `claimed`, else why not."""
         bound = self.nodes.get(node)

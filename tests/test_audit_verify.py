@@ -73,8 +73,8 @@ def _resign_with_a_new_key(state: Path) -> None:
     "tamper,caught",
     [
         (_truncate, "holds 2 record(s) but its head says 3"),
-        (_truncate_and_rewrite_head, "not signed by this key: it was rewritten"),
-        (_empty_with_zero_head, "not signed by this key: it was rewritten"),
+        (_truncate_and_rewrite_head, "has an unsigned head"),
+        (_empty_with_zero_head, "has an unsigned head"),
         (_restore_older_backup, "lacks record 3 (run 1, round 3) that the site signed"),
         (_resign_with_a_new_key, "not the pinned"),
     ],

@@ -23,6 +23,8 @@ from common.privacy.ledger import (
     LedgerRecord,
     RecordKind,
     SiteLedger,
+    sign_head,
+    write_head,
 )
 from deploy.launch import init_site_state
 
@@ -121,13 +123,13 @@ def test_a_head_rewritten_without_the_key_is_refused(ledger: SiteLedger) -> None
     ledger.path.write_text("".join(lines[:-1]))
     last = ledger.entries()[-1]
     ledger.head_path.write_text(json.dumps({"count": 2, "last_hash": last.entry_hash()}))
-    assert "not signed by this key: it was rewritten" in _refusal_line(ledger)
+    assert "unsigned head privacy_ledger.head.json: it was rewritten without the key" in _refusal_line(ledger)
 
 
 def test_an_emptied_ledger_under_a_zero_head_is_refused(ledger: SiteLedger) -> None:
     ledger.path.write_text("")
     ledger.head_path.write_text(json.dumps({"count": 0, "last_hash": GENESIS_HASH}))
-    assert "not signed by this key: it was rewritten" in _refusal_line(ledger)
+    assert "unsigned head privacy_ledger.head.json: it was rewritten without the key" in _refusal_line(ledger)
 
 
 def test_a_state_directory_holding_another_key_than_its_pin_is_refused(tmp_path: Path) -> None:
@@ -159,3 +161,9 @@ def test_site_init_signs_a_head_written_before_heads_were_signed(ledger: SiteLed
     ledger.head_path.write_text(json.dumps({"count": head["count"], "last_hash": head["last_hash"]}))
     assert ledger.adopt() == 3
     assert len(ledger.verified_entries()) == 3
+
+
+def test_a_head_signed_by_another_key_is_refused(ledger: SiteLedger, tmp_path: Path) -> None:
+    other = SiteLedger(tmp_path / "other", create_key=True)
+    write_head(ledger.head_path, sign_head(other._key, 3, ledger.entries()[-1].entry_hash()))
+    assert "not signed by this key: it was rewritten" in _refusal_line(ledger)

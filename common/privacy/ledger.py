@@ -508,6 +508,11 @@ def ledger_problem(path: Path, head_path: Path, public_key: Ed25519PublicKey) ->
     broken = verify_chain(entries, public_key)
     if broken is not None:
         return f"is broken: {broken}"
+    if not head.signature:
+        return (
+            f"has an unsigned head {HEAD_FILE}: it was rewritten without the key, or written before heads were "
+            "signed (then `cohort site init` signs it once it names the chain's last record)"
+        )
     if not head.signed_by(chain_keys(entries, public_key)[-1]):
         return f"has a head {HEAD_FILE} not signed by this key: it was rewritten"
     if not path.exists() and head.count:

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from cli.terminal import labelled
-from client.policy import POLICY_FILE, pinned_ledger_key
+from client.ledger_guard import open_site_ledger
+from client.policy import POLICY_FILE, SiteConfig, pinned_ledger_key
+from common.config import SiteRunConfig
 from common.errors import CohortInputError
 from common.privacy.ledger import (
     GENESIS_HASH,
@@ -167,3 +169,20 @@ def test_a_head_signed_by_another_key_is_refused(ledger: SiteLedger, tmp_path: P
     other = SiteLedger(tmp_path / "other", create_key=True)
     write_head(ledger.head_path, sign_head(other._key, 3, ledger.entries()[-1].entry_hash()))
     assert "not signed by this key: it was rewritten" in _refusal_line(ledger)
+
+
+def test_a_simulated_site_pins_its_key_on_first_use_and_refuses_another_after(tmp_path: Path) -> None:
+    run = SiteRunConfig.from_flower({"federation-home": str(tmp_path)})
+    site = SiteConfig.from_node_config({"partition-id": 0, "num-partitions": 3}, run)
+    pin = open_site_ledger(site).fingerprint()
+    assert pinned_ledger_key(site.state_dir) == pin
+    (site.state_dir / PRIVATE_KEY_FILE).unlink()
+    with pytest.raises(LedgerBroken, match=f"not the key {pin} its policy pins"):
+        open_site_ledger(SiteConfig.from_node_config({"partition-id": 0, "num-partitions": 3}, run)).verified_entries()
+
+
+def test_a_deployed_site_without_a_pin_refuses_naming_site_init(tmp_path: Path) -> None:
+    SiteLedger(tmp_path / "state")
+    node_config = {"data-path": "/data", "state-dir": str(tmp_path / "state"), "epsilon": 2.0, "delta": 1e-5}
+    with pytest.raises(LedgerBroken, match="pins no ledger key.*cohort site init"):
+        open_site_ledger(SiteConfig.from_node_config(node_config, SiteRunConfig()))

@@ -22,7 +22,8 @@ import random
 import statistics
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from opacus import PrivacyEngine

@@ -18,7 +18,7 @@ this lives in benchmarks/ and never in the app.
 from __future__ import annotations
 
 import hashlib
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -33,7 +33,7 @@ from common.privacy.mechanisms import Mechanism
 app = ClientApp()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _key(site: str) -> tuple[Ed25519PrivateKey, str]:
     key = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(f"flower-floor/{site}".encode()).digest())
     public = (

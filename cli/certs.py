@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -64,7 +64,7 @@ def init(
     ],
     days: Annotated[int, typer.Option("--days", help="How long the certificates are valid.")] = 365,
     ca_passphrase_file: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             "--ca-passphrase-file",
             help="A file whose first line is the passphrase that encrypts ca.key; without it, you are asked.",
@@ -142,11 +142,11 @@ def site(
 def check(
     directory: DirectoryArgument,
     superlink_host: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--superlink-host", help="A host the SuperLink's certificate must cover (repeatable)."),
     ] = None,
     site: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--site", help="At a site: check only what its machine has, ca.crt and the site's key pair."),
     ] = None,
 ) -> None:

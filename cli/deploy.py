@@ -5,7 +5,7 @@ on, sites reaching the Fleet API alone, checked before anything starts."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -203,7 +203,7 @@ def connect(
 def run(
     connection: Annotated[str, typer.Argument(help="The SuperLink connection that `cohort connect` made.")],
     set_: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option(
             "--set",
             help="A run setting, e.g. --set rounds=20 (repeatable); the settings are [tool.flwr.app.config] in pyproject.toml.",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -53,18 +53,16 @@ def _root() -> None:
 
 @app.command()
 def simulate(
-    config: Annotated[
-        Optional[Path], typer.Argument(help="Simulation TOML (default: simulations/default.toml).")
-    ] = None,
+    config: Annotated[Path | None, typer.Argument(help="Simulation TOML (default: simulations/default.toml).")] = None,
     set_: Annotated[
-        Optional[list[str]], typer.Option("--set", help="Override a setting: --set rounds=5 (repeatable).")
+        list[str] | None, typer.Option("--set", help="Override a setting: --set rounds=5 (repeatable).")
     ] = None,
     resume: Annotated[
-        Optional[Path], typer.Option("--resume", help="Continue the run in this run directory at its next round.")
+        Path | None, typer.Option("--resume", help="Continue the run in this run directory at its next round.")
     ] = None,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where new run directories are created.")] = Path("runs"),
     federation_home: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             "--federation-home",
             help="Sites' state (ledgers, keys, policy.toml): share one to make budgets span simulations.",

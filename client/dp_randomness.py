@@ -9,8 +9,8 @@ accounts, and the noise through the optimizer's own noise step, in every grad-sa
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from opacus.optimizers import DPOptimizer

@@ -16,9 +16,10 @@ every metric so that the simulation's summaries and plots can be drawn.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from common import protocol
 from common.config import EPSILON_RANGE, Range, SiteRunConfig, validate_budget

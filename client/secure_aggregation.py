@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Callable
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict

@@ -19,9 +19,10 @@ import functools
 import hashlib
 import json
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar, Iterable, Mapping, TypeVar
+from typing import Any, ClassVar, Self
 
 from common.errors import CohortInputError
 from common.privacy.mechanisms import DPLevel, MechanismSpec, mechanism_of
@@ -206,9 +207,6 @@ class TrainingConfig:
         check_ranges(self)
 
 
-Settings = TypeVar("Settings", bound="SiteRunConfig")
-
-
 @dataclass(frozen=True)
 class SiteRunConfig:
     """What a site reads of a run config, validated once on construction.
@@ -262,14 +260,14 @@ class SiteRunConfig:
             raise CohortInputError(f"{unsupported}; use {', '.join(usable[:-1])} or {usable[-1]}")
 
     @classmethod
-    def from_flower(cls: type[Settings], run_config: Mapping[str, Any]) -> Settings:
+    def from_flower(cls, run_config: Mapping[str, Any]) -> Self:
         """A site's view of Flower's flat run config: its own keys; every other key is the
         coordinator's, and a site ignores it (docs/site.md)."""
         own = flat_settings(cls)
         return cls.from_settings({key: value for key, value in run_config.items() if key.replace("-", "_") in own})
 
     @classmethod
-    def from_settings(cls: type[Settings], run_config: Mapping[str, Any]) -> Settings:
+    def from_settings(cls, run_config: Mapping[str, Any]) -> Self:
         """Build from flat settings that are all this class's own (keys as in pyproject's
         [tool.flwr.app.config])."""
         known = flat_settings(cls)

@@ -8,10 +8,11 @@ before each round, and a signed ledger record per release in the run directory.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log

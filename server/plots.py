@@ -9,10 +9,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from server.records import RoundRecord  # noqa: E402
-from server.rundir import write_bytes_atomic  # noqa: E402
+from server.records import RoundRecord
+from server.rundir import write_bytes_atomic
 
 
 def plot_run(metrics: list[RoundRecord], out_dir: Path) -> list[Path]:

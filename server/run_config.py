@@ -9,8 +9,9 @@ it. A site reads only the site-facing part and ignores the rest (docs/site.md).
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, ClassVar
 
 from common.config import (
     DELTA_RANGE,

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import secrets as system_random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from common.secure_aggregation import crypto
 from common.secure_aggregation import field as modular
@@ -121,9 +121,7 @@ class SecureAggregationRound:
     def _advertise_and_share(self, exchange: Exchange) -> set[int] | Abandoned:
         """Stages 1 and 2: U2, the sites whose shares reach their whole neighbourhood."""
         request = AdvertiseKeys(self.server_round, self.parameters).to_record()
-        for node, record in self._answers(
-            exchange, Stage.ADVERTISE_KEYS, {node: request for node in self.nodes}
-        ).items():
+        for node, record in self._answers(exchange, Stage.ADVERTISE_KEYS, dict.fromkeys(self.nodes, request)).items():
             try:
                 self._public_keys[node] = PublicKeys.from_record(record)
             except ProtocolViolation as violation:

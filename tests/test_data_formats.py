@@ -22,7 +22,7 @@ def test_digits_loads_offline_as_normalised_nchw() -> None:
     data = load_dataset("digits")
     assert data.train.images.shape == (1797, 1, 8, 8)
     assert data.num_classes == 10
-    assert -1.0 <= data.train.images.min() and data.train.images.max() <= 1.0
+    assert data.train.images.min() >= -1.0 and data.train.images.max() <= 1.0
 
 
 def test_mnist_5k_loads_offline() -> None:

@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from server.held_out import federated_split
 from server.run_config import DataConfig

@@ -4,9 +4,9 @@ between them replaced by direct calls. Sites drop out, refuse, or misbehave at e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -189,7 +189,7 @@ def test_a_dropout_within_the_threshold_leaves_the_sum_correct(stage: Stage) -> 
 def test_sites_that_drop_between_sharing_and_masked_input_are_unmasked_by_their_neighbours() -> None:
     sites = Sites(updates(12, seed=3))
     gone = sorted(sites.updates)[:2]
-    sites.drop_at = {node: Stage.MASKED_INPUT for node in gone}
+    sites.drop_at = dict.fromkeys(gone, Stage.MASKED_INPUT)
     _, result = run_round(sites, parameters(12, neighbours=6, threshold=5))
     assert_sum_of(result, sites, set(sites.updates) - set(gone))
 
@@ -198,7 +198,7 @@ def test_sites_that_drop_between_sharing_and_masked_input_are_unmasked_by_their_
 def test_dropouts_beyond_the_threshold_abandon_the_round_with_one_reason(stage: Stage) -> None:
     sites = Sites(updates(6, seed=4))
     params = parameters(6)  # k = 5, t = 4: three dropouts leave three holders
-    sites.drop_at = {node: stage for node in sorted(sites.updates)[:3]}
+    sites.drop_at = dict.fromkeys(sorted(sites.updates)[:3], stage)
     _, result = run_round(sites, params)
     assert isinstance(result, Abandoned) and result.stage == stage
     assert result.reason and "\n" not in result.reason

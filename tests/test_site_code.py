@@ -16,9 +16,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import numpy as np
@@ -109,7 +109,7 @@ def _write_connection(home: Path, port: int) -> None:
     )
 
 
-def _wait_for(condition, what: str, federation: Federation) -> None:  # noqa: ANN001
+def _wait_for(condition, what: str, federation: Federation) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         try:

@@ -9,9 +9,9 @@ Opacus example).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable
 
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant

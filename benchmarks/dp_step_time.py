@@ -101,7 +101,7 @@ def measure(
         try:
             variants[mode] = _step_fn(model_name, shape, mode, batch_size)
             variants[mode]()
-        except Exception as error:  # a mode Opacus cannot apply to this model is reported, not fatal
+        except Exception as error:  # noqa: BLE001 - a mode Opacus cannot apply to this model is reported, not fatal
             variants.pop(mode, None)
             failures[mode] = f"{type(error).__name__}: {error}"[:160]
     auto = AUTO_GRAD_SAMPLE_MODE[model_name]

@@ -82,7 +82,7 @@ def draw_noise_from(optimizer: DPOptimizer, source: NoiseSource) -> None:
         parameters = optimizer.params
         sizes = [p.numel() for p in parameters]
         noise = source.gaussian(sum(sizes), optimizer.noise_multiplier * optimizer.max_grad_norm)
-        for parameter, values in zip(parameters, noise.to(parameters[0].summed_grad).split(sizes)):
+        for parameter, values in zip(parameters, noise.to(parameters[0].summed_grad).split(sizes), strict=True):
             _check_processed_flag(parameter.summed_grad)
             summed = parameter.summed_grad
             parameter.grad = (summed + values.view_as(summed)).view_as(parameter)

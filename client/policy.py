@@ -142,7 +142,7 @@ class SiteConfig:
                 f"site {name} sets no {' or '.join(missing)}: a deployed site chooses its own privacy budget; "
                 f'add it to --node-config (e.g. "epsilon=8 delta=1e-5") or to {state_dir / POLICY_FILE}'
             )
-        site = cls(
+        return cls(
             name=name,
             epsilon=_number(policy["epsilon"], "epsilon"),
             delta=_number(policy["delta"], "delta"),
@@ -160,7 +160,6 @@ class SiteConfig:
             data_path=str(node_config["data-path"]),
             **_shared_policy(policy, name, allow_non_private_default=False),
         )
-        return site
 
     @classmethod
     def simulated_site(cls, node_config: Mapping[str, Any], run: SiteRunConfig) -> SiteConfig:

@@ -174,10 +174,16 @@ def _run_epochs(
     deadline: float,
 ) -> tuple[float, int, int, int]:
     loss_sum, correct, seen, steps = 0.0, 0, 0, 0
-    parameters = [p for p in model.parameters() if p.requires_grad]
+    # Each trainable parameter beside its global weight: a frozen one in between must not
+    # shift the pairs.
+    anchored = [
+        (parameter, anchor)
+        for parameter, anchor in zip(model.parameters(), global_weights, strict=True)
+        if parameter.requires_grad
+    ]
     for _ in range(epochs):
-        for images, labels in batches:
-            images, labels = images.to(device), labels.to(device)
+        for batch_images, batch_labels in batches:
+            images, labels = batch_images.to(device), batch_labels.to(device)
             optimizer.zero_grad()
             if len(labels) == 0:
                 # Only Poisson sampling yields empty batches, so `optimizer` is Opacus'.
@@ -193,7 +199,7 @@ def _run_epochs(
                 correct += int((logits.argmax(dim=1) == labels).sum())
                 seen += len(labels)
             if proximal_mu > 0:
-                _proximal_pull(parameters, global_weights, proximal_mu * learning_rate)
+                _proximal_pull(anchored, proximal_mu * learning_rate)
             steps += 1
             if time.monotonic() > deadline:
                 raise RoundOverTime(steps)
@@ -216,11 +222,11 @@ def noise_only_step(optimizer: DPOptimizer) -> None:
 
 
 @torch.no_grad()
-def _proximal_pull(parameters: list[torch.Tensor], global_weights: list[torch.Tensor], strength: float) -> None:
+def _proximal_pull(anchored: list[tuple[torch.Tensor, torch.Tensor]], strength: float) -> None:
     """FedProx's proximal term as a step towards the global weights after each update.
 
     It depends only on the released weights, so under DP it is post-processing and costs
     no privacy; adding it to the loss instead would bypass Opacus' per-sample clipping.
     """
-    for parameter, anchor in zip(parameters, global_weights):
+    for parameter, anchor in anchored:
         parameter.sub_(strength * (parameter - anchor.to(parameter.device)))

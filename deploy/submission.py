@@ -168,7 +168,12 @@ class Submission:
         command = [flower_executable("flwr"), "list", self.connection, "--run-id", str(run_id), "--format", "json"]
         while True:
             result = subprocess.run(
-                command, env=offline_flower_env(self.flwr_home), capture_output=True, text=True, timeout=FLWR_TIMEOUT_S
+                command,
+                env=offline_flower_env(self.flwr_home),
+                capture_output=True,
+                text=True,
+                timeout=FLWR_TIMEOUT_S,
+                check=False,
             )
             try:
                 (row,) = json.loads(result.stdout)["runs"]

@@ -227,7 +227,7 @@ class CentralPrivacy:
 
     def epsilon_after(self, more_rounds: int = 0) -> float:
         """The run's client-level epsilon once `more_rounds` further rounds are released."""
-        history = history_of(self.releases) + ((self.noise.accounted, NO_AMPLIFICATION, more_rounds),)
+        history = (*history_of(self.releases), (self.noise.accounted, NO_AMPLIFICATION, more_rounds))
         return PrivacyState(self.noise.accounted, NO_AMPLIFICATION, self.run.dp.accountant, history).epsilon(
             self.run.central_dp.client_delta
         )

@@ -260,7 +260,7 @@ class ReplyChecker:
             return None  # Flower's clipping mod clips the arrays after the site signed what it trained
         try:
             sent_hash = model_hash(arrays)
-        except Exception as error:  # any decoding failure of untrusted bytes is a bad reply
+        except Exception as error:  # noqa: BLE001 - any decoding failure of untrusted bytes is a bad reply
             return f"sent arrays that do not decode ({type(error).__name__})"
         if record.model_hash != sent_hash:
             return "its ledger entry's model hash is not the hash of the arrays it sent"
@@ -277,7 +277,7 @@ def check_arrays(arrays: ArrayRecord, global_arrays: ArrayRecord) -> str | None:
         reference = global_arrays[name]
         try:
             value = arrays[name].numpy()
-        except Exception as error:  # any decoding failure of untrusted bytes is a bad reply
+        except Exception as error:  # noqa: BLE001 - any decoding failure of untrusted bytes is a bad reply
             return f"sent array {name} that does not decode ({type(error).__name__})"
         if value.shape != tuple(reference.shape) or str(value.dtype) != reference.dtype:
             return f"sent array {name} as {value.dtype}{list(value.shape)}, the model has {reference.dtype}{list(reference.shape)}"

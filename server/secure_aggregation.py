@@ -143,7 +143,7 @@ class SecureAggregationRound:
                 self._drop(node, Stage.SHARE_KEYS, "did not send shares to exactly its neighbours")
                 continue
             self._commitments[node] = shares.seed_commitment
-            for receiver, ciphertext in zip(shares.receivers, shares.ciphertexts):
+            for receiver, ciphertext in zip(shares.receivers, shares.ciphertexts, strict=True):
                 self._shares_to.setdefault(receiver, {})[node] = ciphertext
         problem = self._too_few(set(self._commitments), Stage.SHARE_KEYS)
         if problem:
@@ -208,7 +208,7 @@ class SecureAggregationRound:
             if revealed.owners != asked[node].survivors + asked[node].dropped:
                 self._drop(node, Stage.UNMASK, "revealed shares of other sites than it was asked for")
                 continue
-            for owner, share in zip(revealed.owners, revealed.shares):
+            for owner, share in zip(revealed.owners, revealed.shares, strict=True):
                 shares[owner].append(share)
         bits, length = self.parameters.bits, self.parameters.dimension
         total = masked_sum
@@ -398,7 +398,7 @@ def _masked_input_problem(reply: Message, parameters: SecAggParameters) -> str |
         return f"sent no '{MASKED_INPUT}' ArrayRecord holding one '{MASKED_VECTOR}'"
     try:
         vector = record[MASKED_VECTOR].numpy()
-    except Exception as error:  # any decoding failure of untrusted bytes is a bad reply
+    except Exception as error:  # noqa: BLE001 - any decoding failure of untrusted bytes is a bad reply
         return f"sent a masked input that does not decode ({type(error).__name__})"
     expected = modular.wire_dtype(parameters.bits)
     if vector.dtype != expected or vector.shape != (parameters.dimension,):

@@ -178,7 +178,7 @@ def _site_accuracy_plot(metrics: list[RoundRecord], worst_site: str) -> bytes:
             continue
         worst = name == worst_site
         axes.plot(
-            *zip(*points),
+            *zip(*points, strict=True),
             color="#c0392b" if worst else "#999",
             linewidth=2.5 if worst else 1,
             zorder=3 if worst else 2,

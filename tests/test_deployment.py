@@ -136,6 +136,7 @@ class Deployment:
             text=True,
             timeout=timeout,
             cwd=self.root,
+            check=False,
         )
 
     def log(self, role: str) -> str:
@@ -225,9 +226,17 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         create_site_key(deployment.site_keys(site).root, site)
     _write_data(deployment.root / "data")
     try:
-        superlink_command = commands.superlink_command(
-            deployment.certs.root, deployment.root / "superlink.db", "127.0.0.1", deployment.port, deployment.local_port
-        ) + ["--sites-per-address", str(LIMITS.sites_per_address)]
+        superlink_command = [
+            *commands.superlink_command(
+                deployment.certs.root,
+                deployment.root / "superlink.db",
+                "127.0.0.1",
+                deployment.port,
+                deployment.local_port,
+            ),
+            "--sites-per-address",
+            str(LIMITS.sites_per_address),
+        ]
         _wait_for_front_door(deployment, deployment.spawn("superlink", superlink_command))
         connect = deployment.run(
             "coordinator", commands.connect_command(CONNECTION, deployment.local_address, deployment.certs.ca_cert)

@@ -52,12 +52,11 @@ class Sites:
 
     def exchange(self, messages: list[Message], stage: Stage) -> list[tuple[int, Message]]:
         replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
+        for sent in messages:
+            node = sent.metadata.dst_node_id
             if self.drop_at.get(node) == stage:
                 continue
-            if self.tamper is not None:
-                message = self.tamper(message, stage)
+            message = sent if self.tamper is None else self.tamper(sent, stage)
             reply = respond(message, self.contexts[node], f"site-{node}", self._contribution(message, node))
             self.seen_by_coordinator.append(reply)
             if reply.has_error():  # the exchange reports an error reply; the protocol sees no answer

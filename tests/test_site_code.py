@@ -78,7 +78,13 @@ class Federation:
     def coordinator(self, *args: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
         env = offline_flower_env(self.root / "homes" / "coordinator")
         return subprocess.run(
-            [str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=self.root
+            [str(BIN / "flwr"), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.root,
+            check=False,
         )
 
     def run(self, app_dir: Path, run_config: str, name: str) -> dict:
@@ -331,7 +337,12 @@ def test_audit_shows_every_dataset_a_site_spent_on_and_its_chain_verifies(federa
     state = federation.state("hospital-a")
     assert verify_chain(federation.entries("hospital-a"), load_public_key(state / "ledger_key.pub.pem")) is None
     result = subprocess.run(
-        [str(BIN / "cohort"), "audit", str(state)], capture_output=True, text=True, timeout=120, cwd=federation.root
+        [str(BIN / "cohort"), "audit", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=federation.root,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((state / "audit.json").read_text()) if (state / "audit.json").exists() else None

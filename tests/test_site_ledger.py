@@ -97,6 +97,7 @@ def test_cohort_site_init_makes_the_key_and_an_empty_head_and_prints_the_fingerp
         capture_output=True,
         text=True,
         timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     ledger = SiteLedger(tmp_path / "site", create_key=False)

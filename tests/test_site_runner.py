@@ -70,7 +70,7 @@ def test_cohort_supernode_puts_the_sites_own_flwr_clientapp_first_on_flowers_pat
     found = shutil.which("flwr-clientapp", path=env["PATH"])
     assert found == str(launch.state_dir / SITE_RUNTIME_DIR / "flwr-clientapp") and os.access(found, os.X_OK)
     assert fingerprint.startswith("SHA256:") and "--isolation" in launch.argv()
-    usage = subprocess.run([found, "--help"], env=env, capture_output=True, text=True, timeout=60)
+    usage = subprocess.run([found, "--help"], env=env, capture_output=True, text=True, timeout=60, check=False)
     assert usage.returncode == 0 and "The site's own ClientApp runner" in usage.stdout
 
 
@@ -103,6 +103,7 @@ def test_a_deployed_site_answers_secure_aggregations_key_stages_without_loading_
         text=True,
         timeout=120,
         cwd=Path(__file__).resolve().parents[1],
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False", "PyTorch was loaded to answer a key stage"

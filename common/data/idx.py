@@ -41,7 +41,7 @@ def load_idx_folder(path: Path) -> DatasetSplits:
         splits[split] = to_labeled_images(read_idx(images_file), read_idx(labels_file), 255.0, str(images_file))
     test = splits.get("test")
     labels = [splits["train"].labels] + ([test.labels] if test is not None else [])
-    return DatasetSplits(train=splits["train"], test=test, num_classes=int(max(int(l.max()) for l in labels)) + 1)
+    return DatasetSplits(train=splits["train"], test=test, num_classes=int(max(int(part.max()) for part in labels)) + 1)
 
 
 def read_idx(path: Path) -> np.ndarray:

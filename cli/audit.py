@@ -173,7 +173,8 @@ def _print_report(report: dict[str, Any]) -> None:
     for name, site in report["sites"].items():
         for identity, spent in site["datasets"].items():
             console.print(
-                f"{name}: dataset {identity[:16]}: {spent['releases']} release(s), epsilon {spent['epsilon_rdp']:.3f} (RDP)",
+                f"{name}: dataset {identity[:16]}: {spent['releases']} "
+                f"release(s), epsilon {spent['epsilon_rdp']:.3f} (RDP)",
                 highlight=False,
             )
     if report["empirical"] is not None:

@@ -156,7 +156,8 @@ def _print_summary(outcome: SimulationOutcome) -> None:
         console.print(f"refused to train (out of the run): {', '.join(summary.refused)}", highlight=False)
     for name, rejected in summary.rejected.items():
         console.print(
-            f"rejected: {name}, {rejected.count} reply(ies) in round(s) {', '.join(map(str, rejected.rounds))}: {'; '.join(rejected.reasons)}",
+            f"rejected: {name}, {rejected.count} reply(ies) in round(s) {', '.join(map(str, rejected.rounds))}: "
+            f"{'; '.join(rejected.reasons)}",
             highlight=False,
             markup=False,
         )
@@ -192,7 +193,8 @@ def _print_federation(summary: Summary, client_level: bool) -> None:
     sites = list(summary.sites.values())
     rounds = sorted(site.rounds_trained for site in sites)
     console.print(
-        f"{len(sites)} sites; rounds trained per site: min {rounds[0]}, median {rounds[len(rounds) // 2]}, max {rounds[-1]}",
+        f"{len(sites)} sites; rounds trained per site: min {rounds[0]}, "
+        f"median {rounds[len(rounds) // 2]}, max {rounds[-1]}",
         highlight=False,
     )
     epsilons = sorted(site.epsilon for site in sites if site.epsilon is not None)
@@ -219,8 +221,8 @@ def _report_fairness(outcome: SimulationOutcome, margin: float) -> None:
     write_json_atomic(outcome.run_dir.summary_file, dataclasses.replace(outcome.summary, fairness=fairness).to_json())
     across = report["across_sites"]
     console.print(
-        f"by site: worst {across['worst_site']} {across['worst']:.3f}, best {across['best_site']} {across['best']:.3f}, "
-        f"spread {across['spread']:.3f}, std {across['std']:.3f}",
+        f"by site: worst {across['worst_site']} {across['worst']:.3f}, best {across['best_site']} "
+        f"{across['best']:.3f}, spread {across['spread']:.3f}, std {across['std']:.3f}",
         highlight=False,
     )
     for warning in report["warnings"]:

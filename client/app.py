@@ -241,16 +241,19 @@ def _allowed(metrics: dict[str, float], site: SiteConfig) -> MetricRecord:
 def _no_local_dp_refusal(run: SiteRunConfig, site: SiteConfig) -> str:
     if run.dp.mechanism.distributed_noise:
         return (
-            f"site {site.name} refuses to send updates without sample-level DP: under distributed client-level DP its own "
-            "noise share does not protect it, the sum of all sites' shares does, if the coordinator follows the protocol; "
-            "a site that trusts it sets allow-non-private=true in its policy"
+            f"site {site.name} refuses to send updates without sample-level DP: under distributed client-level DP its "
+            "own noise share does not protect it, the sum of all sites' shares does, if the coordinator follows the "
+            "protocol; a site that trusts it sets allow-non-private=true in its policy"
         )
     if run.dp.client_level:
         return (
             f"site {site.name} refuses to send updates without sample-level DP: under client-level DP only the "
             "coordinator adds noise; a site that trusts it sets allow-non-private=true in its policy"
         )
-    return f"site {site.name} refuses to train without differential privacy; its policy does not allow it (allow-non-private)"
+    return (
+        f"site {site.name} refuses to train without differential "
+        "privacy; its policy does not allow it (allow-non-private)"
+    )
 
 
 def _refuse(msg: Message, ledger: SiteLedger, refusal: LedgerRecord) -> Message:

@@ -213,7 +213,8 @@ def share_keys(context: Context, request: ShareKeys) -> EncryptedShares:
         raise Refused("the coordinator lists public keys for this site that are not its own")
     if not parameters.threshold <= len(holders) <= parameters.neighbours + 1:
         raise Refused(
-            f"its neighbourhood has {len(holders)} sites; the round needs {parameters.threshold} to {parameters.neighbours + 1}"
+            f"its neighbourhood has {len(holders)} sites; the round needs {parameters.threshold} to "
+            f"{parameters.neighbours + 1}"
         )
     secrets.holders, secrets.encryption_keys, secrets.masking_keys = (
         holders,
@@ -247,7 +248,8 @@ def receive_shares(context: Context, request: ForwardedShares) -> None:
         raise Refused("the coordinator forwarded shares from sites outside this site's neighbourhood")
     if len(request.senders) + 1 < secrets.parameters.threshold:
         raise Refused(
-            f"only {len(request.senders)} neighbours shared their secrets; the round needs {secrets.parameters.threshold - 1} to stay unmaskable"
+            f"only {len(request.senders)} neighbours shared their secrets; the round needs "
+            f"{secrets.parameters.threshold - 1} to stay unmaskable"
         )
     for sender, ciphertext in zip(request.senders, request.ciphertexts, strict=True):
         try:
@@ -311,7 +313,8 @@ def unmask(context: Context, request: Unmask) -> RevealedShares:
         raise Refused("the coordinator asks for shares of sites that did not share with this site")
     if len(survivors) < secrets.parameters.threshold:
         raise Refused(
-            f"only {len(survivors)} inputs of its neighbourhood are in the sum, fewer than the threshold {secrets.parameters.threshold}"
+            f"only {len(survivors)} inputs of its neighbourhood are in the sum, fewer than the threshold "
+            f"{secrets.parameters.threshold}"
         )
     shares = [secrets.seed_shares[secrets.senders.index(owner)] for owner in request.survivors]
     shares += [secrets.key_shares[secrets.senders.index(owner)] for owner in request.dropped]
@@ -326,7 +329,8 @@ def _expect(context: Context, progress: _Progress, server_round: int) -> _RoundS
     secrets = _RoundSecrets.from_record(record)
     if (secrets.run_id, secrets.server_round, secrets.progress) != (context.run_id, server_round, progress):
         raise Refused(
-            f"the coordinator asked for round {server_round} after {secrets.progress} of round {secrets.server_round}; the stages came out of order"
+            f"the coordinator asked for round {server_round} after {secrets.progress} of round {secrets.server_round}; "
+            "the stages came out of order"
         )
     return secrets
 

@@ -216,7 +216,8 @@ class CentralPrivacy:
         noise = client_level_noise(run.dp, run.central_dp, run.training.rounds, sample_size)
         log(
             INFO,
-            "Client-level DP: accounted sigma %.4f (update noise %.4f, clipped-count noise %.4f), %d clients per round, no sampling amplification",
+            "Client-level DP: accounted sigma %.4f (update noise %.4f, clipped-count noise %.4f), %d clients per "
+            "round, no sampling amplification",
             noise.accounted,
             noise.update,
             noise.clipped_count,
@@ -237,7 +238,10 @@ class CentralPrivacy:
         after = self.epsilon_after(more_rounds=1)
         if after <= self.run.central_dp.client_epsilon:
             return None
-        return f"client-level budget reached: one more round would spend epsilon {after:.3f} of client-epsilon {self.run.central_dp.client_epsilon:g}"
+        return (
+            f"client-level budget reached: one more round would spend epsilon {after:.3f} of client-epsilon "
+            f"{self.run.central_dp.client_epsilon:g}"
+        )
 
     def incomplete(self, accepted: int) -> str | None:
         """Why a round with `accepted` checked updates may not be released, or None when

@@ -202,7 +202,8 @@ class ReplyChecker:
         kept = _optional_metrics(metrics, _OPTIONAL_TRAIN_METRICS)
         if STRATEGIES[self.run.aggregation.strategy].needs_train_loss and "train_loss" not in kept:
             exc = _Rejected(
-                f"sent no finite '{protocol.TRAIN_LOSS}', which {STRATEGIES[self.run.aggregation.strategy].title} weighs by (a site's policy may withhold it)"
+                f"sent no finite '{protocol.TRAIN_LOSS}', which {STRATEGIES[self.run.aggregation.strategy].title} "
+                "weighs by (a site's policy may withhold it)"
             )
             exc.entry = entry
             raise exc
@@ -247,9 +248,15 @@ class ReplyChecker:
         if record.site != name:
             return f"its ledger entry is {record.site!r}'s, not {name}'s"
         if (record.run_id, record.round) != (self.run_id, server_round):
-            return f"its ledger entry is for run {record.run_id} round {record.round}, not run {self.run_id} round {server_round}"
+            return (
+                f"its ledger entry is for run {record.run_id} round "
+                f"{record.round}, not run {self.run_id} round {server_round}"
+            )
         if (record.kind, record.mechanism) != (expected_kind, expected_mechanism):
-            return f"its ledger entry records a {record.kind} by {record.mechanism}; this run needs a {expected_kind} by {expected_mechanism}"
+            return (
+                f"its ledger entry records a {record.kind} by {record.mechanism}; "
+                f"this run needs a {expected_kind} by {expected_mechanism}"
+            )
         if record.kind == RecordKind.RELEASE and not (
             record.noise_multiplier > 0 and 0 < record.sample_rate <= 1 and record.steps >= 1 and record.epsilon >= 0
         ):
@@ -280,7 +287,10 @@ def check_arrays(arrays: ArrayRecord, global_arrays: ArrayRecord) -> str | None:
         except Exception as error:  # noqa: BLE001 - any decoding failure of untrusted bytes is a bad reply
             return f"sent array {name} that does not decode ({type(error).__name__})"
         if value.shape != tuple(reference.shape) or str(value.dtype) != reference.dtype:
-            return f"sent array {name} as {value.dtype}{list(value.shape)}, the model has {reference.dtype}{list(reference.shape)}"
+            return (
+                f"sent array {name} as {value.dtype}{list(value.shape)}, the model has "
+                f"{reference.dtype}{list(reference.shape)}"
+            )
         if not np.isfinite(value).all():
             return f"sent array {name} with NaN or infinite values"
     return None

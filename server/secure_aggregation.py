@@ -152,7 +152,8 @@ class SecureAggregationRound:
         if self._too_few(shared, Stage.SHARE_KEYS):
             return Abandoned(
                 Stage.SHARE_KEYS,
-                f"{len(self._commitments)} sites shared their secrets, but only {len(shared)} of them with {self.parameters.threshold} holders each; the round needs more",
+                f"{len(self._commitments)} sites shared their secrets, but only {len(shared)} of them with "
+                f"{self.parameters.threshold} holders each; the round needs more",
             )
         return shared
 
@@ -265,7 +266,8 @@ class SecureAggregationRound:
         if largest > self.parameters.coordinate_bound(count) or norm > self.parameters.norm_bound(count):
             return Abandoned(
                 Stage.UNMASK,
-                f"the unmasked sum of {count} inputs lies outside the bound their clipping implies (a site sent an input it did not clip, or a share that does not match)",
+                f"the unmasked sum of {count} inputs lies outside the bound their clipping implies (a site sent an "
+                "input it did not clip, or a share that does not match)",
             )
         return UnmaskedSum(
             integers.astype(np.float64) / self.parameters.scale,
@@ -301,7 +303,8 @@ class SecureAggregationRound:
             if holders < self.parameters.threshold:
                 return Abandoned(
                     Stage.MASKED_INPUT,
-                    f"only {holders} of node {node}'s share holders sent their input, fewer than the threshold {self.parameters.threshold}; the round cannot be unmasked",
+                    f"only {holders} of node {node}'s share holders sent their input, fewer than the threshold "
+                    f"{self.parameters.threshold}; the round cannot be unmasked",
                 )
         return None
 
@@ -311,7 +314,8 @@ class SecureAggregationRound:
             return None
         return Abandoned(
             stage,
-            f"{len(remaining)} of {len(self.nodes)} sites remain after the {stage} stage, fewer than the {needed} the round needs",
+            f"{len(remaining)} of {len(self.nodes)} sites remain after "
+            f"the {stage} stage, fewer than the {needed} the round needs",
         )
 
     def _split(self, survivors: set[int]) -> Abandoned | None:
@@ -327,7 +331,8 @@ class SecureAggregationRound:
             return None
         return Abandoned(
             Stage.MASKED_INPUT,
-            f"the {len(survivors)} sites whose inputs arrived are not all connected by shared masks; the round is not unmasked",
+            f"the {len(survivors)} sites whose inputs arrived are not "
+            "all connected by shared masks; the round is not unmasked",
         )
 
     def _drop_reused_keys(self) -> None:

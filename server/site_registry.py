@@ -73,7 +73,10 @@ class SiteRegistry:
         if entry.sequence <= site.sequence:
             return f"its ledger entry has sequence {entry.sequence}, not after the {site.sequence} it already sent"
         if site.sequence >= 0 and entry.sequence == site.sequence + 1 and entry.previous_hash != site.entry_hash:
-            return f"its ledger entry {entry.sequence} does not link to entry {site.sequence} it sent before: its ledger was rewritten"
+            return (
+                f"its ledger entry {entry.sequence} does not link to entry "
+                f"{site.sequence} it sent before: its ledger was rewritten"
+            )
         return None
 
     def accept(self, name: str, entry: LedgerEntry) -> None:

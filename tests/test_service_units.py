@@ -43,12 +43,14 @@ def _install_units(root: Path, superlink_port: int = 8000) -> list[Path]:
     units = root / "etc" / "systemd" / "system"
     units.mkdir(parents=True)
     coordinator = _service(
-        "superlink", str(units / "cohort-superlink.service"), "--user", "cohort-coordinator", "--certs", "/etc/cohort/certs",
-        "--database", "/var/lib/cohort-superlink/superlink.db", "--runs-dir", "/var/lib/cohort-superlink/runs", "--port", str(superlink_port),
+        "superlink", str(units / "cohort-superlink.service"), "--user", "cohort-coordinator",
+        "--certs", "/etc/cohort/certs", "--database", "/var/lib/cohort-superlink/superlink.db",
+        "--runs-dir", "/var/lib/cohort-superlink/runs", "--port", str(superlink_port),
     )  # fmt: skip
     site = _service(
-        "supernode", str(units / "cohort-hospital-a.service"), "--user", "cohort-hospital-a", "--superlink", "coordinator.example:8000",
-        "--ca-cert", "/etc/cohort/ca.crt", "--auth-key", "/etc/cohort/hospital-a.key", "--name", "hospital-a", "--data", "/srv/data/hospital-a.npz",
+        "supernode", str(units / "cohort-hospital-a.service"), "--user", "cohort-hospital-a",
+        "--superlink", "coordinator.example:8000", "--ca-cert", "/etc/cohort/ca.crt",
+        "--auth-key", "/etc/cohort/hospital-a.key", "--name", "hospital-a", "--data", "/srv/data/hospital-a.npz",
         "--state-dir", "/var/lib/cohort-hospital-a", "--epsilon", "8", "--delta", "1e-5",
     )  # fmt: skip
     assert coordinator.returncode == 0 and site.returncode == 0, coordinator.stderr + site.stderr
@@ -105,8 +107,10 @@ def test_a_coordinator_on_a_port_below_1024_keeps_only_the_capability_to_bind_it
 
 def test_a_site_whose_data_is_under_home_is_refused_with_one_line(tmp_path: Path) -> None:
     result = _service(
-        "supernode", str(tmp_path / "site.service"), "--user", "cohort-site", "--superlink", "coordinator.example:8000", "--ca-cert", "/etc/cohort/ca.crt",
-        "--auth-key", "/etc/cohort/site.key", "--name", "site", "--data", "/home/alice/site.npz", "--state-dir", "/var/lib/cohort-site",
+        "supernode", str(tmp_path / "site.service"), "--user", "cohort-site",
+        "--superlink", "coordinator.example:8000", "--ca-cert", "/etc/cohort/ca.crt",
+        "--auth-key", "/etc/cohort/site.key", "--name", "site", "--data", "/home/alice/site.npz",
+        "--state-dir", "/var/lib/cohort-site",
         "--epsilon", "8", "--delta", "1e-5",
     )  # fmt: skip
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr

@@ -110,7 +110,8 @@ class Federation:
 def _write_connection(home: Path, port: int) -> None:
     home.mkdir(parents=True)
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n',
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n'
+        "insecure = true\n",
         encoding="utf-8",
     )
 
@@ -208,7 +209,10 @@ def _hostile_app(root: Path) -> Path:
     skipped = (
         ("    if not run.dp.sample_level and not site.allow_non_private:", "    if False:"),
         (
-            "    privacy = _planned_privacy(run, site, spender, entries, len(data.train)) if run.dp.sample_level else None\n",
+            (
+                "    privacy = _planned_privacy(run, site, spender, entries, len(data.train))"
+                " if run.dp.sample_level else None\n"
+            ),
             "    privacy = None\n",
         ),
     )

@@ -26,9 +26,9 @@ BIN = Path(sys.executable).parent
 
 def _record(round_: int) -> LedgerRecord:
     return LedgerRecord(
-        kind=RecordKind.REFUSAL, run_id=1, round=round_, site="site", mechanism="", noise_multiplier=0.0, sample_rate=0.0, sampling="poisson",
-        steps=0, clip_norm=1.0, delta=1e-5, epsilon=0.0, accountant="rdp", budget_epsilon=8.0, dataset_hash="d", model_hash="",
-        config_hash="", reason="test",
+        kind=RecordKind.REFUSAL, run_id=1, round=round_, site="site", mechanism="", noise_multiplier=0.0,
+        sample_rate=0.0, sampling="poisson", steps=0, clip_norm=1.0, delta=1e-5, epsilon=0.0, accountant="rdp",
+        budget_epsilon=8.0, dataset_hash="d", model_hash="", config_hash="", reason="test",
     )  # fmt: skip
 
 

@@ -87,7 +87,8 @@ from tests.test_site_runner import _fab
 TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
 parameters = SecAggParameters(3, 2, 2, 32, 1.0, 6186, 0.0, 3)
 message = Message(RecordDict({RECORD: AdvertiseKeys(1, parameters).to_record()}), dst_node_id=5, message_type="train")
-context = Context(7, 5, {"data-path": "/data", "state-dir": sys.argv[1], "epsilon": 1.0, "delta": 1e-5}, RecordDict(), {})
+config = {"data-path": "/data", "state-dir": sys.argv[1], "epsilon": 1.0, "delta": 1e-5}
+context = Context(7, 5, config, RecordDict(), {})
 reply = answer(message, context, Run.create_empty(7), _fab({}))
 PublicKeys.from_record(reply.content.config_records[RECORD])
 print("torch" in sys.modules)

@@ -117,7 +117,8 @@ def variance_for_budget(
 
     def exhausted() -> CohortInputError:
         return CohortInputError(
-            f"no noise keeps {releases} releases within epsilon {target_epsilon:g} at delta {delta:g}; raise client-epsilon or run fewer rounds"
+            f"no noise keeps {releases} releases within epsilon {target_epsilon:g} at delta {delta:g}; raise "
+            "client-epsilon or run fewer rounds"
         )
 
     return (smallest_noise_multiplier(epsilon_at, target_epsilon, exhausted) * l2_sensitivity) ** 2

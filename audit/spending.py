@@ -54,7 +54,7 @@ from common.privacy.skellam import epsilon as skellam_epsilon
 SCHEMA = "cohort-audit/1"
 NEAR_EXHAUSTION = 0.9
 # What each ledger `sampling` value assumes; an epsilon is only as true as its assumption.
-SAMPLING_ASSUMPTIONS = {
+SAMPLING_ASSUMPTIONS: dict[str, str] = {
     Sampling.POISSON: (
         "Poisson sampling: every example joins every step independently with probability q (Opacus' sampler)"
     ),

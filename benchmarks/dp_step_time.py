@@ -105,7 +105,7 @@ def measure(
             variants.pop(mode, None)
             failures[mode] = f"{type(error).__name__}: {error}"[:160]
     auto = AUTO_GRAD_SAMPLE_MODE[model_name]
-    sources = {"secure": SecureNoise(), "seeded": SeededNoise(0, "benchmark")}
+    sources: dict[str, NoiseSource] = {"secure": SecureNoise(), "seeded": SeededNoise(0, "benchmark")}
     for name in NOISE_SOURCES:
         variants[f"{auto} {name}"] = _step_fn(model_name, shape, auto, batch_size, sources[name])
     timings: dict[str, list[tuple[float, ...]]] = {name: [] for name in variants}

@@ -52,8 +52,8 @@ def _fingerprint(items: tuple[tuple[str, object], ...]) -> str:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     site = f"site-{context.node_config['partition-id']}"
-    server_round = int(msg.content[protocol.CONFIG][protocol.CONFIG_ROUND])
-    arrays = msg.content[protocol.ARRAYS]
+    server_round = int(protocol.config_number(msg.content.config_records[protocol.CONFIG], protocol.CONFIG_ROUND))
+    arrays = msg.content.array_records[protocol.ARRAYS]
     spender = Spender(
         context.run_id,
         server_round,

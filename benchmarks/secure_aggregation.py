@@ -82,7 +82,7 @@ def cost(runs_dir: Path) -> list[dict[str, Any]]:
 
 
 def accuracy(runs_dir: Path) -> list[dict[str, Any]]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, overrides in ACCURACY_VARIANTS.items():
         for seed in SEEDS:
             plan = load_plan(SIMULATIONS_DIR / "secure-aggregation.toml", [*overrides, f"seed={seed}"])

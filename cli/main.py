@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -76,14 +75,14 @@ def simulate(
             raise CohortInputError(
                 "--resume continues a run with its own config; drop CONFIG, --set and --federation-home"
             )
-        settings = load_plan(config or DEFAULT_SIMULATION, set_ or []) if resume is None else None
+        settings = load_plan(config or DEFAULT_SIMULATION, set_ or []) if resume is None else resume
     # Imported here: the simulation engine loads torch, which the deployment commands do not need.
     from simulations.runner import SimulationStopped, new_run, resumed_run
 
     try:
         with input_errors():
-            if settings is None:
-                plan = resumed_run(resume, lambda d: saved_plan(d, RunDirectory(d).read_config()))
+            if isinstance(settings, Path):
+                plan = resumed_run(settings, lambda d: saved_plan(d, RunDirectory(d).read_config()))
             else:
                 plan = new_run(settings, runs_dir, federation_home)
             outcome = _run_with_progress(plan)
@@ -243,4 +242,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -88,4 +88,4 @@ def draw_noise_from(optimizer: DPOptimizer, source: NoiseSource) -> None:
             parameter.grad = (summed + values.view_as(summed)).view_as(parameter)
             _mark_as_processed(summed)
 
-    optimizer.add_noise = add_noise  # type: ignore[method-assign]
+    optimizer.add_noise = add_noise

@@ -235,10 +235,10 @@ def _names(value: Any, key: str, choices: tuple[str, ...] | None = None, allow_e
         raise CohortInputError(
             f"{key} is empty in the site's policy; name at least one{' of ' + ', '.join(choices) if choices else ''}"
         )
-    unknown = [name for name in names if choices is not None and name not in choices]
+    unknown = [name for name in names if name not in choices] if choices is not None else []
     if unknown:
         raise CohortInputError(
-            f"{key} names {', '.join(unknown)} in the site's policy; choose from {', '.join(choices)}"
+            f"{key} names {', '.join(unknown)} in the site's policy; choose from {', '.join(choices or ())}"
         )
     return names
 

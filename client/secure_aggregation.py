@@ -28,6 +28,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
@@ -51,6 +52,8 @@ from common.secure_aggregation.parameters import SecAggParameters
 
 STATE = "secure-aggregation"
 SEED_BYTES = 32
+
+_Stored = TypeVar("_Stored")
 
 
 class Refused(Exception):
@@ -161,26 +164,35 @@ class _RoundSecrets:
     @classmethod
     def from_record(cls, record: ConfigRecord) -> _RoundSecrets:
         return cls(
-            run_id=int(record["run-id"]),
-            server_round=int(record["round"]),
-            node=int(record["node"]),
-            progress=_Progress(record["progress"]),
+            run_id=_stored(record, "run-id", int),
+            server_round=_stored(record, "round", int),
+            node=_stored(record, "node", int),
+            progress=_Progress(_stored(record, "progress", str)),
             parameters=SecAggParameters.from_record(record),
-            encryption_private=bytes(record["encryption-private"]),
-            masking_private=bytes(record["masking-private"]),
-            holders=list(record["holders"]),
-            masking_keys=list(record["masking-keys"]),
-            encryption_keys=list(record["encryption-keys"]),
-            seed=bytes(record["seed"]),
-            senders=list(record["senders"]),
-            seed_shares=list(record["seed-shares"]),
-            key_shares=list(record["key-shares"]),
+            encryption_private=_stored(record, "encryption-private", bytes),
+            masking_private=_stored(record, "masking-private", bytes),
+            holders=list(_stored(record, "holders", list)),
+            masking_keys=list(_stored(record, "masking-keys", list)),
+            encryption_keys=list(_stored(record, "encryption-keys", list)),
+            seed=_stored(record, "seed", bytes),
+            senders=list(_stored(record, "senders", list)),
+            seed_shares=list(_stored(record, "seed-shares", list)),
+            key_shares=list(_stored(record, "key-shares", list)),
         )
 
     def share_key(self, other: int) -> bytes:
         """The key this site and `other` encrypt shares to each other with."""
         peer = self.encryption_keys[self.holders.index(other)]
         return crypto.agreed_key(self.encryption_private, peer, crypto.SHARE_ENCRYPTION, self.run_id, self.server_round)
+
+
+def _stored(record: ConfigRecord, key: str, kind: type[_Stored]) -> _Stored:
+    """A value this site kept in its own state between stages; another type means that
+    state was not written by this code."""
+    value = record[key]
+    if not isinstance(value, kind):
+        raise TypeError(f"the site's secure aggregation state holds a {type(value).__name__} as '{key}'")
+    return value
 
 
 def advertise_keys(context: Context, node: int, request: AdvertiseKeys) -> PublicKeys:

@@ -7,11 +7,12 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
+from opacus.grad_sample import AbstractGradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -84,7 +85,7 @@ def train_locally(
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
     learning_rate = round_learning_rate(run.training, server_round)
     optimizer = _local_optimizer(model, run.training, learning_rate)
-    criterion = nn.CrossEntropyLoss()
+    criterion: nn.Module = nn.CrossEntropyLoss()
     engine = None
     trained: nn.Module = model
     batches: Iterable[Batch] = ShuffledBatches(images, labels, run.training.batch_size, noise)
@@ -106,7 +107,7 @@ def train_locally(
             deadline,
         )
     finally:
-        if hasattr(trained, "_close"):
+        if isinstance(trained, AbstractGradSampleModule):
             trained._close()  # removes Opacus' hooks so the plain module is clean again
     return LocalUpdate(
         num_examples=len(data),
@@ -222,7 +223,7 @@ def noise_only_step(optimizer: DPOptimizer) -> None:
 
 
 @torch.no_grad()
-def _proximal_pull(anchored: list[tuple[torch.Tensor, torch.Tensor]], strength: float) -> None:
+def _proximal_pull(anchored: Sequence[tuple[torch.Tensor, torch.Tensor]], strength: float) -> None:
     """FedProx's proximal term as a step towards the global weights after each update.
 
     It depends only on the released weights, so under DP it is post-processing and costs

@@ -40,6 +40,8 @@ _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _OPTIONAL_TRAIN_METRICS = {protocol.TRAIN_LOSS: "train_loss", protocol.TRAIN_ACCURACY: "train_accuracy"}
 _OPTIONAL_EVAL_METRICS = {protocol.VAL_LOSS: "val_loss", protocol.VAL_ACCURACY: "val_accuracy"}
 _REASON_CHARS = 300
+# A ledger record field's annotation -> the values a reply's entry may hold in it.
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "float": (int, float)}
 
 
 @dataclass
@@ -80,7 +82,13 @@ def _site_round(
     entry: LedgerEntry, norm: float | None, reported_examples: int | None, metrics: dict[str, float]
 ) -> SiteRound:
     """What metrics.jsonl says of a site that contributed: its spend comes from its signed entry."""
-    figures = SiteRound(trained=True, update_norm=norm, num_examples=reported_examples, **metrics)
+    figures = SiteRound(
+        trained=True,
+        update_norm=norm,
+        num_examples=reported_examples,
+        train_loss=metrics.get("train_loss"),
+        train_accuracy=metrics.get("train_accuracy"),
+    )
     spent = entry.record
     if spent.kind != RecordKind.RELEASE:
         return figures
@@ -316,7 +324,7 @@ def parse_entry(text: str) -> LedgerEntry:
         raise _Rejected("sent a ledger entry that is not a ledger record") from None
     for spec in dataclasses.fields(LedgerRecord):
         value = getattr(entry.record, spec.name)
-        kind = {"str": str, "int": int, "float": (int, float)}[str(spec.type)]
+        kind = _FIELD_TYPES[str(spec.type)]
         if (
             isinstance(value, bool)
             or not isinstance(value, kind)

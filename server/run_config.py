@@ -26,7 +26,8 @@ from common.config import (
     settings_hash,
 )
 from common.errors import CohortInputError
-from common.secure_aggregation.parameters import MAX_BITS, MIN_BITS
+from common.secure_aggregation.field import MAX_BITS
+from common.secure_aggregation.parameters import MIN_BITS
 from server.strategies import STRATEGIES
 
 PARTITIONERS = ("iid", "dirichlet", "shards")

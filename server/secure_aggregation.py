@@ -179,12 +179,12 @@ class SecureAggregationRound:
             vector = reply.content.array_records[MASKED_INPUT][MASKED_VECTOR].numpy()
             masked_sum = modular.add(masked_sum, vector.astype(np.uint64), self.parameters.bits)
             survivors.add(node)
-        problem = (
+        abandoned = (
             self._too_few(survivors, Stage.MASKED_INPUT)
             or self._split(survivors)
             or self._unrebuildable(shared, survivors)
         )
-        return problem or (survivors, masked_sum)
+        return abandoned or (survivors, masked_sum)
 
     def _unmask(
         self, exchange: Exchange, shared: set[int], survivors: set[int], masked_sum: np.ndarray
@@ -369,7 +369,7 @@ class SecureAggregationRound:
             )
             for node, record in requests.items()
         ]
-        replies = {}
+        replies: dict[int, Message] = {}
         for node, reply in exchange(messages, stage):
             if node in requests and reply.has_content():
                 replies.setdefault(node, reply)

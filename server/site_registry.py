@@ -10,6 +10,7 @@ checkpointed, so a resumed run holds every site to the key it first used.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -90,13 +91,13 @@ class SiteRegistry:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, dict[str, object]]) -> SiteRegistry:
+    def from_json(cls, data: dict[str, dict[str, Any]]) -> SiteRegistry:
         return cls(
             {
                 name: KnownSite(str(s["public_key_pem"]), int(s["sequence"]), str(s["entry_hash"]))
                 for name, s in data.items()
             }
-        )  # type: ignore[call-overload]
+        )
 
 
 def _ed25519_problem(key_pem: str) -> str | None:

@@ -47,6 +47,17 @@ def _simulate(runs: Path, *args: str) -> tuple[subprocess.CompletedProcess[str],
     return result, run_dir
 
 
+def _resume(run_dir: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [COHORT, "simulate", "--resume", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+        check=False,
+    )
+
+
 def _metrics(run_dir: Path) -> list[RoundRecord]:
     return RunDirectory(run_dir).read_metrics()
 
@@ -194,14 +205,7 @@ def test_a_coordinator_stopped_mid_run_resumes_and_every_release_is_in_the_ledge
     sites = [run_dir / "federation" / f"site-{i}" / "privacy_ledger.jsonl" for i in range(3)]
     before = {site: _ledger_lines(site) for site in sites}
 
-    resumed = subprocess.run(
-        [COHORT, "simulate", "--resume", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=ENV,
-        check=False,
-    )
+    resumed = _resume(run_dir, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert [m.round for m in _metrics(run_dir)] == [1, 2, 3, 4], (
         resumed.stdout
@@ -252,14 +256,7 @@ def killed_run(tmp_path_factory: pytest.TempPathFactory) -> KilledRun:
     _wait_for(command, runs, "*/config.json")  # the ServerApp has started writing
     (run_dir,) = list(runs.iterdir())
     second_writers = [
-        subprocess.run(
-            [COHORT, "simulate", "--resume", str(run_dir)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=ENV,
-            check=False,
-        ),
+        _resume(run_dir, timeout=300),
         subprocess.run(
             [COHORT, "simulate", NO_DP[0], "--set", "num-sites=3", "--set", f"run-dir={run_dir}"],
             capture_output=True,

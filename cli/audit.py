@@ -91,11 +91,11 @@ def verify(
         typer.Option("--public-key", help="The site's first ledger key (ledger_key.root.pub.pem once rotated)."),
     ],
     fingerprint: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--fingerprint", help="The key's fingerprint as the site gave it (default: its policy's pin)."),
     ] = None,
     copies: Annotated[
-        Optional[list[Path]],
+        list[Path] | None,
         typer.Option(
             "--run-dir",
             help="A coordinator's run directory: its copies of this site's entries must be in the ledger (repeatable).",

@@ -62,7 +62,7 @@ def check_not_behind(site: SiteConfig, ledger: SiteLedger, entries: list[LedgerE
         return
     try:
         entry = LedgerEntry.from_json(newest)
-        signed = any(verify_signature(entry, key) for key in ledger.keys())
+        signed = any(verify_signature(entry, key) for key in ledger.signing_keys())
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         signed, entry = False, None
     if not signed or entry is None:

@@ -50,7 +50,7 @@ def _own_entries(ledger: SiteLedger, sources: list[Path]) -> dict[int, LedgerEnt
     """The entries signed by the site's key in every source, by sequence; two different
     ones at one sequence mean two histories, which an import must not choose between."""
     found: dict[int, LedgerEntry] = {}
-    keys = ledger.keys()
+    keys = ledger.signing_keys()
     for source in sources:
         path = source / LEDGER_FILE if source.is_dir() else source
         for entry in read_entries(path):

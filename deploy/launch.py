@@ -175,8 +175,9 @@ def init_site_state(state_dir: Path) -> str:
     pinned = pinned_ledger_key(state_dir)
     if pinned is not None and not (state_dir / PRIVATE_KEY_FILE).exists():
         raise CohortInputError(
-            f"{state_dir} has no ledger key {PRIVATE_KEY_FILE} but its policy pins {pinned}: restore the state directory "
-            "from backup (docs/site.md, Backup and restore); no new key is made while the old one is pinned"
+            f"{state_dir} has no ledger key {PRIVATE_KEY_FILE} but its policy pins {pinned}: "
+            "restore the state directory from backup (docs/site.md, Backup and restore); "
+            "no new key is made while the old one is pinned"
         )
     ledger = SiteLedger(state_dir, create_key=pinned is None, pinned_key=pinned)
     if pinned is None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -83,7 +83,7 @@ def _resign_with_a_new_key(state: Path) -> None:
 def test_every_way_to_forget_spending_fails_verification(
     site: tuple[Path, Ed25519PublicKey, Path], tamper: Callable[[Path], None], caught: str
 ) -> None:
-    state, key, copy = site
+    state, _, copy = site
     tamper(state)
     presented = load_public_key(state / PUBLIC_KEY_FILE)  # what the site sends: its current public key
     with pytest.raises(LedgerFailed, match=caught.replace("(", r"\(").replace(")", r"\)")):
@@ -107,7 +107,7 @@ def test_an_intact_ledger_verifies_with_its_pin_and_the_coordinators_copies(
 def test_cohort_audit_verify_exits_1_on_a_restored_backup_and_0_once_it_is_whole(
     site: tuple[Path, Ed25519PublicKey, Path],
 ) -> None:
-    state, key, copy = site
+    state, _key, copy = site
     whole = state.parent / "whole"
     shutil.copytree(state, whole)
     _restore_older_backup(state)

@@ -52,7 +52,7 @@ def test_the_old_key_signs_nothing_the_chain_accepts_after_the_rotation(site_sta
     shutil.copy(site_state / "privacy_ledger.jsonl", stolen / "privacy_ledger.jsonl")
     old.append(ledger_release(3))  # whoever kept a copy of the old key, after the rotation
     shutil.copy(stolen / "privacy_ledger.jsonl", site_state / "privacy_ledger.jsonl")
-    with pytest.raises(LedgerBroken, match="record 4 .* signature that does not match this key"):
+    with pytest.raises(LedgerBroken, match=r"record 4 .* signature that does not match this key"):
         SiteLedger(site_state).verified_entries()
 
 

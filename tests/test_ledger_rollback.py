@@ -95,7 +95,7 @@ def test_the_sites_log_line_names_the_import_command(
 def test_an_entry_no_key_of_the_site_signed_gains_a_coordinator_only_a_refusal(
     site_npz: Path, restored: tuple[Path, list[LedgerEntry]]
 ) -> None:
-    state, (first, second) = restored
+    state, (first, _second) = restored
     forger = SiteLedger(state.parent / "forger")
     forged = sign_entry(forger._key, 0, first.previous_hash, first.record)
     reply = _train(site_npz, state, 3, forged)
@@ -117,7 +117,7 @@ def test_import_takes_back_the_lost_entries_and_the_site_trains_again(
     state, (first, second) = restored
     result = subprocess.run(
         [*COHORT, "site", "import", "--state-dir", str(state), str(state.parent / "run")],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "imported 1 record(s); the ledger holds 2"
@@ -129,7 +129,7 @@ def test_import_takes_back_the_lost_entries_and_the_site_trains_again(
 def test_an_import_that_cannot_link_says_which_record_is_missing(
     site_npz: Path, restored: tuple[Path, list[LedgerEntry]], tmp_path: Path
 ) -> None:
-    state, (first, second) = restored
+    state, (_first, second) = restored
     ledger = SiteLedger(state)
     ledger.path.unlink()
     write_head(ledger.head_path, sign_head(ledger._key, 0, GENESIS_HASH))  # emptied by someone holding the key
@@ -137,7 +137,7 @@ def test_an_import_that_cannot_link_says_which_record_is_missing(
     copy.write_text(second.to_json() + "\n")
     result = subprocess.run(
         [*COHORT, "site", "import", "--state-dir", str(state), str(copy)],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 1
     assert "the copies hold this site's record(s) 2 but not record 1" in result.stderr

@@ -7,6 +7,7 @@ composes to no more than its budget."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -212,20 +213,14 @@ def _operate(operation: str, count: int, state: Path, backup: Path, coordinator:
     elif operation == "wipe":
         shutil.rmtree(state, ignore_errors=True)
     elif operation == "site init":
-        try:
+        with contextlib.suppress(CohortInputError):
             init_site_state(state)
-        except CohortInputError:
-            pass
     elif operation == "rotate key":
-        try:
+        with contextlib.suppress(CohortInputError):
             rotate_key(state)
-        except CohortInputError:
-            pass
     elif operation == "import" and coordinator.copy.exists():
-        try:
+        with contextlib.suppress(CohortInputError):
             import_entries(state, [coordinator.copy])
-        except CohortInputError:
-            pass
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])

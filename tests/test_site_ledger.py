@@ -185,5 +185,5 @@ def test_a_simulated_site_pins_its_key_on_first_use_and_refuses_another_after(tm
 def test_a_deployed_site_without_a_pin_refuses_naming_site_init(tmp_path: Path) -> None:
     SiteLedger(tmp_path / "state")
     node_config = {"data-path": "/data", "state-dir": str(tmp_path / "state"), "epsilon": 2.0, "delta": 1e-5}
-    with pytest.raises(LedgerBroken, match="pins no ledger key.*cohort site init"):
+    with pytest.raises(LedgerBroken, match=r"pins no ledger key.*cohort site init"):
         open_site_ledger(SiteConfig.from_node_config(node_config, SiteRunConfig()))

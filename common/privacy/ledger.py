@@ -354,7 +354,7 @@ class SiteLedger:
         records; a rotation keeps it."""
         return key_fingerprint(self.root_key())
 
-    def keys(self) -> list[Ed25519PublicKey]:
+    def signing_keys(self) -> list[Ed25519PublicKey]:
         """Every key the site's ledger has been signed with, first to current."""
         return chain_keys(self.entries(), self.root_key())
 
@@ -367,18 +367,22 @@ class SiteLedger:
         Raises LedgerBroken, with one line for the site's operator, when anything does not hold."""
         if self.pinned_key is not None and self.fingerprint() != self.pinned_key:
             raise LedgerBroken(
-                f"site state {self.state_dir} holds ledger key {self.fingerprint()}, not the key {self.pinned_key} its "
-                f"policy pins (ledger-key): the key was replaced; the site refuses to train until its operator restores "
+                f"site state {self.state_dir} holds ledger key {self.fingerprint()}, "
+                f"not the key {self.pinned_key} its policy pins (ledger-key): the key was replaced; "
+                "the site refuses to train until its operator restores "
                 f"{PRIVATE_KEY_FILE} (with the ledger and {HEAD_FILE}) from backup"
             )
         if (self.state_dir / NEXT_KEY_FILE).exists():
             raise LedgerBroken(
-                f"site state {self.state_dir} holds a key rotation that did not finish; the site refuses to train until "
-                f"its operator runs `cohort site rotate-key --state-dir {self.state_dir}` again, which finishes it"
+                f"site state {self.state_dir} holds a key rotation that did not finish; "
+                "the site refuses to train until its operator runs "
+                f"`cohort site rotate-key --state-dir {self.state_dir}` again, which finishes it"
             )
         problem = ledger_problem(self.path, self.head_path, self.root_key())
-        if problem is None and key_fingerprint(self.keys()[-1]) != key_fingerprint(self.public_key):
-            problem = f"names {key_fingerprint(self.keys()[-1])} as its signing key, not the state directory's key"
+        if problem is None and key_fingerprint(self.signing_keys()[-1]) != key_fingerprint(self.public_key):
+            problem = (
+                f"names {key_fingerprint(self.signing_keys()[-1])} as its signing key, not the state directory's key"
+            )
         if problem is not None:
             raise LedgerBroken(
                 f"site ledger {self.path} {problem}; the site refuses to train until its operator restores the ledger "

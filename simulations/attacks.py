@@ -127,7 +127,7 @@ def _resign(state_dir: Path, entry: LedgerEntry, sent_hash: str) -> LedgerEntry:
     lines[-1] = signed.to_json()
     ledger.write_text("\n".join(lines) + "\n", encoding="utf-8")
     # its own ledger: it keeps it consistent
-    write_head(state_dir / HEAD_FILE, sign_head(key, len(lines), signed.entry_hash()))  # type: ignore[arg-type]
+    write_head(state_dir / HEAD_FILE, sign_head(key, len(lines), signed.entry_hash()))
     return signed
 
 

@@ -19,6 +19,7 @@ from client.evaluation_policy import declined_evaluation
 from client.policy import AGGREGATION_METRICS, SiteConfig
 from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps, spent_epsilon
 from client.site_data import SiteData, local_site_data, simulated_site_data
+from client.study_grant import Grant, grant
 from client.training import train_locally
 from common import protocol
 from common.config import SiteRunConfig
@@ -27,7 +28,7 @@ from common.evaluation import evaluate, resolve_device
 from common.flower_logs import readable_flower_logs
 from common.models.registry import build_model
 from common.privacy.accounting import PrivacyState
-from common.privacy.ledger import LedgerBroken, LedgerEntry, LedgerRecord, Noise, Sampling, SiteLedger, Spender, model_hash
+from common.privacy.ledger import LedgerBroken, LedgerEntry, LedgerRecord, Noise, Sampling, SiteLedger, Spender, Study, model_hash
 
 readable_flower_logs()
 app = ClientApp()
@@ -53,10 +54,13 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config[protocol.CONFIG_ROUND])
     mechanism = run.dp.mechanism.mechanism
     if not run.dp.sample_level and not site.allow_non_private:  # decided before any data is read
-        spender = _spender(run, site, context.run_id, server_round, data_hash="")
+        spender = _spender(run, site, context, server_round, data_hash="")
         return _refuse(msg, ledger, LedgerRecord.refusal(spender, _no_local_dp_refusal(run, site), 0.0, site.accountants[0], mechanism, _noise(run, None)))
+    granted = grant(run.study, site, entries, context.run_id) if run.dp.sample_level else Grant(0.0)
+    if isinstance(granted, str):  # decided before any data is read
+        return _refuse(msg, ledger, LedgerRecord.refusal(_spender(run, site, context, server_round, data_hash=""), granted, 0.0, site.accountants[0], mechanism, _noise(run, None)))
     data = _site_data(site, run)
-    spender = _spender(run, site, context.run_id, server_round, data.identity)
+    spender = _spender(run, site, context, server_round, data.identity, granted.epsilon)
     privacy = _planned_privacy(run, site, spender, entries, len(data.train)) if run.dp.sample_level else None
     if isinstance(privacy, LedgerRecord):
         return _refuse(msg, ledger, privacy)
@@ -106,7 +110,7 @@ def _planned_privacy(run: SiteRunConfig, site: SiteConfig, spender: Spender, ent
     noise level keeps the site within its budget."""
     mechanism = run.dp.mechanism.mechanism
     try:
-        plan = plan_round(run, site, entries, spender.dataset_hash, spender.run_id, spender.round, train_size)
+        plan = plan_round(run, site, entries, spender.dataset_hash, spender.run_id, spender.round, train_size, spender.study.epsilon)
     except CohortInputError as exhausted:  # no noise level fits what is left of the budget
         spent = spent_epsilon(entries, spender.dataset_hash, site)
         return LedgerRecord.refusal(spender, f"site {site.name} refuses to train: {exhausted}", spent, site.accountants[0], mechanism, _noise(run, None))
@@ -116,9 +120,32 @@ def _planned_privacy(run: SiteRunConfig, site: SiteConfig, spender: Spender, ent
     return plan.total
 
 
-def _spender(run: SiteRunConfig, site: SiteConfig, run_id: int, server_round: int, data_hash: str) -> Spender:
-    """What every ledger record of this site's round shares."""
-    return Spender(run_id, server_round, site.name, site.delta, site.epsilon, data_hash, run.site_fingerprint())
+def _spender(run: SiteRunConfig, site: SiteConfig, context: Context, server_round: int, data_hash: str, granted: float = 0.0) -> Spender:
+    """What every ledger record of this site's round shares; the FAB's hash comes from the
+    site's own runner (client/site_runner.py), which read the FAB."""
+    study = Study(granted, str(context.node_config.get(protocol.FAB_HASH, "")), run.training.model, site.coordinator)
+    return Spender(context.run_id, server_round, site.name, site.delta, site.epsilon, data_hash, run.site_fingerprint(), study)
+
+
+@app.query()
+def ask(msg: Message, context: Context) -> Message:
+    """The coordinator's question before round 1: does this site take part in the study,
+    and at what epsilon? Answered from the site's policy and ledger alone, before any data
+    is read; a refusal is recorded in the ledger like any other."""
+    run = SiteRunConfig.from_flower(context.run_config)
+    site = SiteConfig.from_node_config(context.node_config, run)
+    try:
+        ledger = SiteLedger(site.state_dir, create_key=not site.deployed)
+        entries = ledger.verified_entries()
+    except LedgerBroken as broken:
+        print(f"error: {broken}", file=sys.stderr, flush=True)
+        return Message(Error(code=protocol.SITE_REFUSED, reason=f"site {site.name} refuses the study: its privacy ledger does not verify"), reply_to=msg)
+    granted = grant(run.study, site, entries, context.run_id)
+    if isinstance(granted, str):
+        spender = _spender(run, site, context, server_round=0, data_hash="")
+        return _refuse(msg, ledger, LedgerRecord.refusal(spender, granted, 0.0, site.accountants[0], run.dp.mechanism.mechanism, _noise(run, None)))
+    metrics = MetricRecord({protocol.STUDY_EPSILON: granted.epsilon})
+    return Message(content=RecordDict({protocol.METRICS: metrics, protocol.SITE: ConfigRecord({protocol.SITE_NAME: site.name})}), reply_to=msg)
 
 
 def _noise(run: SiteRunConfig, privacy: PrivacyState | None, steps: int = 0) -> Noise:

@@ -36,6 +36,13 @@ VALIDATION_METRICS = (protocol.VAL_LOSS, protocol.VAL_ACCURACY)
 OPTIONAL_METRICS = ACCOUNTING_METRICS + TRAINING_METRICS + VALIDATION_METRICS
 
 DEFAULT_RUN_WINDOW_HOURS = 24.0
+# A deployed site's default per-study cap, as a share of its lifetime budget: a quarter
+# leaves room for at least four studies at the full cap, and no one study can take what
+# the dataset owes every later one (docs/site.md, "For the privacy officer").
+DEFAULT_STUDY_SHARE = 0.25
+# The largest sigma a site trains with by default: above it the default CNN no longer
+# learns in a short simulation (docs/site.md gives the measurement).
+DEFAULT_MAX_NOISE_MULTIPLIER = 8.0
 DEFAULT_VAL_FRACTION = 0.1
 
 
@@ -51,6 +58,12 @@ class SiteConfig:
         (None for no cap). The site cannot tell a coordinator's runs apart (it makes run
         ids at will), so a "run", for the cap, is everything released in that window.
     run_window_hours: the window of that cap, on the site's own clock.
+    study_epsilon: the most one study may be granted of the budget (client/study_grant.py);
+        a deployed site's default is DEFAULT_STUDY_SHARE of `epsilon`, a simulated site's
+        all of it.
+    max_noise_multiplier: the largest sigma the site trains with: a study whose planned
+        noise is larger would train on noise, and is refused.
+    coordinator: the SuperLink the site answers (deployment), as its ledger records it.
     allow_non_private: whether the site trains at all when a run asks for no DP; off
         unless the site's policy turns it on, since such training has no guarantee.
     accountants: the Opacus accountants whose epsilon is enforced; the largest counts.
@@ -68,6 +81,9 @@ class SiteConfig:
     state_dir: Path
     run_epsilon: float | None = None
     run_window_hours: float = DEFAULT_RUN_WINDOW_HOURS
+    study_epsilon: float = 0.0
+    max_noise_multiplier: float = DEFAULT_MAX_NOISE_MULTIPLIER
+    coordinator: str = "simulation"
     allow_non_private: bool = False
     accountants: tuple[str, ...] = ("rdp",)
     send_metrics: tuple[str, ...] = OPTIONAL_METRICS
@@ -124,7 +140,8 @@ class SiteConfig:
             split_seed=int(_number(policy.get("split-seed", 0), "split-seed")),
             val_fraction=_number(policy.get("val-fraction", DEFAULT_VAL_FRACTION), "val-fraction"),
             data_path=str(node_config["data-path"]),
-            **_shared_policy(policy, name, allow_non_private_default=False),
+            coordinator=str(node_config.get("coordinator", "")),
+            **_shared_policy(policy, name, allow_non_private_default=False, study_share=DEFAULT_STUDY_SHARE),
         )
         if not 0 < site.val_fraction < 1:
             raise CohortInputError(f"val-fraction is {site.val_fraction} in site {name}'s policy; it must be between 0 and 1")
@@ -150,13 +167,21 @@ class SiteConfig:
             answer_evaluation=_flag(policy.get("answer-evaluation", True), "answer-evaluation"),
             partition_id=int(partition_id),
             num_partitions=int(num_partitions),
-            **_shared_policy(policy, name, allow_non_private_default=run.site_allow_non_private),
+            **_shared_policy(policy, name, allow_non_private_default=run.site_allow_non_private, study_share=1.0),
         )
 
 
-def _shared_policy(policy: Mapping[str, Any], name: str, allow_non_private_default: bool) -> dict[str, Any]:
-    """The keys a deployed and a simulated site read alike, validated."""
-    validate_budget(_number(policy["epsilon"], "epsilon"), _number(policy["delta"], "delta"), source=f"site {name}'s policy")
+def _shared_policy(policy: Mapping[str, Any], name: str, allow_non_private_default: bool, study_share: float) -> dict[str, Any]:
+    """The keys a deployed and a simulated site read alike, validated; `study_share`: the
+    share of the budget one study may have where the policy sets no study-epsilon."""
+    epsilon = _number(policy["epsilon"], "epsilon")
+    validate_budget(epsilon, _number(policy["delta"], "delta"), source=f"site {name}'s policy")
+    study_epsilon = _number(policy.get("study-epsilon", study_share * epsilon), "study-epsilon")
+    if not 0 < study_epsilon <= epsilon:
+        raise CohortInputError(f"study-epsilon is {study_epsilon} in site {name}'s policy; a per-study cap must be > 0 and at most epsilon ({epsilon:g})")
+    max_sigma = _number(policy.get("max-noise-multiplier", DEFAULT_MAX_NOISE_MULTIPLIER), "max-noise-multiplier")
+    if max_sigma <= 0:
+        raise CohortInputError(f"max-noise-multiplier is {max_sigma} in site {name}'s policy; it must be > 0")
     run_epsilon = policy.get("run-epsilon")
     if run_epsilon is not None and _number(run_epsilon, "run-epsilon") <= 0:
         raise CohortInputError(f"run-epsilon is {run_epsilon} in site {name}'s policy; a per-run cap must be > 0")
@@ -166,6 +191,8 @@ def _shared_policy(policy: Mapping[str, Any], name: str, allow_non_private_defau
     return {
         "run_epsilon": _number(run_epsilon, "run-epsilon") if run_epsilon is not None else None,
         "run_window_hours": window,
+        "study_epsilon": study_epsilon,
+        "max_noise_multiplier": max_sigma,
         "allow_non_private": _flag(policy.get("allow-non-private", allow_non_private_default), "allow-non-private"),
     }
 

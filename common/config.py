@@ -150,6 +150,29 @@ class TrainingConfig:
             raise CohortInputError(f"learning-rate is {self.learning_rate}; use 0 for the default of the DP mode, or a positive rate")
 
 
+@dataclass(frozen=True)
+class StudyRequest:
+    """What this run (a study) asks of every site's privacy budget; each site grants it or
+    refuses the study before touching its data (client/study_grant.py).
+
+    study_epsilon: the epsilon the study may spend at each site over all its rounds. 0
+        asks for all that a site will grant: what it has left, up to its per-study cap (a
+        simulated site's cap is its whole budget, so a simulation spends it all, as the
+        demo always has; a deployed site's is a share of it, docs/site.md).
+    study_delta: the delta the study needs; 0 takes each site's own. A site whose delta is
+        larger than this refuses: it cannot promise a smaller one.
+    """
+
+    study_epsilon: float = 0.0
+    study_delta: float = 0.0
+
+    def validate(self) -> None:
+        if self.study_epsilon < 0:
+            raise CohortInputError(f"study-epsilon is {self.study_epsilon}; ask for a positive epsilon, or 0 for all each site will grant")
+        if not 0 <= self.study_delta < 1:
+            raise CohortInputError(f"study-delta is {self.study_delta}; use 0 for each site's own delta, or a delta between 0 and 1 (e.g. 1e-5)")
+
+
 Settings = TypeVar("Settings", bound="SiteRunConfig")
 
 
@@ -160,6 +183,7 @@ class SiteRunConfig:
     run_dir: where the run writes; a simulated site finds its data there. '' means
         runs/<run_name>-<timestamp>.
     device: where sites train: 'auto' takes CUDA when visible.
+    study: the epsilon and delta this run asks of each site (StudyRequest).
     federation_home: where simulated sites keep their state (ledger, key, policy), one
         folder per site; sites spend from the same budget in every run that shares it.
     site_epsilon, site_delta, site_allow_non_private: the policy of a simulated site that
@@ -182,6 +206,7 @@ class SiteRunConfig:
     federation_home: str = "runs/federation"
     training: TrainingConfig = field(default_factory=TrainingConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    study: StudyRequest = field(default_factory=StudyRequest)
     site_epsilon: float = 8.0
     site_delta: float = 1e-5
     site_allow_non_private: bool = False
@@ -192,6 +217,7 @@ class SiteRunConfig:
         require_choice("noise-source", self.noise_source, NOISE_SOURCES)
         self.training.validate()
         self.dp.validate()
+        self.study.validate()
         object.__setattr__(self, "training", _with_local_training_defaults(self.training, self.dp.sample_level))
         if self.dp.grad_sample_mode == "auto":
             object.__setattr__(self, "dp", dataclasses.replace(self.dp, grad_sample_mode=AUTO_GRAD_SAMPLE_MODE[self.training.model]))

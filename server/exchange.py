@@ -84,8 +84,9 @@ class Exchange:
 
     def _error_reply(self, node: int, reply: Message, stage: str, report: RoundReport) -> None:
         reason = one_line(reply.error.reason)
-        if stage == Stage.TRAIN and reply.error.code == protocol.SITE_REFUSED:
+        if stage in (Stage.ASK, Stage.TRAIN) and reply.error.code == protocol.SITE_REFUSED:
             report.refusals[node] = self.registry.name_of(node) or _site_named_in(reason, node)
+            report.refusal_reasons[report.refusals[node]] = reason
             log(WARNING, "Round %d: %s; it is out of this run", report.server_round, reason)
             return
         if stage == Stage.EVALUATE and reply.error.code == protocol.SITE_DECLINED_EVALUATION:

@@ -34,6 +34,7 @@ from server.reply_checks import ReplyChecker, SiteEvaluation
 from server.rundir import RunDirectory, append_lines, keep_rounds_up_to
 from server.run_config import RunConfig
 from server.site_registry import SiteRegistry
+from server.study_ask import ask_sites
 
 CentralEvaluator = Callable[[ArrayRecord], Evaluation]
 
@@ -47,6 +48,7 @@ class FederationState:
     registry: SiteRegistry = field(default_factory=SiteRegistry)
     optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
     refused_nodes: dict[int, str] = field(default_factory=dict)
+    refusal_reasons: dict[str, str] = field(default_factory=dict)
     stop_reason: str = ""
 
 
@@ -91,12 +93,16 @@ class Federation:
     def run_rounds(self, state: FederationState) -> FederationState:
         for server_round in range(state.next_round, self.run.training.rounds + 1):
             started = time.monotonic()
+            report = RoundReport(server_round)
+            if server_round == 1 and self.run.dp.sample_level:  # the study's ask: sites grant their epsilon, or refuse
+                ask_sites(self.grid, self.exchange, report)
+                state.refused_nodes.update(report.refusals)
+                state.refusal_reasons.update(report.refusal_reasons)
             stop = self.policy.stop_before(server_round) or self._too_few_sites(state)
             if stop:
                 state.stop_reason = f"stopped before round {server_round}: {stop}"
                 log(WARNING, state.stop_reason)
                 break
-            report = RoundReport(server_round)
             contributions = self.collect.collect(server_round, state.arrays, set(state.refused_nodes), report)
             release = self.policy.release(server_round, contributions) if contributions.count >= self._min_sites() else None
             if release is not None and release.arrays is not None:
@@ -104,6 +110,7 @@ class Federation:
             self._evaluate(server_round, state, report)
             evaluation = self.evaluate_centrally(state.arrays)
             state.refused_nodes.update(report.refusals)
+            state.refusal_reasons.update(report.refusal_reasons)
             self._persist(state, report, evaluation, release, time.monotonic() - started)
             state.next_round = server_round + 1
             stop = self.policy.stop_after(server_round, list(report.refusals.values())) if release else self._too_few_updates(server_round, contributions, report)
@@ -145,10 +152,8 @@ class Federation:
         remaining = [node for node in self.grid.get_node_ids() if node not in state.refused_nodes]
         if len(remaining) >= self.run.aggregation.min_sites:
             return None
-        return (
-            f"{len(remaining)} site(s) can still train, fewer than min-sites={self.run.aggregation.min_sites}; "
-            f"refused: {', '.join(sorted(state.refused_nodes.values()))}"
-        )
+        reasons = [state.refusal_reasons.get(name, f"{name} refused") for name in sorted(set(state.refused_nodes.values()))]
+        return f"{len(remaining)} site(s) can still train, fewer than min-sites={self.run.aggregation.min_sites}; refused: {'; '.join(reasons)}"
 
     def _too_few_updates(self, server_round: int, contributions: Contributions, report: RoundReport) -> str:
         lost = [f"{r.site} ({r.reason})" for r in report.rejected] + [f"{f.site} ({f.reason})" for f in report.failures]

@@ -104,15 +104,15 @@ def test_the_per_run_cap_holds_across_new_run_ids_within_the_window(tmp_path: Pa
     ledger = SiteLedger(tmp_path)
     run = SiteRunConfig.from_flower({"rounds": 1, "batch-size": 20})
     now = 1_000_000.0
-    plan = plan_round(run, site, ledger.entries(), "data", run_id=1, server_round=1, num_examples=100, now=now)
+    plan = plan_round(run, site, ledger.entries(), "data", run_id=1, server_round=1, num_examples=100, granted=site.epsilon, now=now)
     steps = round_steps(100, run)
     assert refusal_reason(plan, steps, site) is None
     ledger.append(_release(1, plan.total, steps, now))
     noisy = SiteRunConfig.from_flower({"rounds": 1, "batch-size": 20, "noise-multiplier": 3.0})
-    fresh_run = plan_round(noisy, site, ledger.entries(), "data", run_id=2, server_round=1, num_examples=100, now=now + 60)
+    fresh_run = plan_round(noisy, site, ledger.entries(), "data", run_id=2, server_round=1, num_examples=100, granted=site.epsilon, now=now + 60)
     reason = refusal_reason(fresh_run, steps, site)
     assert reason is not None and "per-run cap of 1" in reason
-    next_day = plan_round(noisy, site, ledger.entries(), "data", run_id=3, server_round=1, num_examples=100, now=now + 25 * 3600)
+    next_day = plan_round(noisy, site, ledger.entries(), "data", run_id=3, server_round=1, num_examples=100, granted=site.epsilon, now=now + 25 * 3600)
     assert refusal_reason(next_day, steps, site) is None
 
 

@@ -91,6 +91,12 @@ class LedgerRecord:
         refused to run the code a run shipped (client/site_runner.py).
     timestamp: seconds since the epoch.
     reason: why a refusal happened ('' for a release).
+    study_epsilon: the epsilon the site granted the run's study (client/study_grant.py).
+    fab_hash: the SHA-256 of the FAB the coordinator submitted for the run (a deployed site).
+    model: the run's model architecture.
+    coordinator: the SuperLink the site answered ('simulation' for a simulated site).
+    The last four are STUDY_FIELDS: left out of the record (so of what is signed) where
+    unknown, so that the ledgers written before they existed still verify.
     """
 
     kind: str
@@ -112,6 +118,10 @@ class LedgerRecord:
     config_hash: str
     timestamp: float = field(default_factory=time.time)
     reason: str = ""
+    study_epsilon: float = 0.0
+    fab_hash: str = ""
+    model: str = ""
+    coordinator: str = ""
 
     @classmethod
     def release(cls, spender: Spender, mechanism: Mechanism, noise: Noise, epsilon: float, accountant: str, model_hash: str) -> LedgerRecord:
@@ -152,6 +162,10 @@ class LedgerRecord:
             model_hash=model_hash,
             config_hash=spender.config_hash,
             reason=reason,
+            study_epsilon=spender.study.epsilon,
+            fab_hash=spender.study.fab_hash,
+            model=spender.study.model,
+            coordinator=spender.study.coordinator,
         )
 
 
@@ -168,6 +182,26 @@ class Spender:
     budget_epsilon: float
     dataset_hash: str
     config_hash: str
+    study: Study = field(default_factory=lambda: Study())
+
+
+@dataclass(frozen=True)
+class Study:
+    """What a site records of the study a round belongs to (LedgerRecord's STUDY_FIELDS)."""
+
+    epsilon: float = 0.0
+    fab_hash: str = ""
+    model: str = ""
+    coordinator: str = ""
+
+
+STUDY_FIELDS = ("study_epsilon", "fab_hash", "model", "coordinator")
+
+
+def record_json(record: LedgerRecord) -> dict[str, Any]:
+    """The record as stored and signed: its study fields only where known."""
+    values = dataclasses.asdict(record)
+    return {key: value for key, value in values.items() if key not in STUDY_FIELDS or value}
 
 
 @dataclass(frozen=True)
@@ -192,14 +226,14 @@ class LedgerEntry:
     signature: str
 
     def signed_payload(self) -> bytes:
-        return _canonical({"sequence": self.sequence, "previous_hash": self.previous_hash, "record": dataclasses.asdict(self.record)})
+        return _canonical({"sequence": self.sequence, "previous_hash": self.previous_hash, "record": record_json(self.record)})
 
     def entry_hash(self) -> str:
         return hashlib.sha256(self.signed_payload()).hexdigest()
 
     def to_json(self) -> str:
         return json.dumps(
-            {"sequence": self.sequence, "previous_hash": self.previous_hash, "record": dataclasses.asdict(self.record), "signature": self.signature},
+            {"sequence": self.sequence, "previous_hash": self.previous_hash, "record": record_json(self.record), "signature": self.signature},
             sort_keys=True,
         )
 

@@ -39,7 +39,36 @@ Every epsilon is recomputed from the sites' ledgers; RDP is the enforced figure.
 <h2>Warnings</h2><ul class="warn">{warnings}</ul>
 <h2>Epsilon by release</h2>
 <img alt="epsilon against releases, per site, with budgets" src="data:image/png;base64,{_epsilon_plot(report)}">
+{_studies_section(report)}
 </body></html>
+"""
+
+
+def _studies_section(report: dict[str, Any]) -> str:
+    """Every study on each site's data, and every refusal with its reason, in full."""
+    def cell(value: Any, pattern: str = "{}") -> str:
+        return "-" if value is None else html.escape(pattern.format(value))
+
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{study['run_id']}</td><td>{study['first']}</td><td>{study['last']}</td>"
+        f"<td>{study['rounds_trained']}</td><td>{study['rounds_refused']}</td><td>{cell(study['epsilon_granted'], '{:.3f}')}</td>"
+        f"<td>{study['epsilon_spent']:.3f}</td><td>{cell(study['epsilon_total'], '{:.3f}')}</td><td>{cell(study['model'])}</td>"
+        f"<td>{cell(study['fab_hash'])}</td><td>{cell(study['coordinator'])}</td><td>{cell(study['dataset'])}</td></tr>\n"
+        for name, site in report["sites"].items()
+        for study in site["studies"]
+    )
+    refused = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{row['run_id']}</td><td>{row['round']}</td><td>{row['when']}</td><td>{html.escape(row['reason'])}</td></tr>\n"
+        for name, site in report["sites"].items()
+        for row in site["refusal_log"]
+    )
+    return f"""<h2>What ran on the data</h2>
+<table><tr><th>site</th><th>run</th><th>first</th><th>last</th><th>rounds trained</th><th>rounds refused</th><th>epsilon granted</th>
+<th>epsilon spent</th><th>running total</th><th>model</th><th>FAB SHA-256</th><th>coordinator</th><th>dataset</th></tr>
+{rows}</table>
+<h2>Refusals</h2>
+<table><tr><th>site</th><th>run</th><th>round</th><th>when</th><th>reason</th></tr>
+{refused or '<tr><td colspan="5">none</td></tr>'}</table>
 """
 
 

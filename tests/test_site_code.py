@@ -277,8 +277,9 @@ def test_the_run_config_cannot_turn_dp_off_nor_move_the_ledger_and_a_truncated_l
 def test_audit_shows_every_dataset_a_site_spent_on_and_its_chain_verifies(federation: Federation) -> None:
     state = federation.state("hospital-a")
     assert verify_chain(federation.entries("hospital-a"), load_public_key(state / "ledger_key.pub.pem")) is None
-    result = subprocess.run([str(BIN / "cohort"), "audit", str(state)], capture_output=True, text=True, timeout=120, cwd=federation.root)
+    out = federation.root / "audit-hospital-a"
+    result = subprocess.run([str(BIN / "cohort"), "audit", str(state), "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=federation.root)
     assert result.returncode == 0, result.stderr
-    report = json.loads((state / "audit.json").read_text()) if (state / "audit.json").exists() else None
+    report = json.loads((out / "audit.json").read_text()) if (out / "audit.json").exists() else None
     identities = {e.record.dataset_hash for e in federation.entries("hospital-a") if e.record.kind == RecordKind.RELEASE}
     assert report is not None and set(report["sites"]["hospital-a"]["datasets"]) == identities

@@ -54,9 +54,6 @@ PASSPHRASE = b"the coordinator's passphrase"
 SITES = {"hospital-a": 8.0, "hospital-b": 6.0, "hospital-c": 4.0}
 ROUNDS = 2
 STARTUP_TIMEOUT_S = 120.0
-# Fixed, so that the first run leaves every site budget for the run with a killed site
-# (a derived sigma spends a site's whole budget over the run's planned rounds).
-NOISE_MULTIPLIER = 2.0
 # The site killed mid-round, and how long the server waits for any exchange's replies:
 # above a healthy site's slowest exchange on a loaded 2-core machine (60 s was not). The
 # killed site's round ends sooner, when the SuperLink answers for it as unavailable
@@ -242,7 +239,7 @@ def processes_while_serving(deployment: Deployment) -> list[psutil.Process]:
 def finished_run(deployment: Deployment) -> dict:
     run_config = (
         f"rounds={ROUNDS} dataset='{deployment.root / 'data' / 'coordinator.npz'}' run-dir='{deployment.root / 'run'}' "
-        f"min-sites=3 batch-size=32 local-epochs=1 noise-multiplier={NOISE_MULTIPLIER}"
+        "min-sites=3 batch-size=32 local-epochs=1"
     )
     result = deployment.run("coordinator", commands.run_command(APP_DIR, CONNECTION, run_config), timeout=600)
     started = re.search(r"Successfully started run (\d+)", result.stdout)
@@ -418,7 +415,7 @@ def run_with_a_site_killed_mid_round(deployment: Deployment, finished_run: dict)
     run_dir = deployment.root / "run-killed-site"
     run_config = (
         f"rounds=3 dataset='{deployment.root / 'data' / 'coordinator.npz'}' run-dir='{run_dir}' min-sites=2 "
-        f"batch-size=32 local-epochs=1 noise-multiplier={NOISE_MULTIPLIER} reply-timeout={REPLY_TIMEOUT_S}"
+        f"batch-size=32 local-epochs=1 reply-timeout={REPLY_TIMEOUT_S}"
     )
     log = (deployment.root / "logs" / "run-killed-site.log").open("wb")
     command = _local(commands.run_command(APP_DIR, CONNECTION, run_config))
@@ -520,6 +517,75 @@ def test_flower_records_a_study_every_site_refused_as_failed_with_the_reason(dep
     assert run_id, study_every_site_refused.stderr
     (run,) = deployment.flwr_json("list", "--run-id", run_id.group(1))["runs"]
     assert run["status"] == "finished:failed" and "stopped after round 1" in run["status-details"], run
+
+
+# Three studies after every run above, each site with its default policy (a study may have
+# a quarter of the site's budget): the first asks epsilon 1, the second 5 (more than any
+# site grants), the third all that each site will grant (hospital-c: exactly what it has left).
+STUDIES = {"study-1": "1.0", "study-2": "5.0", "study-3": "0"}
+
+
+@pytest.fixture(scope="module")
+def studies(deployment: Deployment, run_with_a_site_killed_mid_round: KilledSiteRun, study_every_site_refused: subprocess.CompletedProcess[str]) -> dict[str, subprocess.CompletedProcess[str]]:
+    results = {}
+    for name, asked in STUDIES.items():
+        settings = [
+            "rounds=1", f"dataset={deployment.root / 'data' / 'coordinator.npz'}", f"run-dir={deployment.root / name}",
+            "min-sites=2", "batch-size=32", f"study-epsilon={asked}",
+        ]  # fmt: skip
+        results[name] = deployment.run("coordinator", commands.cohort_run_command(CONNECTION, settings), timeout=600)
+        (deployment.root / "logs" / f"cohort-run-{name}.log").write_text(results[name].stdout + results[name].stderr)
+    return results
+
+
+def _study_records(deployment: Deployment, site: str, result: subprocess.CompletedProcess[str]) -> list:
+    run_id = re.search(r"run (\d+)", result.stdout + result.stderr)
+    assert run_id, result.stdout + result.stderr
+    return [e.record for e in read_entries(deployment.root / "state" / site / LEDGER_FILE) if e.record.run_id == int(run_id.group(1))]
+
+
+def test_a_study_asking_epsilon_1_is_granted_by_every_site_and_spends_at_most_that(deployment: Deployment, studies: dict) -> None:
+    assert studies["study-1"].returncode == 0, studies["study-1"].stdout + studies["study-1"].stderr
+    for site in SITES:
+        (release,) = _study_records(deployment, site, studies["study-1"])
+        earlier = [e.record for e in read_entries(deployment.root / "state" / site / LEDGER_FILE) if e.record.kind == "release" and e.record.timestamp < release.timestamp]
+        assert release.kind == "release" and release.study_epsilon == 1.0 and release.coordinator == deployment.address
+        assert len(release.fab_hash) == 64 and release.model == "cnn"
+        assert 0 < release.epsilon - earlier[-1].epsilon <= 1.0
+
+
+def test_a_study_asking_more_than_any_site_grants_is_refused_by_all_before_round_1_with_the_reason(deployment: Deployment, studies: dict) -> None:
+    result = studies["study-2"]
+    message = " ".join(result.stderr.split())
+    assert result.returncode == 1 and "stopped before round 1" in message, result.stdout + result.stderr
+    for site in SITES:
+        assert f"site {site} refuses the study: it asks epsilon 5; the site grants at most" in message
+        (refusal,) = _study_records(deployment, site, result)
+        assert (refusal.kind, refusal.round, refusal.dataset_hash) == ("refusal", 0, "")  # before its data was read
+
+
+def test_a_study_asking_what_each_site_grants_trains_and_hospital_c_reaches_its_budget(deployment: Deployment, studies: dict) -> None:
+    assert studies["study-3"].returncode == 0, studies["study-3"].stdout + studies["study-3"].stderr
+    for site, budget in SITES.items():
+        (release,) = _study_records(deployment, site, studies["study-3"])
+        assert release.kind == "release" and release.study_epsilon == pytest.approx(min(budget / 4, budget - _spent_before(deployment, site, release)), abs=1e-6)
+        assert release.epsilon <= budget
+
+
+def _spent_before(deployment: Deployment, site: str, release) -> float:
+    return max(e.record.epsilon for e in read_entries(deployment.root / "state" / site / LEDGER_FILE) if e.record.kind == "release" and e.record.run_id != release.run_id and e.record.timestamp < release.timestamp)
+
+
+def test_each_sites_audit_lists_the_three_studies_with_their_dates_and_epsilons(deployment: Deployment, studies: dict) -> None:
+    for site in SITES:
+        out = deployment.root / f"audit-{site}"
+        result = subprocess.run([str(BIN / "cohort"), "audit", str(deployment.root / "state" / site), "--out", str(out)], capture_output=True, text=True, timeout=120, env={**offline_flower_env(deployment.home(site)), "COLUMNS": "80"})
+        assert result.returncode == 0, result.stderr
+        listed = json.loads((out / "audit.json").read_text())["sites"][site]["studies"]
+        run_ids = [int(re.search(r"run (\d+)", r.stdout + r.stderr).group(1)) for r in studies.values()]
+        assert [s["run_id"] for s in listed][-3:] == run_ids
+        assert [s["epsilon_granted"] for s in listed][-3:-1] == [1.0, None] and all(s["first"] and s["last"] for s in listed)
+        (deployment.root / "logs" / f"audit-{site}.txt").write_text(result.stdout)
 
 
 def test_the_logs_of_cohorts_commands_hold_each_serverapp_line_once_and_no_colour_codes(

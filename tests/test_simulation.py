@@ -177,18 +177,46 @@ def _simulate(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([COHORT, "simulate", *SMALL, *args], capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
 
 
-def test_a_second_run_on_the_same_data_starts_from_what_the_first_spent(tmp_path: Path) -> None:
-    home = tmp_path / "federation"
-    shared = ["--set", "rounds=2", "--set", "noise-multiplier=1.5", "--federation-home", str(home)]
-    first = _simulate(*shared, "--runs-dir", str(tmp_path / "first"))
-    second = _simulate(*shared, "--runs-dir", str(tmp_path / "second"))
-    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
-    first_metrics, second_metrics = _metrics(_run_dir(tmp_path / "first")), _metrics(_run_dir(tmp_path / "second"))
+@pytest.fixture(scope="module")
+def studies_on_one_home(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, subprocess.CompletedProcess[str]]]:
+    """Three one-round studies on one federation home (simulated sites' budget: epsilon 8,
+    all of it grantable to one study): the first asks 2, the second 7 (more than is left),
+    the third all that is left."""
+    root = tmp_path_factory.mktemp("studies")
+    home = root / "federation"
+    results = {
+        name: _simulate("--set", "rounds=1", "--set", f"study-epsilon={asked}", "--federation-home", str(home), "--runs-dir", str(root / name))
+        for name, asked in (("first", 2), ("second", 7), ("third", 0))
+    }
+    return root, results
+
+
+def test_a_study_spends_at_most_the_epsilon_it_asked_for(studies_on_one_home: tuple[Path, dict]) -> None:
+    root, results = studies_on_one_home
+    assert results["first"].returncode == 0, results["first"].stdout + results["first"].stderr
     for site in ("site-0", "site-1", "site-2"):
-        releases = _releases(home / site / "privacy_ledger.jsonl")
-        assert len({r.run_id for r in releases}) == 2 and len(releases) == 4
-        assert second_metrics[0].sites[site].epsilon > first_metrics[-1].sites[site].epsilon
-        assert second_metrics[-1].sites[site].epsilon == pytest.approx(_recomputed_epsilon(releases), rel=1e-9)
+        (release,) = _releases(root / "federation" / site / "privacy_ledger.jsonl")[:1]
+        assert release.study_epsilon == 2.0 and 1.9 < release.epsilon <= 2.0
+
+
+def test_a_study_asking_more_than_is_left_is_refused_by_every_site_before_round_1(studies_on_one_home: tuple[Path, dict]) -> None:
+    root, results = studies_on_one_home
+    message = " ".join(results["second"].stderr.split())
+    assert results["second"].returncode == 1 and "stopped before round 1" in message, results["second"].stdout + results["second"].stderr
+    assert all(f"site site-{i} refuses the study: it asks epsilon 7" in message for i in range(3)), message
+    assert not (root / "second").exists() or not _metrics(_run_dir(root / "second"))
+
+
+def test_a_second_training_study_starts_from_what_the_first_spent_and_may_take_the_rest(studies_on_one_home: tuple[Path, dict]) -> None:
+    root, results = studies_on_one_home
+    assert results["third"].returncode == 0, results["third"].stdout + results["third"].stderr
+    third = _metrics(_run_dir(root / "third"))
+    for site in ("site-0", "site-1", "site-2"):
+        releases = _releases(root / "federation" / site / "privacy_ledger.jsonl")
+        assert len({r.run_id for r in releases}) == 2 and len(releases) == 2
+        assert releases[1].study_epsilon == pytest.approx(8.0 - releases[0].epsilon)
+        assert releases[0].epsilon < third[-1].sites[site].epsilon <= 8.0
+        assert third[-1].sites[site].epsilon == pytest.approx(_recomputed_epsilon(releases), rel=1e-9)
 
 
 def test_a_site_whose_budget_runs_out_is_refused_and_the_run_finishes_with_the_others(tmp_path: Path) -> None:

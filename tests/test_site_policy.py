@@ -12,7 +12,8 @@ from client.policy import ACCOUNTING_METRICS, SiteConfig
 from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps
 from client.site_data import local_site_data
 from common import protocol
-from common.config import SiteRunConfig
+from client.study_grant import Grant, grant
+from common.config import SiteRunConfig, StudyRequest
 from common.errors import CohortInputError
 from common.privacy.accounting import PrivacyState
 from common.privacy.ledger import LedgerRecord, RecordKind, SiteLedger
@@ -129,3 +130,54 @@ def test_a_site_whose_policy_forbids_a_run_without_dp_refuses_before_reading_any
     assert "refuses to train without differential privacy" in reply.error.reason
     (refusal,) = SiteLedger(tmp_path / "state").verified_entries()
     assert (refusal.record.kind, refusal.record.dataset_hash) == ("refusal", "")
+
+
+def test_a_deployed_sites_default_per_study_cap_is_a_quarter_of_its_budget(tmp_path: Path) -> None:
+    assert _deployed(tmp_path).study_epsilon == 0.5 and _deployed(tmp_path, **{"study-epsilon": 2.0}).study_epsilon == 2.0
+
+
+def test_a_per_study_cap_above_the_budget_is_refused_naming_the_key(tmp_path: Path) -> None:
+    with pytest.raises(CohortInputError, match="study-epsilon is 3.0 in site site's policy; a per-study cap must be > 0 and at most epsilon"):
+        _deployed(tmp_path, **{"study-epsilon": 3.0})
+
+
+def _study(epsilon: float, delta: float = 0.0) -> StudyRequest:
+    return SiteRunConfig.from_flower({"study-epsilon": epsilon, "study-delta": delta}).study
+
+
+def test_a_site_grants_what_a_study_asks_within_its_cap_and_all_it_may_to_a_study_asking_for_its_budget(tmp_path: Path) -> None:
+    site = _deployed(tmp_path, epsilon=8.0)
+    assert grant(_study(1.5), site, [], run_id=1) == Grant(1.5)
+    assert grant(_study(0.0), site, [], run_id=1) == Grant(2.0)
+
+
+def test_a_site_refuses_a_study_asking_more_than_it_grants_with_the_figures(tmp_path: Path) -> None:
+    reason = grant(_study(5.0), _deployed(tmp_path, epsilon=8.0), [], run_id=1)
+    assert reason == "site site refuses the study: it asks epsilon 5; the site grants at most 2.000 (left 8.000 of 8, per-study cap 2)"
+
+
+def test_a_site_refuses_a_study_that_needs_a_smaller_delta_than_it_accounts_at(tmp_path: Path) -> None:
+    reason = grant(_study(0.5, delta=1e-7), _deployed(tmp_path), [], run_id=1)
+    assert isinstance(reason, str) and "ask for delta 1e-05 or more" in reason
+
+
+def test_a_site_answers_the_coordinators_ask_from_its_ledger_before_reading_any_data(tmp_path: Path, clientapp_identity: None) -> None:
+    from client.app import app
+
+    SiteLedger(tmp_path / "state")
+    node_config = {"data-path": str(tmp_path / "not-read.npz"), "state-dir": str(tmp_path / "state"), "epsilon": 4.0, "delta": 1e-5, "site-name": "a"}
+    ask = Message(content=RecordDict({protocol.CONFIG: ConfigRecord({protocol.CONFIG_ROUND: 0})}), dst_node_id=1, message_type="query")
+    granted = app(ask, Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(), run_config={"study-epsilon": 1.0}))
+    assert granted.content[protocol.METRICS][protocol.STUDY_EPSILON] == 1.0
+    refused = app(ask, Context(run_id=8, node_id=1, node_config=node_config, state=RecordDict(), run_config={"study-epsilon": 5.0}))
+    assert refused.has_error() and refused.error.code == protocol.SITE_REFUSED and "it asks epsilon 5" in refused.error.reason
+    (refusal,) = SiteLedger(tmp_path / "state").verified_entries()
+    assert (refusal.record.kind, refusal.record.run_id, refusal.record.dataset_hash) == ("refusal", 8, "")
+
+
+def test_a_site_refuses_a_plan_whose_noise_leaves_no_signal_naming_the_fix(tmp_path: Path) -> None:
+    site = _deployed(tmp_path, epsilon=8.0)
+    run = SiteRunConfig.from_flower({"rounds": 1, "batch-size": 20, "noise-multiplier": site.max_noise_multiplier * 2})
+    plan = plan_round(run, site, [], "data", run_id=1, server_round=1, num_examples=100, granted=site.epsilon)
+    reason = refusal_reason(plan, round_steps(100, run), site)
+    assert reason is not None and "refuses to train on noise" in reason and reason.endswith("ask for more epsilon, fewer rounds or larger batches")

@@ -50,15 +50,16 @@ def _studies_section(report: dict[str, Any]) -> str:
         return "-" if value is None else html.escape(pattern.format(value))
 
     rows = "".join(
-        f"<tr><td>{html.escape(name)}</td><td>{study['run_id']}</td><td>{study['first']}</td><td>{study['last']}</td>"
-        f"<td>{study['rounds_trained']}</td><td>{study['rounds_refused']}</td><td>{cell(study['epsilon_granted'], '{:.3f}')}</td>"
-        f"<td>{study['epsilon_spent']:.3f}</td><td>{cell(study['epsilon_total'], '{:.3f}')}</td><td>{cell(study['model'])}</td>"
-        f"<td>{cell(study['fab_hash'])}</td><td>{cell(study['coordinator'])}</td><td>{cell(study['dataset'])}</td></tr>\n"
+        _row([
+            html.escape(name), str(study["run_id"]), study["first"], study["last"], str(study["rounds_trained"]), str(study["rounds_refused"]),
+            cell(study["epsilon_granted"], "{:.3f}"), f"{study['epsilon_spent']:.3f}", cell(study["epsilon_total"], "{:.3f}"),
+            cell(study["model"]), cell(study["fab_hash"]), cell(study["coordinator"]), cell(study["dataset"]),
+        ])  # fmt: skip
         for name, site in report["sites"].items()
         for study in site["studies"]
     )
     refused = "".join(
-        f"<tr><td>{html.escape(name)}</td><td>{row['run_id']}</td><td>{row['round']}</td><td>{row['when']}</td><td>{html.escape(row['reason'])}</td></tr>\n"
+        _row([html.escape(name), str(row["run_id"]), str(row["round"]), row["when"], html.escape(row["reason"])])
         for name, site in report["sites"].items()
         for row in site["refusal_log"]
     )
@@ -134,6 +135,11 @@ def _site_row(name: str, site: dict[str, Any]) -> str:
         html.escape(site["chain"].split(":")[0]),
         html.escape("; ".join(site["mechanisms"] + site["sampling"])) or "-",
     ]
+    return _row(cells)
+
+
+def _row(cells: list[str]) -> str:
+    """One table row of cells already escaped."""
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>\n"
 
 

@@ -384,6 +384,14 @@ def _clientapps_of(process: subprocess.Popen[bytes]) -> set[int]:
     return found
 
 
+def _new_clientapps(site_process: subprocess.Popen[bytes], known: set[int], deadline: float, run: subprocess.Popen[bytes], deployment: Deployment) -> set[int]:
+    """Wait for a ClientApp process of the site that is not among `known`; returns the new ones."""
+    while not _clientapps_of(site_process) - known:
+        assert time.monotonic() < deadline and run.poll() is None, deployment.log("run-killed-site")
+        time.sleep(0.05)
+    return _clientapps_of(site_process) - known
+
+
 def _kill_tree(process: subprocess.Popen[bytes]) -> None:
     """SIGKILL, as a crash or the OOM killer would: no handler runs, nothing is flushed."""
     root = psutil.Process(process.pid)
@@ -405,7 +413,8 @@ class KilledSiteRun:
 @pytest.fixture(scope="module")
 def run_with_a_site_killed_mid_round(deployment: Deployment, finished_run: dict) -> KilledSiteRun:
     """Three rounds with min-sites=2; hospital-c's SuperNode and everything under it are
-    killed while its flwr-clientapp answers round 1's training message, then `cohort
+    killed while its flwr-clientapp answers round 1's training message (after it answered
+    the study's ask), then `cohort
     supernode` is started again with the same key, state and data once the SuperLink
     holds it offline."""
     (site_process,) = [p for p in deployment.processes if KILLED_SITE in p.args and "supernode" in p.args]
@@ -422,9 +431,11 @@ def run_with_a_site_killed_mid_round(deployment: Deployment, finished_run: dict)
     run = subprocess.Popen(command, env=offline_flower_env(deployment.home("coordinator")), stdout=log, stderr=subprocess.STDOUT, cwd=deployment.root)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not _clientapps_of(site_process) - idle:
+        asked = _new_clientapps(site_process, idle, deadline, run, deployment)  # the study's ask, before round 1
+        while _clientapps_of(site_process) & asked:
             assert time.monotonic() < deadline and run.poll() is None, deployment.log("run-killed-site")
             time.sleep(0.05)
+        _new_clientapps(site_process, idle | asked, deadline, run, deployment)  # round 1's training
         _kill_tree(site_process)
         trained_when_killed = len(read_entries(ledger)) - entries_before
         # The SuperLink refuses to activate a node it still holds online ("Failed to

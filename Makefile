@@ -37,8 +37,11 @@ nginx:
 systemd:
 	@command -v systemd-analyze >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; } || echo "systemd-analyze is not installed: the service unit tests will be skipped"
 
+# Two workers, each taking whole test files (a file's shared federation starts once): much
+# of a federation test is waiting on timeouts and process starts, which the other worker
+# fills. `pytest tests/test_x.py` alone still runs serially.
 test: setup browser nginx systemd
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 benchmark: setup
 	$(BIN)/python -m benchmarks.run

@@ -28,7 +28,7 @@ class AccountantComparison:
 
     rdp: float
     prv: float | None
-    pld: float
+    pld: float | None
     warnings: list[str] = field(default_factory=list)
 
 

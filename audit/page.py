@@ -104,7 +104,7 @@ def _fairness_section(fairness: dict[str, Any] | None, plot: bytes | None) -> st
     image = "" if plot is None else f'<img alt="validation accuracy by site and round, worst site highlighted" src="data:image/png;base64,{base64.b64encode(plot).decode()}">'
     ratio = "-" if across["worst_over_best"] is None else f"{across['worst_over_best']:.3f}"
     return f"""<h2>Who the model works for</h2>
-<p>{html.escape(fairness["model"])}; 95% Wilson score intervals.</p>
+<p>{html.escape(fairness["model"])}; exact 95% intervals.</p>
 <table><tr><th>site</th><th>accuracy</th><th>95% interval</th><th>loss</th><th>train examples</th><th>val examples</th><th>train examples per class</th></tr>
 {rows}</table>
 <p>Worst {html.escape(across["worst_site"])} {across["worst"]:.3f}, best {html.escape(across["best_site"])} {across["best"]:.3f},

@@ -3,7 +3,10 @@
 It trusts no figure the coordinator reports: every epsilon is recomputed from the
 releases in the sites' own signed ledgers, under three accountants. A run with
 client-level DP adds the server's ledger (`server/` in the run directory), audited the
-same way under the name 'server'.
+same way under the name 'server'. Distributed client-level DP's releases (Skellam noise the
+sites added under secure aggregation) are accounted with the Skellam mechanism's RDP bound
+(common/privacy/skellam.py) from the figures each record carries; PRV and PLD have no
+Skellam mechanism, so they are not shown for them.
 The report (audit.json) has this schema, version "cohort-audit/1":
 
     schema, source, generated_at, warnings: [str]
@@ -32,10 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from audit.cross_check import compare_accountants
+from audit.cross_check import AccountantComparison, compare_accountants
 from audit.studies import refusals, studies
 from common.errors import CohortInputError
 from common.privacy.accounting import PrivacyState
+from common.privacy.skellam import SkellamRelease, epsilon as skellam_epsilon
 from common.privacy.mechanisms import Mechanism
 from common.privacy.ledger import (
     HEAD_FILE,
@@ -56,7 +60,7 @@ NEAR_EXHAUSTION = 0.9
 # What each ledger `sampling` value assumes; an epsilon is only as true as its assumption.
 SAMPLING_ASSUMPTIONS = {
     Sampling.POISSON: "Poisson sampling: every example joins every step independently with probability q (Opacus' sampler)",
-    Sampling.NONE: "no amplification by sampling claimed: every release counts as a full Gaussian mechanism (q = 1)",
+    Sampling.NONE: "no amplification by sampling claimed: every release counts in full (q = 1)",
 }
 
 
@@ -104,10 +108,9 @@ def _audit_site(entries: list[LedgerEntry], ledger: SiteLedgerFile) -> dict[str,
     latest = records[-1]
     dataset = releases[-1].dataset_hash if releases else latest.dataset_hash
     on_dataset = [r for r in releases if r.dataset_hash == dataset]
-    history = history_of(on_dataset)
-    this_run = history_of(r for r in on_dataset if ledger.run_ids is not None and r.run_id in ledger.run_ids)
+    this_run = [r for r in on_dataset if ledger.run_ids is not None and r.run_id in ledger.run_ids]
     delta = latest.delta
-    comparison = compare_accountants(history, delta)
+    comparison = _accounted(on_dataset, delta)
     total = comparison.rdp
     chain = _chain_status(entries, ledger.path.parent / PUBLIC_KEY_FILE)
     warnings = list(comparison.warnings)
@@ -125,7 +128,7 @@ def _audit_site(entries: list[LedgerEntry], ledger: SiteLedgerFile) -> dict[str,
         "refusals": [r.reason for r in records if r.kind == RecordKind.REFUSAL],
         "non_private_rounds": non_private,
         "epsilon_total": total,
-        "epsilon_this_run": PrivacyState(1.0, 1.0, "rdp", this_run).epsilon(delta) if ledger.run_ids is not None else None,
+        "epsilon_this_run": _epsilon(this_run, delta) if ledger.run_ids is not None else None,
         "accountants": {"rdp": comparison.rdp, "prv": comparison.prv, "pld": comparison.pld},
         "noise_multipliers": sorted({r.noise_multiplier for r in on_dataset}),
         "sample_rates": sorted({r.sample_rate for r in on_dataset}),
@@ -148,15 +151,35 @@ def _datasets(releases: list[LedgerRecord]) -> dict[str, dict[str, Any]]:
     return {
         identity: {
             "releases": sum(r.dataset_hash == identity for r in releases),
-            "epsilon_rdp": PrivacyState(1.0, 1.0, "rdp", history_of(r for r in releases if r.dataset_hash == identity)).epsilon(releases[0].delta),
+            "epsilon_rdp": _epsilon([r for r in releases if r.dataset_hash == identity], releases[0].delta),
         }
         for identity in identities
     }
 
 
+def _accounted(releases: list[LedgerRecord], delta: float) -> AccountantComparison:
+    """The releases' epsilon under each accountant that has their mechanism."""
+    if _skellam(releases):
+        return AccountantComparison(_epsilon(releases, delta), None, None)
+    return compare_accountants(history_of(releases), delta)
+
+
+def _epsilon(releases: list[LedgerRecord], delta: float) -> float:
+    """The RDP epsilon of `releases`, the enforced figure."""
+    if _skellam(releases):
+        return skellam_epsilon([SkellamRelease.from_details(r.mechanism_details) for r in releases], delta)
+    return PrivacyState(1.0, 1.0, "rdp", history_of(releases)).epsilon(delta)
+
+
+def _skellam(releases: list[LedgerRecord]) -> bool:
+    return any(r.mechanism == Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM for r in releases)
+
+
 def _non_private_warning(records: list[LedgerRecord], rounds: int) -> str:
     if all(r.mechanism == Mechanism.CLIENT_LEVEL_DP_FEDAVG for r in records if r.kind == RecordKind.NON_PRIVATE):
         return f"sent {rounds} update(s) without local DP: only the coordinator's client-level DP (its server ledger) protects them"
+    if all(r.mechanism == Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM for r in records if r.kind == RecordKind.NON_PRIVATE):
+        return f"sent {rounds} masked update(s) with a share of the noise: the sum of all sites' shares protects them (the server ledger's distributed client-level DP)"
     return f"trained without differential privacy in {rounds} round(s): those releases carry no guarantee"
 
 

@@ -30,10 +30,13 @@ from simulations.plan import SIMULATIONS_DIR, load_plan
 COHORT = str(Path(sys.executable).parent / "cohort")
 
 
-def run_simulation(config: str, runs_dir: Path) -> dict[str, Any]:
+def run_simulation(config: str, runs_dir: Path, settings: tuple[str, ...] = (), cohort: str = COHORT) -> dict[str, Any]:
+    """One `cohort simulate` of `config` (a file name in simulations/, or a path), with
+    `--set` settings, by the given cohort command (another checkout's, to compare)."""
     before = set(runs_dir.glob("*")) if runs_dir.exists() else set()
     started = time.perf_counter()
-    subprocess.run([COHORT, "simulate", str(SIMULATIONS_DIR / config), "--runs-dir", str(runs_dir)], check=True, capture_output=True)
+    overrides = [arg for setting in settings for arg in ("--set", setting)]
+    subprocess.run([cohort, "simulate", str(SIMULATIONS_DIR / config), *overrides, "--runs-dir", str(runs_dir)], check=True, capture_output=True)
     wall = time.perf_counter() - started
     (run_dir,) = set(runs_dir.glob("*")) - before
     summary = RunDirectory(run_dir).read_summary()

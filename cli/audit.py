@@ -14,6 +14,7 @@ from typer.core import TyperGroup
 
 from cli.errors import input_errors
 from cli.terminal import paragraph
+from common.private_files import private_dir
 from common.privacy.ledger import LEDGER_FILE, key_fingerprint, load_public_key, read_entries, verify_chain
 from server.rundir import RunDirectory, write_bytes_atomic, write_json_atomic
 
@@ -67,8 +68,7 @@ def summary(
     report["warnings"] += [] if fairness is None else fairness["warnings"]
     plot = path / "plots" / PLOT_FILE
     fairness_plot = plot.read_bytes() if fairness is not None and plot.is_file() else None
-    target = out or _default_out(path)
-    target.mkdir(parents=True, exist_ok=True)
+    target = private_dir(out or _default_out(path))
     write_json_atomic(target / "audit.json", report)
     write_bytes_atomic(target / "audit.html", render_page(report, fairness_plot).encode())
     if not report["sites"]:

@@ -8,6 +8,8 @@ policy (client/policy.py), never from the run config.
 from __future__ import annotations
 
 import sys
+import time
+from functools import partial
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -15,12 +17,16 @@ from flwr.clientapp import ClientApp
 
 from client.clipping import central_dp_clipping_mod
 from client.dp_randomness import site_noise_source
+from client.integer_update import SECURE_AGGREGATION_STREAM, integer_update
 from client.evaluation_policy import declined_evaluation
 from client.policy import AGGREGATION_METRICS, SiteConfig
+from client.secure_aggregation import Masker, is_secure_aggregation, key_stage_reply, masked_input_reply
 from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps, spent_epsilon
+from client.site_failure import one_line_on_failure
 from client.site_data import SiteData, local_site_data, simulated_site_data
 from client.study_grant import Grant, grant
-from client.training import train_locally
+from client.training import RoundOverTime, train_locally
+from client.work_limits import overtime_refusal, steps_refusal
 from common import protocol
 from common.config import SiteRunConfig
 from common.errors import CohortInputError
@@ -28,6 +34,9 @@ from common.evaluation import evaluate, resolve_device
 from common.flower_logs import readable_flower_logs
 from common.models.registry import build_model
 from common.privacy.accounting import PrivacyState
+from common.secure_aggregation import messages as secure_messages
+from common.secure_aggregation.messages import masked_input_record
+from common.secure_aggregation.model_vector import update_vector
 from common.privacy.ledger import LedgerBroken, LedgerEntry, LedgerRecord, Noise, Sampling, SiteLedger, Spender, Study, model_hash
 
 readable_flower_logs()
@@ -41,9 +50,28 @@ def _received_model(msg: Message, run: SiteRunConfig, data: SiteData) -> torch.n
 
 
 @app.train(mods=[central_dp_clipping_mod])
+@one_line_on_failure
 def train(msg: Message, context: Context) -> Message:
+    """Train. Under secure aggregation a train message is one of its stages: the key stages
+    are answered without training, the masked-input stage trains and masks."""
     run = SiteRunConfig.from_flower(context.run_config)
     site = SiteConfig.from_node_config(context.node_config, run)
+    secure = is_secure_aggregation(msg)
+    key_stage = key_stage_reply(msg, context, site.name) if secure else None
+    if key_stage is not None:
+        return key_stage
+    if secure != run.dp.secure_aggregation:  # the run config the site signs says how its update leaves it
+        said = "with" if run.dp.secure_aggregation else "without"
+        return Message(Error(code=secure_messages.REFUSED, reason=f"site {site.name} refuses: the run says {said} secure aggregation, the request does not"), reply_to=msg)
+    if secure:
+        return masked_input_reply(msg, context, site.name, lambda masker: _train(msg, context, run, site, masker))
+    return _train(msg, context, run, site, None)
+
+
+def _train(msg: Message, context: Context, run: SiteRunConfig, site: SiteConfig, masker: Masker | None) -> Message:
+    """Train on the global model and reply with the update: in the clear, or masked by
+    `masker` under secure aggregation (the ledger entry then binds the masked input, which
+    is what leaves the site)."""
     try:
         ledger = SiteLedger(site.state_dir, create_key=not site.deployed)
         entries = ledger.verified_entries()
@@ -61,27 +89,39 @@ def train(msg: Message, context: Context) -> Message:
         return _refuse(msg, ledger, LedgerRecord.refusal(_spender(run, site, context, server_round, data_hash=""), granted, 0.0, site.accountants[0], mechanism, _noise(run, None)))
     data = _site_data(site, run)
     spender = _spender(run, site, context, server_round, data.identity, granted.epsilon)
+    too_many_steps = steps_refusal(site, run, len(data.train))
+    if too_many_steps is not None:
+        return _refuse(msg, ledger, _refusal_at_spent(run, site, spender, entries, too_many_steps))
     privacy = _planned_privacy(run, site, spender, entries, len(data.train)) if run.dp.sample_level else None
     if isinstance(privacy, LedgerRecord):
         return _refuse(msg, ledger, privacy)
     model = _received_model(msg, run, data)  # built only once the site knows it will train
-    update = train_locally(
-        model,
-        data.train,
-        run,
-        privacy,
-        resolve_device(run.device),
-        site_noise_source(run, site, data, server_round),
-        server_round=server_round,
-        proximal_mu=float(config.get(protocol.CONFIG_PROXIMAL_MU, 0.0)),
-    )
+    try:
+        update = train_locally(
+            model,
+            data.train,
+            run,
+            privacy,
+            resolve_device(run.device),
+            site_noise_source(run, site, data, server_round),
+            server_round=server_round,
+            proximal_mu=float(config.get(protocol.CONFIG_PROXIMAL_MU, 0.0)),
+            deadline=time.monotonic() + site.max_round_seconds,
+        )
+    except RoundOverTime as over:
+        reason = overtime_refusal(site, over.steps, round_steps(len(data.train), run))
+        return _refuse(msg, ledger, _refusal_at_spent(run, site, spender, entries, reason))
     arrays = ArrayRecord({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()})
+    released, key = arrays, protocol.ARRAYS
+    if masker is not None:  # its rounding and noise share draw from their own stream of the site's noise source
+        encode = partial(integer_update, source=site_noise_source(run, site, data, server_round, SECURE_AGGREGATION_STREAM))
+        released, key = masked_input_record(masker(update_vector(arrays, msg.content[protocol.ARRAYS]), encode)), secure_messages.MASKED_INPUT
     if update.privacy:
         epsilon, accountant = enforced_epsilon(update.privacy, site)
-        record = LedgerRecord.release(spender, mechanism, _noise(run, update.privacy, update.steps), epsilon, accountant, model_hash(arrays))
+        record = LedgerRecord.release(spender, mechanism, _noise(run, update.privacy, update.steps), epsilon, accountant, model_hash(released))
     else:
         epsilon = float("inf")
-        record = LedgerRecord.non_private(spender, mechanism, update.steps, run.dp.clip_norm, site.accountants[0], model_hash(arrays))
+        record = LedgerRecord.non_private(spender, mechanism, update.steps, run.dp.clip_norm, site.accountants[0], model_hash(released))
     entry = ledger.append(record)
     metrics = {
         protocol.NUM_EXAMPLES: update.num_examples,
@@ -101,7 +141,7 @@ def train(msg: Message, context: Context) -> Message:
             protocol.SITE_LEDGER_KEY: ledger.public_key_file.read_text(encoding="ascii"),
         }
     )
-    content = RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: _allowed(metrics, site), protocol.SITE: site_record})
+    content = RecordDict({key: released, protocol.METRICS: _allowed(metrics, site), protocol.SITE: site_record})
     return Message(content=content, reply_to=msg)
 
 
@@ -111,13 +151,18 @@ def _planned_privacy(run: SiteRunConfig, site: SiteConfig, spender: Spender, ent
     mechanism = run.dp.mechanism.mechanism
     try:
         plan = plan_round(run, site, entries, spender.dataset_hash, spender.run_id, spender.round, train_size, spender.study.epsilon)
-    except CohortInputError as exhausted:  # no noise level fits what is left of the budget
-        spent = spent_epsilon(entries, spender.dataset_hash, site)
-        return LedgerRecord.refusal(spender, f"site {site.name} refuses to train: {exhausted}", spent, site.accountants[0], mechanism, _noise(run, None))
-    reason = refusal_reason(plan, round_steps(train_size, run), site)
+        reason = refusal_reason(plan, round_steps(train_size, run), site)
+    except CohortInputError as unworkable:  # no noise level fits what is left of the grant, or an accountant cannot compose the round
+        return _refusal_at_spent(run, site, spender, entries, f"site {site.name} refuses to train: {unworkable}")
     if reason is not None:
         return LedgerRecord.refusal(spender, reason, enforced_epsilon(plan.total, site)[0], site.accountants[0], mechanism, _noise(run, plan.total))
     return plan.total
+
+
+def _refusal_at_spent(run: SiteRunConfig, site: SiteConfig, spender: Spender, entries: list[LedgerEntry], reason: str) -> LedgerRecord:
+    """The refusal of a round that releases nothing, with what the dataset had spent before it."""
+    spent = spent_epsilon(entries, spender.dataset_hash, site)
+    return LedgerRecord.refusal(spender, reason, spent, site.accountants[0], run.dp.mechanism.mechanism, _noise(run, None))
 
 
 def _spender(run: SiteRunConfig, site: SiteConfig, context: Context, server_round: int, data_hash: str, granted: float = 0.0) -> Spender:
@@ -128,10 +173,12 @@ def _spender(run: SiteRunConfig, site: SiteConfig, context: Context, server_roun
 
 
 @app.query()
+@one_line_on_failure
 def ask(msg: Message, context: Context) -> Message:
-    """The coordinator's question before round 1: does this site take part in the study,
-    and at what epsilon? Answered from the site's policy and ledger alone, before any data
-    is read; a refusal is recorded in the ledger like any other."""
+    """The coordinator's question before round 1 (before secure aggregation's key stages):
+    does this site take part in the study, and at what epsilon? Answered from the site's
+    policy and ledger alone, before any data is read; a refusal is recorded in the ledger
+    like any other, and a site that refuses is in none of the run's rounds."""
     run = SiteRunConfig.from_flower(context.run_config)
     site = SiteConfig.from_node_config(context.node_config, run)
     try:
@@ -161,6 +208,12 @@ def _allowed(metrics: dict[str, float], site: SiteConfig) -> MetricRecord:
 
 
 def _no_local_dp_refusal(run: SiteRunConfig, site: SiteConfig) -> str:
+    if run.dp.mechanism.distributed_noise:
+        return (
+            f"site {site.name} refuses to send updates without sample-level DP: under distributed client-level DP its own "
+            "noise share does not protect it, the sum of all sites' shares does, if the coordinator follows the protocol; "
+            "a site that trusts it sets allow-non-private=true in its policy"
+        )
     if run.dp.client_level:
         return (
             f"site {site.name} refuses to send updates without sample-level DP: under client-level DP only the "
@@ -176,6 +229,7 @@ def _refuse(msg: Message, ledger: SiteLedger, refusal: LedgerRecord) -> Message:
 
 
 @app.evaluate()
+@one_line_on_failure
 def evaluate_locally(msg: Message, context: Context) -> Message:
     run = SiteRunConfig.from_flower(context.run_config)
     site = SiteConfig.from_node_config(context.node_config, run)

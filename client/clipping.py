@@ -17,7 +17,8 @@ from common.config import SiteRunConfig
 
 
 def central_dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    if KEY_CLIPPING_NORM not in msg.content[protocol.CONFIG]:
+    config = msg.content.config_records.get(protocol.CONFIG)
+    if config is None or KEY_CLIPPING_NORM not in config:  # secure aggregation's key stages carry no config
         return call_next(msg, context)
     adaptive = SiteRunConfig.from_flower(context.run_config).dp.client_clipping == "adaptive"
     return (adaptiveclipping_mod if adaptive else fixedclipping_mod)(msg, context, call_next)

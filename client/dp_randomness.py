@@ -24,13 +24,14 @@ from common.privacy.noise import NoiseSource, SecureNoise, noise_source
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def site_noise_source(run: SiteRunConfig, site: SiteConfig, data: SiteData, server_round: int) -> NoiseSource:
+def site_noise_source(run: SiteRunConfig, site: SiteConfig, data: SiteData, server_round: int, *stream: str) -> NoiseSource:
     """A deployed site always draws secure noise: this is the site's own code, and no run
     setting reaches the choice. A simulated site follows the run's noise-source, seeded by
-    the run's seed (handed over with its data), its name and the round."""
+    the run's seed (handed over with its data), its name and the round, and `stream` for a
+    draw apart from its DP-SGD's."""
     if site.deployed or data.noise_seed is None:
         return SecureNoise()
-    return noise_source(run.noise_source, data.noise_seed, site.name, server_round)
+    return noise_source(run.noise_source, data.noise_seed, site.name, server_round, *stream)
 
 
 @dataclass(frozen=True)

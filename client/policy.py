@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from common import protocol
-from common.config import SiteRunConfig, validate_budget
+from common.config import EPSILON_RANGE, Range, SiteRunConfig, validate_budget
 from common.errors import CohortInputError
 
 POLICY_FILE = "policy.toml"
@@ -44,6 +44,19 @@ DEFAULT_STUDY_SHARE = 0.25
 # learns in a short simulation (docs/site.md gives the measurement).
 DEFAULT_MAX_NOISE_MULTIPLIER = 8.0
 DEFAULT_VAL_FRACTION = 0.1
+# The most work one round may ask of a site (docs/site.md): 10,000 local DP-SGD steps is
+# 50 epochs of 50,000 examples at batch 256, far beyond what federated rounds use, yet it
+# stops a run config whose local-epochs would keep the site's machine busy for days; an
+# hour of wall time bounds a round whose every step is slow (a large model, a slow machine).
+DEFAULT_MAX_ROUND_STEPS = 10_000
+DEFAULT_MAX_ROUND_SECONDS = 3600.0
+# The valid values of the policy's numeric keys besides the budget (EPSILON_RANGE, DELTA_RANGE).
+RUN_WINDOW_HOURS_RANGE = Range(0, 24 * 366, low_open=True)
+VAL_FRACTION_RANGE = Range(0, 1, low_open=True, high_open=True)
+SPLIT_SEED_RANGE = Range(0, 2**32 - 1)
+MAX_ROUND_STEPS_RANGE = Range(1, 10**9)
+MAX_ROUND_SECONDS_RANGE = Range(0, 30 * 86400, low_open=True)
+MAX_NOISE_MULTIPLIER_RANGE = Range(0, 100, low_open=True)  # as a run's noise-multiplier
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,9 @@ class SiteConfig:
     max_noise_multiplier: the largest sigma the site trains with: a study whose planned
         noise is larger would train on noise, and is refused.
     coordinator: the SuperLink the site answers (deployment), as its ledger records it.
+    max_round_steps, max_round_seconds: the most work one round may ask (local DP-SGD
+        steps, from local-epochs, the dataset's size and the batch size) and may take (wall
+        time); a site refuses a round beyond either (DEFAULT_MAX_ROUND_STEPS, _SECONDS).
     allow_non_private: whether the site trains at all when a run asks for no DP; off
         unless the site's policy turns it on, since such training has no guarantee.
     accountants: the Opacus accountants whose epsilon is enforced; the largest counts.
@@ -84,6 +100,8 @@ class SiteConfig:
     study_epsilon: float = 0.0
     max_noise_multiplier: float = DEFAULT_MAX_NOISE_MULTIPLIER
     coordinator: str = "simulation"
+    max_round_steps: int = DEFAULT_MAX_ROUND_STEPS
+    max_round_seconds: float = DEFAULT_MAX_ROUND_SECONDS
     allow_non_private: bool = False
     accountants: tuple[str, ...] = ("rdp",)
     send_metrics: tuple[str, ...] = OPTIONAL_METRICS
@@ -137,14 +155,12 @@ class SiteConfig:
             accountants=_names(policy.get("accountants", "rdp"), "accountants"),
             send_metrics=_names(policy.get("send-metrics", ",".join(ACCOUNTING_METRICS)), "send-metrics", OPTIONAL_METRICS, allow_empty=True),
             answer_evaluation=_flag(policy.get("answer-evaluation", False), "answer-evaluation"),
-            split_seed=int(_number(policy.get("split-seed", 0), "split-seed")),
-            val_fraction=_number(policy.get("val-fraction", DEFAULT_VAL_FRACTION), "val-fraction"),
+            split_seed=int(_number(policy.get("split-seed", 0), "split-seed", SPLIT_SEED_RANGE)),
+            val_fraction=_number(policy.get("val-fraction", DEFAULT_VAL_FRACTION), "val-fraction", VAL_FRACTION_RANGE),
             data_path=str(node_config["data-path"]),
             coordinator=str(node_config.get("coordinator", "")),
             **_shared_policy(policy, name, allow_non_private_default=False, study_share=DEFAULT_STUDY_SHARE),
         )
-        if not 0 < site.val_fraction < 1:
-            raise CohortInputError(f"val-fraction is {site.val_fraction} in site {name}'s policy; it must be between 0 and 1")
         return site
 
     @classmethod
@@ -176,23 +192,17 @@ def _shared_policy(policy: Mapping[str, Any], name: str, allow_non_private_defau
     share of the budget one study may have where the policy sets no study-epsilon."""
     epsilon = _number(policy["epsilon"], "epsilon")
     validate_budget(epsilon, _number(policy["delta"], "delta"), source=f"site {name}'s policy")
-    study_epsilon = _number(policy.get("study-epsilon", study_share * epsilon), "study-epsilon")
-    if not 0 < study_epsilon <= epsilon:
+    study_epsilon = _number(policy.get("study-epsilon", study_share * epsilon), "study-epsilon", EPSILON_RANGE)
+    if study_epsilon > epsilon:
         raise CohortInputError(f"study-epsilon is {study_epsilon} in site {name}'s policy; a per-study cap must be > 0 and at most epsilon ({epsilon:g})")
-    max_sigma = _number(policy.get("max-noise-multiplier", DEFAULT_MAX_NOISE_MULTIPLIER), "max-noise-multiplier")
-    if max_sigma <= 0:
-        raise CohortInputError(f"max-noise-multiplier is {max_sigma} in site {name}'s policy; it must be > 0")
     run_epsilon = policy.get("run-epsilon")
-    if run_epsilon is not None and _number(run_epsilon, "run-epsilon") <= 0:
-        raise CohortInputError(f"run-epsilon is {run_epsilon} in site {name}'s policy; a per-run cap must be > 0")
-    window = _number(policy.get("run-window-hours", DEFAULT_RUN_WINDOW_HOURS), "run-window-hours")
-    if window <= 0:
-        raise CohortInputError(f"run-window-hours is {window} in site {name}'s policy; it must be > 0")
     return {
-        "run_epsilon": _number(run_epsilon, "run-epsilon") if run_epsilon is not None else None,
-        "run_window_hours": window,
+        "run_epsilon": _number(run_epsilon, "run-epsilon", EPSILON_RANGE) if run_epsilon is not None else None,
+        "run_window_hours": _number(policy.get("run-window-hours", DEFAULT_RUN_WINDOW_HOURS), "run-window-hours", RUN_WINDOW_HOURS_RANGE),
         "study_epsilon": study_epsilon,
-        "max_noise_multiplier": max_sigma,
+        "max_noise_multiplier": _number(policy.get("max-noise-multiplier", DEFAULT_MAX_NOISE_MULTIPLIER), "max-noise-multiplier", MAX_NOISE_MULTIPLIER_RANGE),
+        "max_round_steps": int(_number(policy.get("max-round-steps", DEFAULT_MAX_ROUND_STEPS), "max-round-steps", MAX_ROUND_STEPS_RANGE)),
+        "max_round_seconds": _number(policy.get("max-round-seconds", DEFAULT_MAX_ROUND_SECONDS), "max-round-seconds", MAX_ROUND_SECONDS_RANGE),
         "allow_non_private": _flag(policy.get("allow-non-private", allow_non_private_default), "allow-non-private"),
     }
 
@@ -228,8 +238,12 @@ def _flag(value: Any, name: str) -> bool:
     raise CohortInputError(f"{name} is {value!r} in the site's policy; use true or false")
 
 
-def _number(value: Any, name: str) -> float:
+def _number(value: Any, name: str, valid: Range | None = None) -> float:
+    """A number of the policy, within `valid` when given (the budget's are checked together)."""
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise CohortInputError(f"{name} is {value!r} in the site's policy; it must be a number") from None
+    if valid is not None:
+        valid.check(f"{name} in the site's policy", number)
+    return number

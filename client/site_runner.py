@@ -14,7 +14,8 @@ code answers the message: never the FAB's.
 - anything else: the site refuses with a reply the coordinator can read, records the
   refusal in its ledger, and runs nothing of the FAB.
 An evaluation request that the site's policy declines is declined here, before any code
-that touches the site's data is loaded.
+that touches the site's data is loaded; so are secure aggregation's key stages answered
+(keys and shares, nothing of the data), without the site's training code.
 """
 
 from __future__ import annotations
@@ -25,13 +26,11 @@ import sys
 import tomllib
 import zipfile
 from dataclasses import dataclass
-from logging import DEBUG, ERROR
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType
 from flwr.common.args import add_args_flwr_app_common, try_obtain_flwr_app_token
-from flwr.common.constant import ErrorCode, SubStatus
-from flwr.supercore import log
+from flwr.common.constant import SubStatus
 from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.constant import SUPERNODE_DEFAULT_CLIENT_ADDRESS
 from flwr.supercore.exit import ExitCode, flwr_exit, register_signal_handlers
@@ -48,6 +47,8 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 import client
 import common
 from client.evaluation_policy import declined_evaluation
+from client.secure_aggregation import is_secure_aggregation, key_stage_reply
+from client.site_failure import failure_reply, log_failure
 from common import protocol
 from common.errors import CohortInputError
 from client.policy import SiteConfig
@@ -133,6 +134,10 @@ def answer(message: Message, context: Context, run: Run, fab: Fab) -> Message:
         declined = declined_evaluation(message, site)
         if declined is not None:
             return declined
+    if is_secure_aggregation(message):
+        key_stage = key_stage_reply(message, context, site.name)  # keys and shares only: no data, no model
+        if key_stage is not None:
+            return key_stage
     from client.app import app  # only now: it loads PyTorch and the site's data code
 
     context.node_config = {**context.node_config, protocol.FAB_HASH: fab.hash_str}  # what the site's ledger records
@@ -146,16 +151,6 @@ class _TaskOutcome:
     context: Context | None = None
     status: str = SubStatus.FAILED
     details: str = "the site's ClientApp failed"
-
-
-def log_failure(error: Exception) -> str:
-    """One line in the site's log (and the reply's reason); the traceback only at debug
-    level (FLWR_LOG_LEVEL=DEBUG), for whoever looks into a failure that is not the site's
-    setup. Returns that line."""
-    details = f"{type(error).__name__}: {error}"
-    log(ERROR, "the site's ClientApp failed: %s", details)
-    log(DEBUG, "the site's ClientApp failed here:", exc_info=error)
-    return details
 
 
 def run_site_clientapp(runtime_api_address: str, token: str, insecure: bool, certificates: bytes | None, parent_pid: int | None) -> None:
@@ -192,7 +187,7 @@ def run_site_clientapp(runtime_api_address: str, token: str, insecure: bool, cer
     except Exception as error:  # noqa: BLE001 - every failure becomes an error reply, as in Flower's own flwr-clientapp
         outcome.details = log_failure(error)
         if message is not None:
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=outcome.details), reply_to=message)
+            reply = failure_reply(message, outcome.details)
         exit_code = ExitCode.TASK_PROC_EXCEPTION
     finally:
         if reply is not None and outcome.context is not None:

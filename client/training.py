@@ -5,6 +5,7 @@ wrappers, memory) accumulates across rounds."""
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Iterable
@@ -31,6 +32,15 @@ class LocalUpdate:
     train_accuracy: float
     steps: int
     privacy: PrivacyState | None
+
+
+class RoundOverTime(Exception):
+    """Training passed the round's deadline (the site's max-round-seconds); nothing of the
+    round may be released."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__(f"stopped after {steps} steps")
+        self.steps = steps
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -60,12 +70,14 @@ def train_locally(
     noise: NoiseSource,
     server_round: int = 1,
     proximal_mu: float = 0.0,
+    deadline: float = math.inf,
 ) -> LocalUpdate:
     """Train `model` in place for run.training.local_epochs epochs.
 
     With `privacy` given, the Opacus accountant starts from its history, so the epsilon
     it reports afterwards covers every earlier round too. Every random draw of the round
-    (the batches, and under DP the noise) comes from `noise`.
+    (the batches, and under DP the noise) comes from `noise`. Raises RoundOverTime when a
+    step ends after `deadline` (time.monotonic()).
     """
     model.to(device).train()
     global_weights = [p.detach().clone() for p in model.parameters()]
@@ -79,7 +91,7 @@ def train_locally(
     if privacy is not None:
         engine, trained, optimizer, criterion, batches = _dp_sgd(model, optimizer, criterion, images, labels, run, privacy, noise)
     try:
-        loss_sum, correct, seen, steps = _run_epochs(trained, optimizer, criterion, batches, run.training.local_epochs, device, global_weights, proximal_mu, learning_rate)
+        loss_sum, correct, seen, steps = _run_epochs(trained, optimizer, criterion, batches, run.training.local_epochs, device, global_weights, proximal_mu, learning_rate, deadline)
     finally:
         if hasattr(trained, "_close"):
             trained._close()  # removes Opacus' hooks so the plain module is clean again
@@ -139,6 +151,7 @@ def _run_epochs(
     global_weights: list[torch.Tensor],
     proximal_mu: float,
     learning_rate: float,
+    deadline: float,
 ) -> tuple[float, int, int, int]:
     loss_sum, correct, seen, steps = 0.0, 0, 0, 0
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -162,6 +175,8 @@ def _run_epochs(
             if proximal_mu > 0:
                 _proximal_pull(parameters, global_weights, proximal_mu * learning_rate)
             steps += 1
+            if time.monotonic() > deadline:
+                raise RoundOverTime(steps)
     return loss_sum, correct, seen, steps
 
 

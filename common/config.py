@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar, Iterable, Mapping, TypeVar
@@ -30,9 +31,16 @@ MODELS = ("cnn", "transformer")
 # update of hooks; the training loop takes an empty Poisson batch's step itself, since ew
 # and functorch fail on one). A run may also say 'auto': AUTO_GRAD_SAMPLE_MODE's.
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
-# model -> the fastest mode for it: ew (PyTorch's expanded weights) beats hooks, functorch
-# and ghost clipping for both models at the batch sizes Cohort uses (docs/benchmarks.md).
-AUTO_GRAD_SAMPLE_MODE = {"cnn": "ew", "transformer": "ew"}
+# model -> the fastest mode for it (docs/benchmarks.md): ew (PyTorch's expanded weights)
+# beats hooks, functorch and ghost clipping for the transformer at the batch sizes Cohort
+# uses; it cannot run the cnn's weight-standardised convolutions, for which Cohort
+# registers a per-sample rule that hooks uses.
+AUTO_GRAD_SAMPLE_MODE = {"cnn": "hooks", "transformer": "ew"}
+# (model, mode) -> why that mode cannot train that model.
+UNSUPPORTED_GRAD_SAMPLE_MODES = {
+    ("transformer", "ghost"): "Opacus' ghost clipping fails on the transformer",
+    ("cnn", "ew"): "PyTorch's expanded weights cannot differentiate the cnn's weight standardisation",
+}
 DEVICES = ("auto", "cpu", "cuda")
 CLIENT_CLIPPINGS = ("fixed", "adaptive")
 OPTIMIZERS = ("sgd", "adam")
@@ -42,6 +50,56 @@ LR_SCHEDULES = ("constant", "cosine")
 SECURE_NOISE = "secure"
 SEEDED_NOISE = "seeded"
 NOISE_SOURCES = (SECURE_NOISE, SEEDED_NOISE)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: finite, from low to high, either end open.
+
+    Every numeric setting declares one (number()), so that a value no run can mean (inf,
+    NaN, 1e30, a negative count) is refused where it is parsed, naming the key, and
+    never reaches Opacus or a site's machine. note says what a special value means.
+    """
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def check(self, name: str, value: float) -> None:
+        """Refuse `value` for the setting `name` unless it lies in this range."""
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        if not (math.isfinite(value) and above and below):
+            kind = "an integer" if isinstance(value, int) else "a finite number"
+            note = f" ({self.note})" if self.note else ""
+            raise CohortInputError(f"{name} is {value!r}; it must be {kind} in {self}{note}")
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+RANGE = "range"
+EPSILON_RANGE = Range(0, 1000, low_open=True)
+DELTA_RANGE = Range(0, 1, low_open=True, high_open=True)
+
+
+def number(default: float, low: float, high: float, *, low_open: bool = False, high_open: bool = False, note: str = "") -> Any:
+    """A numeric setting's field with its default and its valid range."""
+    return field(default=default, metadata={RANGE: Range(low, high, low_open, high_open, note)})
+
+
+def in_range(default: float, valid: Range) -> Any:
+    """A numeric setting's field whose range is shared with another check (a budget's)."""
+    return field(default=default, metadata={RANGE: valid})
+
+
+def check_ranges(settings: object) -> None:
+    """Every numeric field of a settings dataclass, against the range it declares."""
+    for item in dataclasses.fields(settings):  # type: ignore[arg-type]
+        if RANGE in item.metadata:
+            item.metadata[RANGE].check(item.name.replace("_", "-"), getattr(settings, item.name))
 
 
 @dataclass(frozen=True)
@@ -63,24 +121,32 @@ class DPConfig:
         Opacus' own registry (a simulated site's default; a deployed site names its own).
     grad_sample_mode: how Opacus computes per-sample gradients; every mode computes the
         same clipped, noised update, so this is speed only. 'auto' (the default) becomes
-        the fastest mode for the model, AUTO_GRAD_SAMPLE_MODE: 'ew' for both, measured
-        on one thread at batch 64 and 256 on 8x8 and 28x28 input, 9-27% less time a
-        step than 'hooks' and faster than 'functorch' and 'ghost' in every case
-        (benchmarks/dp_step_time.py, docs/benchmarks.md). 'ghost' (ghost clipping)
-        fails on the transformer and is refused for it.
+        the fastest mode for the model, AUTO_GRAD_SAMPLE_MODE: 'ew' for the transformer,
+        measured on one thread at batch 64 and 256 on 8x8 and 28x28 input, 9-27% less
+        time a step than 'hooks' and faster than 'functorch' and 'ghost' in every case
+        (benchmarks/dp_step_time.py, docs/benchmarks.md); 'hooks' for the cnn, whose
+        weight-standardised convolutions 'ew' cannot run. UNSUPPORTED_GRAD_SAMPLE_MODES
+        are refused ('ghost' fails on the transformer).
     client_clipping: 'fixed' C, or 'adaptive' (Andrew et al. 2021): C follows the
         target_clipped_quantile of update norms, learnt at rate clip_norm_lr from a
         noisy count of clipped updates (a site clipping its own update uses Flower's mod
         for the one or the other).
+    secure_aggregation: the sites' updates reach the coordinator only masked, and it
+        unmasks nothing but their sum (SecAgg+, client/secure_aggregation.py); at client
+        level each site adds its share of Skellam noise before masking (distributed DP,
+        Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM) instead of the server adding the
+        noise. Its parameters are the coordinator's (server.run_config.SecureAggregationConfig)
+        and reach each site with the round's first message.
     """
 
     enabled: bool = True
     dp_level: DPLevel = DPLevel.SAMPLE
-    noise_multiplier: float = 0.0
-    clip_norm: float = 1.0
+    noise_multiplier: float = number(0.0, 0, 100, note="0 derives it from the site budget")
+    clip_norm: float = number(1.0, 0, 1000, low_open=True)
     accountant: str = "rdp"
     grad_sample_mode: str = "auto"
     client_clipping: str = "fixed"
+    secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dp_level", DPLevel(require_choice("dp-level", self.dp_level, tuple(DPLevel))))
@@ -88,24 +154,18 @@ class DPConfig:
     def validate(self) -> None:
         from common.privacy.accounting import accountant_names  # Opacus' registry: it loads PyTorch
 
-        if self.noise_multiplier < 0:
-            raise CohortInputError(
-                f"noise-multiplier is {self.noise_multiplier}; use 0 to derive it from "
-                "the site budget, or a positive value"
-            )
-        if self.clip_norm <= 0:
-            raise CohortInputError(f"clip-norm is {self.clip_norm}; it must be > 0")
+        check_ranges(self)
         require_choice("accountant", self.accountant, accountant_names())
         require_choice("grad-sample-mode", self.grad_sample_mode, ("auto", *GRAD_SAMPLE_MODES))
         require_choice("client-clipping", self.client_clipping, CLIENT_CLIPPINGS)
 
     @property
     def mechanism(self) -> MechanismSpec:
-        return mechanism_of(self.enabled, self.dp_level)
+        return mechanism_of(self.enabled, self.dp_level, self.secure_aggregation)
 
     @property
     def client_level(self) -> bool:
-        return self.mechanism.server_noise
+        return self.mechanism.server_accounts
 
     @property
     def sample_level(self) -> bool:
@@ -129,11 +189,11 @@ class TrainingConfig:
     """
 
     model: str = "cnn"
-    rounds: int = 50
-    local_epochs: int = 1
-    batch_size: int = 0
-    learning_rate: float = 0.0
-    momentum: float = 0.9
+    rounds: int = number(50, 1, 100_000)
+    local_epochs: int = number(1, 1, 10_000)
+    batch_size: int = number(0, 0, 1_000_000, note="0 picks the default of the DP mode")
+    learning_rate: float = number(0.0, 0, 100, note="0 picks the default of the DP mode")
+    momentum: float = number(0.9, 0, 1, high_open=True)
     optimizer: str = "sgd"
     lr_schedule: str = "cosine"
 
@@ -141,13 +201,7 @@ class TrainingConfig:
         require_choice("model", self.model, MODELS)
         require_choice("optimizer", self.optimizer, OPTIMIZERS)
         require_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
-        for name, value in (("rounds", self.rounds), ("local-epochs", self.local_epochs)):
-            if value < 1:
-                raise CohortInputError(f"{name} is {value}; it must be >= 1")
-        if self.batch_size < 0:
-            raise CohortInputError(f"batch-size is {self.batch_size}; use 0 for the default of the DP mode, or a positive size")
-        if self.learning_rate < 0:
-            raise CohortInputError(f"learning-rate is {self.learning_rate}; use 0 for the default of the DP mode, or a positive rate")
+        check_ranges(self)
 
 
 @dataclass(frozen=True)
@@ -163,14 +217,11 @@ class StudyRequest:
         larger than this refuses: it cannot promise a smaller one.
     """
 
-    study_epsilon: float = 0.0
-    study_delta: float = 0.0
+    study_epsilon: float = number(0.0, 0, EPSILON_RANGE.high, note="0 asks for all each site will grant")
+    study_delta: float = number(0.0, 0, 1, high_open=True, note="0 takes each site's own delta")
 
     def validate(self) -> None:
-        if self.study_epsilon < 0:
-            raise CohortInputError(f"study-epsilon is {self.study_epsilon}; ask for a positive epsilon, or 0 for all each site will grant")
-        if not 0 <= self.study_delta < 1:
-            raise CohortInputError(f"study-delta is {self.study_delta}; use 0 for each site's own delta, or a delta between 0 and 1 (e.g. 1e-5)")
+        check_ranges(self)
 
 
 Settings = TypeVar("Settings", bound="SiteRunConfig")
@@ -207,12 +258,13 @@ class SiteRunConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     study: StudyRequest = field(default_factory=StudyRequest)
-    site_epsilon: float = 8.0
-    site_delta: float = 1e-5
+    site_epsilon: float = in_range(8.0, EPSILON_RANGE)
+    site_delta: float = in_range(1e-5, DELTA_RANGE)
     site_allow_non_private: bool = False
     noise_source: str = SECURE_NOISE
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         require_choice("device", self.device, DEVICES)
         require_choice("noise-source", self.noise_source, NOISE_SOURCES)
         self.training.validate()
@@ -221,9 +273,10 @@ class SiteRunConfig:
         object.__setattr__(self, "training", _with_local_training_defaults(self.training, self.dp.sample_level))
         if self.dp.grad_sample_mode == "auto":
             object.__setattr__(self, "dp", dataclasses.replace(self.dp, grad_sample_mode=AUTO_GRAD_SAMPLE_MODE[self.training.model]))
-        if (self.training.model, self.dp.grad_sample_mode) == ("transformer", "ghost"):
-            raise CohortInputError("Opacus' ghost clipping fails on the transformer; use auto, ew, hooks or functorch")
-        validate_budget(self.site_epsilon, self.site_delta, source="site-epsilon/site-delta")
+        unsupported = UNSUPPORTED_GRAD_SAMPLE_MODES.get((self.training.model, self.dp.grad_sample_mode))
+        if unsupported:
+            usable = [m for m in ("auto", *GRAD_SAMPLE_MODES) if (self.training.model, m) not in UNSUPPORTED_GRAD_SAMPLE_MODES]
+            raise CohortInputError(f"{unsupported}; use {', '.join(usable[:-1])} or {usable[-1]}")
 
     @classmethod
     def from_flower(cls: type[Settings], run_config: Mapping[str, Any]) -> Settings:
@@ -279,11 +332,9 @@ def _with_local_training_defaults(training: TrainingConfig, dp_sgd: bool) -> Tra
 
 
 def validate_budget(epsilon: float, delta: float, source: str) -> None:
-    """A DP budget is an epsilon > 0 and a delta strictly between 0 and 1."""
-    if not epsilon > 0:
-        raise CohortInputError(f"epsilon is {epsilon} in {source}; a privacy budget must be > 0")
-    if not 0 < delta < 1:
-        raise CohortInputError(f"delta is {delta} in {source}; it must be between 0 and 1 (e.g. 1e-5)")
+    """A DP budget is a finite epsilon > 0 (EPSILON_RANGE) and a delta strictly between 0 and 1."""
+    EPSILON_RANGE.check(f"epsilon in {source}", epsilon)
+    DELTA_RANGE.check(f"delta in {source}", delta)
 
 
 def require_choice(name: str, value: str, choices: Iterable[str]) -> str:

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from common.errors import CohortInputError
+from common.private_files import PRIVATE_FILE_MODE, private_dir
 
 RUN_LOCK_FILE = "run.lock"
 STATE_LOCK_FILE = "supernode.lock"
@@ -54,13 +55,13 @@ def run_directory_lock(run_dir: Path, command: str) -> Iterator[int]:
     """Create run_dir if needed and hold its lock while the block runs; yields the lock's
     descriptor, for a child process that must keep the directory locked after this process
     is gone. command: the command holding it, as the refusal names it to a second writer."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(run_dir)
     holder = f"{command} (pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})"
     descriptor = lock_directory(
         run_dir / RUN_LOCK_FILE,
         holder,
         lambda current: f"run directory {run_dir} is in use by {current or 'another command'}; wait for it to end or stop it",
-        0o644,
+        PRIVATE_FILE_MODE,
     )
     try:
         yield descriptor
@@ -71,7 +72,7 @@ def run_directory_lock(run_dir: Path, command: str) -> Iterator[int]:
 def lock_state_dir(state_dir: Path) -> int:
     """Lock the state directory for this process and whatever it execs into; returns the
     lock's descriptor, which stays open (and inheritable) for the process's life."""
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dir(state_dir)
     path = state_dir / STATE_LOCK_FILE
     descriptor = lock_directory(
         path,
@@ -80,7 +81,7 @@ def lock_state_dir(state_dir: Path) -> int:
             f"--state-dir {state_dir} is in use by another SuperNode (PID {current or 'unknown'}, {path}); "
             "stop it first, or give this one its own state directory"
         ),
-        0o600,
+        PRIVATE_FILE_MODE,
     )
     os.set_inheritable(descriptor, True)
     return descriptor

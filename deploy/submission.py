@@ -30,6 +30,7 @@ from typing import Callable
 import tomli_w
 
 from common.errors import CohortInputError
+from common.private_files import open_private
 from deploy.commands import SUPERLINK_LOCAL_ADDRESS
 from deploy.directory_lock import run_directory_lock
 from deploy.flower_runtime import APP_DIR, die_with_parent, flower_executable, install_flower_launchers, offline_flower_env
@@ -119,7 +120,7 @@ class Submission:
             if self.run.resume_from:
                 run_dir.reopen()  # its old summary.json would read as this run's end
             on_start(run_dir)
-            with log_file.open("ab") as log:
+            with open_private(log_file, "ab") as log:
                 process = subprocess.Popen(
                     command, env=offline_flower_env(self.flwr_home, launchers), stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
                 )

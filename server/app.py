@@ -17,9 +17,11 @@ from common.evaluation import Evaluation, evaluate
 from common.errors import CohortInputError
 from common.flower_logs import readable_flower_logs
 from common.models.registry import build_model
+from common.secure_aggregation.model_vector import dimension
 from server.central_dp import CentralPrivacy, coordinator_noise, wrap_with_central_dp
-from server.collect import PlainCollect, require_compatible
-from server.dp_policy import ClientLevel, DPPolicy, SiteProtected
+from server.collect import CollectStage, PlainCollect, require_compatible
+from server.distributed_dp import DistributedPrivacy
+from server.dp_policy import ClientLevel, DistributedClientLevel, DPPolicy, SiteProtected
 from server.exchange import Exchange, ReplyTimeout
 from server.federation import Federation, FederationState, initial_state
 from server.held_out import federated_split
@@ -29,6 +31,8 @@ from server.reply_checks import ReplyChecker
 from server.rundir import RunDirectory, write_json_atomic, write_torch_atomic
 from server.run_config import RunConfig
 from server.run_outcome import end_run
+from server.secure_aggregation_plan import run_parameters
+from server.secure_collect import SecureCollect
 from server.strategies import STRATEGIES, build_strategy, sample_size
 from server.summary import summarize
 
@@ -53,24 +57,32 @@ def main(grid: Grid, context: Context) -> None:
     num_sites = len(list(grid.get_node_ids()))
     state = initial_state(run, run_dir, model)
     log(INFO, "Cohort run directory: %s", run_dir.path)
+    sampled = sample_size(run.aggregation, num_sites)
     try:
-        run.refuse_federation_size(sample_size(run.aggregation, num_sites))
-    except CohortInputError as too_small:
-        state.stop_reason = f"stopped before round {state.next_round}: {too_small}"
+        run.refuse_federation_size(sampled)
+        parameters = run_parameters(run, sampled, dimension(ArrayRecord(model.state_dict()))) if run.dp.secure_aggregation else None
+    except CohortInputError as unworkable:
+        state.stop_reason = f"stopped before round {state.next_round}: {unworkable}"
         _finish(run_dir, state, time.monotonic() - started)
         return
     strategy = build_strategy(run, num_sites)
     restore_optimizer_state(strategy, state.optimizer)
-    policy: DPPolicy = SiteProtected(run, strategy)
-    if run.dp.client_level:
-        central = CentralPrivacy.for_run(run, run_dir.path, sample_size(run.aggregation, num_sites), context.run_id)
-        strategy = wrap_with_central_dp(
-            strategy, run, central.noise, central.sample_size, resume_clip_norm=central.last_clip_norm(), noise_sources=coordinator_noise(run)
-        )
-        policy = ClientLevel(run, strategy, central)
     exchange = Exchange(grid, ReplyTimeout(run.checks.reply_timeout), state.registry)
     checker = ReplyChecker(run, context.run_id, state.registry)
-    collect = PlainCollect(run, strategy, exchange, checker, policy.norm_limit)
+    policy: DPPolicy = SiteProtected(run, strategy)
+    collect: CollectStage
+    if parameters is not None:
+        if run.dp.mechanism.distributed_noise:
+            policy = DistributedClientLevel(run, strategy, DistributedPrivacy.for_run(run, run_dir.path, parameters, context.run_id))
+        collect = SecureCollect(run, strategy, exchange, checker, parameters, context.run_id)
+    else:
+        if run.dp.client_level:
+            central = CentralPrivacy.for_run(run, run_dir.path, sampled, context.run_id)
+            strategy = wrap_with_central_dp(
+                strategy, run, central.noise, central.sample_size, resume_clip_norm=central.last_clip_norm(), noise_sources=coordinator_noise(run)
+            )
+            policy = ClientLevel(run, strategy, central)
+        collect = PlainCollect(run, strategy, exchange, checker, policy.norm_limit)
     require_compatible(collect, STRATEGIES[run.aggregation.strategy])
     federation = Federation(grid, run, run_dir, strategy, policy, collect, exchange, checker, evaluate_centrally)
     _finish(run_dir, federation.run_rounds(state), time.monotonic() - started)

@@ -3,7 +3,9 @@
 Sites protect their own data (sample-level DP-SGD, or no DP): the server aggregates what
 passed the checks. Client-level DP: the server's noise is scaled for m equal shares, so it
 releases a round only when all m sampled updates were accepted, ledgers each release,
-and stops before a round that would exceed the run's budget.
+and stops before a round that would exceed the run's budget. Distributed client-level DP
+(under secure aggregation): the sites' noise is already in the sum the server unmasks;
+the server accounts for it, ledgers each release and keeps the budget.
 
 Each level also sets the default bound on an update's norm (ChecksConfig.update_norm_bound
 overrides it): see docs/benchmarks.md, "Why these norm bounds".
@@ -23,6 +25,8 @@ from flwr.serverapp.strategy import Strategy
 
 from server.central_dp import CentralPrivacy, clipping_norm_of
 from server.collect import Contributions
+from server.distributed_dp import DistributedPrivacy
+from server.secure_collect import SummedUpdates
 from server.records import CentralRelease
 from server.run_config import RunConfig
 
@@ -204,3 +208,39 @@ class ClientLevel:
             f"stopped after round {server_round}: client-level DP scales its noise for {self.central.sample_size} "
             f"sites per round, and {', '.join(sorted(refused))} refused to train"
         )
+
+
+@dataclass
+class DistributedClientLevel:
+    """Client-level DP whose noise the sites add (SecAgg+ with Skellam noise): the server's
+    accounting, budget and ledger, for sums it receives from server.secure_collect.
+
+    No norm bound: the collect stage never sees an update; each site clips its own, and the
+    sum is checked against the bound their clipping implies before it is unmasked.
+    """
+
+    run: RunConfig
+    strategy: Strategy
+    privacy: DistributedPrivacy
+
+    def stop_before(self, server_round: int) -> str | None:
+        return self.privacy.over_budget()
+
+    def norm_limit(self, norms: list[float]) -> float:
+        return math.inf
+
+    def release(self, server_round: int, contributions: Contributions) -> Release:
+        assert isinstance(contributions, SummedUpdates), "distributed DP releases only securely aggregated sums"
+        aggregated, _ = self.strategy.aggregate_train(server_round, contributions.replies())
+        assert aggregated is not None
+        spent, release = self.privacy.record(server_round, aggregated, contributions.noise_variance, contributions.sites)
+        central = self.run.central_dp
+        return Release(
+            aggregated,
+            CentralRelease(
+                released=True, epsilon=spent, delta=central.client_delta, budget=central.client_epsilon, noise_multiplier=release.noise_multiplier, clip_norm=self.run.dp.clip_norm
+            ),
+        )
+
+    def stop_after(self, server_round: int, refused: list[str]) -> str | None:
+        return None

@@ -84,7 +84,7 @@ class Exchange:
 
     def _error_reply(self, node: int, reply: Message, stage: str, report: RoundReport) -> None:
         reason = one_line(reply.error.reason)
-        if stage in (Stage.ASK, Stage.TRAIN) and reply.error.code == protocol.SITE_REFUSED:
+        if stage != Stage.EVALUATE and reply.error.code == protocol.SITE_REFUSED:  # the study's ask or a training stage, secure aggregation's included
             report.refusals[node] = self.registry.name_of(node) or _site_named_in(reason, node)
             report.refusal_reasons[report.refusals[node]] = reason
             log(WARNING, "Round %d: %s; it is out of this run", report.server_round, reason)

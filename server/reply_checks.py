@@ -29,6 +29,7 @@ from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from common import protocol
 from common.privacy.ledger import LedgerEntry, LedgerRecord, RecordKind, model_hash
+from common.secure_aggregation.messages import MASKED_INPUT, Stage as SecureStage
 from server.records import Rejection, SiteRound, Stage
 from server.run_config import RunConfig
 from server.site_registry import SiteRegistry
@@ -56,13 +57,33 @@ class Update:
 
     def site_record(self) -> SiteRound:
         """What metrics.jsonl says of this site's round: its spend comes from the signed entry."""
-        figures = SiteRound(trained=True, update_norm=round(self.norm, 6), num_examples=self.reported_examples, **self.metrics)
-        spent = self.entry.record
-        if spent.kind != RecordKind.RELEASE:
-            return figures
-        return dataclasses.replace(
-            figures, epsilon=spent.epsilon, delta=spent.delta, budget=spent.budget_epsilon, noise_multiplier=spent.noise_multiplier, sample_rate=spent.sample_rate, steps=spent.steps
-        )
+        return _site_round(self.entry, round(self.norm, 6), self.reported_examples, self.metrics)
+
+
+@dataclass
+class MaskedContribution:
+    """An accepted secure-aggregation input: who sent it and its verified ledger entry,
+    which binds the masked input; the update itself stays hidden, and so does its norm."""
+
+    node: int
+    site: str
+    entry: LedgerEntry
+    reported_examples: int | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def site_record(self) -> SiteRound:
+        return _site_round(self.entry, None, self.reported_examples, self.metrics)
+
+
+def _site_round(entry: LedgerEntry, norm: float | None, reported_examples: int | None, metrics: dict[str, float]) -> SiteRound:
+    """What metrics.jsonl says of a site that contributed: its spend comes from its signed entry."""
+    figures = SiteRound(trained=True, update_norm=norm, num_examples=reported_examples, **metrics)
+    spent = entry.record
+    if spent.kind != RecordKind.RELEASE:
+        return figures
+    return dataclasses.replace(
+        figures, epsilon=spent.epsilon, delta=spent.delta, budget=spent.budget_epsilon, noise_multiplier=spent.noise_multiplier, sample_rate=spent.sample_rate, steps=spent.steps
+    )
 
 
 @dataclass(frozen=True)
@@ -87,6 +108,21 @@ class ReplyChecker:
         except _Rejected as rejected:
             return Rejection(node, self.registry.name_of(node) or f"node {node}", Stage.TRAIN, one_line(str(rejected)), rejected.entry)
 
+    def check_masked(self, server_round: int, node: int, reply: Message, live_nodes: set[int]) -> MaskedContribution | Rejection:
+        """A secure-aggregation input: who sent it and a ledger entry that binds it. What it
+        holds cannot be checked here; the protocol checks its form, and the sum's bound."""
+        try:
+            name, site = self._admitted(reply, node, live_nodes)
+            masked = reply.content.array_records.get(MASKED_INPUT)
+            if masked is None:
+                raise _Rejected(f"sent no '{MASKED_INPUT}' ArrayRecord")
+            entry = self._verified_entry(server_round, name, _text(site, protocol.SITE_LEDGER_ENTRY), masked)
+            self.registry.accept(name, entry)
+            metrics = reply.content.metric_records.get(protocol.METRICS)
+            return MaskedContribution(node, name, entry, _reported_examples(metrics), _optional_metrics(metrics, _OPTIONAL_TRAIN_METRICS))
+        except _Rejected as rejected:
+            return Rejection(node, self.registry.name_of(node) or f"node {node}", SecureStage.MASKED_INPUT, one_line(str(rejected)), rejected.entry)
+
     def check_evaluate(self, reply: Message, live_nodes: set[int]) -> SiteEvaluation | Rejection:
         node = reply.metadata.src_node_id
         try:
@@ -105,13 +141,7 @@ class ReplyChecker:
             return Rejection(node, self.registry.name_of(node) or f"node {node}", Stage.EVALUATE, one_line(str(rejected)))
 
     def _check_train(self, server_round: int, reply: Message, node: int, global_arrays: ArrayRecord, live_nodes: set[int]) -> Update:
-        if not reply.has_content():
-            raise _Rejected("sent a training reply without content")
-        name = self._claimed_name(reply)
-        site = reply.content.config_records[protocol.SITE]
-        problem = self.registry.admit(node, name, _text(site, protocol.SITE_LEDGER_KEY), live_nodes)
-        if problem is not None:
-            raise _Rejected(problem)
+        name, site = self._admitted(reply, node, live_nodes)
         arrays = reply.content.array_records.get(protocol.ARRAYS)
         if arrays is None:
             raise _Rejected(f"sent no '{protocol.ARRAYS}' ArrayRecord")
@@ -123,8 +153,7 @@ class ReplyChecker:
             rejected.entry = entry
             raise
         metrics = reply.content.metric_records.get(protocol.METRICS)
-        examples = metrics.get(protocol.NUM_EXAMPLES) if metrics is not None else None
-        reported = int(examples) if isinstance(examples, (int, float)) and not isinstance(examples, bool) and math.isfinite(examples) and examples >= 1 else None
+        reported = _reported_examples(metrics)
         bit = metrics.get(KEY_NORM_BIT) if metrics is not None else None
         norm_bit = int(bit) if isinstance(bit, int) and bit in (0, 1) else None
         dp = self.run.dp
@@ -138,6 +167,18 @@ class ReplyChecker:
             exc.entry = entry
             raise exc
         return Update(reply, node, name, arrays, norm, entry, reported, kept, norm_bit)
+
+    def _admitted(self, reply: Message, node: int, live_nodes: set[int]) -> tuple[str, Any]:
+        """The name a training reply claims and its site record, once the registry admits
+        the node under that name and ledger key."""
+        if not reply.has_content():
+            raise _Rejected("sent a training reply without content")
+        name = self._claimed_name(reply)
+        site = reply.content.config_records[protocol.SITE]
+        problem = self.registry.admit(node, name, _text(site, protocol.SITE_LEDGER_KEY), live_nodes)
+        if problem is not None:
+            raise _Rejected(problem)
+        return name, site
 
     def _claimed_name(self, reply: Message) -> str:
         site = reply.content.config_records.get(protocol.SITE)
@@ -168,7 +209,7 @@ class ReplyChecker:
             return "its ledger entry records a release without noise, sampling or steps"
         if record.config_hash != self.run.site_fingerprint():
             return "its ledger entry was made under another run config"
-        if self.run.dp.client_level and self.run.central_dp.clipping_side == "client":
+        if self.run.dp.mechanism.server_noise and self.run.central_dp.clipping_side == "client":
             return None  # Flower's clipping mod clips the arrays after the site signed what it trained
         try:
             sent_hash = model_hash(arrays)
@@ -241,6 +282,12 @@ def _text(record: Any, key: str) -> str:
     if not isinstance(value, str):
         raise _Rejected(f"sent no text '{key}' in its site record")
     return value
+
+
+def _reported_examples(metrics: Any) -> int | None:
+    """The example count a reply reports, when it is a count (a site may withhold it)."""
+    examples = metrics.get(protocol.NUM_EXAMPLES) if metrics is not None else None
+    return int(examples) if isinstance(examples, (int, float)) and not isinstance(examples, bool) and math.isfinite(examples) and examples >= 1 else None
 
 
 def _optional_metrics(metrics: Any, names: dict[str, str]) -> dict[str, float]:

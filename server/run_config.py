@@ -12,8 +12,9 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Mapping
 
-from common.config import SiteRunConfig, flat_values, flat_settings, require_choice, settings_hash, validate_budget
+from common.config import DELTA_RANGE, EPSILON_RANGE, SiteRunConfig, check_ranges, flat_values, flat_settings, in_range, number, require_choice, settings_hash
 from common.errors import CohortInputError
+from common.secure_aggregation.parameters import MAX_BITS, MIN_BITS
 from server.strategies import STRATEGIES
 
 PARTITIONERS = ("iid", "dirichlet", "shards")
@@ -43,25 +44,17 @@ class DataConfig:
 
     dataset: str = "digits"
     partitioner: str = "dirichlet"
-    dirichlet_alpha: float = 1.0
-    shards_per_site: int = 2
-    test_fraction: float = 0.2
-    val_fraction: float = 0.1
-    seed: int = 42
-    audit_canaries: int = 0
-    audit_canary_site: int = 0
+    dirichlet_alpha: float = number(1.0, 0, 1e6, low_open=True)
+    shards_per_site: int = number(2, 1, 10_000)
+    test_fraction: float = number(0.2, 0, 1, low_open=True, high_open=True)
+    val_fraction: float = number(0.1, 0, 1, low_open=True, high_open=True)
+    seed: int = number(42, 0, 2**32 - 1)
+    audit_canaries: int = number(0, 0, 100_000, note="0 runs no audit")
+    audit_canary_site: int = number(0, 0, 100_000)
 
     def validate(self) -> None:
         require_choice("partitioner", self.partitioner, PARTITIONERS)
-        if self.dirichlet_alpha <= 0:
-            raise CohortInputError(f"dirichlet-alpha is {self.dirichlet_alpha}; it must be > 0")
-        if self.shards_per_site < 1:
-            raise CohortInputError(f"shards-per-site is {self.shards_per_site}; it must be >= 1")
-        if self.audit_canaries < 0 or self.audit_canary_site < 0:
-            raise CohortInputError("audit-canaries and audit-canary-site must be >= 0 (audit-canaries = 0: no audit)")
-        for name, value in (("test-fraction", self.test_fraction), ("val-fraction", self.val_fraction)):
-            if not 0 < value < 1:
-                raise CohortInputError(f"{name} is {value}; it must be between 0 and 1")
+        check_ranges(self)
 
 
 @dataclass(frozen=True)
@@ -82,31 +75,20 @@ class AggregationConfig:
     """
 
     strategy: str = "fedavg"
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 0.0
-    min_sites: int = 2
-    proximal_mu: float = 0.01
-    server_learning_rate: float = 0.1
-    server_momentum: float = 0.9
-    trimmed_beta: float = 0.2
-    qfedavg_q: float = 0.1
-    byzantine_sites: int = 0
-    krum_selected: int = 0
+    fraction_train: float = number(1.0, 0, 1, low_open=True)
+    fraction_evaluate: float = number(0.0, 0, 1, note="0 takes fraction-train's share")
+    min_sites: int = number(2, 1, 100_000)
+    proximal_mu: float = number(0.01, 0, 1000)
+    server_learning_rate: float = number(0.1, 0, 100, low_open=True)
+    server_momentum: float = number(0.9, 0, 1, high_open=True)
+    trimmed_beta: float = number(0.2, 0, 0.5, high_open=True, note="FedTrimmedAvg cuts that share off each end")
+    qfedavg_q: float = number(0.1, 0, 100, note="0 is FedAvg")
+    byzantine_sites: int = number(0, 0, 100_000)
+    krum_selected: int = number(0, 0, 100_000, note="0 keeps all but byzantine-sites")
 
     def validate(self) -> None:
         require_choice("strategy", self.strategy, STRATEGIES)
-        if self.min_sites < 1:
-            raise CohortInputError(f"min-sites is {self.min_sites}; it must be >= 1")
-        if not 0 < self.fraction_train <= 1:
-            raise CohortInputError(f"fraction-train is {self.fraction_train}; it must be in (0, 1]")
-        if not 0 <= self.fraction_evaluate <= 1:
-            raise CohortInputError(f"fraction-evaluate is {self.fraction_evaluate}; it must be in (0, 1], or 0 for fraction-train's share")
-        if self.qfedavg_q < 0:
-            raise CohortInputError(f"qfedavg-q is {self.qfedavg_q}; it must be >= 0 (0 is FedAvg)")
-        if not 0 <= self.trimmed_beta < 0.5:
-            raise CohortInputError(f"trimmed-beta is {self.trimmed_beta}; FedTrimmedAvg cuts that share off each end, so it must be in [0, 0.5)")
-        if self.byzantine_sites < 0 or self.krum_selected < 0:
-            raise CohortInputError("byzantine-sites and krum-selected must be >= 0")
+        check_ranges(self)
         if self.byzantine_sites and not STRATEGIES[self.strategy].robust:
             robust = ", ".join(name for name, spec in STRATEGIES.items() if spec.robust)
             raise CohortInputError(
@@ -135,21 +117,52 @@ class CentralDPConfig:
     """
 
     clipping_side: str = "server"
-    target_clipped_quantile: float = 0.5
-    clip_norm_lr: float = 0.2
-    clipped_count_stddev: float = 0.0
-    client_epsilon: float = 8.0
-    client_delta: float = 1e-5
+    target_clipped_quantile: float = number(0.5, 0, 1)
+    clip_norm_lr: float = number(0.2, 0, 100, low_open=True)
+    clipped_count_stddev: float = number(0.0, 0, 1e6, note="0 picks the default")
+    client_epsilon: float = in_range(8.0, EPSILON_RANGE)
+    client_delta: float = in_range(1e-5, DELTA_RANGE)
 
     def validate(self) -> None:
         require_choice("clipping-side", self.clipping_side, CLIPPING_SIDES)
-        if not 0 <= self.target_clipped_quantile <= 1:
-            raise CohortInputError(f"target-clipped-quantile is {self.target_clipped_quantile}; it must be in [0, 1]")
-        if self.clip_norm_lr <= 0:
-            raise CohortInputError(f"clip-norm-lr is {self.clip_norm_lr}; it must be > 0")
-        if self.clipped_count_stddev < 0:
-            raise CohortInputError(f"clipped-count-stddev is {self.clipped_count_stddev}; use 0 for the default, or a positive value")
-        validate_budget(self.client_epsilon, self.client_delta, source="client-epsilon/client-delta")
+        check_ranges(self)
+
+
+# The L2 bound a site clips its update to under secure aggregation when the DP level sets
+# none (sample-level DP, no DP). Its size costs no bits (the scale follows it) and only
+# quantisation: each update is rounded by at most 0.1% of it in L2. Digits' DP-SGD updates
+# measured 0.2 to 3.1 (docs/benchmarks.md), so it clips nothing there.
+SECURE_AGGREGATION_CLIP = 10.0
+
+
+@dataclass(frozen=True)
+class SecureAggregationConfig:
+    """The coordinator's parameters of secure aggregation (DPConfig.secure_aggregation turns
+    it on); each round's sites receive them with its first message and check them.
+
+    secure_aggregation_bits: b; masked inputs are vectors in Z/2^b. Checked before round 1:
+        the sum of every sampled site's clipped update (and noise) must fit.
+    secure_aggregation_neighbours: k, the sites each site shares its secrets with and masks
+        against; 0 takes every other site up to 13 sites, then about 3 log2 n
+        (common/secure_aggregation/parameters.py).
+    secure_aggregation_threshold: t, the shares that rebuild a site's secrets; more than
+        half of its k + 1 holders; 0 takes the smallest such majority.
+    secure_aggregation_dropout: the share of a round's sites that may drop out with the
+        round still unmasked: a round with fewer than n (1 - dropout) inputs is abandoned,
+        and under distributed DP each site's noise is sized for that many.
+    secure_aggregation_clip: the L2 bound each site clips its update to before masking (no
+        one else can check it); 0 takes clip-norm at client level (the sensitivity the
+        noise is sized for) and SECURE_AGGREGATION_CLIP otherwise.
+    """
+
+    secure_aggregation_bits: int = number(32, MIN_BITS, MAX_BITS)
+    secure_aggregation_neighbours: int = number(0, 0, 100_000, note="0: the default")
+    secure_aggregation_threshold: int = number(0, 0, 100_000, note="0: the default")
+    secure_aggregation_dropout: float = number(0.2, 0, 1, high_open=True, note="the share of a round's sites that may drop")
+    secure_aggregation_clip: float = number(0.0, 0, 1e6, note="0: the DP level's default")
+
+    def validate(self) -> None:
+        check_ranges(self)
 
 
 @dataclass(frozen=True)
@@ -169,21 +182,14 @@ class ChecksConfig:
     """
 
     aggregation_weight: str = "uniform"
-    example_cap: int = 0
-    update_norm_bound: float = 0.0
-    update_norm_factor: float = 4.0
-    reply_timeout: float = 0.0
+    example_cap: int = number(0, 0, 10**9, note="0 caps it at the round's median")
+    update_norm_bound: float = number(0.0, 0, 1e9, note="0 picks the DP level's default")
+    update_norm_factor: float = number(4.0, 1, 1e6, low_open=True, note="at 1 or below, honest sites above the median are rejected")
+    reply_timeout: float = number(0.0, 0, 7 * 86400, note="0 sizes it from the run")
 
     def validate(self) -> None:
         require_choice("aggregation-weight", self.aggregation_weight, AGGREGATION_WEIGHTS)
-        if self.example_cap < 0:
-            raise CohortInputError(f"example-cap is {self.example_cap}; use 0 for the round's median, or a positive count")
-        if self.update_norm_bound < 0:
-            raise CohortInputError(f"update-norm-bound is {self.update_norm_bound}; use 0 for the DP level's default, or a positive norm")
-        if self.update_norm_factor <= 1:
-            raise CohortInputError(f"update-norm-factor is {self.update_norm_factor}; it must be > 1 or honest sites above the median are rejected")
-        if self.reply_timeout < 0:
-            raise CohortInputError(f"reply-timeout is {self.reply_timeout}; use 0 to size it from the run, or a positive number of seconds")
+        check_ranges(self)
 
 
 @dataclass(frozen=True)
@@ -193,8 +199,9 @@ class RunConfig(SiteRunConfig):
 
     run_name: the prefix of the run directory's name.
     resume_from: a run directory to continue at the round after its newest checkpoint.
-    fairness_margin: the fairness report warns when the worst site's accuracy falls more
-        than this below the mean site's (simulations/fairness.py).
+    fairness_margin: the fairness report warns about a site whose accuracy falls more
+        than this below the mean site's and whose 95% interval lies below that mean
+        (simulations/fairness.py).
     """
 
     # Where a run lives, how it is resumed or reported: a run and its resumption may differ
@@ -206,14 +213,16 @@ class RunConfig(SiteRunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
+    secure: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
-    fairness_margin: float = 0.05
+    fairness_margin: float = number(0.05, 0, 1, note="an accuracy gap")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.data.validate()
         self.aggregation.validate()
         self.central_dp.validate()
+        self.secure.validate()
         self.checks.validate()
         strategy, mechanism = STRATEGIES[self.aggregation.strategy], self.dp.mechanism
         if mechanism.equal_shares and not strategy.plain_mean:
@@ -223,8 +232,33 @@ class RunConfig(SiteRunConfig):
             )
         if mechanism.equal_shares and self.checks.aggregation_weight != "uniform":
             raise CohortInputError("client-level DP scales its noise for equal shares; set aggregation-weight = \"uniform\"")
-        if not 0 <= self.fairness_margin <= 1:
-            raise CohortInputError(f"fairness-margin is {self.fairness_margin}; it is an accuracy gap, between 0 and 1")
+        if self.dp.secure_aggregation:
+            self._refuse_what_needs_each_update()
+
+    def _refuse_what_needs_each_update(self) -> None:
+        """Secure aggregation shows the server only the sum: refuse every setting that
+        needs a site's own update, naming the one to change."""
+        strategy = STRATEGIES[self.aggregation.strategy]
+        if not strategy.secure_aggregation:
+            secure = ", ".join(name for name, spec in STRATEGIES.items() if spec.secure_aggregation)
+            raise CohortInputError(f"strategy {strategy.title} needs each site's update, which secure aggregation hides; use one of {secure}")
+        if self.checks.aggregation_weight != "uniform":
+            raise CohortInputError('secure aggregation sums updates in equal shares; set aggregation-weight = "uniform"')
+        if self.checks.update_norm_bound > 0:
+            raise CohortInputError("the server cannot check each update's norm under secure aggregation; sites clip their own to secure-aggregation-clip: set update-norm-bound = 0")
+        if self.dp.client_level and self.dp.client_clipping != "fixed":
+            raise CohortInputError('adaptive clipping needs a count of clipped updates that secure aggregation hides; set client-clipping = "fixed"')
+        if self.dp.client_level and self.central_dp.clipping_side != "client":
+            raise CohortInputError('the server cannot clip updates it never sees; under secure aggregation the sites clip: set clipping-side = "client"')
+        if self.dp.client_level and self.secure.secure_aggregation_clip not in (0.0, self.dp.clip_norm):
+            raise CohortInputError("at client level the sites clip to clip-norm, the sensitivity the noise is sized for; set secure-aggregation-clip = 0")
+
+    @property
+    def secure_aggregation_clip(self) -> float:
+        """The L2 bound every site clips its update to under secure aggregation."""
+        if self.dp.client_level:
+            return self.dp.clip_norm
+        return self.secure.secure_aggregation_clip or SECURE_AGGREGATION_CLIP
 
     def refuse_federation_size(self, sites: int) -> None:
         """Refuse a federation too small for the strategy, before any round starts."""

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from common.errors import CohortInputError
 from common.privacy.ledger import LEDGER_FILE
+from common.private_files import open_private, private_dir
 from server.records import RoundRecord, Summary
 from server.run_config import RunConfig
 
@@ -53,8 +54,8 @@ class RunDirectory:
 
     def prepare(self, run: RunConfig) -> None:
         """Create the directory and record the config it was created for."""
-        (self.path / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-        (self.path / PLOT_DIR).mkdir(exist_ok=True)
+        private_dir(self.path / CHECKPOINT_DIR)
+        private_dir(self.path / PLOT_DIR)
         write_json_atomic(self.path / CONFIG_FILE, {"run_config": run.to_flower(), "fingerprint": run.fingerprint()})
 
     def reopen(self) -> None:
@@ -158,7 +159,7 @@ def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 def append_lines(path: Path, lines: Iterable[str]) -> None:
     """Append whole lines and fsync, so a crash loses at most the lines being written."""
-    with path.open("a", encoding="utf-8") as stream:
+    with open_private(path, "a") as stream:
         for line in lines:
             stream.write(line + "\n")
         stream.flush()

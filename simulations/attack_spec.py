@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from common.config import check_ranges, number
 from common.errors import CohortInputError
 
 MODEL_ATTACKS = ("sign-flip", "boost", "nan")
@@ -16,19 +17,18 @@ ATTACKS = (*MODEL_ATTACKS, *DATA_ATTACKS, "silent")
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """by_site: the attack (one of ATTACKS) of each hostile partition id; scale: the boost factor."""
+    """by_site: the attack (one of ATTACKS) of each hostile partition id; attack_scale: the boost factor."""
 
     by_site: dict[int, str]
-    scale: float = 10.0
+    attack_scale: float = number(10.0, 0, 1e6, low_open=True)
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         for attack in self.by_site.values():
             if attack not in ATTACKS:
                 raise CohortInputError(f"unknown attack '{attack}'; choose one of: {', '.join(ATTACKS)}")
         if not self.by_site:
             raise CohortInputError("attack-sites names no site; give partition ids ([0, 3]) or a fraction (0.2)")
-        if not self.scale > 0:
-            raise CohortInputError(f"attack-scale is {self.scale}; it must be > 0")
 
     @classmethod
     def from_settings(cls, attack: Any, sites: Any, scale: Any, num_sites: int) -> AttackSpec:
@@ -46,7 +46,7 @@ class AttackSpec:
         return self.by_site.get(partition_id)
 
     def to_json(self) -> dict[str, Any]:
-        return {"sites": {str(site): attack for site, attack in sorted(self.by_site.items())}, "scale": self.scale}
+        return {"sites": {str(site): attack for site, attack in sorted(self.by_site.items())}, "scale": self.attack_scale}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AttackSpec:

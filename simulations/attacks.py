@@ -84,7 +84,7 @@ def _attack_of(context: Context) -> tuple[str | None, float]:
     if "attack" not in plan:
         return None, 1.0
     spec = AttackSpec.from_json(plan["attack"])
-    return spec.attack_of(int(context.node_config.get("partition-id", -1))), spec.scale
+    return spec.attack_of(int(context.node_config.get("partition-id", -1))), spec.attack_scale
 
 
 def _tamper(reply: Message, global_arrays: ArrayRecord, attack: str, scale: float, context: Context) -> None:

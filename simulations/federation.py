@@ -18,6 +18,7 @@ import numpy as np
 from client.site_data import SimulatedHolding, SiteData, simulated_site_file
 from client.site_data import simulated_site_data as read_site_data
 from common.errors import CohortInputError
+from common.private_files import open_private, private_dir
 from server.held_out import federated_split
 from server.run_config import DataConfig
 from simulations.partition import partition_indices
@@ -45,9 +46,10 @@ def write_site_files(config: DataConfig, num_partitions: int, run_dir: Path) -> 
     """Each simulated site's data in its own file. Plain writes: the files are derived
     from the run's config, written before any site starts, and written again when a run
     is resumed, so a crash mid-write costs nothing."""
-    simulated_site_file(run_dir, 0).parent.mkdir(parents=True, exist_ok=True)
+    private_dir(simulated_site_file(run_dir, 0).parent)
     for partition_id in range(num_partitions):
-        simulated_site_file(run_dir, partition_id).write_bytes(site_holding(config, partition_id, num_partitions).to_bytes())
+        with open_private(simulated_site_file(run_dir, partition_id), "wb") as stream:
+            stream.write(site_holding(config, partition_id, num_partitions).to_bytes())
 
 
 def simulated_site_data(config: DataConfig, partition_id: int, num_partitions: int, run_dir: str = "") -> SiteData:

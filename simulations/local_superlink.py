@@ -16,6 +16,7 @@ from types import TracebackType
 import httpx
 import psutil
 
+from common.private_files import open_private
 from deploy.flower_runtime import die_with_parent, flower_executable, offline_flower_env
 
 STARTUP_TIMEOUT_S = 60.0
@@ -66,7 +67,7 @@ class LocalSuperLink:
             str(self.port),
             "--disable-runtime-dependency-installation",
         ]
-        with self.log_file.open("ab") as log:
+        with open_private(self.log_file, "ab") as log:
             # Its own session: Ctrl-C in the terminal reaches only us, and we stop it.
             self.process = subprocess.Popen(
                 command,

@@ -5,13 +5,14 @@ Built from a simulation TOML file (simulations/*.toml) and `--set key=value` ove
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import SEEDED_NOISE
+from common.config import RANGE, SEEDED_NOISE, check_ranges, number
 from server.run_config import RunConfig, refuse_unknown_settings, run_settings
 from common.errors import CohortInputError
 from simulations.attack_spec import AttackSpec
@@ -31,16 +32,13 @@ class SimulationPlan:
     """
 
     run: RunConfig
-    num_sites: int = 5
-    cpus_per_site: int = 1
-    gpus_per_site: float = 0.0
+    num_sites: int = number(5, 1, 100_000)
+    cpus_per_site: int = number(1, 1, 1024)
+    gpus_per_site: float = number(0.0, 0, 1024)
     attack: AttackSpec | None = None
 
     def __post_init__(self) -> None:
-        if self.num_sites < 1:
-            raise CohortInputError(f"num-sites is {self.num_sites}; a federation needs at least 1 site")
-        if self.cpus_per_site <= 0 or self.gpus_per_site < 0:
-            raise CohortInputError("cpus-per-site must be > 0 and gpus-per-site >= 0")
+        check_ranges(self)
         self.run.refuse_federation_size(min(self.num_sites, max(int(self.num_sites * self.run.aggregation.fraction_train), self.run.aggregation.min_sites)))
 
     def federation_config(self) -> str:
@@ -71,14 +69,11 @@ def plan_from_values(values: dict[str, Any]) -> SimulationPlan:
     secure source, so that the same seed gives the same run."""
     refuse_unknown_settings(values, run_settings() | SIMULATION_SETTINGS)
     values = {"noise-source": SEEDED_NOISE, **values}
-    site_keys = {"num-sites": int, "cpus-per-site": int, "gpus-per-site": float}
     plan_values: dict[str, Any] = {}
-    for key, kind in site_keys.items():
-        if key in values:
-            value = values.pop(key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise CohortInputError(f"{key} is {value!r}; it must be a number")
-            plan_values[key.replace("-", "_")] = kind(value)
+    for item in dataclasses.fields(SimulationPlan):
+        key = item.name.replace("_", "-")
+        if RANGE in item.metadata and key in values:
+            plan_values[item.name] = _plan_number(key, values.pop(key), type(item.default))
     attack = values.pop("attack", None)
     attack_sites = values.pop("attack-sites", None)
     attack_scale = values.pop("attack-scale", 10.0)
@@ -89,6 +84,14 @@ def plan_from_values(values: dict[str, Any]) -> SimulationPlan:
     elif attack_sites is not None:
         raise CohortInputError("attack-sites is set but attack is not; name the attack (e.g. attack = \"boost\")")
     return SimulationPlan(run=RunConfig.from_flower(values), **plan_values)
+
+
+def _plan_number(key: str, value: Any, kind: type) -> float:
+    """A number of the plan, of its field's kind (an int may stand for a float); its range
+    is checked with the plan's."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise CohortInputError(f"{key} is {value!r}; it must be {'an integer' if kind is int else 'a number'}")
+    return kind(value)
 
 
 def saved_plan(run_dir: Path, run: RunConfig) -> SimulationPlan:

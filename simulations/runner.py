@@ -27,8 +27,11 @@ from types import FrameType
 from typing import Callable, Iterator
 
 import tomli_w
+from flwr.app import ArrayRecord
 
 from common.models.registry import build_model
+from common.private_files import open_private
+from common.secure_aggregation.model_vector import dimension
 from deploy.directory_lock import run_directory_lock
 from deploy.flower_runtime import APP_DIR, die_with_parent, flower_executable, install_flower_launchers, offline_flower_env
 from deploy.run_follower import RoundCallback, follow_run
@@ -36,6 +39,8 @@ from server.checkpoint import latest_checkpoint
 from server.held_out import federated_split
 from server.records import Summary
 from server.rundir import RunDirectory, write_json_atomic
+from server.secure_aggregation_plan import run_parameters
+from server.strategies import sample_size
 from simulations.federation import simulated_partitions, write_site_files
 from simulations.local_superlink import LocalSuperLink
 from simulations.plan import PLAN_FILE, SimulationPlan
@@ -69,7 +74,9 @@ def check_plan(plan: SimulationPlan) -> None:
     """Fail fast, before any process starts, on input the run would trip over later."""
     split = federated_split(plan.run.data)
     simulated_partitions(plan.run.data, plan.num_sites)  # kept: write_site_files shares them out
-    build_model(plan.run.training.model, split.input_shape, split.num_classes)
+    model = build_model(plan.run.training.model, split.input_shape, split.num_classes)
+    if plan.run.dp.secure_aggregation:
+        run_parameters(plan.run, sample_size(plan.run.aggregation, plan.num_sites), dimension(ArrayRecord(model.state_dict())))
 
 
 def new_run(plan: SimulationPlan, runs_root: Path, federation_home: Path | None = None) -> SimulationPlan:
@@ -134,7 +141,7 @@ def _run_on_local_superlink(
                 plan.federation_config(),
                 "--stream",
             ]
-            with log_file.open("ab") as log:
+            with open_private(log_file, "ab") as log:
                 process = subprocess.Popen(
                     command, env=offline_flower_env(flwr_home, launchers), stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
                 )

@@ -4,6 +4,7 @@ leaves no Flower or Ray process of its own behind."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,16 @@ import numpy as np
 import psutil
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
+
+# The commands under test wrap at $COLUMNS; the tests that check a width set it
+# themselves, and the runner's own (pytest-xdist sets 80 in its workers) must not leak in.
+os.environ.pop("COLUMNS", None)
+
+# Tests press Ctrl-C on the commands they start. A shell that runs the suite in the
+# background starts it with SIGINT ignored, which its children would inherit and Python
+# would honour (no KeyboardInterrupt): the commands must see the terminal's default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _FEDERATION_PROCESS_MARKERS = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr-serverapp", "flwr-clientapp", "raylet", "gcs_server", "ray::")
 

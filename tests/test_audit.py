@@ -18,7 +18,7 @@ from cli.main import app
 from common.privacy.accounting import PrivacyState
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.privacy.ledger import GENESIS_HASH, STUDY_FIELDS, LedgerRecord, RecordKind, SiteLedger, read_entries, verify_chain
+from common.privacy.ledger import GENESIS_HASH, OPTIONAL_FIELDS, LedgerRecord, RecordKind, SiteLedger, read_entries, verify_chain
 from common.privacy.mechanisms import Mechanism
 
 runner = CliRunner()
@@ -145,7 +145,7 @@ def test_audit_lists_every_study_with_its_grant_its_spend_and_the_running_total(
 
 def test_a_ledger_written_before_studies_were_recorded_still_verifies(tmp_path: Path) -> None:
     key = Ed25519PrivateKey.generate()
-    record = {k: v for k, v in dataclasses.asdict(_release(1, ((1.2, 0.25, 4),))).items() if k not in STUDY_FIELDS}
+    record = {k: v for k, v in dataclasses.asdict(_release(1, ((1.2, 0.25, 4),))).items() if k not in OPTIONAL_FIELDS}
     payload = json.dumps({"sequence": 0, "previous_hash": GENESIS_HASH, "record": record}, sort_keys=True, separators=(",", ":")).encode()
     line = json.dumps({"sequence": 0, "previous_hash": GENESIS_HASH, "record": record, "signature": base64.b64encode(key.sign(payload)).decode()})
     (tmp_path / "privacy_ledger.jsonl").write_text(line + "\n")

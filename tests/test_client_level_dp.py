@@ -127,4 +127,4 @@ def test_audit_of_a_client_level_run_verifies_the_servers_ledger_and_states_its_
     assert audit.returncode == 0, audit.stderr
     server = json.loads((run_dir / "audit.json").read_text())["sites"]["server"]
     assert server["chain"] == "verified"
-    assert server["sampling"] == ["no amplification by sampling claimed: every release counts as a full Gaussian mechanism (q = 1)"]
+    assert server["sampling"] == ["no amplification by sampling claimed: every release counts in full (q = 1)"]

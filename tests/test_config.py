@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from client.policy import SiteConfig
-from common.config import AUTO_GRAD_SAMPLE_MODE, MODELS
+from common.config import AUTO_GRAD_SAMPLE_MODE, MODELS, RANGE, flat_settings
 from common.errors import CohortInputError
 from server.run_config import RunConfig
 
@@ -18,7 +20,7 @@ def test_pyproject_run_config_builds_the_default_run() -> None:
     settings = pyproject["tool"]["flwr"]["app"]["config"]
     run = RunConfig.from_flower(settings)
     assert run == RunConfig()
-    assert run.to_flower() == {**settings, "batch-size": 256, "learning-rate": 2.0, "grad-sample-mode": "ew"}
+    assert run.to_flower() == {**settings, "batch-size": 256, "learning-rate": 2.0, "grad-sample-mode": "hooks"}
 
 
 def test_local_training_defaults_follow_dp_so_switching_it_off_still_trains() -> None:
@@ -48,12 +50,16 @@ def test_a_resolved_config_round_trips_to_the_same_fingerprint() -> None:
         ("model", "resnet", "unknown model 'resnet'"),
         ("strategy", "fedsgd", "unknown strategy 'fedsgd'"),
         ("partitioner", "random", "unknown partitioner 'random'"),
-        ("site-epsilon", 0.0, "a privacy budget must be > 0"),
-        ("site-epsilon", -1.0, "a privacy budget must be > 0"),
-        ("site-delta", 0.0, "it must be between 0 and 1"),
-        ("site-delta", 1.0, "it must be between 0 and 1"),
-        ("rounds", 0, "rounds is 0; it must be >= 1"),
+        ("site-epsilon", 0.0, r"site-epsilon is 0.0; it must be a finite number in \(0, 1000\]"),
+        ("site-epsilon", -1.0, r"site-epsilon is -1.0; it must be a finite number in \(0, 1000\]"),
+        ("site-delta", 0.0, r"site-delta is 0.0; it must be a finite number in \(0, 1\)"),
+        ("site-delta", 1.0, r"site-delta is 1.0; it must be a finite number in \(0, 1\)"),
+        ("rounds", 0, r"rounds is 0; it must be an integer in \[1, 100000\]"),
         ("clip-norm", 0.0, "clip-norm is 0.0"),
+        ("clip-norm", float("inf"), r"clip-norm is inf; it must be a finite number in \(0, 1000\]"),
+        ("clip-norm", 1e30, r"clip-norm is 1e\+30; it must be a finite number in \(0, 1000\]"),
+        ("noise-multiplier", float("nan"), r"noise-multiplier is nan; it must be a finite number in \[0, 100\] \(0 derives it"),
+        ("local-epochs", 100_000, r"local-epochs is 100000; it must be an integer in \[1, 10000\]"),
         ("device", "tpu", "unknown device 'tpu'"),
         ("rounds", "ten", "rounds is 'ten'; it must be a int"),
         ("dp", "yes", "dp is 'yes'; use true or false"),
@@ -64,6 +70,23 @@ def test_a_resolved_config_round_trips_to_the_same_fingerprint() -> None:
 def test_bad_setting_is_refused_naming_the_problem(setting: str, value: object, message: str) -> None:
     with pytest.raises(CohortInputError, match=message):
         RunConfig.from_flower({setting: value})
+
+
+def _numeric_settings() -> list[tuple[str, type]]:
+    return [(name.replace("_", "-"), kind) for name, (_, _, kind) in flat_settings(RunConfig).items() if kind in (int, float)]
+
+
+def test_every_numeric_setting_declares_its_valid_range() -> None:
+    sections = [RunConfig(), *(value for value in vars(RunConfig()).values() if dataclasses.is_dataclass(value))]
+    declared = {item.name.replace("_", "-") for section in sections for item in dataclasses.fields(section) if RANGE in item.metadata}
+    assert {name for name, _ in _numeric_settings()} <= declared
+
+
+@pytest.mark.parametrize("name,kind", _numeric_settings())
+def test_every_numeric_setting_refuses_values_beyond_any_sound_run(name: str, kind: type) -> None:
+    for value in ((10**30, -(10**30)) if kind is int else (float("inf"), float("nan"), 1e30, -1e30)):
+        with pytest.raises(CohortInputError, match=rf"^{name} is .*; it must be (a finite number|an integer) in [\[(]"):
+            RunConfig.from_flower({name: value})
 
 
 def test_unknown_setting_is_refused_naming_the_closest_one() -> None:
@@ -93,8 +116,13 @@ def test_simulated_site_without_its_own_budget_takes_the_run_default() -> None:
 
 
 def test_site_with_a_non_positive_budget_is_refused() -> None:
-    with pytest.raises(CohortInputError, match="a privacy budget must be > 0"):
+    with pytest.raises(CohortInputError, match=r"epsilon in site site's policy is 0.0; it must be a finite number in \(0, 1000\]"):
         SiteConfig.from_node_config({"data-path": "/data", "state-dir": "/nonexistent/site", "epsilon": 0, "delta": 1e-5}, RunConfig())
+
+
+def test_site_with_an_infinite_budget_is_refused() -> None:
+    with pytest.raises(CohortInputError, match="epsilon in site site's policy is inf"):
+        SiteConfig.from_node_config({"data-path": "/data", "state-dir": "/nonexistent/site", "epsilon": "inf", "delta": 1e-5}, RunConfig())
 
 
 def test_deployed_site_without_its_own_budget_is_refused_rather_than_given_the_coordinators() -> None:
@@ -108,8 +136,13 @@ def test_node_config_without_data_is_refused() -> None:
 
 
 def test_ghost_clipping_is_refused_for_the_transformer() -> None:
-    with pytest.raises(CohortInputError, match="ghost clipping fails on the transformer; use auto, ew, hooks or functorch"):
+    with pytest.raises(CohortInputError, match="ghost clipping fails on the transformer; use auto, hooks, functorch or ew"):
         RunConfig.from_flower({"model": "transformer", "grad-sample-mode": "ghost"})
+
+
+def test_expanded_weights_are_refused_for_the_weight_standardised_cnn() -> None:
+    with pytest.raises(CohortInputError, match="cannot differentiate the cnn's weight standardisation; use auto, hooks, functorch or ghost"):
+        RunConfig.from_flower({"model": "cnn", "grad-sample-mode": "ew"})
 
 
 @pytest.mark.parametrize("model", MODELS)

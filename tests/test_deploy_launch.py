@@ -157,7 +157,7 @@ def test_supernode_facing_a_superlink_without_tls_is_told_so(certs: CertificateL
 
 def test_supernode_with_a_budget_of_zero_is_refused(certs: CertificateLayout, tmp_path: Path, tls_server: int) -> None:
     result = _cohort(_supernode(certs, tmp_path, f"127.0.0.1:{tls_server}", epsilon=0.0), tmp_path)
-    _assert_one_clear_line(result, "a privacy budget must be > 0")
+    _assert_one_clear_line(result, "is 0.0; it must be a finite number in (0, 1000]")
 
 
 @pytest.mark.parametrize("size", ["0", "nan", "inf", "-5"])

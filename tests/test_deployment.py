@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from flwr.supercore.date import now
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
 
-from common.privacy.ledger import LEDGER_FILE, LedgerEntry, load_public_key, read_entries, verify_chain
+from common.privacy.ledger import LEDGER_FILE, LedgerEntry, load_public_key, read_entries, verify_chain, verify_signature
 from deploy import commands
 from deploy.certificates import CertificateLayout, create_site_key, init_certificates
 from deploy.fleet_limits import OBJECT_ROUTE, FleetLimits
@@ -60,6 +60,7 @@ STARTUP_TIMEOUT_S = 120.0
 # (two missed heartbeats, at most 60 s).
 KILLED_SITE = "hospital-c"
 REPLY_TIMEOUT_S = 120
+SECURE_RUN_TIMEOUT_S = 900
 # The front door limits each client address; the sites all use 127.0.0.1, so the front
 # door is told three sites share it, and each test that plays an unauthenticated client
 # on the network uses a loopback address of its own.
@@ -235,18 +236,32 @@ def processes_while_serving(deployment: Deployment) -> list[psutil.Process]:
     return deployment.started_processes()
 
 
-@pytest.fixture(scope="module")
-def finished_run(deployment: Deployment) -> dict:
+def _submit(deployment: Deployment, run_dir: str, rounds: int, *settings: str, timeout: float = 600) -> dict:
+    """A DP run over the three sites, submitted with stock `flwr run` and waited for; Flower's record of it."""
     run_config = (
-        f"rounds={ROUNDS} dataset='{deployment.root / 'data' / 'coordinator.npz'}' run-dir='{deployment.root / 'run'}' "
-        "min-sites=3 batch-size=32 local-epochs=1"
+        f"rounds={rounds} dataset='{deployment.root / 'data' / 'coordinator.npz'}' run-dir='{deployment.root / run_dir}' "
+        f"min-sites=3 batch-size=32 local-epochs=1 {' '.join(settings)}"
     )
-    result = deployment.run("coordinator", commands.run_command(APP_DIR, CONNECTION, run_config), timeout=600)
+    result = deployment.run("coordinator", commands.run_command(APP_DIR, CONNECTION, run_config), timeout=timeout)
     started = re.search(r"Successfully started run (\d+)", result.stdout)
     assert result.returncode == 0 and started, result.stdout + result.stderr
     # `flwr run --stream` exits 0 even when the ServerApp fails; Flower's own record says how it ended.
     (run,) = deployment.flwr_json("list", "--run-id", started.group(1))["runs"]
     return run
+
+
+@pytest.fixture(scope="module")
+def finished_run(deployment: Deployment) -> dict:
+    return _submit(deployment, "run", ROUNDS)
+
+
+@pytest.fixture(scope="module")
+def secure_run(deployment: Deployment, finished_run: dict) -> dict:
+    """One round of the same run under secure aggregation: the coordinator sees only the
+    sum. The study's ask and each of its four exchanges start a flwr-clientapp process at
+    every site (a plain round starts one), hence the longer wait. It asks epsilon 0.5, so
+    that hospital-c has enough left for the studies below."""
+    return _submit(deployment, "run-secure", 1, "secure-aggregation=true", "study-epsilon=0.5", timeout=SECURE_RUN_TIMEOUT_S)
 
 
 def test_dp_run_over_three_authenticated_sites_completes(deployment: Deployment, finished_run: dict) -> None:
@@ -263,6 +278,24 @@ def test_every_site_ledger_records_each_round_within_its_own_budget(deployment: 
         assert verify_chain(entries, load_public_key(state / "ledger_key.pub.pem")) is None
         assert [(e.record.kind, e.record.round) for e in entries] == [("release", r) for r in range(1, ROUNDS + 1)]
         assert all(e.record.budget_epsilon == budget and 0 < e.record.epsilon <= budget for e in entries)
+
+
+def test_a_securely_aggregated_run_completes_and_every_ledger_verifies(deployment: Deployment, secure_run: dict) -> None:
+    assert secure_run["status"] == "finished:completed", secure_run
+    run_dir = RunDirectory(deployment.root / "run-secure")
+    summary = run_dir.read_summary()
+    assert summary is not None and summary.rounds == 1 and not summary.stop_reason
+    for record in run_dir.read_metrics():
+        assert {name for name, site in record.sites.items() if site.trained} == set(SITES)
+        assert all(site.update_norm is None for site in record.sites.values()), "the coordinator never sees an update to measure"
+    copied = read_entries(run_dir.ledger_file)
+    for site in SITES:
+        state = deployment.root / "state" / site
+        key = load_public_key(state / "ledger_key.pub.pem")
+        assert verify_chain(read_entries(state / "privacy_ledger.jsonl"), key) is None
+        own = [e for e in copied if e.record.site == site]
+        assert [(e.record.kind, e.record.round) for e in own] == [("release", 1)]
+        assert all(verify_signature(e, key) for e in own)
 
 
 def test_deployed_sites_draw_secure_noise_so_opacus_warns_of_no_insecure_rng(deployment: Deployment, finished_run: dict) -> None:

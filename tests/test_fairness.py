@@ -12,7 +12,7 @@ import pytest
 from cli.compare import compare_sites
 from common.errors import CohortInputError
 from server.rundir import RunDirectory
-from simulations.fairness import _warnings, disparity
+from simulations.fairness import accuracy_interval, below_the_mean, disparity
 from tests.conftest import COHORT
 
 
@@ -29,13 +29,50 @@ def test_disparity_names_the_worst_and_best_site_with_their_gap() -> None:
     assert across["worst_over_best"] == pytest.approx(0.6 / 0.9)
 
 
-def test_worst_site_far_below_the_mean_is_warned_about() -> None:
-    (warning,) = _warnings(disparity({"a": 0.9, "b": 0.6, "c": 0.9}), margin=0.1)
+def _scored(correct: int, total: int) -> dict:
+    return {"accuracy": correct / total, "val_examples": total}
+
+
+def test_site_far_below_the_mean_beyond_chance_is_warned_about() -> None:
+    sites = {"a": _scored(90, 100), "b": _scored(60, 100), "c": _scored(90, 100)}
+    (warning,) = below_the_mean(sites, mean=0.8, margin=0.1)
     assert warning.startswith("b is 0.200 below the mean")
 
 
-def test_worst_site_within_the_margin_is_not_warned_about() -> None:
-    assert _warnings(disparity({"a": 0.9, "b": 0.85}), margin=0.05) == []
+def test_every_site_below_the_mean_beyond_chance_is_warned_about_worst_first() -> None:
+    sites = {"a": _scored(95, 100), "b": _scored(60, 100), "c": _scored(50, 100), "d": _scored(95, 100)}
+    warnings = below_the_mean(sites, mean=0.75, margin=0.05)
+    assert [w.split()[0] for w in warnings] == ["c", "b"]
+
+
+def test_site_with_one_wrong_validation_image_is_not_warned_about() -> None:
+    # The client-level simulation's devices validate on one image each.
+    sites = {f"device-{i}": _scored(1, 1) for i in range(99)} | {"device-99": _scored(0, 1)}
+    assert below_the_mean(sites, mean=0.99, margin=0.05) == []
+
+
+def test_site_below_the_margin_whose_interval_reaches_the_mean_is_not_warned_about() -> None:
+    sites = {"a": _scored(9, 10), "b": _scored(6, 10)}
+    assert below_the_mean(sites, mean=0.75, margin=0.1) == []
+
+
+def test_the_interval_widens_with_the_number_of_sites_compared() -> None:
+    # 22 of 30 is below a mean of 0.9 at 95% for one site, not at 95% for a hundred.
+    assert accuracy_interval(22, 30)[1] < 0.9 < accuracy_interval(22, 30, confidence=1 - 0.05 / 100)[1]
+    few = {"a": _scored(30, 30), "b": _scored(22, 30)}
+    many = few | {f"c{i}": _scored(29, 30) for i in range(98)}
+    assert below_the_mean(few, mean=0.9, margin=0.05) and not below_the_mean(many, mean=0.9, margin=0.05)
+
+
+def test_site_within_the_margin_is_not_warned_about() -> None:
+    sites = {"a": _scored(900, 1000), "b": _scored(850, 1000)}
+    assert below_the_mean(sites, mean=0.875, margin=0.05) == []
+
+
+def test_accuracy_interval_is_exact_at_one_example() -> None:
+    low, high = accuracy_interval(0, 1)
+    assert low == 0.0
+    assert high == pytest.approx(0.975)
 
 
 def test_compare_flags_the_sites_that_lose_more_than_the_median_site() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 
 from common.errors import CohortInputError
 from common.privacy.ledger import (
+    HEAD_FILE,
+    LEDGER_FILE,
     PRIVATE_KEY_FILE,
     PUBLIC_KEY_FILE,
     LedgerRecord,
@@ -49,6 +52,17 @@ def test_an_untouched_ledger_verifies(ledger: SiteLedger) -> None:
 
 def test_the_signing_key_is_private_to_its_owner(ledger: SiteLedger) -> None:
     assert stat.S_IMODE((ledger.state_dir / PRIVATE_KEY_FILE).stat().st_mode) == 0o600
+
+
+def test_a_new_state_directory_and_its_ledger_are_private_to_their_owner_whatever_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        ledger = SiteLedger(tmp_path / "sites" / "a")
+        ledger.append(_record(1, 0.5))
+    finally:
+        os.umask(previous)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "sites", *(tmp_path / "sites").rglob("*"))}
+    assert modes == {"sites": 0o700, "a": 0o700, PRIVATE_KEY_FILE: 0o600, PUBLIC_KEY_FILE: 0o644, LEDGER_FILE: 0o600, HEAD_FILE: 0o600}
 
 
 def test_the_key_is_reused_so_a_ledger_spans_runs(ledger: SiteLedger) -> None:

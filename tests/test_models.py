@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from opacus import PrivacyEngine
+from opacus import GradSampleModule, PrivacyEngine
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.config import GRAD_SAMPLE_MODES, SiteRunConfig
+from common.config import GRAD_SAMPLE_MODES, UNSUPPORTED_GRAD_SAMPLE_MODES, SiteRunConfig
 from common.errors import CohortInputError
 from common.models.registry import MODEL_REGISTRY, build_model
 from common.models.transformer import TokenTransformer
+from common.models.weight_standardization import standardize
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_REGISTRY))
@@ -108,7 +109,7 @@ def _one_noiseless_dp_step(name: str, mode: str, images: torch.Tensor, labels: t
 
 @pytest.mark.parametrize(
     "name,mode",
-    [(n, m) for n in sorted(MODEL_REGISTRY) for m in GRAD_SAMPLE_MODES if (n, m) != ("transformer", "ghost")],
+    [(n, m) for n in sorted(MODEL_REGISTRY) for m in GRAD_SAMPLE_MODES if (n, m) not in UNSUPPORTED_GRAD_SAMPLE_MODES],
 )
 def test_every_offered_grad_sample_mode_clips_exactly_like_hooks(name: str, mode: str) -> None:
     torch.manual_seed(1)
@@ -119,8 +120,32 @@ def test_every_offered_grad_sample_mode_clips_exactly_like_hooks(name: str, mode
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_REGISTRY))
-def test_the_auto_grad_sample_mode_clips_28x28_images_exactly_like_hooks(name: str) -> None:
+def test_the_auto_grad_sample_mode_clips_28x28_images_exactly_like_functorch(name: str) -> None:
+    # functorch differentiates each example's forward pass itself, so it checks the cnn's
+    # auto mode (hooks, with Cohort's rule for the standardised convolutions) independently.
     torch.manual_seed(2)
     images, labels = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
     auto = SiteRunConfig.from_flower({"model": name}).dp.grad_sample_mode
-    assert torch.allclose(_one_noiseless_dp_step(name, auto, images, labels), _one_noiseless_dp_step(name, "hooks", images, labels), atol=1e-6)
+    assert torch.allclose(_one_noiseless_dp_step(name, auto, images, labels), _one_noiseless_dp_step(name, "functorch", images, labels), atol=1e-6)
+
+
+def test_weight_standardised_filters_have_zero_mean_and_unit_variance() -> None:
+    standard = standardize(torch.randn(16, 3, 3, 3) * 5 + 2).reshape(16, -1)
+    assert torch.allclose(standard.mean(dim=1), torch.zeros(16), atol=1e-5)
+    assert torch.allclose(standard.var(dim=1, unbiased=False), torch.ones(16), atol=1e-3)
+
+
+def test_per_sample_gradients_of_the_cnn_are_each_examples_own_gradient() -> None:
+    # Opacus' hooks use Cohort's rule for the weight-standardised convolutions.
+    torch.manual_seed(3)
+    model = build_model("cnn", (1, 8, 8), 10)
+    images, labels = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    sampled = GradSampleModule(model, loss_reduction="sum")
+    torch.nn.functional.cross_entropy(sampled(images), labels, reduction="sum").backward()
+    per_sample = [p.grad_sample.clone() for p in model.parameters()]
+    sampled._close()
+    for index in range(len(images)):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(images[index : index + 1]), labels[index : index + 1]).backward()
+        for samples, parameter in zip(per_sample, model.parameters()):
+            assert torch.allclose(samples[index], parameter.grad, atol=1e-5)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -15,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from common.privacy.accounting import PrivacyState
-from common.privacy.ledger import LedgerRecord, RecordKind, history_of, read_entries
+from common.privacy.ledger import PUBLIC_KEY_FILE, LedgerRecord, RecordKind, history_of, read_entries
+from common.privacy.mechanisms import Mechanism
 from server.records import RoundRecord
 from server.rundir import RunDirectory
 
@@ -67,6 +69,14 @@ def test_the_same_seed_gives_the_same_run_noise_included(completed_run: tuple[su
     _, run_dir = completed_run
     assert _figures(repeated_run) == _figures(run_dir)
     assert RunDirectory(run_dir).read_config().noise_source == "seeded"
+
+
+def test_a_run_directory_and_its_sites_state_are_private_to_the_user(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    _, run_dir = completed_run
+    shared = {PUBLIC_KEY_FILE: 0o644}  # what Cohort writes for others to read
+    modes = {path: stat.S_IMODE(path.stat().st_mode) for path in (run_dir, *run_dir.rglob("*"))}
+    expected = {path: 0o700 if path.is_dir() else shared.get(path.name, 0o600) for path in modes}
+    assert {p.relative_to(run_dir).as_posix(): oct(m) for p, m in modes.items() if m != expected[p]} == {}
 
 
 def test_simulation_writes_a_complete_run_directory(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
@@ -242,3 +252,30 @@ def test_a_site_whose_budget_runs_out_is_refused_and_the_run_finishes_with_the_o
     site1 = [e.record for e in read_entries(home / "site-1" / "privacy_ledger.jsonl")]
     assert [(r.round, r.kind) for r in site1] == [(1, "release"), (2, "refusal")]
     assert "over its budget" in site1[1].reason
+
+
+@pytest.fixture(scope="module")
+def secure_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """simulations/secure-aggregation.toml, small: secure aggregation and distributed DP on
+    Flower's simulation engine, whose per-node context carries each site's secrets between
+    the stages of a round."""
+    runs = tmp_path_factory.mktemp("secure-runs")
+    result = subprocess.run(
+        [COHORT, "simulate", "simulations/secure-aggregation.toml", *SMALL, "--set", "rounds=2", "--runs-dir", str(runs)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return _run_dir(runs)
+
+
+def test_secure_aggregation_with_distributed_dp_runs_on_the_simulation_engine_and_ledgers_each_release(secure_run: Path) -> None:
+    metrics = _metrics(secure_run)
+    assert [m.round for m in metrics] == [1, 2] and all(m.client_level is not None and m.client_level.released for m in metrics)
+    assert all(sum(site.trained for site in m.sites.values()) == 3 for m in metrics)
+    releases = [e.record for e in read_entries(secure_run / "server" / "privacy_ledger.jsonl")]
+    assert [(r.kind, r.mechanism, json.loads(r.mechanism_details)["sites"]) for r in releases] == [
+        (RecordKind.RELEASE, Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM, [f"site-{i}" for i in range(3)])
+    ] * 2
+    assert 0 < releases[-1].epsilon <= 8.0 and releases[-1].epsilon == metrics[-1].client_level.epsilon

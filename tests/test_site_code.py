@@ -185,7 +185,8 @@ def _newer_coordinator_app(root: Path) -> Path:
     server/ file and a run-config setting the sites' installed version does not know, and
     the sites' own site package (client/ and common/)."""
     app = _app_copy(root, "newer-coordinator-app")
-    _edit(app / "server" / "run_config.py", (("    fairness_margin: float = 0.05\n", "    fairness_margin: float = 0.05\n    coordinator_note: str = \"\"\n"),))
+    margin = '    fairness_margin: float = number(0.05, 0, 1, note="an accuracy gap")\n'
+    _edit(app / "server" / "run_config.py", ((margin, margin + '    coordinator_note: str = ""\n'),))
     _edit(app / "pyproject.toml", (("fairness-margin = 0.05\n", "fairness-margin = 0.05\ncoordinator-note = \"\"\n"),))
     return app
 

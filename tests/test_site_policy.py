@@ -7,13 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import ErrorCode
 
-from client.policy import ACCOUNTING_METRICS, SiteConfig
+from client.policy import ACCOUNTING_METRICS, DEFAULT_MAX_ROUND_STEPS, SiteConfig
 from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps
 from client.site_data import local_site_data
-from common import protocol
 from client.study_grant import Grant, grant
+from common import protocol
 from common.config import SiteRunConfig, StudyRequest
+from common.models.registry import build_model
 from common.errors import CohortInputError
 from common.privacy.accounting import PrivacyState
 from common.privacy.ledger import LedgerRecord, RecordKind, SiteLedger
@@ -175,9 +177,85 @@ def test_a_site_answers_the_coordinators_ask_from_its_ledger_before_reading_any_
     assert (refusal.record.kind, refusal.record.run_id, refusal.record.dataset_hash) == ("refusal", 8, "")
 
 
+def test_a_site_whose_answer_to_the_ask_fails_replies_with_one_line_of_its_own(tmp_path: Path, clientapp_identity: None) -> None:
+    from client.app import app
+
+    node_config = {"data-path": str(tmp_path / "not-read.npz"), "state-dir": str(tmp_path / "state"), "epsilon": "lots", "delta": 1e-5, "site-name": "a"}
+    ask = Message(content=RecordDict({protocol.CONFIG: ConfigRecord({protocol.CONFIG_ROUND: 0})}), dst_node_id=1, message_type="query")
+    reply = app(ask, Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(), run_config={"study-epsilon": 1.0}))
+    assert reply.has_error() and reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert reply.error.reason == "CohortInputError: epsilon is 'lots' in the site's policy; it must be a number"
+
+
 def test_a_site_refuses_a_plan_whose_noise_leaves_no_signal_naming_the_fix(tmp_path: Path) -> None:
     site = _deployed(tmp_path, epsilon=8.0)
     run = SiteRunConfig.from_flower({"rounds": 1, "batch-size": 20, "noise-multiplier": site.max_noise_multiplier * 2})
     plan = plan_round(run, site, [], "data", run_id=1, server_round=1, num_examples=100, granted=site.epsilon)
     reason = refusal_reason(plan, round_steps(100, run), site)
     assert reason is not None and "refuses to train on noise" in reason and reason.endswith("ask for more epsilon, fewer rounds or larger batches")
+
+
+def _round_one(model_shape: tuple[int, int, int] = (1, 8, 8), classes: int = 3) -> Message:
+    arrays = ArrayRecord(build_model("cnn", model_shape, classes).state_dict())
+    return Message(
+        content=RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: ConfigRecord({protocol.CONFIG_ROUND: 1})}), dst_node_id=1, message_type="train"
+    )
+
+
+def _site_answers(data: Path, state: Path, run_config: dict[str, object], run_id: int = 7, **policy: object) -> Message:
+    """The site's own ClientApp, as its runner calls it, on its data and state directory;
+    its per-study cap is its whole budget, so that a study may spend what the round plans."""
+    from client.app import app
+
+    node_config = {"data-path": str(data), "state-dir": str(state), "epsilon": 8.0, "delta": 1e-5, "study-epsilon": 8.0, "site-name": "a", **policy}
+    small = {"rounds": 1, "batch-size": 20, "noise-multiplier": 1.0, **run_config}
+    return app(_round_one(), Context(run_id=run_id, node_id=1, node_config=node_config, state=RecordDict(), run_config=small))
+
+
+def test_a_gdp_site_refuses_a_round_at_another_sigma_than_its_ledger_holds(site_npz: Path, tmp_path: Path, clientapp_identity: None) -> None:
+    state = tmp_path / "state"
+    SiteLedger(state)
+    assert not _site_answers(site_npz, state, {}, run_id=1, accountants="rdp").has_error()
+    reply = _site_answers(site_npz, state, {"noise-multiplier": 2.0}, run_id=2, accountants="gdp")
+    assert reply.has_error() and reply.error.code == protocol.SITE_REFUSED
+    assert reply.error.reason.startswith("site a refuses to train: the gdp accountant composes one noise multiplier and sample rate only")
+    assert len(reply.error.reason.splitlines()) == 1
+    assert [e.record.kind for e in SiteLedger(state).verified_entries()] == [RecordKind.RELEASE, RecordKind.REFUSAL]
+
+
+def test_the_gdp_accountant_never_composes_two_noise_levels_silently() -> None:
+    with pytest.raises(CohortInputError, match=r"would be released at 2 \(sigma 1 at q 0.2, sigma 2 at q 0.2\)"):
+        PrivacyState(2.0, 0.2, "gdp", ((1.0, 0.2, 5), (2.0, 0.2, 5))).epsilon(1e-5)
+
+
+def test_a_sites_failure_reaches_the_coordinator_as_one_line_without_its_paths(tmp_path: Path, clientapp_identity: None) -> None:
+    wrong_shape = tmp_path / "hospital-a.npz"
+    np.savez(wrong_shape, train_images=np.zeros(10, np.uint8), train_labels=np.zeros(10, np.int64))
+    SiteLedger(tmp_path / "state")
+    reply = _site_answers(wrong_shape, tmp_path / "state", {})
+    assert reply.has_error() and reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert reply.error.reason.startswith("CohortInputError: <local path>")
+    assert str(tmp_path) not in reply.error.reason and "hospital-a" not in reply.error.reason
+    assert len(reply.error.reason.splitlines()) == 1
+
+
+def test_a_round_asking_more_steps_than_the_policy_allows_is_refused_before_training(site_npz: Path, tmp_path: Path, clientapp_identity: None) -> None:
+    SiteLedger(tmp_path / "state")
+    reply = _site_answers(site_npz, tmp_path / "state", {"local-epochs": 10_000})
+    assert reply.has_error() and reply.error.code == protocol.SITE_REFUSED
+    assert f"over its policy's max-round-steps of {DEFAULT_MAX_ROUND_STEPS}; a site that agrees raises max-round-steps" in reply.error.reason
+    assert [e.record.kind for e in SiteLedger(tmp_path / "state").verified_entries()] == [RecordKind.REFUSAL]
+
+
+def test_a_round_over_the_policys_wall_time_is_stopped_and_releases_nothing(site_npz: Path, tmp_path: Path, clientapp_identity: None) -> None:
+    SiteLedger(tmp_path / "state")
+    reply = _site_answers(site_npz, tmp_path / "state", {"local-epochs": 3}, **{"max-round-seconds": 1e-6})
+    assert reply.has_error() and reply.error.code == protocol.SITE_REFUSED
+    assert "stopped training after 1 of 15 steps and released nothing" in reply.error.reason and "max-round-seconds of 1e-06" in reply.error.reason
+    assert [e.record.kind for e in SiteLedger(tmp_path / "state").verified_entries()] == [RecordKind.REFUSAL]
+
+
+@pytest.mark.parametrize("key,value", [("max-round-steps", 0), ("max-round-seconds", "inf"), ("run-epsilon", "nan"), ("run-window-hours", -1), ("study-epsilon", 0), ("max-noise-multiplier", "inf")])
+def test_a_policy_number_out_of_its_range_is_refused_naming_the_key(tmp_path: Path, key: str, value: object) -> None:
+    with pytest.raises(CohortInputError, match=f"^{key} in the site's policy is .*; it must be a finite number in"):
+        _deployed(tmp_path, **{key: value})

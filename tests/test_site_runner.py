@@ -9,13 +9,16 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.supercore.fab import Fab
 
-from client.site_runner import SITE_PACKAGES, code_refusal, log_failure
+from client.site_failure import log_failure, site_reason
+from client.site_runner import SITE_PACKAGES, code_refusal
 from deploy.launch import SITE_RUNTIME_DIR, SuperNodeLaunch, flower_env
 
 PYPROJECT = b'[tool.flwr.app.components]\nserverapp = "server.app:app"\nclientapp = "client.app:app"\n'
@@ -71,6 +74,32 @@ def test_cohort_supernode_puts_the_sites_own_flwr_clientapp_first_on_flowers_pat
     assert usage.returncode == 0 and "The site's own ClientApp runner" in usage.stdout
 
 
+KEY_STAGE_WITHOUT_TORCH = """
+import sys
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supercore.run import Run
+from client.site_runner import answer
+from common.secure_aggregation.messages import RECORD, AdvertiseKeys, PublicKeys
+from common.secure_aggregation.parameters import SecAggParameters
+from tests.test_site_runner import _fab
+
+TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
+parameters = SecAggParameters(3, 2, 2, 32, 1.0, 6186, 0.0, 3)
+message = Message(RecordDict({RECORD: AdvertiseKeys(1, parameters).to_record()}), dst_node_id=5, message_type="train")
+context = Context(7, 5, {"data-path": "/data", "state-dir": sys.argv[1], "epsilon": 1.0, "delta": 1e-5}, RecordDict(), {})
+reply = answer(message, context, Run.create_empty(7), _fab({}))
+PublicKeys.from_record(reply.content.config_records[RECORD])
+print("torch" in sys.modules)
+"""
+
+
+def test_a_deployed_site_answers_secure_aggregations_key_stages_without_loading_its_training_code(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", KEY_STAGE_WITHOUT_TORCH, str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False", "PyTorch was loaded to answer a key stage"
+
+
 class _Records(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -78,6 +107,21 @@ class _Records(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
+
+
+@pytest.mark.parametrize(
+    "error,reason",
+    [
+        (ValueError("cannot reshape /data/hospital-a.npz: got (10,)"), "ValueError: cannot reshape <local path>: got (10,)"),
+        (OSError("~/sites/a/state/ledger.jsonl is not writable"), "OSError: <local path> is not writable"),
+        (ValueError("bad file C:\\data\\a.npz"), "ValueError: bad file <local path>"),
+        (ValueError("see file:///srv/a.npz, or ./a.npz"), "ValueError: see <local path>, or <local path>"),
+        (ValueError("epsilon/delta is 1/2"), "ValueError: epsilon/delta is 1/2"),
+        (RuntimeError("line one\n  File \"/opt/x.py\", line 3"), "RuntimeError: line one"),
+    ],
+)
+def test_what_a_site_sends_for_a_failure_is_one_line_without_local_paths(error: Exception, reason: str) -> None:
+    assert site_reason(error) == reason
 
 
 def test_a_site_failure_is_one_line_in_its_log_and_its_traceback_only_at_debug_level() -> None:
@@ -92,5 +136,5 @@ def test_a_site_failure_is_one_line_in_its_log_and_its_traceback_only_at_debug_l
         FLOWER_LOGGER.removeHandler(caught)
     shown = [r for r in caught.records if r.levelno >= logging.INFO]
     assert [r.getMessage() for r in shown] == ["the site's ClientApp failed: FileNotFoundError: /data/hospital-a.npz"]
-    assert shown[0].exc_info is None and details == "FileNotFoundError: /data/hospital-a.npz"
+    assert shown[0].exc_info is None and details == "FileNotFoundError: <local path>"
     assert [r.levelno for r in caught.records if r.exc_info] == [logging.DEBUG]

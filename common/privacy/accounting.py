@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Callable
 
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
@@ -19,6 +20,11 @@ from opacus.accountants.registry import _ACCOUNTANTS
 from common.errors import CohortInputError
 
 HistoryEntry = tuple[float, float, int]
+
+# Opacus' accountants that compose a single (sigma, q) only: the GaussianAccountant raises
+# when a step changes either, and its get_epsilon reads only the last history entry, so a
+# restored history of several would silently count the last mechanism alone.
+CONSTANT_NOISE_ACCOUNTANTS = frozenset({"gdp"})
 
 
 @dataclass(frozen=True)
@@ -41,9 +47,17 @@ class PrivacyState:
         return sum(steps for _, _, steps in self.history)
 
     def epsilon(self, delta: float) -> float:
+        """Raises CohortInputError when the accountant cannot compose this history."""
         if not self.history:
             return 0.0
-        return _epsilon(self.accountant, merged_history(self.history), delta)
+        history = merged_history(self.history)
+        if self.accountant in CONSTANT_NOISE_ACCOUNTANTS and len(history) > 1:
+            mechanisms = ", ".join(f"sigma {sigma:.4g} at q {q:.4g}" for sigma, q, _ in history)
+            raise CohortInputError(
+                f"the {self.accountant} accountant composes one noise multiplier and sample rate only, and this "
+                f"dataset would be released at {len(history)} ({mechanisms}); use accountant rdp or prv"
+            )
+        return _epsilon(self.accountant, history, delta)
 
     def with_steps(self, steps: int) -> PrivacyState:
         """This state after `steps` more steps at its own sigma and q (not yet taken)."""
@@ -107,15 +121,25 @@ def derive_noise_multiplier(
     def epsilon_at(sigma: float) -> float:
         return PrivacyState(sigma, sample_rate, accountant, prior + ((sigma, sample_rate, steps),)).epsilon(delta)
 
+    def exhausted() -> CohortInputError:
+        return CohortInputError(
+            f"no noise level keeps epsilon within {target_epsilon:g} at delta {delta:g} over {steps} more steps "
+            f"(already spent: {PrivacyState(1.0, sample_rate, accountant, prior).epsilon(delta):.3f}); "
+            "raise the site's epsilon or train fewer rounds"
+        )
+
+    return smallest_noise_multiplier(epsilon_at, target_epsilon, exhausted)
+
+
+def smallest_noise_multiplier(epsilon_at: Callable[[float], float], target_epsilon: float, exhausted: Callable[[], CohortInputError]) -> float:
+    """The smallest sigma (within 1% of epsilon) with epsilon_at(sigma) <= target_epsilon:
+    doubling from 1 until within, then bisecting. `exhausted` is raised when no sigma up
+    to _MAX_NOISE_MULTIPLIER is."""
     low, high = 0.0, 1.0
     while epsilon_at(high) > target_epsilon:
         low, high = high, 2 * high
         if high > _MAX_NOISE_MULTIPLIER:
-            raise CohortInputError(
-                f"no noise level keeps epsilon within {target_epsilon:g} at delta {delta:g} over {steps} more steps "
-                f"(already spent: {PrivacyState(1.0, sample_rate, accountant, prior).epsilon(delta):.3f}); "
-                "raise the site's epsilon or train fewer rounds"
-            )
+            raise exhausted()
     while target_epsilon - epsilon_at(high) > 0.01 * target_epsilon and high - low > 1e-4:
         middle = (low + high) / 2
         if epsilon_at(middle) > target_epsilon:

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from common.errors import CohortInputError
 from common.privacy.mechanisms import Mechanism
+from common.private_files import open_private, private_dir
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord
@@ -91,12 +92,16 @@ class LedgerRecord:
         refused to run the code a run shipped (client/site_runner.py).
     timestamp: seconds since the epoch.
     reason: why a refusal happened ('' for a release).
+    mechanism_details: what a mechanism's accounting needs beyond sigma, q and steps, as
+        canonical JSON ('' for the Gaussian mechanisms): the distributed Skellam release's
+        noise variance and sensitivities in the sum's integer units, and the sites whose
+        inputs and noise the sum holds.
     study_epsilon: the epsilon the site granted the run's study (client/study_grant.py).
     fab_hash: the SHA-256 of the FAB the coordinator submitted for the run (a deployed site).
     model: the run's model architecture.
     coordinator: the SuperLink the site answered ('simulation' for a simulated site).
-    The last four are STUDY_FIELDS: left out of the record (so of what is signed) where
-    unknown, so that the ledgers written before they existed still verify.
+    These five are OPTIONAL_FIELDS: left out of the record (so of what is signed) where
+    empty, so that the ledgers written before they existed still verify.
     """
 
     kind: str
@@ -118,16 +123,17 @@ class LedgerRecord:
     config_hash: str
     timestamp: float = field(default_factory=time.time)
     reason: str = ""
+    mechanism_details: str = ""
     study_epsilon: float = 0.0
     fab_hash: str = ""
     model: str = ""
     coordinator: str = ""
 
     @classmethod
-    def release(cls, spender: Spender, mechanism: Mechanism, noise: Noise, epsilon: float, accountant: str, model_hash: str) -> LedgerRecord:
+    def release(cls, spender: Spender, mechanism: Mechanism, noise: Noise, epsilon: float, accountant: str, model_hash: str, mechanism_details: str = "") -> LedgerRecord:
         """A DP release: `noise` protected the model with hash `model_hash`, and the
         spender's epsilon under `accountant` stands at `epsilon` after it."""
-        return cls._of(RecordKind.RELEASE, spender, mechanism, noise, epsilon, accountant, model_hash)
+        return dataclasses.replace(cls._of(RecordKind.RELEASE, spender, mechanism, noise, epsilon, accountant, model_hash), mechanism_details=mechanism_details)
 
     @classmethod
     def non_private(cls, spender: Spender, mechanism: Mechanism, steps: int, clip_norm: float, accountant: str, model_hash: str) -> LedgerRecord:
@@ -187,7 +193,8 @@ class Spender:
 
 @dataclass(frozen=True)
 class Study:
-    """What a site records of the study a round belongs to (LedgerRecord's STUDY_FIELDS)."""
+    """What a site records of the study a round belongs to (LedgerRecord's study_epsilon,
+    fab_hash, model and coordinator)."""
 
     epsilon: float = 0.0
     fab_hash: str = ""
@@ -195,13 +202,13 @@ class Study:
     coordinator: str = ""
 
 
-STUDY_FIELDS = ("study_epsilon", "fab_hash", "model", "coordinator")
+OPTIONAL_FIELDS = ("mechanism_details", "study_epsilon", "fab_hash", "model", "coordinator")
 
 
 def record_json(record: LedgerRecord) -> dict[str, Any]:
-    """The record as stored and signed: its study fields only where known."""
+    """The record as stored and signed: its OPTIONAL_FIELDS only where they say something."""
     values = dataclasses.asdict(record)
-    return {key: value for key, value in values.items() if key not in STUDY_FIELDS or value}
+    return {key: value for key, value in values.items() if key not in OPTIONAL_FIELDS or value}
 
 
 @dataclass(frozen=True)
@@ -328,7 +335,7 @@ class SiteLedger:
         """
         existing = self.entries()
         entry = sign_entry(self._key, len(existing), existing[-1].entry_hash() if existing else GENESIS_HASH, record)
-        with self.path.open("a", encoding="utf-8") as stream:
+        with open_private(self.path, "a") as stream:
             stream.write(entry.to_json() + "\n")
             stream.flush()
             os.fsync(stream.fileno())
@@ -361,7 +368,7 @@ def write_head(path: Path, head: LedgerHead) -> None:
     unreadable, and the site then refuses to train until its operator restores it. Either
     way no release is lost and no site spends more."""
     temporary = path.with_suffix(".tmp")
-    with temporary.open("w", encoding="utf-8") as stream:
+    with open_private(temporary, "w") as stream:
         json.dump({"count": head.count, "last_hash": head.last_hash}, stream)
     os.replace(temporary, path)
 
@@ -453,7 +460,7 @@ def iter_releases(entries: list[LedgerEntry], dataset_hash: str) -> Iterator[Led
 
 def _load_or_create_key(state_dir: Path, head_path: Path) -> Ed25519PrivateKey:
     """The site's signing key, created on first use with 0600 permissions, with an empty head."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(state_dir)
     key_file = state_dir / PRIVATE_KEY_FILE
     if key_file.exists():
         if key_file.stat().st_mode & 0o077:
@@ -468,7 +475,7 @@ def _load_or_create_key(state_dir: Path, head_path: Path) -> Ed25519PrivateKey:
     with os.fdopen(descriptor, "wb") as stream:
         stream.write(pem)
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    (state_dir / PUBLIC_KEY_FILE).write_bytes(public)
+    (state_dir / PUBLIC_KEY_FILE).write_bytes(public)  # meant to be shared: an auditor verifies the ledger with it
     if not head_path.exists() and not (state_dir / LEDGER_FILE).exists():
         write_head(head_path, LedgerHead(0, GENESIS_HASH))
     return key

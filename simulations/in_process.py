@@ -1,0 +1,107 @@
+"""A federation in one process: Cohort's ServerApp (`server.app`) sends its messages to a
+grid whose every message is answered at once by the site's own ClientApp (`client.app`:
+its data, training and ledger), as Flower would deliver them, but without Flower's
+transport (no SuperLink, no Ray, no processes). For tests that need the whole round loop
+but not a real federation, and for measuring what the messages carry.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from flwr.app import Context, Message, RecordDict
+from flwr.common.serde import recorddict_to_proto
+
+from client.app import app as client_app
+from common.secure_aggregation.messages import RECORD
+from server.app import main as server_main
+from server.run_config import RunConfig
+from server.run_outcome import RunStopped
+from simulations.federation import write_site_files
+
+# Flower's node ids are large random integers; these are too.
+FIRST_NODE = 4_000_000_000_000_000_000
+
+
+@dataclass
+class InProcessGrid:
+    """A Flower grid whose every message is answered at once by the site's own ClientApp.
+
+    drop: per node, the exchange (a secure aggregation stage, or 'train' / 'evaluate') at
+        which the site stops answering, as a site that goes offline mid-round.
+    sent, received: every message the ServerApp sent and every reply it got: its whole
+        view of the sites.
+    stopped: why the run stopped early, '' when it completed (Flower records such a run
+        as failed with this reason: server/run_outcome.py).
+    """
+
+    nodes: list[int]
+    run_config: dict[str, Any]
+    drop: dict[int, str] = field(default_factory=dict)
+    sent: list[Message] = field(default_factory=list)
+    received: list[Message] = field(default_factory=list)
+    stopped: str = ""
+    contexts: dict[int, Context] = field(init=False)
+    _ids: Iterator[int] = field(default_factory=itertools.count)
+
+    def __post_init__(self) -> None:
+        self.contexts = {
+            node: Context(run_id=7, node_id=node, node_config={"partition-id": i, "num-partitions": len(self.nodes)}, state=RecordDict(), run_config=self.run_config)
+            for i, node in enumerate(self.nodes)
+        }
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
+        replies = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = f"message-{next(self._ids)}"  # as the grid sets it on sending
+            self.sent.append(message)
+            node = message.metadata.dst_node_id
+            if self.drop.get(node) == exchange_of(message):
+                continue
+            reply = client_app(message, self.contexts[node])
+            self.received.append(reply)
+            replies.append(reply)
+        return replies
+
+    def bytes_by_node(self) -> tuple[dict[int, int], dict[int, int]]:
+        """(what each site sent, what it was sent): the serialized size of the messages' content."""
+        up: dict[int, int] = {node: 0 for node in self.nodes}
+        down: dict[int, int] = {node: 0 for node in self.nodes}
+        for message in self.sent:
+            down[message.metadata.dst_node_id] += recorddict_to_proto(message.content).ByteSize()
+        for reply in self.received:
+            if reply.has_content():
+                up[reply.metadata.src_node_id] += recorddict_to_proto(reply.content).ByteSize()
+        return up, down
+
+
+def node_ids(sites: int) -> list[int]:
+    """The node ids of an in-process federation of `sites` sites."""
+    return [FIRST_NODE + 977 * i for i in range(sites)]
+
+
+def exchange_of(message: Message) -> str:
+    """The exchange a message belongs to: its secure aggregation stage, or its type."""
+    record = message.content.config_records.get(RECORD)
+    return str(record["stage"]) if record is not None else message.metadata.message_type
+
+
+def run_in_process(settings: dict[str, Any], sites: int, run_dir: Path, drop: dict[int, str] | None = None) -> InProcessGrid:
+    """Run the ServerApp over `sites` simulated sites in this process; `settings` are run
+    settings (a run config's keys). The run directory is `run_dir`, the sites' state
+    under it. The caller's Flower task identity must be set (a ClientApp's messages need
+    one)."""
+    config = {"run-dir": str(run_dir), "federation-home": str(run_dir / "federation"), **settings}
+    write_site_files(RunConfig.from_flower(config).data, sites, run_dir)
+    grid = InProcessGrid(node_ids(sites), config, drop or {})
+    try:
+        server_main(grid, Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=config))  # type: ignore[arg-type]
+    except RunStopped as stopped:
+        grid.stopped = str(stopped)
+    return grid

@@ -41,7 +41,7 @@ systemd:
 # of a federation test is waiting on timeouts and process starts, which the other worker
 # fills. `pytest tests/test_x.py` alone still runs serially.
 test: setup browser nginx systemd
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=25
 
 benchmark: setup
 	$(BIN)/python -m benchmarks.run

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import dp_accounting
-from dp_accounting.pld import pld_privacy_accountant
 import numpy as np
+from dp_accounting.pld import pld_privacy_accountant
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from common.privacy.accounting import HistoryEntry, merged_history
@@ -47,9 +47,13 @@ def compare_accountants(history: tuple[HistoryEntry, ...], delta: float) -> Acco
         prv_epsilon = None
         warnings.append(f"PRV accountant could not compute epsilon ({error})")
     if pld_epsilon > rdp_epsilon * (1 + RDP_SLACK):
-        warnings.append(f"PLD epsilon {pld_epsilon:.3f} is above RDP epsilon {rdp_epsilon:.3f}; RDP is an upper bound, so one of them is wrong")
+        warnings.append(
+            f"PLD epsilon {pld_epsilon:.3f} is above RDP epsilon {rdp_epsilon:.3f}; RDP is an upper bound, so one of them is wrong"
+        )
     if prv_epsilon is not None and abs(prv_epsilon - pld_epsilon) > PRV_PLD_TOLERANCE * pld_epsilon:
-        warnings.append(f"PRV epsilon {prv_epsilon:.3f} and PLD epsilon {pld_epsilon:.3f} differ by more than {PRV_PLD_TOLERANCE:.0%}")
+        warnings.append(
+            f"PRV epsilon {prv_epsilon:.3f} and PLD epsilon {pld_epsilon:.3f} differ by more than {PRV_PLD_TOLERANCE:.0%}"
+        )
     return AccountantComparison(rdp_epsilon, prv_epsilon, pld_epsilon, warnings)
 
 
@@ -73,7 +77,9 @@ def pld_epsilon_of(history: tuple[HistoryEntry, ...], delta: float) -> float:
 INTEGER_ORDERS = tuple(range(2, 64))
 
 
-def dp_accounting_rdp_epsilon(history: tuple[HistoryEntry, ...], delta: float, orders: tuple[float, ...] = INTEGER_ORDERS) -> float:
+def dp_accounting_rdp_epsilon(
+    history: tuple[HistoryEntry, ...], delta: float, orders: tuple[float, ...] = INTEGER_ORDERS
+) -> float:
     """dp-accounting's own RDP computation: an independent check of the arithmetic behind
     the enforced figure."""
     from dp_accounting.rdp import rdp_privacy_accountant
@@ -83,18 +89,24 @@ def dp_accounting_rdp_epsilon(history: tuple[HistoryEntry, ...], delta: float, o
     return float(accountant.get_epsilon(delta))
 
 
-def opacus_rdp_epsilon(history: tuple[HistoryEntry, ...], delta: float, orders: tuple[float, ...] = INTEGER_ORDERS) -> float:
+def opacus_rdp_epsilon(
+    history: tuple[HistoryEntry, ...], delta: float, orders: tuple[float, ...] = INTEGER_ORDERS
+) -> float:
     """Opacus' RDP over a given grid of orders (the enforced figure uses Opacus' finer default grid)."""
     from opacus.accountants.analysis import rdp
 
-    curve = sum(rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(orders)) for sigma, q, steps in history)
+    curve = sum(
+        rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(orders)) for sigma, q, steps in history
+    )
     return float(rdp.get_privacy_spent(orders=list(orders), rdp=curve, delta=delta)[0])
 
 
 def _dp_event(history: tuple[HistoryEntry, ...]) -> dp_accounting.DpEvent:
     return dp_accounting.ComposedDpEvent(
         [
-            dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+            )
             for sigma, q, steps in history
         ]
     )

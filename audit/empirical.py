@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from audit.one_run import CONFIDENCE, Guesses, epsilon_lower_bound, require_power
+from audit.spending import audit
 from common.errors import CohortInputError
 from common.evaluation import predict
-from audit.spending import audit
 from server.held_out import federated_split
 from server.rundir import RunDirectory
 
@@ -76,10 +76,14 @@ def audit_run(run_dir: Path, guesses: int | None = None) -> EmpiricalAudit:
     site = f"site-{run.data.audit_canary_site}"
     spent = audit(run_dir)["sites"].get(site)
     if spent is None:
-        raise CohortInputError(f"{site} (audit-canary-site) never trained in {run_dir}; choose a site of the federation")
+        raise CohortInputError(
+            f"{site} (audit-canary-site) never trained in {run_dir}; choose a site of the federation"
+        )
     r = guesses if guesses is not None else max(2, m // 8 * 2)
     if not 2 <= r <= m or r % 2:
-        raise CohortInputError(f"--guesses is {r}; it must be even and between 2 and the {m} canaries (half 'in', half 'out')")
+        raise CohortInputError(
+            f"--guesses is {r}; it must be even and between 2 and the {m} canaries (half 'in', half 'out')"
+        )
     require_power(m, r, spent["delta"])
     split = federated_split(run.data)
     assert split.canaries is not None
@@ -129,4 +133,6 @@ def saved_audit(run_dir: Path) -> EmpiricalAudit | None:
     try:
         return EmpiricalAudit.from_json(json.loads(file.read_text(encoding="utf-8")))
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise CohortInputError(f"{file} is unreadable ({error}); run `cohort audit empirical {run_dir}` again") from None
+        raise CohortInputError(
+            f"{file} is unreadable ({error}); run `cohort audit empirical {run_dir}` again"
+        ) from None

@@ -64,7 +64,9 @@ def epsilon_lower_bound(guesses: Guesses, delta: float, confidence: float = CONF
     beta = 1 - confidence
     if p_value(guesses, 0.0, delta) >= beta:
         return 0.0
-    return float(optimize.brentq(lambda eps: p_value(guesses, eps, delta) - beta, 0.0, _EPSILON_SEARCH_CEILING, xtol=1e-6))
+    return float(
+        optimize.brentq(lambda eps: p_value(guesses, eps, delta) - beta, 0.0, _EPSILON_SEARCH_CEILING, xtol=1e-6)
+    )
 
 
 def require_power(canaries: int, guesses: int, delta: float, confidence: float = CONFIDENCE) -> None:

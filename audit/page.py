@@ -46,15 +46,28 @@ Every epsilon is recomputed from the sites' ledgers; RDP is the enforced figure.
 
 def _studies_section(report: dict[str, Any]) -> str:
     """Every study on each site's data, and every refusal with its reason, in full."""
+
     def cell(value: Any, pattern: str = "{}") -> str:
         return "-" if value is None else html.escape(pattern.format(value))
 
     rows = "".join(
-        _row([
-            html.escape(name), str(study["run_id"]), study["first"], study["last"], str(study["rounds_trained"]), str(study["rounds_refused"]),
-            cell(study["epsilon_granted"], "{:.3f}"), f"{study['epsilon_spent']:.3f}", cell(study["epsilon_total"], "{:.3f}"),
-            cell(study["model"]), cell(study["fab_hash"]), cell(study["coordinator"]), cell(study["dataset"]),
-        ])  # fmt: skip
+        _row(
+            [
+                html.escape(name),
+                str(study["run_id"]),
+                study["first"],
+                study["last"],
+                str(study["rounds_trained"]),
+                str(study["rounds_refused"]),
+                cell(study["epsilon_granted"], "{:.3f}"),
+                f"{study['epsilon_spent']:.3f}",
+                cell(study["epsilon_total"], "{:.3f}"),
+                cell(study["model"]),
+                cell(study["fab_hash"]),
+                cell(study["coordinator"]),
+                cell(study["dataset"]),
+            ]
+        )  # fmt: skip
         for name, site in report["sites"].items()
         for study in site["studies"]
     )
@@ -76,7 +89,11 @@ def _studies_section(report: dict[str, Any]) -> str:
 def _empirical_section(empirical: dict[str, Any] | None) -> str:
     if empirical is None:
         return ""
-    claimed = "none (trained without DP)" if empirical["accountant_epsilon"] is None else f"{empirical['accountant_epsilon']:.3f}"
+    claimed = (
+        "none (trained without DP)"
+        if empirical["accountant_epsilon"] is None
+        else f"{empirical['accountant_epsilon']:.3f}"
+    )
     style = ' class="warn"' if empirical["contradicts_accountant"] else ""
     return f"""<h2>Empirical privacy audit</h2>
 <p>One-run audit (Steinke, Nasr and Jagielski, NeurIPS 2023) at {html.escape(empirical["site"])}: {empirical["canaries"]}
@@ -101,7 +118,11 @@ def _fairness_section(fairness: dict[str, Any] | None, plot: bytes | None) -> st
     )
     classes = " ".join("-" if a is None else f"{a:.2f}" for a in fairness["test_accuracy_by_class"])
     warnings = "".join(f'<p class="warn">{html.escape(w)}</p>' for w in fairness["warnings"])
-    image = "" if plot is None else f'<img alt="validation accuracy by site and round, worst site highlighted" src="data:image/png;base64,{base64.b64encode(plot).decode()}">'
+    image = (
+        ""
+        if plot is None
+        else f'<img alt="validation accuracy by site and round, worst site highlighted" src="data:image/png;base64,{base64.b64encode(plot).decode()}">'
+    )
     ratio = "-" if across["worst_over_best"] is None else f"{across['worst_over_best']:.3f}"
     return f"""<h2>Who the model works for</h2>
 <p>{html.escape(fairness["model"])}; exact 95% intervals.</p>

@@ -39,8 +39,6 @@ from audit.cross_check import AccountantComparison, compare_accountants
 from audit.studies import refusals, studies
 from common.errors import CohortInputError
 from common.privacy.accounting import PrivacyState
-from common.privacy.skellam import SkellamRelease, epsilon as skellam_epsilon
-from common.privacy.mechanisms import Mechanism
 from common.privacy.ledger import (
     HEAD_FILE,
     LEDGER_FILE,
@@ -54,6 +52,9 @@ from common.privacy.ledger import (
     read_entries,
     verify_chain,
 )
+from common.privacy.mechanisms import Mechanism
+from common.privacy.skellam import SkellamRelease
+from common.privacy.skellam import epsilon as skellam_epsilon
 
 SCHEMA = "cohort-audit/1"
 NEAR_EXHAUSTION = 0.9
@@ -78,13 +79,17 @@ def find_ledgers(path: Path) -> list[SiteLedgerFile]:
         return [SiteLedgerFile(path, None)]
     if (path / LEDGER_FILE).is_file() and (path / "config.json").is_file():
         run_ids = frozenset(e.record.run_id for e in read_entries(path / LEDGER_FILE))
-        site_ledgers = sorted((path / "federation").glob(f"*/{LEDGER_FILE}")) + sorted((path / "server").glob(LEDGER_FILE))
+        site_ledgers = sorted((path / "federation").glob(f"*/{LEDGER_FILE}")) + sorted(
+            (path / "server").glob(LEDGER_FILE)
+        )
         return [SiteLedgerFile(p, run_ids) for p in site_ledgers] or [SiteLedgerFile(path / LEDGER_FILE, run_ids)]
     if (path / LEDGER_FILE).is_file():
         return [SiteLedgerFile(path / LEDGER_FILE, None)]
     if (path / HEAD_FILE).is_file():  # a site that has not spent anything yet
         return []
-    raise CohortInputError(f"{path} holds no privacy ledger; give a run directory, a site's state directory or a {LEDGER_FILE}")
+    raise CohortInputError(
+        f"{path} holds no privacy ledger; give a run directory, a site's state directory or a {LEDGER_FILE}"
+    )
 
 
 def audit(path: Path) -> dict[str, Any]:
@@ -178,7 +183,9 @@ def _skellam(releases: list[LedgerRecord]) -> bool:
 def _non_private_warning(records: list[LedgerRecord], rounds: int) -> str:
     if all(r.mechanism == Mechanism.CLIENT_LEVEL_DP_FEDAVG for r in records if r.kind == RecordKind.NON_PRIVATE):
         return f"sent {rounds} update(s) without local DP: only the coordinator's client-level DP (its server ledger) protects them"
-    if all(r.mechanism == Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM for r in records if r.kind == RecordKind.NON_PRIVATE):
+    if all(
+        r.mechanism == Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM for r in records if r.kind == RecordKind.NON_PRIVATE
+    ):
         return f"sent {rounds} masked update(s) with a share of the noise: the sum of all sites' shares protects them (the server ledger's distributed client-level DP)"
     return f"trained without differential privacy in {rounds} round(s): those releases carry no guarantee"
 

@@ -64,7 +64,12 @@ def run_cell(attack: str | None, strategy: str, dp: str, rounds: int, runs_dir: 
     run_dirs = list(target.glob("*")) if target.exists() else []
     summary = RunDirectory(run_dirs[0]).read_summary() if run_dirs else None
     if summary is None:
-        return {"attack": attack or "clean", "strategy": strategy, "dp": dp, "error": result.stderr.strip().splitlines()[-1:] or ["no run directory"]}
+        return {
+            "attack": attack or "clean",
+            "strategy": strategy,
+            "dp": dp,
+            "error": result.stderr.strip().splitlines()[-1:] or ["no run directory"],
+        }
     metrics = RunDirectory(run_dirs[0]).read_metrics()
     cell = {
         "attack": attack or "clean",
@@ -102,7 +107,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=0, help="rounds per run (0: the config's own)")
     parser.add_argument("--dp", default="off,on", help="off, on or off,on")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
-    parser.add_argument("--attacks", default=",".join(("clean", *TABLE_ATTACKS)), help="'clean' is the run without attack (measured with fedavg only)")
+    parser.add_argument(
+        "--attacks",
+        default=",".join(("clean", *TABLE_ATTACKS)),
+        help="'clean' is the run without attack (measured with fedavg only)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "attacks.json")
     options = parser.parse_args()
     runs_dir = RESULTS / "attack-runs" / time.strftime("%Y%m%d-%H%M%S")
@@ -117,7 +126,12 @@ def main() -> None:
                 print(json.dumps(cell), flush=True)
                 cells.append(cell)
     options.out.parent.mkdir(parents=True, exist_ok=True)
-    options.out.write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "sites": SITES, "hostile": HOSTILE, "cells": cells}, indent=2) + "\n")
+    options.out.write_text(
+        json.dumps(
+            {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "sites": SITES, "hostile": HOSTILE, "cells": cells}, indent=2
+        )
+        + "\n"
+    )
     print(markdown_table(cells))
 
 

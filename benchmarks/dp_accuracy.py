@@ -36,14 +36,21 @@ GOALS: dict[str, tuple[str, float]] = {
 }
 
 
-def run(runs_dir: Path, configs: tuple[str, ...] = tuple(GOALS), seeds: tuple[int, ...] = SEEDS, cohort: str = COHORT) -> list[dict[str, Any]]:
+def run(
+    runs_dir: Path, configs: tuple[str, ...] = tuple(GOALS), seeds: tuple[int, ...] = SEEDS, cohort: str = COHORT
+) -> list[dict[str, Any]]:
     rows = []
     for config in configs:
         for privacy, settings in (("dp", ()), ("no-dp", NON_PRIVATE)):
             for seed in seeds:
-                result = run_simulation(config, runs_dir / f"{Path(config).stem}-{privacy}-{seed}", (*settings, f"seed={seed}"), cohort)
+                result = run_simulation(
+                    config, runs_dir / f"{Path(config).stem}-{privacy}-{seed}", (*settings, f"seed={seed}"), cohort
+                )
                 rows.append({**result, "config": Path(config).name, "privacy": privacy, "seed": seed})
-                print(f"{config} {privacy} seed {seed}: {result['final_accuracy']:.4f} ({result['wall_seconds']:.0f} s)", flush=True)
+                print(
+                    f"{config} {privacy} seed {seed}: {result['final_accuracy']:.4f} ({result['wall_seconds']:.0f} s)",
+                    flush=True,
+                )
     return rows
 
 

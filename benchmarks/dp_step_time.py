@@ -44,7 +44,9 @@ NOISE_SOURCES = ("secure", "seeded")
 Step = Callable[[], tuple[float, float, float]]
 
 
-def _step_fn(model_name: str, shape: tuple[int, int, int], mode: str | None, batch_size: int, noise: NoiseSource | None = None) -> Step:
+def _step_fn(
+    model_name: str, shape: tuple[int, int, int], mode: str | None, batch_size: int, noise: NoiseSource | None = None
+) -> Step:
     torch.manual_seed(0)
     model = build_model(model_name, shape, 10)
     images, labels = torch.randn(batch_size, *shape), torch.randint(0, 10, (batch_size,))
@@ -53,8 +55,14 @@ def _step_fn(model_name: str, shape: tuple[int, int, int], mode: str | None, bat
     if mode is not None:
         loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size)
         private = PrivacyEngine(accountant="rdp").make_private(
-            module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
-            noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode=mode,
+            module=model,
+            optimizer=optimizer,
+            criterion=criterion,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
+            grad_sample_mode=mode,
         )
         model, optimizer = private[0], private[1]
         if mode == "ghost":
@@ -83,7 +91,9 @@ def _seconds_per_step(step: Step, steps: int) -> tuple[float, ...]:
     return tuple(total / steps for total in totals)
 
 
-def measure(model_name: str, shape: tuple[int, int, int], batch_size: int, repetitions: int = 7, steps: int = 5) -> dict[str, Any]:
+def measure(
+    model_name: str, shape: tuple[int, int, int], batch_size: int, repetitions: int = 7, steps: int = 5
+) -> dict[str, Any]:
     variants: dict[str, Step] = {"non-private": _step_fn(model_name, shape, None, batch_size)}
     failures: dict[str, str] = {}
     for mode in OPACUS_MODES:
@@ -116,19 +126,29 @@ def measure(model_name: str, shape: tuple[int, int, int], batch_size: int, repet
             name: {phase: round(1000 * statistics.median(p[i] for p in values), 2) for i, phase in enumerate(PHASES)}
             for name, values in timings.items()
         },
-        "ratio_to_non_private": {name: round(value / base, 2) for name, value in medians.items() if name != "non-private"},
+        "ratio_to_non_private": {
+            name: round(value / base, 2) for name, value in medians.items() if name != "non-private"
+        },
         "noise_cost": {name: _noise_cost(timings, medians, auto, f"{auto} {name}") for name in NOISE_SOURCES},
         "failed_modes": failures,
     }
 
 
-def _noise_cost(timings: dict[str, list[tuple[float, ...]]], medians: dict[str, float], opacus: str, sourced: str) -> dict[str, float]:
+def _noise_cost(
+    timings: dict[str, list[tuple[float, ...]]], medians: dict[str, float], opacus: str, sourced: str
+) -> dict[str, float]:
     """A noise source against Opacus' own noise in the same mode: the ratio of whole steps,
     and the time it adds to the optimizer step, the only phase it changes (the forward and
     backward passes run the same code, so what differs there is the machine's noise)."""
-    optimizer_phase = {name: statistics.median(p[PHASES.index("optimizer")] for p in timings[name]) for name in (opacus, sourced)}
+    optimizer_phase = {
+        name: statistics.median(p[PHASES.index("optimizer")] for p in timings[name]) for name in (opacus, sourced)
+    }
     added = optimizer_phase[sourced] - optimizer_phase[opacus]
-    return {"step_ratio": round(medians[sourced] / medians[opacus], 3), "optimizer_ms_added": round(1000 * added, 2), "added_share_of_step": round(added / medians[opacus], 3)}
+    return {
+        "step_ratio": round(medians[sourced] / medians[opacus], 3),
+        "optimizer_ms_added": round(1000 * added, 2),
+        "added_share_of_step": round(added / medians[opacus], 3),
+    }
 
 
 def run() -> list[dict[str, Any]]:
@@ -149,26 +169,55 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "| --- | --- | " + " | ".join("---" for _ in OPACUS_MODES) + " |",
     ]
     for row in rows:
-        ratios = [f"{row['ratio_to_non_private'][m]:.2f}x" if m in row["ratio_to_non_private"] else "fails" for m in OPACUS_MODES]
+        ratios = [
+            f"{row['ratio_to_non_private'][m]:.2f}x" if m in row["ratio_to_non_private"] else "fails"
+            for m in OPACUS_MODES
+        ]
         size = "x".join(str(n) for n in row["input"][1:])
-        lines.append(f"| {row['model']}, {size}, {row['batch_size']} | {row['ms_per_step']['non-private']:.1f} | " + " | ".join(ratios) + " |")
+        lines.append(
+            f"| {row['model']}, {size}, {row['batch_size']} | {row['ms_per_step']['non-private']:.1f} | "
+            + " | ".join(ratios)
+            + " |"
+        )
     lines += [
         "",
-        "| model, input, batch | auto mode with Opacus' noise, ms/step | " + " | ".join(f"{name} noise: step ratio, optimizer +ms (share of step)" for name in NOISE_SOURCES) + " |",
+        "| model, input, batch | auto mode with Opacus' noise, ms/step | "
+        + " | ".join(f"{name} noise: step ratio, optimizer +ms (share of step)" for name in NOISE_SOURCES)
+        + " |",
         "| --- | --- | " + " | ".join("---" for _ in NOISE_SOURCES) + " |",
     ]
     for row in rows:
         size = "x".join(str(n) for n in row["input"][1:])
         auto = AUTO_GRAD_SAMPLE_MODE[row["model"]]
         costs = [row["noise_cost"][name] for name in NOISE_SOURCES]
-        cells = [f"{c['step_ratio']:.2f}x, {c['optimizer_ms_added']:+.1f} ({100 * c['added_share_of_step']:+.0f}%)" for c in costs]
-        lines.append(f"| {row['model']}, {size}, {row['batch_size']} | {row['ms_per_step'][auto]:.1f} ({auto}) | " + " | ".join(cells) + " |")
-    lines += ["", "| model, input, batch | variant | forward ms | backward ms | optimizer ms |", "| --- | --- | --- | --- | --- |"]
+        cells = [
+            f"{c['step_ratio']:.2f}x, {c['optimizer_ms_added']:+.1f} ({100 * c['added_share_of_step']:+.0f}%)"
+            for c in costs
+        ]
+        lines.append(
+            f"| {row['model']}, {size}, {row['batch_size']} | {row['ms_per_step'][auto]:.1f} ({auto}) | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines += [
+        "",
+        "| model, input, batch | variant | forward ms | backward ms | optimizer ms |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for row in rows:
         size = "x".join(str(n) for n in row["input"][1:])
-        for name in ("non-private", "hooks", AUTO_GRAD_SAMPLE_MODE[row["model"]], f"{AUTO_GRAD_SAMPLE_MODE[row['model']]} secure"):
+        for name in (
+            "non-private",
+            "hooks",
+            AUTO_GRAD_SAMPLE_MODE[row["model"]],
+            f"{AUTO_GRAD_SAMPLE_MODE[row['model']]} secure",
+        ):
             phases = row["ms_per_phase"][name]
-            lines.append(f"| {row['model']}, {size}, {row['batch_size']} | {name} | " + " | ".join(f"{phases[p]:.1f}" for p in PHASES) + " |")
+            lines.append(
+                f"| {row['model']}, {size}, {row['batch_size']} | {name} | "
+                + " | ".join(f"{phases[p]:.1f}" for p in PHASES)
+                + " |"
+            )
     return "\n".join(lines)
 
 

@@ -33,7 +33,17 @@ SETTINGS = {
 def audit_one(label: str, settings: list[str], runs_dir: Path) -> dict[str, Any]:
     runs = runs_dir / label.replace(" ", "-")
     started = time.perf_counter()
-    command = [COHORT, "simulate", *settings, "--set", f"rounds={ROUNDS}", "--set", f"audit-canaries={CANARIES}", "--runs-dir", str(runs)]
+    command = [
+        COHORT,
+        "simulate",
+        *settings,
+        "--set",
+        f"rounds={ROUNDS}",
+        "--set",
+        f"audit-canaries={CANARIES}",
+        "--runs-dir",
+        str(runs),
+    ]
     subprocess.run(command, check=True, capture_output=True)
     run_seconds = time.perf_counter() - started
     (run_dir,) = list(runs.iterdir())

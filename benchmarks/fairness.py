@@ -34,7 +34,9 @@ RUNS = {
 def run_one(strategy: str, privacy: str, settings: list[str], runs_dir: Path) -> dict[str, Any]:
     runs = runs_dir / f"{strategy}-{privacy.replace(' ', '').replace(',', '-')}"
     started = time.perf_counter()
-    subprocess.run([COHORT, "simulate", *settings, *FEDERATION, "--runs-dir", str(runs)], check=True, capture_output=True)
+    subprocess.run(
+        [COHORT, "simulate", *settings, *FEDERATION, "--runs-dir", str(runs)], check=True, capture_output=True
+    )
     seconds = time.perf_counter() - started
     (run_dir,) = list(runs.iterdir())
     fairness = json.loads((run_dir / "fairness.json").read_text())
@@ -58,7 +60,10 @@ def run(runs_dir: Path) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| strategy | privacy | test accuracy | mean site accuracy | worst site | spread | wall s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| strategy | privacy | test accuracy | mean site accuracy | worst site | spread | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     lines += [
         f"| {r['strategy']} | {r['privacy']} | {r['test_accuracy']:.3f} | {r['mean_site_accuracy']:.3f} | "
         f"{r['worst_site']} {r['worst_site_accuracy']:.3f} | {r['spread']:.3f} | {r['seconds']:.0f} |"

@@ -36,7 +36,11 @@ app = ClientApp()
 @lru_cache(maxsize=None)
 def _key(site: str) -> tuple[Ed25519PrivateKey, str]:
     key = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(f"flower-floor/{site}".encode()).digest())
-    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode("ascii")
+    )
     return key, public
 
 
@@ -50,17 +54,40 @@ def train(msg: Message, context: Context) -> Message:
     site = f"site-{context.node_config['partition-id']}"
     server_round = int(msg.content[protocol.CONFIG][protocol.CONFIG_ROUND])
     arrays = msg.content[protocol.ARRAYS]
-    spender = Spender(context.run_id, server_round, site, 0.0, 0.0, dataset_hash="", config_hash=_fingerprint(tuple(sorted(context.run_config.items()))))
-    record = LedgerRecord.non_private(spender, Mechanism.NONE, steps=0, clip_norm=0.0, accountant="rdp", model_hash=model_hash(arrays))
+    spender = Spender(
+        context.run_id,
+        server_round,
+        site,
+        0.0,
+        0.0,
+        dataset_hash="",
+        config_hash=_fingerprint(tuple(sorted(context.run_config.items()))),
+    )
+    record = LedgerRecord.non_private(
+        spender, Mechanism.NONE, steps=0, clip_norm=0.0, accountant="rdp", model_hash=model_hash(arrays)
+    )
     key, public = _key(site)
     entry = sign_entry(key, 2 * server_round, "", record)
-    site_record = ConfigRecord({protocol.SITE_NAME: site, protocol.SITE_LEDGER_ENTRY: entry.to_json(), protocol.SITE_LEDGER_KEY: public})
-    content = RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 1}), protocol.SITE: site_record})
+    site_record = ConfigRecord(
+        {protocol.SITE_NAME: site, protocol.SITE_LEDGER_ENTRY: entry.to_json(), protocol.SITE_LEDGER_KEY: public}
+    )
+    content = RecordDict(
+        {
+            protocol.ARRAYS: arrays,
+            protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 1}),
+            protocol.SITE: site_record,
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     site = f"site-{context.node_config['partition-id']}"
-    content = RecordDict({protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 1}), protocol.SITE: ConfigRecord({protocol.SITE_NAME: site})})
+    content = RecordDict(
+        {
+            protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 1}),
+            protocol.SITE: ConfigRecord({protocol.SITE_NAME: site}),
+        }
+    )
     return Message(content=content, reply_to=msg)

@@ -48,7 +48,9 @@ def run_one(limits: FleetLimits, directory: Path) -> dict[str, Any]:
     command += ["--max-model-mb", str(limits.max_model_mb), "--sites-per-address", str(limits.sites_per_address)]
     env = {**os.environ, "FLWR_HOME": str(directory / "home")}
     with (directory / f"superlink-{port}.log").open("wb") as log:
-        coordinator = subprocess.Popen([str(Path(sys.executable).parent / "cohort"), *command[1:]], stdout=log, stderr=subprocess.STDOUT, env=env)
+        coordinator = subprocess.Popen(
+            [str(Path(sys.executable).parent / "cohort"), *command[1:]], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
     try:
         context = ssl.create_default_context(cafile=str(certs.ca_cert))
         superlink = _serving_superlink(coordinator, f"https://127.0.0.1:{port}", context)
@@ -74,7 +76,11 @@ def _serving_superlink(coordinator: subprocess.Popen[bytes], url: str, context: 
     while time.monotonic() < deadline and coordinator.poll() is None:
         try:
             if httpx.get(f"{url}/health", verify=context, timeout=1).status_code == 403:
-                (superlink,) = [p for p in psutil.Process(coordinator.pid).children(recursive=True) if "flower-superlink" in " ".join(p.cmdline()[:2])]
+                (superlink,) = [
+                    p
+                    for p in psutil.Process(coordinator.pid).children(recursive=True)
+                    if "flower-superlink" in " ".join(p.cmdline()[:2])
+                ]
                 return superlink
         except httpx.HTTPError:
             time.sleep(0.3)

@@ -9,7 +9,9 @@ from typing import Any, Callable
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run_table(name: str, run: Callable[[Path], list[dict[str, Any]]], markdown: Callable[[list[dict[str, Any]]], str]) -> None:
+def run_table(
+    name: str, run: Callable[[Path], list[dict[str, Any]]], markdown: Callable[[list[dict[str, Any]]], str]
+) -> None:
     """Run one benchmark's simulations, keep its rows as results/NAME.json and print the
     markdown table that docs/benchmarks.md quotes."""
     RESULTS.mkdir(exist_ok=True)

@@ -1,6 +1,6 @@
 """Run every benchmark and write benchmarks/results/latest.json.
 
-    make benchmark          # or: .venv/bin/python -m benchmarks.run
+make benchmark          # or: .venv/bin/python -m benchmarks.run
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import torch
 
 from benchmarks import dp_step_time, empirical_audit, fairness, scale, simulations
 from benchmarks.results import RESULTS
-
 
 
 def machine() -> dict[str, str | int]:

@@ -59,8 +59,14 @@ class Scale:
 
 SCALES = (
     Scale("100 sites, DP-SGD", {"num-sites": 100, "dataset": "digits", "partitioner": "iid", "dp": True}),
-    Scale("100 sites, no DP", {"num-sites": 100, "dataset": "digits", "partitioner": "iid", "dp": False, "site-allow-non-private": True}),
-    Scale("1,000 sites, 5% a round, DP-SGD", {"num-sites": 1000, "dataset": "mnist-5k", "partitioner": "iid", "dp": True, "fraction-train": 0.05}),
+    Scale(
+        "100 sites, no DP",
+        {"num-sites": 100, "dataset": "digits", "partitioner": "iid", "dp": False, "site-allow-non-private": True},
+    ),
+    Scale(
+        "1,000 sites, 5% a round, DP-SGD",
+        {"num-sites": 1000, "dataset": "mnist-5k", "partitioner": "iid", "dp": True, "fraction-train": 0.05},
+    ),
 )
 
 
@@ -136,7 +142,15 @@ def training_compute_ms(plan: SimulationPlan) -> float:
 
 def _train_and_validate(site: SiteData, run: RunConfig, privacy: PrivacyState | None) -> None:
     model = build_model(run.training.model, site.train.input_shape, site.num_classes)
-    train_locally(model, site.train, run, privacy, torch.device("cpu"), noise_source(run.noise_source, run.data.seed, "scale", 2), server_round=2)
+    train_locally(
+        model,
+        site.train,
+        run,
+        privacy,
+        torch.device("cpu"),
+        noise_source(run.noise_source, run.data.seed, "scale", 2),
+        server_round=2,
+    )
     evaluate(model, site.val, torch.device("cpu"))
 
 
@@ -144,9 +158,13 @@ def _privacy_like_a_site(plan: SimulationPlan) -> PrivacyState | None:
     """The privacy state a site's DP-SGD starts a round from (noise from its budget), or None."""
     if not plan.run.dp.sample_level:
         return None
-    site = SiteConfig.simulated_site({"partition-id": 0, "num-partitions": plan.num_sites, "state-dir": "/nonexistent"}, plan.run)
+    site = SiteConfig.simulated_site(
+        {"partition-id": 0, "num-partitions": plan.num_sites, "state-dir": "/nonexistent"}, plan.run
+    )
     data = simulated_site_data(plan.run.data, 0, plan.num_sites)
-    return plan_round(plan.run, site, [], data.identity, run_id=1, server_round=1, num_examples=len(data.train), granted=site.epsilon).total
+    return plan_round(
+        plan.run, site, [], data.identity, run_id=1, server_round=1, num_examples=len(data.train), granted=site.epsilon
+    ).total
 
 
 def measure(scale: Scale, runs_dir: Path) -> dict[str, Any]:

@@ -37,7 +37,13 @@ from simulations.plan import SIMULATIONS_DIR, load_plan, plan_from_values
 
 ROUNDS = 3
 SEEDS = (42, 7)
-COST_SETTINGS = {"dataset": "digits", "partitioner": "iid", "dp": True, "rounds": ROUNDS, "run-name": "secure-aggregation-cost"}
+COST_SETTINGS = {
+    "dataset": "digits",
+    "partitioner": "iid",
+    "dp": True,
+    "rounds": ROUNDS,
+    "run-name": "secure-aggregation-cost",
+}
 # secure-aggregation.toml already has the sites clip at a fixed norm, so central DP differs
 # only in who adds the noise.
 ACCURACY_VARIANTS = {
@@ -63,7 +69,15 @@ def cost(runs_dir: Path) -> list[dict[str, Any]]:
             plan = plan_from_values({**COST_SETTINGS, "num-sites": sites, "secure-aggregation": secure})
             timing = simulate(plan, runs_dir / f"{sites}-{'secure' if secure else 'plain'}", None)
             up, down = bytes_per_site(sites, secure)
-            rows.append({"sites": sites, "secure_aggregation": secure, "seconds_per_round": round(timing["seconds_per_round"], 2), "bytes_up": round(up), "bytes_down": round(down)})
+            rows.append(
+                {
+                    "sites": sites,
+                    "secure_aggregation": secure,
+                    "seconds_per_round": round(timing["seconds_per_round"], 2),
+                    "bytes_up": round(up),
+                    "bytes_down": round(down),
+                }
+            )
     return rows
 
 
@@ -76,22 +90,42 @@ def accuracy(runs_dir: Path) -> list[dict[str, Any]]:
             timing = simulate(plan, runs, None)
             (run_dir,) = list(runs.iterdir())
             summary = RunDirectory(run_dir).read_summary()
-            assert summary is not None and summary.final_accuracy is not None and summary.client_level_epsilon is not None
-            rows.append({"variant": name, "seed": seed, "accuracy": summary.final_accuracy, "client_epsilon": summary.client_level_epsilon, **timing})
+            assert (
+                summary is not None and summary.final_accuracy is not None and summary.client_level_epsilon is not None
+            )
+            rows.append(
+                {
+                    "variant": name,
+                    "seed": seed,
+                    "accuracy": summary.final_accuracy,
+                    "client_epsilon": summary.client_level_epsilon,
+                    **timing,
+                }
+            )
     return rows
 
 
 def cost_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| sites | secure aggregation | s per round | kB sent per site per round | kB received per site per round |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| sites | secure aggregation | s per round | kB sent per site per round | kB received per site per round |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['sites']} | {'yes' if r['secure_aggregation'] else 'no'} | {r['seconds_per_round']:.2f} | {r['bytes_up'] / 1000:.1f} | {r['bytes_down'] / 1000:.1f} |")
+        lines.append(
+            f"| {r['sites']} | {'yes' if r['secure_aggregation'] else 'no'} | {r['seconds_per_round']:.2f} | {r['bytes_up'] / 1000:.1f} | {r['bytes_down'] / 1000:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def accuracy_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| client-level DP at epsilon 8 | seed | held-out accuracy | client-level epsilon | s per round |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| client-level DP at epsilon 8 | seed | held-out accuracy | client-level epsilon | s per round |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['seed']} | {r['accuracy']:.3f} | {r['client_epsilon']:.3f} | {r['seconds_per_round']:.2f} |")
+        lines.append(
+            f"| {r['variant']} | {r['seed']} | {r['accuracy']:.3f} | {r['client_epsilon']:.3f} | {r['seconds_per_round']:.2f} |"
+        )
     return "\n".join(lines)
 
 

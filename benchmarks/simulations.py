@@ -36,7 +36,11 @@ def run_simulation(config: str, runs_dir: Path, settings: tuple[str, ...] = (), 
     before = set(runs_dir.glob("*")) if runs_dir.exists() else set()
     started = time.perf_counter()
     overrides = [arg for setting in settings for arg in ("--set", setting)]
-    subprocess.run([cohort, "simulate", str(SIMULATIONS_DIR / config), *overrides, "--runs-dir", str(runs_dir)], check=True, capture_output=True)
+    subprocess.run(
+        [cohort, "simulate", str(SIMULATIONS_DIR / config), *overrides, "--runs-dir", str(runs_dir)],
+        check=True,
+        capture_output=True,
+    )
     wall = time.perf_counter() - started
     (run_dir,) = set(runs_dir.glob("*")) - before
     summary = RunDirectory(run_dir).read_summary()
@@ -46,7 +50,9 @@ def run_simulation(config: str, runs_dir: Path, settings: tuple[str, ...] = (), 
         "config": config,
         "final_accuracy": round(summary.final_accuracy, 4),
         "max_epsilon": None if summary.max_epsilon is None else round(summary.max_epsilon, 3),
-        "client_level_epsilon": None if summary.client_level_epsilon is None else round(summary.client_level_epsilon, 3),
+        "client_level_epsilon": None
+        if summary.client_level_epsilon is None
+        else round(summary.client_level_epsilon, 3),
         "wall_seconds": round(wall, 1),
         "round_seconds": round(sum(m.seconds for m in metrics), 1),
         "run_dir": str(run_dir),
@@ -58,13 +64,19 @@ def central_training(config: str) -> dict[str, Any]:
     plan = load_plan(SIMULATIONS_DIR / config, [])
     run = plan.run
     sites = [simulated_site_data(run.data, i, plan.num_sites) for i in range(plan.num_sites)]
-    pooled = LabeledImages(np.concatenate([s.train.images for s in sites]), np.concatenate([s.train.labels for s in sites]))
+    pooled = LabeledImages(
+        np.concatenate([s.train.images for s in sites]), np.concatenate([s.train.labels for s in sites])
+    )
     split = federated_split(run.data)
     torch.manual_seed(run.data.seed)
     model = build_model(run.training.model, split.input_shape, split.num_classes)
-    central = dataclasses.replace(run, training=dataclasses.replace(run.training, local_epochs=run.training.rounds * run.training.local_epochs))
+    central = dataclasses.replace(
+        run, training=dataclasses.replace(run.training, local_epochs=run.training.rounds * run.training.local_epochs)
+    )
     started = time.perf_counter()
-    train_locally(model, pooled, central, None, torch.device("cpu"), noise_source(run.noise_source, run.data.seed, "central"))
+    train_locally(
+        model, pooled, central, None, torch.device("cpu"), noise_source(run.noise_source, run.data.seed, "central")
+    )
     seconds = time.perf_counter() - started
     return {
         "config": config,
@@ -75,7 +87,10 @@ def central_training(config: str) -> dict[str, Any]:
 
 
 def run(runs_dir: Path) -> dict[str, Any]:
-    results = [run_simulation(config, runs_dir) for config in ("default.toml", "no-dp.toml", "transformer.toml", "client-level.toml")]
+    results = [
+        run_simulation(config, runs_dir)
+        for config in ("default.toml", "no-dp.toml", "transformer.toml", "client-level.toml")
+    ]
     central = central_training("no-dp.toml")
     no_dp = next(r for r in results if r["config"] == "no-dp.toml")
     return {

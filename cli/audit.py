@@ -14,8 +14,8 @@ from typer.core import TyperGroup
 
 from cli.errors import input_errors
 from cli.terminal import paragraph
-from common.private_files import private_dir
 from common.privacy.ledger import LEDGER_FILE, key_fingerprint, load_public_key, read_entries, verify_chain
+from common.private_files import private_dir
 from server.rundir import RunDirectory, write_bytes_atomic, write_json_atomic
 
 console = Console()
@@ -49,7 +49,10 @@ def summary(
     path: Annotated[Path, typer.Argument(help="A run directory, a site's state directory, or a privacy_ledger.jsonl.")],
     out: Annotated[
         Optional[Path],
-        typer.Option("--out", help="Where audit.json and audit.html go (default: a run directory itself; for a site, audit-NAME in the current directory, never its state directory)."),
+        typer.Option(
+            "--out",
+            help="Where audit.json and audit.html go (default: a run directory itself; for a site, audit-NAME in the current directory, never its state directory).",
+        ),
     ] = None,
 ) -> None:
     """Per site: every study on its data, epsilon spent in this run and in total against its budget, refusals, warnings."""
@@ -72,13 +75,20 @@ def summary(
     write_json_atomic(target / "audit.json", report)
     write_bytes_atomic(target / "audit.html", render_page(report, fairness_plot).encode())
     if not report["sites"]:
-        console.print(f"nothing spent: the ledger in {path} holds no record yet", highlight=False, markup=False, soft_wrap=True)
+        console.print(
+            f"nothing spent: the ledger in {path} holds no record yet", highlight=False, markup=False, soft_wrap=True
+        )
     else:
         _print_studies(report)
         _print_report(report)
     if path.is_dir():
         _print_rejections(RunDirectory(path))
-    console.print(paragraph(f"wrote {target / 'audit.json'} and {target / 'audit.html'}"), highlight=False, markup=False, soft_wrap=True)
+    console.print(
+        paragraph(f"wrote {target / 'audit.json'} and {target / 'audit.html'}"),
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 @audit_app.command("verify")
@@ -96,13 +106,18 @@ def verify(
         typer.echo(f"FAILED: {ledger}: {problem}", err=True)
         raise typer.Exit(code=1)
     console.print(f"verified: {len(entries)} record(s) in {ledger}, every link and signature intact", highlight=False)
-    console.print(f"signed by key {key_fingerprint(key)}: compare with the fingerprint the site gave you", highlight=False)
+    console.print(
+        f"signed by key {key_fingerprint(key)}: compare with the fingerprint the site gave you", highlight=False
+    )
 
 
 @audit_app.command("empirical")
 def empirical(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory of a run with --set audit-canaries=M.")],
-    guesses: Annotated[Optional[int], typer.Option("--guesses", help="r: how many canaries to guess, half 'in', half 'out' (default m/4).")] = None,
+    guesses: Annotated[
+        Optional[int],
+        typer.Option("--guesses", help="r: how many canaries to guess, half 'in', half 'out' (default m/4)."),
+    ] = None,
 ) -> None:
     """One-run audit (Steinke et al. 2023): an epsilon lower bound beside the accountant's.
 
@@ -114,9 +129,16 @@ def empirical(
         result = audit_run(run_dir, guesses)
     write_json_atomic(run_dir / EMPIRICAL_AUDIT_FILE, result.to_json())
     console.print(f"{result.site}: {result.canaries} canaries, {result.included} trained on", highlight=False)
-    console.print(f"guessed {result.guesses} by their loss under the final model: {result.correct} right", highlight=False)
+    console.print(
+        f"guessed {result.guesses} by their loss under the final model: {result.correct} right", highlight=False
+    )
     console.print(verdict(result), style="bold red" if result.contradicts_accountant else None, highlight=False)
-    console.print(paragraph(f"wrote {run_dir / EMPIRICAL_AUDIT_FILE} ({result.seconds:.1f} s)"), highlight=False, markup=False, soft_wrap=True)
+    console.print(
+        paragraph(f"wrote {run_dir / EMPIRICAL_AUDIT_FILE} ({result.seconds:.1f} s)"),
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
     if result.contradicts_accountant:
         raise typer.Exit(code=1)
 
@@ -147,11 +169,21 @@ def _print_studies(report: dict[str, Any]) -> None:
                 "-" if study["epsilon_total"] is None else f"{study['epsilon_total']:.3f}",
             )
         console.print(table)
-        code = Table(title=f"Code and coordinator of each study at {name}", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        code = Table(
+            title=f"Code and coordinator of each study at {name}",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            collapse_padding=True,
+        )
         for column in ("run", "model", "FAB", "coordinator"):
             code.add_column(column, no_wrap=column != "coordinator")
         for study in site["studies"]:
-            code.add_row(_short(str(study["run_id"]), 9), study["model"] or "-", _short(study["fab_hash"] or "-", 12), study["coordinator"] or "-")
+            code.add_row(
+                _short(str(study["run_id"]), 9),
+                study["model"] or "-",
+                _short(study["fab_hash"] or "-", 12),
+                study["coordinator"] or "-",
+            )
         console.print(code)
         for refusal in site["refusal_log"]:
             line = f"refused: run {_short(str(refusal['run_id']), 9)} round {refusal['round']} ({refusal['when'][:16].replace('T', ' ')}): {refusal['reason']}"
@@ -207,7 +239,10 @@ def _print_report(report: dict[str, Any]) -> None:
         console.print(f"{', '.join(names)}: {assumption}", highlight=False, markup=False)
     for name, site in report["sites"].items():
         for identity, spent in site["datasets"].items():
-            console.print(f"{name}: dataset {identity[:16]}: {spent['releases']} release(s), epsilon {spent['epsilon_rdp']:.3f} (RDP)", highlight=False)
+            console.print(
+                f"{name}: dataset {identity[:16]}: {spent['releases']} release(s), epsilon {spent['epsilon_rdp']:.3f} (RDP)",
+                highlight=False,
+            )
     if report["empirical"] is not None:
         console.print(f"empirical audit: {report['empirical']['verdict']}", highlight=False)
     for warning in report["warnings"]:
@@ -229,4 +264,8 @@ def _print_rejections(run_dir: RunDirectory) -> None:
 
     for name, rejected in rejections(run_dir.read_metrics()).items():
         rounds = ", ".join(map(str, rejected.rounds))
-        console.print(f"rejected: {name}: {rejected.count} reply(ies), round(s) {rounds}: {'; '.join(rejected.reasons)}", highlight=False, markup=False)
+        console.print(
+            f"rejected: {name}: {rejected.count} reply(ies), round(s) {rounds}: {'; '.join(rejected.reasons)}",
+            highlight=False,
+            markup=False,
+        )

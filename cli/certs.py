@@ -58,12 +58,17 @@ def init(
     directory: DirectoryArgument,
     superlink_host: Annotated[
         list[str],
-        typer.Option("--superlink-host", help="A name or IP address SuperNodes and flwr use to reach the SuperLink (repeatable)."),
+        typer.Option(
+            "--superlink-host", help="A name or IP address SuperNodes and flwr use to reach the SuperLink (repeatable)."
+        ),
     ],
     days: Annotated[int, typer.Option("--days", help="How long the certificates are valid.")] = 365,
     ca_passphrase_file: Annotated[
         Optional[Path],
-        typer.Option("--ca-passphrase-file", help="A file whose first line is the passphrase that encrypts ca.key; without it, you are asked."),
+        typer.Option(
+            "--ca-passphrase-file",
+            help="A file whose first line is the passphrase that encrypts ca.key; without it, you are asked.",
+        ),
     ] = None,
     force: ForceOption = False,
 ) -> None:
@@ -73,12 +78,18 @@ def init(
     in the terminal."""
     with input_errors():
         names = describe_names(subject_alternative_names(superlink_host))
-        init_certificates(directory, superlink_host, passphrase=_ca_passphrase(ca_passphrase_file), days=days, force=force)
+        init_certificates(
+            directory, superlink_host, passphrase=_ca_passphrase(ca_passphrase_file), days=days, force=force
+        )
         checked = check_server_files(directory, superlink_host)
     layout = CertificateLayout(directory)
     _print_files("wrote", directory, checked)
-    _say(f"SANs written: {names} (127.0.0.1 and localhost for the coordinator's own flwr, SuperExec and front door; sites dial a host you gave)")
-    _say(f"{layout.ca_key} is encrypted with your passphrase; only `cohort certs init` needs it: keep it off the SuperLink's host.")
+    _say(
+        f"SANs written: {names} (127.0.0.1 and localhost for the coordinator's own flwr, SuperExec and front door; sites dial a host you gave)"
+    )
+    _say(
+        f"{layout.ca_key} is encrypted with your passphrase; only `cohort certs init` needs it: keep it off the SuperLink's host."
+    )
     _print_step(
         "On the coordinator's host (it needs ca.crt, superlink.crt and superlink.key): the SuperLink on loopback and the front door that sites reach:",
         shell_line(superlink_command(certs_dir=directory.absolute())),
@@ -91,9 +102,13 @@ def init(
         "Send ca.crt to each site. Each site makes its own SuperNode key pair and sends back only NAME.pub:",
         shell_line(certs_site_command()),
     )
-    _print_step("For each NAME.pub received, on the coordinator's host:", shell_line(register_command(f"{SITE_NAME}.pub")))
+    _print_step(
+        "For each NAME.pub received, on the coordinator's host:", shell_line(register_command(f"{SITE_NAME}.pub"))
+    )
     console.print()
-    _say("Replace each <PLACEHOLDER>; <SUPERLINK_DATABASE> is a file that keeps the registered SuperNodes across restarts, <CONNECTION> a name of your choosing.")
+    _say(
+        "Replace each <PLACEHOLDER>; <SUPERLINK_DATABASE> is a file that keeps the registered SuperNodes across restarts, <CONNECTION> a name of your choosing."
+    )
 
 
 @certs_app.command("site")
@@ -115,7 +130,9 @@ def site(
     )
     _print_step(
         f"Then, here, with the coordinator's ca.crt copied to {layout.ca_cert}:",
-        shell_line(supernode_command(ca_cert=layout.ca_cert.absolute(), auth_key=layout.site_key(name).absolute(), name=name)),
+        shell_line(
+            supernode_command(ca_cert=layout.ca_cert.absolute(), auth_key=layout.site_key(name).absolute(), name=name)
+        ),
     )
     console.print()
     _say("Replace each <PLACEHOLDER>; <SUPERLINK_HOST> is the coordinator's public address.")
@@ -140,7 +157,9 @@ def check(
             checked = check_server_files(directory, superlink_host or [])
             checked += [row for each in layout.site_names() for row in check_registered_public_key(directory, each)]
         elif superlink_host:
-            raise CohortInputError("--superlink-host checks superlink.crt, which a site does not have; drop it when checking with --site")
+            raise CohortInputError(
+                "--superlink-host checks superlink.crt, which a site does not have; drop it when checking with --site"
+            )
         else:
             checked = check_ca(layout.ca_cert) + check_site_key(layout.site_key(site))
     _print_files("OK", directory, checked)
@@ -153,12 +172,18 @@ def _ca_passphrase(path: Path | None) -> bytes:
         try:
             lines = path.read_bytes().splitlines()
         except OSError as error:
-            raise CohortInputError(f"--ca-passphrase-file {path} cannot be read ({error.strerror}); give a readable file") from None
+            raise CohortInputError(
+                f"--ca-passphrase-file {path} cannot be read ({error.strerror}); give a readable file"
+            ) from None
         if not lines or not lines[0]:
-            raise CohortInputError(f"--ca-passphrase-file {path} is empty; its first line must be the passphrase for ca.key")
+            raise CohortInputError(
+                f"--ca-passphrase-file {path} is empty; its first line must be the passphrase for ca.key"
+            )
         return lines[0]
     if not sys.stdin.isatty():
-        raise CohortInputError("no passphrase for ca.key: give --ca-passphrase-file FILE, or run in a terminal to be asked for one")
+        raise CohortInputError(
+            "no passphrase for ca.key: give --ca-passphrase-file FILE, or run in a terminal to be asked for one"
+        )
     return typer.prompt("Passphrase for ca.key", hide_input=True, confirmation_prompt=True).encode()
 
 

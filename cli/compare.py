@@ -31,29 +31,52 @@ def compare(
     """Per-site accuracy of two runs' final models, and the sites A costs the most."""
     with input_errors():
         _require_twins(run_a, run_b)
-        from simulations.fairness import read_fairness, write_fairness  # loads torch: once the runs are known to compare
+        from simulations.fairness import (
+            read_fairness,
+            write_fairness,
+        )  # loads torch: once the runs are known to compare
 
-        reports = [read_fairness(run) or write_fairness(run, RunDirectory(run).read_config().fairness_margin) for run in (run_a, run_b)]
+        reports = [
+            read_fairness(run) or write_fairness(run, RunDirectory(run).read_config().fairness_margin)
+            for run in (run_a, run_b)
+        ]
         rows = compare_sites(reports[0], reports[1])
     console.print(f"{labelled('A', run_a)}\n{labelled('B', run_b)}", highlight=False, markup=False, soft_wrap=True)
     table = Table(box=box.SIMPLE_HEAD)
     for column in ("site", "A", "B", "A - B", ""):
         table.add_column(column, justify="left" if column in ("site", "") else "right", no_wrap=column != "site")
     for row in rows:
-        table.add_row(row["site"], f"{row['a']:.3f}", f"{row['b']:.3f}", f"{row['difference']:+.3f}", "costs more" if row["costs_more"] else "")
+        table.add_row(
+            row["site"],
+            f"{row['a']:.3f}",
+            f"{row['b']:.3f}",
+            f"{row['difference']:+.3f}",
+            "costs more" if row["costs_more"] else "",
+        )
     console.print(table)
     differences = [row["difference"] for row in rows]
-    console.print(f"median A - B {statistics.median(differences):+.3f}; 'costs more': A loses more there than at the median site", highlight=False)
+    console.print(
+        f"median A - B {statistics.median(differences):+.3f}; 'costs more': A loses more there than at the median site",
+        highlight=False,
+    )
 
 
 def compare_sites(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
     """Per site: accuracy under A and B, A - B, and whether A costs it more than the median."""
     if set(a["sites"]) != set(b["sites"]):
-        raise CohortInputError(f"the runs have different sites ({', '.join(sorted(a['sites']))} against {', '.join(sorted(b['sites']))}); compare twins")
+        raise CohortInputError(
+            f"the runs have different sites ({', '.join(sorted(a['sites']))} against {', '.join(sorted(b['sites']))}); compare twins"
+        )
     differences = {name: a["sites"][name]["accuracy"] - b["sites"][name]["accuracy"] for name in sorted(a["sites"])}
     median = statistics.median(differences.values())
     return [
-        {"site": name, "a": a["sites"][name]["accuracy"], "b": b["sites"][name]["accuracy"], "difference": gap, "costs_more": gap < median}
+        {
+            "site": name,
+            "a": a["sites"][name]["accuracy"],
+            "b": b["sites"][name]["accuracy"],
+            "difference": gap,
+            "costs_more": gap < median,
+        }
         for name, gap in differences.items()
     ]
 

@@ -20,32 +20,71 @@ from deploy.coordinator import CoordinatorLaunch
 from deploy.fleet_limits import DEFAULT_MAX_MODEL_MB, DEFAULT_SITES_PER_ADDRESS, FleetLimits
 from deploy.flower_runtime import require_app_dir
 from deploy.front_door import FrontDoor
-from deploy.launch import SuperLinkLaunch, SuperNodeLaunch, exec_flower, flwr_home, probe_superlink, split_address, write_connection
+from deploy.launch import (
+    SuperLinkLaunch,
+    SuperNodeLaunch,
+    exec_flower,
+    flwr_home,
+    probe_superlink,
+    split_address,
+    write_connection,
+)
 from deploy.submission import RunOutcome, submission
 from server.records import RoundRecord
 from server.run_config import RunConfig
 from simulations.plan import parse_overrides
 
-CertsOption = Annotated[Path, typer.Option("--certs", help="The directory of `cohort certs init` (ca.crt, superlink.crt, superlink.key).")]
+CertsOption = Annotated[
+    Path, typer.Option("--certs", help="The directory of `cohort certs init` (ca.crt, superlink.crt, superlink.key).")
+]
 HostOption = Annotated[str, typer.Option("--host", help="Where the front door listens: the address sites reach.")]
-PortOption = Annotated[int, typer.Option("--port", help="The front door's port: the one port sites reach (Fleet API only).")]
+PortOption = Annotated[
+    int, typer.Option("--port", help="The front door's port: the one port sites reach (Fleet API only).")
+]
 MaxModelOption = Annotated[
-    float, typer.Option("--max-model-mb", help="The largest model update (MB) the front door admits; it sizes the Fleet routes' body limits.")
+    float,
+    typer.Option(
+        "--max-model-mb",
+        help="The largest model update (MB) the front door admits; it sizes the Fleet routes' body limits.",
+    ),
 ]
 SitesPerAddressOption = Annotated[
-    int, typer.Option("--sites-per-address", help="SuperNodes that may reach the front door from one address; it sizes the per-address limits.")
+    int,
+    typer.Option(
+        "--sites-per-address",
+        help="SuperNodes that may reach the front door from one address; it sizes the per-address limits.",
+    ),
 ]
-DatabaseOption = Annotated[Path, typer.Option("--database", help="A file that keeps registered SuperNodes and runs across restarts.")]
-LocalPortOption = Annotated[int, typer.Option("--local-port", help="The SuperLink's own port on 127.0.0.1: flwr and `cohort connect` on this host use it.")]
-SuperLinkAddressOption = Annotated[str, typer.Option("--superlink", help="HOST:PORT of the SuperLink, as this site dials it.")]
+DatabaseOption = Annotated[
+    Path, typer.Option("--database", help="A file that keeps registered SuperNodes and runs across restarts.")
+]
+LocalPortOption = Annotated[
+    int,
+    typer.Option(
+        "--local-port", help="The SuperLink's own port on 127.0.0.1: flwr and `cohort connect` on this host use it."
+    ),
+]
+SuperLinkAddressOption = Annotated[
+    str, typer.Option("--superlink", help="HOST:PORT of the SuperLink, as this site dials it.")
+]
 CaCertOption = Annotated[Path, typer.Option("--ca-cert", help="The federation's ca.crt.")]
-AuthKeyOption = Annotated[Path, typer.Option("--auth-key", help="This site's SuperNode key from `cohort certs site` (mode 0600).")]
+AuthKeyOption = Annotated[
+    Path, typer.Option("--auth-key", help="This site's SuperNode key from `cohort certs site` (mode 0600).")
+]
 SiteNameOption = Annotated[str, typer.Option("--name", help="The site's name in ledgers and metrics.")]
-DataOption = Annotated[Path, typer.Option("--data", help="The site's data: an .npz, an MNIST IDX folder or an image folder.")]
-StateDirOption = Annotated[Path, typer.Option("--state-dir", help="Where the site keeps its privacy ledger and signing key; it outlives runs.")]
-EpsilonOption = Annotated[float, typer.Option("--epsilon", help="The site's total privacy budget for this data, over every run.")]
+DataOption = Annotated[
+    Path, typer.Option("--data", help="The site's data: an .npz, an MNIST IDX folder or an image folder.")
+]
+StateDirOption = Annotated[
+    Path, typer.Option("--state-dir", help="Where the site keeps its privacy ledger and signing key; it outlives runs.")
+]
+EpsilonOption = Annotated[
+    float, typer.Option("--epsilon", help="The site's total privacy budget for this data, over every run.")
+]
 DeltaOption = Annotated[float, typer.Option("--delta", help="The delta of that budget.")]
-SuperNodePortOption = Annotated[int, typer.Option("--port", help="The SuperNode's local API port; distinct per SuperNode on one machine.")]
+SuperNodePortOption = Annotated[
+    int, typer.Option("--port", help="The SuperNode's local API port; distinct per SuperNode on one machine.")
+]
 
 
 def superlink(
@@ -55,10 +94,18 @@ def superlink(
     port: PortOption = SUPERLINK_PORT,
     local_port: LocalPortOption = SUPERLINK_LOCAL_PORT,
     local_host: Annotated[
-        str, typer.Option("--local-host", help="Where the SuperLink listens; not 127.0.0.1 only with --no-front-door, on a private network.")
+        str,
+        typer.Option(
+            "--local-host",
+            help="Where the SuperLink listens; not 127.0.0.1 only with --no-front-door, on a private network.",
+        ),
     ] = LOOPBACK,
     front_door: Annotated[
-        bool, typer.Option("--front-door/--no-front-door", help="Start the front door here (default), or run it elsewhere with `cohort front-door`.")
+        bool,
+        typer.Option(
+            "--front-door/--no-front-door",
+            help="Start the front door here (default), or run it elsewhere with `cohort front-door`.",
+        ),
     ] = True,
     max_model_mb: MaxModelOption = DEFAULT_MAX_MODEL_MB,
     sites_per_address: SitesPerAddressOption = DEFAULT_SITES_PER_ADDRESS,
@@ -68,7 +115,9 @@ def superlink(
     everything else. Ctrl-C or SIGTERM stops both."""
     with input_errors():
         if front_door and local_host != LOOPBACK:
-            raise CohortInputError(f"--local-host {local_host}: behind the front door the SuperLink listens on {LOOPBACK} only; drop --local-host")
+            raise CohortInputError(
+                f"--local-host {local_host}: behind the front door the SuperLink listens on {LOOPBACK} only; drop --local-host"
+            )
         link = SuperLinkLaunch(certs=certs.resolve(), database=database.resolve(), host=local_host, port=local_port)
         limits = FleetLimits(max_model_mb, sites_per_address)
         door = FrontDoor(certs.resolve(), host, port, LOOPBACK, local_port, limits) if front_door else None
@@ -78,7 +127,12 @@ def superlink(
 
 def front_door(
     certs: CertsOption,
-    upstream: Annotated[str, typer.Option("--upstream", help="HOST:PORT of the SuperLink on a private network (its certificate must cover HOST).")],
+    upstream: Annotated[
+        str,
+        typer.Option(
+            "--upstream", help="HOST:PORT of the SuperLink on a private network (its certificate must cover HOST)."
+        ),
+    ],
     host: HostOption = SUPERLINK_LISTEN_HOST,
     port: PortOption = SUPERLINK_PORT,
     max_model_mb: MaxModelOption = DEFAULT_MAX_MODEL_MB,
@@ -88,7 +142,9 @@ def front_door(
     --no-front-door` (docker/compose.yml): sites get the Fleet API and nothing else."""
     with input_errors():
         upstream_host, upstream_port = split_address(upstream)
-        door = FrontDoor(certs.resolve(), host, port, upstream_host, upstream_port, FleetLimits(max_model_mb, sites_per_address))
+        door = FrontDoor(
+            certs.resolve(), host, port, upstream_host, upstream_port, FleetLimits(max_model_mb, sites_per_address)
+        )
         code = CoordinatorLaunch(None, door).run()
     raise typer.Exit(code)
 
@@ -148,7 +204,10 @@ def run(
     connection: Annotated[str, typer.Argument(help="The SuperLink connection that `cohort connect` made.")],
     set_: Annotated[
         Optional[list[str]],
-        typer.Option("--set", help="A run setting, e.g. --set rounds=20 (repeatable); the settings are [tool.flwr.app.config] in pyproject.toml."),
+        typer.Option(
+            "--set",
+            help="A run setting, e.g. --set rounds=20 (repeatable); the settings are [tool.flwr.app.config] in pyproject.toml.",
+        ),
     ] = None,
 ) -> None:
     """Submit a study to the coordinator's SuperLink and follow it, one line a round.
@@ -170,7 +229,11 @@ def run(
 
 def _report(outcome: RunOutcome, connection: str) -> None:
     if outcome.interrupted:
-        stop = f"`flwr stop {outcome.run_id} {connection}` stops it" if outcome.run_id is not None else "`flwr ls` lists it"
+        stop = (
+            f"`flwr stop {outcome.run_id} {connection}` stops it"
+            if outcome.run_id is not None
+            else "`flwr ls` lists it"
+        )
         echo_message(f"interrupted: no longer following; the run goes on at the SuperLink ({stop})")
         raise typer.Exit(code=130)
     if not outcome.succeeded:

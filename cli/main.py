@@ -16,10 +16,10 @@ from cli.audit import audit_app
 from cli.certs import certs_app
 from cli.compare import compare
 from cli.deploy import connect, front_door, run, superlink, supernode
-from cli.service import service_app
-from cli.site import site_app
 from cli.errors import input_errors
 from cli.rounds import round_line
+from cli.service import service_app
+from cli.site import site_app
 from cli.terminal import echo_message, labelled
 from common.errors import CohortInputError
 from deploy.flower_runtime import require_app_dir
@@ -30,7 +30,13 @@ from simulations.plan import DEFAULT_SIMULATION, SimulationPlan, load_plan, save
 if TYPE_CHECKING:
     from simulations.runner import SimulationOutcome
 
-app = typer.Typer(rich_markup_mode="markdown", help="Cohort: federated training with differential privacy, on Flower and Opacus.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    rich_markup_mode="markdown",
+    help="Cohort: federated training with differential privacy, on Flower and Opacus.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 console = Console()
 
 
@@ -47,20 +53,31 @@ def _root() -> None:
 
 @app.command()
 def simulate(
-    config: Annotated[Optional[Path], typer.Argument(help="Simulation TOML (default: simulations/default.toml).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: --set rounds=5 (repeatable).")] = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this run directory at its next round.")] = None,
+    config: Annotated[
+        Optional[Path], typer.Argument(help="Simulation TOML (default: simulations/default.toml).")
+    ] = None,
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override a setting: --set rounds=5 (repeatable).")
+    ] = None,
+    resume: Annotated[
+        Optional[Path], typer.Option("--resume", help="Continue the run in this run directory at its next round.")
+    ] = None,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where new run directories are created.")] = Path("runs"),
     federation_home: Annotated[
         Optional[Path],
-        typer.Option("--federation-home", help="Sites' state (ledgers, keys, policy.toml): share one to make budgets span simulations."),
+        typer.Option(
+            "--federation-home",
+            help="Sites' state (ledgers, keys, policy.toml): share one to make budgets span simulations.",
+        ),
     ] = None,
 ) -> None:
     """Simulate a federation of sites on this machine on Flower's simulation engine."""
     with input_errors():  # the settings first: a mistake in them is told before torch loads
         require_app_dir()
         if resume is not None and (config is not None or set_ or federation_home is not None):
-            raise CohortInputError("--resume continues a run with its own config; drop CONFIG, --set and --federation-home")
+            raise CohortInputError(
+                "--resume continues a run with its own config; drop CONFIG, --set and --federation-home"
+            )
         settings = load_plan(config or DEFAULT_SIMULATION, set_ or []) if resume is None else None
     # Imported here: the simulation engine loads torch, which the deployment commands do not need.
     from simulations.runner import SimulationStopped, new_run, resumed_run
@@ -98,7 +115,9 @@ def _run_with_progress(plan: SimulationPlan) -> SimulationOutcome:
     seen: list[RoundRecord] = []
     warned = False
     # Shown once the run directory is locked and ready, so that a refusal prints nothing else.
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    )
     task = progress.add_task("starting Flower", total=rounds)
 
     def on_start(run_dir: RunDirectory) -> None:
@@ -138,12 +157,18 @@ def _print_summary(outcome: SimulationOutcome) -> None:
     if summary.refused:
         console.print(f"refused to train (out of the run): {', '.join(summary.refused)}", highlight=False)
     for name, rejected in summary.rejected.items():
-        console.print(f"rejected: {name}, {rejected.count} reply(ies) in round(s) {', '.join(map(str, rejected.rounds))}: {'; '.join(rejected.reasons)}", highlight=False, markup=False)
+        console.print(
+            f"rejected: {name}, {rejected.count} reply(ies) in round(s) {', '.join(map(str, rejected.rounds))}: {'; '.join(rejected.reasons)}",
+            highlight=False,
+            markup=False,
+        )
     max_eps, client_eps = summary.max_epsilon, summary.client_level_epsilon
     privacy = f"largest site epsilon {'n/a (no DP)' if max_eps is None else f'{max_eps:.3f}'}"
     if client_level:
         privacy = f"client-level epsilon {client_eps:.3f} (server ledger)"
-    console.print(f"global test accuracy {summary.final_accuracy:.4f} after {summary.rounds} rounds; {privacy}", highlight=False)
+    console.print(
+        f"global test accuracy {summary.final_accuracy:.4f} after {summary.rounds} rounds; {privacy}", highlight=False
+    )
     console.print(labelled("run directory", outcome.run_dir.path), highlight=False, markup=False, soft_wrap=True)
 
 
@@ -168,12 +193,17 @@ def _print_federation(summary: Summary, client_level: bool) -> None:
     little, so the spread across sites is what is shown."""
     sites = list(summary.sites.values())
     rounds = sorted(site.rounds_trained for site in sites)
-    console.print(f"{len(sites)} sites; rounds trained per site: min {rounds[0]}, median {rounds[len(rounds) // 2]}, max {rounds[-1]}", highlight=False)
+    console.print(
+        f"{len(sites)} sites; rounds trained per site: min {rounds[0]}, median {rounds[len(rounds) // 2]}, max {rounds[-1]}",
+        highlight=False,
+    )
     epsilons = sorted(site.epsilon for site in sites if site.epsilon is not None)
     if epsilons:
         console.print(f"site epsilon: min {epsilons[0]:.3f}, max {epsilons[-1]:.3f}", highlight=False)
     elif client_level:
-        console.print("every site is protected by the server's client-level DP (its ledger), not by local noise", highlight=False)
+        console.print(
+            "every site is protected by the server's client-level DP (its ledger), not by local noise", highlight=False
+        )
 
 
 def _report_fairness(outcome: SimulationOutcome, margin: float) -> None:

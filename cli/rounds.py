@@ -32,5 +32,8 @@ def round_line(record: RoundRecord, rounds: int) -> str:
     if record.refused:
         problems.append(f"refused: {', '.join(record.refused)}")
     problems += list(record.refusal_reasons.values())
-    wrapped = [textwrap.fill(p, WIDTH, initial_indent=PROBLEM_INDENT, subsequent_indent=PROBLEM_INDENT + "  ") for p in problems]
+    wrapped = [
+        textwrap.fill(p, WIDTH, initial_indent=PROBLEM_INDENT, subsequent_indent=PROBLEM_INDENT + "  ")
+        for p in problems
+    ]
     return "\n".join([line, *wrapped])

@@ -32,16 +32,24 @@ from cli.errors import input_errors
 from cli.terminal import labelled, paragraph
 from common.config import validate_budget
 from common.errors import CohortInputError
-from server.rundir import write_bytes_atomic
 from deploy import commands
 from deploy.certificates import validate_site_name
 from deploy.fleet_limits import DEFAULT_MAX_MODEL_MB, DEFAULT_SITES_PER_ADDRESS, FleetLimits
 from deploy.service_units import ServiceUnit, superlink_unit, supernode_unit
+from server.rundir import write_bytes_atomic
 
-service_app = typer.Typer(rich_markup_mode="markdown", help="systemd units for the coordinator and the sites (install steps: docs/deploy.md).", no_args_is_help=True)
+service_app = typer.Typer(
+    rich_markup_mode="markdown",
+    help="systemd units for the coordinator and the sites (install steps: docs/deploy.md).",
+    no_args_is_help=True,
+)
 
-UnitFileArgument = Annotated[Path, typer.Argument(help="Where to write the unit, e.g. /etc/systemd/system/cohort-superlink.service.")]
-UserOption = Annotated[str, typer.Option("--user", help="The unprivileged account the service runs as; create it first.")]
+UnitFileArgument = Annotated[
+    Path, typer.Argument(help="Where to write the unit, e.g. /etc/systemd/system/cohort-superlink.service.")
+]
+UserOption = Annotated[
+    str, typer.Option("--user", help="The unprivileged account the service runs as; create it first.")
+]
 
 
 @service_app.command("superlink")
@@ -50,7 +58,10 @@ def superlink_service(
     user: UserOption,
     certs: CertsOption,
     database: DatabaseOption,
-    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where the ServerApp may write run directories (run-dir= in a run config).")],
+    runs_dir: Annotated[
+        Path,
+        typer.Option("--runs-dir", help="Where the ServerApp may write run directories (run-dir= in a run config)."),
+    ],
     host: HostOption = commands.SUPERLINK_LISTEN_HOST,
     port: PortOption = commands.SUPERLINK_PORT,
     local_port: LocalPortOption = commands.SUPERLINK_LOCAL_PORT,
@@ -60,7 +71,12 @@ def superlink_service(
     """Write a unit that runs `cohort superlink` (the SuperLink and its front door)."""
     with input_errors():
         limits = FleetLimits(max_model_mb, sites_per_address)
-        _write(unit_file, superlink_unit(user, _cohort(), certs.resolve(), database.resolve(), runs_dir.resolve(), host, port, local_port, limits))
+        _write(
+            unit_file,
+            superlink_unit(
+                user, _cohort(), certs.resolve(), database.resolve(), runs_dir.resolve(), host, port, local_port, limits
+            ),
+        )
 
 
 @service_app.command("supernode")
@@ -93,7 +109,9 @@ def _cohort() -> Path:
 
 def _write(unit_file: Path, unit: ServiceUnit) -> None:
     if not unit_file.parent.is_dir():
-        raise CohortInputError(f"{unit_file}: folder {unit_file.parent} does not exist; give a path in an existing folder (/etc/systemd/system)")
+        raise CohortInputError(
+            f"{unit_file}: folder {unit_file.parent} does not exist; give a path in an existing folder (/etc/systemd/system)"
+        )
     write_bytes_atomic(unit_file, unit.text().encode(), mode=0o644)
     typer.echo(labelled("wrote", unit_file))
     typer.echo(paragraph(f"Then: `systemctl daemon-reload && systemctl enable --now {unit_file.name}`"))

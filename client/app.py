@@ -17,13 +17,13 @@ from flwr.clientapp import ClientApp
 
 from client.clipping import central_dp_clipping_mod
 from client.dp_randomness import site_noise_source
-from client.integer_update import SECURE_AGGREGATION_STREAM, integer_update
 from client.evaluation_policy import declined_evaluation
+from client.integer_update import SECURE_AGGREGATION_STREAM, integer_update
 from client.policy import AGGREGATION_METRICS, SiteConfig
-from client.secure_aggregation import Masker, is_secure_aggregation, key_stage_reply, masked_input_reply
 from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps, spent_epsilon
-from client.site_failure import one_line_on_failure
+from client.secure_aggregation import Masker, is_secure_aggregation, key_stage_reply, masked_input_reply
 from client.site_data import SiteData, local_site_data, simulated_site_data
+from client.site_failure import one_line_on_failure
 from client.study_grant import Grant, grant
 from client.training import RoundOverTime, train_locally
 from client.work_limits import overtime_refusal, steps_refusal
@@ -34,10 +34,20 @@ from common.evaluation import evaluate, resolve_device
 from common.flower_logs import readable_flower_logs
 from common.models.registry import build_model
 from common.privacy.accounting import PrivacyState
+from common.privacy.ledger import (
+    LedgerBroken,
+    LedgerEntry,
+    LedgerRecord,
+    Noise,
+    Sampling,
+    SiteLedger,
+    Spender,
+    Study,
+    model_hash,
+)
 from common.secure_aggregation import messages as secure_messages
 from common.secure_aggregation.messages import masked_input_record
 from common.secure_aggregation.model_vector import update_vector
-from common.privacy.ledger import LedgerBroken, LedgerEntry, LedgerRecord, Noise, Sampling, SiteLedger, Spender, Study, model_hash
 
 readable_flower_logs()
 app = ClientApp()
@@ -62,7 +72,13 @@ def train(msg: Message, context: Context) -> Message:
         return key_stage
     if secure != run.dp.secure_aggregation:  # the run config the site signs says how its update leaves it
         said = "with" if run.dp.secure_aggregation else "without"
-        return Message(Error(code=secure_messages.REFUSED, reason=f"site {site.name} refuses: the run says {said} secure aggregation, the request does not"), reply_to=msg)
+        return Message(
+            Error(
+                code=secure_messages.REFUSED,
+                reason=f"site {site.name} refuses: the run says {said} secure aggregation, the request does not",
+            ),
+            reply_to=msg,
+        )
     if secure:
         return masked_input_reply(msg, context, site.name, lambda masker: _train(msg, context, run, site, masker))
     return _train(msg, context, run, site, None)
@@ -77,16 +93,39 @@ def _train(msg: Message, context: Context, run: SiteRunConfig, site: SiteConfig,
         entries = ledger.verified_entries()
     except LedgerBroken as broken:  # nothing may be planned on a ledger that could have been reset
         print(f"error: {broken}", file=sys.stderr, flush=True)
-        return Message(Error(code=protocol.SITE_REFUSED, reason=f"site {site.name} refuses to train: its privacy ledger does not verify"), reply_to=msg)
+        return Message(
+            Error(
+                code=protocol.SITE_REFUSED,
+                reason=f"site {site.name} refuses to train: its privacy ledger does not verify",
+            ),
+            reply_to=msg,
+        )
     config = msg.content[protocol.CONFIG]
     server_round = int(config[protocol.CONFIG_ROUND])
     mechanism = run.dp.mechanism.mechanism
     if not run.dp.sample_level and not site.allow_non_private:  # decided before any data is read
         spender = _spender(run, site, context, server_round, data_hash="")
-        return _refuse(msg, ledger, LedgerRecord.refusal(spender, _no_local_dp_refusal(run, site), 0.0, site.accountants[0], mechanism, _noise(run, None)))
+        return _refuse(
+            msg,
+            ledger,
+            LedgerRecord.refusal(
+                spender, _no_local_dp_refusal(run, site), 0.0, site.accountants[0], mechanism, _noise(run, None)
+            ),
+        )
     granted = grant(run.study, site, entries, context.run_id) if run.dp.sample_level else Grant(0.0)
     if isinstance(granted, str):  # decided before any data is read
-        return _refuse(msg, ledger, LedgerRecord.refusal(_spender(run, site, context, server_round, data_hash=""), granted, 0.0, site.accountants[0], mechanism, _noise(run, None)))
+        return _refuse(
+            msg,
+            ledger,
+            LedgerRecord.refusal(
+                _spender(run, site, context, server_round, data_hash=""),
+                granted,
+                0.0,
+                site.accountants[0],
+                mechanism,
+                _noise(run, None),
+            ),
+        )
     data = _site_data(site, run)
     spender = _spender(run, site, context, server_round, data.identity, granted.epsilon)
     too_many_steps = steps_refusal(site, run, len(data.train))
@@ -114,14 +153,23 @@ def _train(msg: Message, context: Context, run: SiteRunConfig, site: SiteConfig,
     arrays = ArrayRecord({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()})
     released, key = arrays, protocol.ARRAYS
     if masker is not None:  # its rounding and noise share draw from their own stream of the site's noise source
-        encode = partial(integer_update, source=site_noise_source(run, site, data, server_round, SECURE_AGGREGATION_STREAM))
-        released, key = masked_input_record(masker(update_vector(arrays, msg.content[protocol.ARRAYS]), encode)), secure_messages.MASKED_INPUT
+        encode = partial(
+            integer_update, source=site_noise_source(run, site, data, server_round, SECURE_AGGREGATION_STREAM)
+        )
+        released, key = (
+            masked_input_record(masker(update_vector(arrays, msg.content[protocol.ARRAYS]), encode)),
+            secure_messages.MASKED_INPUT,
+        )
     if update.privacy:
         epsilon, accountant = enforced_epsilon(update.privacy, site)
-        record = LedgerRecord.release(spender, mechanism, _noise(run, update.privacy, update.steps), epsilon, accountant, model_hash(released))
+        record = LedgerRecord.release(
+            spender, mechanism, _noise(run, update.privacy, update.steps), epsilon, accountant, model_hash(released)
+        )
     else:
         epsilon = float("inf")
-        record = LedgerRecord.non_private(spender, mechanism, update.steps, run.dp.clip_norm, site.accountants[0], model_hash(released))
+        record = LedgerRecord.non_private(
+            spender, mechanism, update.steps, run.dp.clip_norm, site.accountants[0], model_hash(released)
+        )
     entry = ledger.append(record)
     metrics = {
         protocol.NUM_EXAMPLES: update.num_examples,
@@ -145,31 +193,52 @@ def _train(msg: Message, context: Context, run: SiteRunConfig, site: SiteConfig,
     return Message(content=content, reply_to=msg)
 
 
-def _planned_privacy(run: SiteRunConfig, site: SiteConfig, spender: Spender, entries: list[LedgerEntry], train_size: int) -> PrivacyState | LedgerRecord:
+def _planned_privacy(
+    run: SiteRunConfig, site: SiteConfig, spender: Spender, entries: list[LedgerEntry], train_size: int
+) -> PrivacyState | LedgerRecord:
     """The privacy state this round's DP-SGD will reach, or the refusal to record when no
     noise level keeps the site within its budget."""
     mechanism = run.dp.mechanism.mechanism
     try:
-        plan = plan_round(run, site, entries, spender.dataset_hash, spender.run_id, spender.round, train_size, spender.study.epsilon)
+        plan = plan_round(
+            run, site, entries, spender.dataset_hash, spender.run_id, spender.round, train_size, spender.study.epsilon
+        )
         reason = refusal_reason(plan, round_steps(train_size, run), site)
-    except CohortInputError as unworkable:  # no noise level fits what is left of the grant, or an accountant cannot compose the round
+    except (
+        CohortInputError
+    ) as unworkable:  # no noise level fits what is left of the grant, or an accountant cannot compose the round
         return _refusal_at_spent(run, site, spender, entries, f"site {site.name} refuses to train: {unworkable}")
     if reason is not None:
-        return LedgerRecord.refusal(spender, reason, enforced_epsilon(plan.total, site)[0], site.accountants[0], mechanism, _noise(run, plan.total))
+        return LedgerRecord.refusal(
+            spender,
+            reason,
+            enforced_epsilon(plan.total, site)[0],
+            site.accountants[0],
+            mechanism,
+            _noise(run, plan.total),
+        )
     return plan.total
 
 
-def _refusal_at_spent(run: SiteRunConfig, site: SiteConfig, spender: Spender, entries: list[LedgerEntry], reason: str) -> LedgerRecord:
+def _refusal_at_spent(
+    run: SiteRunConfig, site: SiteConfig, spender: Spender, entries: list[LedgerEntry], reason: str
+) -> LedgerRecord:
     """The refusal of a round that releases nothing, with what the dataset had spent before it."""
     spent = spent_epsilon(entries, spender.dataset_hash, site)
-    return LedgerRecord.refusal(spender, reason, spent, site.accountants[0], run.dp.mechanism.mechanism, _noise(run, None))
+    return LedgerRecord.refusal(
+        spender, reason, spent, site.accountants[0], run.dp.mechanism.mechanism, _noise(run, None)
+    )
 
 
-def _spender(run: SiteRunConfig, site: SiteConfig, context: Context, server_round: int, data_hash: str, granted: float = 0.0) -> Spender:
+def _spender(
+    run: SiteRunConfig, site: SiteConfig, context: Context, server_round: int, data_hash: str, granted: float = 0.0
+) -> Spender:
     """What every ledger record of this site's round shares; the FAB's hash comes from the
     site's own runner (client/site_runner.py), which read the FAB."""
     study = Study(granted, str(context.node_config.get(protocol.FAB_HASH, "")), run.training.model, site.coordinator)
-    return Spender(context.run_id, server_round, site.name, site.delta, site.epsilon, data_hash, run.site_fingerprint(), study)
+    return Spender(
+        context.run_id, server_round, site.name, site.delta, site.epsilon, data_hash, run.site_fingerprint(), study
+    )
 
 
 @app.query()
@@ -186,13 +255,28 @@ def ask(msg: Message, context: Context) -> Message:
         entries = ledger.verified_entries()
     except LedgerBroken as broken:
         print(f"error: {broken}", file=sys.stderr, flush=True)
-        return Message(Error(code=protocol.SITE_REFUSED, reason=f"site {site.name} refuses the study: its privacy ledger does not verify"), reply_to=msg)
+        return Message(
+            Error(
+                code=protocol.SITE_REFUSED,
+                reason=f"site {site.name} refuses the study: its privacy ledger does not verify",
+            ),
+            reply_to=msg,
+        )
     granted = grant(run.study, site, entries, context.run_id)
     if isinstance(granted, str):
         spender = _spender(run, site, context, server_round=0, data_hash="")
-        return _refuse(msg, ledger, LedgerRecord.refusal(spender, granted, 0.0, site.accountants[0], run.dp.mechanism.mechanism, _noise(run, None)))
+        return _refuse(
+            msg,
+            ledger,
+            LedgerRecord.refusal(
+                spender, granted, 0.0, site.accountants[0], run.dp.mechanism.mechanism, _noise(run, None)
+            ),
+        )
     metrics = MetricRecord({protocol.STUDY_EPSILON: granted.epsilon})
-    return Message(content=RecordDict({protocol.METRICS: metrics, protocol.SITE: ConfigRecord({protocol.SITE_NAME: site.name})}), reply_to=msg)
+    return Message(
+        content=RecordDict({protocol.METRICS: metrics, protocol.SITE: ConfigRecord({protocol.SITE_NAME: site.name})}),
+        reply_to=msg,
+    )
 
 
 def _noise(run: SiteRunConfig, privacy: PrivacyState | None, steps: int = 0) -> Noise:
@@ -204,7 +288,9 @@ def _noise(run: SiteRunConfig, privacy: PrivacyState | None, steps: int = 0) -> 
 
 def _allowed(metrics: dict[str, float], site: SiteConfig) -> MetricRecord:
     """Only what aggregation needs and what the site's policy lets leave it."""
-    return MetricRecord({name: value for name, value in metrics.items() if name in AGGREGATION_METRICS or name in site.send_metrics})
+    return MetricRecord(
+        {name: value for name, value in metrics.items() if name in AGGREGATION_METRICS or name in site.send_metrics}
+    )
 
 
 def _no_local_dp_refusal(run: SiteRunConfig, site: SiteConfig) -> str:
@@ -240,8 +326,14 @@ def evaluate_locally(msg: Message, context: Context) -> Message:
     model = _received_model(msg, run, data)
     device = resolve_device(run.device)
     result = evaluate(model.to(device), data.val, device)
-    metrics = {protocol.NUM_EXAMPLES: result.num_examples, protocol.VAL_LOSS: result.loss, protocol.VAL_ACCURACY: result.accuracy}
-    content = RecordDict({protocol.METRICS: _allowed(metrics, site), protocol.SITE: ConfigRecord({protocol.SITE_NAME: site.name})})
+    metrics = {
+        protocol.NUM_EXAMPLES: result.num_examples,
+        protocol.VAL_LOSS: result.loss,
+        protocol.VAL_ACCURACY: result.accuracy,
+    }
+    content = RecordDict(
+        {protocol.METRICS: _allowed(metrics, site), protocol.SITE: ConfigRecord({protocol.SITE_NAME: site.name})}
+    )
     return Message(content=content, reply_to=msg)
 
 

@@ -24,7 +24,9 @@ from common.privacy.noise import NoiseSource, SecureNoise, noise_source
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def site_noise_source(run: SiteRunConfig, site: SiteConfig, data: SiteData, server_round: int, *stream: str) -> NoiseSource:
+def site_noise_source(
+    run: SiteRunConfig, site: SiteConfig, data: SiteData, server_round: int, *stream: str
+) -> NoiseSource:
     """A deployed site always draws secure noise: this is the site's own code, and no run
     setting reaches the choice. A simulated site follows the run's noise-source, seeded by
     the run's seed (handed over with its data), its name and the round, and `stream` for a

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from flwr.app import Error, Message
 
-from common import protocol
 from client.policy import SiteConfig
+from common import protocol
 
 
 def declined_evaluation(msg: Message, site: SiteConfig) -> Message | None:

@@ -30,7 +30,14 @@ POLICY_FILE = "policy.toml"
 # Always sent: the example count, which the server may weigh by (aggregation-weight =
 # "examples", capped); the server never trusts it beyond its cap.
 AGGREGATION_METRICS = (protocol.NUM_EXAMPLES,)
-ACCOUNTING_METRICS = (protocol.EPSILON, protocol.DELTA, protocol.BUDGET_EPSILON, protocol.NOISE_MULTIPLIER, protocol.SAMPLE_RATE, protocol.STEPS)
+ACCOUNTING_METRICS = (
+    protocol.EPSILON,
+    protocol.DELTA,
+    protocol.BUDGET_EPSILON,
+    protocol.NOISE_MULTIPLIER,
+    protocol.SAMPLE_RATE,
+    protocol.STEPS,
+)
 TRAINING_METRICS = (protocol.TRAIN_LOSS, protocol.TRAIN_ACCURACY)
 VALIDATION_METRICS = (protocol.VAL_LOSS, protocol.VAL_ACCURACY)
 OPTIONAL_METRICS = ACCOUNTING_METRICS + TRAINING_METRICS + VALIDATION_METRICS
@@ -122,7 +129,11 @@ class SiteConfig:
         names against Opacus' registry too."""
         from common.privacy.accounting import accountant_names  # Opacus' registry: it loads PyTorch
 
-        site = cls.deployed_site(node_config) if node_config.get("data-path") is not None else cls.simulated_site(node_config, run)
+        site = (
+            cls.deployed_site(node_config)
+            if node_config.get("data-path") is not None
+            else cls.simulated_site(node_config, run)
+        )
         _names(site.accountants, "accountants", accountant_names())
         return site
 
@@ -145,7 +156,7 @@ class SiteConfig:
         if missing:
             raise CohortInputError(
                 f"site {name} sets no {' or '.join(missing)}: a deployed site chooses its own privacy budget; "
-                f"add it to --node-config (e.g. \"epsilon=8 delta=1e-5\") or to {state_dir / POLICY_FILE}"
+                f'add it to --node-config (e.g. "epsilon=8 delta=1e-5") or to {state_dir / POLICY_FILE}'
             )
         site = cls(
             name=name,
@@ -153,7 +164,12 @@ class SiteConfig:
             delta=_number(policy["delta"], "delta"),
             state_dir=state_dir,
             accountants=_names(policy.get("accountants", "rdp"), "accountants"),
-            send_metrics=_names(policy.get("send-metrics", ",".join(ACCOUNTING_METRICS)), "send-metrics", OPTIONAL_METRICS, allow_empty=True),
+            send_metrics=_names(
+                policy.get("send-metrics", ",".join(ACCOUNTING_METRICS)),
+                "send-metrics",
+                OPTIONAL_METRICS,
+                allow_empty=True,
+            ),
             answer_evaluation=_flag(policy.get("answer-evaluation", False), "answer-evaluation"),
             split_seed=int(_number(policy.get("split-seed", 0), "split-seed", SPLIT_SEED_RANGE)),
             val_fraction=_number(policy.get("val-fraction", DEFAULT_VAL_FRACTION), "val-fraction", VAL_FRACTION_RANGE),
@@ -172,14 +188,24 @@ class SiteConfig:
             raise CohortInputError("the node config names no data: set data-path=PATH in --node-config")
         name = str(node_config.get("site-name", f"site-{partition_id}"))
         state_dir = Path(str(node_config.get("state-dir", Path(run.federation_home) / name))).expanduser().resolve()
-        policy = {"epsilon": run.site_epsilon, "delta": run.site_delta, **_read_policy(state_dir / POLICY_FILE), **node_config}
+        policy = {
+            "epsilon": run.site_epsilon,
+            "delta": run.site_delta,
+            **_read_policy(state_dir / POLICY_FILE),
+            **node_config,
+        }
         return cls(
             name=name,
             epsilon=_number(policy["epsilon"], "epsilon"),
             delta=_number(policy["delta"], "delta"),
             state_dir=state_dir,
             accountants=_names(policy.get("accountants", run.dp.accountant), "accountants"),
-            send_metrics=_names(policy.get("send-metrics", ",".join(OPTIONAL_METRICS)), "send-metrics", OPTIONAL_METRICS, allow_empty=True),
+            send_metrics=_names(
+                policy.get("send-metrics", ",".join(OPTIONAL_METRICS)),
+                "send-metrics",
+                OPTIONAL_METRICS,
+                allow_empty=True,
+            ),
             answer_evaluation=_flag(policy.get("answer-evaluation", True), "answer-evaluation"),
             partition_id=int(partition_id),
             num_partitions=int(num_partitions),
@@ -187,22 +213,36 @@ class SiteConfig:
         )
 
 
-def _shared_policy(policy: Mapping[str, Any], name: str, allow_non_private_default: bool, study_share: float) -> dict[str, Any]:
+def _shared_policy(
+    policy: Mapping[str, Any], name: str, allow_non_private_default: bool, study_share: float
+) -> dict[str, Any]:
     """The keys a deployed and a simulated site read alike, validated; `study_share`: the
     share of the budget one study may have where the policy sets no study-epsilon."""
     epsilon = _number(policy["epsilon"], "epsilon")
     validate_budget(epsilon, _number(policy["delta"], "delta"), source=f"site {name}'s policy")
     study_epsilon = _number(policy.get("study-epsilon", study_share * epsilon), "study-epsilon", EPSILON_RANGE)
     if study_epsilon > epsilon:
-        raise CohortInputError(f"study-epsilon is {study_epsilon} in site {name}'s policy; a per-study cap must be > 0 and at most epsilon ({epsilon:g})")
+        raise CohortInputError(
+            f"study-epsilon is {study_epsilon} in site {name}'s policy; a per-study cap must be > 0 and at most epsilon ({epsilon:g})"
+        )
     run_epsilon = policy.get("run-epsilon")
     return {
         "run_epsilon": _number(run_epsilon, "run-epsilon", EPSILON_RANGE) if run_epsilon is not None else None,
-        "run_window_hours": _number(policy.get("run-window-hours", DEFAULT_RUN_WINDOW_HOURS), "run-window-hours", RUN_WINDOW_HOURS_RANGE),
+        "run_window_hours": _number(
+            policy.get("run-window-hours", DEFAULT_RUN_WINDOW_HOURS), "run-window-hours", RUN_WINDOW_HOURS_RANGE
+        ),
         "study_epsilon": study_epsilon,
-        "max_noise_multiplier": _number(policy.get("max-noise-multiplier", DEFAULT_MAX_NOISE_MULTIPLIER), "max-noise-multiplier", MAX_NOISE_MULTIPLIER_RANGE),
-        "max_round_steps": int(_number(policy.get("max-round-steps", DEFAULT_MAX_ROUND_STEPS), "max-round-steps", MAX_ROUND_STEPS_RANGE)),
-        "max_round_seconds": _number(policy.get("max-round-seconds", DEFAULT_MAX_ROUND_SECONDS), "max-round-seconds", MAX_ROUND_SECONDS_RANGE),
+        "max_noise_multiplier": _number(
+            policy.get("max-noise-multiplier", DEFAULT_MAX_NOISE_MULTIPLIER),
+            "max-noise-multiplier",
+            MAX_NOISE_MULTIPLIER_RANGE,
+        ),
+        "max_round_steps": int(
+            _number(policy.get("max-round-steps", DEFAULT_MAX_ROUND_STEPS), "max-round-steps", MAX_ROUND_STEPS_RANGE)
+        ),
+        "max_round_seconds": _number(
+            policy.get("max-round-seconds", DEFAULT_MAX_ROUND_SECONDS), "max-round-seconds", MAX_ROUND_SECONDS_RANGE
+        ),
         "allow_non_private": _flag(policy.get("allow-non-private", allow_non_private_default), "allow-non-private"),
     }
 
@@ -223,10 +263,14 @@ def _names(value: Any, key: str, choices: tuple[str, ...] | None = None, allow_e
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
     names = tuple(dict.fromkeys(str(item).strip() for item in items if str(item).strip()))
     if not names and not allow_empty:
-        raise CohortInputError(f"{key} is empty in the site's policy; name at least one{' of ' + ', '.join(choices) if choices else ''}")
+        raise CohortInputError(
+            f"{key} is empty in the site's policy; name at least one{' of ' + ', '.join(choices) if choices else ''}"
+        )
     unknown = [name for name in names if choices is not None and name not in choices]
     if unknown:
-        raise CohortInputError(f"{key} names {', '.join(unknown)} in the site's policy; choose from {', '.join(choices)}")
+        raise CohortInputError(
+            f"{key} names {', '.join(unknown)} in the site's policy; choose from {', '.join(choices)}"
+        )
     return names
 
 

@@ -12,11 +12,11 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
+from client.policy import SiteConfig
 from client.training import steps_per_epoch
 from common.config import SiteRunConfig
-from common.privacy.accounting import PrivacyState, derive_noise_multiplier
+from common.privacy.accounting import PrivacyState, composing_accountants, derive_noise_multiplier, merged_history
 from common.privacy.ledger import LedgerEntry, LedgerRecord, history_of, iter_releases
-from client.policy import SiteConfig
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,21 @@ class RoundPlan:
 
 
 def enforced_epsilon(state: PrivacyState, site: SiteConfig) -> tuple[float, str]:
-    """The epsilon of `state` under each of the site's accountants: the largest, and which one."""
-    return max((dataclasses.replace(state, accountant=name).epsilon(site.delta), name) for name in site.accountants)
+    """The epsilon of `state` under each of the site's accountants that can compose it: the
+    largest, and which one."""
+    names = composing_accountants(site.accountants, len(merged_history(state.history)))
+    return max((dataclasses.replace(state, accountant=name).epsilon(site.delta), name) for name in names)
 
 
-def noise_for(site: SiteConfig, target_epsilon: float, sample_rate: float, steps: int, prior: tuple[tuple[float, float, int], ...]) -> float:
-    """The smallest sigma that keeps every one of the site's accountants within the target."""
-    return max(derive_noise_multiplier(target_epsilon, site.delta, sample_rate, steps, name, prior=prior) for name in site.accountants)
+def noise_for(
+    site: SiteConfig, target_epsilon: float, sample_rate: float, steps: int, prior: tuple[tuple[float, float, int], ...]
+) -> float:
+    """The smallest sigma that keeps every one of the site's accountants that can compose
+    the prior releases and a new one within the target."""
+    names = composing_accountants(site.accountants, len(merged_history(prior)) + 1)
+    return max(
+        derive_noise_multiplier(target_epsilon, site.delta, sample_rate, steps, name, prior=prior) for name in names
+    )
 
 
 def round_steps(num_examples: int, run: SiteRunConfig) -> int:
@@ -75,7 +83,9 @@ def plan_round(
     window_history = history_of(_in_window(releases, site, time.time() if now is None else now))
     earlier_in_run = [r for r in releases if r.run_id == run_id]
     before_run = history_of(r for r in releases if r.run_id != run_id)
-    target = min(site.epsilon, enforced_epsilon(PrivacyState(1.0, 1.0, site.accountants[0], before_run), site)[0] + granted)
+    target = min(
+        site.epsilon, enforced_epsilon(PrivacyState(1.0, 1.0, site.accountants[0], before_run), site)[0] + granted
+    )
     if earlier_in_run:
         sigma = earlier_in_run[-1].noise_multiplier
     elif run.dp.noise_multiplier:

@@ -32,7 +32,8 @@ from typing import Callable
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 
-from common.secure_aggregation import crypto, field as modular
+from common.secure_aggregation import crypto
+from common.secure_aggregation import field as modular
 from common.secure_aggregation.messages import (
     RECORD,
     REFUSED,
@@ -101,7 +102,10 @@ def is_secure_aggregation(message: Message) -> bool:
 
 
 def _declined(message: Message, site_name: str, declined: Exception) -> Message:
-    return Message(Error(code=REFUSED, reason=f"site {site_name} leaves this secure aggregation round: {declined}"), reply_to=message)
+    return Message(
+        Error(code=REFUSED, reason=f"site {site_name} leaves this secure aggregation round: {declined}"),
+        reply_to=message,
+    )
 
 
 def _reply(message: Message, record: ConfigRecord) -> Message:
@@ -208,8 +212,14 @@ def share_keys(context: Context, request: ShareKeys) -> EncryptedShares:
     if (request.encryption_keys[mine], request.masking_keys[mine]) != own_keys:
         raise Refused("the coordinator lists public keys for this site that are not its own")
     if not parameters.threshold <= len(holders) <= parameters.neighbours + 1:
-        raise Refused(f"its neighbourhood has {len(holders)} sites; the round needs {parameters.threshold} to {parameters.neighbours + 1}")
-    secrets.holders, secrets.encryption_keys, secrets.masking_keys = holders, list(request.encryption_keys), list(request.masking_keys)
+        raise Refused(
+            f"its neighbourhood has {len(holders)} sites; the round needs {parameters.threshold} to {parameters.neighbours + 1}"
+        )
+    secrets.holders, secrets.encryption_keys, secrets.masking_keys = (
+        holders,
+        list(request.encryption_keys),
+        list(request.masking_keys),
+    )
     secrets.seed = os.urandom(SEED_BYTES)
     seed_shares = crypto.split_secret(secrets.seed, parameters.threshold, len(holders))
     key_shares = crypto.split_secret(secrets.masking_private, parameters.threshold, len(holders))
@@ -242,10 +252,16 @@ def receive_shares(context: Context, request: ForwardedShares) -> None:
     for sender, ciphertext in zip(request.senders, request.ciphertexts, strict=True):
         try:
             seed_share, key_share = _unpair(
-                crypto.open_sealed(secrets.share_key(sender), ciphertext, crypto.route(secrets.run_id, secrets.server_round, sender, secrets.node))
+                crypto.open_sealed(
+                    secrets.share_key(sender),
+                    ciphertext,
+                    crypto.route(secrets.run_id, secrets.server_round, sender, secrets.node),
+                )
             )
         except ValueError:
-            raise Refused(f"the shares forwarded from node {sender} do not authenticate; this site takes no part in the round") from None
+            raise Refused(
+                f"the shares forwarded from node {sender} do not authenticate; this site takes no part in the round"
+            ) from None
         secrets.senders.append(sender)
         secrets.seed_shares.append(seed_share)
         secrets.key_shares.append(key_share)
@@ -268,8 +284,18 @@ def masked_input(context: Context, server_round: int, update: np.ndarray, encode
         if neighbour == secrets.node:
             continue
         peer = secrets.masking_keys[secrets.holders.index(neighbour)]
-        pairwise = modular.keystream_mask(crypto.agreed_key(secrets.masking_private, peer, crypto.PAIRWISE_MASK, secrets.run_id, secrets.server_round), length, bits)
-        masked = modular.add(masked, pairwise, bits) if secrets.node < neighbour else modular.subtract(masked, pairwise, bits)
+        pairwise = modular.keystream_mask(
+            crypto.agreed_key(
+                secrets.masking_private, peer, crypto.PAIRWISE_MASK, secrets.run_id, secrets.server_round
+            ),
+            length,
+            bits,
+        )
+        masked = (
+            modular.add(masked, pairwise, bits)
+            if secrets.node < neighbour
+            else modular.subtract(masked, pairwise, bits)
+        )
     secrets.progress = _Progress.INPUT_MASKED
     _save(context, secrets)
     return masked.astype(modular.wire_dtype(bits))
@@ -284,7 +310,9 @@ def unmask(context: Context, request: Unmask) -> RevealedShares:
     if not (survivors | dropped) <= set(secrets.senders):
         raise Refused("the coordinator asks for shares of sites that did not share with this site")
     if len(survivors) < secrets.parameters.threshold:
-        raise Refused(f"only {len(survivors)} inputs of its neighbourhood are in the sum, fewer than the threshold {secrets.parameters.threshold}")
+        raise Refused(
+            f"only {len(survivors)} inputs of its neighbourhood are in the sum, fewer than the threshold {secrets.parameters.threshold}"
+        )
     shares = [secrets.seed_shares[secrets.senders.index(owner)] for owner in request.survivors]
     shares += [secrets.key_shares[secrets.senders.index(owner)] for owner in request.dropped]
     _forget(context)

@@ -72,7 +72,10 @@ class SimulatedHolding:
     canaries: LabeledImages | None = None
 
     def site_data(self) -> SiteData:
-        site = dataclasses.replace(split_train_val(self.examples, self.num_classes, self.val_fraction, self.split_seed), noise_seed=self.noise_seed)
+        site = dataclasses.replace(
+            split_train_val(self.examples, self.num_classes, self.val_fraction, self.split_seed),
+            noise_seed=self.noise_seed,
+        )
         if self.canaries is None:
             return site
         train = site.train.concat(self.canaries)
@@ -96,7 +99,11 @@ class SimulatedHolding:
     @classmethod
     def read(cls, path: Path) -> SimulatedHolding:
         with np.load(path, allow_pickle=False) as saved:
-            canaries = LabeledImages(saved["canary_images"], saved["canary_labels"]) if "canary_images" in saved.files else None
+            canaries = (
+                LabeledImages(saved["canary_images"], saved["canary_labels"])
+                if "canary_images" in saved.files
+                else None
+            )
             return cls(
                 examples=LabeledImages(saved["images"], saved["labels"]),
                 num_classes=int(saved["num_classes"]),
@@ -131,7 +138,9 @@ def local_site_data(data_path: str, seed: int, val_fraction: float) -> SiteData:
     data = load_dataset(data_path)
     pool = data.train
     if data.test is not None:
-        pool = LabeledImages(np.concatenate([pool.images, data.test.images]), np.concatenate([pool.labels, data.test.labels]))
+        pool = LabeledImages(
+            np.concatenate([pool.images, data.test.images]), np.concatenate([pool.labels, data.test.labels])
+        )
     return split_train_val(pool, data.num_classes, val_fraction, seed)
 
 
@@ -148,4 +157,6 @@ def split_train_val(data: LabeledImages, num_classes: int, val_fraction: float, 
         )
     val_size = min(len(data) - 1, max(1, round(len(data) * val_fraction)))
     train, val = train_test_split(np.arange(len(data)), test_size=val_size, random_state=seed)
-    return SiteData(train=data.subset(train), val=data.subset(val), num_classes=num_classes, identity=data_identity(data))
+    return SiteData(
+        train=data.subset(train), val=data.subset(val), num_classes=num_classes, identity=data_identity(data)
+    )

@@ -47,11 +47,11 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 import client
 import common
 from client.evaluation_policy import declined_evaluation
+from client.policy import SiteConfig
 from client.secure_aggregation import is_secure_aggregation, key_stage_reply
 from client.site_failure import failure_reply, log_failure
 from common import protocol
 from common.errors import CohortInputError
-from client.policy import SiteConfig
 from common.flower_logs import readable_flower_logs
 from common.privacy.ledger import LedgerRecord, RecordKind, SiteLedger, Spender
 
@@ -89,7 +89,11 @@ def changed_site_files(shipped: dict[str, bytes]) -> list[str]:
         for package, root in SITE_PACKAGES.items()
         for path in sorted(root.rglob("*.py"))
     }
-    offered = {name: content for name, content in shipped.items() if name.split("/", 1)[0] in SITE_PACKAGES and name.endswith(".py")}
+    offered = {
+        name: content
+        for name, content in shipped.items()
+        if name.split("/", 1)[0] in SITE_PACKAGES and name.endswith(".py")
+    }
     return sorted(name for name in installed.keys() | offered.keys() if installed.get(name) != offered.get(name))
 
 
@@ -104,7 +108,15 @@ def refusal_reply(message: Message, context: Context, site: SiteConfig, fab: Fab
     text = f"site {site.name} refuses to run this run's code: {reason}; it runs only its own installed Cohort"
     ledger = SiteLedger(site.state_dir, create_key=False)
     ledger.verified_entries()
-    spender = Spender(context.run_id, _round_of(message), site.name, site.delta, site.epsilon, dataset_hash="", config_hash=f"fab:{fab.hash_str}")
+    spender = Spender(
+        context.run_id,
+        _round_of(message),
+        site.name,
+        site.delta,
+        site.epsilon,
+        dataset_hash="",
+        config_hash=f"fab:{fab.hash_str}",
+    )
     ledger.append(LedgerRecord.refusal(spender, text, _last_epsilon(ledger), site.accountants[0]))
     return Message(Error(code=protocol.SITE_REFUSED, reason=text), reply_to=message)
 
@@ -153,7 +165,9 @@ class _TaskOutcome:
     details: str = "the site's ClientApp failed"
 
 
-def run_site_clientapp(runtime_api_address: str, token: str, insecure: bool, certificates: bytes | None, parent_pid: int | None) -> None:
+def run_site_clientapp(
+    runtime_api_address: str, token: str, insecure: bool, certificates: bytes | None, parent_pid: int | None
+) -> None:
     """One task, start to end, with Flower's own runtime client, heartbeat and exit codes."""
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)
@@ -175,7 +189,9 @@ def run_site_clientapp(runtime_api_address: str, token: str, insecure: bool, cer
             heartbeat.stop()
         runtime.close()
 
-    register_signal_handlers(event_type=EventType.FLWR_CLIENTAPP_RUN_LEAVE, exit_message="Task stopped.", exit_handlers=[on_exit])
+    register_signal_handlers(
+        event_type=EventType.FLWR_CLIENTAPP_RUN_LEAVE, exit_message="Task stopped.", exit_handlers=[on_exit]
+    )
     exit_code = ExitCode.SUCCESS
     message = reply = None
     try:

@@ -89,9 +89,22 @@ def train_locally(
     trained: nn.Module = model
     batches: Iterable[Batch] = ShuffledBatches(images, labels, run.training.batch_size, noise)
     if privacy is not None:
-        engine, trained, optimizer, criterion, batches = _dp_sgd(model, optimizer, criterion, images, labels, run, privacy, noise)
+        engine, trained, optimizer, criterion, batches = _dp_sgd(
+            model, optimizer, criterion, images, labels, run, privacy, noise
+        )
     try:
-        loss_sum, correct, seen, steps = _run_epochs(trained, optimizer, criterion, batches, run.training.local_epochs, device, global_weights, proximal_mu, learning_rate, deadline)
+        loss_sum, correct, seen, steps = _run_epochs(
+            trained,
+            optimizer,
+            criterion,
+            batches,
+            run.training.local_epochs,
+            device,
+            global_weights,
+            proximal_mu,
+            learning_rate,
+            deadline,
+        )
     finally:
         if hasattr(trained, "_close"):
             trained._close()  # removes Opacus' hooks so the plain module is clean again
@@ -105,7 +118,14 @@ def train_locally(
 
 
 def _dp_sgd(
-    model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: SiteRunConfig, privacy: PrivacyState, noise: NoiseSource
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    run: SiteRunConfig,
+    privacy: PrivacyState,
+    noise: NoiseSource,
 ) -> tuple[PrivacyEngine, nn.Module, DPOptimizer, nn.Module, PoissonBatches]:
     """Opacus' DP-SGD from `privacy`'s accountant history, drawing its batches and noise from `noise`."""
     with warnings.catch_warnings():

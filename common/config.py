@@ -85,7 +85,9 @@ EPSILON_RANGE = Range(0, 1000, low_open=True)
 DELTA_RANGE = Range(0, 1, low_open=True, high_open=True)
 
 
-def number(default: float, low: float, high: float, *, low_open: bool = False, high_open: bool = False, note: str = "") -> Any:
+def number(
+    default: float, low: float, high: float, *, low_open: bool = False, high_open: bool = False, note: str = ""
+) -> Any:
     """A numeric setting's field with its default and its valid range."""
     return field(default=default, metadata={RANGE: Range(low, high, low_open, high_open, note)})
 
@@ -272,10 +274,14 @@ class SiteRunConfig:
         self.study.validate()
         object.__setattr__(self, "training", _with_local_training_defaults(self.training, self.dp.sample_level))
         if self.dp.grad_sample_mode == "auto":
-            object.__setattr__(self, "dp", dataclasses.replace(self.dp, grad_sample_mode=AUTO_GRAD_SAMPLE_MODE[self.training.model]))
+            object.__setattr__(
+                self, "dp", dataclasses.replace(self.dp, grad_sample_mode=AUTO_GRAD_SAMPLE_MODE[self.training.model])
+            )
         unsupported = UNSUPPORTED_GRAD_SAMPLE_MODES.get((self.training.model, self.dp.grad_sample_mode))
         if unsupported:
-            usable = [m for m in ("auto", *GRAD_SAMPLE_MODES) if (self.training.model, m) not in UNSUPPORTED_GRAD_SAMPLE_MODES]
+            usable = [
+                m for m in ("auto", *GRAD_SAMPLE_MODES) if (self.training.model, m) not in UNSUPPORTED_GRAD_SAMPLE_MODES
+            ]
             raise CohortInputError(f"{unsupported}; use {', '.join(usable[:-1])} or {usable[-1]}")
 
     @classmethod
@@ -328,7 +334,6 @@ def _with_local_training_defaults(training: TrainingConfig, dp_sgd: bool) -> Tra
         batch_size=training.batch_size or batch_size,
         learning_rate=training.learning_rate or learning_rate,
     )
-
 
 
 def validate_budget(epsilon: float, delta: float, source: str) -> None:
@@ -387,7 +392,5 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
     if issubclass(kind, StrEnum) and isinstance(value, str):
         return value
     if not isinstance(value, kind):
-        raise CohortInputError(
-            f"{name.replace('_', '-')} is {value!r}; it must be a {kind.__name__}"
-        )
+        raise CohortInputError(f"{name.replace('_', '-')} is {value!r}; it must be a {kind.__name__}")
     return value

@@ -46,7 +46,9 @@ def evaluate(model: nn.Module, data: LabeledImages, device: torch.device) -> Eva
     predictions = predict(model, data, device)
     count = max(len(data), 1)
     correct = int((predictions.classes == data.labels).sum())
-    return Evaluation(loss=float(predictions.losses.sum(dtype=np.float64)) / count, accuracy=correct / count, num_examples=len(data))
+    return Evaluation(
+        loss=float(predictions.losses.sum(dtype=np.float64)) / count, accuracy=correct / count, num_examples=len(data)
+    )
 
 
 def resolve_device(choice: str) -> torch.device:

@@ -114,7 +114,9 @@ def subject_alternative_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
     SuperLink behind it as `localhost`. `cohort certs init` says that it adds both.
     """
     if not hosts:
-        raise CohortInputError("give at least one --superlink-host: a name or IP address SuperNodes use to reach the SuperLink")
+        raise CohortInputError(
+            "give at least one --superlink-host: a name or IP address SuperNodes use to reach the SuperLink"
+        )
     names: list[x509.GeneralName] = []
     for host in (*hosts, LOOPBACK, LOOPBACK_NAME):
         name = _general_name(host)
@@ -178,7 +180,9 @@ def create_site_key(directory: Path, name: str, *, force: bool = False) -> list[
     public_line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     files = {
         layout.site_key(name): (
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            ),
             _PRIVATE_MODE,
         ),
         layout.site_public_key(name): (public_line + f" cohort-site-{name}\n".encode(), _PUBLIC_MODE),
@@ -198,7 +202,9 @@ def check_server_files(directory: Path, hosts: Sequence[str] = ()) -> list[Check
     """Preflight for flower-superlink: everything it would otherwise reject at startup, or
     a SuperNode would reject at its first handshake with an opaque TLS error."""
     layout = CertificateLayout(directory)
-    reissue = f"re-issue with `cohort certs init {directory} --superlink-host HOST --force` and give the sites the new ca.crt"
+    reissue = (
+        f"re-issue with `cohort certs init {directory} --superlink-host HOST --force` and give the sites the new ca.crt"
+    )
     ca = _load_ca(layout.ca_cert, reissue)
     cert = _load_certificate(layout.server_cert, reissue)
     _require_current(layout.server_cert, cert, reissue)
@@ -210,12 +216,20 @@ def check_server_files(directory: Path, hosts: Sequence[str] = ()) -> list[Check
         _require_host(layout.server_cert, names, host, directory)
     checked = [
         CheckedFile(layout.ca_cert, f"CA certificate, valid until {_moment(ca.not_valid_after_utc)}"),
-        CheckedFile(layout.server_cert, f"signed by ca.crt, valid until {_moment(cert.not_valid_after_utc)}, SANs {describe_names(names)}"),
+        CheckedFile(
+            layout.server_cert,
+            f"signed by ca.crt, valid until {_moment(cert.not_valid_after_utc)}, SANs {describe_names(names)}",
+        ),
         CheckedFile(layout.server_key, "matches superlink.crt, private to its owner"),
     ]
     if layout.ca_key.exists():
         _require_encrypted_ca_key(layout.ca_key, directory)
-        checked.append(CheckedFile(layout.ca_key, "encrypted, private to its owner; only `cohort certs init` needs it, keep it off the SuperLink"))
+        checked.append(
+            CheckedFile(
+                layout.ca_key,
+                "encrypted, private to its owner; only `cohort certs init` needs it, keep it off the SuperLink",
+            )
+        )
     return checked
 
 
@@ -228,7 +242,9 @@ def check_site_key(path: Path) -> list[CheckedFile]:
     try:
         key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise CohortInputError(f"{path} is not an unencrypted OpenSSH private key, which flower-supernode needs; {remake}") from None
+        raise CohortInputError(
+            f"{path} is not an unencrypted OpenSSH private key, which flower-supernode needs; {remake}"
+        ) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, _NIST_CURVES):
         raise CohortInputError(f"{path} is not an ECDSA key on a NIST curve, which Flower needs; {remake}")
     checked = [CheckedFile(path, f"SuperNode key, ECDSA {key.curve.name}, OpenSSH format, private to its owner")]
@@ -324,7 +340,9 @@ def _server_certificate(
     )
 
 
-def _key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False) -> x509.KeyUsage:
+def _key_usage(
+    *, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False
+) -> x509.KeyUsage:
     return x509.KeyUsage(
         digital_signature=digital_signature,
         content_commitment=False,
@@ -356,7 +374,9 @@ def _make_directory(directory: Path) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise CohortInputError(f"{directory} cannot be created as a directory: a file is in the way; choose another DIR") from None
+        raise CohortInputError(
+            f"{directory} cannot be created as a directory: a file is in the way; choose another DIR"
+        ) from None
 
 
 def _load_ca(path: Path, fix: str) -> x509.Certificate:
@@ -385,7 +405,9 @@ def _load_pem_private_key(path: Path, fix: str) -> PrivateKeyTypes:
     try:
         return serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise CohortInputError(f"{path} is not an unencrypted PEM private key, which flower-superlink needs; {fix}") from None
+        raise CohortInputError(
+            f"{path} is not an unencrypted PEM private key, which flower-superlink needs; {fix}"
+        ) from None
 
 
 def _require_encrypted_ca_key(path: Path, directory: Path) -> None:
@@ -397,7 +419,9 @@ def _require_encrypted_ca_key(path: Path, directory: Path) -> None:
     except TypeError:
         return  # "Password was not given but private key is encrypted"
     except (ValueError, UnsupportedAlgorithm):
-        raise CohortInputError(f"{path} is not a PEM private key; re-issue with `cohort certs init {directory} --superlink-host HOST --force`") from None
+        raise CohortInputError(
+            f"{path} is not a PEM private key; re-issue with `cohort certs init {directory} --superlink-host HOST --force`"
+        ) from None
     raise CohortInputError(
         f"{path} is not encrypted, so anyone who copies it can issue certificates every site trusts; "
         f"encrypt it (`openssl pkcs8 -topk8 -v2 aes-256-cbc -in {path} -out {path}.enc && mv {path}.enc {path}`) "
@@ -409,7 +433,9 @@ def _load_ssh_public_key(path: Path, fix: str) -> PublicKeyTypes:
     try:
         return serialization.load_ssh_public_key(path.read_bytes())
     except (ValueError, UnsupportedAlgorithm):
-        raise CohortInputError(f"{path} is not an OpenSSH public key, which `flwr supernode register` needs; {fix}") from None
+        raise CohortInputError(
+            f"{path} is not an OpenSSH public key, which `flwr supernode register` needs; {fix}"
+        ) from None
 
 
 def _names(cert: x509.Certificate) -> list[x509.GeneralName]:
@@ -427,7 +453,9 @@ def _require_file(path: Path, create: str) -> None:
 def _require_private(path: Path) -> None:
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
-        raise CohortInputError(f"{path} is accessible by group or others (mode {mode:04o}); a private key must be mode 0600: run `chmod 600 {path}`")
+        raise CohortInputError(
+            f"{path} is accessible by group or others (mode {mode:04o}); a private key must be mode 0600: run `chmod 600 {path}`"
+        )
 
 
 def _require_current(path: Path, cert: x509.Certificate, fix: str) -> None:
@@ -436,7 +464,9 @@ def _require_current(path: Path, cert: x509.Certificate, fix: str) -> None:
     if now > cert.not_valid_after_utc:
         raise CohortInputError(f"{path} expired on {_moment(cert.not_valid_after_utc)} ({valid}); {fix}")
     if now < cert.not_valid_before_utc:
-        raise CohortInputError(f"{path} is not valid until {_moment(cert.not_valid_before_utc)} ({valid}); check this machine's clock, or {fix}")
+        raise CohortInputError(
+            f"{path} is not valid until {_moment(cert.not_valid_before_utc)} ({valid}); check this machine's clock, or {fix}"
+        )
 
 
 def _require_issued_by(path: Path, cert: x509.Certificate, ca_path: Path, ca: x509.Certificate, fix: str) -> None:

@@ -73,7 +73,10 @@ def superlink_command(
 
 
 def private_superlink_command(
-    certs_dir: str | Path = CERTS_DIR, database: str | Path = SUPERLINK_DATABASE, local_host: str = SUPERLINK_LISTEN_HOST, local_port: int = SUPERLINK_LOCAL_PORT
+    certs_dir: str | Path = CERTS_DIR,
+    database: str | Path = SUPERLINK_DATABASE,
+    local_host: str = SUPERLINK_LISTEN_HOST,
+    local_port: int = SUPERLINK_LOCAL_PORT,
 ) -> list[str]:
     """The SuperLink alone, for a front door run elsewhere (docker/compose.yml): it listens
     on a private network that only the front door and the coordinator's tools reach."""
@@ -88,13 +91,29 @@ def private_superlink_command(
 
 
 def front_door_command(
-    certs_dir: str | Path = CERTS_DIR, upstream: str = SUPERLINK_UPSTREAM, host: str = SUPERLINK_LISTEN_HOST, port: int = SUPERLINK_PORT
+    certs_dir: str | Path = CERTS_DIR,
+    upstream: str = SUPERLINK_UPSTREAM,
+    host: str = SUPERLINK_LISTEN_HOST,
+    port: int = SUPERLINK_PORT,
 ) -> list[str]:
     """The front door alone, for that private SuperLink: sites get the Fleet API and nothing else."""
-    return ["cohort", "front-door", "--certs", str(certs_dir), "--upstream", upstream, "--host", host, "--port", str(port)]
+    return [
+        "cohort",
+        "front-door",
+        "--certs",
+        str(certs_dir),
+        "--upstream",
+        upstream,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
 
 
-def connect_command(connection: str = CONNECTION, superlink: str = SUPERLINK_LOCAL_ADDRESS, ca_cert: str | Path = CA_CERT) -> list[str]:
+def connect_command(
+    connection: str = CONNECTION, superlink: str = SUPERLINK_LOCAL_ADDRESS, ca_cert: str | Path = CA_CERT
+) -> list[str]:
     """Tells `flwr` on the coordinator's host how to reach the SuperLink over TLS, on
     loopback: the front door refuses `flwr`."""
     return ["cohort", "connect", connection, "--superlink", superlink, "--ca-cert", str(ca_cert)]

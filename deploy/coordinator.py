@@ -60,7 +60,13 @@ class CoordinatorLaunch:
         """The front door starts only once the SuperLink answers behind it."""
         assert self.superlink is not None
         address = self.superlink.local_address
-        if not wait_until_healthy(address, CertificateLayout(self.superlink.certs).ca_cert, process, SUPERLINK_STARTUP_S):
+        if not wait_until_healthy(
+            address, CertificateLayout(self.superlink.certs).ca_cert, process, SUPERLINK_STARTUP_S
+        ):
             if process.poll() is not None:
-                raise CohortInputError(f"flower-superlink exited with code {process.returncode} before it answered on {address}; its log is above")
-            raise CohortInputError(f"flower-superlink did not answer on {address} within {SUPERLINK_STARTUP_S:.0f} s; its log is above")
+                raise CohortInputError(
+                    f"flower-superlink exited with code {process.returncode} before it answered on {address}; its log is above"
+                )
+            raise CohortInputError(
+                f"flower-superlink did not answer on {address} within {SUPERLINK_STARTUP_S:.0f} s; its log is above"
+            )

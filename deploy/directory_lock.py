@@ -60,7 +60,9 @@ def run_directory_lock(run_dir: Path, command: str) -> Iterator[int]:
     descriptor = lock_directory(
         run_dir / RUN_LOCK_FILE,
         holder,
-        lambda current: f"run directory {run_dir} is in use by {current or 'another command'}; wait for it to end or stop it",
+        lambda current: (
+            f"run directory {run_dir} is in use by {current or 'another command'}; wait for it to end or stop it"
+        ),
         PRIVATE_FILE_MODE,
     )
     try:

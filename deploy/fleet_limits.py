@@ -71,7 +71,10 @@ def tree_entry_bytes() -> int:
     """What one object adds to a serialized ObjectTree: its 64-hex-digit id and framing,
     measured on Flower's own protobuf (68 bytes in Flower 1.42)."""
     child = ObjectTree(object_id="0" * 64)
-    return ObjectTree(object_id="0" * 64, children=[child, child]).ByteSize() - ObjectTree(object_id="0" * 64, children=[child]).ByteSize()
+    return (
+        ObjectTree(object_id="0" * 64, children=[child, child]).ByteSize()
+        - ObjectTree(object_id="0" * 64, children=[child]).ByteSize()
+    )
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,9 @@ class FleetLimits:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.max_model_mb) and 0 < self.max_model_mb <= 1024 * 1024):
-            raise CohortInputError(f"--max-model-mb {self.max_model_mb} is not a model size; give megabytes, more than 0 and at most 1048576")
+            raise CohortInputError(
+                f"--max-model-mb {self.max_model_mb} is not a model size; give megabytes, more than 0 and at most 1048576"
+            )
         if not 1 <= self.sites_per_address <= 10_000:
             raise CohortInputError(f"--sites-per-address {self.sites_per_address} must be from 1 to 10000")
 

@@ -17,7 +17,14 @@ APP_DIR = Path(__file__).resolve().parents[1]
 
 
 # Flower's executables that Cohort starts, and those Flower starts by name from PATH.
-FLOWER_EXECUTABLES = ("flwr", "flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-simulation")
+FLOWER_EXECUTABLES = (
+    "flwr",
+    "flower-superlink",
+    "flower-supernode",
+    "flower-superexec",
+    "flwr-serverapp",
+    "flwr-simulation",
+)
 LAUNCHER = """#!{python}
 # Flower's {name}, as Cohort starts it: log lines plain where no terminal reads them.
 import sys
@@ -61,7 +68,9 @@ def install_flower_launchers(folder: Path) -> Path:
         (entry,) = entry_points(group="console_scripts", name=name)
         module, _, attribute = entry.value.partition(":")
         launcher = folder / name
-        launcher.write_text(LAUNCHER.format(python=sys.executable, name=name, module=module, attribute=attribute), encoding="utf-8")
+        launcher.write_text(
+            LAUNCHER.format(python=sys.executable, name=name, module=module, attribute=attribute), encoding="utf-8"
+        )
         launcher.chmod(0o755)
     return folder
 
@@ -94,4 +103,6 @@ def die_with_parent() -> None:
 
 def require_app_dir() -> None:
     if not (APP_DIR / "pyproject.toml").exists():
-        raise CohortInputError(f"the Cohort source tree is not at {APP_DIR}; install Cohort from a checkout with `make setup`")
+        raise CohortInputError(
+            f"the Cohort source tree is not at {APP_DIR}; install Cohort from a checkout with `make setup`"
+        )

@@ -186,7 +186,9 @@ http {{
         checked = subprocess.run([*argv, "-t", "-q"], capture_output=True, text=True, timeout=30)
         if checked.returncode != 0:
             problem = next((line for line in checked.stderr.splitlines() if "[emerg]" in line), checked.stderr.strip())
-            raise CohortInputError(f"nginx refused the front door's configuration ({problem.strip()}); fix what it names and start again")
+            raise CohortInputError(
+                f"nginx refused the front door's configuration ({problem.strip()}); fix what it names and start again"
+            )
         return argv
 
 
@@ -198,5 +200,7 @@ def _quote(path: Path | str) -> str:
     """A path as one nginx token, whatever characters it holds."""
     text = str(path)
     if '"' in text or "\\" in text or "$" in text:
-        raise CohortInputError(f"{text} contains a quote, backslash or '$', which nginx cannot take in a path; use another directory")
+        raise CohortInputError(
+            f"{text} contains a quote, backslash or '$', which nginx cannot take in a path; use another directory"
+        )
     return f'"{text}"'

@@ -30,7 +30,15 @@ import tomli_w
 from common.config import validate_budget
 from common.errors import CohortInputError
 from common.privacy.ledger import SiteLedger
-from deploy.certificates import LOOPBACK, LOOPBACK_NAME, CertificateLayout, check_ca, check_server_files, check_site_key, validate_site_name
+from deploy.certificates import (
+    LOOPBACK,
+    LOOPBACK_NAME,
+    CertificateLayout,
+    check_ca,
+    check_server_files,
+    check_site_key,
+    validate_site_name,
+)
 from deploy.directory_lock import lock_state_dir
 from deploy.flower_runtime import flower_executable, install_flower_launchers, offline_flower_env
 from server.rundir import write_bytes_atomic
@@ -58,7 +66,9 @@ class SuperLinkLaunch:
     def check(self) -> None:
         check_server_files(self.certs, (LOOPBACK, LOOPBACK_NAME))
         if not self.database.parent.is_dir():
-            raise CohortInputError(f"--database {self.database}: folder {self.database.parent} does not exist; create it or choose another path")
+            raise CohortInputError(
+                f"--database {self.database}: folder {self.database.parent} does not exist; create it or choose another path"
+            )
         require_free_port(self.host, self.port, "--local-port")
 
     @property
@@ -108,7 +118,9 @@ class SuperNodeLaunch:
         validate_site_name(self.name)
         validate_budget(self.epsilon, self.delta, source=f"site {self.name}'s --epsilon/--delta")
         if not self.data.exists():
-            raise CohortInputError(f"--data {self.data} does not exist; give the path of this site's data on this machine")
+            raise CohortInputError(
+                f"--data {self.data} does not exist; give the path of this site's data on this machine"
+            )
         check_ca(self.ca_cert)
         check_site_key(self.auth_key)
         probe_superlink(self.superlink, self.ca_cert)
@@ -174,9 +186,13 @@ def install_site_runner(state_dir: Path) -> Path:
     folder = state_dir / SITE_RUNTIME_DIR
     folder.mkdir(parents=True, exist_ok=True)
     script = folder / "flwr-clientapp"
-    script.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -I -m {SITE_RUNNER_MODULE} "$@"\n', encoding="utf-8")
+    script.write_text(
+        f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -I -m {SITE_RUNNER_MODULE} "$@"\n', encoding="utf-8"
+    )
     script.chmod(0o755)
     return folder
+
+
 def require_free_port(host: str, port: int, option: str) -> None:
     """Fail before anything starts, instead of one process of two failing to bind."""
     if not 0 < port < 65536:
@@ -187,7 +203,9 @@ def require_free_port(host: str, port: int, option: str) -> None:
         try:
             probe.bind((host, port))
         except OSError as error:
-            raise CohortInputError(f"cannot listen on {host}:{port} ({error.strerror}); stop what uses it or choose another {option}") from None
+            raise CohortInputError(
+                f"cannot listen on {host}:{port} ({error.strerror}); stop what uses it or choose another {option}"
+            ) from None
 
 
 def wait_until_healthy(address: str, ca_cert: Path, process: subprocess.Popen[bytes], timeout_s: float) -> bool:
@@ -222,7 +240,10 @@ def probe_superlink(address: str, ca_cert: Path) -> bool:
     host, port = split_address(address)
     context = ssl.create_default_context(cafile=str(ca_cert))
     try:
-        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S) as raw, context.wrap_socket(raw, server_hostname=host):
+        with (
+            socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S) as raw,
+            context.wrap_socket(raw, server_hostname=host),
+        ):
             return True
     except ssl.SSLCertVerificationError as error:
         raise CohortInputError(_verification_advice(error, address, ca_cert)) from None

@@ -100,14 +100,20 @@ class ServiceUnit:
 
     def __post_init__(self) -> None:
         if not _USER_NAME.fullmatch(self.user):
-            raise CohortInputError(f"--user {self.user!r} is not a system user name; use lowercase letters, digits, '-' and '_'")
+            raise CohortInputError(
+                f"--user {self.user!r} is not a system user name; use lowercase letters, digits, '-' and '_'"
+            )
         for path in (Path(self.command[0]), *self.writable):
             if not path.is_absolute() or not _PLAIN_WORD.fullmatch(str(path)):
-                raise CohortInputError(f"{path}: a service's paths must be absolute, without spaces, quotes or '%'; choose another path")
+                raise CohortInputError(
+                    f"{path}: a service's paths must be absolute, without spaces, quotes or '%'; choose another path"
+                )
 
     def text(self) -> str:
         exec_start = " ".join(_unit_word(word) for word in self.command)
-        environment = "\n".join(f"Environment={_unit_word(f'{name}={value}')}" for name, value in self.environment.items())
+        environment = "\n".join(
+            f"Environment={_unit_word(f'{name}={value}')}" for name, value in self.environment.items()
+        )
         return f"""# Written by `cohort service`: install steps, users and permissions in docs/deploy.md.
 [Unit]
 Description={self.description}
@@ -138,7 +144,15 @@ WantedBy=multi-user.target
 
 
 def superlink_unit(
-    user: str, cohort: Path, certs: Path, database: Path, runs_dir: Path, host: str, port: int, local_port: int, limits: FleetLimits
+    user: str,
+    cohort: Path,
+    certs: Path,
+    database: Path,
+    runs_dir: Path,
+    host: str,
+    port: int,
+    local_port: int,
+    limits: FleetLimits,
 ) -> ServiceUnit:
     """The coordinator: `cohort superlink` (the SuperLink, its ServerApps and the nginx
     front door). It writes its database, Flower's home beside it (where the ServerApp
@@ -158,7 +172,9 @@ def superlink_unit(
     )
 
 
-def supernode_unit(user: str, cohort: Path, supernode_command: list[str], name: str, state_dir: Path, reads: tuple[Path, ...]) -> ServiceUnit:
+def supernode_unit(
+    user: str, cohort: Path, supernode_command: list[str], name: str, state_dir: Path, reads: tuple[Path, ...]
+) -> ServiceUnit:
     """A site: `cohort supernode` (Flower's SuperNode and the site's own ClientApps). It
     writes its state directory alone (ledger, key, head, its runtime and Flower's home),
     and reads `reads` (its CA certificate, key and data)."""
@@ -178,7 +194,9 @@ def require_visible(*paths: Path) -> None:
     for path in paths:
         hidden = next((d for d in HIDDEN_DIRECTORIES if path == d or d in path.parents), None)
         if hidden is not None:
-            raise CohortInputError(f"{path} is under {hidden}, which the service cannot see (ProtectHome, PrivateTmp); move it, e.g. under /opt, /etc or /var/lib")
+            raise CohortInputError(
+                f"{path} is under {hidden}, which the service cannot see (ProtectHome, PrivateTmp); move it, e.g. under /opt, /etc or /var/lib"
+            )
 
 
 def _unit_word(word: str) -> str:

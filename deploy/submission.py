@@ -33,7 +33,13 @@ from common.errors import CohortInputError
 from common.private_files import open_private
 from deploy.commands import SUPERLINK_LOCAL_ADDRESS
 from deploy.directory_lock import run_directory_lock
-from deploy.flower_runtime import APP_DIR, die_with_parent, flower_executable, install_flower_launchers, offline_flower_env
+from deploy.flower_runtime import (
+    APP_DIR,
+    die_with_parent,
+    flower_executable,
+    install_flower_launchers,
+    offline_flower_env,
+)
 from deploy.launch import FLOWER_CONFIG_FILE, flower_config
 from deploy.run_follower import RoundCallback, follow_run
 from server.records import Summary
@@ -72,13 +78,17 @@ class RunOutcome:
     def failure(self) -> str:
         """Why the run did not succeed, in one sentence."""
         if self.run_id is None:
-            return f"flwr run started no run ({self.last_message or 'it said nothing'}); its output is in {self.log_file}"
+            return (
+                f"flwr run started no run ({self.last_message or 'it said nothing'}); its output is in {self.log_file}"
+            )
         if self.summary is not None and self.summary.stop_reason:
             return f"run {self.run_id} {self.summary.stop_reason}"
         if self.status == COMPLETED:
             return f"run {self.run_id} completed but wrote no summary.json; its log is in {self.log_file}"
         reason = f": {self.details}" if self.details else ""
-        return f"run {self.run_id} ended {self.status or 'with an unknown status'}{reason}; its log is in {self.log_file}"
+        return (
+            f"run {self.run_id} ended {self.status or 'with an unknown status'}{reason}; its log is in {self.log_file}"
+        )
 
 
 @dataclass(frozen=True)
@@ -111,18 +121,33 @@ class Submission:
         """Submit with `flwr run --stream`, report each round, and return how the run ended."""
         run_dir = self.run_dir
         log_file = run_dir.path / "flower.log"
-        with run_directory_lock(run_dir.path, "cohort run"), tempfile.TemporaryDirectory(prefix="cohort-run-") as private:
+        with (
+            run_directory_lock(run_dir.path, "cohort run"),
+            tempfile.TemporaryDirectory(prefix="cohort-run-") as private,
+        ):
             overrides = Path(private) / "run-config.toml"
             overrides.write_text(tomli_w.dumps(self.run.to_flower()), encoding="utf-8")
             launchers = install_flower_launchers(Path(private) / "bin")
-            command = [flower_executable("flwr", launchers), "run", str(APP_DIR), self.connection, "--run-config", str(overrides), "--stream"]
+            command = [
+                flower_executable("flwr", launchers),
+                "run",
+                str(APP_DIR),
+                self.connection,
+                "--run-config",
+                str(overrides),
+                "--stream",
+            ]
             offset = log_file.stat().st_size if log_file.exists() else 0
             if self.run.resume_from:
                 run_dir.reopen()  # its old summary.json would read as this run's end
             on_start(run_dir)
             with open_private(log_file, "ab") as log:
                 process = subprocess.Popen(
-                    command, env=offline_flower_env(self.flwr_home, launchers), stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+                    command,
+                    env=offline_flower_env(self.flwr_home, launchers),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=die_with_parent,
                 )
                 try:
                     follow_run(process, run_dir, on_round)
@@ -142,7 +167,9 @@ class Submission:
         deadline = time.monotonic() + STATUS_WAIT_S
         command = [flower_executable("flwr"), "list", self.connection, "--run-id", str(run_id), "--format", "json"]
         while True:
-            result = subprocess.run(command, env=offline_flower_env(self.flwr_home), capture_output=True, text=True, timeout=FLWR_TIMEOUT_S)
+            result = subprocess.run(
+                command, env=offline_flower_env(self.flwr_home), capture_output=True, text=True, timeout=FLWR_TIMEOUT_S
+            )
             try:
                 (row,) = json.loads(result.stdout)["runs"]
             except (json.JSONDecodeError, KeyError, ValueError):

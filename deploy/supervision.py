@@ -72,7 +72,9 @@ class Supervisor:
                 stopped = self.exited()
                 if stopped is not None and not self._stop_requested:  # Ctrl-C reaches the children too
                     program, code = stopped
-                    print(f"error: {program.name} stopped (exit code {code}); stopping everything else", file=sys.stderr)
+                    print(
+                        f"error: {program.name} stopped (exit code {code}); stopping everything else", file=sys.stderr
+                    )
                     return code or 1
                 time.sleep(_POLL_S)
             return 0

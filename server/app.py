@@ -13,8 +13,8 @@ from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.evaluation import Evaluation, evaluate
 from common.errors import CohortInputError
+from common.evaluation import Evaluation, evaluate
 from common.flower_logs import readable_flower_logs
 from common.models.registry import build_model
 from common.secure_aggregation.model_vector import dimension
@@ -28,9 +28,9 @@ from server.held_out import federated_split
 from server.optimizer_state import restore_optimizer_state
 from server.plots import plot_run
 from server.reply_checks import ReplyChecker
-from server.rundir import RunDirectory, write_json_atomic, write_torch_atomic
 from server.run_config import RunConfig
 from server.run_outcome import end_run
+from server.rundir import RunDirectory, write_json_atomic, write_torch_atomic
 from server.secure_aggregation_plan import run_parameters
 from server.secure_collect import SecureCollect
 from server.strategies import STRATEGIES, build_strategy, sample_size
@@ -60,7 +60,11 @@ def main(grid: Grid, context: Context) -> None:
     sampled = sample_size(run.aggregation, num_sites)
     try:
         run.refuse_federation_size(sampled)
-        parameters = run_parameters(run, sampled, dimension(ArrayRecord(model.state_dict()))) if run.dp.secure_aggregation else None
+        parameters = (
+            run_parameters(run, sampled, dimension(ArrayRecord(model.state_dict())))
+            if run.dp.secure_aggregation
+            else None
+        )
     except CohortInputError as unworkable:
         state.stop_reason = f"stopped before round {state.next_round}: {unworkable}"
         _finish(run_dir, state, time.monotonic() - started)
@@ -73,13 +77,20 @@ def main(grid: Grid, context: Context) -> None:
     collect: CollectStage
     if parameters is not None:
         if run.dp.mechanism.distributed_noise:
-            policy = DistributedClientLevel(run, strategy, DistributedPrivacy.for_run(run, run_dir.path, parameters, context.run_id))
+            policy = DistributedClientLevel(
+                run, strategy, DistributedPrivacy.for_run(run, run_dir.path, parameters, context.run_id)
+            )
         collect = SecureCollect(run, strategy, exchange, checker, parameters, context.run_id)
     else:
         if run.dp.client_level:
             central = CentralPrivacy.for_run(run, run_dir.path, sampled, context.run_id)
             strategy = wrap_with_central_dp(
-                strategy, run, central.noise, central.sample_size, resume_clip_norm=central.last_clip_norm(), noise_sources=coordinator_noise(run)
+                strategy,
+                run,
+                central.noise,
+                central.sample_size,
+                resume_clip_norm=central.last_clip_norm(),
+                noise_sources=coordinator_noise(run),
             )
             policy = ClientLevel(run, strategy, central)
         collect = PlainCollect(run, strategy, exchange, checker, policy.norm_limit)

@@ -26,7 +26,16 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.differential_privacy import compute_stdv
 
 from common.privacy.accounting import PrivacyState
-from common.privacy.ledger import LedgerRecord, Noise, Sampling, SiteLedger, Spender, history_of, iter_releases, model_hash
+from common.privacy.ledger import (
+    LedgerRecord,
+    Noise,
+    Sampling,
+    SiteLedger,
+    Spender,
+    history_of,
+    iter_releases,
+    model_hash,
+)
 from common.privacy.mechanisms import Mechanism
 from common.privacy.noise import NoiseSource, SecureNoise, noise_source
 from server.client_level_noise import NO_AMPLIFICATION, ClientLevelNoise, client_level_noise
@@ -49,7 +58,12 @@ def coordinator_noise(run: RunConfig) -> RoundNoise:
 
 
 def wrap_with_central_dp(
-    strategy: Strategy, run: RunConfig, noise: ClientLevelNoise, sample_size: int, resume_clip_norm: float | None = None, noise_sources: RoundNoise = _secure_every_round
+    strategy: Strategy,
+    run: RunConfig,
+    noise: ClientLevelNoise,
+    sample_size: int,
+    resume_clip_norm: float | None = None,
+    noise_sources: RoundNoise = _secure_every_round,
 ) -> Strategy:
     """One of Flower's four wrappers: fixed or adaptive clipping, done by the server or the clients.
 
@@ -59,7 +73,13 @@ def wrap_with_central_dp(
     dp, central = run.dp, run.central_dp
     if dp.client_clipping == "fixed":
         fixed = ServerSideFixedClipping if central.clipping_side == "server" else ClientSideFixedClipping
-        return fixed(strategy, noise_multiplier=noise.flower, clipping_norm=dp.clip_norm, num_sampled_clients=sample_size, noise_sources=noise_sources)
+        return fixed(
+            strategy,
+            noise_multiplier=noise.flower,
+            clipping_norm=dp.clip_norm,
+            num_sampled_clients=sample_size,
+            noise_sources=noise_sources,
+        )
     adaptive = ServerSideAdaptiveClipping if central.clipping_side == "server" else ClientSideAdaptiveClipping
     return adaptive(
         strategy,
@@ -90,7 +110,9 @@ class _SourcedNoise:
         self.noise_sources = noise_sources
         self.round_noise = noise_sources(1)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         self.round_noise = self.noise_sources(server_round)
         return super().aggregate_train(server_round, replies)  # type: ignore[misc]
 
@@ -100,7 +122,10 @@ class _SourcedNoise:
         noise = self.round_noise.gaussian(sum(a.size for a in arrays), std).split([a.size for a in arrays])
         log(INFO, "aggregate_fit: central DP noise with %.4f stdev added (%s noise)", std, self.round_noise.name)
         return ArrayRecord(
-            {name: Array(array + values.numpy().reshape(array.shape).astype(array.dtype)) for name, array, values in zip(aggregated.keys(), arrays, noise, strict=True)}
+            {
+                name: Array(array + values.numpy().reshape(array.shape).astype(array.dtype))
+                for name, array, values in zip(aggregated.keys(), arrays, noise, strict=True)
+            }
         )
 
 
@@ -134,7 +159,9 @@ class _NoiseAtClippedNorm:
     clipping_norm: float
     clipped_at: float
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self.clipped_at = self.clipping_norm
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
@@ -146,11 +173,15 @@ class _NoiseAtClippedNorm:
             self.clipping_norm = next_norm
 
 
-class ServerSideAdaptiveClipping(_NoiseAtClippedNorm, _SourcedAdaptiveNoise, DifferentialPrivacyServerSideAdaptiveClipping):
+class ServerSideAdaptiveClipping(
+    _NoiseAtClippedNorm, _SourcedAdaptiveNoise, DifferentialPrivacyServerSideAdaptiveClipping
+):
     """Flower's server-side adaptive clipping, noised at the norm it clipped to, from the run's source."""
 
 
-class ClientSideAdaptiveClipping(_NoiseAtClippedNorm, _SourcedAdaptiveNoise, DifferentialPrivacyClientSideAdaptiveClipping):
+class ClientSideAdaptiveClipping(
+    _NoiseAtClippedNorm, _SourcedAdaptiveNoise, DifferentialPrivacyClientSideAdaptiveClipping
+):
     """Flower's client-side adaptive clipping, noised at the norm the clients clipped to, from the run's source."""
 
 
@@ -196,7 +227,9 @@ class CentralPrivacy:
     def epsilon_after(self, more_rounds: int = 0) -> float:
         """The run's client-level epsilon once `more_rounds` further rounds are released."""
         history = history_of(self.releases) + ((self.noise.accounted, NO_AMPLIFICATION, more_rounds),)
-        return PrivacyState(self.noise.accounted, NO_AMPLIFICATION, self.run.dp.accountant, history).epsilon(self.run.central_dp.client_delta)
+        return PrivacyState(self.noise.accounted, NO_AMPLIFICATION, self.run.dp.accountant, history).epsilon(
+            self.run.central_dp.client_delta
+        )
 
     def over_budget(self) -> str | None:
         """Why the next release may not happen, or None when the budget allows it."""
@@ -215,9 +248,19 @@ class CentralPrivacy:
     def record(self, server_round: int, arrays: ArrayRecord, clip_norm: float) -> float:
         """Sign and append the round's release; returns the run's epsilon after it."""
         epsilon = self.epsilon_after(more_rounds=1)
-        spender = Spender(self.run_id, server_round, SERVER, self.run.central_dp.client_delta, self.run.central_dp.client_epsilon, self.run.fingerprint(), self.run.fingerprint())
+        spender = Spender(
+            self.run_id,
+            server_round,
+            SERVER,
+            self.run.central_dp.client_delta,
+            self.run.central_dp.client_epsilon,
+            self.run.fingerprint(),
+            self.run.fingerprint(),
+        )
         noise = Noise(self.noise.accounted, NO_AMPLIFICATION, Sampling.NONE, 1, clip_norm)
-        record = LedgerRecord.release(spender, Mechanism.CLIENT_LEVEL_DP_FEDAVG, noise, epsilon, self.run.dp.accountant, model_hash(arrays))
+        record = LedgerRecord.release(
+            spender, Mechanism.CLIENT_LEVEL_DP_FEDAVG, noise, epsilon, self.run.dp.accountant, model_hash(arrays)
+        )
         self.ledger.append(record)
         self.releases.append(record)
         return epsilon

@@ -62,15 +62,28 @@ class Checkpoint:
                 optimizer={str(k): v for k, v in raw["optimizer"].items()},
                 sites=str(raw["sites"]),
             )
-        except (OSError, RuntimeError, EOFError, KeyError, TypeError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
-            raise CohortInputError(f"checkpoint {path} is corrupt ({type(error).__name__}); delete it to resume from the one before") from None
+        except (
+            OSError,
+            RuntimeError,
+            EOFError,
+            KeyError,
+            TypeError,
+            ValueError,
+            zipfile.BadZipFile,
+            pickle.UnpicklingError,
+        ) as error:
+            raise CohortInputError(
+                f"checkpoint {path} is corrupt ({type(error).__name__}); delete it to resume from the one before"
+            ) from None
 
 
 def latest_checkpoint(directory: Path, fingerprint: str) -> Checkpoint:
     """The newest checkpoint in `directory`, refused if another config wrote it."""
     candidates = sorted((int(m.group(1)), p) for p in directory.glob("round-*.pt") if (m := _NAME.search(p.name)))
     if not candidates:
-        raise CohortInputError(f"no checkpoint in {directory}; the run stopped before its first round finished, start it anew")
+        raise CohortInputError(
+            f"no checkpoint in {directory}; the run stopped before its first round finished, start it anew"
+        )
     checkpoint = Checkpoint.load(candidates[-1][1])
     if checkpoint.fingerprint != fingerprint:
         raise CohortInputError(

@@ -55,7 +55,9 @@ def client_level_noise(dp: DPConfig, central: CentralDPConfig, rounds: int, samp
     The accounted sigma is dp.noise_multiplier, or the smallest sigma whose `rounds`
     releases stay within client_epsilon.
     """
-    accounted = dp.noise_multiplier or derive_noise_multiplier(central.client_epsilon, central.client_delta, NO_AMPLIFICATION, rounds, dp.accountant)
+    accounted = dp.noise_multiplier or derive_noise_multiplier(
+        central.client_epsilon, central.client_delta, NO_AMPLIFICATION, rounds, dp.accountant
+    )
     if dp.client_clipping == "fixed":
         return ClientLevelNoise(accounted=accounted, update=accounted, clipped_count=0.0, flower=accounted)
     count = central.clipped_count_stddev or max(sample_size / 20, 2 * accounted)

@@ -119,7 +119,9 @@ class PlainCollect:
 
     def collect(self, server_round: int, arrays: ArrayRecord, excluded: set[int], report: RoundReport) -> SiteUpdates:
         sampled = self.strategy.configure_train(server_round, arrays, train_config(self.run), self.exchange.grid)
-        replies = self.exchange.send([m for m in sampled if m.metadata.dst_node_id not in excluded], Stage.TRAIN, report)
+        replies = self.exchange.send(
+            [m for m in sampled if m.metadata.dst_node_id not in excluded], Stage.TRAIN, report
+        )
         live = set(self.exchange.grid.get_node_ids())
         updates: list[Update] = []
         for _, reply in replies:
@@ -128,10 +130,20 @@ class PlainCollect:
                 report.reject(checked)
             else:
                 updates.append(checked)
-        updates.sort(key=lambda update: update.site)  # replies arrive in any order; the float sums of aggregation must not depend on it
+        updates.sort(
+            key=lambda update: update.site
+        )  # replies arrive in any order; the float sums of aggregation must not depend on it
         limit = self.norm_limit([u.norm for u in updates])
         for update in [u for u in updates if u.norm > limit]:
-            report.reject(Rejection(update.node, update.site, Stage.TRAIN, f"sent an update of norm {update.norm:.4g}, above the bound {limit:.4g}", update.entry))
+            report.reject(
+                Rejection(
+                    update.node,
+                    update.site,
+                    Stage.TRAIN,
+                    f"sent an update of norm {update.norm:.4g}, above the bound {limit:.4g}",
+                    update.entry,
+                )
+            )
         updates = [u for u in updates if u.norm <= limit]
         for update in updates:
             report.accept(update.site, update.site_record(), update.entry)
@@ -151,4 +163,6 @@ def require_compatible(stage: CollectStage, strategy: StrategySpec) -> None:
     """Refuse a strategy that needs more than the stage hands on."""
     if stage.sum_only and not strategy.secure_aggregation:
         secure = ", ".join(name for name, spec in STRATEGIES.items() if spec.secure_aggregation)
-        raise CohortInputError(f"strategy {strategy.title} needs each site's update, which secure aggregation hides; use one of {secure}")
+        raise CohortInputError(
+            f"strategy {strategy.title} needs each site's update, which secure aggregation hides; use one of {secure}"
+        )

@@ -61,7 +61,10 @@ class DistributedPrivacy:
         return SkellamRelease(self.parameters.min_contributions * self.parameters.noise_variance, l2, l1)
 
     def epsilon_after(self, more: list[SkellamRelease] | None = None) -> float:
-        return epsilon([SkellamRelease.from_details(r.mechanism_details) for r in self.releases] + (more or []), self.run.central_dp.client_delta)
+        return epsilon(
+            [SkellamRelease.from_details(r.mechanism_details) for r in self.releases] + (more or []),
+            self.run.central_dp.client_delta,
+        )
 
     def over_budget(self) -> str | None:
         """Why the next release may not happen (even a round with the fewest inputs allowed
@@ -71,15 +74,27 @@ class DistributedPrivacy:
             return None
         return f"client-level budget reached: one more round would spend epsilon {after:.3f} of client-epsilon {self.run.central_dp.client_epsilon:g}"
 
-    def record(self, server_round: int, arrays: ArrayRecord, noise_variance: float, sites: tuple[str, ...]) -> tuple[float, SkellamRelease]:
+    def record(
+        self, server_round: int, arrays: ArrayRecord, noise_variance: float, sites: tuple[str, ...]
+    ) -> tuple[float, SkellamRelease]:
         """Sign and append the round's release; returns the run's epsilon after it, and the release."""
         l2, l1 = self.parameters.sensitivity
         release = SkellamRelease(noise_variance, l2, l1)
         spent = self.epsilon_after([release])
         delta, budget = self.run.central_dp.client_delta, self.run.central_dp.client_epsilon
-        spender = Spender(self.run_id, server_round, SERVER, delta, budget, self.run.fingerprint(), self.run.fingerprint())
+        spender = Spender(
+            self.run_id, server_round, SERVER, delta, budget, self.run.fingerprint(), self.run.fingerprint()
+        )
         noise = Noise(release.noise_multiplier, NO_AMPLIFICATION, Sampling.NONE, 1, self.parameters.clip_norm)
-        record = LedgerRecord.release(spender, Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM, noise, spent, "rdp", model_hash(arrays), release.details(sites))
+        record = LedgerRecord.release(
+            spender,
+            Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM,
+            noise,
+            spent,
+            "rdp",
+            model_hash(arrays),
+            release.details(sites),
+        )
         self.ledger.append(record)
         self.releases.append(record)
         return spent, release

@@ -26,9 +26,9 @@ from flwr.serverapp.strategy import Strategy
 from server.central_dp import CentralPrivacy, clipping_norm_of
 from server.collect import Contributions
 from server.distributed_dp import DistributedPrivacy
-from server.secure_collect import SummedUpdates
 from server.records import CentralRelease
 from server.run_config import RunConfig
+from server.secure_collect import SummedUpdates
 
 # Clients clip in float32; a norm this close above the bound is rounding, not an attack.
 _CLIPPED_NORM_TOLERANCE = 1e-3
@@ -190,14 +190,22 @@ class ClientLevel:
         problem = self.central.incomplete(contributions.count)
         if problem is not None:
             log(WARNING, "Round %d: no client-level release: %s", server_round, problem)
-            return Release(None, CentralRelease(released=False, reason=problem, epsilon=self.central.epsilon_after(), budget=budget))
+            return Release(
+                None,
+                CentralRelease(released=False, reason=problem, epsilon=self.central.epsilon_after(), budget=budget),
+            )
         clip_norm = clipping_norm_of(self.strategy)
         aggregated, _ = self.strategy.aggregate_train(server_round, contributions.replies())
         epsilon = self.central.record(server_round, aggregated, clip_norm)
         return Release(
             aggregated,
             CentralRelease(
-                released=True, epsilon=epsilon, delta=self.run.central_dp.client_delta, budget=budget, noise_multiplier=self.central.noise.accounted, clip_norm=clip_norm
+                released=True,
+                epsilon=epsilon,
+                delta=self.run.central_dp.client_delta,
+                budget=budget,
+                noise_multiplier=self.central.noise.accounted,
+                clip_norm=clip_norm,
             ),
         )
 
@@ -233,12 +241,19 @@ class DistributedClientLevel:
         assert isinstance(contributions, SummedUpdates), "distributed DP releases only securely aggregated sums"
         aggregated, _ = self.strategy.aggregate_train(server_round, contributions.replies())
         assert aggregated is not None
-        spent, release = self.privacy.record(server_round, aggregated, contributions.noise_variance, contributions.sites)
+        spent, release = self.privacy.record(
+            server_round, aggregated, contributions.noise_variance, contributions.sites
+        )
         central = self.run.central_dp
         return Release(
             aggregated,
             CentralRelease(
-                released=True, epsilon=spent, delta=central.client_delta, budget=central.client_epsilon, noise_multiplier=release.noise_multiplier, clip_norm=self.run.dp.clip_norm
+                released=True,
+                epsilon=spent,
+                delta=central.client_delta,
+                budget=central.client_epsilon,
+                noise_multiplier=release.noise_multiplier,
+                clip_norm=self.run.dp.clip_norm,
             ),
         )
 

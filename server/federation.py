@@ -31,8 +31,8 @@ from server.exchange import Exchange
 from server.optimizer_state import optimizer_state
 from server.records import CentralRelease, RoundReport, Stage
 from server.reply_checks import ReplyChecker, SiteEvaluation
-from server.rundir import RunDirectory, append_lines, keep_rounds_up_to
 from server.run_config import RunConfig
+from server.rundir import RunDirectory, append_lines, keep_rounds_up_to
 from server.site_registry import SiteRegistry
 from server.study_ask import ask_sites
 
@@ -49,6 +49,7 @@ class FederationState:
     optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
     refused_nodes: dict[int, str] = field(default_factory=dict)
     refusal_reasons: dict[str, str] = field(default_factory=dict)
+    declined_evaluation: set[int] = field(default_factory=set)
     stop_reason: str = ""
 
 
@@ -66,10 +67,19 @@ def initial_state(run: RunConfig, run_dir: RunDirectory, model: torch.nn.Module)
     return FederationState(checkpoint.round + 1, ArrayRecord(checkpoint.weights), registry, checkpoint.optimizer)
 
 
+def _declined_evaluation(state: FederationState, node: int) -> bool:
+    """A site's policy does not change within a run: once it declined, whichever node it
+    runs as now (a restarted SuperNode gets a new id) is not asked again."""
+    names = {state.registry.name_of(declined) for declined in state.declined_evaluation} - {None}
+    return node in state.declined_evaluation or state.registry.name_of(node) in names
+
+
 def in_model_dtypes(aggregated: ArrayRecord, model: ArrayRecord) -> ArrayRecord:
     """Some strategies compute in float64 (q-FedAvg's loss powers); the global model keeps
     the model's own dtypes, which every site's reply is checked against."""
-    return ArrayRecord({name: Array(array.numpy().astype(model[name].numpy().dtype, copy=False)) for name, array in aggregated.items()})
+    return ArrayRecord(
+        {name: Array(array.numpy().astype(model[name].numpy().dtype, copy=False)) for name, array in aggregated.items()}
+    )
 
 
 @dataclass
@@ -104,16 +114,23 @@ class Federation:
                 log(WARNING, state.stop_reason)
                 break
             contributions = self.collect.collect(server_round, state.arrays, set(state.refused_nodes), report)
-            release = self.policy.release(server_round, contributions) if contributions.count >= self._min_sites() else None
+            release = (
+                self.policy.release(server_round, contributions) if contributions.count >= self._min_sites() else None
+            )
             if release is not None and release.arrays is not None:
                 state.arrays = in_model_dtypes(release.arrays, state.arrays)
             self._evaluate(server_round, state, report)
             evaluation = self.evaluate_centrally(state.arrays)
             state.refused_nodes.update(report.refusals)
             state.refusal_reasons.update(report.refusal_reasons)
+            state.declined_evaluation.update(report.declined_evaluation)
             self._persist(state, report, evaluation, release, time.monotonic() - started)
             state.next_round = server_round + 1
-            stop = self.policy.stop_after(server_round, list(report.refusals.values())) if release else self._too_few_updates(server_round, contributions, report)
+            stop = (
+                self.policy.stop_after(server_round, list(report.refusals.values()))
+                if release
+                else self._too_few_updates(server_round, contributions, report)
+            )
             if stop:
                 state.stop_reason = stop
                 log(WARNING, stop)
@@ -121,7 +138,12 @@ class Federation:
         return state
 
     def _evaluate(self, server_round: int, state: FederationState, report: RoundReport) -> None:
-        messages = [m for m in self.strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), self.grid) if m.metadata.dst_node_id not in {*state.refused_nodes, *report.refusals}]
+        messages = [
+            m
+            for m in self.strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), self.grid)
+            if m.metadata.dst_node_id not in {*state.refused_nodes, *report.refusals}
+            and not _declined_evaluation(state, m.metadata.dst_node_id)
+        ]
         replies = self.exchange.send(messages, Stage.EVALUATE, report)
         live = set(self.grid.get_node_ids())
         for _, reply in replies:
@@ -131,19 +153,39 @@ class Federation:
             else:
                 report.reject(checked)
 
-    def _persist(self, state: FederationState, report: RoundReport, evaluation: Evaluation, release: Release | None, seconds: float) -> None:
+    def _persist(
+        self,
+        state: FederationState,
+        report: RoundReport,
+        evaluation: Evaluation,
+        release: Release | None,
+        seconds: float,
+    ) -> None:
         central = None
         if self.run.dp.client_level:
-            central = release.record if release else CentralRelease(released=False, reason="too few updates passed the checks")
-        record = report.record(evaluation.accuracy, evaluation.loss, sorted(set(state.refused_nodes.values())), seconds, central)
+            central = (
+                release.record
+                if release
+                else CentralRelease(released=False, reason="too few updates passed the checks")
+            )
+        record = report.record(
+            evaluation.accuracy, evaluation.loss, sorted(set(state.refused_nodes.values())), seconds, central
+        )
         text = json.dumps(record.to_json(), sort_keys=True)
         append_lines(self.run_dir.ledger_file, report.ledger)
         append_lines(self.run_dir.metrics_file, [text])
         checkpoint = Checkpoint(
-            report.server_round, state.arrays.to_torch_state_dict(), self.run.fingerprint(), text, optimizer_state(self.strategy), json.dumps(state.registry.to_json())
+            report.server_round,
+            state.arrays.to_torch_state_dict(),
+            self.run.fingerprint(),
+            text,
+            optimizer_state(self.strategy),
+            json.dumps(state.registry.to_json()),
         )
         checkpoint.save(self.run_dir.checkpoint_dir)
-        log(INFO, "Round %d: global accuracy %.4f, loss %.4f", report.server_round, evaluation.accuracy, evaluation.loss)
+        log(
+            INFO, "Round %d: global accuracy %.4f, loss %.4f", report.server_round, evaluation.accuracy, evaluation.loss
+        )
 
     def _min_sites(self) -> int:
         return max(1, min(self.run.aggregation.min_sites, len(list(self.grid.get_node_ids()))))
@@ -152,7 +194,9 @@ class Federation:
         remaining = [node for node in self.grid.get_node_ids() if node not in state.refused_nodes]
         if len(remaining) >= self.run.aggregation.min_sites:
             return None
-        reasons = [state.refusal_reasons.get(name, f"{name} refused") for name in sorted(set(state.refused_nodes.values()))]
+        reasons = [
+            state.refusal_reasons.get(name, f"{name} refused") for name in sorted(set(state.refused_nodes.values()))
+        ]
         return f"{len(remaining)} site(s) can still train, fewer than min-sites={self.run.aggregation.min_sites}; refused: {'; '.join(reasons)}"
 
     def _too_few_updates(self, server_round: int, contributions: Contributions, report: RoundReport) -> str:

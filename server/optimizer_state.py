@@ -31,7 +31,9 @@ def restore_optimizer_state(strategy: Strategy, state: dict[str, torch.Tensor]) 
     """Put back what optimizer_state saved (nothing for strategies without one)."""
     if isinstance(strategy, FedOpt):
         for moment in ("m_t", "v_t"):
-            values = {key.split("/", 1)[1]: tensor.numpy() for key, tensor in state.items() if key.startswith(f"{moment}/")}
+            values = {
+                key.split("/", 1)[1]: tensor.numpy() for key, tensor in state.items() if key.startswith(f"{moment}/")
+            }
             if values:
                 setattr(strategy, moment, values)
     momentum = [state[key].numpy() for key in sorted(k for k in state if k.startswith("momentum/"))]

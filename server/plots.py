@@ -24,7 +24,11 @@ def _plot_accuracy(metrics: list[RoundRecord], path: Path) -> Path:
     rounds = [m.round for m in metrics]
     axes.plot(rounds, [m.accuracy for m in metrics], "k-o", linewidth=2, label="global (held-out test)")
     for site in _sites(metrics):
-        points = [(m.round, m.sites[site].val_accuracy) for m in metrics if site in m.sites and m.sites[site].val_accuracy is not None]
+        points = [
+            (m.round, m.sites[site].val_accuracy)
+            for m in metrics
+            if site in m.sites and m.sites[site].val_accuracy is not None
+        ]
         if points:
             axes.plot(*zip(*points), "--", alpha=0.7, label=f"{site} (local val)")
     axes.set(xlabel="round", ylabel="accuracy", title="Accuracy by round", ylim=(0, 1.02))
@@ -37,11 +41,15 @@ def _plot_epsilon(metrics: list[RoundRecord], path: Path) -> Path:
     figure, axes = plt.subplots(figsize=(7, 4.5))
     plotted = False
     for site in _sites(metrics):
-        points = [(m.round, m.sites[site].epsilon) for m in metrics if site in m.sites and m.sites[site].epsilon is not None]
+        points = [
+            (m.round, m.sites[site].epsilon) for m in metrics if site in m.sites and m.sites[site].epsilon is not None
+        ]
         if points:
             line = axes.plot(*zip(*points), "-o", label=site)[0]
             plotted = True
-            budget = next((m.sites[site].budget for m in reversed(metrics) if site in m.sites and m.sites[site].budget), None)
+            budget = next(
+                (m.sites[site].budget for m in reversed(metrics) if site in m.sites and m.sites[site].budget), None
+            )
             if budget is not None:
                 axes.axhline(budget, color=line.get_color(), linestyle=":", alpha=0.6)
     if plotted:

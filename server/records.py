@@ -195,7 +195,9 @@ class RoundReport:
 
     sites: each site's figures, by name; refusals: the nodes that refused to train this
     round (out of the run from now on), by node id, and their reasons by site name;
-    ledger: the verified ledger entries of the round, as the run's privacy_ledger.jsonl keeps them.
+    declined_evaluation: the nodes that declined to evaluate this round (not asked
+    again in this run); ledger: the verified ledger entries of the round, as the run's
+    privacy_ledger.jsonl keeps them.
     """
 
     server_round: int
@@ -204,10 +206,18 @@ class RoundReport:
     failures: list[Failure] = field(default_factory=list)
     refusals: dict[int, str] = field(default_factory=dict)
     refusal_reasons: dict[str, str] = field(default_factory=dict)
+    declined_evaluation: set[int] = field(default_factory=set)
     ledger: list[str] = field(default_factory=list)
 
     def reject(self, rejection: Rejection) -> None:
-        log(WARNING, "Round %d: rejected %s reply of %s: %s", self.server_round, rejection.stage, rejection.site, rejection.reason)
+        log(
+            WARNING,
+            "Round %d: rejected %s reply of %s: %s",
+            self.server_round,
+            rejection.stage,
+            rejection.site,
+            rejection.reason,
+        )
         self.rejected.append(rejection)
         if rejection.entry is not None:
             self.ledger.append(rejection.entry.to_json())
@@ -221,11 +231,23 @@ class RoundReport:
         self.ledger.append(entry.to_json())
 
     def validated(self, site: str, val_loss: float | None, val_accuracy: float | None) -> None:
-        self.sites[site] = dataclasses.replace(self.sites.get(site, SiteRound()), val_loss=val_loss, val_accuracy=val_accuracy)
+        self.sites[site] = dataclasses.replace(
+            self.sites.get(site, SiteRound()), val_loss=val_loss, val_accuracy=val_accuracy
+        )
 
-    def record(self, accuracy: float, loss: float, refused: list[str], seconds: float, client_level: CentralRelease | None) -> RoundRecord:
+    def record(
+        self, accuracy: float, loss: float, refused: list[str], seconds: float, client_level: CentralRelease | None
+    ) -> RoundRecord:
         return RoundRecord(
-            self.server_round, accuracy, loss, dict(sorted(self.sites.items())), tuple(refused), tuple(self.failures), tuple(self.rejected), round(seconds, 3), client_level,
+            self.server_round,
+            accuracy,
+            loss,
+            dict(sorted(self.sites.items())),
+            tuple(refused),
+            tuple(self.failures),
+            tuple(self.rejected),
+            round(seconds, 3),
+            client_level,
             dict(self.refusal_reasons),
         )
 
@@ -292,7 +314,11 @@ class Summary:
 
     def to_json(self) -> dict[str, Any]:
         summary = {
-            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("sites", "refused", "rejected", "fairness")},
+            **{
+                f.name: getattr(self, f.name)
+                for f in dataclasses.fields(self)
+                if f.name not in ("sites", "refused", "rejected", "fairness")
+            },
             "sites": {name: site.to_json() for name, site in self.sites.items()},
             "refused": list(self.refused),
             "rejected": {name: site.to_json() for name, site in self.rejected.items()},

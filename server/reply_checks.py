@@ -29,7 +29,8 @@ from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from common import protocol
 from common.privacy.ledger import LedgerEntry, LedgerRecord, RecordKind, model_hash
-from common.secure_aggregation.messages import MASKED_INPUT, Stage as SecureStage
+from common.secure_aggregation.messages import MASKED_INPUT
+from common.secure_aggregation.messages import Stage as SecureStage
 from server.records import Rejection, SiteRound, Stage
 from server.run_config import RunConfig
 from server.site_registry import SiteRegistry
@@ -75,14 +76,22 @@ class MaskedContribution:
         return _site_round(self.entry, None, self.reported_examples, self.metrics)
 
 
-def _site_round(entry: LedgerEntry, norm: float | None, reported_examples: int | None, metrics: dict[str, float]) -> SiteRound:
+def _site_round(
+    entry: LedgerEntry, norm: float | None, reported_examples: int | None, metrics: dict[str, float]
+) -> SiteRound:
     """What metrics.jsonl says of a site that contributed: its spend comes from its signed entry."""
     figures = SiteRound(trained=True, update_norm=norm, num_examples=reported_examples, **metrics)
     spent = entry.record
     if spent.kind != RecordKind.RELEASE:
         return figures
     return dataclasses.replace(
-        figures, epsilon=spent.epsilon, delta=spent.delta, budget=spent.budget_epsilon, noise_multiplier=spent.noise_multiplier, sample_rate=spent.sample_rate, steps=spent.steps
+        figures,
+        epsilon=spent.epsilon,
+        delta=spent.delta,
+        budget=spent.budget_epsilon,
+        noise_multiplier=spent.noise_multiplier,
+        sample_rate=spent.sample_rate,
+        steps=spent.steps,
     )
 
 
@@ -101,14 +110,24 @@ class ReplyChecker:
         self.run_id = run_id
         self.registry = registry
 
-    def check_train(self, server_round: int, reply: Message, global_arrays: ArrayRecord, live_nodes: set[int]) -> Update | Rejection:
+    def check_train(
+        self, server_round: int, reply: Message, global_arrays: ArrayRecord, live_nodes: set[int]
+    ) -> Update | Rejection:
         node = reply.metadata.src_node_id
         try:
             return self._check_train(server_round, reply, node, global_arrays, live_nodes)
         except _Rejected as rejected:
-            return Rejection(node, self.registry.name_of(node) or f"node {node}", Stage.TRAIN, one_line(str(rejected)), rejected.entry)
+            return Rejection(
+                node,
+                self.registry.known_as(node),
+                Stage.TRAIN,
+                one_line(str(rejected)),
+                rejected.entry,
+            )
 
-    def check_masked(self, server_round: int, node: int, reply: Message, live_nodes: set[int]) -> MaskedContribution | Rejection:
+    def check_masked(
+        self, server_round: int, node: int, reply: Message, live_nodes: set[int]
+    ) -> MaskedContribution | Rejection:
         """A secure-aggregation input: who sent it and a ledger entry that binds it. What it
         holds cannot be checked here; the protocol checks its form, and the sum's bound."""
         try:
@@ -119,9 +138,17 @@ class ReplyChecker:
             entry = self._verified_entry(server_round, name, _text(site, protocol.SITE_LEDGER_ENTRY), masked)
             self.registry.accept(name, entry)
             metrics = reply.content.metric_records.get(protocol.METRICS)
-            return MaskedContribution(node, name, entry, _reported_examples(metrics), _optional_metrics(metrics, _OPTIONAL_TRAIN_METRICS))
+            return MaskedContribution(
+                node, name, entry, _reported_examples(metrics), _optional_metrics(metrics, _OPTIONAL_TRAIN_METRICS)
+            )
         except _Rejected as rejected:
-            return Rejection(node, self.registry.name_of(node) or f"node {node}", SecureStage.MASKED_INPUT, one_line(str(rejected)), rejected.entry)
+            return Rejection(
+                node,
+                self.registry.known_as(node),
+                SecureStage.MASKED_INPUT,
+                one_line(str(rejected)),
+                rejected.entry,
+            )
 
     def check_evaluate(self, reply: Message, live_nodes: set[int]) -> SiteEvaluation | Rejection:
         node = reply.metadata.src_node_id
@@ -132,15 +159,19 @@ class ReplyChecker:
             bound = self.registry.name_of(node)
             if bound is not None and bound != name:
                 raise _Rejected(f"node {node} is {bound} but claims to be {name}")
-            holder = next((n for n, held in self.registry.nodes.items() if held == name and n != node and n in live_nodes), None)
+            holder = next(
+                (n for n, held in self.registry.nodes.items() if held == name and n != node and n in live_nodes), None
+            )
             if bound is None and holder is not None:
                 raise _Rejected(f"claims the name {name}, which node {holder} holds")
             metrics = reply.content.metric_records.get(protocol.METRICS)
             return SiteEvaluation(node, name, _optional_metrics(metrics, _OPTIONAL_EVAL_METRICS))
         except _Rejected as rejected:
-            return Rejection(node, self.registry.name_of(node) or f"node {node}", Stage.EVALUATE, one_line(str(rejected)))
+            return Rejection(node, self.registry.known_as(node), Stage.EVALUATE, one_line(str(rejected)))
 
-    def _check_train(self, server_round: int, reply: Message, node: int, global_arrays: ArrayRecord, live_nodes: set[int]) -> Update:
+    def _check_train(
+        self, server_round: int, reply: Message, node: int, global_arrays: ArrayRecord, live_nodes: set[int]
+    ) -> Update:
         name, site = self._admitted(reply, node, live_nodes)
         arrays = reply.content.array_records.get(protocol.ARRAYS)
         if arrays is None:
@@ -157,13 +188,22 @@ class ReplyChecker:
         bit = metrics.get(KEY_NORM_BIT) if metrics is not None else None
         norm_bit = int(bit) if isinstance(bit, int) and bit in (0, 1) else None
         dp = self.run.dp
-        if norm_bit is None and dp.client_level and self.run.central_dp.clipping_side == "client" and dp.client_clipping == "adaptive":
-            exc = _Rejected(f"sent no clipping bit ('{KEY_NORM_BIT}' 0 or 1), which client-side adaptive clipping needs")
+        if (
+            norm_bit is None
+            and dp.client_level
+            and self.run.central_dp.clipping_side == "client"
+            and dp.client_clipping == "adaptive"
+        ):
+            exc = _Rejected(
+                f"sent no clipping bit ('{KEY_NORM_BIT}' 0 or 1), which client-side adaptive clipping needs"
+            )
             exc.entry = entry
             raise exc
         kept = _optional_metrics(metrics, _OPTIONAL_TRAIN_METRICS)
         if STRATEGIES[self.run.aggregation.strategy].needs_train_loss and "train_loss" not in kept:
-            exc = _Rejected(f"sent no finite '{protocol.TRAIN_LOSS}', which {STRATEGIES[self.run.aggregation.strategy].title} weighs by (a site's policy may withhold it)")
+            exc = _Rejected(
+                f"sent no finite '{protocol.TRAIN_LOSS}', which {STRATEGIES[self.run.aggregation.strategy].title} weighs by (a site's policy may withhold it)"
+            )
             exc.entry = entry
             raise exc
         return Update(reply, node, name, arrays, norm, entry, reported, kept, norm_bit)
@@ -191,21 +231,28 @@ class ReplyChecker:
 
     def _verified_entry(self, server_round: int, name: str, text: str, arrays: ArrayRecord) -> LedgerEntry:
         entry = parse_entry(text)
-        problem = self.registry.check_entry(name, entry) or self._entry_mismatch(server_round, name, entry.record, arrays)
+        problem = self.registry.check_entry(name, entry) or self._entry_mismatch(
+            server_round, name, entry.record, arrays
+        )
         if problem is not None:
             raise _Rejected(problem)
         return entry
 
     def _entry_mismatch(self, server_round: int, name: str, record: LedgerRecord, arrays: ArrayRecord) -> str | None:
         mechanism = self.run.dp.mechanism
-        expected_kind, expected_mechanism = (RecordKind.RELEASE if mechanism.site_noise else RecordKind.NON_PRIVATE), mechanism.mechanism
+        expected_kind, expected_mechanism = (
+            (RecordKind.RELEASE if mechanism.site_noise else RecordKind.NON_PRIVATE),
+            mechanism.mechanism,
+        )
         if record.site != name:
             return f"its ledger entry is {record.site!r}'s, not {name}'s"
         if (record.run_id, record.round) != (self.run_id, server_round):
             return f"its ledger entry is for run {record.run_id} round {record.round}, not run {self.run_id} round {server_round}"
         if (record.kind, record.mechanism) != (expected_kind, expected_mechanism):
             return f"its ledger entry records a {record.kind} by {record.mechanism}; this run needs a {expected_kind} by {expected_mechanism}"
-        if record.kind == RecordKind.RELEASE and not (record.noise_multiplier > 0 and 0 < record.sample_rate <= 1 and record.steps >= 1 and record.epsilon >= 0):
+        if record.kind == RecordKind.RELEASE and not (
+            record.noise_multiplier > 0 and 0 < record.sample_rate <= 1 and record.steps >= 1 and record.epsilon >= 0
+        ):
             return "its ledger entry records a release without noise, sampling or steps"
         if record.config_hash != self.run.site_fingerprint():
             return "its ledger entry was made under another run config"
@@ -260,7 +307,11 @@ def parse_entry(text: str) -> LedgerEntry:
     for spec in dataclasses.fields(LedgerRecord):
         value = getattr(entry.record, spec.name)
         kind = {"str": str, "int": int, "float": (int, float)}[str(spec.type)]
-        if isinstance(value, bool) or not isinstance(value, kind) or (isinstance(value, float) and not math.isfinite(value)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, kind)
+            or (isinstance(value, float) and not math.isfinite(value))
+        ):
             raise _Rejected(f"sent a ledger entry whose {spec.name} is not a {spec.type}")
     return entry
 
@@ -287,7 +338,14 @@ def _text(record: Any, key: str) -> str:
 def _reported_examples(metrics: Any) -> int | None:
     """The example count a reply reports, when it is a count (a site may withhold it)."""
     examples = metrics.get(protocol.NUM_EXAMPLES) if metrics is not None else None
-    return int(examples) if isinstance(examples, (int, float)) and not isinstance(examples, bool) and math.isfinite(examples) and examples >= 1 else None
+    return (
+        int(examples)
+        if isinstance(examples, (int, float))
+        and not isinstance(examples, bool)
+        and math.isfinite(examples)
+        and examples >= 1
+        else None
+    )
 
 
 def _optional_metrics(metrics: Any, names: dict[str, str]) -> dict[str, float]:

@@ -12,7 +12,18 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Mapping
 
-from common.config import DELTA_RANGE, EPSILON_RANGE, SiteRunConfig, check_ranges, flat_values, flat_settings, in_range, number, require_choice, settings_hash
+from common.config import (
+    DELTA_RANGE,
+    EPSILON_RANGE,
+    SiteRunConfig,
+    check_ranges,
+    flat_settings,
+    flat_values,
+    in_range,
+    number,
+    require_choice,
+    settings_hash,
+)
 from common.errors import CohortInputError
 from common.secure_aggregation.parameters import MAX_BITS, MIN_BITS
 from server.strategies import STRATEGIES
@@ -158,7 +169,9 @@ class SecureAggregationConfig:
     secure_aggregation_bits: int = number(32, MIN_BITS, MAX_BITS)
     secure_aggregation_neighbours: int = number(0, 0, 100_000, note="0: the default")
     secure_aggregation_threshold: int = number(0, 0, 100_000, note="0: the default")
-    secure_aggregation_dropout: float = number(0.2, 0, 1, high_open=True, note="the share of a round's sites that may drop")
+    secure_aggregation_dropout: float = number(
+        0.2, 0, 1, high_open=True, note="the share of a round's sites that may drop"
+    )
     secure_aggregation_clip: float = number(0.0, 0, 1e6, note="0: the DP level's default")
 
     def validate(self) -> None:
@@ -184,7 +197,9 @@ class ChecksConfig:
     aggregation_weight: str = "uniform"
     example_cap: int = number(0, 0, 10**9, note="0 caps it at the round's median")
     update_norm_bound: float = number(0.0, 0, 1e9, note="0 picks the DP level's default")
-    update_norm_factor: float = number(4.0, 1, 1e6, low_open=True, note="at 1 or below, honest sites above the median are rejected")
+    update_norm_factor: float = number(
+        4.0, 1, 1e6, low_open=True, note="at 1 or below, honest sites above the median are rejected"
+    )
     reply_timeout: float = number(0.0, 0, 7 * 86400, note="0 sizes it from the run")
 
     def validate(self) -> None:
@@ -206,7 +221,12 @@ class RunConfig(SiteRunConfig):
 
     # Where a run lives, how it is resumed or reported: a run and its resumption may differ
     # in these without making the checkpoint foreign.
-    PLACEMENT_KEYS: ClassVar[frozenset[str]] = SiteRunConfig.PLACEMENT_KEYS | {"run_name", "resume_from", "fairness_margin", "reply_timeout"}
+    PLACEMENT_KEYS: ClassVar[frozenset[str]] = SiteRunConfig.PLACEMENT_KEYS | {
+        "run_name",
+        "resume_from",
+        "fairness_margin",
+        "reply_timeout",
+    }
 
     run_name: str = "cohort"
     resume_from: str = ""
@@ -231,7 +251,9 @@ class RunConfig(SiteRunConfig):
                 f"client-level DP needs a plain mean of the updates; strategy '{self.aggregation.strategy}' is not one; use {plain}"
             )
         if mechanism.equal_shares and self.checks.aggregation_weight != "uniform":
-            raise CohortInputError("client-level DP scales its noise for equal shares; set aggregation-weight = \"uniform\"")
+            raise CohortInputError(
+                'client-level DP scales its noise for equal shares; set aggregation-weight = "uniform"'
+            )
         if self.dp.secure_aggregation:
             self._refuse_what_needs_each_update()
 
@@ -241,17 +263,29 @@ class RunConfig(SiteRunConfig):
         strategy = STRATEGIES[self.aggregation.strategy]
         if not strategy.secure_aggregation:
             secure = ", ".join(name for name, spec in STRATEGIES.items() if spec.secure_aggregation)
-            raise CohortInputError(f"strategy {strategy.title} needs each site's update, which secure aggregation hides; use one of {secure}")
+            raise CohortInputError(
+                f"strategy {strategy.title} needs each site's update, which secure aggregation hides; use one of {secure}"
+            )
         if self.checks.aggregation_weight != "uniform":
-            raise CohortInputError('secure aggregation sums updates in equal shares; set aggregation-weight = "uniform"')
+            raise CohortInputError(
+                'secure aggregation sums updates in equal shares; set aggregation-weight = "uniform"'
+            )
         if self.checks.update_norm_bound > 0:
-            raise CohortInputError("the server cannot check each update's norm under secure aggregation; sites clip their own to secure-aggregation-clip: set update-norm-bound = 0")
+            raise CohortInputError(
+                "the server cannot check each update's norm under secure aggregation; sites clip their own to secure-aggregation-clip: set update-norm-bound = 0"
+            )
         if self.dp.client_level and self.dp.client_clipping != "fixed":
-            raise CohortInputError('adaptive clipping needs a count of clipped updates that secure aggregation hides; set client-clipping = "fixed"')
+            raise CohortInputError(
+                'adaptive clipping needs a count of clipped updates that secure aggregation hides; set client-clipping = "fixed"'
+            )
         if self.dp.client_level and self.central_dp.clipping_side != "client":
-            raise CohortInputError('the server cannot clip updates it never sees; under secure aggregation the sites clip: set clipping-side = "client"')
+            raise CohortInputError(
+                'the server cannot clip updates it never sees; under secure aggregation the sites clip: set clipping-side = "client"'
+            )
         if self.dp.client_level and self.secure.secure_aggregation_clip not in (0.0, self.dp.clip_norm):
-            raise CohortInputError("at client level the sites clip to clip-norm, the sensitivity the noise is sized for; set secure-aggregation-clip = 0")
+            raise CohortInputError(
+                "at client level the sites clip to clip-norm, the sensitivity the noise is sized for; set secure-aggregation-clip = 0"
+            )
 
     @property
     def secure_aggregation_clip(self) -> float:

@@ -121,7 +121,9 @@ class RunDirectory:
         try:
             model.load_state_dict(torch.load(self.model_file, map_location="cpu", weights_only=True))
         except (RuntimeError, OSError) as error:
-            raise CohortInputError(f"{self.model_file} does not load into the run's model ({error}); use the run that wrote it") from None
+            raise CohortInputError(
+                f"{self.model_file} does not load into the run's model ({error}); use the run that wrote it"
+            ) from None
         return model
 
 

@@ -34,7 +34,8 @@ from typing import Callable
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from common.secure_aggregation import crypto, field as modular
+from common.secure_aggregation import crypto
+from common.secure_aggregation import field as modular
 from common.secure_aggregation.messages import (
     MASKED_INPUT,
     MASKED_VECTOR,
@@ -120,7 +121,9 @@ class SecureAggregationRound:
     def _advertise_and_share(self, exchange: Exchange) -> set[int] | Abandoned:
         """Stages 1 and 2: U2, the sites whose shares reach their whole neighbourhood."""
         request = AdvertiseKeys(self.server_round, self.parameters).to_record()
-        for node, record in self._answers(exchange, Stage.ADVERTISE_KEYS, {node: request for node in self.nodes}).items():
+        for node, record in self._answers(
+            exchange, Stage.ADVERTISE_KEYS, {node: request for node in self.nodes}
+        ).items():
             try:
                 self._public_keys[node] = PublicKeys.from_record(record)
             except ProtocolViolation as violation:
@@ -155,13 +158,17 @@ class SecureAggregationRound:
             )
         return shared
 
-    def _collect_masked_inputs(self, exchange: Exchange, shared: set[int], training: RecordDict, accept: AcceptContribution) -> tuple[set[int], np.ndarray] | Abandoned:
+    def _collect_masked_inputs(
+        self, exchange: Exchange, shared: set[int], training: RecordDict, accept: AcceptContribution
+    ) -> tuple[set[int], np.ndarray] | Abandoned:
         """Stage 3: each site in U2 gets the shares addressed to it by the others in U2 and
         the training request, and answers with its masked input."""
         requests = {}
         for node in sorted(shared):
             senders = sorted(sender for sender in self._shares_to.get(node, {}) if sender in shared)
-            forwarded = ForwardedShares(self.server_round, tuple(senders), tuple(self._shares_to[node][s] for s in senders))
+            forwarded = ForwardedShares(
+                self.server_round, tuple(senders), tuple(self._shares_to[node][s] for s in senders)
+            )
             requests[node] = forwarded.to_record()
         masked_sum = np.zeros(self.parameters.dimension, dtype=np.uint64)
         survivors = set()
@@ -173,18 +180,28 @@ class SecureAggregationRound:
             vector = reply.content.array_records[MASKED_INPUT][MASKED_VECTOR].numpy()
             masked_sum = modular.add(masked_sum, vector.astype(np.uint64), self.parameters.bits)
             survivors.add(node)
-        problem = self._too_few(survivors, Stage.MASKED_INPUT) or self._split(survivors) or self._unrebuildable(shared, survivors)
+        problem = (
+            self._too_few(survivors, Stage.MASKED_INPUT)
+            or self._split(survivors)
+            or self._unrebuildable(shared, survivors)
+        )
         return problem or (survivors, masked_sum)
 
-    def _unmask(self, exchange: Exchange, shared: set[int], survivors: set[int], masked_sum: np.ndarray) -> UnmaskedSum | Abandoned:
+    def _unmask(
+        self, exchange: Exchange, shared: set[int], survivors: set[int], masked_sum: np.ndarray
+    ) -> UnmaskedSum | Abandoned:
         """Stage 4: collect one share per neighbour from each survivor, rebuild, remove masks."""
         dropped = shared - survivors
         asked = {}
         for node in sorted(survivors):
             neighbourhood = self._graph[node] | {node}
-            asked[node] = Unmask(self.server_round, tuple(sorted(neighbourhood & survivors)), tuple(sorted(neighbourhood & dropped)))
+            asked[node] = Unmask(
+                self.server_round, tuple(sorted(neighbourhood & survivors)), tuple(sorted(neighbourhood & dropped))
+            )
         shares: dict[int, list[bytes]] = {node: [] for node in shared}
-        for node, record in self._answers(exchange, Stage.UNMASK, {node: request.to_record() for node, request in asked.items()}).items():
+        for node, record in self._answers(
+            exchange, Stage.UNMASK, {node: request.to_record() for node, request in asked.items()}
+        ).items():
             try:
                 revealed = RevealedShares.from_record(record)
             except ProtocolViolation as violation:
@@ -205,9 +222,17 @@ class SecureAggregationRound:
                 total = modular.subtract(total, modular.keystream_mask(secret, length, bits), bits)
                 continue
             for neighbour in sorted(self._graph[owner] & survivors):
-                key = crypto.agreed_key(secret, self._public_keys[neighbour].masking_key, crypto.PAIRWISE_MASK, self.run_id, self.server_round)
+                key = crypto.agreed_key(
+                    secret,
+                    self._public_keys[neighbour].masking_key,
+                    crypto.PAIRWISE_MASK,
+                    self.run_id,
+                    self.server_round,
+                )
                 pairwise = modular.keystream_mask(key, length, bits)
-                total = modular.subtract(total, pairwise, bits) if neighbour < owner else modular.add(total, pairwise, bits)
+                total = (
+                    modular.subtract(total, pairwise, bits) if neighbour < owner else modular.add(total, pairwise, bits)
+                )
         return self._checked_sum(modular.from_field(total, bits), survivors)
 
     def _rebuilt(self, owner: int, shares: list[bytes], alive: bool) -> bytes | Abandoned:
@@ -215,15 +240,24 @@ class SecureAggregationRound:
         threshold = self.parameters.threshold
         what = "mask seed" if alive else "masking key"
         if len(shares) < threshold:
-            return Abandoned(Stage.UNMASK, f"only {len(shares)} shares of node {owner}'s {what} arrived, {threshold} are needed to unmask the sum")
+            return Abandoned(
+                Stage.UNMASK,
+                f"only {len(shares)} shares of node {owner}'s {what} arrived, {threshold} are needed to unmask the sum",
+            )
         try:
             secret = crypto.combine_secret(shares[:threshold])
         except ValueError:
             secret = b""
         if alive and crypto.commitment(secret) != self._commitments[owner]:
-            return Abandoned(Stage.UNMASK, f"the shares of node {owner}'s mask seed do not rebuild the seed it committed to")
-        if not alive and (len(secret) != crypto.KEY_BYTES or crypto.public_key(secret) != self._public_keys[owner].masking_key):
-            return Abandoned(Stage.UNMASK, f"the shares of node {owner}'s masking key do not rebuild the key it advertised")
+            return Abandoned(
+                Stage.UNMASK, f"the shares of node {owner}'s mask seed do not rebuild the seed it committed to"
+            )
+        if not alive and (
+            len(secret) != crypto.KEY_BYTES or crypto.public_key(secret) != self._public_keys[owner].masking_key
+        ):
+            return Abandoned(
+                Stage.UNMASK, f"the shares of node {owner}'s masking key do not rebuild the key it advertised"
+            )
         return secret
 
     def _checked_sum(self, integers: np.ndarray, survivors: set[int]) -> UnmaskedSum | Abandoned:
@@ -235,12 +269,18 @@ class SecureAggregationRound:
                 Stage.UNMASK,
                 f"the unmasked sum of {count} inputs lies outside the bound their clipping implies (a site sent an input it did not clip, or a share that does not match)",
             )
-        return UnmaskedSum(integers.astype(np.float64) / self.parameters.scale, tuple(sorted(survivors)), count * self.parameters.noise_variance)
+        return UnmaskedSum(
+            integers.astype(np.float64) / self.parameters.scale,
+            tuple(sorted(survivors)),
+            count * self.parameters.noise_variance,
+        )
 
     def _share_keys_request(self, node: int) -> ConfigRecord:
         holders = sorted(self._graph[node] | {node})
         keys = [self._public_keys[holder] for holder in holders]
-        return ShareKeys(self.server_round, tuple(holders), tuple(k.encryption_key for k in keys), tuple(k.masking_key for k in keys)).to_record()
+        return ShareKeys(
+            self.server_round, tuple(holders), tuple(k.encryption_key for k in keys), tuple(k.masking_key for k in keys)
+        ).to_record()
 
     def _rebuildable(self, shared: set[int], stage: Stage) -> set[int]:
         """Sites in `shared` whose secrets still have `threshold` holders in `shared`; a
@@ -251,7 +291,9 @@ class SecureAggregationRound:
             if not short:
                 return shared
             for node in sorted(short):
-                self._drop(node, stage, f"fewer than {self.parameters.threshold} of its neighbourhood shared their secrets")
+                self._drop(
+                    node, stage, f"fewer than {self.parameters.threshold} of its neighbourhood shared their secrets"
+                )
             shared = shared - short
 
     def _unrebuildable(self, shared: set[int], survivors: set[int]) -> Abandoned | None:
@@ -269,7 +311,10 @@ class SecureAggregationRound:
         needed = max(self.parameters.min_contributions, self.parameters.threshold)
         if len(remaining) >= needed:
             return None
-        return Abandoned(stage, f"{len(remaining)} of {len(self.nodes)} sites remain after the {stage} stage, fewer than the {needed} the round needs")
+        return Abandoned(
+            stage,
+            f"{len(remaining)} of {len(self.nodes)} sites remain after the {stage} stage, fewer than the {needed} the round needs",
+        )
 
     def _split(self, survivors: set[int]) -> Abandoned | None:
         """An honest coordinator does not unmask a sum whose survivors fall apart into
@@ -282,7 +327,10 @@ class SecureAggregationRound:
                 queue.append(neighbour)
         if reached == survivors:
             return None
-        return Abandoned(Stage.MASKED_INPUT, f"the {len(survivors)} sites whose inputs arrived are not all connected by shared masks; the round is not unmasked")
+        return Abandoned(
+            Stage.MASKED_INPUT,
+            f"the {len(survivors)} sites whose inputs arrived are not all connected by shared masks; the round is not unmasked",
+        )
 
     def _drop_reused_keys(self) -> None:
         """Every site whose public key another site also sent is left out."""
@@ -305,9 +353,19 @@ class SecureAggregationRound:
                 answers[node] = record
         return answers
 
-    def _replies(self, exchange: Exchange, stage: Stage, requests: dict[int, ConfigRecord], content: RecordDict) -> list[tuple[int, Message]]:
+    def _replies(
+        self, exchange: Exchange, stage: Stage, requests: dict[int, ConfigRecord], content: RecordDict
+    ) -> list[tuple[int, Message]]:
         """Send `requests` (each beside `content`); record who failed to answer."""
-        messages = [Message(RecordDict({**content, RECORD: record}), dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(self.server_round)) for node, record in requests.items()]
+        messages = [
+            Message(
+                RecordDict({**content, RECORD: record}),
+                dst_node_id=node,
+                message_type=MessageType.TRAIN,
+                group_id=str(self.server_round),
+            )
+            for node, record in requests.items()
+        ]
         replies = {}
         for node, reply in exchange(messages, stage):
             if node in requests and reply.has_content():
@@ -330,7 +388,8 @@ def neighbour_graph(nodes: list[int], neighbours: int) -> Graph:
     system_random.SystemRandom().shuffle(order)
     half = neighbours // 2
     return {
-        node: frozenset(order[(position + offset) % len(order)] for offset in range(-half, half + 1) if offset) for position, node in enumerate(order)
+        node: frozenset(order[(position + offset) % len(order)] for offset in range(-half, half + 1) if offset)
+        for position, node in enumerate(order)
     }
 
 

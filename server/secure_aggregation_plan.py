@@ -40,7 +40,9 @@ def run_parameters(run: RunConfig, sites: int, dimension: int) -> SecAggParamete
     parameters: CohortInputError, naming the setting to change, when they cannot work."""
     noise = None
     if run.dp.mechanism.distributed_noise:
-        noise = DistributedNoise(run.central_dp.client_epsilon, run.central_dp.client_delta, run.training.rounds, run.dp.noise_multiplier)
+        noise = DistributedNoise(
+            run.central_dp.client_epsilon, run.central_dp.client_delta, run.training.rounds, run.dp.noise_multiplier
+        )
     secure = run.secure
     return plan_parameters(
         sites,
@@ -67,12 +69,18 @@ def plan_parameters(
     """The parameters every round of the run uses, validated (CohortInputError names the
     setting to change). `neighbours` and `threshold` 0 take the defaults."""
     if not 0 <= dropout < 1:
-        raise CohortInputError(f"secure-aggregation-dropout is {dropout}; it is the share of a round's sites that may drop, in [0, 1)")
+        raise CohortInputError(
+            f"secure-aggregation-dropout is {dropout}; it is the share of a round's sites that may drop, in [0, 1)"
+        )
     k = neighbours or default_neighbours(sites)
     min_contributions = max(2, math.ceil(sites * (1 - dropout) - 1e-9))
-    planned = SecAggParameters(sites, k, threshold or default_threshold(k), bits, clip_norm, dimension, 0.0, min(min_contributions, sites))
+    planned = SecAggParameters(
+        sites, k, threshold or default_threshold(k), bits, clip_norm, dimension, 0.0, min(min_contributions, sites)
+    )
     if noise is not None:
-        planned = dataclasses.replace(planned, noise_variance=aggregate_variance(planned, noise) / planned.min_contributions)
+        planned = dataclasses.replace(
+            planned, noise_variance=aggregate_variance(planned, noise) / planned.min_contributions
+        )
     planned.validate()
     return planned
 

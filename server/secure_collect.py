@@ -69,7 +69,11 @@ class SecureCollect:
     run_id: int
 
     def collect(self, server_round: int, arrays: ArrayRecord, excluded: set[int], report: RoundReport) -> SummedUpdates:
-        sampled = [m for m in self.strategy.configure_train(server_round, arrays, train_config(self.run), self.exchange.grid) if m.metadata.dst_node_id not in excluded]
+        sampled = [
+            m
+            for m in self.strategy.configure_train(server_round, arrays, train_config(self.run), self.exchange.grid)
+            if m.metadata.dst_node_id not in excluded
+        ]
         if not sampled:
             return SummedUpdates(0)
         live = set(self.exchange.grid.get_node_ids())
@@ -84,23 +88,49 @@ class SecureCollect:
             accepted[node] = checked
             return None
 
-        protocol_round = SecureAggregationRound(self.parameters, self.run_id, server_round, [m.metadata.dst_node_id for m in sampled])
-        result = protocol_round.run(lambda messages, stage: self.exchange.send(messages, stage, report), sampled[0].content, accept)
+        protocol_round = SecureAggregationRound(
+            self.parameters, self.run_id, server_round, [m.metadata.dst_node_id for m in sampled]
+        )
+        result = protocol_round.run(
+            lambda messages, stage: self.exchange.send(messages, stage, report), sampled[0].content, accept
+        )
         for dropout in protocol_round.dropouts:
             if dropout.violation:
-                report.reject(spent.get(dropout.node) or Rejection(dropout.node, self._name(dropout.node), dropout.stage, dropout.reason))
+                report.reject(
+                    spent.get(dropout.node)
+                    or Rejection(dropout.node, self._name(dropout.node), dropout.stage, dropout.reason)
+                )
         if isinstance(result, Abandoned):
-            log(WARNING, "Round %d: secure aggregation abandoned at the %s stage: %s", server_round, result.stage, result.reason)
+            log(
+                WARNING,
+                "Round %d: secure aggregation abandoned at the %s stage: %s",
+                server_round,
+                result.stage,
+                result.reason,
+            )
             for contribution in accepted.values():  # they spent it; it counts for nothing
-                report.reject(Rejection(contribution.node, contribution.site, Stage.MASKED_INPUT, f"its input is lost: the round was abandoned: {result.reason}", contribution.entry))
+                report.reject(
+                    Rejection(
+                        contribution.node,
+                        contribution.site,
+                        Stage.MASKED_INPUT,
+                        f"its input is lost: the round was abandoned: {result.reason}",
+                        contribution.entry,
+                    )
+                )
             return SummedUpdates(0)
         contributors = [accepted[node] for node in result.contributors]
         for contribution in contributors:
             report.accept(contribution.site, contribution.site_record(), contribution.entry)
         log(INFO, "Round %d: unmasked the sum of %d sites' updates", server_round, len(contributors))
         mean = plus_vector(arrays, result.total / len(contributors))
-        aggregate = Message(RecordDict({protocol.ARRAYS: mean, protocol.METRICS: MetricRecord({AGGREGATION_WEIGHT: 1.0})}), reply_to=sampled[0])
-        return SummedUpdates(len(contributors), aggregate, result.noise_variance, tuple(sorted(c.site for c in contributors)))
+        aggregate = Message(
+            RecordDict({protocol.ARRAYS: mean, protocol.METRICS: MetricRecord({AGGREGATION_WEIGHT: 1.0})}),
+            reply_to=sampled[0],
+        )
+        return SummedUpdates(
+            len(contributors), aggregate, result.noise_variance, tuple(sorted(c.site for c in contributors))
+        )
 
     def _name(self, node: int) -> str:
-        return self.exchange.registry.name_of(node) or f"node {node}"
+        return self.exchange.registry.known_as(node)

@@ -42,6 +42,10 @@ class SiteRegistry:
     def name_of(self, node: int) -> str | None:
         return self.nodes.get(node)
 
+    def known_as(self, node: int) -> str:
+        """The site's name once it has one, the node id before: what reports say."""
+        return self.nodes.get(node) or f"node {node}"
+
     def admit(self, node: int, claimed: str, key_pem: str, live_nodes: set[int]) -> str | None:
         """Bind or check who `node` is; None when it may speak as `claimed`, else why not."""
         bound = self.nodes.get(node)
@@ -77,11 +81,19 @@ class SiteRegistry:
         site.sequence, site.entry_hash = entry.sequence, entry.entry_hash()
 
     def to_json(self) -> dict[str, dict[str, object]]:
-        return {name: {"public_key_pem": s.public_key_pem, "sequence": s.sequence, "entry_hash": s.entry_hash} for name, s in sorted(self.sites.items())}
+        return {
+            name: {"public_key_pem": s.public_key_pem, "sequence": s.sequence, "entry_hash": s.entry_hash}
+            for name, s in sorted(self.sites.items())
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, dict[str, object]]) -> SiteRegistry:
-        return cls({name: KnownSite(str(s["public_key_pem"]), int(s["sequence"]), str(s["entry_hash"])) for name, s in data.items()})  # type: ignore[call-overload]
+        return cls(
+            {
+                name: KnownSite(str(s["public_key_pem"]), int(s["sequence"]), str(s["entry_hash"]))
+                for name, s in data.items()
+            }
+        )  # type: ignore[call-overload]
 
 
 def _ed25519_problem(key_pem: str) -> str | None:

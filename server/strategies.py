@@ -69,31 +69,52 @@ class StrategySpec:
 
 
 STRATEGIES: dict[str, StrategySpec] = {
-    "fedavg": StrategySpec("FedAvg", lambda run, sites, shared: FedAvg(**shared), plain_mean=True, secure_aggregation=True),
+    "fedavg": StrategySpec(
+        "FedAvg", lambda run, sites, shared: FedAvg(**shared), plain_mean=True, secure_aggregation=True
+    ),
     # FedProx aggregates as FedAvg; its proximal term is the sites'.
     "fedprox": StrategySpec(
         "FedProx",
-        lambda run, sites, shared: FedProx(proximal_mu=run.aggregation.proximal_mu, **shared), plain_mean=True, proximal=True, secure_aggregation=True
+        lambda run, sites, shared: FedProx(proximal_mu=run.aggregation.proximal_mu, **shared),
+        plain_mean=True,
+        proximal=True,
+        secure_aggregation=True,
     ),
     "fedadam": StrategySpec(
         "FedAdam",
-        lambda run, sites, shared: FedAdam(eta=run.aggregation.server_learning_rate, eta_l=run.training.learning_rate, **shared), secure_aggregation=True
+        lambda run, sites, shared: FedAdam(
+            eta=run.aggregation.server_learning_rate, eta_l=run.training.learning_rate, **shared
+        ),
+        secure_aggregation=True,
     ),
     "fedyogi": StrategySpec(
         "FedYogi",
-        lambda run, sites, shared: FedYogi(eta=run.aggregation.server_learning_rate, eta_l=run.training.learning_rate, **shared), secure_aggregation=True
+        lambda run, sites, shared: FedYogi(
+            eta=run.aggregation.server_learning_rate, eta_l=run.training.learning_rate, **shared
+        ),
+        secure_aggregation=True,
     ),
     "fedavgm": StrategySpec(
         "FedAvgM",
-        lambda run, sites, shared: FedAvgM(server_learning_rate=run.aggregation.server_learning_rate, server_momentum=run.aggregation.server_momentum, **shared),
+        lambda run, sites, shared: FedAvgM(
+            server_learning_rate=run.aggregation.server_learning_rate,
+            server_momentum=run.aggregation.server_momentum,
+            **shared,
+        ),
         secure_aggregation=True,
     ),
     "fedmedian": StrategySpec("FedMedian", lambda run, sites, shared: FedMedian(**shared), robust=True),
-    "fedtrimmedavg": StrategySpec("FedTrimmedAvg", lambda run, sites, shared: FedTrimmedAvg(beta=run.aggregation.trimmed_beta, **shared), robust=True),
+    "fedtrimmedavg": StrategySpec(
+        "FedTrimmedAvg",
+        lambda run, sites, shared: FedTrimmedAvg(beta=run.aggregation.trimmed_beta, **shared),
+        robust=True,
+    ),
     # Blanchard et al. for Krum, El Mhamdi et al. for Bulyan (Flower's Bulyan refuses fewer).
     "krum": StrategySpec(
         "Krum",
-        lambda run, sites, shared: Krum(num_malicious_nodes=run.aggregation.byzantine_sites, **shared), robust=True, sites_needed=lambda hostile: 2 * hostile + 3
+        lambda run, sites, shared: Krum(num_malicious_nodes=run.aggregation.byzantine_sites, **shared),
+        robust=True,
+        sites_needed=lambda hostile: 2 * hostile + 3,
     ),
     "multikrum": StrategySpec(
         "MultiKrum",
@@ -108,11 +129,18 @@ STRATEGIES: dict[str, StrategySpec] = {
     ),
     "bulyan": StrategySpec(
         "Bulyan",
-        lambda run, sites, shared: Bulyan(num_malicious_nodes=run.aggregation.byzantine_sites, **shared), robust=True, sites_needed=lambda hostile: 4 * hostile + 3
+        lambda run, sites, shared: Bulyan(num_malicious_nodes=run.aggregation.byzantine_sites, **shared),
+        robust=True,
+        sites_needed=lambda hostile: 4 * hostile + 3,
     ),
     "qfedavg": StrategySpec(
         "q-FedAvg",
-        lambda run, sites, shared: QFedAvg(client_learning_rate=run.training.learning_rate, q=run.aggregation.qfedavg_q, train_loss_key=protocol.TRAIN_LOSS, **shared),
+        lambda run, sites, shared: QFedAvg(
+            client_learning_rate=run.training.learning_rate,
+            q=run.aggregation.qfedavg_q,
+            train_loss_key=protocol.TRAIN_LOSS,
+            **shared,
+        ),
         needs_train_loss=True,
     ),
 }

@@ -30,7 +30,11 @@ def ask_sites(grid: Grid, exchange: Exchange, report: RoundReport) -> dict[str, 
     for node, reply in exchange.send(messages, Stage.ASK, report):
         site = reply.content.get(protocol.SITE)
         metrics = reply.content.get(protocol.METRICS)
-        name = str(site[protocol.SITE_NAME]) if isinstance(site, ConfigRecord) and protocol.SITE_NAME in site else f"node {node}"
+        name = (
+            str(site[protocol.SITE_NAME])
+            if isinstance(site, ConfigRecord) and protocol.SITE_NAME in site
+            else f"node {node}"
+        )
         if metrics is not None and protocol.STUDY_EPSILON in metrics:
             grants[name] = float(metrics[protocol.STUDY_EPSILON])
     for name, epsilon in sorted(grants.items()):

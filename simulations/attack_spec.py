@@ -46,7 +46,10 @@ class AttackSpec:
         return self.by_site.get(partition_id)
 
     def to_json(self) -> dict[str, Any]:
-        return {"sites": {str(site): attack for site, attack in sorted(self.by_site.items())}, "scale": self.attack_scale}
+        return {
+            "sites": {str(site): attack for site, attack in sorted(self.by_site.items())},
+            "scale": self.attack_scale,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AttackSpec:
@@ -64,5 +67,3 @@ def hostile_sites(value: Any, num_sites: int) -> tuple[int, ...]:
         count = max(1, round(value * num_sites))
         return tuple(range(num_sites - count, num_sites))
     raise CohortInputError(f"attack-sites is {value!r}; give a list of site numbers ([0, 3]) or a fraction in (0, 1)")
-
-

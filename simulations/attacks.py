@@ -35,7 +35,17 @@ from client.policy import SiteConfig
 from client.site_data import simulated_site_data
 from common import protocol
 from common.config import SiteRunConfig
-from common.privacy.ledger import HEAD_FILE, LEDGER_FILE, PRIVATE_KEY_FILE, LedgerEntry, LedgerHead, SiteLedger, model_hash, sign_entry, write_head
+from common.privacy.ledger import (
+    HEAD_FILE,
+    LEDGER_FILE,
+    PRIVATE_KEY_FILE,
+    LedgerEntry,
+    LedgerHead,
+    SiteLedger,
+    model_hash,
+    sign_entry,
+    write_head,
+)
 from simulations.attack_spec import DATA_ATTACKS, AttackSpec
 from simulations.plan import PLAN_FILE
 
@@ -80,7 +90,9 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _attack_of(context: Context) -> tuple[str | None, float]:
     """This simulated site's attack (None when it is honest) and the boost factor, from the
     plan the runner wrote into the run directory."""
-    plan = json.loads((Path(SiteRunConfig.from_flower(context.run_config).run_dir) / PLAN_FILE).read_text(encoding="utf-8"))
+    plan = json.loads(
+        (Path(SiteRunConfig.from_flower(context.run_config).run_dir) / PLAN_FILE).read_text(encoding="utf-8")
+    )
     if "attack" not in plan:
         return None, 1.0
     spec = AttackSpec.from_json(plan["attack"])
@@ -111,12 +123,16 @@ def _tamper(reply: Message, global_arrays: ArrayRecord, attack: str, scale: floa
 def _resign(state_dir: Path, entry: LedgerEntry, sent_hash: str) -> LedgerEntry:
     """The site's own last ledger entry, rewritten for the tampered model and signed again."""
     key = serialization.load_pem_private_key((state_dir / PRIVATE_KEY_FILE).read_bytes(), password=None)
-    signed = sign_entry(key, entry.sequence, entry.previous_hash, dataclasses.replace(entry.record, model_hash=sent_hash))  # type: ignore[arg-type]
+    signed = sign_entry(
+        key, entry.sequence, entry.previous_hash, dataclasses.replace(entry.record, model_hash=sent_hash)
+    )  # type: ignore[arg-type]
     ledger = state_dir / LEDGER_FILE
     lines = ledger.read_text(encoding="utf-8").splitlines()
     lines[-1] = signed.to_json()
     ledger.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    write_head(state_dir / HEAD_FILE, LedgerHead(len(lines), signed.entry_hash()))  # its own ledger: it keeps it consistent
+    write_head(
+        state_dir / HEAD_FILE, LedgerHead(len(lines), signed.entry_hash())
+    )  # its own ledger: it keeps it consistent
     return signed
 
 

@@ -9,6 +9,7 @@ risen well above where it started, is said out loud once.
 from __future__ import annotations
 
 import math
+
 from server.records import RoundRecord
 
 GRACE_ROUNDS = 5

@@ -60,7 +60,10 @@ def write_fairness(run_dir: Path, margin: float) -> dict[str, Any]:
     report = measure_fairness(directory, margin)
     write_json_atomic(run_dir / FAIRNESS_FILE, report)
     private_dir(directory.plot_dir)
-    write_bytes_atomic(directory.plot_dir / PLOT_FILE, _site_accuracy_plot(directory.read_metrics(), report["across_sites"]["worst_site"]))
+    write_bytes_atomic(
+        directory.plot_dir / PLOT_FILE,
+        _site_accuracy_plot(directory.read_metrics(), report["across_sites"]["worst_site"]),
+    )
     return report
 
 
@@ -157,19 +160,36 @@ def read_fairness(run_dir: Path) -> dict[str, Any] | None:
     try:
         return json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise CohortInputError(f"{file} is corrupt ({error}); delete it and run `cohort compare` again to remeasure") from None
+        raise CohortInputError(
+            f"{file} is corrupt ({error}); delete it and run `cohort compare` again to remeasure"
+        ) from None
 
 
 def _site_accuracy_plot(metrics: list[RoundRecord], worst_site: str) -> bytes:
     figure, axes = plt.subplots(figsize=(7, 4.2))
     names = sorted({name for record in metrics for name in record.sites})
     for name in names:
-        points = [(m.round, m.sites[name].val_accuracy) for m in metrics if name in m.sites and m.sites[name].val_accuracy is not None]
+        points = [
+            (m.round, m.sites[name].val_accuracy)
+            for m in metrics
+            if name in m.sites and m.sites[name].val_accuracy is not None
+        ]
         if not points:
             continue
         worst = name == worst_site
-        axes.plot(*zip(*points), color="#c0392b" if worst else "#999", linewidth=2.5 if worst else 1, zorder=3 if worst else 2, label=f"{name} (worst)" if worst else None)
-    axes.set(xlabel="round", ylabel="validation accuracy of the global model", title="Accuracy by site and round", ylim=(0, 1.02))
+        axes.plot(
+            *zip(*points),
+            color="#c0392b" if worst else "#999",
+            linewidth=2.5 if worst else 1,
+            zorder=3 if worst else 2,
+            label=f"{name} (worst)" if worst else None,
+        )
+    axes.set(
+        xlabel="round",
+        ylabel="validation accuracy of the global model",
+        title="Accuracy by site and round",
+        ylim=(0, 1.02),
+    )
     axes.grid(alpha=0.3)
     if axes.get_legend_handles_labels()[0]:
         axes.legend(loc="lower right", fontsize="small")

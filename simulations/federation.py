@@ -38,8 +38,12 @@ def site_holding(config: DataConfig, partition_id: int, num_partitions: int) -> 
         raise CohortInputError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     split = federated_split(config)
     share = split.pool.subset(simulated_partitions(config, num_partitions)[partition_id])
-    canaries = split.canaries.trained_on if split.canaries is not None and partition_id == config.audit_canary_site else None
-    return SimulatedHolding(share, split.num_classes, config.val_fraction, config.seed + partition_id, config.seed, canaries)
+    canaries = (
+        split.canaries.trained_on if split.canaries is not None and partition_id == config.audit_canary_site else None
+    )
+    return SimulatedHolding(
+        share, split.num_classes, config.val_fraction, config.seed + partition_id, config.seed, canaries
+    )
 
 
 def write_site_files(config: DataConfig, num_partitions: int, run_dir: Path) -> None:

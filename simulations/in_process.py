@@ -49,7 +49,13 @@ class InProcessGrid:
 
     def __post_init__(self) -> None:
         self.contexts = {
-            node: Context(run_id=7, node_id=node, node_config={"partition-id": i, "num-partitions": len(self.nodes)}, state=RecordDict(), run_config=self.run_config)
+            node: Context(
+                run_id=7,
+                node_id=node,
+                node_config={"partition-id": i, "num-partitions": len(self.nodes)},
+                state=RecordDict(),
+                run_config=self.run_config,
+            )
             for i, node in enumerate(self.nodes)
         }
 
@@ -92,7 +98,9 @@ def exchange_of(message: Message) -> str:
     return str(record["stage"]) if record is not None else message.metadata.message_type
 
 
-def run_in_process(settings: dict[str, Any], sites: int, run_dir: Path, drop: dict[int, str] | None = None) -> InProcessGrid:
+def run_in_process(
+    settings: dict[str, Any], sites: int, run_dir: Path, drop: dict[int, str] | None = None
+) -> InProcessGrid:
     """Run the ServerApp over `sites` simulated sites in this process; `settings` are run
     settings (a run config's keys). The run directory is `run_dir`, the sites' state
     under it. The caller's Flower task identity must be set (a ClientApp's messages need

@@ -11,8 +11,8 @@ import warnings
 
 import numpy as np
 
-from server.run_config import DataConfig
 from common.errors import CohortInputError
+from server.run_config import DataConfig
 
 
 def partition_indices(labels: np.ndarray, num_partitions: int, config: DataConfig) -> list[np.ndarray]:

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RANGE, SEEDED_NOISE, check_ranges, number
-from server.run_config import RunConfig, refuse_unknown_settings, run_settings
 from common.errors import CohortInputError
+from server.run_config import RunConfig, refuse_unknown_settings, run_settings
 from simulations.attack_spec import AttackSpec
 
 SIMULATIONS_DIR = Path(__file__).resolve().parent
@@ -39,7 +39,12 @@ class SimulationPlan:
 
     def __post_init__(self) -> None:
         check_ranges(self)
-        self.run.refuse_federation_size(min(self.num_sites, max(int(self.num_sites * self.run.aggregation.fraction_train), self.run.aggregation.min_sites)))
+        self.run.refuse_federation_size(
+            min(
+                self.num_sites,
+                max(int(self.num_sites * self.run.aggregation.fraction_train), self.run.aggregation.min_sites),
+            )
+        )
 
     def federation_config(self) -> str:
         return (
@@ -48,7 +53,11 @@ class SimulationPlan:
         )
 
     def to_json(self) -> dict[str, Any]:
-        plan: dict[str, Any] = {"num-sites": self.num_sites, "cpus-per-site": self.cpus_per_site, "gpus-per-site": self.gpus_per_site}
+        plan: dict[str, Any] = {
+            "num-sites": self.num_sites,
+            "cpus-per-site": self.cpus_per_site,
+            "gpus-per-site": self.gpus_per_site,
+        }
         if self.attack is not None:
             plan["attack"] = self.attack.to_json()
         return plan
@@ -61,7 +70,9 @@ def load_plan(config_file: Path, overrides: list[str]) -> SimulationPlan:
 
 
 # What a simulation TOML or --set may say beyond the run settings.
-SIMULATION_SETTINGS = frozenset({"num-sites", "cpus-per-site", "gpus-per-site", "attack", "attack-sites", "attack-scale"})
+SIMULATION_SETTINGS = frozenset(
+    {"num-sites", "cpus-per-site", "gpus-per-site", "attack", "attack-sites", "attack-scale"}
+)
 
 
 def plan_from_values(values: dict[str, Any]) -> SimulationPlan:
@@ -79,10 +90,14 @@ def plan_from_values(values: dict[str, Any]) -> SimulationPlan:
     attack_scale = values.pop("attack-scale", 10.0)
     if attack is not None:
         if attack_sites is None:
-            raise CohortInputError("attack is set but attack-sites is not; give site numbers ([0, 3]) or a fraction (0.2)")
-        plan_values["attack"] = AttackSpec.from_settings(attack, attack_sites, attack_scale, int(plan_values.get("num_sites", 5)))
+            raise CohortInputError(
+                "attack is set but attack-sites is not; give site numbers ([0, 3]) or a fraction (0.2)"
+            )
+        plan_values["attack"] = AttackSpec.from_settings(
+            attack, attack_sites, attack_scale, int(plan_values.get("num_sites", 5))
+        )
     elif attack_sites is not None:
-        raise CohortInputError("attack-sites is set but attack is not; name the attack (e.g. attack = \"boost\")")
+        raise CohortInputError('attack-sites is set but attack is not; name the attack (e.g. attack = "boost")')
     return SimulationPlan(run=RunConfig.from_flower(values), **plan_values)
 
 
@@ -104,7 +119,11 @@ def saved_plan(run_dir: Path, run: RunConfig) -> SimulationPlan:
     except json.JSONDecodeError as error:
         raise CohortInputError(f"{file} is corrupt ({error}); start a new run") from None
     attack = values.pop("attack", None)
-    return SimulationPlan(run=run, attack=AttackSpec.from_json(attack) if attack else None, **{k.replace("-", "_"): v for k, v in values.items()})
+    return SimulationPlan(
+        run=run,
+        attack=AttackSpec.from_json(attack) if attack else None,
+        **{k.replace("-", "_"): v for k, v in values.items()},
+    )
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

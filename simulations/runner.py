@@ -33,7 +33,13 @@ from common.models.registry import build_model
 from common.private_files import open_private
 from common.secure_aggregation.model_vector import dimension
 from deploy.directory_lock import run_directory_lock
-from deploy.flower_runtime import APP_DIR, die_with_parent, flower_executable, install_flower_launchers, offline_flower_env
+from deploy.flower_runtime import (
+    APP_DIR,
+    die_with_parent,
+    flower_executable,
+    install_flower_launchers,
+    offline_flower_env,
+)
 from deploy.run_follower import RoundCallback, follow_run
 from server.checkpoint import latest_checkpoint
 from server.held_out import federated_split
@@ -76,7 +82,9 @@ def check_plan(plan: SimulationPlan) -> None:
     simulated_partitions(plan.run.data, plan.num_sites)  # kept: write_site_files shares them out
     model = build_model(plan.run.training.model, split.input_shape, split.num_classes)
     if plan.run.dp.secure_aggregation:
-        run_parameters(plan.run, sample_size(plan.run.aggregation, plan.num_sites), dimension(ArrayRecord(model.state_dict())))
+        run_parameters(
+            plan.run, sample_size(plan.run.aggregation, plan.num_sites), dimension(ArrayRecord(model.state_dict()))
+        )
 
 
 def new_run(plan: SimulationPlan, runs_root: Path, federation_home: Path | None = None) -> SimulationPlan:
@@ -97,7 +105,10 @@ def resumed_run(run_dir: Path, plan_of: Callable[[Path], SimulationPlan]) -> Sim
 
 
 def run_simulation(
-    plan: SimulationPlan, on_round: RoundCallback, on_start: Callable[[RunDirectory], None] = lambda _: None, clientapp: str | None = None
+    plan: SimulationPlan,
+    on_round: RoundCallback,
+    on_start: Callable[[RunDirectory], None] = lambda _: None,
+    clientapp: str | None = None,
 ) -> SimulationOutcome:
     """clientapp: the ClientApp component ('module:attribute') the sites run; by default the
     honest one, or the hostile one when the plan names an attack."""
@@ -113,11 +124,18 @@ def run_simulation(
         on_start(run_dir)
         _run_on_local_superlink(plan, run_dir, log_file, lock, on_round, clientapp)
     summary = run_dir.read_summary()
-    return SimulationOutcome(run_dir=run_dir, succeeded=summary is not None and not summary.stop_reason, summary=summary, log_file=log_file)
+    return SimulationOutcome(
+        run_dir=run_dir, succeeded=summary is not None and not summary.stop_reason, summary=summary, log_file=log_file
+    )
 
 
 def _run_on_local_superlink(
-    plan: SimulationPlan, run_dir: RunDirectory, log_file: Path, lock: int, on_round: RoundCallback, clientapp: str | None
+    plan: SimulationPlan,
+    run_dir: RunDirectory,
+    log_file: Path,
+    lock: int,
+    on_round: RoundCallback,
+    clientapp: str | None,
 ) -> None:
     """Submit the plan with stock `flwr run` to a private SuperLink and follow it to its end.
     lock: the run directory's lock, which the SuperLink's guardian keeps until it has stopped."""
@@ -143,7 +161,11 @@ def _run_on_local_superlink(
             ]
             with open_private(log_file, "ab") as log:
                 process = subprocess.Popen(
-                    command, env=offline_flower_env(flwr_home, launchers), stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+                    command,
+                    env=offline_flower_env(flwr_home, launchers),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=die_with_parent,
                 )
                 try:
                     follow_run(process, run_dir, on_round)
@@ -180,8 +202,15 @@ def _app_copy(target: Path, component: str) -> Path:
     honest_line = f'clientapp = "{HONEST_CLIENTAPP}"'
     if honest_line not in pyproject:
         raise RuntimeError(f"pyproject.toml no longer names the ClientApp as {honest_line}")
-    (target / "pyproject.toml").write_text(pyproject.replace(honest_line, f'clientapp = "{component}"'), encoding="utf-8")
-    assert tomllib.loads((target / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["components"]["clientapp"] == component
+    (target / "pyproject.toml").write_text(
+        pyproject.replace(honest_line, f'clientapp = "{component}"'), encoding="utf-8"
+    )
+    assert (
+        tomllib.loads((target / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["components"][
+            "clientapp"
+        ]
+        == component
+    )
     return target
 
 

@@ -25,7 +25,16 @@ os.environ.pop("COLUMNS", None)
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-_FEDERATION_PROCESS_MARKERS = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr-serverapp", "flwr-clientapp", "raylet", "gcs_server", "ray::")
+_FEDERATION_PROCESS_MARKERS = (
+    "flower-superlink",
+    "flower-superexec",
+    "flwr-simulation",
+    "flwr-serverapp",
+    "flwr-clientapp",
+    "raylet",
+    "gcs_server",
+    "ray::",
+)
 
 
 # Every process this test session starts inherits the marker, Ray's workers included;
@@ -60,7 +69,9 @@ def no_leftover_processes():
     before = federation_processes()
     yield
     leftover = {pid for pid in federation_processes() - before if psutil.pid_exists(pid)}
-    assert not leftover, f"processes left running: {[psutil.Process(p).cmdline() for p in leftover if psutil.pid_exists(p)]}"
+    assert not leftover, (
+        f"processes left running: {[psutil.Process(p).cmdline() for p in leftover if psutil.pid_exists(p)]}"
+    )
 
 
 @pytest.fixture
@@ -89,7 +100,15 @@ def medmnist_npz(tmp_path: Path) -> Path:
     train_x, train_y = make_images(120, seed=1)
     val_x, val_y = make_images(20, seed=2)
     test_x, test_y = make_images(40, seed=3)
-    np.savez(path, train_images=train_x, train_labels=train_y[:, None], val_images=val_x, val_labels=val_y[:, None], test_images=test_x, test_labels=test_y[:, None])
+    np.savez(
+        path,
+        train_images=train_x,
+        train_labels=train_y[:, None],
+        val_images=val_x,
+        val_labels=val_y[:, None],
+        test_images=test_x,
+        test_labels=test_y[:, None],
+    )
     return path
 
 
@@ -97,7 +116,17 @@ COHORT = str(Path(sys.executable).parent / "cohort")
 
 
 def _simulate_twin(runs: Path, *settings: str) -> Path:
-    command = [COHORT, "simulate", "--set", "audit-canaries=150", "--set", "num-sites=3", *settings, "--runs-dir", str(runs)]
+    command = [
+        COHORT,
+        "simulate",
+        "--set",
+        "audit-canaries=150",
+        "--set",
+        "num-sites=3",
+        *settings,
+        "--runs-dir",
+        str(runs),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "80"})
     assert result.returncode == 0, result.stdout + result.stderr
     (run_dir,) = list(runs.iterdir())
@@ -108,7 +137,9 @@ def _simulate_twin(runs: Path, *settings: str) -> Path:
 def non_private_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Twin runs on the same data, sites and canaries, without DP and with it. Without
     DP, several local epochs: the canary site memorises its canaries' wrong labels."""
-    return _simulate_twin(tmp_path_factory.mktemp("no-dp"), "simulations/no-dp.toml", "--set", "rounds=5", "--set", "local-epochs=6")
+    return _simulate_twin(
+        tmp_path_factory.mktemp("no-dp"), "simulations/no-dp.toml", "--set", "rounds=5", "--set", "local-epochs=6"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.privacy.accounting import PrivacyState
 from audit.cross_check import compare_accountants, dp_accounting_rdp_epsilon, opacus_rdp_epsilon
+from common.privacy.accounting import PrivacyState
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -24,7 +24,9 @@ RANDOM_RELEASES = {
 
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(**RANDOM_RELEASES)
-def test_opacus_rdp_matches_dp_accountings_rdp_within_one_percent(sigma: float, q: float, steps: int, delta: float) -> None:
+def test_opacus_rdp_matches_dp_accountings_rdp_within_one_percent(
+    sigma: float, q: float, steps: int, delta: float
+) -> None:
     """Same orders, two independent implementations of the subsampled Gaussian's RDP."""
     history = ((sigma, q, steps),)
     assert opacus_rdp_epsilon(history, delta) == pytest.approx(dp_accounting_rdp_epsilon(history, delta), rel=0.01)
@@ -32,7 +34,9 @@ def test_opacus_rdp_matches_dp_accountings_rdp_within_one_percent(sigma: float, 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(**RANDOM_RELEASES)
-def test_recorded_epsilon_is_never_more_than_one_percent_above_dp_accountings_rdp(sigma: float, q: float, steps: int, delta: float) -> None:
+def test_recorded_epsilon_is_never_more_than_one_percent_above_dp_accountings_rdp(
+    sigma: float, q: float, steps: int, delta: float
+) -> None:
     """The recorded figure adds Opacus' fractional orders to the integer ones, so it is
     often tighter (by several percent where an order below 2 is optimal); the libraries'
     RDP-to-epsilon conversions differ slightly, so it may also sit a hair above."""

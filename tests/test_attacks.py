@@ -26,7 +26,9 @@ RUN = RunConfig()
 
 
 def _poisoned(tmp_path: Path, attack: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    site = SiteConfig(name="site-8", epsilon=8.0, delta=1e-5, state_dir=tmp_path / "site-8", partition_id=8, num_partitions=10)
+    site = SiteConfig(
+        name="site-8", epsilon=8.0, delta=1e-5, state_dir=tmp_path / "site-8", partition_id=8, num_partitions=10
+    )
     path = site.state_dir / f"poisoned-{attack}.npz"
     write_site_files(RUN.data, 10, tmp_path / "run")
     write_poisoned_copy(path, dataclasses.replace(RUN, run_dir=str(tmp_path / "run")), site, attack)
@@ -34,7 +36,11 @@ def _poisoned(tmp_path: Path, attack: str) -> tuple[np.ndarray, np.ndarray, np.n
     poisoned = local_site_data(str(path), site.split_seed, site.val_fraction)
     assert poisoned.num_classes == honest.num_classes
     images = np.concatenate([poisoned.train.images, poisoned.val.images])
-    return images, np.concatenate([poisoned.train.labels, poisoned.val.labels]), np.concatenate([honest.train.labels, honest.val.labels])
+    return (
+        images,
+        np.concatenate([poisoned.train.labels, poisoned.val.labels]),
+        np.concatenate([honest.train.labels, honest.val.labels]),
+    )
 
 
 def test_label_flip_turns_every_label_y_into_classes_minus_one_minus_y(tmp_path: Path) -> None:
@@ -57,17 +63,35 @@ def test_attacks_can_be_paired_with_sites() -> None:
 
 
 @pytest.mark.parametrize("attack", ["label-flip", "backdoor"])
-def test_a_site_that_poisons_its_data_trains_on_the_poisoned_copy_and_signs_its_release(attack: str, tmp_path: Path, clientapp_identity: None) -> None:
+def test_a_site_that_poisons_its_data_trains_on_the_poisoned_copy_and_signs_its_release(
+    attack: str, tmp_path: Path, clientapp_identity: None
+) -> None:
     from simulations.attacks import app
 
     run_dir = tmp_path / "run"
     write_site_files(RUN.data, 10, run_dir)
-    (run_dir / PLAN_FILE).write_text(json.dumps({"num-sites": 10, "attack": AttackSpec.from_settings(attack, [8], 10.0, num_sites=10).to_json()}))
-    run_config = {"dp": False, "site-allow-non-private": True, "run-dir": str(run_dir), "federation-home": str(tmp_path / "federation"), "rounds": 1}
+    (run_dir / PLAN_FILE).write_text(
+        json.dumps({"num-sites": 10, "attack": AttackSpec.from_settings(attack, [8], 10.0, num_sites=10).to_json()})
+    )
+    run_config = {
+        "dp": False,
+        "site-allow-non-private": True,
+        "run-dir": str(run_dir),
+        "federation-home": str(tmp_path / "federation"),
+        "rounds": 1,
+    }
     split = federated_split(RUN.data)
     model = build_model("cnn", split.input_shape, split.num_classes)
-    content = RecordDict({protocol.ARRAYS: ArrayRecord(model.state_dict()), protocol.CONFIG: ConfigRecord({protocol.CONFIG_ROUND: 1})})
-    context = Context(run_id=7, node_id=1, node_config={"partition-id": 8, "num-partitions": 10}, state=RecordDict(), run_config=run_config)
+    content = RecordDict(
+        {protocol.ARRAYS: ArrayRecord(model.state_dict()), protocol.CONFIG: ConfigRecord({protocol.CONFIG_ROUND: 1})}
+    )
+    context = Context(
+        run_id=7,
+        node_id=1,
+        node_config={"partition-id": 8, "num-partitions": 10},
+        state=RecordDict(),
+        run_config=run_config,
+    )
     reply = app(Message(content=content, dst_node_id=1, message_type="train"), context)
     assert not reply.has_error(), reply.error.reason
     entry = LedgerEntry.from_json(str(reply.content[protocol.SITE][protocol.SITE_LEDGER_ENTRY]))

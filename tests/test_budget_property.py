@@ -23,7 +23,9 @@ def _spend_like_a_site(ledger: SiteLedger, run: SiteRunConfig, site: SiteConfig,
     for run_id in range(runs):
         for server_round in range(1, run.training.rounds + 1):
             try:
-                plan = plan_round(run, site, ledger.entries(), "data", run_id, server_round, num_examples, granted=site.epsilon)
+                plan = plan_round(
+                    run, site, ledger.entries(), "data", run_id, server_round, num_examples, granted=site.epsilon
+                )
             except CohortInputError:  # no sigma fits what is left: the site cannot train at all
                 return
             steps = round_steps(num_examples, run)
@@ -31,11 +33,24 @@ def _spend_like_a_site(ledger: SiteLedger, run: SiteRunConfig, site: SiteConfig,
             after = plan.total if reason else plan.total.with_steps(steps)
             ledger.append(
                 LedgerRecord(
-                    kind=RecordKind.REFUSAL if reason else RecordKind.RELEASE, run_id=run_id, round=server_round, site=site.name,
-                    mechanism=Mechanism.SAMPLE_LEVEL_DP_SGD, noise_multiplier=after.noise_multiplier, sample_rate=after.sample_rate,
-                    sampling="poisson", steps=0 if reason else steps, clip_norm=1.0, delta=site.delta,
-                    epsilon=after.epsilon(site.delta), accountant="rdp", budget_epsilon=site.epsilon,
-                    dataset_hash="data", model_hash="", config_hash="", reason=reason or "",
+                    kind=RecordKind.REFUSAL if reason else RecordKind.RELEASE,
+                    run_id=run_id,
+                    round=server_round,
+                    site=site.name,
+                    mechanism=Mechanism.SAMPLE_LEVEL_DP_SGD,
+                    noise_multiplier=after.noise_multiplier,
+                    sample_rate=after.sample_rate,
+                    sampling="poisson",
+                    steps=0 if reason else steps,
+                    clip_norm=1.0,
+                    delta=site.delta,
+                    epsilon=after.epsilon(site.delta),
+                    accountant="rdp",
+                    budget_epsilon=site.epsilon,
+                    dataset_hash="data",
+                    model_hash="",
+                    config_hash="",
+                    reason=reason or "",
                 )
             )
 
@@ -49,8 +64,12 @@ def _spend_like_a_site(ledger: SiteLedger, run: SiteRunConfig, site: SiteConfig,
     rounds=st.integers(min_value=1, max_value=6),
     runs=st.integers(min_value=1, max_value=3),
 )
-def test_no_ledger_ever_shows_more_epsilon_than_the_budget(budget: float, sigma: float, num_examples: int, batch_size: int, rounds: int, runs: int) -> None:
-    run = SiteRunConfig.from_flower({"noise-multiplier": sigma, "batch-size": batch_size, "rounds": rounds, "local-epochs": 1})
+def test_no_ledger_ever_shows_more_epsilon_than_the_budget(
+    budget: float, sigma: float, num_examples: int, batch_size: int, rounds: int, runs: int
+) -> None:
+    run = SiteRunConfig.from_flower(
+        {"noise-multiplier": sigma, "batch-size": batch_size, "rounds": rounds, "local-epochs": 1}
+    )
     with tempfile.TemporaryDirectory() as home:
         site = SiteConfig(name="site", epsilon=budget, delta=1e-5, state_dir=Path(home))
         ledger = SiteLedger(Path(home))

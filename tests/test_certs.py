@@ -62,7 +62,9 @@ def _mode(path: Path) -> int:
 
 
 def _files(directory: Path) -> dict[str, bytes]:
-    return {str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()
+    }
 
 
 @pytest.fixture
@@ -73,7 +75,10 @@ def certs(tmp_path: Path) -> Path:
     assert _init(directory).exit_code == 0
     assert _certs("site", tmp_path / "site", "hospital-a").exit_code == 0
     (directory / "sites" / "hospital-a").mkdir(parents=True)
-    shutil.copy(tmp_path / "site" / "sites" / "hospital-a" / "hospital-a.pub", directory / "sites" / "hospital-a" / "hospital-a.pub")
+    shutil.copy(
+        tmp_path / "site" / "sites" / "hospital-a" / "hospital-a.pub",
+        directory / "sites" / "hospital-a" / "hospital-a.pub",
+    )
     return directory
 
 
@@ -113,8 +118,13 @@ def test_init_writes_the_ca_and_superlink_files_with_private_keys_0600(tmp_path:
 
 def test_init_puts_ip_hosts_in_ip_sans_and_names_in_dns_sans_plus_the_loopback_address_and_name(tmp_path: Path) -> None:
     _init(tmp_path)
-    names = _certificate(tmp_path / "superlink.crt").extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5"), ipaddress.ip_address("127.0.0.1")]
+    names = (
+        _certificate(tmp_path / "superlink.crt").extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    )
+    assert names.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address("10.0.0.5"),
+        ipaddress.ip_address("127.0.0.1"),
+    ]
     assert names.get_values_for_type(x509.DNSName) == ["superlink.example.org", "localhost"]
     assert len(list(names)) == 4
 
@@ -134,7 +144,9 @@ def test_init_issues_a_server_auth_certificate_signed_by_the_ca(tmp_path: Path) 
     _init(tmp_path)
     server = _certificate(tmp_path / "superlink.crt")
     server.verify_directly_issued_by(_certificate(tmp_path / "ca.crt"))
-    assert server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value == x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
+    assert server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value == x509.ExtendedKeyUsage(
+        [ExtendedKeyUsageOID.SERVER_AUTH]
+    )
     assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
 
 
@@ -162,9 +174,14 @@ def test_a_tls_client_refuses_superlink_crt_for_a_host_not_given(tmp_path: Path)
 
 def test_init_prints_the_sans_and_the_superlink_command(tmp_path: Path) -> None:
     result = _init(tmp_path)
-    assert "SANs written: IP:10.0.0.5, DNS:superlink.example.org, IP:127.0.0.1, DNS:localhost" in " ".join(result.stdout.split())
+    assert "SANs written: IP:10.0.0.5, DNS:superlink.example.org, IP:127.0.0.1, DNS:localhost" in " ".join(
+        result.stdout.split()
+    )
     assert f"cohort superlink \\\n    --certs {tmp_path}" in result.stdout
-    assert f"cohort connect '<CONNECTION>' \\\n    --superlink 127.0.0.1:{SUPERLINK_LOCAL_PORT} \\\n    --ca-cert {tmp_path / 'ca.crt'}" in result.stdout
+    assert (
+        f"cohort connect '<CONNECTION>' \\\n    --superlink 127.0.0.1:{SUPERLINK_LOCAL_PORT} \\\n    --ca-cert {tmp_path / 'ca.crt'}"
+        in result.stdout
+    )
     assert "flwr supernode register '<SITE_NAME>.pub' '<CONNECTION>'" in result.stdout
 
 
@@ -217,7 +234,9 @@ def test_site_writes_a_one_line_openssh_public_key_matching_the_private_key(tmp_
 
 def test_flwr_supernode_register_accepts_the_site_public_key(tmp_path: Path) -> None:
     _certs("site", tmp_path, "hospital-a")
-    assert try_load_public_key(tmp_path / "sites" / "hospital-a" / "hospital-a.pub").startswith(b"-----BEGIN PUBLIC KEY-----")
+    assert try_load_public_key(tmp_path / "sites" / "hospital-a" / "hospital-a.pub").startswith(
+        b"-----BEGIN PUBLIC KEY-----"
+    )
 
 
 def test_site_prints_the_register_and_supernode_commands(tmp_path: Path) -> None:
@@ -251,7 +270,9 @@ def test_site_with_force_replaces_the_key_pair(tmp_path: Path) -> None:
     assert after.keys() == before.keys() and all(after[name] != before[name] for name in after)
 
 
-@pytest.mark.parametrize("name", ["../escape", "a/b", "", ".", "..", "_underscore-first", "two words", "x" * 65, "ünïcode"])
+@pytest.mark.parametrize(
+    "name", ["../escape", "a/b", "", ".", "..", "_underscore-first", "two words", "x" * 65, "ünïcode"]
+)
 def test_site_rejects_an_invalid_name_and_writes_nothing(tmp_path: Path, name: str) -> None:
     line = _error(_certs("site", tmp_path / "certs", name))
     assert f"site name {name!r} is not allowed" in line
@@ -280,7 +301,10 @@ def test_check_names_an_expired_certificate_with_its_dates(tmp_path: Path) -> No
     issued = datetime(2020, 1, 1, tzinfo=UTC)
     init_certificates(tmp_path, ["localhost"], passphrase=PASSPHRASE, days=1, issued_at=issued)
     line = _error(_certs("check", tmp_path))
-    assert f"{tmp_path / 'ca.crt'} expired on 2020-01-02 00:00 UTC (valid 2019-12-31 23:59 UTC to 2020-01-02 00:00 UTC)" in line
+    assert (
+        f"{tmp_path / 'ca.crt'} expired on 2020-01-02 00:00 UTC (valid 2019-12-31 23:59 UTC to 2020-01-02 00:00 UTC)"
+        in line
+    )
     assert "--force" in line
 
 
@@ -338,7 +362,9 @@ def test_check_names_a_garbage_file(certs: Path, name: str, kind: str) -> None:
 
 
 def test_check_refuses_a_sites_private_key_on_the_coordinator(certs: Path, tmp_path: Path) -> None:
-    shutil.copy2(tmp_path / "site" / "sites" / "hospital-a" / "hospital-a.key", certs / "sites" / "hospital-a" / "hospital-a.key")
+    shutil.copy2(
+        tmp_path / "site" / "sites" / "hospital-a" / "hospital-a.key", certs / "sites" / "hospital-a" / "hospital-a.key"
+    )
     line = _error(_certs("check", certs))
     assert f"{certs / 'sites' / 'hospital-a' / 'hospital-a.key'} is a site's private key on the coordinator" in line
 
@@ -382,11 +408,17 @@ def test_init_without_a_passphrase_outside_a_terminal_says_how_to_give_one_and_w
 @pytest.mark.parametrize("content", [b"", b"\n"])
 def test_init_with_an_empty_passphrase_file_writes_nothing(tmp_path: Path, content: bytes) -> None:
     (tmp_path / "passphrase").write_bytes(content)
-    line = _error(_certs("init", tmp_path / "certs", "--superlink-host", "h.example", "--ca-passphrase-file", tmp_path / "passphrase"))
+    line = _error(
+        _certs(
+            "init", tmp_path / "certs", "--superlink-host", "h.example", "--ca-passphrase-file", tmp_path / "passphrase"
+        )
+    )
     assert "is empty" in line
     assert not (tmp_path / "certs").exists()
 
 
 def test_init_with_a_missing_passphrase_file_names_it(tmp_path: Path) -> None:
-    line = _error(_certs("init", tmp_path / "certs", "--superlink-host", "h.example", "--ca-passphrase-file", tmp_path / "nope"))
+    line = _error(
+        _certs("init", tmp_path / "certs", "--superlink-host", "h.example", "--ca-passphrase-file", tmp_path / "nope")
+    )
     assert f"--ca-passphrase-file {tmp_path / 'nope'} cannot be read" in line

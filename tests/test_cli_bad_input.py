@@ -14,8 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from server.run_config import RunConfig
 from server.checkpoint import Checkpoint
+from server.run_config import RunConfig
 
 runner = CliRunner()
 
@@ -126,7 +126,10 @@ def test_every_command_has_help(command: list[str]) -> None:
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["num-sites=10", "strategy=bulyan", "byzantine-sites=2"], "needs at least 11 sites training each round, the run has 10"),
+        (
+            ["num-sites=10", "strategy=bulyan", "byzantine-sites=2"],
+            "needs at least 11 sites training each round, the run has 10",
+        ),
         (["strategy=krum", "dp-level=client"], "plain mean"),
         (["attack=boost", "attack-sites=[7]", "num-sites=3"], "attack-sites [7] are not sites of this simulation"),
     ],

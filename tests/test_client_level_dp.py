@@ -30,7 +30,9 @@ CLIENT_LEVEL = Path(__file__).resolve().parents[1] / "simulations" / "client-lev
 
 
 def test_fixed_clipping_accounts_exactly_the_noise_flower_adds() -> None:
-    noise = client_level_noise(DPConfig(dp_level="client", noise_multiplier=1.3), CentralDPConfig(), rounds=10, sample_size=20)
+    noise = client_level_noise(
+        DPConfig(dp_level="client", noise_multiplier=1.3), CentralDPConfig(), rounds=10, sample_size=20
+    )
     assert noise.accounted == noise.update == noise.flower == 1.3
     assert noise.clipped_count == 0.0
 
@@ -75,7 +77,9 @@ def _noise_std(strategy: DifferentialPrivacyServerSideAdaptiveClipping) -> float
 
 
 def test_adaptive_noise_is_scaled_to_the_norm_the_updates_were_clipped_to() -> None:
-    strategy = ServerSideAdaptiveClipping(FedAvg(), noise_multiplier=1.0, num_sampled_clients=10, clipped_count_stddev=5.0)
+    strategy = ServerSideAdaptiveClipping(
+        FedAvg(), noise_multiplier=1.0, num_sampled_clients=10, clipped_count_stddev=5.0
+    )
     strategy.clipped_at, strategy.clipping_norm = 1.0, 0.5  # the norm shrank after clipping
     assert _noise_std(strategy) == pytest.approx(strategy.noise_multiplier * 1.0 / 10, rel=0.02)
     assert strategy.clipping_norm == 0.5
@@ -83,7 +87,9 @@ def test_adaptive_noise_is_scaled_to_the_norm_the_updates_were_clipped_to() -> N
 
 def test_flowers_own_adaptive_wrapper_noises_at_the_next_rounds_norm() -> None:
     """Why ServerSideAdaptiveClipping exists: Flower 1.42 scales the noise to the new norm."""
-    strategy = DifferentialPrivacyServerSideAdaptiveClipping(FedAvg(), noise_multiplier=1.0, num_sampled_clients=10, clipped_count_stddev=5.0)
+    strategy = DifferentialPrivacyServerSideAdaptiveClipping(
+        FedAvg(), noise_multiplier=1.0, num_sampled_clients=10, clipped_count_stddev=5.0
+    )
     strategy.clipping_norm = 0.5
     assert _noise_std(strategy) == pytest.approx(strategy.noise_multiplier * 0.5 / 10, rel=0.02)
 
@@ -92,7 +98,14 @@ def test_flowers_own_adaptive_wrapper_noises_at_the_next_rounds_norm() -> None:
 def budget_stopped_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
     """Adaptive clipping done by the clients, and a budget that fits one round of two."""
     runs = tmp_path_factory.mktemp("runs")
-    settings = ["num-sites=4", "rounds=2", "local-epochs=1", "clipping-side=client", "noise-multiplier=1.0", "client-epsilon=6.0"]
+    settings = [
+        "num-sites=4",
+        "rounds=2",
+        "local-epochs=1",
+        "clipping-side=client",
+        "noise-multiplier=1.0",
+        "client-epsilon=6.0",
+    ]
     command = [COHORT, "simulate", str(CLIENT_LEVEL), "--runs-dir", str(runs)]
     for setting in settings:
         command += ["--set", setting]
@@ -102,17 +115,26 @@ def budget_stopped_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subpro
 
 
 @pytest.mark.usefixtures("no_leftover_processes")
-def test_client_level_simulation_ledgers_its_release_signed_by_the_server(budget_stopped_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+def test_client_level_simulation_ledgers_its_release_signed_by_the_server(
+    budget_stopped_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
     _, run_dir = budget_stopped_run
     entries = read_entries(run_dir / "server" / "privacy_ledger.jsonl")
     assert verify_chain(entries, load_public_key(run_dir / "server" / "ledger_key.pub.pem")) is None
     (record,) = [e.record for e in entries]
-    assert (record.round, record.mechanism, record.sample_rate, record.noise_multiplier) == (1, "client-level-dp-fedavg", 1.0, 1.0)
+    assert (record.round, record.mechanism, record.sample_rate, record.noise_multiplier) == (
+        1,
+        "client-level-dp-fedavg",
+        1.0,
+        1.0,
+    )
     summary = RunDirectory(run_dir).read_summary()
     assert summary is not None and summary.client_level_epsilon == pytest.approx(record.epsilon)
 
 
-def test_client_level_run_stops_before_a_round_that_would_exceed_client_epsilon(budget_stopped_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+def test_client_level_run_stops_before_a_round_that_would_exceed_client_epsilon(
+    budget_stopped_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
     result, run_dir = budget_stopped_run
     summary = RunDirectory(run_dir).read_summary()
     assert result.returncode == 1 and "client-level budget reached" in result.stderr
@@ -121,7 +143,9 @@ def test_client_level_run_stops_before_a_round_that_would_exceed_client_epsilon(
     assert 0 < record.epsilon <= 6.0
 
 
-def test_audit_of_a_client_level_run_verifies_the_servers_ledger_and_states_its_assumption(budget_stopped_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+def test_audit_of_a_client_level_run_verifies_the_servers_ledger_and_states_its_assumption(
+    budget_stopped_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
     _, run_dir = budget_stopped_run
     audit = subprocess.run([COHORT, "audit", str(run_dir)], capture_output=True, text=True, timeout=120)
     assert audit.returncode == 0, audit.stderr

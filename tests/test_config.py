@@ -58,7 +58,11 @@ def test_a_resolved_config_round_trips_to_the_same_fingerprint() -> None:
         ("clip-norm", 0.0, "clip-norm is 0.0"),
         ("clip-norm", float("inf"), r"clip-norm is inf; it must be a finite number in \(0, 1000\]"),
         ("clip-norm", 1e30, r"clip-norm is 1e\+30; it must be a finite number in \(0, 1000\]"),
-        ("noise-multiplier", float("nan"), r"noise-multiplier is nan; it must be a finite number in \[0, 100\] \(0 derives it"),
+        (
+            "noise-multiplier",
+            float("nan"),
+            r"noise-multiplier is nan; it must be a finite number in \[0, 100\] \(0 derives it",
+        ),
         ("local-epochs", 100_000, r"local-epochs is 100000; it must be an integer in \[1, 10000\]"),
         ("device", "tpu", "unknown device 'tpu'"),
         ("rounds", "ten", "rounds is 'ten'; it must be a int"),
@@ -73,18 +77,27 @@ def test_bad_setting_is_refused_naming_the_problem(setting: str, value: object, 
 
 
 def _numeric_settings() -> list[tuple[str, type]]:
-    return [(name.replace("_", "-"), kind) for name, (_, _, kind) in flat_settings(RunConfig).items() if kind in (int, float)]
+    return [
+        (name.replace("_", "-"), kind)
+        for name, (_, _, kind) in flat_settings(RunConfig).items()
+        if kind in (int, float)
+    ]
 
 
 def test_every_numeric_setting_declares_its_valid_range() -> None:
     sections = [RunConfig(), *(value for value in vars(RunConfig()).values() if dataclasses.is_dataclass(value))]
-    declared = {item.name.replace("_", "-") for section in sections for item in dataclasses.fields(section) if RANGE in item.metadata}
+    declared = {
+        item.name.replace("_", "-")
+        for section in sections
+        for item in dataclasses.fields(section)
+        if RANGE in item.metadata
+    }
     assert {name for name, _ in _numeric_settings()} <= declared
 
 
 @pytest.mark.parametrize("name,kind", _numeric_settings())
 def test_every_numeric_setting_refuses_values_beyond_any_sound_run(name: str, kind: type) -> None:
-    for value in ((10**30, -(10**30)) if kind is int else (float("inf"), float("nan"), 1e30, -1e30)):
+    for value in (10**30, -(10**30)) if kind is int else (float("inf"), float("nan"), 1e30, -1e30):
         with pytest.raises(CohortInputError, match=rf"^{name} is .*; it must be (a finite number|an integer) in [\[(]"):
             RunConfig.from_flower({name: value})
 
@@ -116,18 +129,26 @@ def test_simulated_site_without_its_own_budget_takes_the_run_default() -> None:
 
 
 def test_site_with_a_non_positive_budget_is_refused() -> None:
-    with pytest.raises(CohortInputError, match=r"epsilon in site site's policy is 0.0; it must be a finite number in \(0, 1000\]"):
-        SiteConfig.from_node_config({"data-path": "/data", "state-dir": "/nonexistent/site", "epsilon": 0, "delta": 1e-5}, RunConfig())
+    with pytest.raises(
+        CohortInputError, match=r"epsilon in site site's policy is 0.0; it must be a finite number in \(0, 1000\]"
+    ):
+        SiteConfig.from_node_config(
+            {"data-path": "/data", "state-dir": "/nonexistent/site", "epsilon": 0, "delta": 1e-5}, RunConfig()
+        )
 
 
 def test_site_with_an_infinite_budget_is_refused() -> None:
     with pytest.raises(CohortInputError, match="epsilon in site site's policy is inf"):
-        SiteConfig.from_node_config({"data-path": "/data", "state-dir": "/nonexistent/site", "epsilon": "inf", "delta": 1e-5}, RunConfig())
+        SiteConfig.from_node_config(
+            {"data-path": "/data", "state-dir": "/nonexistent/site", "epsilon": "inf", "delta": 1e-5}, RunConfig()
+        )
 
 
 def test_deployed_site_without_its_own_budget_is_refused_rather_than_given_the_coordinators() -> None:
     with pytest.raises(CohortInputError, match="chooses its own privacy budget"):
-        SiteConfig.from_node_config({"data-path": "/data", "state-dir": "/nonexistent/site", "epsilon": 3}, RunConfig(site_epsilon=50.0))
+        SiteConfig.from_node_config(
+            {"data-path": "/data", "state-dir": "/nonexistent/site", "epsilon": 3}, RunConfig(site_epsilon=50.0)
+        )
 
 
 def test_node_config_without_data_is_refused() -> None:
@@ -136,12 +157,17 @@ def test_node_config_without_data_is_refused() -> None:
 
 
 def test_ghost_clipping_is_refused_for_the_transformer() -> None:
-    with pytest.raises(CohortInputError, match="ghost clipping fails on the transformer; use auto, hooks, functorch or ew"):
+    with pytest.raises(
+        CohortInputError, match="ghost clipping fails on the transformer; use auto, hooks, functorch or ew"
+    ):
         RunConfig.from_flower({"model": "transformer", "grad-sample-mode": "ghost"})
 
 
 def test_expanded_weights_are_refused_for_the_weight_standardised_cnn() -> None:
-    with pytest.raises(CohortInputError, match="cannot differentiate the cnn's weight standardisation; use auto, hooks, functorch or ghost"):
+    with pytest.raises(
+        CohortInputError,
+        match="cannot differentiate the cnn's weight standardisation; use auto, hooks, functorch or ghost",
+    ):
         RunConfig.from_flower({"model": "cnn", "grad-sample-mode": "ew"})
 
 

@@ -84,7 +84,11 @@ def test_missing_path_is_refused() -> None:
 
 def _write_idx(path: Path, array: np.ndarray) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()) if path.suffix == ".gz" else header + array.astype(np.uint8).tobytes())
+    path.write_bytes(
+        gzip.compress(header + array.astype(np.uint8).tobytes())
+        if path.suffix == ".gz"
+        else header + array.astype(np.uint8).tobytes()
+    )
 
 
 def test_mnist_idx_folder_loads_plain_and_gzipped_files(tmp_path: Path) -> None:

@@ -24,7 +24,6 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-
 from flwr.common.config import parse_config_args
 
 from deploy import commands
@@ -37,12 +36,20 @@ from simulations.local_superlink import free_port, stop_process_tree
 
 COHORT = str(Path(sys.executable).parent / "cohort")
 PASSPHRASE = b"the coordinator's passphrase"
-needs_nginx = pytest.mark.skipif(shutil.which("nginx") is None, reason="Debian's nginx is not installed (make test installs it when run as root)")
+needs_nginx = pytest.mark.skipif(
+    shutil.which("nginx") is None, reason="Debian's nginx is not installed (make test installs it when run as root)"
+)
 
 
 def _cohort(command: list[str], home: Path, **env: str) -> subprocess.CompletedProcess[str]:
     assert command[0] == "cohort"
-    return subprocess.run([COHORT, *command[1:]], capture_output=True, text=True, timeout=60, env={**os.environ, "FLWR_HOME": str(home), **env})
+    return subprocess.run(
+        [COHORT, *command[1:]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "FLWR_HOME": str(home), **env},
+    )
 
 
 @pytest.fixture
@@ -60,7 +67,9 @@ def _superlink(certs_dir: Path, tmp_path: Path, port: int = 8000, local_port: in
 def _supernode(certs: CertificateLayout, tmp_path: Path, superlink: str, epsilon: float = 8.0) -> list[str]:
     data = tmp_path / "site.npz"
     np.savez(data, train_images=np.zeros((4, 8, 8), np.uint8), train_labels=np.zeros((4, 1)))
-    return commands.supernode_command(superlink, certs.ca_cert, certs.site_key("hospital-a"), "hospital-a", data, tmp_path / "state", epsilon, 1e-5)
+    return commands.supernode_command(
+        superlink, certs.ca_cert, certs.site_key("hospital-a"), "hospital-a", data, tmp_path / "state", epsilon, 1e-5
+    )
 
 
 def _assert_one_clear_line(result: subprocess.CompletedProcess[str], *phrases: str) -> None:
@@ -125,7 +134,13 @@ def test_superlink_without_certificates_names_the_missing_file(tmp_path: Path) -
 
 
 def test_superlink_with_an_expired_certificate_says_when_it_expired_and_how_to_renew(tmp_path: Path) -> None:
-    init_certificates(tmp_path / "old", ["superlink.example"], passphrase=PASSPHRASE, days=1, issued_at=datetime.now(UTC) - timedelta(days=30))
+    init_certificates(
+        tmp_path / "old",
+        ["superlink.example"],
+        passphrase=PASSPHRASE,
+        days=1,
+        issued_at=datetime.now(UTC) - timedelta(days=30),
+    )
     result = _cohort(_superlink(tmp_path / "old", tmp_path), tmp_path)
     _assert_one_clear_line(result, "expired on", "--force")
 
@@ -137,7 +152,9 @@ def test_superlink_certificate_from_another_ca_is_named_as_a_mismatch(certs: Cer
     _assert_one_clear_line(result, "superlink.crt was not signed by", str(certs.ca_cert))
 
 
-def test_supernode_key_readable_by_others_is_refused_with_the_chmod_fix(certs: CertificateLayout, tmp_path: Path, tls_server: int) -> None:
+def test_supernode_key_readable_by_others_is_refused_with_the_chmod_fix(
+    certs: CertificateLayout, tmp_path: Path, tls_server: int
+) -> None:
     certs.site_key("hospital-a").chmod(0o644)
     result = _cohort(_supernode(certs, tmp_path, f"127.0.0.1:{tls_server}"), tmp_path)
     _assert_one_clear_line(result, f"chmod 600 {certs.site_key('hospital-a')}")
@@ -150,7 +167,9 @@ def test_supernode_dialling_a_host_the_certificate_does_not_cover_is_told_so(
     _assert_one_clear_line(result, "does not cover 127.0.0.2", "--superlink-host 127.0.0.2")
 
 
-def test_supernode_facing_a_superlink_without_tls_is_told_so(certs: CertificateLayout, tmp_path: Path, plain_server: int) -> None:
+def test_supernode_facing_a_superlink_without_tls_is_told_so(
+    certs: CertificateLayout, tmp_path: Path, plain_server: int
+) -> None:
     result = _cohort(_supernode(certs, tmp_path, f"127.0.0.1:{plain_server}"), tmp_path)
     _assert_one_clear_line(result, "does not speak TLS")
 
@@ -161,7 +180,9 @@ def test_supernode_with_a_budget_of_zero_is_refused(certs: CertificateLayout, tm
 
 
 @pytest.mark.parametrize("size", ["0", "nan", "inf", "-5"])
-def test_superlink_with_a_max_model_size_that_is_no_size_is_refused(certs: CertificateLayout, tmp_path: Path, size: str) -> None:
+def test_superlink_with_a_max_model_size_that_is_no_size_is_refused(
+    certs: CertificateLayout, tmp_path: Path, size: str
+) -> None:
     result = _cohort([*_superlink(certs.root, tmp_path, free_port(), free_port()), "--max-model-mb", size], tmp_path)
     _assert_one_clear_line(result, "--max-model-mb")
     assert not _processes_using(certs.root)
@@ -172,20 +193,29 @@ def test_supernode_address_without_a_port_is_refused(certs: CertificateLayout, t
     _assert_one_clear_line(result, "is not HOST:PORT")
 
 
-def test_connect_with_a_ca_that_did_not_sign_the_superlink_writes_nothing(certs: CertificateLayout, tmp_path: Path, tls_server: int) -> None:
+def test_connect_with_a_ca_that_did_not_sign_the_superlink_writes_nothing(
+    certs: CertificateLayout, tmp_path: Path, tls_server: int
+) -> None:
     init_certificates(tmp_path / "other", ["superlink.example"], passphrase=PASSPHRASE)
-    command = commands.connect_command("hospitals", f"127.0.0.1:{tls_server}", CertificateLayout(tmp_path / "other").ca_cert)
+    command = commands.connect_command(
+        "hospitals", f"127.0.0.1:{tls_server}", CertificateLayout(tmp_path / "other").ca_cert
+    )
     result = _cohort(command, tmp_path / "home")
     _assert_one_clear_line(result, "does not trust")
     assert not (tmp_path / "home" / "config.toml").exists()
 
 
-def test_connect_writes_the_tls_connection_into_flowers_config(certs: CertificateLayout, tmp_path: Path, tls_server: int) -> None:
+def test_connect_writes_the_tls_connection_into_flowers_config(
+    certs: CertificateLayout, tmp_path: Path, tls_server: int
+) -> None:
     result = _cohort(commands.connect_command("hospitals", f"127.0.0.1:{tls_server}", certs.ca_cert), tmp_path / "home")
     assert result.returncode == 0, result.stderr
     config = tomllib.loads((tmp_path / "home" / "config.toml").read_text())
     assert config["superlink"]["default"] == "hospitals"
-    assert config["superlink"]["hospitals"] == {"address": f"127.0.0.1:{tls_server}", "root-certificates": str(certs.ca_cert.resolve())}
+    assert config["superlink"]["hospitals"] == {
+        "address": f"127.0.0.1:{tls_server}",
+        "root-certificates": str(certs.ca_cert.resolve()),
+    }
 
 
 def test_run_with_a_misspelt_setting_names_the_closest_one_and_submits_nothing(tmp_path: Path) -> None:
@@ -205,13 +235,31 @@ def test_run_without_the_connection_says_how_to_make_it(tmp_path: Path) -> None:
 def test_run_into_a_run_directory_that_holds_a_run_is_refused(tmp_path: Path) -> None:
     RunDirectory(tmp_path / "study-1").prepare(RunConfig())
     result = _cohort(commands.cohort_run_command("hospitals", [f"run-dir={tmp_path / 'study-1'}"]), tmp_path / "home")
-    _assert_one_clear_line(result, f"run directory {tmp_path / 'study-1'} already holds a run", f"resume-from={tmp_path / 'study-1'}")
+    _assert_one_clear_line(
+        result, f"run directory {tmp_path / 'study-1'} already holds a run", f"resume-from={tmp_path / 'study-1'}"
+    )
 
 
 def test_the_node_config_flower_parses_is_the_sites_own_policy(tmp_path: Path) -> None:
-    launch = SuperNodeLaunch("superlink.example:8000", tmp_path / "ca.crt", tmp_path / "k", "hospital-a", Path("/data/a b.npz"), Path("/var/lib/cohort"), 3.0, 1e-6, 9094)
+    launch = SuperNodeLaunch(
+        "superlink.example:8000",
+        tmp_path / "ca.crt",
+        tmp_path / "k",
+        "hospital-a",
+        Path("/data/a b.npz"),
+        Path("/var/lib/cohort"),
+        3.0,
+        1e-6,
+        9094,
+    )
     parsed = parse_config_args([launch.node_config()])
-    assert parsed == {"site-name": "hospital-a", "data-path": "/data/a b.npz", "state-dir": "/var/lib/cohort", "epsilon": 3.0, "delta": 1e-6}
+    assert parsed == {
+        "site-name": "hospital-a",
+        "data-path": "/data/a b.npz",
+        "state-dir": "/var/lib/cohort",
+        "epsilon": 3.0,
+        "delta": 1e-6,
+    }
 
 
 # ---------------------------------------------------------------------- the coordinator's side
@@ -235,28 +283,36 @@ def _occupied_port() -> Iterator[socket.socket]:
 occupied = pytest.fixture(_occupied_port)
 
 
-def test_superlink_without_nginx_on_the_path_says_how_to_install_it_and_starts_nothing(certs: CertificateLayout, tmp_path: Path) -> None:
+def test_superlink_without_nginx_on_the_path_says_how_to_install_it_and_starts_nothing(
+    certs: CertificateLayout, tmp_path: Path
+) -> None:
     bare_path = str(Path(sys.executable).parent)  # cohort and Flower, but no nginx
     result = _cohort(_superlink(certs.root, tmp_path, free_port(), free_port()), tmp_path, PATH=bare_path)
     _assert_one_clear_line(result, "nginx is not", "apt-get install nginx-light")
     assert not _processes_using(certs.root)
 
 
-def test_superlink_whose_public_port_is_taken_names_it_and_starts_nothing(certs: CertificateLayout, tmp_path: Path, occupied: socket.socket) -> None:
+def test_superlink_whose_public_port_is_taken_names_it_and_starts_nothing(
+    certs: CertificateLayout, tmp_path: Path, occupied: socket.socket
+) -> None:
     port = occupied.getsockname()[1]
     result = _cohort(_superlink(certs.root, tmp_path, port, free_port()), tmp_path)
     _assert_one_clear_line(result, f"cannot listen on 127.0.0.1:{port}", "--port")
     assert not _processes_using(certs.root)
 
 
-def test_superlink_whose_local_port_is_taken_names_it_and_starts_nothing(certs: CertificateLayout, tmp_path: Path, occupied: socket.socket) -> None:
+def test_superlink_whose_local_port_is_taken_names_it_and_starts_nothing(
+    certs: CertificateLayout, tmp_path: Path, occupied: socket.socket
+) -> None:
     port = occupied.getsockname()[1]
     result = _cohort(_superlink(certs.root, tmp_path, free_port(), port), tmp_path)
     _assert_one_clear_line(result, f"cannot listen on 127.0.0.1:{port}", "--local-port")
     assert not _processes_using(certs.root)
 
 
-def test_superlink_behind_the_front_door_refuses_to_listen_beyond_loopback(certs: CertificateLayout, tmp_path: Path) -> None:
+def test_superlink_behind_the_front_door_refuses_to_listen_beyond_loopback(
+    certs: CertificateLayout, tmp_path: Path
+) -> None:
     result = _cohort([*_superlink(certs.root, tmp_path, free_port(), free_port()), "--local-host", "0.0.0.0"], tmp_path)
     _assert_one_clear_line(result, "listens on 127.0.0.1 only")
 
@@ -265,7 +321,9 @@ def test_superlink_refuses_an_unencrypted_ca_key_beside_it(certs: CertificateLay
     from cryptography.hazmat.primitives import serialization
 
     key = serialization.load_pem_private_key(certs.ca_key.read_bytes(), password=PASSPHRASE)
-    certs.ca_key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    certs.ca_key.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     result = _cohort(_superlink(certs.root, tmp_path, free_port(), free_port()), tmp_path)
     _assert_one_clear_line(result, "ca.key is not encrypted")
     assert not _processes_using(certs.root)
@@ -276,17 +334,35 @@ def test_front_door_whose_configuration_nginx_refuses_quotes_nginx_and_starts_no
     """The SuperLink's name does not resolve: `nginx -t` refuses the upstream."""
     layout = CertificateLayout(tmp_path / "certs")
     init_certificates(layout.root, ["superlink.invalid"], passphrase=PASSPHRASE)
-    command = ["cohort", "front-door", "--certs", str(layout.root), "--upstream", "superlink.invalid:9093", "--host", "127.0.0.1", "--port", str(free_port())]
+    command = [
+        "cohort",
+        "front-door",
+        "--certs",
+        str(layout.root),
+        "--upstream",
+        "superlink.invalid:9093",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+    ]
     result = _cohort(command, tmp_path)
     _assert_one_clear_line(result, "nginx refused the front door's configuration", "superlink.invalid")
     assert not _processes_using(layout.root)
 
 
-def _start_coordinator(certs: CertificateLayout, tmp_path: Path) -> tuple[subprocess.Popen[bytes], list[psutil.Process], int]:
+def _start_coordinator(
+    certs: CertificateLayout, tmp_path: Path
+) -> tuple[subprocess.Popen[bytes], list[psutil.Process], int]:
     """`cohort superlink` serving: returns it, every process under it, and the front door's port."""
     port = free_port()
     log = (tmp_path / "superlink.log").open("wb")
-    process = subprocess.Popen([COHORT, *_superlink(certs.root, tmp_path, port, free_port())[1:]], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "FLWR_HOME": str(tmp_path / "home")})
+    process = subprocess.Popen(
+        [COHORT, *_superlink(certs.root, tmp_path, port, free_port())[1:]],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "FLWR_HOME": str(tmp_path / "home")},
+    )
     context = ssl.create_default_context(cafile=str(certs.ca_cert))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -315,7 +391,9 @@ def local_certs(tmp_path: Path) -> CertificateLayout:
 
 
 @needs_nginx
-def test_superlink_stops_the_superlink_and_the_front_door_on_sigterm(local_certs: CertificateLayout, tmp_path: Path) -> None:
+def test_superlink_stops_the_superlink_and_the_front_door_on_sigterm(
+    local_certs: CertificateLayout, tmp_path: Path
+) -> None:
     process, tree, port = _start_coordinator(local_certs, tmp_path)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
@@ -345,7 +423,12 @@ def _start_supernode(command: list[str], tmp_path: Path, name: str) -> subproces
     retrying the TLS endpoint that closes every connection."""
     command = [*command[:-1], str(free_port())]  # each its own local API port
     log = (tmp_path / f"{name}.log").open("wb")
-    return subprocess.Popen([COHORT, *command[1:]], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "FLWR_HOME": str(tmp_path / name)})
+    return subprocess.Popen(
+        [COHORT, *command[1:]],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "FLWR_HOME": str(tmp_path / name)},
+    )
 
 
 def _wait_for_lock_holder(state_dir: Path, process: subprocess.Popen[bytes]) -> None:
@@ -353,7 +436,11 @@ def _wait_for_lock_holder(state_dir: Path, process: subprocess.Popen[bytes]) -> 
     while time.monotonic() < deadline:
         assert process.poll() is None, "the SuperNode stopped"
         lock = state_dir / STATE_LOCK_FILE
-        if lock.exists() and lock.read_text().strip() == str(process.pid) and process.pid in {p.pid for p in psutil.process_iter() if p.name().startswith("flower-superno")}:
+        if (
+            lock.exists()
+            and lock.read_text().strip() == str(process.pid)
+            and process.pid in {p.pid for p in psutil.process_iter() if p.name().startswith("flower-superno")}
+        ):
             return
         time.sleep(0.2)
     pytest.fail(f"no SuperNode with PID {process.pid} holds {state_dir}")
@@ -373,7 +460,9 @@ def test_a_second_supernode_on_a_state_directory_in_use_refuses_naming_the_holde
     _assert_one_clear_line(second, f"is in use by another SuperNode (PID {first.pid}")
 
 
-def test_the_state_directory_lock_dies_with_a_killed_supernode(certs: CertificateLayout, tmp_path: Path, tls_server: int, no_leftover_processes: None) -> None:
+def test_the_state_directory_lock_dies_with_a_killed_supernode(
+    certs: CertificateLayout, tmp_path: Path, tls_server: int, no_leftover_processes: None
+) -> None:
     command = _supernode(certs, tmp_path, f"127.0.0.1:{tls_server}")
     killed = _start_supernode(command, tmp_path, "killed")
     _wait_for_lock_holder(tmp_path / "state", killed)

@@ -19,22 +19,28 @@ import sys
 import threading
 import time
 from base64 import b64encode
-from dataclasses import dataclass, field
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import httpx
 import numpy as np
 import psutil
 import pytest
-
 from cryptography.hazmat.primitives import serialization
 from flwr.supercore.date import now
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
 
-from common.privacy.ledger import LEDGER_FILE, LedgerEntry, load_public_key, read_entries, verify_chain, verify_signature
+from common.privacy.ledger import (
+    LEDGER_FILE,
+    LedgerEntry,
+    load_public_key,
+    read_entries,
+    verify_chain,
+    verify_signature,
+)
 from deploy import commands
 from deploy.certificates import CertificateLayout, create_site_key, init_certificates
 from deploy.fleet_limits import OBJECT_ROUTE, FleetLimits
@@ -46,7 +52,9 @@ from simulations.local_superlink import free_port, stop_process_tree
 from tests.conftest import make_images
 
 BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="Debian's nginx is not installed (make test installs it when run as root)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("nginx") is None, reason="Debian's nginx is not installed (make test installs it when run as root)"
+)
 APP_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "cohort-test"
 SITE_CONNECTION = "front-door"
@@ -118,7 +126,14 @@ class Deployment:
         return process
 
     def run(self, role: str, command: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(_local(command), env=offline_flower_env(self.home(role)), capture_output=True, text=True, timeout=timeout, cwd=self.root)
+        return subprocess.run(
+            _local(command),
+            env=offline_flower_env(self.home(role)),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.root,
+        )
 
     def log(self, role: str) -> str:
         return (self.root / "logs" / f"{role}.log").read_text(errors="replace")
@@ -211,21 +226,31 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             deployment.certs.root, deployment.root / "superlink.db", "127.0.0.1", deployment.port, deployment.local_port
         ) + ["--sites-per-address", str(LIMITS.sites_per_address)]
         _wait_for_front_door(deployment, deployment.spawn("superlink", superlink_command))
-        connect = deployment.run("coordinator", commands.connect_command(CONNECTION, deployment.local_address, deployment.certs.ca_cert))
+        connect = deployment.run(
+            "coordinator", commands.connect_command(CONNECTION, deployment.local_address, deployment.certs.ca_cert)
+        )
         assert connect.returncode == 0, connect.stderr
         for site in SITES:
-            registered = deployment.run("coordinator", commands.register_command(_receive_public_key(deployment, site), CONNECTION))
+            registered = deployment.run(
+                "coordinator", commands.register_command(_receive_public_key(deployment, site), CONNECTION)
+            )
             assert registered.returncode == 0, registered.stdout + registered.stderr
         for site in SITES:
             deployment.spawn(site, deployment.supernode(site, deployment.site_keys(site).site_key(site)))
         _wait_for_online(deployment, len(SITES))
         # A site's own flwr, pointed at the address it reaches: the front door.
-        site_connect = deployment.run("hospital-a", commands.connect_command(SITE_CONNECTION, deployment.address, deployment.certs.ca_cert))
+        site_connect = deployment.run(
+            "hospital-a", commands.connect_command(SITE_CONNECTION, deployment.address, deployment.certs.ca_cert)
+        )
         assert site_connect.returncode == 0, site_connect.stderr
         yield deployment
     finally:
         deployment.stop()
-        leftovers = [p.pid for p in deployment.processes if psutil.pid_exists(p.pid) and psutil.Process(p.pid).status() != psutil.STATUS_ZOMBIE]
+        leftovers = [
+            p.pid
+            for p in deployment.processes
+            if psutil.pid_exists(p.pid) and psutil.Process(p.pid).status() != psutil.STATUS_ZOMBIE
+        ]
         assert not leftovers, f"processes left running: {leftovers}"
 
 
@@ -261,7 +286,9 @@ def secure_run(deployment: Deployment, finished_run: dict) -> dict:
     sum. The study's ask and each of its four exchanges start a flwr-clientapp process at
     every site (a plain round starts one), hence the longer wait. It asks epsilon 0.5, so
     that hospital-c has enough left for the studies below."""
-    return _submit(deployment, "run-secure", 1, "secure-aggregation=true", "study-epsilon=0.5", timeout=SECURE_RUN_TIMEOUT_S)
+    return _submit(
+        deployment, "run-secure", 1, "secure-aggregation=true", "study-epsilon=0.5", timeout=SECURE_RUN_TIMEOUT_S
+    )
 
 
 def test_dp_run_over_three_authenticated_sites_completes(deployment: Deployment, finished_run: dict) -> None:
@@ -280,14 +307,18 @@ def test_every_site_ledger_records_each_round_within_its_own_budget(deployment: 
         assert all(e.record.budget_epsilon == budget and 0 < e.record.epsilon <= budget for e in entries)
 
 
-def test_a_securely_aggregated_run_completes_and_every_ledger_verifies(deployment: Deployment, secure_run: dict) -> None:
+def test_a_securely_aggregated_run_completes_and_every_ledger_verifies(
+    deployment: Deployment, secure_run: dict
+) -> None:
     assert secure_run["status"] == "finished:completed", secure_run
     run_dir = RunDirectory(deployment.root / "run-secure")
     summary = run_dir.read_summary()
     assert summary is not None and summary.rounds == 1 and not summary.stop_reason
     for record in run_dir.read_metrics():
         assert {name for name, site in record.sites.items() if site.trained} == set(SITES)
-        assert all(site.update_norm is None for site in record.sites.values()), "the coordinator never sees an update to measure"
+        assert all(site.update_norm is None for site in record.sites.values()), (
+            "the coordinator never sees an update to measure"
+        )
     copied = read_entries(run_dir.ledger_file)
     for site in SITES:
         state = deployment.root / "state" / site
@@ -298,7 +329,9 @@ def test_a_securely_aggregated_run_completes_and_every_ledger_verifies(deploymen
         assert all(verify_signature(e, key) for e in own)
 
 
-def test_deployed_sites_draw_secure_noise_so_opacus_warns_of_no_insecure_rng(deployment: Deployment, finished_run: dict) -> None:
+def test_deployed_sites_draw_secure_noise_so_opacus_warns_of_no_insecure_rng(
+    deployment: Deployment, finished_run: dict
+) -> None:
     """The site's DP-SGD noise and batches come from Cohort's secure source (docs/site.md),
     not from the generator Opacus warns about."""
     for site in SITES:
@@ -318,29 +351,42 @@ def test_coordinator_flwr_on_loopback_lists_runs_and_nodes(deployment: Deploymen
 
 
 def test_site_flwr_ls_through_the_front_door_is_refused(deployment: Deployment) -> None:
-    _assert_refused_by_the_front_door(deployment.run("hospital-a", ["flwr", "ls", SITE_CONNECTION]), "/v1/control/list-runs")
+    _assert_refused_by_the_front_door(
+        deployment.run("hospital-a", ["flwr", "ls", SITE_CONNECTION]), "/v1/control/list-runs"
+    )
 
 
 def test_site_flwr_run_through_the_front_door_is_refused(deployment: Deployment) -> None:
-    _assert_refused_by_the_front_door(deployment.run("hospital-a", ["flwr", "run", str(APP_DIR), SITE_CONNECTION]), "/v1/control/start-run")
+    _assert_refused_by_the_front_door(
+        deployment.run("hospital-a", ["flwr", "run", str(APP_DIR), SITE_CONNECTION]), "/v1/control/start-run"
+    )
 
 
 def test_site_flwr_supernode_register_through_the_front_door_is_refused(deployment: Deployment) -> None:
     intruder_key = deployment.site_keys("intruder").site_public_key("intruder")
     _assert_refused_by_the_front_door(
-        deployment.run("hospital-a", ["flwr", "supernode", "register", str(intruder_key), SITE_CONNECTION]), "/v1/control/register-node"
+        deployment.run("hospital-a", ["flwr", "supernode", "register", str(intruder_key), SITE_CONNECTION]),
+        "/v1/control/register-node",
     )
     assert len(deployment.flwr_json("supernode", "list")["nodes"]) == len(SITES)
 
 
 def test_site_flwr_supernode_list_through_the_front_door_is_refused(deployment: Deployment) -> None:
-    _assert_refused_by_the_front_door(deployment.run("hospital-a", ["flwr", "supernode", "list", SITE_CONNECTION]), "/v1/control/list-nodes")
+    _assert_refused_by_the_front_door(
+        deployment.run("hospital-a", ["flwr", "supernode", "list", SITE_CONNECTION]), "/v1/control/list-nodes"
+    )
 
 
-@pytest.mark.parametrize("route", ["/v1/control/list-runs", "/v1/control/list-nodes", "/v1/runtime/get-nodes", "/docs", "/health"])
-def test_raw_request_signed_with_a_registered_site_key_is_refused_outside_the_fleet_api(deployment: Deployment, route: str) -> None:
+@pytest.mark.parametrize(
+    "route", ["/v1/control/list-runs", "/v1/control/list-nodes", "/v1/runtime/get-nodes", "/docs", "/health"]
+)
+def test_raw_request_signed_with_a_registered_site_key_is_refused_outside_the_fleet_api(
+    deployment: Deployment, route: str
+) -> None:
     """Signed the way a SuperNode signs its Fleet calls, with hospital-a's registered key."""
-    key = serialization.load_ssh_private_key(deployment.site_keys("hospital-a").site_key("hospital-a").read_bytes(), password=None)
+    key = serialization.load_ssh_private_key(
+        deployment.site_keys("hospital-a").site_key("hospital-a").read_bytes(), password=None
+    )
     timestamp = now().isoformat()
     headers = {
         "content-type": "application/protobuf",
@@ -349,23 +395,31 @@ def test_raw_request_signed_with_a_registered_site_key_is_refused_outside_the_fl
         "flwr-signature": b64encode(sign_message(key, timestamp.encode())).decode(),  # type: ignore[arg-type]
     }
     context = ssl.create_default_context(cafile=str(deployment.certs.ca_cert))
-    response = httpx.post(f"https://{deployment.address}{route}", headers=headers, content=b"", verify=context, timeout=10)
+    response = httpx.post(
+        f"https://{deployment.address}{route}", headers=headers, content=b"", verify=context, timeout=10
+    )
     assert response.status_code == 403 and REFUSAL in response.text, response.text
 
 
-def test_every_process_the_deployment_started_runs_with_flower_telemetry_off(processes_while_serving: list[psutil.Process]) -> None:
+def test_every_process_the_deployment_started_runs_with_flower_telemetry_off(
+    processes_while_serving: list[psutil.Process],
+) -> None:
     """Every Flower process: the SuperLink, its SuperExec, each SuperNode and what it
     started, although the test starts `cohort` without the variable. (`cohort superlink`
     itself only supervises, and nginx is not Flower and starts with an empty environment.)"""
     flower = [p for p in processes_while_serving if not p.name().startswith(("nginx", "cohort"))]
     assert len(flower) < len(processes_while_serving), "the supervisor and the front door are not among the processes"
-    assert {"flower-superlink", "flower-superexec", "flower-supernode"} <= {Path(p.cmdline()[1]).name for p in flower if len(p.cmdline()) > 1}
+    assert {"flower-superlink", "flower-superexec", "flower-supernode"} <= {
+        Path(p.cmdline()[1]).name for p in flower if len(p.cmdline()) > 1
+    }
     environments = {" ".join(p.cmdline()[:2]): p.environ().get("FLWR_TELEMETRY_ENABLED") for p in flower}
     assert set(environments.values()) == {"0"}, environments
 
 
 def test_supernode_whose_key_was_not_registered_is_refused(deployment: Deployment) -> None:
-    intruder = deployment.spawn("intruder", deployment.supernode("intruder", deployment.site_keys("intruder").site_key("intruder")))
+    intruder = deployment.spawn(
+        "intruder", deployment.supernode("intruder", deployment.site_keys("intruder").site_key("intruder"))
+    )
     assert intruder.wait(timeout=STARTUP_TIMEOUT_S) != 0
     assert "Failed to activate SuperNode" in deployment.log("intruder")
 
@@ -383,7 +437,16 @@ def test_supernode_trusting_another_ca_cannot_connect(deployment: Deployment) ->
 
 
 def test_supernode_without_tls_is_refused(deployment: Deployment) -> None:
-    command = ["flower-supernode", "--superlink", deployment.address, "--insecure", "--port", str(free_port()), "--max-retries", "2"]
+    command = [
+        "flower-supernode",
+        "--superlink",
+        deployment.address,
+        "--insecure",
+        "--port",
+        str(free_port()),
+        "--max-retries",
+        "2",
+    ]
     plain = deployment.spawn("insecure", command)
     assert plain.wait(timeout=STARTUP_TIMEOUT_S) != 0
     assert "400 Bad Request" in deployment.log("insecure")  # nginx: a plain HTTP request sent to its HTTPS port
@@ -417,7 +480,13 @@ def _clientapps_of(process: subprocess.Popen[bytes]) -> set[int]:
     return found
 
 
-def _new_clientapps(site_process: subprocess.Popen[bytes], known: set[int], deadline: float, run: subprocess.Popen[bytes], deployment: Deployment) -> set[int]:
+def _new_clientapps(
+    site_process: subprocess.Popen[bytes],
+    known: set[int],
+    deadline: float,
+    run: subprocess.Popen[bytes],
+    deployment: Deployment,
+) -> set[int]:
     """Wait for a ClientApp process of the site that is not among `known`; returns the new ones."""
     while not _clientapps_of(site_process) - known:
         assert time.monotonic() < deadline and run.poll() is None, deployment.log("run-killed-site")
@@ -461,7 +530,13 @@ def run_with_a_site_killed_mid_round(deployment: Deployment, finished_run: dict)
     )
     log = (deployment.root / "logs" / "run-killed-site.log").open("wb")
     command = _local(commands.run_command(APP_DIR, CONNECTION, run_config))
-    run = subprocess.Popen(command, env=offline_flower_env(deployment.home("coordinator")), stdout=log, stderr=subprocess.STDOUT, cwd=deployment.root)
+    run = subprocess.Popen(
+        command,
+        env=offline_flower_env(deployment.home("coordinator")),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=deployment.root,
+    )
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         asked = _new_clientapps(site_process, idle, deadline, run, deployment)  # the study's ask, before round 1
@@ -474,7 +549,9 @@ def run_with_a_site_killed_mid_round(deployment: Deployment, finished_run: dict)
         # The SuperLink refuses to activate a node it still holds online ("Failed to
         # activate SuperNode"): the site is started again once it has missed its heartbeats.
         _wait_for_online(deployment, len(SITES) - 1)
-        deployment.spawn(KILLED_SITE, deployment.supernode(KILLED_SITE, deployment.site_keys(KILLED_SITE).site_key(KILLED_SITE)))
+        deployment.spawn(
+            KILLED_SITE, deployment.supernode(KILLED_SITE, deployment.site_keys(KILLED_SITE).site_key(KILLED_SITE))
+        )
         run.wait(timeout=600)
     finally:
         if run.poll() is None:
@@ -495,7 +572,9 @@ def _trained_rounds(run_dir: Path) -> dict[str, list[int]]:
     return trained
 
 
-def test_a_site_killed_mid_round_fails_that_round_after_the_reply_timeout_and_the_others_complete_it(run_with_a_site_killed_mid_round: KilledSiteRun) -> None:
+def test_a_site_killed_mid_round_fails_that_round_after_the_reply_timeout_and_the_others_complete_it(
+    run_with_a_site_killed_mid_round: KilledSiteRun,
+) -> None:
     killed = run_with_a_site_killed_mid_round
     assert killed.status == "finished:completed", killed
     summary = RunDirectory(killed.run_dir).read_summary()
@@ -516,7 +595,9 @@ def test_the_restarted_site_rejoins_in_a_later_round(run_with_a_site_killed_mid_
     assert all(trained[site] == [1, 2, 3] for site in set(SITES) - {KILLED_SITE}), trained
 
 
-def test_the_killed_sites_ledger_holds_each_release_once_and_the_runs_copy_only_what_it_holds(run_with_a_site_killed_mid_round: KilledSiteRun, deployment: Deployment) -> None:
+def test_the_killed_sites_ledger_holds_each_release_once_and_the_runs_copy_only_what_it_holds(
+    run_with_a_site_killed_mid_round: KilledSiteRun, deployment: Deployment
+) -> None:
     killed = run_with_a_site_killed_mid_round
     state = deployment.root / "state" / KILLED_SITE
     entries = read_entries(state / LEDGER_FILE)
@@ -530,7 +611,22 @@ def test_the_killed_sites_ledger_holds_each_release_once_and_the_runs_copy_only_
     assert sorted(e.record.round for e in in_copy) == _trained_rounds(killed.run_dir)[KILLED_SITE]
     # Killed before it could sign round 1 (its clientapp had just started), or after: then
     # that release is in its own ledger, spent, though it never reached the coordinator.
-    assert sorted(e.record.round for e in at_site) == [1] * killed.trained_when_killed + _trained_rounds(killed.run_dir)[KILLED_SITE]
+    assert (
+        sorted(e.record.round for e in at_site)
+        == [1] * killed.trained_when_killed + _trained_rounds(killed.run_dir)[KILLED_SITE]
+    )
+
+
+def test_a_site_that_declines_to_evaluate_is_not_asked_again_in_that_run(
+    run_with_a_site_killed_mid_round: KilledSiteRun, deployment: Deployment
+) -> None:
+    """Deployed sites decline evaluation by default; over three rounds each says so once
+    (the restarted site, whose name the coordinator knows from round 1 or learns again,
+    at most once)."""
+    log = deployment.log("run-killed-site")
+    declines = {site: log.count(f"site {site} does not evaluate models it is sent") for site in SITES}
+    assert declines == {**dict.fromkeys(set(SITES) - {KILLED_SITE}, 1), KILLED_SITE: declines[KILLED_SITE]}, declines
+    assert declines[KILLED_SITE] <= 1, declines
 
 
 @pytest.fixture(scope="module")
@@ -546,17 +642,23 @@ def study_every_site_refused(deployment: Deployment) -> subprocess.CompletedProc
     return result
 
 
-def test_cohort_run_of_a_study_every_site_refused_exits_1_naming_the_reason(study_every_site_refused: subprocess.CompletedProcess[str]) -> None:
+def test_cohort_run_of_a_study_every_site_refused_exits_1_naming_the_reason(
+    study_every_site_refused: subprocess.CompletedProcess[str],
+) -> None:
     result = study_every_site_refused
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"round   1/{ROUNDS}" in result.stdout and "refused: hospital-a, hospital-b, hospital-c" in result.stdout
     assert f"round   2/{ROUNDS}" not in result.stdout
     message = " ".join(result.stderr.split())
-    assert re.fullmatch(r"error: run \d+ stopped after round 1: 0 update\(s\) passed the checks, fewer than min-sites=3; .*", message), message
+    assert re.fullmatch(
+        r"error: run \d+ stopped after round 1: 0 update\(s\) passed the checks, fewer than min-sites=3; .*", message
+    ), message
     assert "hospital-a (refused); hospital-b (refused); hospital-c (refused)" in message
 
 
-def test_flower_records_a_study_every_site_refused_as_failed_with_the_reason(deployment: Deployment, study_every_site_refused: subprocess.CompletedProcess[str]) -> None:
+def test_flower_records_a_study_every_site_refused_as_failed_with_the_reason(
+    deployment: Deployment, study_every_site_refused: subprocess.CompletedProcess[str]
+) -> None:
     run_id = re.search(r"error: run (\d+) stopped", study_every_site_refused.stderr)
     assert run_id, study_every_site_refused.stderr
     (run,) = deployment.flwr_json("list", "--run-id", run_id.group(1))["runs"]
@@ -570,7 +672,11 @@ STUDIES = {"study-1": "1.0", "study-2": "5.0", "study-3": "0"}
 
 
 @pytest.fixture(scope="module")
-def studies(deployment: Deployment, run_with_a_site_killed_mid_round: KilledSiteRun, study_every_site_refused: subprocess.CompletedProcess[str]) -> dict[str, subprocess.CompletedProcess[str]]:
+def studies(
+    deployment: Deployment,
+    run_with_a_site_killed_mid_round: KilledSiteRun,
+    study_every_site_refused: subprocess.CompletedProcess[str],
+) -> dict[str, subprocess.CompletedProcess[str]]:
     results = {}
     for name, asked in STUDIES.items():
         settings = [
@@ -585,20 +691,32 @@ def studies(deployment: Deployment, run_with_a_site_killed_mid_round: KilledSite
 def _study_records(deployment: Deployment, site: str, result: subprocess.CompletedProcess[str]) -> list:
     run_id = re.search(r"run (\d+)", result.stdout + result.stderr)
     assert run_id, result.stdout + result.stderr
-    return [e.record for e in read_entries(deployment.root / "state" / site / LEDGER_FILE) if e.record.run_id == int(run_id.group(1))]
+    return [
+        e.record
+        for e in read_entries(deployment.root / "state" / site / LEDGER_FILE)
+        if e.record.run_id == int(run_id.group(1))
+    ]
 
 
-def test_a_study_asking_epsilon_1_is_granted_by_every_site_and_spends_at_most_that(deployment: Deployment, studies: dict) -> None:
+def test_a_study_asking_epsilon_1_is_granted_by_every_site_and_spends_at_most_that(
+    deployment: Deployment, studies: dict
+) -> None:
     assert studies["study-1"].returncode == 0, studies["study-1"].stdout + studies["study-1"].stderr
     for site in SITES:
         (release,) = _study_records(deployment, site, studies["study-1"])
-        earlier = [e.record for e in read_entries(deployment.root / "state" / site / LEDGER_FILE) if e.record.kind == "release" and e.record.timestamp < release.timestamp]
+        earlier = [
+            e.record
+            for e in read_entries(deployment.root / "state" / site / LEDGER_FILE)
+            if e.record.kind == "release" and e.record.timestamp < release.timestamp
+        ]
         assert release.kind == "release" and release.study_epsilon == 1.0 and release.coordinator == deployment.address
         assert len(release.fab_hash) == 64 and release.model == "cnn"
         assert 0 < release.epsilon - earlier[-1].epsilon <= 1.0
 
 
-def test_a_study_asking_more_than_any_site_grants_is_refused_by_all_before_round_1_with_the_reason(deployment: Deployment, studies: dict) -> None:
+def test_a_study_asking_more_than_any_site_grants_is_refused_by_all_before_round_1_with_the_reason(
+    deployment: Deployment, studies: dict
+) -> None:
     result = studies["study-2"]
     message = " ".join(result.stderr.split())
     assert result.returncode == 1 and "stopped before round 1" in message, result.stdout + result.stderr
@@ -608,27 +726,45 @@ def test_a_study_asking_more_than_any_site_grants_is_refused_by_all_before_round
         assert (refusal.kind, refusal.round, refusal.dataset_hash) == ("refusal", 0, "")  # before its data was read
 
 
-def test_a_study_asking_what_each_site_grants_trains_and_hospital_c_reaches_its_budget(deployment: Deployment, studies: dict) -> None:
+def test_a_study_asking_what_each_site_grants_trains_and_hospital_c_reaches_its_budget(
+    deployment: Deployment, studies: dict
+) -> None:
     assert studies["study-3"].returncode == 0, studies["study-3"].stdout + studies["study-3"].stderr
     for site, budget in SITES.items():
         (release,) = _study_records(deployment, site, studies["study-3"])
-        assert release.kind == "release" and release.study_epsilon == pytest.approx(min(budget / 4, budget - _spent_before(deployment, site, release)), abs=1e-6)
+        assert release.kind == "release" and release.study_epsilon == pytest.approx(
+            min(budget / 4, budget - _spent_before(deployment, site, release)), abs=1e-6
+        )
         assert release.epsilon <= budget
 
 
 def _spent_before(deployment: Deployment, site: str, release) -> float:
-    return max(e.record.epsilon for e in read_entries(deployment.root / "state" / site / LEDGER_FILE) if e.record.kind == "release" and e.record.run_id != release.run_id and e.record.timestamp < release.timestamp)
+    return max(
+        e.record.epsilon
+        for e in read_entries(deployment.root / "state" / site / LEDGER_FILE)
+        if e.record.kind == "release" and e.record.run_id != release.run_id and e.record.timestamp < release.timestamp
+    )
 
 
-def test_each_sites_audit_lists_the_three_studies_with_their_dates_and_epsilons(deployment: Deployment, studies: dict) -> None:
+def test_each_sites_audit_lists_the_three_studies_with_their_dates_and_epsilons(
+    deployment: Deployment, studies: dict
+) -> None:
     for site in SITES:
         out = deployment.root / f"audit-{site}"
-        result = subprocess.run([str(BIN / "cohort"), "audit", str(deployment.root / "state" / site), "--out", str(out)], capture_output=True, text=True, timeout=120, env={**offline_flower_env(deployment.home(site)), "COLUMNS": "80"})
+        result = subprocess.run(
+            [str(BIN / "cohort"), "audit", str(deployment.root / "state" / site), "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**offline_flower_env(deployment.home(site)), "COLUMNS": "80"},
+        )
         assert result.returncode == 0, result.stderr
         listed = json.loads((out / "audit.json").read_text())["sites"][site]["studies"]
         run_ids = [int(re.search(r"run (\d+)", r.stdout + r.stderr).group(1)) for r in studies.values()]
         assert [s["run_id"] for s in listed][-3:] == run_ids
-        assert [s["epsilon_granted"] for s in listed][-3:-1] == [1.0, None] and all(s["first"] and s["last"] for s in listed)
+        assert [s["epsilon_granted"] for s in listed][-3:-1] == [1.0, None] and all(
+            s["first"] and s["last"] for s in listed
+        )
         (deployment.root / "logs" / f"audit-{site}.txt").write_text(result.stdout)
 
 
@@ -678,7 +814,9 @@ def _push_zeros(deployment: Deployment, route: str, size: int, source: str, chun
     raw = socket.create_connection((SITES_ADDRESS, deployment.port), timeout=300, source_address=(source, 0))
     with context.wrap_socket(raw, server_hostname="localhost") as tls:
         framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}"
-        tls.sendall(f"POST {route} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/protobuf\r\n{framing}\r\n\r\n".encode())
+        tls.sendall(
+            f"POST {route} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/protobuf\r\n{framing}\r\n\r\n".encode()
+        )
         block, sent, answer = bytes(MB), 0, b""
         try:
             while sent < size and not answer:
@@ -717,14 +855,18 @@ def test_bulk_unauthenticated_bodies_are_refused_before_the_superlink_holds_them
         with ThreadPoolExecutor(3) as pool:
             answers += pool.map(lambda _: _push_zeros(deployment, OBJECT_ROUTE, 400 * MB, attacker), range(3))
     before, peak = memory
-    assert peak - before <= MEMORY_BOUND, f"the SuperLink grew by {(peak - before) / MB:.0f} MB (from {before / MB:.0f} MB): {answers}"
+    assert peak - before <= MEMORY_BOUND, (
+        f"the SuperLink grew by {(peak - before) / MB:.0f} MB (from {before / MB:.0f} MB): {answers}"
+    )
     assert [status for status, _ in answers] == [413] * 5, answers
     assert all(sent < 100 * MB for _, sent in answers), answers  # refused long before the end
 
 
 def test_a_fleet_route_with_a_trailing_newline_is_refused_by_the_front_door(deployment: Deployment) -> None:
     context = ssl.create_default_context(cafile=str(deployment.certs.ca_cert))
-    response = httpx.post(f"https://{deployment.address}/v1/fleet/pull-messages%0A", content=b"", verify=context, timeout=10)
+    response = httpx.post(
+        f"https://{deployment.address}/v1/fleet/pull-messages%0A", content=b"", verify=context, timeout=10
+    )
     assert response.status_code == 403 and REFUSAL in response.text, response.text
 
 
@@ -756,11 +898,20 @@ def test_one_address_is_answered_503_past_its_burst_of_requests(deployment: Depl
             assert answered <= 10 * LIMITS.burst_per_address, "never throttled"
     elapsed = time.monotonic() - started
     assert status == 503
-    assert LIMITS.burst_per_address <= answered <= LIMITS.burst_per_address + LIMITS.requests_per_second_per_address * elapsed + 1
+    assert (
+        LIMITS.burst_per_address
+        <= answered
+        <= LIMITS.burst_per_address + LIMITS.requests_per_second_per_address * elapsed + 1
+    )
 
 
-@pytest.mark.parametrize(("route", "allowance"), [("/v1/fleet/push-messages", "connections_per_address"), (OBJECT_ROUTE, "object_pushes_per_address")])
-def test_one_address_has_at_most_its_allowance_of_requests_in_flight(deployment: Deployment, route: str, allowance: str) -> None:
+@pytest.mark.parametrize(
+    ("route", "allowance"),
+    [("/v1/fleet/push-messages", "connections_per_address"), (OBJECT_ROUTE, "object_pushes_per_address")],
+)
+def test_one_address_has_at_most_its_allowance_of_requests_in_flight(
+    deployment: Deployment, route: str, allowance: str
+) -> None:
     """Requests whose bodies are still arriving hold their place (nginx reads a body whole
     before the SuperLink sees it); the next from the same address is answered 503 at once."""
     in_flight = getattr(LIMITS, allowance)
@@ -771,7 +922,9 @@ def test_one_address_has_at_most_its_allowance_of_requests_in_flight(deployment:
         for _ in range(in_flight + 1):
             raw = socket.create_connection((SITES_ADDRESS, deployment.port), timeout=10, source_address=(source, 0))
             tls = context.wrap_socket(raw, server_hostname="localhost")
-            tls.sendall(f"POST {route} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n".encode() + bytes(10))
+            tls.sendall(
+                f"POST {route} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n".encode() + bytes(10)
+            )
             started.append(tls)
         time.sleep(0.5)
         answered = [_answer_so_far(tls) for tls in started]
@@ -781,8 +934,14 @@ def test_one_address_has_at_most_its_allowance_of_requests_in_flight(deployment:
     assert [answer[:12] for answer in answered] == [b""] * in_flight + [b"HTTP/1.1 503"], answered
 
 
-def test_the_federation_was_never_throttled_nor_refused_a_body(deployment: Deployment, finished_run: dict, run_with_a_site_killed_mid_round: KilledSiteRun) -> None:
+def test_the_federation_was_never_throttled_nor_refused_a_body(
+    deployment: Deployment, finished_run: dict, run_with_a_site_killed_mid_round: KilledSiteRun
+) -> None:
     """After both runs, nginx (whose log is in `cohort superlink`'s) has refused nothing the sites sent."""
     refused = ("limiting requests", "limiting connections", "client intended to send too large body")
-    refusals = [line for line in deployment.log("superlink").splitlines() if f"client: {SITES_ADDRESS}," in line and any(r in line for r in refused)]
+    refusals = [
+        line
+        for line in deployment.log("superlink").splitlines()
+        if f"client: {SITES_ADDRESS}," in line and any(r in line for r in refused)
+    ]
     assert not refusals, refusals

@@ -204,7 +204,13 @@ def available(service: dict, path: str) -> bool:
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments), with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(line for line in DOCKERFILE.read_text(encoding="utf-8").splitlines() if not line.lstrip().startswith("#")))
+    text = re.sub(
+        r"\\\n",
+        " ",
+        "\n".join(
+            line for line in DOCKERFILE.read_text(encoding="utf-8").splitlines() if not line.lstrip().startswith("#")
+        ),
+    )
     instructions = []
     for line in text.splitlines():
         if line.strip():
@@ -226,7 +232,9 @@ def test_every_cohort_and_flwr_command_has_the_recipes_subcommand_and_flags():
         step = recipe_name(command)
         assert step is not None, f"{service} runs `{shlex.join(command)}`, which deploy/commands.py does not define"
         length = len(name_words(RECIPE[step]))
-        assert shape(command, length) == shape(RECIPE[step], length), f"{service}: `{shlex.join(command)}` differs from the recipe's `{shlex.join(RECIPE[step])}`"
+        assert shape(command, length) == shape(RECIPE[step], length), (
+            f"{service}: `{shlex.join(command)}` differs from the recipe's `{shlex.join(RECIPE[step])}`"
+        )
 
 
 def test_compose_runs_every_step_of_the_recipe():
@@ -236,7 +244,9 @@ def test_compose_runs_every_step_of_the_recipe():
 
 def test_no_recipe_placeholder_is_left_in_a_command():
     for service, command in all_commands():
-        assert not [word for word in command if re.search(r"<[A-Z_]+>", word)], f"{service}: `{shlex.join(command)}` keeps a placeholder"
+        assert not [word for word in command if re.search(r"<[A-Z_]+>", word)], (
+            f"{service}: `{shlex.join(command)}` keeps a placeholder"
+        )
 
 
 @pytest.mark.parametrize("subcommand", ["init", "site"])
@@ -267,8 +277,12 @@ def test_every_file_mounted_out_of_a_volume_is_written_by_cohort_certs(tmp_path)
     for name, service in services().items():
         for mount in mounts(service):
             if mount.subpath is not None:
-                assert mount.source in written, f"{name} mounts a file out of {mount.source}, which no `cohort certs` command writes"
-                assert (written[mount.source] / mount.subpath).is_file(), f"{name} mounts {mount.subpath} from {mount.source}, which `cohort certs` does not write"
+                assert mount.source in written, (
+                    f"{name} mounts a file out of {mount.source}, which no `cohort certs` command writes"
+                )
+                assert (written[mount.source] / mount.subpath).is_file(), (
+                    f"{name} mounts {mount.subpath} from {mount.source}, which `cohort certs` does not write"
+                )
 
 
 def test_certs_volume_files_keep_their_layout_inside_the_container():
@@ -289,13 +303,17 @@ def test_every_certificate_file_a_command_names_is_mounted_in_its_service():
                 layout = CertificateLayout(Path(option(command, "--certs")))
                 needed = [layout.ca_cert, layout.server_cert, layout.server_key]
             elif step in ("connect", "supernode"):
-                needed = [Path(option(command, "--ca-cert"))] + ([Path(option(command, "--auth-key"))] if step == "supernode" else [])
+                needed = [Path(option(command, "--ca-cert"))] + (
+                    [Path(option(command, "--auth-key"))] if step == "supernode" else []
+                )
             elif step == "register":
                 needed = [Path(command[3])]
             else:
                 continue
             for path in needed:
-                assert available(service, path.as_posix()), f"{name} runs `{shlex.join(command)}` but {path} is not mounted"
+                assert available(service, path.as_posix()), (
+                    f"{name} runs `{shlex.join(command)}` but {path} is not mounted"
+                )
 
 
 def test_only_the_certs_service_mounts_the_whole_certs_volume_with_the_ca_key():
@@ -326,7 +344,9 @@ def test_each_site_makes_its_own_key_pair_in_a_volume_of_its_own():
 def test_each_site_mounts_only_the_ca_certificate_and_its_own_private_key():
     for name, command in site_services().items():
         site = option(command, "--name")
-        assert certs_volume_files(services()[name]) == ["ca.crt"], f"{name} mounts more than ca.crt from the certs volume"
+        assert certs_volume_files(services()[name]) == ["ca.crt"], (
+            f"{name} mounts more than ca.crt from the certs volume"
+        )
         (key,) = [mount for mount in mounts(services()[name]) if mount.source.endswith("-keys")]
         assert key == Mount(_key_volume(site), option(command, "--auth-key"), f"sites/{site}/{site}.key", True)
 
@@ -367,7 +387,9 @@ def test_register_uses_the_connection_that_connect_creates():
 def _covered_service(address: str) -> tuple[str, int]:
     (init,) = certs_commands("init")
     host, _, port = address.rpartition(":")
-    assert host in services() and host in options(init, "--superlink-host"), f"{address}: not a compose service the certificate covers"
+    assert host in services() and host in options(init, "--superlink-host"), (
+        f"{address}: not a compose service the certificate covers"
+    )
     return host, int(port)
 
 
@@ -387,7 +409,9 @@ def test_the_coordinators_flwr_and_the_front_door_reach_the_superlink_on_its_pri
 
 
 def test_only_the_front_door_publishes_a_port_and_it_is_the_recipes():
-    published = {name: service["ports"] for name, service in services().items() if service.get("ports") or service.get("expose")}
+    published = {
+        name: service["ports"] for name, service in services().items() if service.get("ports") or service.get("expose")
+    }
     assert list(published) == ["front-door"]
     (front_door,) = service_commands(services()["front-door"])
     (port,) = published["front-door"]
@@ -399,7 +423,9 @@ def test_only_the_front_door_publishes_a_port_and_it_is_the_recipes():
 def test_sites_share_no_network_with_the_superlink_and_its_network_is_internal():
     superlink_networks = set(services()["superlink"]["networks"])
     assert all(compose()["networks"][network].get("internal") is True for network in superlink_networks)
-    assert superlink_networks <= set(services()["front-door"]["networks"]) and superlink_networks <= set(services()["register"]["networks"])
+    assert superlink_networks <= set(services()["front-door"]["networks"]) and superlink_networks <= set(
+        services()["register"]["networks"]
+    )
     for name in site_services():
         assert services()[name]["networks"] and not set(services()[name]["networks"]) & superlink_networks, name
 
@@ -450,7 +476,9 @@ def test_every_named_volume_a_service_uses_is_declared():
     declared = set(compose()["volumes"])
     for name, service in services().items():
         for mount in mounts(service):
-            assert mount.source.startswith((".", "/")) or mount.source in declared, f"{name}: volume {mount.source} is not declared"
+            assert mount.source.startswith((".", "/")) or mount.source in declared, (
+                f"{name}: volume {mount.source} is not declared"
+            )
 
 
 # ----------------------------------------------------------------------------- the image
@@ -481,8 +509,14 @@ def test_dockerfile_installs_debians_nginx_for_the_front_door():
 
 
 def test_dockerfile_installs_cpu_torch_at_the_makefiles_version_by_default():
-    args = dict(arguments.split("=", 1) for keyword, arguments in dockerfile_instructions() if keyword == "ARG" and "=" in arguments)
-    makefile_version = re.search(r"^TORCH_VERSION \?= (\S+)$", (ROOT / "Makefile").read_text(encoding="utf-8"), re.MULTILINE)
+    args = dict(
+        arguments.split("=", 1)
+        for keyword, arguments in dockerfile_instructions()
+        if keyword == "ARG" and "=" in arguments
+    )
+    makefile_version = re.search(
+        r"^TORCH_VERSION \?= (\S+)$", (ROOT / "Makefile").read_text(encoding="utf-8"), re.MULTILINE
+    )
     assert makefile_version is not None
     assert args["TORCH_VERSION"] == makefile_version.group(1)
     assert args["TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"
@@ -497,7 +531,14 @@ def test_entrypoint_runs_a_role_as_a_cohort_subcommand_and_a_program_as_itself()
     path = f"{Path(sys.executable).parent}:/usr/bin:/bin"
 
     def entrypoint(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["sh", str(DOCKER / "entrypoint.sh"), *args], check=False, capture_output=True, text=True, env={"PATH": path}, timeout=120)
+        return subprocess.run(
+            ["sh", str(DOCKER / "entrypoint.sh"), *args],
+            check=False,
+            capture_output=True,
+            text=True,
+            env={"PATH": path},
+            timeout=120,
+        )
 
     role = entrypoint("certs", "--help")
     assert role.returncode == 0 and "cohort certs" in role.stdout, role.stderr
@@ -509,7 +550,11 @@ def test_entrypoint_runs_a_role_as_a_cohort_subcommand_and_a_program_as_itself()
 
 
 def test_readme_submits_runs_with_the_recipes_flwr_run():
-    blocks = re.findall(r"^```(?:sh|bash|shell)\n(.*?)^```", (DOCKER / "README.md").read_text(encoding="utf-8"), re.MULTILINE | re.DOTALL)
+    blocks = re.findall(
+        r"^```(?:sh|bash|shell)\n(.*?)^```",
+        (DOCKER / "README.md").read_text(encoding="utf-8"),
+        re.MULTILINE | re.DOTALL,
+    )
     shell = re.sub(r"\\\n\s*", " ", "\n".join(blocks))
     lines = "\n".join(line for line in shell.splitlines() if "flwr run" in line)
     runs = [command for command in script_commands(lines) if command[:2] == ["flwr", "run"]]

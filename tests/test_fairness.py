@@ -76,8 +76,14 @@ def test_accuracy_interval_is_exact_at_one_example() -> None:
 
 
 def test_compare_flags_the_sites_that_lose_more_than_the_median_site() -> None:
-    rows = compare_sites(_site_report({"a": 0.80, "b": 0.50, "c": 0.85}), _site_report({"a": 0.90, "b": 0.90, "c": 0.90}))
-    assert [(r["site"], round(r["difference"], 3), r["costs_more"]) for r in rows] == [("a", -0.1, False), ("b", -0.4, True), ("c", -0.05, False)]
+    rows = compare_sites(
+        _site_report({"a": 0.80, "b": 0.50, "c": 0.85}), _site_report({"a": 0.90, "b": 0.90, "c": 0.90})
+    )
+    assert [(r["site"], round(r["difference"], 3), r["costs_more"]) for r in rows] == [
+        ("a", -0.1, False),
+        ("b", -0.4, True),
+        ("c", -0.05, False),
+    ]
 
 
 def test_compare_refuses_runs_with_different_sites() -> None:
@@ -99,7 +105,13 @@ def test_simulation_writes_the_fairness_report_into_summary_and_plots(private_ru
 
 
 def _compare(*runs: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([COHORT, "compare", *map(str, runs)], capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "80"})
+    return subprocess.run(
+        [COHORT, "compare", *map(str, runs)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "80"},
+    )
 
 
 def test_compare_shows_each_sites_accuracy_under_both_twins(private_run: Path, non_private_run: Path) -> None:

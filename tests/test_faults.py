@@ -24,12 +24,20 @@ pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 COHORT = str(Path(sys.executable).parent / "cohort")
 ROUNDS = 6
-NO_DP = [str(Path(__file__).resolve().parents[1] / "simulations" / "no-dp.toml"), "--set", "num-sites=5", "--set", f"rounds={ROUNDS}"]
+NO_DP = [
+    str(Path(__file__).resolve().parents[1] / "simulations" / "no-dp.toml"),
+    "--set",
+    "num-sites=5",
+    "--set",
+    f"rounds={ROUNDS}",
+]
 ENV = {**os.environ, "COLUMNS": "200"}
 
 
 def _simulate(runs: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Path]:
-    result = subprocess.run([COHORT, "simulate", *args, "--runs-dir", str(runs)], capture_output=True, text=True, timeout=600, env=ENV)
+    result = subprocess.run(
+        [COHORT, "simulate", *args, "--runs-dir", str(runs)], capture_output=True, text=True, timeout=600, env=ENV
+    )
     (run_dir,) = list(runs.iterdir())
     return result, run_dir
 
@@ -51,7 +59,9 @@ def clean_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
 
 @pytest.fixture(scope="module")
 def hostile_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
-    return _simulate(tmp_path_factory.mktemp("hostile"), *NO_DP, "--set", 'attack=["nan", "boost"]', "--set", "attack-sites=[1, 2]")
+    return _simulate(
+        tmp_path_factory.mktemp("hostile"), *NO_DP, "--set", 'attack=["nan", "boost"]', "--set", "attack-sites=[1, 2]"
+    )
 
 
 def test_a_run_with_a_nan_site_and_a_boosting_site_completes_near_the_clean_accuracy(clean_run, hostile_run) -> None:  # type: ignore[no-untyped-def]
@@ -74,7 +84,9 @@ def test_every_round_names_both_hostile_sites_with_their_reasons(hostile_run) ->
 def test_summary_progress_line_and_audit_name_the_rejected_sites(hostile_run) -> None:  # type: ignore[no-untyped-def]
     result, run_dir = hostile_run
     summary = _summary(run_dir)
-    assert summary.rejected["site-1"].count == ROUNDS and summary.rejected["site-2"].rounds == tuple(range(1, ROUNDS + 1))
+    assert summary.rejected["site-1"].count == ROUNDS and summary.rejected["site-2"].rounds == tuple(
+        range(1, ROUNDS + 1)
+    )
     assert "rejected: site-1, site-2" in result.stdout
     audit = subprocess.run([COHORT, "audit", str(run_dir)], capture_output=True, text=True, timeout=300, env=ENV)
     assert audit.returncode == 0, audit.stderr
@@ -84,7 +96,9 @@ def test_summary_progress_line_and_audit_name_the_rejected_sites(hostile_run) ->
 def test_the_rejected_sites_spend_is_still_in_the_runs_ledger(hostile_run) -> None:  # type: ignore[no-untyped-def]
     _, run_dir = hostile_run
     records = [e.record for e in read_entries(run_dir / "privacy_ledger.jsonl")]
-    assert sorted((r.round, r.site) for r in records) == [(n, f"site-{s}") for n in range(1, ROUNDS + 1) for s in range(5)]
+    assert sorted((r.round, r.site) for r in records) == [
+        (n, f"site-{s}") for n in range(1, ROUNDS + 1) for s in range(5)
+    ]
 
 
 def test_a_silent_site_fails_its_round_after_the_timeout_and_the_round_finishes(tmp_path: Path) -> None:
@@ -173,9 +187,15 @@ def test_a_coordinator_stopped_mid_run_resumes_and_every_release_is_in_the_ledge
     sites = [run_dir / "federation" / f"site-{i}" / "privacy_ledger.jsonl" for i in range(3)]
     before = {site: _ledger_lines(site) for site in sites}
 
-    resumed = subprocess.run([COHORT, "simulate", "--resume", str(run_dir)], capture_output=True, text=True, timeout=600, env=ENV)
+    resumed = subprocess.run(
+        [COHORT, "simulate", "--resume", str(run_dir)], capture_output=True, text=True, timeout=600, env=ENV
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert [m.round for m in _metrics(run_dir)] == [1, 2, 3, 4], resumed.stdout + (run_dir / "summary.json").read_text() + str(sorted(p.name for p in (run_dir / "checkpoints").iterdir()))
+    assert [m.round for m in _metrics(run_dir)] == [1, 2, 3, 4], (
+        resumed.stdout
+        + (run_dir / "summary.json").read_text()
+        + str(sorted(p.name for p in (run_dir / "checkpoints").iterdir()))
+    )
     copies = [LedgerEntry.from_json(line) for line in _ledger_lines(run_dir / "privacy_ledger.jsonl")]
     for site in sites:
         after = _ledger_lines(site)
@@ -220,8 +240,16 @@ def killed_run(tmp_path_factory: pytest.TempPathFactory) -> KilledRun:
     _wait_for(command, runs, "*/config.json")  # the ServerApp has started writing
     (run_dir,) = list(runs.iterdir())
     second_writers = [
-        subprocess.run([COHORT, "simulate", "--resume", str(run_dir)], capture_output=True, text=True, timeout=300, env=ENV),
-        subprocess.run([COHORT, "simulate", NO_DP[0], "--set", "num-sites=3", "--set", f"run-dir={run_dir}"], capture_output=True, text=True, timeout=300, env=ENV),
+        subprocess.run(
+            [COHORT, "simulate", "--resume", str(run_dir)], capture_output=True, text=True, timeout=300, env=ENV
+        ),
+        subprocess.run(
+            [COHORT, "simulate", NO_DP[0], "--set", "num-sites=3", "--set", f"run-dir={run_dir}"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=ENV,
+        ),
     ]
     _wait_for(command, runs, "*/checkpoints/round-0001.pt")  # the sites are training
     assert command.poll() is None and not (run_dir / "summary.json").exists(), "the run ended before it was killed"
@@ -239,7 +267,9 @@ def test_a_second_writer_on_a_running_run_directory_is_refused_naming_the_holder
     for refused in killed_run.second_writers:
         assert refused.returncode == 2, refused.stdout + refused.stderr
         (line,) = refused.stderr.strip().splitlines()
-        assert line.startswith(f"error: run directory {killed_run.run_dir} is in use by cohort simulate (pid {killed_run.pid}, since ")
+        assert line.startswith(
+            f"error: run directory {killed_run.run_dir} is in use by cohort simulate (pid {killed_run.pid}, since "
+        )
         assert refused.stdout == ""
 
 

@@ -27,21 +27,38 @@ def _largest_bodies(model_name: str, input_shape: tuple[int, int, int], classes:
     """The largest push-object body and the push-messages body of a training reply carrying
     the model, a ledger entry and metrics, framed as Flower's SuperNode frames them."""
     model = build_model(model_name, input_shape, classes)
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "ledger": ConfigRecord({"entry": "x" * 2000}), "metrics": MetricRecord({"num-examples": 1})})
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "ledger": ConfigRecord({"entry": "x" * 2000}),
+            "metrics": MetricRecord({"num-examples": 1}),
+        }
+    )
     reply = Message(content, dst_node_id=1, message_type="train")
     objects = get_all_nested_objects(reply)
     largest_object = max(
-        PushObjectRequest(node=NODE, run_id=2**64 - 1, object_id=object_id, object_content=item.deflate(), session_id=str(uuid.uuid4())).ByteSize()
+        PushObjectRequest(
+            node=NODE,
+            run_id=2**64 - 1,
+            object_id=object_id,
+            object_content=item.deflate(),
+            session_id=str(uuid.uuid4()),
+        ).ByteSize()
         for object_id, item in objects.items()
     )
     messages = PushMessagesRequest(
-        node=NODE, messages_list=[message_to_proto(remove_content_from_message(reply))], message_object_trees=[get_object_tree(reply)], clientapp_runtime_list=[1.0]
+        node=NODE,
+        messages_list=[message_to_proto(remove_content_from_message(reply))],
+        message_object_trees=[get_object_tree(reply)],
+        clientapp_runtime_list=[1.0],
     )
     return {OBJECT_ROUTE: largest_object, MESSAGES_ROUTE: messages.ByteSize()}
 
 
 @pytest.mark.parametrize("model_name", ["cnn", "transformer"])
-def test_the_default_limits_admit_a_reply_of_each_registered_model_on_large_images(clientapp_identity: None, model_name: str) -> None:
+def test_the_default_limits_admit_a_reply_of_each_registered_model_on_large_images(
+    clientapp_identity: None, model_name: str
+) -> None:
     bodies = _largest_bodies(model_name, LARGE_IMAGES, MANY_CLASSES)
     assert all(size <= FleetLimits().body_limit(route) for route, size in bodies.items()), bodies
 

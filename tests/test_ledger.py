@@ -27,9 +27,23 @@ from common.privacy.mechanisms import Mechanism
 
 def _record(round_: int, epsilon: float) -> LedgerRecord:
     return LedgerRecord(
-        kind=RecordKind.RELEASE, run_id=7, round=round_, site="site-0", mechanism=Mechanism.SAMPLE_LEVEL_DP_SGD, noise_multiplier=1.1,
-        sample_rate=0.2, sampling="poisson", steps=5, clip_norm=1.0, delta=1e-5, epsilon=epsilon, accountant="rdp",
-        budget_epsilon=8.0, dataset_hash="d" * 64, model_hash="m" * 64, config_hash="c" * 64,
+        kind=RecordKind.RELEASE,
+        run_id=7,
+        round=round_,
+        site="site-0",
+        mechanism=Mechanism.SAMPLE_LEVEL_DP_SGD,
+        noise_multiplier=1.1,
+        sample_rate=0.2,
+        sampling="poisson",
+        steps=5,
+        clip_norm=1.0,
+        delta=1e-5,
+        epsilon=epsilon,
+        accountant="rdp",
+        budget_epsilon=8.0,
+        dataset_hash="d" * 64,
+        model_hash="m" * 64,
+        config_hash="c" * 64,
     )
 
 
@@ -61,8 +75,17 @@ def test_a_new_state_directory_and_its_ledger_are_private_to_their_owner_whateve
         ledger.append(_record(1, 0.5))
     finally:
         os.umask(previous)
-    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "sites", *(tmp_path / "sites").rglob("*"))}
-    assert modes == {"sites": 0o700, "a": 0o700, PRIVATE_KEY_FILE: 0o600, PUBLIC_KEY_FILE: 0o644, LEDGER_FILE: 0o600, HEAD_FILE: 0o600}
+    modes = {
+        path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "sites", *(tmp_path / "sites").rglob("*"))
+    }
+    assert modes == {
+        "sites": 0o700,
+        "a": 0o700,
+        PRIVATE_KEY_FILE: 0o600,
+        PUBLIC_KEY_FILE: 0o644,
+        LEDGER_FILE: 0o600,
+        HEAD_FILE: 0o600,
+    }
 
 
 def test_the_key_is_reused_so_a_ledger_spans_runs(ledger: SiteLedger) -> None:
@@ -126,4 +149,13 @@ def test_a_loosely_permitted_signing_key_is_refused(ledger: SiteLedger) -> None:
 def test_records_are_json_lines_with_the_documented_fields(ledger: SiteLedger) -> None:
     first = json.loads(ledger.path.read_text().splitlines()[0])
     assert set(first) == {"sequence", "previous_hash", "record", "signature"}
-    assert {"noise_multiplier", "sample_rate", "steps", "clip_norm", "delta", "epsilon", "dataset_hash", "model_hash"} <= set(first["record"])
+    assert {
+        "noise_multiplier",
+        "sample_rate",
+        "steps",
+        "clip_norm",
+        "delta",
+        "epsilon",
+        "dataset_hash",
+        "model_hash",
+    } <= set(first["record"])

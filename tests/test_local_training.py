@@ -35,7 +35,16 @@ def _model() -> torch.nn.Module:
 
 
 def _fresh_plan(site: SiteConfig = SITE) -> RoundPlan:
-    return plan_round(RUN, site, entries=[], data_hash="d", run_id=1, server_round=1, num_examples=len(DATA.train), granted=site.epsilon)
+    return plan_round(
+        RUN,
+        site,
+        entries=[],
+        data_hash="d",
+        run_id=1,
+        server_round=1,
+        num_examples=len(DATA.train),
+        granted=site.epsilon,
+    )
 
 
 def test_rounds_on_the_same_module_leave_no_opacus_hooks_behind() -> None:
@@ -72,7 +81,15 @@ def test_a_round_within_the_budget_is_not_refused() -> None:
 
 
 def test_a_per_run_cap_lowers_the_run_plan_and_refuses_beyond_it() -> None:
-    capped = SiteConfig(name="site-0", epsilon=8.0, delta=1e-5, state_dir=Path("/unused"), run_epsilon=2.0, partition_id=0, num_partitions=5)
+    capped = SiteConfig(
+        name="site-0",
+        epsilon=8.0,
+        delta=1e-5,
+        state_dir=Path("/unused"),
+        run_epsilon=2.0,
+        partition_id=0,
+        num_partitions=5,
+    )
     plan = _fresh_plan(capped)
     assert plan.window.with_steps(RUN.training.rounds * STEPS).epsilon(1e-5) <= 2.0
     over = RoundPlan(plan.total, plan.window.with_steps(RUN.training.rounds * STEPS), plan.target)

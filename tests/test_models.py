@@ -35,7 +35,9 @@ def test_output_size_follows_the_class_count_of_the_data(name: str) -> None:
     assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 7)
 
 
-def _train_privately(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, mode: str = "hooks") -> list[float]:
+def _train_privately(
+    model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, mode: str = "hooks"
+) -> list[float]:
     loader = DataLoader(TensorDataset(inputs, labels), batch_size=32)
     engine = PrivacyEngine(accountant="rdp")
     private, optimizer, private_loader = engine.make_private(
@@ -126,7 +128,11 @@ def test_the_auto_grad_sample_mode_clips_28x28_images_exactly_like_functorch(nam
     torch.manual_seed(2)
     images, labels = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
     auto = SiteRunConfig.from_flower({"model": name}).dp.grad_sample_mode
-    assert torch.allclose(_one_noiseless_dp_step(name, auto, images, labels), _one_noiseless_dp_step(name, "functorch", images, labels), atol=1e-6)
+    assert torch.allclose(
+        _one_noiseless_dp_step(name, auto, images, labels),
+        _one_noiseless_dp_step(name, "functorch", images, labels),
+        atol=1e-6,
+    )
 
 
 def test_weight_standardised_filters_have_zero_mean_and_unit_variance() -> None:

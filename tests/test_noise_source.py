@@ -21,7 +21,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from client.dp_randomness import PoissonBatches, ShuffledBatches, draw_noise_from, site_noise_source
 from client.policy import SiteConfig
 from client.training import noise_only_step, train_locally
-from common.config import AUTO_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES, UNSUPPORTED_GRAD_SAMPLE_MODES, DPConfig, SiteRunConfig
+from common.config import (
+    AUTO_GRAD_SAMPLE_MODE,
+    GRAD_SAMPLE_MODES,
+    UNSUPPORTED_GRAD_SAMPLE_MODES,
+    DPConfig,
+    SiteRunConfig,
+)
 from common.models.registry import build_model
 from common.privacy.accounting import PrivacyState
 from common.privacy.noise import NoiseSource, SecureNoise, SeededNoise
@@ -35,7 +41,9 @@ DRAWS = 1_000_000
 REPO_ROOT = Path(__file__).resolve().parent.parent
 Z = 5.0
 
-SIMULATED = SiteConfig(name="site-0", epsilon=8.0, delta=1e-5, state_dir=Path("/unused"), partition_id=0, num_partitions=5)
+SIMULATED = SiteConfig(
+    name="site-0", epsilon=8.0, delta=1e-5, state_dir=Path("/unused"), partition_id=0, num_partitions=5
+)
 DEPLOYED = SiteConfig(name="hospital", epsilon=8.0, delta=1e-5, state_dir=Path("/unused"), data_path="/data")
 
 
@@ -130,7 +138,9 @@ def test_the_coordinator_draws_secure_noise_unless_the_run_asks_for_seeded() -> 
 
 @pytest.mark.parametrize("source", [SecureNoise(), SeededNoise(1, "server", 1)], ids=["secure", "seeded"])
 def test_client_level_noise_has_std_sigma_c_over_m_from_the_runs_source(source: NoiseSource) -> None:
-    strategy = ServerSideFixedClipping(FedAvg(), noise_multiplier=2.0, clipping_norm=0.5, num_sampled_clients=10, noise_sources=lambda _round: source)
+    strategy = ServerSideFixedClipping(
+        FedAvg(), noise_multiplier=2.0, clipping_norm=0.5, num_sampled_clients=10, noise_sources=lambda _round: source
+    )
     zeros = ArrayRecord({"w": Array(np.zeros(200_000, dtype=np.float32)), "b": Array(np.zeros(3, dtype=np.float32))})
     noised = strategy._add_noise_to_aggregated_arrays(zeros).to_numpy_ndarrays()
     assert noised[0].dtype == np.float32 and noised[1].shape == (3,)
@@ -147,7 +157,9 @@ def test_poisson_batches_hold_each_example_with_the_sample_rate() -> None:
 
 def test_shuffled_batches_cover_every_example_once_an_epoch() -> None:
     labels = torch.arange(103)
-    batches = [batch_labels for _, batch_labels in ShuffledBatches(labels.float(), labels, batch_size=10, source=SecureNoise())]
+    batches = [
+        batch_labels for _, batch_labels in ShuffledBatches(labels.float(), labels, batch_size=10, source=SecureNoise())
+    ]
     assert [len(b) for b in batches] == [10] * 10 + [3]
     assert sorted(torch.cat(batches).tolist()) == list(range(103))
 
@@ -199,7 +211,9 @@ def test_an_empty_poisson_batch_is_noise_of_std_sigma_c_over_the_batch_size(mode
 
 def test_the_optimizer_noise_comes_from_the_source() -> None:
     mode = AUTO_GRAD_SAMPLE_MODE["cnn"]
-    assert torch.equal(_private_step(mode, SeededNoise(1, "a", 1), SIGMA), _private_step(mode, SeededNoise(1, "a", 1), SIGMA))
+    assert torch.equal(
+        _private_step(mode, SeededNoise(1, "a", 1), SIGMA), _private_step(mode, SeededNoise(1, "a", 1), SIGMA)
+    )
     assert not torch.equal(_private_step(mode, SecureNoise(), SIGMA), _private_step(mode, SecureNoise(), SIGMA))
 
 
@@ -209,7 +223,9 @@ DATA = simulated_site_data(DataConfig(), 0, 5)
 def _trained_weights(run: SiteRunConfig, source: NoiseSource) -> torch.Tensor:
     torch.manual_seed(0)
     model = build_model("cnn", DATA.train.input_shape, DATA.num_classes)
-    privacy = PrivacyState(1.0, 1 / -(-len(DATA.train) // run.training.batch_size), "rdp") if run.dp.sample_level else None
+    privacy = (
+        PrivacyState(1.0, 1 / -(-len(DATA.train) // run.training.batch_size), "rdp") if run.dp.sample_level else None
+    )
     train_locally(model, DATA.train, run, privacy, torch.device("cpu"), source)
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 

@@ -45,7 +45,9 @@ def test_small_dirichlet_alpha_skews_labels_more_than_iid() -> None:
         parts = partition_indices(LABELS, 5, config)
         return float(np.mean([np.mean(np.bincount(LABELS[p], minlength=10) > 5) for p in parts]))
 
-    assert mean_classes_per_site(DataConfig(partitioner="dirichlet", dirichlet_alpha=0.1)) < mean_classes_per_site(DataConfig(partitioner="iid"))
+    assert mean_classes_per_site(DataConfig(partitioner="dirichlet", dirichlet_alpha=0.1)) < mean_classes_per_site(
+        DataConfig(partitioner="iid")
+    )
 
 
 def test_more_sites_than_examples_is_refused() -> None:
@@ -69,7 +71,9 @@ def test_a_simulation_partitions_once_and_each_site_reads_its_own_share(tmp_path
         read = site_reads(str(tmp_path), site)
         assert np.array_equal(read.train.images, simulated_site_data(config, site, 6).train.images)
         assert len(read.train) + len(read.val) == len(parts[site])
-        assert {row.tobytes() for row in pool.images[parts[site]]} == {row.tobytes() for row in np.concatenate([read.train.images, read.val.images])}
+        assert {row.tobytes() for row in pool.images[parts[site]]} == {
+            row.tobytes() for row in np.concatenate([read.train.images, read.val.images])
+        }
 
 
 def test_each_sites_file_holds_that_sites_share_alone(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from common.errors import CohortInputError
-from common.privacy.accounting import PrivacyState, derive_noise_multiplier, restore_accountant
+from common.privacy.accounting import PrivacyState, composing_accountants, derive_noise_multiplier, restore_accountant
 
 DELTA = 1e-5
 
@@ -35,7 +35,9 @@ def test_a_fresh_accountant_every_round_would_undercount() -> None:
 
 @pytest.mark.parametrize("target", [1.0, 3.0, 8.0])
 @pytest.mark.parametrize("sample_rate,steps", [(0.2, 100), (0.05, 600), (0.5, 40)])
-def test_derived_sigma_keeps_epsilon_within_target_after_the_planned_steps(target: float, sample_rate: float, steps: int) -> None:
+def test_derived_sigma_keeps_epsilon_within_target_after_the_planned_steps(
+    target: float, sample_rate: float, steps: int
+) -> None:
     sigma = derive_noise_multiplier(target, DELTA, sample_rate, steps, "rdp")
     state = PrivacyState(sigma, sample_rate, "rdp", ((sigma, sample_rate, steps),))
     assert state.epsilon(DELTA) <= target
@@ -58,4 +60,21 @@ def test_merging_rounds_of_the_same_mechanism_changes_no_epsilon() -> None:
     assert merged_history(rounds) == ((1.3, 0.25, 48), (0.9, 0.1, 7))
     separate = RDPAccountant()
     separate.history = list(rounds)
-    assert PrivacyState(1.3, 0.25, "rdp", rounds).epsilon(DELTA) == pytest.approx(separate.get_epsilon(DELTA), rel=1e-12)
+    assert PrivacyState(1.3, 0.25, "rdp", rounds).epsilon(DELTA) == pytest.approx(
+        separate.get_epsilon(DELTA), rel=1e-12
+    )
+
+
+def test_gdp_is_left_out_of_a_history_of_several_noise_levels_while_another_accountant_bounds_it() -> None:
+    assert composing_accountants(("gdp", "rdp"), 1) == ("gdp", "rdp")
+    assert composing_accountants(("gdp", "rdp"), 2) == ("rdp",)
+
+
+def test_gdp_alone_is_kept_so_that_its_refusal_names_the_problem() -> None:
+    assert composing_accountants(("gdp",), 2) == ("gdp",)
+    with pytest.raises(CohortInputError, match="gdp accountant composes one noise multiplier"):
+        PrivacyState(1.0, 0.01, "gdp", ((1.0, 0.01, 10), (2.0, 0.01, 10))).epsilon(1e-5)
+
+
+def test_gdp_epsilon_beyond_opacus_solver_range_is_infinite() -> None:
+    assert PrivacyState(0.3, 0.5, "gdp", ((0.3, 0.5, 1000),)).epsilon(1e-5) == float("inf")

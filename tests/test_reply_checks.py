@@ -10,10 +10,10 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.differential_privacy import KEY_NORM_BIT
 from flwr.supercore.task_identity import TaskIdentity
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common import protocol
 from common.config import DPConfig
@@ -41,16 +41,52 @@ class Site:
     def key_pem(self) -> str:
         return self.ledger.public_key_file.read_text()
 
-    def reply(self, arrays: dict[str, np.ndarray] | None = None, *, record: dict | None = None, site: dict | None = None, metrics: dict | None = None, server_round: int = ROUND, run: RunConfig = RUN) -> Message:
+    def reply(
+        self,
+        arrays: dict[str, np.ndarray] | None = None,
+        *,
+        record: dict | None = None,
+        site: dict | None = None,
+        metrics: dict | None = None,
+        server_round: int = ROUND,
+        run: RunConfig = RUN,
+    ) -> Message:
         sent = ArrayRecord({k: Array(v) for k, v in (arrays or honest_arrays()).items()})
         fields = dict(
-            kind=RecordKind.RELEASE, run_id=RUN_ID, round=server_round, site=self.name, mechanism=Mechanism.SAMPLE_LEVEL_DP_SGD, noise_multiplier=1.1,
-            sample_rate=0.1, sampling="poisson", steps=10, clip_norm=1.0, delta=1e-5, epsilon=0.5, accountant="rdp", budget_epsilon=8.0,
-            dataset_hash="d" * 64, model_hash=model_hash(sent), config_hash=run.site_fingerprint(),
+            kind=RecordKind.RELEASE,
+            run_id=RUN_ID,
+            round=server_round,
+            site=self.name,
+            mechanism=Mechanism.SAMPLE_LEVEL_DP_SGD,
+            noise_multiplier=1.1,
+            sample_rate=0.1,
+            sampling="poisson",
+            steps=10,
+            clip_norm=1.0,
+            delta=1e-5,
+            epsilon=0.5,
+            accountant="rdp",
+            budget_epsilon=8.0,
+            dataset_hash="d" * 64,
+            model_hash=model_hash(sent),
+            config_hash=run.site_fingerprint(),
         )
         entry = self.ledger.append(LedgerRecord(**{**fields, **(record or {})}))
-        site_record = {protocol.SITE_NAME: self.name, protocol.SITE_LEDGER_ENTRY: entry.to_json(), protocol.SITE_LEDGER_KEY: self.key_pem, **(site or {})}
-        content = RecordDict({protocol.ARRAYS: sent, protocol.SITE: ConfigRecord(site_record), protocol.METRICS: MetricRecord(metrics if metrics is not None else {"num-examples": 100, "train-loss": 0.5, "train-accuracy": 0.8})})
+        site_record = {
+            protocol.SITE_NAME: self.name,
+            protocol.SITE_LEDGER_ENTRY: entry.to_json(),
+            protocol.SITE_LEDGER_KEY: self.key_pem,
+            **(site or {}),
+        }
+        content = RecordDict(
+            {
+                protocol.ARRAYS: sent,
+                protocol.SITE: ConfigRecord(site_record),
+                protocol.METRICS: MetricRecord(
+                    metrics if metrics is not None else {"num-examples": 100, "train-loss": 0.5, "train-accuracy": 0.8}
+                ),
+            }
+        )
         return Message(content=content, reply_to=instruction(self.node))
 
 
@@ -122,12 +158,17 @@ def test_a_reply_without_its_metrics_is_still_accepted(checker: ReplyChecker, al
 
 def test_under_qfedavg_a_reply_without_its_training_loss_is_rejected(registry: SiteRegistry, alice: Site) -> None:
     run = RunConfig(aggregation=AggregationConfig(strategy="qfedavg"))
-    result = ReplyChecker(run, RUN_ID, registry).check_train(ROUND, alice.reply(metrics={"num-examples": 100}, run=run), GLOBAL, LIVE)
+    result = ReplyChecker(run, RUN_ID, registry).check_train(
+        ROUND, alice.reply(metrics={"num-examples": 100}, run=run), GLOBAL, LIVE
+    )
     assert isinstance(result, Rejection) and "q-FedAvg" in result.reason
 
 
 def test_reply_without_a_site_record_is_rejected(checker: ReplyChecker, alice: Site) -> None:
-    reply = Message(content=RecordDict({protocol.ARRAYS: ArrayRecord({k: Array(v) for k, v in honest_arrays().items()})}), reply_to=instruction(alice.node))
+    reply = Message(
+        content=RecordDict({protocol.ARRAYS: ArrayRecord({k: Array(v) for k, v in honest_arrays().items()})}),
+        reply_to=instruction(alice.node),
+    )
     rejected(checker, reply, "no 'site' record")
 
 
@@ -143,14 +184,18 @@ def test_reply_with_a_key_that_is_not_pem_is_rejected(checker: ReplyChecker, ali
     rejected(checker, alice.reply(site={protocol.SITE_LEDGER_KEY: "not a key"}), "not PEM")
 
 
-def test_reply_claiming_a_name_another_node_holds_is_rejected(checker: ReplyChecker, alice: Site, tmp_path: Path) -> None:
+def test_reply_claiming_a_name_another_node_holds_is_rejected(
+    checker: ReplyChecker, alice: Site, tmp_path: Path
+) -> None:
     assert isinstance(check(checker, alice.reply()), Update)
     impostor = Site(tmp_path / "elsewhere", "site-0", node=33)
     rejection = rejected(checker, impostor.reply(), "which node 11 holds")
     assert rejection.site == "node 33"
 
 
-def test_reply_claiming_a_known_name_with_another_key_is_rejected(registry: SiteRegistry, alice: Site, tmp_path: Path) -> None:
+def test_reply_claiming_a_known_name_with_another_key_is_rejected(
+    registry: SiteRegistry, alice: Site, tmp_path: Path
+) -> None:
     checker = ReplyChecker(RUN, RUN_ID, registry)
     assert isinstance(check(checker, alice.reply()), Update)
     registry.nodes.clear()  # a new run (or a restarted site): node ids are new, names and keys are not
@@ -159,7 +204,9 @@ def test_reply_claiming_a_known_name_with_another_key_is_rejected(registry: Site
 
 def test_a_node_that_switches_names_is_rejected(checker: ReplyChecker, alice: Site, tmp_path: Path) -> None:
     assert isinstance(check(checker, alice.reply()), Update)
-    rejection = rejected(checker, Site(tmp_path / "other", "site-9", node=alice.node).reply(), "is site-0 but claims to be site-9")
+    rejection = rejected(
+        checker, Site(tmp_path / "other", "site-9", node=alice.node).reply(), "is site-0 but claims to be site-9"
+    )
     assert rejection.site == "site-0"
 
 
@@ -189,7 +236,9 @@ def test_a_replayed_entry_is_rejected(checker: ReplyChecker, alice: Site) -> Non
     rejected(checker, first, "not after the 0 it already sent")
 
 
-def test_an_entry_that_does_not_link_to_the_last_one_sent_is_rejected(checker: ReplyChecker, alice: Site, tmp_path: Path) -> None:
+def test_an_entry_that_does_not_link_to_the_last_one_sent_is_rejected(
+    checker: ReplyChecker, alice: Site, tmp_path: Path
+) -> None:
     assert isinstance(check(checker, alice.reply()), Update)
     rewritten = dataclasses.replace(alice.ledger.entries()[0], previous_hash="f" * 64)
     alice.ledger.path.write_text(rewritten.to_json() + "\n")  # the site rewrites the entry it sent
@@ -205,7 +254,11 @@ def test_entry_of_another_round_is_rejected(checker: ReplyChecker, alice: Site) 
 
 
 def test_entry_of_another_mechanism_is_rejected(checker: ReplyChecker, alice: Site) -> None:
-    rejected(checker, alice.reply(record={"kind": RecordKind.NON_PRIVATE, "epsilon": 0.0}), "this run needs a release by sample-level-dp-sgd")
+    rejected(
+        checker,
+        alice.reply(record={"kind": RecordKind.NON_PRIVATE, "epsilon": 0.0}),
+        "this run needs a release by sample-level-dp-sgd",
+    )
 
 
 def test_release_without_noise_is_rejected(checker: ReplyChecker, alice: Site) -> None:
@@ -229,7 +282,11 @@ def test_extra_array_is_rejected(checker: ReplyChecker, alice: Site) -> None:
 
 
 def test_array_of_a_shape_numpy_would_broadcast_is_rejected(checker: ReplyChecker, alice: Site) -> None:
-    rejected(checker, alice.reply({**honest_arrays(), "b": np.zeros(1, dtype=np.float32)}), "sent array b as float32[1], the model has float32[3]")
+    rejected(
+        checker,
+        alice.reply({**honest_arrays(), "b": np.zeros(1, dtype=np.float32)}),
+        "sent array b as float32[1], the model has float32[3]",
+    )
 
 
 def test_integer_array_where_a_float_is_expected_is_rejected(checker: ReplyChecker, alice: Site) -> None:
@@ -237,7 +294,9 @@ def test_integer_array_where_a_float_is_expected_is_rejected(checker: ReplyCheck
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_non_finite_values_are_rejected_and_the_spend_is_still_recorded(checker: ReplyChecker, alice: Site, bad: float) -> None:
+def test_non_finite_values_are_rejected_and_the_spend_is_still_recorded(
+    checker: ReplyChecker, alice: Site, bad: float
+) -> None:
     arrays = honest_arrays()
     arrays["w"][0, 0] = bad
     rejection = rejected(checker, alice.reply(arrays), "NaN or infinite")
@@ -259,17 +318,30 @@ def test_entry_copy_for_the_run_ledger_is_one_line(checker: ReplyChecker, alice:
     assert isinstance(update, Update) and "\n" not in update.entry.to_json()
 
 
-def test_evaluation_reply_claiming_another_sites_name_is_rejected(checker: ReplyChecker, alice: Site, bob: Site) -> None:
+def test_evaluation_reply_claiming_another_sites_name_is_rejected(
+    checker: ReplyChecker, alice: Site, bob: Site
+) -> None:
     assert isinstance(check(checker, alice.reply()), Update)
     assert isinstance(check(checker, bob.reply()), Update)
-    forged = Message(content=RecordDict({protocol.SITE: ConfigRecord({protocol.SITE_NAME: "site-0"}), protocol.METRICS: MetricRecord({"val-accuracy": 1.0})}), reply_to=instruction(bob.node))
+    forged = Message(
+        content=RecordDict(
+            {
+                protocol.SITE: ConfigRecord({protocol.SITE_NAME: "site-0"}),
+                protocol.METRICS: MetricRecord({"val-accuracy": 1.0}),
+            }
+        ),
+        reply_to=instruction(bob.node),
+    )
     result = checker.check_evaluate(forged, LIVE)
     assert isinstance(result, Rejection) and "is site-1 but claims to be site-0" in result.reason
 
 
 def test_evaluation_reply_without_metrics_is_accepted_without_them(checker: ReplyChecker, alice: Site) -> None:
     assert isinstance(check(checker, alice.reply()), Update)
-    reply = Message(content=RecordDict({protocol.SITE: ConfigRecord({protocol.SITE_NAME: "site-0"})}), reply_to=instruction(alice.node))
+    reply = Message(
+        content=RecordDict({protocol.SITE: ConfigRecord({protocol.SITE_NAME: "site-0"})}),
+        reply_to=instruction(alice.node),
+    )
     result = checker.check_evaluate(reply, LIVE)
     assert isinstance(result, SiteEvaluation) and result.metrics == {}
 
@@ -289,10 +361,21 @@ def test_checks_settings_are_validated() -> None:
         RunConfig.from_flower({"aggregation-weight": "claimed"})
 
 
-def test_client_side_adaptive_clipping_needs_the_sites_clipping_bit(registry: SiteRegistry, alice: Site, bob: Site) -> None:
-    run = RunConfig(dp=DPConfig(dp_level="client", client_clipping="adaptive"), central_dp=CentralDPConfig(clipping_side="client"), site_allow_non_private=True)
+def test_client_side_adaptive_clipping_needs_the_sites_clipping_bit(
+    registry: SiteRegistry, alice: Site, bob: Site
+) -> None:
+    run = RunConfig(
+        dp=DPConfig(dp_level="client", client_clipping="adaptive"),
+        central_dp=CentralDPConfig(clipping_side="client"),
+        site_allow_non_private=True,
+    )
     checker = ReplyChecker(run, RUN_ID, registry)
-    release = {"kind": RecordKind.NON_PRIVATE, "mechanism": Mechanism.CLIENT_LEVEL_DP_FEDAVG, "noise_multiplier": 0.0, "epsilon": 0.0}
+    release = {
+        "kind": RecordKind.NON_PRIVATE,
+        "mechanism": Mechanism.CLIENT_LEVEL_DP_FEDAVG,
+        "noise_multiplier": 0.0,
+        "epsilon": 0.0,
+    }
     without = checker.check_train(ROUND, alice.reply(record=release, run=run, metrics={}), GLOBAL, LIVE)
     assert isinstance(without, Rejection) and "clipping bit" in without.reason
     clipped = checker.check_train(ROUND, bob.reply(record=release, run=run, metrics={KEY_NORM_BIT: 1}), GLOBAL, LIVE)

@@ -11,8 +11,8 @@ from common.models.registry import build_model
 from server.checkpoint import Checkpoint
 from server.federation import initial_state
 from server.records import RoundRecord
-from server.rundir import RunDirectory, append_lines, write_json_atomic
 from server.run_config import RunConfig
+from server.rundir import RunDirectory, append_lines, write_json_atomic
 
 
 def _stopped_run(path: Path) -> tuple[RunConfig, RunDirectory]:
@@ -22,7 +22,9 @@ def _stopped_run(path: Path) -> tuple[RunConfig, RunDirectory]:
     run_dir.prepare(run)
     model = build_model(run.training.model, (1, 8, 8), 10)
     Checkpoint(2, model.state_dict(), run.fingerprint(), "{}", {}, "{}").save(run_dir.checkpoint_dir)
-    append_lines(run_dir.metrics_file, [json.dumps(RoundRecord(n, accuracy=0.5, loss=1.0).to_json()) for n in (1, 2, 3)])
+    append_lines(
+        run_dir.metrics_file, [json.dumps(RoundRecord(n, accuracy=0.5, loss=1.0).to_json()) for n in (1, 2, 3)]
+    )
     write_json_atomic(run_dir.summary_file, {"stop_reason": "stopped after round 3: 0 update(s) passed the checks"})
     return dataclasses.replace(run, resume_from=str(path)), run_dir
 

@@ -45,7 +45,14 @@ def _reply(node: int, value: float, examples: float | None = 100) -> Message:
 
 def _update(node: int, value: float, examples: int | None = 100) -> Update:
     reply = _reply(node, value, examples)
-    entry = LedgerEntry(0, "0" * 64, LedgerRecord("release", 1, 1, f"site-{node}", "m", 1.0, 0.1, "poisson", 1, 1.0, 1e-5, 0.1, "rdp", 8.0, "", "", ""), "")
+    entry = LedgerEntry(
+        0,
+        "0" * 64,
+        LedgerRecord(
+            "release", 1, 1, f"site-{node}", "m", 1.0, 0.1, "poisson", 1, 1.0, 1e-5, 0.1, "rdp", 8.0, "", "", ""
+        ),
+        "",
+    )
     return Update(reply, node, f"site-{node}", reply.content[protocol.ARRAYS], abs(value) * 3**0.5, entry, examples)
 
 
@@ -109,7 +116,10 @@ def test_client_level_dp_with_client_side_clipping_bounds_updates_by_the_clippin
     from server.central_dp import CentralPrivacy, wrap_with_central_dp
     from server.dp_policy import ClientLevel
 
-    run = RunConfig(dp=DPConfig(dp_level="client", clip_norm=0.7, noise_multiplier=1.0), central_dp=CentralDPConfig(clipping_side="client"))
+    run = RunConfig(
+        dp=DPConfig(dp_level="client", clip_norm=0.7, noise_multiplier=1.0),
+        central_dp=CentralDPConfig(clipping_side="client"),
+    )
     noise = client_level_noise(run.dp, run.central_dp, run.training.rounds, 5)
     strategy = wrap_with_central_dp(build_strategy(run, 5), run, noise, 5)
     policy = ClientLevel(run, strategy, CentralPrivacy.__new__(CentralPrivacy))
@@ -120,7 +130,9 @@ def test_client_level_dp_with_client_side_clipping_bounds_updates_by_the_clippin
     ("strategy", "hostile", "sites", "needed"),
     [("bulyan", 2, 10, 11), ("krum", 2, 6, 7), ("multikrum", 1, 4, 5)],
 )
-def test_a_federation_too_small_for_the_robust_strategy_is_refused(strategy: str, hostile: int, sites: int, needed: int) -> None:
+def test_a_federation_too_small_for_the_robust_strategy_is_refused(
+    strategy: str, hostile: int, sites: int, needed: int
+) -> None:
     run = RunConfig(aggregation=AggregationConfig(strategy=strategy, byzantine_sites=hostile))
     with pytest.raises(CohortInputError, match=f"needs at least {needed} sites"):
         run.refuse_federation_size(sites)
@@ -156,9 +168,16 @@ def _round(strategy: Strategy, arrays: ArrayRecord, server_round: int) -> ArrayR
     rng = np.random.default_rng(server_round)
     replies = []
     for node in (1, 2, 3):
-        update = ArrayRecord({k: Array(a.numpy() + rng.normal(size=a.numpy().shape).astype(np.float32)) for k, a in arrays.items()})
+        update = ArrayRecord(
+            {k: Array(a.numpy() + rng.normal(size=a.numpy().shape).astype(np.float32)) for k, a in arrays.items()}
+        )
         instruction = Message(content=RecordDict(), dst_node_id=node, message_type="train")
-        replies.append(Message(content=RecordDict({"arrays": update, "metrics": MetricRecord({AGGREGATION_WEIGHT: 1.0})}), reply_to=instruction))
+        replies.append(
+            Message(
+                content=RecordDict({"arrays": update, "metrics": MetricRecord({AGGREGATION_WEIGHT: 1.0})}),
+                reply_to=instruction,
+            )
+        )
     aggregated, _ = strategy.aggregate_train(server_round, replies)
     assert aggregated is not None
     return aggregated
@@ -190,7 +209,9 @@ def test_a_resumed_server_optimizer_continues_exactly_where_it_stopped(name: str
     restarted = _resumed_after_round_one(run, start, tmp_path, restore=False)
     for key in ("w", "b"):
         np.testing.assert_array_equal(resumed[key].numpy(), arrays[key].numpy())
-    assert any(not np.array_equal(restarted[key].numpy(), arrays[key].numpy()) for key in ("w", "b")), "the state did not matter"
+    assert any(not np.array_equal(restarted[key].numpy(), arrays[key].numpy()) for key in ("w", "b")), (
+        "the state did not matter"
+    )
 
 
 def test_the_clipping_bit_client_side_adaptive_clipping_counts_reaches_the_strategy() -> None:

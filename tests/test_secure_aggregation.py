@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from client.integer_update import clipped
-from client.integer_update import integer_update
-from common.privacy.noise import SecureNoise
+from client.integer_update import clipped, integer_update
 from client.secure_aggregation import STATE, key_stage_reply, masked_input_reply
+from common.privacy.noise import SecureNoise
+from common.secure_aggregation import field as modular
 from common.secure_aggregation.messages import MASKED_INPUT, MASKED_VECTOR, RECORD, REFUSED, Stage, masked_input_record
 from common.secure_aggregation.parameters import SecAggParameters, default_threshold
-from common.secure_aggregation import field as modular
 from server.secure_aggregation import Abandoned, SecureAggregationRound, UnmaskedSum, neighbour_graph
 
 RUN_ID = 7
@@ -69,12 +68,20 @@ class Sites:
 
     def _contribution(self, message: Message, node: int) -> Callable:
         def contribute(masker: Callable[[np.ndarray], np.ndarray]) -> Message:
-            return Message(RecordDict({MASKED_INPUT: masked_input_record(masker(self.updates[node], ENCODE))}), reply_to=message)
+            return Message(
+                RecordDict({MASKED_INPUT: masked_input_record(masker(self.updates[node], ENCODE))}), reply_to=message
+            )
 
         return contribute
 
 
-def parameters(sites: int, neighbours: int | None = None, threshold: int | None = None, noise: float = 0.0, min_contributions: int = 2) -> SecAggParameters:
+def parameters(
+    sites: int,
+    neighbours: int | None = None,
+    threshold: int | None = None,
+    noise: float = 0.0,
+    min_contributions: int = 2,
+) -> SecAggParameters:
     k = sites - 1 if neighbours is None else neighbours
     return SecAggParameters(sites, k, threshold or default_threshold(k), 32, CLIP, DIMENSION, noise, min_contributions)
 
@@ -82,10 +89,14 @@ def parameters(sites: int, neighbours: int | None = None, threshold: int | None 
 def updates(count: int, seed: int = 0) -> dict[int, np.ndarray]:
     """Node ids far apart (as Flower's are), updates of norm about 0.6: some clipped, most not."""
     rng = np.random.default_rng(seed)
-    return {1000 + 37 * i: rng.normal(0, 0.6 / np.sqrt(DIMENSION), DIMENSION) * rng.uniform(0.5, 3.0) for i in range(count)}
+    return {
+        1000 + 37 * i: rng.normal(0, 0.6 / np.sqrt(DIMENSION), DIMENSION) * rng.uniform(0.5, 3.0) for i in range(count)
+    }
 
 
-def run_round(sites: Sites, params: SecAggParameters, accept=lambda node, reply: None) -> tuple[SecureAggregationRound, UnmaskedSum | Abandoned]:
+def run_round(
+    sites: Sites, params: SecAggParameters, accept=lambda node, reply: None
+) -> tuple[SecureAggregationRound, UnmaskedSum | Abandoned]:
     protocol = SecureAggregationRound(params, RUN_ID, 3, sorted(sites.updates))
     return protocol, protocol.run(sites.exchange, RecordDict(), accept)
 
@@ -126,7 +137,11 @@ def test_secagg_plus_ring_of_few_neighbours_unmasks_the_same_sum() -> None:
 def test_coordinator_sees_no_individual_update_in_any_reply() -> None:
     sites = Sites(updates(5))
     run_round(sites, parameters(5))
-    masked = [reply.content.array_records[MASKED_INPUT][MASKED_VECTOR].numpy() for reply in sites.seen_by_coordinator if MASKED_INPUT in reply.content.array_records]
+    masked = [
+        reply.content.array_records[MASKED_INPUT][MASKED_VECTOR].numpy()
+        for reply in sites.seen_by_coordinator
+        if MASKED_INPUT in reply.content.array_records
+    ]
     assert len(masked) == 5
     scale = parameters(5).scale
     for vector in masked:  # as an update, each masked input is uniform noise far beyond any clipped update
@@ -146,7 +161,15 @@ def test_site_secrets_live_in_its_context_state_until_unmask_and_never_leave_it(
     sites.tamper = watch
     run_round(sites, parameters(4))
     assert all(STATE not in context.state.config_records for context in sites.contexts.values())
-    sent = b"".join(bytes(v) for reply in sites.seen_by_coordinator if reply.has_content() for record in reply.content.config_records.values() for value in record.values() for v in (value if isinstance(value, list) else [value]) if isinstance(v, bytes))
+    sent = b"".join(
+        bytes(v)
+        for reply in sites.seen_by_coordinator
+        if reply.has_content()
+        for record in reply.content.config_records.values()
+        for value in record.values()
+        for v in (value if isinstance(value, list) else [value])
+        if isinstance(v, bytes)
+    )
     for secrets in held.values():
         for name in ("encryption-private", "masking-private", "seed"):
             assert secrets[name] not in sent
@@ -262,7 +285,11 @@ def test_a_site_answers_one_unmask_request_per_round() -> None:
 def test_stages_out_of_order_are_refused() -> None:
     sites = Sites(updates(3, seed=11))
     node = min(sites.updates)
-    request = Message(RecordDict({RECORD: ConfigRecord({"stage": "unmask", "round": 3, "survivors": [node], "dropped": []})}), dst_node_id=node, message_type="train")
+    request = Message(
+        RecordDict({RECORD: ConfigRecord({"stage": "unmask", "round": 3, "survivors": [node], "dropped": []})}),
+        dst_node_id=node,
+        message_type="train",
+    )
     reply = respond(request, sites.contexts[node], "s", lambda masker: request)
     assert reply.has_error() and reply.error.code == REFUSED
 
@@ -296,7 +323,16 @@ def test_an_unclipped_input_puts_the_sum_outside_its_bound_and_abandons_the_roun
         def contribute(masker):
             masked = masker(np.zeros(DIMENSION), ENCODE)
             boost = modular.to_field(np.full(DIMENSION, int(params.coordinate_bound(4))), 32)
-            return Message(RecordDict({MASKED_INPUT: masked_input_record(modular.add(masked.astype(np.uint64), boost, 32).astype(masked.dtype))}), reply_to=message)
+            return Message(
+                RecordDict(
+                    {
+                        MASKED_INPUT: masked_input_record(
+                            modular.add(masked.astype(np.uint64), boost, 32).astype(masked.dtype)
+                        )
+                    }
+                ),
+                reply_to=message,
+            )
 
         return contribute if node == cheat else Sites._contribution(sites, message, node)
 
@@ -308,7 +344,11 @@ def test_an_unclipped_input_puts_the_sum_outside_its_bound_and_abandons_the_roun
 def test_a_contribution_the_coordinator_does_not_accept_is_unmasked_as_a_dropout() -> None:
     sites = Sites(updates(6, seed=14))
     rejected = max(sites.updates)
-    protocol, result = run_round(sites, parameters(6), accept=lambda node, reply: "its ledger entry does not verify" if node == rejected else None)
+    protocol, result = run_round(
+        sites,
+        parameters(6),
+        accept=lambda node, reply: "its ledger entry does not verify" if node == rejected else None,
+    )
     assert_sum_of(result, sites, set(sites.updates) - {rejected})
     assert [(d.node, d.reason) for d in protocol.dropouts] == [(rejected, "its ledger entry does not verify")]
 

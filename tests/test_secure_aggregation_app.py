@@ -20,12 +20,12 @@ import client.secure_aggregation as site_protocol
 from audit.spending import audit
 from client.app import app as client_app
 from client.integer_update import clipped
+from common.models.registry import build_model
 from common.privacy.ledger import RecordKind, read_entries
 from common.privacy.mechanisms import Mechanism
 from common.privacy.skellam import SkellamRelease, epsilon
 from common.secure_aggregation import field as modular
 from common.secure_aggregation.messages import MASKED_INPUT, MASKED_VECTOR, RECORD, REFUSED, Stage
-from common.models.registry import build_model
 from common.secure_aggregation.model_vector import update_vector
 from server.held_out import federated_split
 from server.records import RoundRecord, Summary
@@ -47,7 +47,9 @@ class Run:
     global_model: ArrayRecord
 
     def records(self) -> list[RoundRecord]:
-        return [RoundRecord.from_json(json.loads(line)) for line in (self.path / "metrics.jsonl").read_text().splitlines()]
+        return [
+            RoundRecord.from_json(json.loads(line)) for line in (self.path / "metrics.jsonl").read_text().splitlines()
+        ]
 
     def summary(self) -> Summary:
         return Summary.from_json(json.loads((self.path / "summary.json").read_text()))
@@ -105,30 +107,56 @@ def test_the_released_model_is_the_mean_of_the_sites_clipped_updates_within_quan
 
 def test_the_coordinator_never_holds_an_individual_update(run_federation) -> None:
     run = run_federation()
-    arrays = [array.numpy().astype(np.float64).ravel() for reply in run.grid.received if reply.has_content() for record in reply.content.array_records.values() for array in record.values()]
-    masked = [reply.content.array_records[MASKED_INPUT][MASKED_VECTOR].numpy() for reply in run.grid.received if reply.has_content() and MASKED_INPUT in reply.content.array_records]
-    assert len(masked) == SITES and all(len(reply.content.array_records) <= 1 for reply in run.grid.received if reply.has_content())
+    arrays = [
+        array.numpy().astype(np.float64).ravel()
+        for reply in run.grid.received
+        if reply.has_content()
+        for record in reply.content.array_records.values()
+        for array in record.values()
+    ]
+    masked = [
+        reply.content.array_records[MASKED_INPUT][MASKED_VECTOR].numpy()
+        for reply in run.grid.received
+        if reply.has_content() and MASKED_INPUT in reply.content.array_records
+    ]
+    assert len(masked) == SITES and all(
+        len(reply.content.array_records) <= 1 for reply in run.grid.received if reply.has_content()
+    )
     global_vector = np.concatenate([array.numpy().astype(np.float64).ravel() for array in run.global_model.values()])
     for update in run.updates.values():
         trained = global_vector + update
-        assert not any(a.size == update.size and (np.allclose(a, update, atol=1e-3) or np.allclose(a, trained, atol=1e-3)) for a in arrays)
+        assert not any(
+            a.size == update.size and (np.allclose(a, update, atol=1e-3) or np.allclose(a, trained, atol=1e-3))
+            for a in arrays
+        )
     scale = _scale(global_vector.size, 10.0)
-    assert all(np.linalg.norm(modular.from_field(vector, 32) / scale) > 1e3 for vector in masked), "a masked input decodes to noise far beyond any clipped update"
+    assert all(np.linalg.norm(modular.from_field(vector, 32) / scale) > 1e3 for vector in masked), (
+        "a masked input decodes to noise far beyond any clipped update"
+    )
 
 
 @pytest.mark.parametrize("stage", [Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK])
-def test_a_site_dropping_at_any_stage_leaves_the_round_released_with_the_others_sum(run_federation, stage: Stage) -> None:
+def test_a_site_dropping_at_any_stage_leaves_the_round_released_with_the_others_sum(
+    run_federation, stage: Stage
+) -> None:
     gone = NODES[1]
     run = run_federation(drop={gone: str(stage)})
     (record,) = run.records()
     contributors = NODES if stage == Stage.UNMASK else [n for n in NODES if n != gone]
-    assert len(record.sites) >= len(contributors) and sum(site.trained for site in record.sites.values()) == len(contributors)
+    assert len(record.sites) >= len(contributors) and sum(site.trained for site in record.sites.values()) == len(
+        contributors
+    )
     assert [f.stage for f in record.failures] == [str(stage)]
-    assert np.abs(run.released_update() - _mean_clipped(run, contributors, 10.0)).max() < 1 / _scale(run.released_update().size, 10.0) + 1e-6
+    assert (
+        np.abs(run.released_update() - _mean_clipped(run, contributors, 10.0)).max()
+        < 1 / _scale(run.released_update().size, 10.0) + 1e-6
+    )
 
 
 @pytest.mark.parametrize("stage", [Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK])
-def test_dropouts_beyond_the_threshold_abandon_the_round_and_keep_the_global_model(run_federation, stage: Stage) -> None:
+def test_dropouts_beyond_the_threshold_abandon_the_round_and_keep_the_global_model(
+    run_federation, stage: Stage
+) -> None:
     run = run_federation(drop={node: str(stage) for node in NODES[:3]})
     (record,) = run.records()
     assert not any(site.trained for site in record.sites.values())
@@ -136,53 +164,87 @@ def test_dropouts_beyond_the_threshold_abandon_the_round_and_keep_the_global_mod
     assert "fewer than min-sites" in run.summary().stop_reason and run.grid.stopped == run.summary().stop_reason
 
 
-def test_a_site_that_refuses_the_study_at_the_ask_is_in_none_of_the_rounds_secure_aggregation(run_federation, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_a_site_that_refuses_the_study_at_the_ask_is_in_none_of_the_rounds_secure_aggregation(
+    run_federation, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     home = tmp_path_factory.mktemp("federation")
     (home / "site-0").mkdir()
     (home / "site-0" / "policy.toml").write_text("study-epsilon = 1.0\n")  # grants at most 1 of its 8
     run = run_federation(**{"dp": True, "study-epsilon": 2.0, "federation-home": str(home)})
     refusing = NODES[0]
-    assert {exchange_of(m) for m in run.grid.sent if m.metadata.dst_node_id == refusing} == {"query"}, "asked, then sent nothing"
+    assert {exchange_of(m) for m in run.grid.sent if m.metadata.dst_node_id == refusing} == {"query"}, (
+        "asked, then sent nothing"
+    )
     assert sorted(run.updates) == NODES[1:]
     (record,) = run.records()
     assert {name for name, site in record.sites.items() if site.trained} == {f"site-{i}" for i in range(1, SITES)}
     assert "site site-0 refuses the study: it asks epsilon 2" in record.refusal_reasons["site-0"]
     (refusal,) = [e.record for e in read_entries(home / "site-0" / "privacy_ledger.jsonl")]
     assert (refusal.kind, refusal.round, refusal.dataset_hash) == (RecordKind.REFUSAL, 0, "")
-    assert np.abs(run.released_update() - _mean_clipped(run, NODES[1:], 10.0)).max() < 1 / _scale(run.released_update().size, 10.0) + 1e-6
+    assert (
+        np.abs(run.released_update() - _mean_clipped(run, NODES[1:], 10.0)).max()
+        < 1 / _scale(run.released_update().size, 10.0) + 1e-6
+    )
 
 
 def test_parameters_that_cannot_hold_the_sum_stop_the_run_before_round_1_with_nothing_sent(run_federation) -> None:
     run = run_federation(**{"secure-aggregation-bits": 8})
     assert run.grid.sent == [] and run.summary().stop_reason == run.grid.stopped
-    assert run.grid.stopped.startswith("stopped before round 1: secure-aggregation-bits = 8 cannot hold the sum of 5 sites' updates")
+    assert run.grid.stopped.startswith(
+        "stopped before round 1: secure-aggregation-bits = 8 cannot hold the sum of 5 sites' updates"
+    )
 
 
 def test_distributed_dp_ledgers_each_release_with_the_noise_of_the_sites_that_contributed(run_federation) -> None:
     dropped = NODES[2]
     run = run_federation(
-        drop={dropped: str(Stage.MASKED_INPUT)}, rounds=2, **{"dp": True, "dp-level": "client", "clipping-side": "client", "client-epsilon": 8.0}
+        drop={dropped: str(Stage.MASKED_INPUT)},
+        rounds=2,
+        **{"dp": True, "dp-level": "client", "clipping-side": "client", "client-epsilon": 8.0},
     )
     records = [e.record for e in read_entries(run.path / "server" / "privacy_ledger.jsonl")]
-    assert [(r.kind, r.mechanism, r.round) for r in records] == [(RecordKind.RELEASE, Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM, 1), (RecordKind.RELEASE, Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM, 2)]
+    assert [(r.kind, r.mechanism, r.round) for r in records] == [
+        (RecordKind.RELEASE, Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM, 1),
+        (RecordKind.RELEASE, Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM, 2),
+    ]
     assert all(len(json.loads(r.mechanism_details)["sites"]) == SITES - 1 for r in records)
     planned = run_parameters(RunConfig.from_flower(run.grid.run_config), SITES, run.released_update().size)
     releases = [SkellamRelease.from_details(r.mechanism_details) for r in records]
-    assert all(release.variance == pytest.approx((SITES - 1) * planned.noise_variance) for release in releases), "the dropped site's noise is not counted"
+    assert all(release.variance == pytest.approx((SITES - 1) * planned.noise_variance) for release in releases), (
+        "the dropped site's noise is not counted"
+    )
     assert records[-1].epsilon == pytest.approx(epsilon(releases, 1e-5)) and records[-1].epsilon <= 8.0
     server = audit(run.path)["sites"]["server"]
-    assert server["mechanisms"] == [Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM] and server["epsilon_total"] == pytest.approx(records[-1].epsilon)
+    assert server["mechanisms"] == [Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM] and server[
+        "epsilon_total"
+    ] == pytest.approx(records[-1].epsilon)
     sites = [e.record for e in read_entries(run.path / "privacy_ledger.jsonl")]
-    assert {(r.kind, r.mechanism) for r in sites} == {(RecordKind.NON_PRIVATE, Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM)}
+    assert {(r.kind, r.mechanism) for r in sites} == {
+        (RecordKind.NON_PRIVATE, Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM)
+    }
 
 
 @pytest.mark.parametrize("secure_run", [True, False])
-def test_a_site_refuses_a_request_that_contradicts_how_the_run_says_its_update_leaves_it(tmp_path: Path, clientapp_identity: None, secure_run: bool) -> None:
-    run_config = {"secure-aggregation": secure_run, "dp": False, "site-allow-non-private": True, "run-dir": str(tmp_path), "federation-home": str(tmp_path / "federation")}
+def test_a_site_refuses_a_request_that_contradicts_how_the_run_says_its_update_leaves_it(
+    tmp_path: Path, clientapp_identity: None, secure_run: bool
+) -> None:
+    run_config = {
+        "secure-aggregation": secure_run,
+        "dp": False,
+        "site-allow-non-private": True,
+        "run-dir": str(tmp_path),
+        "federation-home": str(tmp_path / "federation"),
+    }
     model = _initial_model(RunConfig.from_flower(run_config))
     content = RecordDict({"arrays": model, "config": ConfigRecord({"server-round": 1})})
     if not secure_run:
         content[RECORD] = ConfigRecord({"stage": str(Stage.ADVERTISE_KEYS)})
-    context = Context(run_id=7, node_id=NODES[0], node_config={"partition-id": 0, "num-partitions": SITES}, state=RecordDict(), run_config=run_config)
+    context = Context(
+        run_id=7,
+        node_id=NODES[0],
+        node_config={"partition-id": 0, "num-partitions": SITES},
+        state=RecordDict(),
+        run_config=run_config,
+    )
     reply = client_app(Message(content, dst_node_id=NODES[0], message_type="train"), context)
     assert reply.has_error() and reply.error.code == REFUSED and "secure aggregation" in reply.error.reason

@@ -10,22 +10,26 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from common.privacy.noise import SecureNoise
 from cli.main import app as cli
 from client.integer_update import clipped, integer_update
 from common.errors import CohortInputError
+from common.privacy.noise import SecureNoise
 from common.privacy.skellam import SkellamRelease, epsilon
 from common.secure_aggregation.parameters import SecAggParameters, default_neighbours, default_threshold
 from server.run_config import RunConfig
 from server.secure_aggregation_plan import DistributedNoise, plan_parameters
 
-VALID = SecAggParameters(sites=10, neighbours=9, threshold=6, bits=32, clip_norm=1.0, dimension=6186, noise_variance=0.0, min_contributions=8)
+VALID = SecAggParameters(
+    sites=10, neighbours=9, threshold=6, bits=32, clip_norm=1.0, dimension=6186, noise_variance=0.0, min_contributions=8
+)
 
 
 def test_the_defaults_pass_for_every_federation_size() -> None:
     for sites in (2, 3, 5, 10, 17, 100, 1000):
         k = default_neighbours(sites)
-        dataclasses.replace(VALID, sites=sites, neighbours=k, threshold=default_threshold(k), min_contributions=2).validate()
+        dataclasses.replace(
+            VALID, sites=sites, neighbours=k, threshold=default_threshold(k), min_contributions=2
+        ).validate()
 
 
 @pytest.mark.parametrize(
@@ -58,7 +62,11 @@ def test_too_few_bits_for_the_sum_are_refused_naming_the_bits_it_needs() -> None
 def test_at_the_bits_the_check_asks_for_every_site_at_its_bound_plus_noise_fits_the_signed_range() -> None:
     params = dataclasses.replace(VALID, noise_variance=1e9)
     params = dataclasses.replace(params, bits=params.bits_needed())
-    assert params.sites * (params.scale * params.clip_norm + 1) < params.coordinate_bound(params.sites) < 2 ** (params.bits - 1)
+    assert (
+        params.sites * (params.scale * params.clip_norm + 1)
+        < params.coordinate_bound(params.sites)
+        < 2 ** (params.bits - 1)
+    )
 
 
 def test_noise_needs_more_bits_than_no_noise() -> None:
@@ -118,7 +126,10 @@ def test_the_plan_refuses_a_dropout_share_outside_zero_to_one() -> None:
         ({"aggregation-weight": "examples"}, 'aggregation-weight = "uniform"'),
         ({"update-norm-bound": 2.0}, "set update-norm-bound = 0"),
         ({"dp-level": "client"}, 'set clipping-side = "client"'),
-        ({"dp-level": "client", "clipping-side": "client", "client-clipping": "adaptive"}, 'set client-clipping = "fixed"'),
+        (
+            {"dp-level": "client", "clipping-side": "client", "client-clipping": "adaptive"},
+            'set client-clipping = "fixed"',
+        ),
         ({"secure-aggregation-dropout": 1.0}, "secure-aggregation-dropout is 1.0"),
     ],
 )
@@ -129,6 +140,17 @@ def test_settings_that_need_each_update_are_refused_with_the_setting_to_change(s
 
 def test_simulate_refuses_too_few_bits_before_anything_starts(tmp_path) -> None:
     runs = tmp_path / "runs"
-    result = CliRunner().invoke(cli, ["simulate", "--set", "secure-aggregation=true", "--set", "secure-aggregation-bits=16", "--runs-dir", str(runs)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "simulate",
+            "--set",
+            "secure-aggregation=true",
+            "--set",
+            "secure-aggregation-bits=16",
+            "--runs-dir",
+            str(runs),
+        ],
+    )
     assert result.exit_code == 2 and not runs.exists()
     assert len(result.stderr.strip().splitlines()) == 1 and "raise secure-aggregation-bits to at least" in result.stderr

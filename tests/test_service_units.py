@@ -15,10 +15,12 @@ from deploy.service_units import HIDDEN_DIRECTORIES
 
 COHORT = Path(sys.executable).parent / "cohort"
 needs_systemd_analyze = pytest.mark.skipif(
-    shutil.which("systemd-analyze") is None, reason="Debian's systemd (systemd-analyze) is not installed (make test installs it when run as root)"
+    shutil.which("systemd-analyze") is None,
+    reason="Debian's systemd (systemd-analyze) is not installed (make test installs it when run as root)",
 )
 installed_where_a_service_can_run = pytest.mark.skipif(
-    any(directory in COHORT.parents for directory in HIDDEN_DIRECTORIES), reason=f"{COHORT} is under a directory a confined service cannot see"
+    any(directory in COHORT.parents for directory in HIDDEN_DIRECTORIES),
+    reason=f"{COHORT} is under a directory a confined service cannot see",
 )
 # systemd-analyze security rates exposure from 0 (fully confined) to 10, and takes its
 # threshold in tenths: 2.0 is near what a service that keeps its network and runs PyTorch reaches.
@@ -26,7 +28,13 @@ EXPOSURE_THRESHOLD_TENTHS = 20
 
 
 def _service(*arguments: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(COHORT), "service", *arguments], capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run(
+        [str(COHORT), "service", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
 
 
 def _install_units(root: Path, superlink_port: int = 8000) -> list[Path]:
@@ -54,7 +62,12 @@ def installed_units(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 @needs_systemd_analyze
 @installed_where_a_service_can_run
 def test_systemd_analyze_verify_accepts_both_units_without_a_warning(installed_units: list[Path]) -> None:
-    verified = subprocess.run(["systemd-analyze", "verify", "--man=no", *map(str, installed_units)], capture_output=True, text=True, timeout=60)
+    verified = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *map(str, installed_units)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert verified.returncode == 0 and not verified.stdout + verified.stderr, verified.stdout + verified.stderr
 
 
@@ -63,7 +76,17 @@ def test_systemd_analyze_verify_accepts_both_units_without_a_warning(installed_u
 def test_each_unit_is_rated_little_exposed_by_systemd_analyze_security(installed_units: list[Path]) -> None:
     for unit in installed_units:
         rated = subprocess.run(
-            ["systemd-analyze", "security", "--offline=true", f"--threshold={EXPOSURE_THRESHOLD_TENTHS}", "--no-pager", str(unit)], capture_output=True, text=True, timeout=60
+            [
+                "systemd-analyze",
+                "security",
+                "--offline=true",
+                f"--threshold={EXPOSURE_THRESHOLD_TENTHS}",
+                "--no-pager",
+                str(unit),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert rated.returncode == 0, rated.stdout + rated.stderr
         assert "Overall exposure level" in rated.stdout, rated.stdout
@@ -71,7 +94,9 @@ def test_each_unit_is_rated_little_exposed_by_systemd_analyze_security(installed
 
 @installed_where_a_service_can_run
 def test_a_coordinator_on_a_port_below_1024_keeps_only_the_capability_to_bind_it(tmp_path: Path) -> None:
-    unit = next(u for u in _install_units(tmp_path, superlink_port=443) if u.name == "cohort-superlink.service").read_text()
+    unit = next(
+        u for u in _install_units(tmp_path, superlink_port=443) if u.name == "cohort-superlink.service"
+    ).read_text()
     assert "CapabilityBoundingSet=CAP_NET_BIND_SERVICE\nAmbientCapabilities=CAP_NET_BIND_SERVICE\n" in unit
 
 

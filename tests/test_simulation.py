@@ -51,10 +51,17 @@ def completed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.
 
 
 @pytest.fixture(scope="module")
-def repeated_run(tmp_path_factory: pytest.TempPathFactory, completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> Path:
+def repeated_run(
+    tmp_path_factory: pytest.TempPathFactory, completed_run: tuple[subprocess.CompletedProcess[str], Path]
+) -> Path:
     """completed_run again: the same settings and seed, on a SuperLink and Ray workers of its own."""
     runs = tmp_path_factory.mktemp("again")
-    result = subprocess.run([COHORT, "simulate", *SMALL, "--set", "rounds=2", "--runs-dir", str(runs)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [COHORT, "simulate", *SMALL, "--set", "rounds=2", "--runs-dir", str(runs)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return _run_dir(runs)
 
@@ -65,13 +72,17 @@ def _figures(run_dir: Path) -> list[tuple]:
     return [(m.round, m.accuracy, m.loss, m.sites) for m in _metrics(run_dir)]
 
 
-def test_the_same_seed_gives_the_same_run_noise_included(completed_run: tuple[subprocess.CompletedProcess[str], Path], repeated_run: Path) -> None:
+def test_the_same_seed_gives_the_same_run_noise_included(
+    completed_run: tuple[subprocess.CompletedProcess[str], Path], repeated_run: Path
+) -> None:
     _, run_dir = completed_run
     assert _figures(repeated_run) == _figures(run_dir)
     assert RunDirectory(run_dir).read_config().noise_source == "seeded"
 
 
-def test_a_run_directory_and_its_sites_state_are_private_to_the_user(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+def test_a_run_directory_and_its_sites_state_are_private_to_the_user(
+    completed_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
     _, run_dir = completed_run
     shared = {PUBLIC_KEY_FILE: 0o644}  # what Cohort writes for others to read
     modes = {path: stat.S_IMODE(path.stat().st_mode) for path in (run_dir, *run_dir.rglob("*"))}
@@ -79,14 +90,28 @@ def test_a_run_directory_and_its_sites_state_are_private_to_the_user(completed_r
     assert {p.relative_to(run_dir).as_posix(): oct(m) for p, m in modes.items() if m != expected[p]} == {}
 
 
-def test_simulation_writes_a_complete_run_directory(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+def test_simulation_writes_a_complete_run_directory(
+    completed_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
     _, run_dir = completed_run
-    for name in ("config.json", "metrics.jsonl", "privacy_ledger.jsonl", "model.pt", "summary.json", "plots/accuracy.png", "plots/epsilon.png", "checkpoints/round-0001.pt", "checkpoints/round-0002.pt"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "privacy_ledger.jsonl",
+        "model.pt",
+        "summary.json",
+        "plots/accuracy.png",
+        "plots/epsilon.png",
+        "checkpoints/round-0001.pt",
+        "checkpoints/round-0002.pt",
+    ):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "plots/accuracy.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_metrics_have_one_line_a_round_with_every_site(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+def test_metrics_have_one_line_a_round_with_every_site(
+    completed_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
     _, run_dir = completed_run
     metrics = _metrics(run_dir)
     assert [m.round for m in metrics] == [1, 2]
@@ -104,7 +129,9 @@ def _recomputed_epsilon(releases: list[LedgerRecord]) -> float:
     return PrivacyState(1.0, 1.0, "rdp", history_of(releases)).epsilon(releases[-1].delta)
 
 
-def test_run_ledger_has_one_record_per_site_per_round_that_recomputes_to_its_epsilon(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+def test_run_ledger_has_one_record_per_site_per_round_that_recomputes_to_its_epsilon(
+    completed_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
     _, run_dir = completed_run
     records = _releases(run_dir / "privacy_ledger.jsonl")
     assert sorted((r.round, r.site) for r in records) == [(r, f"site-{s}") for r in (1, 2) for s in range(3)]
@@ -113,7 +140,9 @@ def test_run_ledger_has_one_record_per_site_per_round_that_recomputes_to_its_eps
         assert _recomputed_epsilon(mine) == pytest.approx(mine[-1].epsilon, rel=1e-9)
 
 
-def test_each_site_keeps_its_own_signed_ledger_that_verifies(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+def test_each_site_keeps_its_own_signed_ledger_that_verifies(
+    completed_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
     from common.privacy.ledger import load_public_key, read_entries, verify_chain
 
     _, run_dir = completed_run
@@ -124,9 +153,17 @@ def test_each_site_keeps_its_own_signed_ledger_that_verifies(completed_run: tupl
         assert verify_chain(entries, load_public_key(home / "ledger_key.pub.pem")) is None
 
 
-def test_audit_of_a_run_directory_recomputes_every_sites_epsilon(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+def test_audit_of_a_run_directory_recomputes_every_sites_epsilon(
+    completed_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
     _, run_dir = completed_run
-    result = subprocess.run([COHORT, "audit", str(run_dir)], capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    result = subprocess.run(
+        [COHORT, "audit", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((run_dir / "audit.json").read_text())
     last = _metrics(run_dir)[-1].sites
@@ -143,7 +180,9 @@ def test_progress_and_summary_are_printed(completed_run: tuple[subprocess.Comple
     assert "global test accuracy" in result.stdout and "site-2" in result.stdout
 
 
-def test_flowers_logs_hold_each_serverapp_line_once_and_no_colour_codes(completed_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+def test_flowers_logs_hold_each_serverapp_line_once_and_no_colour_codes(
+    completed_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
     _, run_dir = completed_run
     flower, superlink = (run_dir / "flower.log").read_text(), (run_dir / "superlink.log").read_text()
     assert "\x1b[" not in flower and "\x1b[" not in superlink
@@ -159,7 +198,9 @@ def test_interrupted_run_resumes_at_the_next_round_with_epsilon_continuing(tmp_p
         text=True,
     )
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (runs.exists() and any(runs.iterdir()) and (_run_dir(runs) / "checkpoints" / "round-0001.pt").exists()):
+    while time.monotonic() < deadline and not (
+        runs.exists() and any(runs.iterdir()) and (_run_dir(runs) / "checkpoints" / "round-0001.pt").exists()
+    ):
         time.sleep(0.5)
     process.send_signal(signal.SIGINT)  # Ctrl-C
     output, _ = process.communicate(timeout=120)
@@ -169,7 +210,9 @@ def test_interrupted_run_resumes_at_the_next_round_with_epsilon_continuing(tmp_p
     done = max(m.round for m in _metrics(run_dir))
     assert done < 3
 
-    resumed = subprocess.run([COHORT, "simulate", "--resume", str(run_dir)], capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [COHORT, "simulate", "--resume", str(run_dir)], capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     metrics = _metrics(run_dir)
     assert [m.round for m in metrics] == [1, 2, 3]
@@ -184,18 +227,35 @@ def test_interrupted_run_resumes_at_the_next_round_with_epsilon_continuing(tmp_p
 
 
 def _simulate(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([COHORT, "simulate", *SMALL, *args], capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run(
+        [COHORT, "simulate", *SMALL, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "COLUMNS": "200"},
+    )
 
 
 @pytest.fixture(scope="module")
-def studies_on_one_home(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, subprocess.CompletedProcess[str]]]:
+def studies_on_one_home(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, dict[str, subprocess.CompletedProcess[str]]]:
     """Three one-round studies on one federation home (simulated sites' budget: epsilon 8,
     all of it grantable to one study): the first asks 2, the second 7 (more than is left),
     the third all that is left."""
     root = tmp_path_factory.mktemp("studies")
     home = root / "federation"
     results = {
-        name: _simulate("--set", "rounds=1", "--set", f"study-epsilon={asked}", "--federation-home", str(home), "--runs-dir", str(root / name))
+        name: _simulate(
+            "--set",
+            "rounds=1",
+            "--set",
+            f"study-epsilon={asked}",
+            "--federation-home",
+            str(home),
+            "--runs-dir",
+            str(root / name),
+        )
         for name, asked in (("first", 2), ("second", 7), ("third", 0))
     }
     return root, results
@@ -209,15 +269,21 @@ def test_a_study_spends_at_most_the_epsilon_it_asked_for(studies_on_one_home: tu
         assert release.study_epsilon == 2.0 and 1.9 < release.epsilon <= 2.0
 
 
-def test_a_study_asking_more_than_is_left_is_refused_by_every_site_before_round_1(studies_on_one_home: tuple[Path, dict]) -> None:
+def test_a_study_asking_more_than_is_left_is_refused_by_every_site_before_round_1(
+    studies_on_one_home: tuple[Path, dict],
+) -> None:
     root, results = studies_on_one_home
     message = " ".join(results["second"].stderr.split())
-    assert results["second"].returncode == 1 and "stopped before round 1" in message, results["second"].stdout + results["second"].stderr
+    assert results["second"].returncode == 1 and "stopped before round 1" in message, (
+        results["second"].stdout + results["second"].stderr
+    )
     assert all(f"site site-{i} refuses the study: it asks epsilon 7" in message for i in range(3)), message
     assert not (root / "second").exists() or not _metrics(_run_dir(root / "second"))
 
 
-def test_a_second_training_study_starts_from_what_the_first_spent_and_may_take_the_rest(studies_on_one_home: tuple[Path, dict]) -> None:
+def test_a_second_training_study_starts_from_what_the_first_spent_and_may_take_the_rest(
+    studies_on_one_home: tuple[Path, dict],
+) -> None:
     root, results = studies_on_one_home
     assert results["third"].returncode == 0, results["third"].stdout + results["third"].stderr
     third = _metrics(_run_dir(root / "third"))
@@ -242,7 +308,16 @@ def test_a_site_whose_budget_runs_out_is_refused_and_the_run_finishes_with_the_o
     (home / "site-1").mkdir(parents=True)
     (home / "site-1" / "policy.toml").write_text(f"epsilon = {(one_round + two_rounds) / 2}\n")
 
-    result = _simulate("--set", "rounds=3", "--set", f"noise-multiplier={sigma}", "--federation-home", str(home), "--runs-dir", str(tmp_path / "runs"))
+    result = _simulate(
+        "--set",
+        "rounds=3",
+        "--set",
+        f"noise-multiplier={sigma}",
+        "--federation-home",
+        str(home),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     metrics = _metrics(_run_dir(tmp_path / "runs"))
     trained = [sorted(name for name, site in m.sites.items() if site.trained) for m in metrics]
@@ -261,7 +336,16 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     the stages of a round."""
     runs = tmp_path_factory.mktemp("secure-runs")
     result = subprocess.run(
-        [COHORT, "simulate", "simulations/secure-aggregation.toml", *SMALL, "--set", "rounds=2", "--runs-dir", str(runs)],
+        [
+            COHORT,
+            "simulate",
+            "simulations/secure-aggregation.toml",
+            *SMALL,
+            "--set",
+            "rounds=2",
+            "--runs-dir",
+            str(runs),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -270,9 +354,13 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _run_dir(runs)
 
 
-def test_secure_aggregation_with_distributed_dp_runs_on_the_simulation_engine_and_ledgers_each_release(secure_run: Path) -> None:
+def test_secure_aggregation_with_distributed_dp_runs_on_the_simulation_engine_and_ledgers_each_release(
+    secure_run: Path,
+) -> None:
     metrics = _metrics(secure_run)
-    assert [m.round for m in metrics] == [1, 2] and all(m.client_level is not None and m.client_level.released for m in metrics)
+    assert [m.round for m in metrics] == [1, 2] and all(
+        m.client_level is not None and m.client_level.released for m in metrics
+    )
     assert all(sum(site.trained for site in m.sites.values()) == 3 for m in metrics)
     releases = [e.record for e in read_entries(secure_run / "server" / "privacy_ledger.jsonl")]
     assert [(r.kind, r.mechanism, json.loads(r.mechanism_details)["sites"]) for r in releases] == [

@@ -52,7 +52,9 @@ def _play(ledger: SiteLedger, site: SiteConfig, run_id: int, run: SiteRunConfig)
             ledger.append(_record(RecordKind.REFUSAL, run_id, server_round, site, data.identity, None, 0))
             continue
         try:
-            plan = plan_round(run, site, entries, data.identity, run_id, server_round, len(data.train), granted=site.epsilon)
+            plan = plan_round(
+                run, site, entries, data.identity, run_id, server_round, len(data.train), granted=site.epsilon
+            )
         except CohortInputError:
             ledger.append(_record(RecordKind.REFUSAL, run_id, server_round, site, data.identity, None, 0))
             continue
@@ -60,10 +62,14 @@ def _play(ledger: SiteLedger, site: SiteConfig, run_id: int, run: SiteRunConfig)
         if refusal_reason(plan, steps, site) is not None:
             ledger.append(_record(RecordKind.REFUSAL, run_id, server_round, site, data.identity, plan.total, 0))
             continue
-        ledger.append(_record(RecordKind.RELEASE, run_id, server_round, site, data.identity, plan.total.with_steps(steps), steps))
+        ledger.append(
+            _record(RecordKind.RELEASE, run_id, server_round, site, data.identity, plan.total.with_steps(steps), steps)
+        )
 
 
-def _record(kind: str, run_id: int, server_round: int, site: SiteConfig, identity: str, state: PrivacyState | None, steps: int) -> LedgerRecord:
+def _record(
+    kind: str, run_id: int, server_round: int, site: SiteConfig, identity: str, state: PrivacyState | None, steps: int
+) -> LedgerRecord:
     return LedgerRecord(
         kind=kind, run_id=run_id, round=server_round, site=site.name, mechanism=Mechanism.SAMPLE_LEVEL_DP_SGD,
         noise_multiplier=state.noise_multiplier if state else 0.0, sample_rate=state.sample_rate if state else 0.0, sampling="poisson",
@@ -74,11 +80,19 @@ def _record(kind: str, run_id: int, server_round: int, site: SiteConfig, identit
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sequence=runs, accountants=st.sampled_from(["rdp", "gdp,rdp"]))
-def test_no_sequence_of_runs_spends_more_than_the_sites_budget(sequence: list[tuple[int, dict]], accountants: str) -> None:
+def test_no_sequence_of_runs_spends_more_than_the_sites_budget(
+    sequence: list[tuple[int, dict]], accountants: str
+) -> None:
     with tempfile.TemporaryDirectory() as home:
         images, labels = make_images(120, seed=3)
         np.savez(Path(home) / "data.npz", train_images=images, train_labels=labels[:, None])
-        node_config = {"data-path": str(Path(home) / "data.npz"), "state-dir": str(Path(home) / "state"), "epsilon": BUDGET, "delta": DELTA, "accountants": accountants}
+        node_config = {
+            "data-path": str(Path(home) / "data.npz"),
+            "state-dir": str(Path(home) / "state"),
+            "epsilon": BUDGET,
+            "delta": DELTA,
+            "accountants": accountants,
+        }
         ledger = SiteLedger(Path(home) / "state", create_key=True)
         for run_id, values in sequence:
             run = SiteRunConfig.from_flower(values)

@@ -27,7 +27,15 @@ import pytest
 
 from common.config import SiteRunConfig
 from common.privacy.accounting import PrivacyState
-from common.privacy.ledger import LEDGER_FILE, LedgerEntry, RecordKind, history_of, load_public_key, read_entries, verify_chain
+from common.privacy.ledger import (
+    LEDGER_FILE,
+    LedgerEntry,
+    RecordKind,
+    history_of,
+    load_public_key,
+    read_entries,
+    verify_chain,
+)
 from deploy.flower_runtime import offline_flower_env
 from deploy.launch import SITE_RUNTIME_DIR, SuperNodeLaunch, flower_env
 from server.records import SiteRound
@@ -69,12 +77,16 @@ class Federation:
 
     def coordinator(self, *args: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
         env = offline_flower_env(self.root / "homes" / "coordinator")
-        return subprocess.run([str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=self.root)
+        return subprocess.run(
+            [str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=self.root
+        )
 
     def run(self, app_dir: Path, run_config: str, name: str) -> dict:
         """Submit a run, wait for it to end, and return Flower's record of it."""
         run_dir = self.root / "runs" / name
-        config = f"{BASE_RUN_CONFIG} dataset='{self.root / 'data' / 'coordinator.npz'}' run-dir='{run_dir}' {run_config}"
+        config = (
+            f"{BASE_RUN_CONFIG} dataset='{self.root / 'data' / 'coordinator.npz'}' run-dir='{run_dir}' {run_config}"
+        )
         result = self.coordinator("run", str(app_dir), CONNECTION, "--run-config", config, "--stream")
         started = re.search(r"Successfully started run (\d+)", result.stdout)
         assert result.returncode == 0 and started, result.stdout + result.stderr
@@ -92,7 +104,8 @@ class Federation:
 def _write_connection(home: Path, port: int) -> None:
     home.mkdir(parents=True)
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n', encoding="utf-8"
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n',
+        encoding="utf-8",
     )
 
 
@@ -143,20 +156,34 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     try:
         superlink = [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(federation.port)]
         federation.spawn("superlink", superlink, offline_flower_env(federation.root / "homes" / "superlink"))
-        _wait_for(lambda: httpx.get(f"http://127.0.0.1:{federation.port}/health", timeout=1).is_success, "the SuperLink did not start", federation)
+        _wait_for(
+            lambda: httpx.get(f"http://127.0.0.1:{federation.port}/health", timeout=1).is_success,
+            "the SuperLink did not start",
+            federation,
+        )
         for site in SITES:
             _start_site(federation, site)
         _wait_for(lambda: _online_sites(federation) == len(SITES), "the SuperNodes did not come online", federation)
         yield federation
     finally:
         federation.stop()
-        leftovers = [p.pid for p in federation.processes if psutil.pid_exists(p.pid) and psutil.Process(p.pid).status() != psutil.STATUS_ZOMBIE]
+        leftovers = [
+            p.pid
+            for p in federation.processes
+            if psutil.pid_exists(p.pid) and psutil.Process(p.pid).status() != psutil.STATUS_ZOMBIE
+        ]
         assert not leftovers, f"processes left running: {leftovers}"
 
 
 def _app_copy(root: Path, name: str) -> Path:
     app = root / name
-    shutil.copytree(APP_DIR, app, ignore=shutil.ignore_patterns(".*", "runs", "tests", "docs", "docker", "benchmarks", "__pycache__", "*.egg-info"))
+    shutil.copytree(
+        APP_DIR,
+        app,
+        ignore=shutil.ignore_patterns(
+            ".*", "runs", "tests", "docs", "docker", "benchmarks", "__pycache__", "*.egg-info"
+        ),
+    )
     return app
 
 
@@ -174,7 +201,10 @@ def _hostile_app(root: Path) -> Path:
     app = _app_copy(root, "hostile-app")
     skipped = (
         ("    if not run.dp.sample_level and not site.allow_non_private:", "    if False:"),
-        ("    privacy = _planned_privacy(run, site, spender, entries, len(data.train)) if run.dp.sample_level else None\n", "    privacy = None\n"),
+        (
+            "    privacy = _planned_privacy(run, site, spender, entries, len(data.train)) if run.dp.sample_level else None\n",
+            "    privacy = None\n",
+        ),
     )
     _edit(app / "client" / "app.py", skipped)
     return app
@@ -187,14 +217,16 @@ def _newer_coordinator_app(root: Path) -> Path:
     app = _app_copy(root, "newer-coordinator-app")
     margin = '    fairness_margin: float = number(0.05, 0, 1, note="an accuracy gap")\n'
     _edit(app / "server" / "run_config.py", ((margin, margin + '    coordinator_note: str = ""\n'),))
-    _edit(app / "pyproject.toml", (("fairness-margin = 0.05\n", "fairness-margin = 0.05\ncoordinator-note = \"\"\n"),))
+    _edit(app / "pyproject.toml", (("fairness-margin = 0.05\n", 'fairness-margin = 0.05\ncoordinator-note = ""\n'),))
     return app
 
 
 @pytest.fixture(scope="module")
 def honest_run(federation: Federation) -> dict:
     """The first run the sites answer, submitted by a coordinator one version ahead of them."""
-    return federation.run(_newer_coordinator_app(federation.root), "accountant='gdp' seed=1 coordinator-note='newer'", "honest")
+    return federation.run(
+        _newer_coordinator_app(federation.root), "accountant='gdp' seed=1 coordinator-note='newer'", "honest"
+    )
 
 
 def _sites_reported(run: dict) -> list[SiteRound]:
@@ -207,12 +239,16 @@ def test_a_fab_whose_clientapp_skips_the_budget_check_is_refused_and_recorded(fe
     for site in SITES:
         entries = federation.entries(site)
         assert entries and {e.record.kind for e in entries} == {RecordKind.REFUSAL}, entries
-        assert all("refuses to run this run's code" in e.record.reason and "client/app.py" in e.record.reason for e in entries)
+        assert all(
+            "refuses to run this run's code" in e.record.reason and "client/app.py" in e.record.reason for e in entries
+        )
         assert all(e.record.config_hash.startswith("fab:") for e in entries)
         assert "refused run" in federation.log(site)
 
 
-def test_the_sites_own_code_trains_with_the_sites_accountant_whatever_the_run_config_names(federation: Federation, honest_run: dict) -> None:
+def test_the_sites_own_code_trains_with_the_sites_accountant_whatever_the_run_config_names(
+    federation: Federation, honest_run: dict
+) -> None:
     run = honest_run
     assert run["status"] == "finished:completed", run
     for site, budget in SITES.items():
@@ -223,19 +259,28 @@ def test_the_sites_own_code_trains_with_the_sites_accountant_whatever_the_run_co
         assert releases[-1].epsilon == pytest.approx(rdp) and rdp <= budget
 
 
-def test_a_site_answers_a_coordinator_whose_own_code_and_settings_are_newer_than_its_own(federation: Federation, honest_run: dict) -> None:
+def test_a_site_answers_a_coordinator_whose_own_code_and_settings_are_newer_than_its_own(
+    federation: Federation, honest_run: dict
+) -> None:
     """docs/site.md, "Versions": a site ignores run-config keys it does not read, and signs
     the fingerprint of those it does, which the newer coordinator computes alike."""
     assert honest_run["status"] == "finished:completed", honest_run
-    assert {name for record in honest_run["metrics"] for name, site in record.sites.items() if site.trained} == set(SITES)
+    assert {name for record in honest_run["metrics"] for name, site in record.sites.items() if site.trained} == set(
+        SITES
+    )
     settings = json.loads((federation.root / "runs" / "honest" / "config.json").read_text())["run_config"]
     assert settings["coordinator-note"] == "newer"
     for site in SITES:
         last = federation.entries(site)[-1].record
-        assert last.kind == RecordKind.RELEASE and last.config_hash == SiteRunConfig.from_flower(settings).site_fingerprint()
+        assert (
+            last.kind == RecordKind.RELEASE
+            and last.config_hash == SiteRunConfig.from_flower(settings).site_fingerprint()
+        )
 
 
-def test_with_the_default_policy_the_coordinator_receives_no_per_site_training_or_validation_metrics(federation: Federation) -> None:
+def test_with_the_default_policy_the_coordinator_receives_no_per_site_training_or_validation_metrics(
+    federation: Federation,
+) -> None:
     run_dir = federation.root / "runs" / "honest"
     reported = [site for record in RunDirectory(run_dir).read_metrics() for site in record.sites.values()]
     assert reported, "no site took part in the honest run"
@@ -249,13 +294,18 @@ def test_another_seed_and_validation_share_continue_the_same_budget(federation: 
     federation.run(APP_DIR, "seed=43 val-fraction=0.3 noise-multiplier=1.0", "again")
     for site, budget in SITES.items():
         entries = federation.entries(site)
-        assert entries[-1].record.kind == RecordKind.REFUSAL and f"over its budget of {budget:g}" in entries[-1].record.reason
+        assert (
+            entries[-1].record.kind == RecordKind.REFUSAL
+            and f"over its budget of {budget:g}" in entries[-1].record.reason
+        )
         releases = [e.record for e in entries if e.record.kind == RecordKind.RELEASE]
         assert len({r.dataset_hash for r in releases}) == 1
         assert PrivacyState(1.0, 1.0, "rdp", history_of(releases)).epsilon(DELTA) <= budget
 
 
-def test_the_run_config_cannot_turn_dp_off_nor_move_the_ledger_and_a_truncated_ledger_stops_training(federation: Federation, tmp_path: Path) -> None:
+def test_the_run_config_cannot_turn_dp_off_nor_move_the_ledger_and_a_truncated_ledger_stops_training(
+    federation: Federation, tmp_path: Path
+) -> None:
     """One run, two attacks: hospital-a is asked to train without DP; hospital-b's ledger
     lost its last record (with a full budget the easy way back)."""
     ledger_b = federation.state("hospital-b") / LEDGER_FILE
@@ -271,7 +321,9 @@ def test_the_run_config_cannot_turn_dp_off_nor_move_the_ledger_and_a_truncated_l
     assert "refuses to train without differential privacy" in entries[-1].record.reason
     assert not any(e.record.kind == RecordKind.NON_PRIVATE for e in entries)
     assert len(federation.entries("hospital-b")) == len(lines) - 1
-    operator_lines = [line for line in federation.log("hospital-b").splitlines() if "refuses to train until its operator" in line]
+    operator_lines = [
+        line for line in federation.log("hospital-b").splitlines() if "refuses to train until its operator" in line
+    ]
     assert len(operator_lines) == 1 and "records were removed from its end" in operator_lines[0]
 
 
@@ -279,8 +331,16 @@ def test_audit_shows_every_dataset_a_site_spent_on_and_its_chain_verifies(federa
     state = federation.state("hospital-a")
     assert verify_chain(federation.entries("hospital-a"), load_public_key(state / "ledger_key.pub.pem")) is None
     out = federation.root / "audit-hospital-a"
-    result = subprocess.run([str(BIN / "cohort"), "audit", str(state), "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=federation.root)
+    result = subprocess.run(
+        [str(BIN / "cohort"), "audit", str(state), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=federation.root,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "audit.json").read_text()) if (out / "audit.json").exists() else None
-    identities = {e.record.dataset_hash for e in federation.entries("hospital-a") if e.record.kind == RecordKind.RELEASE}
+    identities = {
+        e.record.dataset_hash for e in federation.entries("hospital-a") if e.record.kind == RecordKind.RELEASE
+    }
     assert report is not None and set(report["sites"]["hospital-a"]["datasets"]) == identities

@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from cli.terminal import labelled
-from common.privacy.ledger import HEAD_FILE, LEDGER_FILE, PRIVATE_KEY_FILE, LedgerBroken, LedgerRecord, RecordKind, SiteLedger
+from common.privacy.ledger import (
+    HEAD_FILE,
+    LEDGER_FILE,
+    PRIVATE_KEY_FILE,
+    LedgerBroken,
+    LedgerRecord,
+    RecordKind,
+    SiteLedger,
+)
 
 BIN = Path(sys.executable).parent
 
@@ -84,7 +92,12 @@ def test_a_deployed_clientapp_never_makes_the_key(tmp_path: Path) -> None:
 
 
 def test_cohort_site_init_makes_the_key_and_an_empty_head_and_prints_the_fingerprint(tmp_path: Path) -> None:
-    result = subprocess.run([str(BIN / "cohort"), "site", "init", "--state-dir", str(tmp_path / "site")], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(BIN / "cohort"), "site", "init", "--state-dir", str(tmp_path / "site")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     ledger = SiteLedger(tmp_path / "site", create_key=False)
     assert labelled("fingerprint", ledger.fingerprint()) in result.stdout

@@ -94,8 +94,16 @@ print("torch" in sys.modules)
 """
 
 
-def test_a_deployed_site_answers_secure_aggregations_key_stages_without_loading_its_training_code(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-c", KEY_STAGE_WITHOUT_TORCH, str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+def test_a_deployed_site_answers_secure_aggregations_key_stages_without_loading_its_training_code(
+    tmp_path: Path,
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", KEY_STAGE_WITHOUT_TORCH, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False", "PyTorch was loaded to answer a key stage"
 
@@ -112,12 +120,15 @@ class _Records(logging.Handler):
 @pytest.mark.parametrize(
     "error,reason",
     [
-        (ValueError("cannot reshape /data/hospital-a.npz: got (10,)"), "ValueError: cannot reshape <local path>: got (10,)"),
+        (
+            ValueError("cannot reshape /data/hospital-a.npz: got (10,)"),
+            "ValueError: cannot reshape <local path>: got (10,)",
+        ),
         (OSError("~/sites/a/state/ledger.jsonl is not writable"), "OSError: <local path> is not writable"),
         (ValueError("bad file C:\\data\\a.npz"), "ValueError: bad file <local path>"),
         (ValueError("see file:///srv/a.npz, or ./a.npz"), "ValueError: see <local path>, or <local path>"),
         (ValueError("epsilon/delta is 1/2"), "ValueError: epsilon/delta is 1/2"),
-        (RuntimeError("line one\n  File \"/opt/x.py\", line 3"), "RuntimeError: line one"),
+        (RuntimeError('line one\n  File "/opt/x.py", line 3'), "RuntimeError: line one"),
     ],
 )
 def test_what_a_site_sends_for_a_failure_is_one_line_without_local_paths(error: Exception, reason: str) -> None:

@@ -12,9 +12,17 @@ import pytest
 from scipy import stats
 
 from client.integer_noise import poisson, skellam
-from common.privacy.noise import SecureNoise
 from common.privacy.accounting import derive_noise_multiplier
-from common.privacy.skellam import ORDERS, SkellamRelease, epsilon, rdp_bound, rounded_sensitivity, tail_bound, variance_for_budget
+from common.privacy.noise import SecureNoise
+from common.privacy.skellam import (
+    ORDERS,
+    SkellamRelease,
+    epsilon,
+    rdp_bound,
+    rounded_sensitivity,
+    tail_bound,
+    variance_for_budget,
+)
 
 mpmath.mp.dps = 60
 
@@ -51,12 +59,23 @@ def test_recurrence_pmf_matches_the_bessel_function() -> None:
         assert float(pmf[k]) == pytest.approx(float(mpmath.exp(-30) * mpmath.besseli(k, 30)), rel=1e-30)
 
 
-CASES = [(2, (1,), 1.0), (3, (2,), 10.0), (4, (1, 1, 1, 1), 5.0), (8, (1,), 100.0), (16, (3, 4), 400.0), (32, (5,), 2000.0), (64, (2,), 3000.0), (6, (12, 16), 1600.0)]
+CASES = [
+    (2, (1,), 1.0),
+    (3, (2,), 10.0),
+    (4, (1, 1, 1, 1), 5.0),
+    (8, (1,), 100.0),
+    (16, (3, 4), 400.0),
+    (32, (5,), 2000.0),
+    (64, (2,), 3000.0),
+    (6, (12, 16), 1600.0),
+]
 
 
 def bound_and_exact(order: int, shift: tuple[int, ...], variance: float) -> tuple[float, float]:
     l2, l1 = math.sqrt(sum(s * s for s in shift)), float(sum(abs(s) for s in shift))
-    return float(rdp_bound(np.array([order], dtype=float), variance, l2, l1)[0]), exact_renyi_divergence(order, shift, variance)
+    return float(rdp_bound(np.array([order], dtype=float), variance, l2, l1)[0]), exact_renyi_divergence(
+        order, shift, variance
+    )
 
 
 @pytest.mark.parametrize(("order", "shift", "variance"), CASES)
@@ -66,7 +85,9 @@ def test_rdp_bound_is_at_least_the_exact_renyi_divergence(order: int, shift: tup
 
 
 @pytest.mark.parametrize(("order", "shift", "variance"), [case for case in CASES if case[2] >= 100])
-def test_rdp_bound_is_within_two_percent_of_the_divergence_once_the_noise_exceeds_the_shift(order: int, shift: tuple[int, ...], variance: float) -> None:
+def test_rdp_bound_is_within_two_percent_of_the_divergence_once_the_noise_exceeds_the_shift(
+    order: int, shift: tuple[int, ...], variance: float
+) -> None:
     bound, exact = bound_and_exact(order, shift, variance)
     assert bound <= 1.02 * exact
 
@@ -110,7 +131,9 @@ def test_tail_bound_holds_for_the_skellam_distribution() -> None:
         t = tail_bound(variance, coordinates=100, probability=1e-6)
         exceed = 2 * stats.skellam.sf(t, variance / 2, variance / 2) * 100
         assert exceed <= 1e-6
-        assert 2 * stats.skellam.sf(t / 2, variance / 2, variance / 2) * 100 > 1e-6, "the bound should not be loose by 2x"
+        assert 2 * stats.skellam.sf(t / 2, variance / 2, variance / 2) * 100 > 1e-6, (
+            "the bound should not be loose by 2x"
+        )
 
 
 @pytest.mark.parametrize("mean", [0.4, 6.0, 12.0, 75.0, 2500.0])

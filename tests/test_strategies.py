@@ -73,7 +73,9 @@ def test_an_aggregate_computed_in_float64_keeps_the_models_dtypes() -> None:
 
 def test_validation_samples_the_training_share_of_sites_unless_told_otherwise() -> None:
     by_default = build_strategy(RunConfig(aggregation=AggregationConfig(fraction_train=0.05)), num_sites=1000)
-    set_apart = build_strategy(RunConfig(aggregation=AggregationConfig(fraction_train=0.05, fraction_evaluate=0.2)), num_sites=1000)
+    set_apart = build_strategy(
+        RunConfig(aggregation=AggregationConfig(fraction_train=0.05, fraction_evaluate=0.2)), num_sites=1000
+    )
     assert (by_default.fraction_evaluate, set_apart.fraction_evaluate) == (0.05, 0.2)
 
 

@@ -69,7 +69,9 @@ def _command_paths(command: click.Command, path: tuple[str, ...] = ()) -> list[t
     return paths
 
 
-HELP = {" ".join(("cohort", *path, "--help")): [*path, "--help"] for path in _command_paths(typer.main.get_command(app))}
+HELP = {
+    " ".join(("cohort", *path, "--help")): [*path, "--help"] for path in _command_paths(typer.main.get_command(app))
+}
 
 
 def _ledger(state_dir: Path) -> Path:
@@ -79,7 +81,11 @@ def _ledger(state_dir: Path) -> Path:
     spent = PrivacyState(1.2, 0.25, "rdp", ((1.2, 0.25, 8),)).epsilon(1e-5)
     for round_, steps in ((1, 4), (2, 8)):
         spender = Spender(1, round_, "hospital-with-a-long-name", 1e-5, round(spent * 1.05, 2), "d", "c")
-        ledger.append(LedgerRecord.release(spender, Mechanism.SAMPLE_LEVEL_DP_SGD, Noise(1.2, 0.25, steps=steps, clip_norm=1.0), spent, "rdp", "m"))
+        ledger.append(
+            LedgerRecord.release(
+                spender, Mechanism.SAMPLE_LEVEL_DP_SGD, Noise(1.2, 0.25, steps=steps, clip_norm=1.0), spent, "rdp", "m"
+            )
+        )
     spender = Spender(1, 3, "hospital-with-a-long-name", 1e-5, round(spent * 1.05, 2), "d", "c")
     ledger.append(LedgerRecord.non_private(spender, Mechanism.NONE, 0, 1.0, "rdp", "m"))
     return state_dir
@@ -97,7 +103,15 @@ def _cheap_commands(root: Path) -> dict[str, list[str]]:
     ledger = deep / "state" / "hospital-a"
     run_a, run_b = deep / "runs" / "a", deep / "runs" / "b"
     return {
-        "certs init": ["certs", "init", str(deep / "certs"), "--superlink-host", "coordinator.hospital-net.example", "--ca-passphrase-file", str(root / "passphrase")],
+        "certs init": [
+            "certs",
+            "init",
+            str(deep / "certs"),
+            "--superlink-host",
+            "coordinator.hospital-net.example",
+            "--ca-passphrase-file",
+            str(root / "passphrase"),
+        ],
         "certs site": ["certs", "site", str(deep / "site-certs"), "hospital-a"],
         "site init": ["site", "init", "--state-dir", str(deep / "state" / "hospital-b")],
         "audit": ["audit", str(ledger), "--out", str(root / "audit")],
@@ -111,19 +125,59 @@ def _cheap_commands(root: Path) -> dict[str, list[str]]:
         "run, unknown setting": ["run", "hospitals", "--set", "min-site=2"],
         "run, no connection": ["run", "hospitals", "--set", "rounds=2"],
         "service superlink": [
-            "service", "superlink", str(root / "cohort-superlink.service"), "--user", "cohort-coordinator", "--certs", str(deep / "certs"),
-            "--database", str(deep / "superlink.db"), "--runs-dir", str(deep / "runs"),
+            "service",
+            "superlink",
+            str(root / "cohort-superlink.service"),
+            "--user",
+            "cohort-coordinator",
+            "--certs",
+            str(deep / "certs"),
+            "--database",
+            str(deep / "superlink.db"),
+            "--runs-dir",
+            str(deep / "runs"),
         ],  # fmt: skip
         "service supernode": [
-            "service", "supernode", str(root / "cohort-hospital-a.service"), "--user", "cohort-hospital-a",
-            "--superlink", "coordinator.hospital-net.example:8000", "--ca-cert", str(deep / "ca.crt"),
-            "--auth-key", str(deep / "hospital-a.key"), "--name", "hospital-a", "--data", str(deep / "hospital-a.npz"),
-            "--state-dir", str(deep / "state" / "hospital-a"), "--epsilon", "8", "--delta", "1e-5",
+            "service",
+            "supernode",
+            str(root / "cohort-hospital-a.service"),
+            "--user",
+            "cohort-hospital-a",
+            "--superlink",
+            "coordinator.hospital-net.example:8000",
+            "--ca-cert",
+            str(deep / "ca.crt"),
+            "--auth-key",
+            str(deep / "hospital-a.key"),
+            "--name",
+            "hospital-a",
+            "--data",
+            str(deep / "hospital-a.npz"),
+            "--state-dir",
+            str(deep / "state" / "hospital-a"),
+            "--epsilon",
+            "8",
+            "--delta",
+            "1e-5",
         ],  # fmt: skip
         "supernode, missing data": [
-            "supernode", "--superlink", "coordinator.hospital-net.example:8000", "--ca-cert", str(deep / "ca.crt"),
-            "--auth-key", str(deep / "hospital-a.key"), "--name", "hospital-a", "--data", str(deep / "hospital-a.npz"),
-            "--state-dir", str(deep / "state" / "hospital-a"), "--epsilon", "8", "--delta", "1e-5",
+            "supernode",
+            "--superlink",
+            "coordinator.hospital-net.example:8000",
+            "--ca-cert",
+            str(deep / "ca.crt"),
+            "--auth-key",
+            str(deep / "hospital-a.key"),
+            "--name",
+            "hospital-a",
+            "--data",
+            str(deep / "hospital-a.npz"),
+            "--state-dir",
+            str(deep / "state" / "hospital-a"),
+            "--epsilon",
+            "8",
+            "--delta",
+            "1e-5",
         ],  # fmt: skip
     }
 

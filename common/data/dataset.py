@@ -67,9 +67,7 @@ def to_labeled_images(raw_images: np.ndarray, raw_labels: np.ndarray, max_value:
     elif images.ndim == 4:
         images = np.transpose(images, (0, 3, 1, 2))
     else:
-        raise CohortInputError(
-            f"{source}: images have shape {raw_images.shape}; expected (N, H, W) or (N, H, W, C)"
-        )
+        raise CohortInputError(f"{source}: images have shape {raw_images.shape}; expected (N, H, W) or (N, H, W, C)")
     labels = np.asarray(raw_labels).reshape(len(raw_labels), -1)
     if labels.shape[1] != 1:
         raise CohortInputError(f"{source}: labels have shape {raw_labels.shape}; expected one class id per image")

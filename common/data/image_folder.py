@@ -24,7 +24,12 @@ def load_image_folder(path: Path) -> DatasetSplits:
     from PIL import Image, UnidentifiedImageError
 
     classes = sorted(child for child in path.iterdir() if child.is_dir())
-    files = [(f, label) for label, folder in enumerate(classes) for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    files = [
+        (f, label)
+        for label, folder in enumerate(classes)
+        for f in sorted(folder.iterdir())
+        if f.suffix.lower() in IMAGE_SUFFIXES
+    ]
     if not files:
         raise CohortInputError(f"{path}: no images found; put them in one subfolder per class (e.g. {path}/cat/1.png)")
     try:

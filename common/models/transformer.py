@@ -91,7 +91,11 @@ class PatchTransformer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         batch = images.shape[0]
-        patches = nn.functional.unfold(images, kernel_size=self.patch_size, stride=self.patch_size).transpose(1, 2).contiguous()
+        patches = (
+            nn.functional.unfold(images, kernel_size=self.patch_size, stride=self.patch_size)
+            .transpose(1, 2)
+            .contiguous()
+        )
         tokens = self.patch_embedding(patches)
         class_token = self.class_token(torch.zeros(batch, 1, dtype=torch.long, device=images.device))
         encoded = self.encoder(torch.cat([class_token, tokens], dim=1))
@@ -101,7 +105,9 @@ class PatchTransformer(nn.Module):
 class TokenTransformer(nn.Module):
     """The same encoder over token ids: embedding, encoder, mean-pooled classification."""
 
-    def __init__(self, vocab_size: int, max_length: int, num_classes: int, dim: int = 64, depth: int = 2, heads: int = 4) -> None:
+    def __init__(
+        self, vocab_size: int, max_length: int, num_classes: int, dim: int = 64, depth: int = 2, heads: int = 4
+    ) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, dim)
         self.encoder = TransformerEncoder(dim, depth, heads, max_length=max_length)

@@ -43,12 +43,18 @@ class StandardizedConv2d(nn.Conv2d):
 
 
 @register_grad_sampler(StandardizedConv2d)
-def standardized_conv_grad_sample(layer: StandardizedConv2d, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+def standardized_conv_grad_sample(
+    layer: StandardizedConv2d, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
     inputs = activations[0].to(backprops.dtype)
     batch = len(inputs)
     if batch == 0:  # as Opacus' own rule for nn.Conv2d answers an empty batch
-        return {p: torch.zeros_like(p).unsqueeze(0) for p in (layer.weight, layer.bias) if p is not None and p.requires_grad}
-    columns = unfold2d(inputs, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride, dilation=layer.dilation)
+        return {
+            p: torch.zeros_like(p).unsqueeze(0) for p in (layer.weight, layer.bias) if p is not None and p.requires_grad
+        }
+    columns = unfold2d(
+        inputs, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride, dilation=layer.dilation
+    )
     backprops = backprops.reshape(batch, layer.out_channels, -1)
     samples: dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight.requires_grad:
@@ -58,7 +64,9 @@ def standardized_conv_grad_sample(layer: StandardizedConv2d, activations: list[t
         flat = layer.weight.detach().reshape(layer.out_channels, -1)
         scale = torch.sqrt(flat.var(dim=1, unbiased=False, keepdim=True) + EPSILON)
         standard = (flat - flat.mean(dim=1, keepdim=True)) / scale
-        grads = (grads - grads.mean(dim=2, keepdim=True) - standard * (grads * standard).mean(dim=2, keepdim=True)) / scale
+        grads = (
+            grads - grads.mean(dim=2, keepdim=True) - standard * (grads * standard).mean(dim=2, keepdim=True)
+        ) / scale
         samples[layer.weight] = grads.reshape(batch, *layer.weight.shape)
     if layer.bias is not None and layer.bias.requires_grad:
         samples[layer.bias] = backprops.sum(dim=2)

@@ -61,7 +61,12 @@ class PrivacyState:
 
     def with_steps(self, steps: int) -> PrivacyState:
         """This state after `steps` more steps at its own sigma and q (not yet taken)."""
-        return PrivacyState(self.noise_multiplier, self.sample_rate, self.accountant, self.history + ((self.noise_multiplier, self.sample_rate, steps),))
+        return PrivacyState(
+            self.noise_multiplier,
+            self.sample_rate,
+            self.accountant,
+            self.history + ((self.noise_multiplier, self.sample_rate, steps),),
+        )
 
     def after(self, accountant: IAccountant) -> PrivacyState:
         """This state with the history a round's accountant ended with."""
@@ -87,7 +92,21 @@ def _epsilon(accountant: str, history: tuple[HistoryEntry, ...], delta: float) -
     """Remembered, because the sites of a simulation compose the same (sigma, q, steps)
     over and over (a thousand IID sites plan the same rounds), and the accountant's
     arithmetic is the costliest part of planning one."""
-    return float(restore_accountant(PrivacyState(1.0, 1.0, accountant, history)).get_epsilon(delta=delta))
+    try:
+        return float(restore_accountant(PrivacyState(1.0, 1.0, accountant, history)).get_epsilon(delta=delta))
+    except ValueError:  # Opacus' gdp solves for epsilon within [0, 500] only
+        if accountant in CONSTANT_NOISE_ACCOUNTANTS:
+            return float("inf")
+        raise
+
+
+def composing_accountants(names: tuple[str, ...], mechanisms: int) -> tuple[str, ...]:
+    """The accountants among `names` that can compose a history of `mechanisms` distinct
+    (sigma, q): a site that enforces gdp beside rdp or prv keeps the others' bound (valid
+    for any history) once gdp cannot compose its history. All of `names` when none can,
+    so that the first one's error names the problem."""
+    able = tuple(name for name in names if name not in CONSTANT_NOISE_ACCOUNTANTS or mechanisms <= 1)
+    return able or names
 
 
 def merged_history(history: tuple[HistoryEntry, ...]) -> tuple[HistoryEntry, ...]:
@@ -131,7 +150,9 @@ def derive_noise_multiplier(
     return smallest_noise_multiplier(epsilon_at, target_epsilon, exhausted)
 
 
-def smallest_noise_multiplier(epsilon_at: Callable[[float], float], target_epsilon: float, exhausted: Callable[[], CohortInputError]) -> float:
+def smallest_noise_multiplier(
+    epsilon_at: Callable[[float], float], target_epsilon: float, exhausted: Callable[[], CohortInputError]
+) -> float:
     """The smallest sigma (within 1% of epsilon) with epsilon_at(sigma) <= target_epsilon:
     doubling from 1 until within, then bisecting. `exhausted` is raised when no sigma up
     to _MAX_NOISE_MULTIPLIER is."""

@@ -23,8 +23,8 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from enum import StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from cryptography.exceptions import InvalidSignature
@@ -52,6 +52,7 @@ class Sampling(StrEnum):
 
     POISSON = "poisson"
     NONE = "none"  # q = 1: no amplification by sampling claimed
+
 
 LEDGER_FILE = "privacy_ledger.jsonl"
 HEAD_FILE = "privacy_ledger.head.json"
@@ -130,25 +131,65 @@ class LedgerRecord:
     coordinator: str = ""
 
     @classmethod
-    def release(cls, spender: Spender, mechanism: Mechanism, noise: Noise, epsilon: float, accountant: str, model_hash: str, mechanism_details: str = "") -> LedgerRecord:
+    def release(
+        cls,
+        spender: Spender,
+        mechanism: Mechanism,
+        noise: Noise,
+        epsilon: float,
+        accountant: str,
+        model_hash: str,
+        mechanism_details: str = "",
+    ) -> LedgerRecord:
         """A DP release: `noise` protected the model with hash `model_hash`, and the
         spender's epsilon under `accountant` stands at `epsilon` after it."""
-        return dataclasses.replace(cls._of(RecordKind.RELEASE, spender, mechanism, noise, epsilon, accountant, model_hash), mechanism_details=mechanism_details)
+        return dataclasses.replace(
+            cls._of(RecordKind.RELEASE, spender, mechanism, noise, epsilon, accountant, model_hash),
+            mechanism_details=mechanism_details,
+        )
 
     @classmethod
-    def non_private(cls, spender: Spender, mechanism: Mechanism, steps: int, clip_norm: float, accountant: str, model_hash: str) -> LedgerRecord:
+    def non_private(
+        cls, spender: Spender, mechanism: Mechanism, steps: int, clip_norm: float, accountant: str, model_hash: str
+    ) -> LedgerRecord:
         """Training without noise of the spender's own (its policy allowed it): no guarantee
         of its own, whatever `mechanism` may add after it."""
-        return cls._of(RecordKind.NON_PRIVATE, spender, mechanism, Noise(steps=steps, clip_norm=clip_norm), 0.0, accountant, model_hash)
+        return cls._of(
+            RecordKind.NON_PRIVATE,
+            spender,
+            mechanism,
+            Noise(steps=steps, clip_norm=clip_norm),
+            0.0,
+            accountant,
+            model_hash,
+        )
 
     @classmethod
-    def refusal(cls, spender: Spender, reason: str, epsilon: float, accountant: str, mechanism: str = "", noise: Noise | None = None) -> LedgerRecord:
+    def refusal(
+        cls,
+        spender: Spender,
+        reason: str,
+        epsilon: float,
+        accountant: str,
+        mechanism: str = "",
+        noise: Noise | None = None,
+    ) -> LedgerRecord:
         """A round the spender declined, and why; `epsilon`: what it had spent, and `noise`
         what the round would have applied, when it knew."""
         return cls._of(RecordKind.REFUSAL, spender, mechanism, noise or Noise(), epsilon, accountant, "", reason)
 
     @classmethod
-    def _of(cls, kind: RecordKind, spender: Spender, mechanism: str, noise: Noise, epsilon: float, accountant: str, model_hash: str, reason: str = "") -> LedgerRecord:
+    def _of(
+        cls,
+        kind: RecordKind,
+        spender: Spender,
+        mechanism: str,
+        noise: Noise,
+        epsilon: float,
+        accountant: str,
+        model_hash: str,
+        reason: str = "",
+    ) -> LedgerRecord:
         return cls(
             kind=kind,
             run_id=spender.run_id,
@@ -233,21 +274,30 @@ class LedgerEntry:
     signature: str
 
     def signed_payload(self) -> bytes:
-        return _canonical({"sequence": self.sequence, "previous_hash": self.previous_hash, "record": record_json(self.record)})
+        return _canonical(
+            {"sequence": self.sequence, "previous_hash": self.previous_hash, "record": record_json(self.record)}
+        )
 
     def entry_hash(self) -> str:
         return hashlib.sha256(self.signed_payload()).hexdigest()
 
     def to_json(self) -> str:
         return json.dumps(
-            {"sequence": self.sequence, "previous_hash": self.previous_hash, "record": record_json(self.record), "signature": self.signature},
+            {
+                "sequence": self.sequence,
+                "previous_hash": self.previous_hash,
+                "record": record_json(self.record),
+                "signature": self.signature,
+            },
             sort_keys=True,
         )
 
     @classmethod
     def from_json(cls, text: str) -> LedgerEntry:
         data = json.loads(text)
-        return cls(int(data["sequence"]), str(data["previous_hash"]), LedgerRecord(**data["record"]), str(data["signature"]))
+        return cls(
+            int(data["sequence"]), str(data["previous_hash"]), LedgerRecord(**data["record"]), str(data["signature"])
+        )
 
 
 class LedgerBroken(CohortInputError):
@@ -323,7 +373,9 @@ class SiteLedger:
         entries = read_entries(self.path)
         broken = verify_chain(entries, self._key.public_key())
         if broken is not None:
-            raise LedgerBroken(f"site ledger {self.path} is broken: {broken}; restore it from backup before adopting it")
+            raise LedgerBroken(
+                f"site ledger {self.path} is broken: {broken}; restore it from backup before adopting it"
+            )
         write_head(self.head_path, LedgerHead(len(entries), entries[-1].entry_hash() if entries else GENESIS_HASH))
         return len(entries)
 
@@ -383,7 +435,9 @@ def read_entries(path: Path) -> list[LedgerEntry]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise CohortInputError(f"ledger {path} does not exist; give a run directory or a site's privacy_ledger.jsonl") from None
+        raise CohortInputError(
+            f"ledger {path} does not exist; give a run directory or a site's privacy_ledger.jsonl"
+        ) from None
     entries = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -391,7 +445,9 @@ def read_entries(path: Path) -> list[LedgerEntry]:
         try:
             entries.append(LedgerEntry.from_json(line))
         except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise CohortInputError(f"{path}: record {number} is not a ledger record ({type(error).__name__}); the file is truncated or edited") from None
+            raise CohortInputError(
+                f"{path}: record {number} is not a ledger record ({type(error).__name__}); the file is truncated or edited"
+            ) from None
     return entries
 
 
@@ -407,7 +463,9 @@ def verify_chain(entries: list[LedgerEntry], public_key: Ed25519PublicKey) -> st
     for position, entry in enumerate(entries):
         label = f"record {position + 1} (round {entry.record.round}, run {entry.record.run_id})"
         if entry.sequence != position:
-            return f"{label} has sequence number {entry.sequence}, expected {position}: a record was removed or reordered"
+            return (
+                f"{label} has sequence number {entry.sequence}, expected {position}: a record was removed or reordered"
+            )
         if entry.previous_hash != previous:
             return f"{label} does not link to the record before it: a record was removed, reordered or edited"
         if not verify_signature(entry, public_key):
@@ -428,7 +486,9 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     try:
         key = serialization.load_pem_public_key(path.read_bytes())
     except FileNotFoundError:
-        raise CohortInputError(f"public key {path} does not exist; sites export it as {PUBLIC_KEY_FILE} in their state directory") from None
+        raise CohortInputError(
+            f"public key {path} does not exist; sites export it as {PUBLIC_KEY_FILE} in their state directory"
+        ) from None
     except ValueError:
         raise CohortInputError(f"{path} is not a PEM public key; use the site's {PUBLIC_KEY_FILE}") from None
     if not isinstance(key, Ed25519PublicKey):

@@ -57,8 +57,12 @@ class MechanismSpec:
 
 MECHANISMS: dict[Mechanism, MechanismSpec] = {
     Mechanism.SAMPLE_LEVEL_DP_SGD: MechanismSpec(Mechanism.SAMPLE_LEVEL_DP_SGD, site_noise=True),
-    Mechanism.CLIENT_LEVEL_DP_FEDAVG: MechanismSpec(Mechanism.CLIENT_LEVEL_DP_FEDAVG, server_noise=True, equal_shares=True),
-    Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM: MechanismSpec(Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM, distributed_noise=True, equal_shares=True),
+    Mechanism.CLIENT_LEVEL_DP_FEDAVG: MechanismSpec(
+        Mechanism.CLIENT_LEVEL_DP_FEDAVG, server_noise=True, equal_shares=True
+    ),
+    Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM: MechanismSpec(
+        Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM, distributed_noise=True, equal_shares=True
+    ),
     Mechanism.NONE: MechanismSpec(Mechanism.NONE),
 }
 

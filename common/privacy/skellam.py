@@ -57,7 +57,11 @@ class SkellamRelease:
     def details(self, sites: Iterable[str]) -> str:
         """The release as a ledger record's mechanism_details (canonical JSON), with the
         sites whose inputs and noise it holds."""
-        figures = {"variance": self.variance, "l2_sensitivity": self.l2_sensitivity, "l1_sensitivity": self.l1_sensitivity}
+        figures = {
+            "variance": self.variance,
+            "l2_sensitivity": self.l2_sensitivity,
+            "l1_sensitivity": self.l1_sensitivity,
+        }
         return json.dumps({**figures, "sites": sorted(sites)}, sort_keys=True)
 
     @classmethod
@@ -77,7 +81,9 @@ def rdp_bound(orders: np.ndarray, variance: float, l2_sensitivity: float, l1_sen
 
 def epsilon(releases: Iterable[SkellamRelease], delta: float) -> float:
     """(epsilon, delta) of the composition of `releases`."""
-    from opacus.accountants.analysis.rdp import get_privacy_spent  # here: Opacus loads PyTorch, which a site's key stages do without
+    from opacus.accountants.analysis.rdp import (
+        get_privacy_spent,
+    )  # here: Opacus loads PyTorch, which a site's key stages do without
 
     total = sum((release.rdp() for release in releases), start=np.zeros_like(ORDERS))
     if not total.any():
@@ -96,17 +102,23 @@ def rounded_sensitivity(clip_norm: float, scale: float, dimension: int) -> tuple
     return l2, l2 * math.sqrt(dimension)
 
 
-def variance_for_budget(target_epsilon: float, delta: float, releases: int, l2_sensitivity: float, l1_sensitivity: float) -> float:
+def variance_for_budget(
+    target_epsilon: float, delta: float, releases: int, l2_sensitivity: float, l1_sensitivity: float
+) -> float:
     """The smallest noise variance (within 1% of epsilon) whose `releases` releases stay
     within `target_epsilon`: the bisection Cohort's Gaussian noise uses, over sigma =
     sqrt(variance) / D2, with every epsilon from `epsilon`."""
     from common.privacy.accounting import smallest_noise_multiplier  # here: it loads PyTorch, as `epsilon` does
 
     def epsilon_at(sigma: float) -> float:
-        return epsilon([SkellamRelease((sigma * l2_sensitivity) ** 2, l2_sensitivity, l1_sensitivity)] * releases, delta)
+        return epsilon(
+            [SkellamRelease((sigma * l2_sensitivity) ** 2, l2_sensitivity, l1_sensitivity)] * releases, delta
+        )
 
     def exhausted() -> CohortInputError:
-        return CohortInputError(f"no noise keeps {releases} releases within epsilon {target_epsilon:g} at delta {delta:g}; raise client-epsilon or run fewer rounds")
+        return CohortInputError(
+            f"no noise keeps {releases} releases within epsilon {target_epsilon:g} at delta {delta:g}; raise client-epsilon or run fewer rounds"
+        )
 
     return (smallest_noise_multiplier(epsilon_at, target_epsilon, exhausted) * l2_sensitivity) ** 2
 

@@ -50,7 +50,9 @@ def agreed_key(private_key: bytes, peer_public_key: bytes, purpose: bytes, run_i
 
     Raises ValueError for a peer key that is not a valid X25519 point (cryptography refuses
     a low-order point, whose shared secret would be all zeros)."""
-    shared = X25519PrivateKey.from_private_bytes(private_key).exchange(X25519PublicKey.from_public_bytes(peer_public_key))
+    shared = X25519PrivateKey.from_private_bytes(private_key).exchange(
+        X25519PublicKey.from_public_bytes(peer_public_key)
+    )
     info = purpose + struct.pack(">QQ", run_id, server_round)
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(shared)
 

@@ -52,7 +52,9 @@ class AdvertiseKeys:
     parameters: SecAggParameters
 
     def to_record(self) -> ConfigRecord:
-        return ConfigRecord({_STAGE: str(Stage.ADVERTISE_KEYS), _ROUND: self.server_round, **self.parameters.to_record()})
+        return ConfigRecord(
+            {_STAGE: str(Stage.ADVERTISE_KEYS), _ROUND: self.server_round, **self.parameters.to_record()}
+        )
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> AdvertiseKeys:
@@ -125,14 +127,24 @@ class EncryptedShares:
     seed_commitment: bytes
 
     def to_record(self) -> ConfigRecord:
-        return ConfigRecord({"receivers": list(self.receivers), "ciphertexts": list(self.ciphertexts), "seed-commitment": self.seed_commitment})
+        return ConfigRecord(
+            {
+                "receivers": list(self.receivers),
+                "ciphertexts": list(self.ciphertexts),
+                "seed-commitment": self.seed_commitment,
+            }
+        )
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> EncryptedShares:
         receivers = _ints(record, "receivers")
         if len(set(receivers)) != len(receivers):
             raise ProtocolViolation("addresses two ciphertexts to one site")
-        return cls(receivers, _bytes_list(record, "ciphertexts", None, len(receivers)), _bytes(record, "seed-commitment", COMMITMENT_BYTES))
+        return cls(
+            receivers,
+            _bytes_list(record, "ciphertexts", None, len(receivers)),
+            _bytes(record, "seed-commitment", COMMITMENT_BYTES),
+        )
 
 
 @dataclass(frozen=True)
@@ -145,7 +157,14 @@ class ForwardedShares:
     ciphertexts: tuple[bytes, ...]
 
     def to_record(self) -> ConfigRecord:
-        return ConfigRecord({_STAGE: str(Stage.MASKED_INPUT), _ROUND: self.server_round, "senders": list(self.senders), "ciphertexts": list(self.ciphertexts)})
+        return ConfigRecord(
+            {
+                _STAGE: str(Stage.MASKED_INPUT),
+                _ROUND: self.server_round,
+                "senders": list(self.senders),
+                "ciphertexts": list(self.ciphertexts),
+            }
+        )
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> ForwardedShares:
@@ -165,7 +184,14 @@ class Unmask:
     dropped: tuple[int, ...]
 
     def to_record(self) -> ConfigRecord:
-        return ConfigRecord({_STAGE: str(Stage.UNMASK), _ROUND: self.server_round, "survivors": list(self.survivors), "dropped": list(self.dropped)})
+        return ConfigRecord(
+            {
+                _STAGE: str(Stage.UNMASK),
+                _ROUND: self.server_round,
+                "survivors": list(self.survivors),
+                "dropped": list(self.dropped),
+            }
+        )
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> Unmask:
@@ -239,6 +265,10 @@ def _bytes(record: ConfigRecord, key: str, length: int) -> bytes:
 
 def _bytes_list(record: ConfigRecord, key: str, length: int | None, count: int) -> tuple[bytes, ...]:
     value: Any = record.get(key)
-    if not isinstance(value, list) or len(value) != count or any(not isinstance(v, bytes) or (length is not None and len(v) != length) for v in value):
+    if (
+        not isinstance(value, list)
+        or len(value) != count
+        or any(not isinstance(v, bytes) or (length is not None and len(v) != length) for v in value)
+    ):
         raise ProtocolViolation(f"has no list of {count} byte strings '{key}'")
     return tuple(value)

@@ -16,7 +16,12 @@ def dimension(global_arrays: ArrayRecord) -> int:
 
 def update_vector(trained: ArrayRecord, global_arrays: ArrayRecord) -> np.ndarray:
     """(trained - global), flat."""
-    return np.concatenate([(trained[name].numpy().astype(np.float64) - array.numpy().astype(np.float64)).ravel() for name, array in global_arrays.items()])
+    return np.concatenate(
+        [
+            (trained[name].numpy().astype(np.float64) - array.numpy().astype(np.float64)).ravel()
+            for name, array in global_arrays.items()
+        ]
+    )
 
 
 def plus_vector(global_arrays: ArrayRecord, vector: np.ndarray) -> ArrayRecord:
@@ -24,6 +29,8 @@ def plus_vector(global_arrays: ArrayRecord, vector: np.ndarray) -> ArrayRecord:
     arrays, start = {}, 0
     for name, array in global_arrays.items():
         values = array.numpy()
-        arrays[name] = Array((values.astype(np.float64) + vector[start : start + values.size].reshape(values.shape)).astype(values.dtype))
+        arrays[name] = Array(
+            (values.astype(np.float64) + vector[start : start + values.size].reshape(values.shape)).astype(values.dtype)
+        )
         start += values.size
     return ArrayRecord(arrays)

@@ -97,9 +97,13 @@ class SecAggParameters:
                 f"of a site's shares and at most {k + 1}: use {(k + 1) // 2 + 1} to {k + 1}"
             )
         if not 2 <= self.min_contributions <= n:
-            raise CohortInputError(f"a round must be unmasked with 2 to {n} sites' inputs, not {self.min_contributions}; lower secure-aggregation-dropout")
+            raise CohortInputError(
+                f"a round must be unmasked with 2 to {n} sites' inputs, not {self.min_contributions}; lower secure-aggregation-dropout"
+            )
         if not self.clip_norm > 0 or not math.isfinite(self.clip_norm):
-            raise CohortInputError(f"the secure aggregation clip norm is {self.clip_norm}; it must be a positive number")
+            raise CohortInputError(
+                f"the secure aggregation clip norm is {self.clip_norm}; it must be a positive number"
+            )
         if self.dimension < 1:
             raise CohortInputError(f"the model has {self.dimension} parameters; secure aggregation needs at least one")
         if not self.noise_variance >= 0 or not math.isfinite(self.noise_variance):

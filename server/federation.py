@@ -191,13 +191,18 @@ class Federation:
         return max(1, min(self.run.aggregation.min_sites, len(list(self.grid.get_node_ids()))))
 
     def _too_few_sites(self, state: FederationState) -> str | None:
-        remaining = [node for node in self.grid.get_node_ids() if node not in state.refused_nodes]
-        if len(remaining) >= self.run.aggregation.min_sites:
+        remaining = len([node for node in self.grid.get_node_ids() if node not in state.refused_nodes])
+        problem = (
+            f"{remaining} site(s) can still train, fewer than min-sites={self.run.aggregation.min_sites}"
+            if remaining < self.run.aggregation.min_sites
+            else self.collect.too_few(remaining)
+        )
+        if problem is None:
             return None
         reasons = [
             state.refusal_reasons.get(name, f"{name} refused") for name in sorted(set(state.refused_nodes.values()))
         ]
-        return f"{len(remaining)} site(s) can still train, fewer than min-sites={self.run.aggregation.min_sites}; refused: {'; '.join(reasons)}"
+        return f"{problem}; refused: {'; '.join(reasons) or 'none'}"
 
     def _too_few_updates(self, server_round: int, contributions: Contributions, report: RoundReport) -> str:
         lost = [f"{r.site} ({r.reason})" for r in report.rejected] + [f"{f.site} ({f.reason})" for f in report.failures]

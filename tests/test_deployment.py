@@ -36,6 +36,7 @@ from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_messa
 from common.privacy.ledger import (
     LEDGER_FILE,
     LedgerEntry,
+    LedgerRecord,
     load_public_key,
     read_entries,
     verify_chain,
@@ -277,7 +278,9 @@ def _submit(deployment: Deployment, run_dir: str, rounds: int, *settings: str, t
 
 @pytest.fixture(scope="module")
 def finished_run(deployment: Deployment) -> dict:
-    return _submit(deployment, "run", ROUNDS)
+    """The first study on every site's data, each site with its default policy (a study may
+    have a quarter of the site's budget: hospital-c's is exactly 1): it asks epsilon 1."""
+    return _submit(deployment, "run", ROUNDS, "study-epsilon=1.0")
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +308,27 @@ def test_every_site_ledger_records_each_round_within_its_own_budget(deployment: 
         assert verify_chain(entries, load_public_key(state / "ledger_key.pub.pem")) is None
         assert [(e.record.kind, e.record.round) for e in entries] == [("release", r) for r in range(1, ROUNDS + 1)]
         assert all(e.record.budget_epsilon == budget and 0 < e.record.epsilon <= budget for e in entries)
+
+
+def _run_records(deployment: Deployment, site: str, run_id: int) -> list[LedgerRecord]:
+    return [e.record for e in read_entries(deployment.root / "state" / site / LEDGER_FILE) if e.record.run_id == run_id]
+
+
+def test_a_study_asking_epsilon_1_is_granted_by_every_site_and_spends_at_most_that(
+    deployment: Deployment, finished_run: dict
+) -> None:
+    for site in SITES:
+        releases = _run_records(deployment, site, int(finished_run["run-id"]))
+        assert [(r.kind, r.study_epsilon) for r in releases] == [("release", 1.0)] * ROUNDS
+        assert 0 < releases[-1].epsilon <= 1.0, "the site's first study"
+
+
+def test_a_sites_ledger_names_the_code_the_model_and_the_coordinator_of_each_study(
+    deployment: Deployment, finished_run: dict
+) -> None:
+    for site in SITES:
+        for release in _run_records(deployment, site, int(finished_run["run-id"])):
+            assert len(release.fab_hash) == 64 and release.model == "cnn" and release.coordinator == deployment.address
 
 
 def test_a_securely_aggregated_run_completes_and_every_ledger_verifies(
@@ -514,11 +538,11 @@ class KilledSiteRun:
 
 @pytest.fixture(scope="module")
 def run_with_a_site_killed_mid_round(deployment: Deployment, finished_run: dict) -> KilledSiteRun:
-    """Three rounds with min-sites=2; hospital-c's SuperNode and everything under it are
-    killed while its flwr-clientapp answers round 1's training message (after it answered
-    the study's ask), then `cohort
-    supernode` is started again with the same key, state and data once the SuperLink
-    holds it offline."""
+    """A study that asks for all each site will grant (the default), over three rounds with
+    min-sites=2; hospital-c's SuperNode and everything under it are killed while its
+    flwr-clientapp answers round 1's training message (after it answered the study's ask),
+    then `cohort supernode` is started again with the same key, state and data once the
+    SuperLink holds it offline."""
     (site_process,) = [p for p in deployment.processes if KILLED_SITE in p.args and "supernode" in p.args]
     ledger = deployment.root / "state" / KILLED_SITE / LEDGER_FILE
     entries_before = len(read_entries(ledger))
@@ -665,90 +689,73 @@ def test_flower_records_a_study_every_site_refused_as_failed_with_the_reason(
     assert run["status"] == "finished:failed" and "stopped after round 1" in run["status-details"], run
 
 
-# Three studies after every run above, each site with its default policy (a study may have
-# a quarter of the site's budget): the first asks epsilon 1, the second 5 (more than any
-# site grants), the third all that each site will grant (hospital-c: exactly what it has left).
-STUDIES = {"study-1": "1.0", "study-2": "5.0", "study-3": "0"}
+def test_a_study_asking_what_each_site_grants_is_granted_what_is_left_up_to_the_sites_cap(
+    deployment: Deployment, run_with_a_site_killed_mid_round: KilledSiteRun
+) -> None:
+    killed = run_with_a_site_killed_mid_round
+    for site, budget in SITES.items():
+        releases = [r for r in _run_records(deployment, site, killed.run_id) if r.kind == "release"]
+        before = [e.record for e in read_entries(deployment.root / "state" / site / LEDGER_FILE)]
+        spent = max(
+            r.epsilon
+            for r in before
+            if r.kind == "release" and r.run_id != killed.run_id and r.timestamp < releases[0].timestamp
+        )
+        assert all(r.study_epsilon == pytest.approx(min(budget / 4, budget - spent), abs=1e-6) for r in releases)
+        assert spent < releases[-1].epsilon <= spent + releases[-1].study_epsilon + 1e-9
 
 
 @pytest.fixture(scope="module")
-def studies(
-    deployment: Deployment,
-    run_with_a_site_killed_mid_round: KilledSiteRun,
-    study_every_site_refused: subprocess.CompletedProcess[str],
-) -> dict[str, subprocess.CompletedProcess[str]]:
-    results = {}
-    for name, asked in STUDIES.items():
-        settings = [
-            "rounds=1", f"dataset={deployment.root / 'data' / 'coordinator.npz'}", f"run-dir={deployment.root / name}",
-            "min-sites=2", "batch-size=32", f"study-epsilon={asked}",
-        ]  # fmt: skip
-        results[name] = deployment.run("coordinator", commands.cohort_run_command(CONNECTION, settings), timeout=600)
-        (deployment.root / "logs" / f"cohort-run-{name}.log").write_text(results[name].stdout + results[name].stderr)
-    return results
+def study_no_site_grants(
+    deployment: Deployment, run_with_a_site_killed_mid_round: KilledSiteRun
+) -> subprocess.CompletedProcess[str]:
+    """`cohort run` of a study that asks epsilon 5, more than any site's per-study cap
+    (a quarter of 8, 6 and 4), once every site is online again."""
+    settings = [
+        "rounds=1", f"dataset={deployment.root / 'data' / 'coordinator.npz'}",
+        f"run-dir={deployment.root / 'run-study-refused'}", "min-sites=2", "batch-size=32", "study-epsilon=5.0",
+    ]  # fmt: skip
+    result = deployment.run("coordinator", commands.cohort_run_command(CONNECTION, settings), timeout=600)
+    (deployment.root / "logs" / "cohort-run-study-refused.log").write_text(result.stdout + result.stderr)
+    return result
 
 
-def _study_records(deployment: Deployment, site: str, result: subprocess.CompletedProcess[str]) -> list:
-    run_id = re.search(r"run (\d+)", result.stdout + result.stderr)
-    assert run_id, result.stdout + result.stderr
-    return [
-        e.record
-        for e in read_entries(deployment.root / "state" / site / LEDGER_FILE)
-        if e.record.run_id == int(run_id.group(1))
-    ]
-
-
-def test_a_study_asking_epsilon_1_is_granted_by_every_site_and_spends_at_most_that(
-    deployment: Deployment, studies: dict
-) -> None:
-    assert studies["study-1"].returncode == 0, studies["study-1"].stdout + studies["study-1"].stderr
-    for site in SITES:
-        (release,) = _study_records(deployment, site, studies["study-1"])
-        earlier = [
-            e.record
-            for e in read_entries(deployment.root / "state" / site / LEDGER_FILE)
-            if e.record.kind == "release" and e.record.timestamp < release.timestamp
-        ]
-        assert release.kind == "release" and release.study_epsilon == 1.0 and release.coordinator == deployment.address
-        assert len(release.fab_hash) == 64 and release.model == "cnn"
-        assert 0 < release.epsilon - earlier[-1].epsilon <= 1.0
+def _run_id(result: subprocess.CompletedProcess[str]) -> int:
+    found = re.search(r"run (\d+)", result.stdout + result.stderr)
+    assert found, result.stdout + result.stderr
+    return int(found.group(1))
 
 
 def test_a_study_asking_more_than_any_site_grants_is_refused_by_all_before_round_1_with_the_reason(
-    deployment: Deployment, studies: dict
+    study_no_site_grants: subprocess.CompletedProcess[str],
 ) -> None:
-    result = studies["study-2"]
+    result = study_no_site_grants
     message = " ".join(result.stderr.split())
     assert result.returncode == 1 and "stopped before round 1" in message, result.stdout + result.stderr
+    assert "round   1/" not in result.stdout, result.stdout
     for site in SITES:
-        assert f"site {site} refuses the study: it asks epsilon 5; the site grants at most" in message
-        (refusal,) = _study_records(deployment, site, result)
-        assert (refusal.kind, refusal.round, refusal.dataset_hash) == ("refusal", 0, "")  # before its data was read
+        assert f"site {site} refuses the study: it asks epsilon 5; the site grants at most" in message, message
 
 
-def test_a_study_asking_what_each_site_grants_trains_and_hospital_c_reaches_its_budget(
-    deployment: Deployment, studies: dict
+def test_a_site_records_its_refusal_of_a_study_before_reading_its_data(
+    deployment: Deployment, study_no_site_grants: subprocess.CompletedProcess[str]
 ) -> None:
-    assert studies["study-3"].returncode == 0, studies["study-3"].stdout + studies["study-3"].stderr
-    for site, budget in SITES.items():
-        (release,) = _study_records(deployment, site, studies["study-3"])
-        assert release.kind == "release" and release.study_epsilon == pytest.approx(
-            min(budget / 4, budget - _spent_before(deployment, site, release)), abs=1e-6
-        )
-        assert release.epsilon <= budget
-
-
-def _spent_before(deployment: Deployment, site: str, release) -> float:
-    return max(
-        e.record.epsilon
-        for e in read_entries(deployment.root / "state" / site / LEDGER_FILE)
-        if e.record.kind == "release" and e.record.run_id != release.run_id and e.record.timestamp < release.timestamp
-    )
+    for site in SITES:
+        (refusal,) = _run_records(deployment, site, _run_id(study_no_site_grants))
+        assert (refusal.kind, refusal.round, refusal.dataset_hash) == ("refusal", 0, "")
 
 
 def test_each_sites_audit_lists_the_three_studies_with_their_dates_and_epsilons(
-    deployment: Deployment, studies: dict
+    deployment: Deployment,
+    finished_run: dict,
+    run_with_a_site_killed_mid_round: KilledSiteRun,
+    study_no_site_grants: subprocess.CompletedProcess[str],
 ) -> None:
+    first, refused, third = (
+        int(finished_run["run-id"]),
+        _run_id(study_no_site_grants),
+        run_with_a_site_killed_mid_round.run_id,
+    )
     for site in SITES:
         out = deployment.root / f"audit-{site}"
         result = subprocess.run(
@@ -759,13 +766,11 @@ def test_each_sites_audit_lists_the_three_studies_with_their_dates_and_epsilons(
             env={**offline_flower_env(deployment.home(site)), "COLUMNS": "80"},
         )
         assert result.returncode == 0, result.stderr
-        listed = json.loads((out / "audit.json").read_text())["sites"][site]["studies"]
-        run_ids = [int(re.search(r"run (\d+)", r.stdout + r.stderr).group(1)) for r in studies.values()]
-        assert [s["run_id"] for s in listed][-3:] == run_ids
-        assert [s["epsilon_granted"] for s in listed][-3:-1] == [1.0, None] and all(
-            s["first"] and s["last"] for s in listed
-        )
         (deployment.root / "logs" / f"audit-{site}.txt").write_text(result.stdout)
+        listed = {s["run_id"]: s for s in json.loads((out / "audit.json").read_text())["sites"][site]["studies"]}
+        assert all(listed[run]["first"] and listed[run]["last"] for run in (first, refused, third)), listed
+        assert (listed[first]["epsilon_granted"], listed[refused]["epsilon_granted"]) == (1.0, None)
+        assert listed[third]["epsilon_granted"] > 0 and listed[third]["epsilon_spent"] > 0
 
 
 def test_the_logs_of_cohorts_commands_hold_each_serverapp_line_once_and_no_colour_codes(

@@ -187,6 +187,23 @@ def test_a_site_that_refuses_the_study_at_the_ask_is_in_none_of_the_rounds_secur
     )
 
 
+def test_a_study_too_few_sites_grant_to_unmask_a_round_stops_before_round_1_naming_why(
+    run_federation, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The parameters are sized for all five sites before the study's ask; with two
+    refusing, no round of the remaining three could be unmasked (it needs four)."""
+    home = tmp_path_factory.mktemp("federation")
+    for site in ("site-0", "site-1"):
+        (home / site).mkdir()
+        (home / site / "policy.toml").write_text("study-epsilon = 1.0\n")  # grants at most 1 of its 8
+    run = run_federation(**{"dp": True, "study-epsilon": 2.0, "federation-home": str(home)})
+    assert {exchange_of(m) for m in run.grid.sent} == {"query"}, "asked, then sent nothing"
+    assert run.grid.stopped.startswith(
+        "stopped before round 1: 3 site(s) can still train, fewer than the 4 a securely aggregated round"
+    ), run.grid.stopped
+    assert all(f"site {site} refuses the study: it asks epsilon 2" in run.grid.stopped for site in ("site-0", "site-1"))
+
+
 def test_parameters_that_cannot_hold_the_sum_stop_the_run_before_round_1_with_nothing_sent(run_federation) -> None:
     run = run_federation(**{"secure-aggregation-bits": 8})
     assert run.grid.sent == [] and run.summary().stop_reason == run.grid.stopped

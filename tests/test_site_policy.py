@@ -222,24 +222,34 @@ def test_a_site_refuses_a_study_that_needs_a_smaller_delta_than_it_accounts_at(t
     assert isinstance(reason, str) and "ask for delta 1e-05 or more" in reason
 
 
+def _study_ask() -> Message:
+    """The coordinator's ask before round 1 (server/study_ask.py)."""
+    return Message(
+        content=RecordDict({protocol.CONFIG: ConfigRecord({protocol.CONFIG_ROUND: 0})}),
+        dst_node_id=1,
+        message_type="query",
+    )
+
+
+def _asked_site(tmp_path: Path, epsilon: object) -> dict[str, object]:
+    """A deployed site's node config whose data file does not exist: the ask must not read it."""
+    return {
+        "data-path": str(tmp_path / "not-read.npz"),
+        "state-dir": str(tmp_path / "state"),
+        "epsilon": epsilon,
+        "delta": 1e-5,
+        "site-name": "a",
+    }
+
+
 def test_a_site_answers_the_coordinators_ask_from_its_ledger_before_reading_any_data(
     tmp_path: Path, clientapp_identity: None
 ) -> None:
     from client.app import app
 
     SiteLedger(tmp_path / "state")
-    node_config = {
-        "data-path": str(tmp_path / "not-read.npz"),
-        "state-dir": str(tmp_path / "state"),
-        "epsilon": 4.0,
-        "delta": 1e-5,
-        "site-name": "a",
-    }
-    ask = Message(
-        content=RecordDict({protocol.CONFIG: ConfigRecord({protocol.CONFIG_ROUND: 0})}),
-        dst_node_id=1,
-        message_type="query",
-    )
+    node_config = _asked_site(tmp_path, epsilon=4.0)
+    ask = _study_ask()
     granted = app(
         ask,
         Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(), run_config={"study-epsilon": 1.0}),
@@ -263,18 +273,8 @@ def test_a_site_whose_answer_to_the_ask_fails_replies_with_one_line_of_its_own(
 ) -> None:
     from client.app import app
 
-    node_config = {
-        "data-path": str(tmp_path / "not-read.npz"),
-        "state-dir": str(tmp_path / "state"),
-        "epsilon": "lots",
-        "delta": 1e-5,
-        "site-name": "a",
-    }
-    ask = Message(
-        content=RecordDict({protocol.CONFIG: ConfigRecord({protocol.CONFIG_ROUND: 0})}),
-        dst_node_id=1,
-        message_type="query",
-    )
+    node_config = _asked_site(tmp_path, epsilon="lots")
+    ask = _study_ask()
     reply = app(
         ask,
         Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(), run_config={"study-epsilon": 1.0}),

@@ -84,22 +84,31 @@ def train(msg: Message, context: Context) -> Message:
     return _train(msg, context, run, site, None)
 
 
-def _train(msg: Message, context: Context, run: SiteRunConfig, site: SiteConfig, masker: Masker | None) -> Message:
-    """Train on the global model and reply with the update: in the clear, or masked by
-    `masker` under secure aggregation (the ledger entry then binds the masked input, which
-    is what leaves the site)."""
+def _verified_ledger(msg: Message, site: SiteConfig, refusing: str) -> tuple[SiteLedger, list[LedgerEntry]] | Message:
+    """The site's ledger and its verified entries, or the reply refusing `refusing` ("to
+    train", "the study"): nothing may be planned on a ledger that could have been reset."""
     try:
         ledger = SiteLedger(site.state_dir, create_key=not site.deployed)
-        entries = ledger.verified_entries()
-    except LedgerBroken as broken:  # nothing may be planned on a ledger that could have been reset
+        return ledger, ledger.verified_entries()
+    except LedgerBroken as broken:
         print(f"error: {broken}", file=sys.stderr, flush=True)
         return Message(
             Error(
                 code=protocol.SITE_REFUSED,
-                reason=f"site {site.name} refuses to train: its privacy ledger does not verify",
+                reason=f"site {site.name} refuses {refusing}: its privacy ledger does not verify",
             ),
             reply_to=msg,
         )
+
+
+def _train(msg: Message, context: Context, run: SiteRunConfig, site: SiteConfig, masker: Masker | None) -> Message:
+    """Train on the global model and reply with the update: in the clear, or masked by
+    `masker` under secure aggregation (the ledger entry then binds the masked input, which
+    is what leaves the site)."""
+    opened = _verified_ledger(msg, site, "to train")
+    if isinstance(opened, Message):
+        return opened
+    ledger, entries = opened
     config = msg.content[protocol.CONFIG]
     server_round = int(config[protocol.CONFIG_ROUND])
     mechanism = run.dp.mechanism.mechanism
@@ -250,18 +259,10 @@ def ask(msg: Message, context: Context) -> Message:
     like any other, and a site that refuses is in none of the run's rounds."""
     run = SiteRunConfig.from_flower(context.run_config)
     site = SiteConfig.from_node_config(context.node_config, run)
-    try:
-        ledger = SiteLedger(site.state_dir, create_key=not site.deployed)
-        entries = ledger.verified_entries()
-    except LedgerBroken as broken:
-        print(f"error: {broken}", file=sys.stderr, flush=True)
-        return Message(
-            Error(
-                code=protocol.SITE_REFUSED,
-                reason=f"site {site.name} refuses the study: its privacy ledger does not verify",
-            ),
-            reply_to=msg,
-        )
+    opened = _verified_ledger(msg, site, "the study")
+    if isinstance(opened, Message):
+        return opened
+    ledger, entries = opened
     granted = grant(run.study, site, entries, context.run_id)
     if isinstance(granted, str):
         spender = _spender(run, site, context, server_round=0, data_hash="")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import click
 import typer
@@ -48,14 +48,16 @@ audit_app = typer.Typer(
 def summary(
     path: Annotated[Path, typer.Argument(help="A run directory, a site's state directory, or a privacy_ledger.jsonl.")],
     out: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             "--out",
-            help="Where audit.json and audit.html go (default: a run directory itself; for a site, audit-NAME in the current directory, never its state directory).",
+            help="Where audit.json and audit.html go (default: a run directory itself; for a site, "
+            "audit-NAME in the current directory, never its state directory).",
         ),
     ] = None,
 ) -> None:
-    """Per site: every study on its data, epsilon spent in this run and in total against its budget, refusals, warnings."""
+    """Per site: every study on its data, epsilon spent in this run and in total against its budget,
+    refusals, warnings."""
     # Imported here: the accountants load torch, which `cohort`'s other commands do not need.
     from audit.empirical import saved_audit, verdict
     from audit.page import render_page
@@ -115,7 +117,7 @@ def verify(
 def empirical(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory of a run with --set audit-canaries=M.")],
     guesses: Annotated[
-        Optional[int],
+        int | None,
         typer.Option("--guesses", help="r: how many canaries to guess, half 'in', half 'out' (default m/4)."),
     ] = None,
 ) -> None:
@@ -186,7 +188,11 @@ def _print_studies(report: dict[str, Any]) -> None:
             )
         console.print(code)
         for refusal in site["refusal_log"]:
-            line = f"refused: run {_short(str(refusal['run_id']), 9)} round {refusal['round']} ({refusal['when'][:16].replace('T', ' ')}): {refusal['reason']}"
+            when = refusal["when"][:16].replace("T", " ")
+            line = (
+                f"refused: run {_short(str(refusal['run_id']), 9)} round {refusal['round']} ({when}): "
+                f"{refusal['reason']}"
+            )
             console.print(paragraph(line), highlight=False, markup=False)
 
 
@@ -240,7 +246,8 @@ def _print_report(report: dict[str, Any]) -> None:
     for name, site in report["sites"].items():
         for identity, spent in site["datasets"].items():
             console.print(
-                f"{name}: dataset {identity[:16]}: {spent['releases']} release(s), epsilon {spent['epsilon_rdp']:.3f} (RDP)",
+                f"{name}: dataset {identity[:16]}: {spent['releases']} "
+                f"release(s), epsilon {spent['epsilon_rdp']:.3f} (RDP)",
                 highlight=False,
             )
     if report["empirical"] is not None:

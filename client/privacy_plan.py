@@ -115,18 +115,21 @@ def refusal_reason(plan: RoundPlan, steps: int, site: SiteConfig) -> str | None:
     if projected > plan.target:
         return (
             f"site {site.name} refuses to train: this round would raise its epsilon from {spent:.3f} "
-            f"to {projected:.3f} ({accountant}), over the {plan.target:.3f} this study was granted (delta {site.delta:g})"
+            f"to {projected:.3f} ({accountant}), over the {plan.target:.3f} this study was granted "
+            f"(delta {site.delta:g})"
         )
     if plan.total.noise_multiplier > site.max_noise_multiplier:
         return (
-            f"site {site.name} refuses to train on noise: the study's plan needs sigma {plan.total.noise_multiplier:.2f}, above the "
-            f"site's max-noise-multiplier {site.max_noise_multiplier:g}; ask for more epsilon, fewer rounds or larger batches"
+            f"site {site.name} refuses to train on noise: the study's plan needs sigma "
+            f"{plan.total.noise_multiplier:.2f}, above the site's max-noise-multiplier {site.max_noise_multiplier:g}; "
+            "ask for more epsilon, fewer rounds or larger batches"
         )
     window_projected, accountant = enforced_epsilon(plan.window.with_steps(steps), site)
     if site.run_epsilon is not None and window_projected > site.run_epsilon:
         return (
-            f"site {site.name} refuses to train: its releases in the last {site.run_window_hours:g} hours would reach "
-            f"epsilon {window_projected:.3f} ({accountant}), over the site's per-run cap of {site.run_epsilon:g} (delta {site.delta:g})"
+            f"site {site.name} refuses to train: its releases in the last {site.run_window_hours:g} "
+            f"hours would reach epsilon {window_projected:.3f} ({accountant}), over the site's "
+            f"per-run cap of {site.run_epsilon:g} (delta {site.delta:g})"
         )
     return None
 

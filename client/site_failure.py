@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from logging import DEBUG, ERROR
-from typing import Callable
 
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode

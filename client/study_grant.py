@@ -35,7 +35,10 @@ def spent_before(entries: list[LedgerEntry], run_id: int, site: SiteConfig) -> f
 def grant(study: StudyRequest, site: SiteConfig, entries: list[LedgerEntry], run_id: int) -> Grant | str:
     """The site's grant to this study, or the one-line reason it refuses the study."""
     if study.study_delta and site.delta > study.study_delta:
-        return f"site {site.name} refuses the study: it asks delta {study.study_delta:g}, the site's policy accounts at delta {site.delta:g}; ask for delta {site.delta:g} or more"
+        return (
+            f"site {site.name} refuses the study: it asks delta {study.study_delta:g}, the site's policy accounts "
+            f"at delta {site.delta:g}; ask for delta {site.delta:g} or more"
+        )
     left = max(site.epsilon - spent_before(entries, run_id, site), 0.0)
     most = min(left, site.study_epsilon)
     if study.study_epsilon and study.study_epsilon <= most:

@@ -90,7 +90,7 @@ class Exchange:
         return [(node, reply) for node, reply in answers if not reply.has_error()]
 
     def _error_reply(self, node: int, reply: Message, stage: str, report: RoundReport) -> None:
-        reason = one_line(reply.error.reason)
+        reason = one_line(reply.error.reason or "")
         if (
             stage != Stage.EVALUATE and reply.error.code == protocol.SITE_REFUSED
         ):  # the study's ask or a training stage, secure aggregation's included

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -111,9 +112,10 @@ def test_a_sites_split_is_its_own_and_stable(site_npz: Path) -> None:
 def _release(run_id: int, plan_state: PrivacyState, steps: int, timestamp: float) -> LedgerRecord:
     after = plan_state.with_steps(steps)
     return LedgerRecord(
-        kind=RecordKind.RELEASE, run_id=run_id, round=1, site="site", mechanism=Mechanism.SAMPLE_LEVEL_DP_SGD, noise_multiplier=after.noise_multiplier,
-        sample_rate=after.sample_rate, sampling="poisson", steps=steps, clip_norm=1.0, delta=1e-5, epsilon=0.0, accountant="rdp",
-        budget_epsilon=8.0, dataset_hash="data", model_hash="", config_hash="", timestamp=timestamp,
+        kind=RecordKind.RELEASE, run_id=run_id, round=1, site="site", mechanism=Mechanism.SAMPLE_LEVEL_DP_SGD,
+        noise_multiplier=after.noise_multiplier, sample_rate=after.sample_rate, sampling="poisson", steps=steps,
+        clip_norm=1.0, delta=1e-5, epsilon=0.0, accountant="rdp", budget_epsilon=8.0, dataset_hash="data",
+        model_hash="", config_hash="", timestamp=timestamp,
     )  # fmt: skip
 
 
@@ -192,7 +194,7 @@ def test_a_deployed_sites_default_per_study_cap_is_a_quarter_of_its_budget(tmp_p
 def test_a_per_study_cap_above_the_budget_is_refused_naming_the_key(tmp_path: Path) -> None:
     with pytest.raises(
         CohortInputError,
-        match="study-epsilon is 3.0 in site site's policy; a per-study cap must be > 0 and at most epsilon",
+        match=re.escape("study-epsilon is 3.0 in site site's policy; a per-study cap must be > 0 and at most epsilon"),
     ):
         _deployed(tmp_path, **{"study-epsilon": 3.0})
 
@@ -212,8 +214,8 @@ def test_a_site_grants_what_a_study_asks_within_its_cap_and_all_it_may_to_a_stud
 def test_a_site_refuses_a_study_asking_more_than_it_grants_with_the_figures(tmp_path: Path) -> None:
     reason = grant(_study(5.0), _deployed(tmp_path, epsilon=8.0), [], run_id=1)
     assert (
-        reason
-        == "site site refuses the study: it asks epsilon 5; the site grants at most 2.000 (left 8.000 of 8, per-study cap 2)"
+        reason == "site site refuses the study: it asks epsilon 5; the site grants at most 2.000 "
+        "(left 8.000 of 8, per-study cap 2)"
     )
 
 

@@ -28,15 +28,12 @@ def ask_sites(grid: Grid, exchange: Exchange, report: RoundReport) -> dict[str, 
     messages = [Message(ask, dst_node_id=node, message_type=MessageType.QUERY) for node in grid.get_node_ids()]
     grants: dict[str, float] = {}
     for node, reply in exchange.send(messages, Stage.ASK, report):
-        site = reply.content.get(protocol.SITE)
-        metrics = reply.content.get(protocol.METRICS)
-        name = (
-            str(site[protocol.SITE_NAME])
-            if isinstance(site, ConfigRecord) and protocol.SITE_NAME in site
-            else f"node {node}"
-        )
-        if metrics is not None and protocol.STUDY_EPSILON in metrics:
-            grants[name] = float(metrics[protocol.STUDY_EPSILON])
+        site = reply.content.config_records.get(protocol.SITE)
+        metrics = reply.content.metric_records.get(protocol.METRICS)
+        name = str(site[protocol.SITE_NAME]) if site is not None and protocol.SITE_NAME in site else f"node {node}"
+        granted = metrics.get(protocol.STUDY_EPSILON) if metrics is not None else None
+        if isinstance(granted, int | float):
+            grants[name] = float(granted)
     for name, epsilon in sorted(grants.items()):
         log(INFO, "Study: %s grants epsilon %.3f", name, epsilon)
     return grants

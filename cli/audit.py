@@ -49,10 +49,16 @@ audit_app = typer.Typer(
 def summary(
     path: Annotated[Path, typer.Argument(help="A run directory, a site's state directory, or a privacy_ledger.jsonl.")],
     out: Annotated[
-        Path | None, typer.Option("--out", help="Where audit.json and audit.html go (default: beside the ledger).")
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Where audit.json and audit.html go (default: a run directory itself; for a site, "
+            "audit-NAME in the current directory, never its state directory).",
+        ),
     ] = None,
 ) -> None:
-    """Per site: epsilon spent in this run and in total against its budget, and warnings."""
+    """Per site: every study on its data, epsilon spent in this run and in total against its budget,
+    refusals, warnings."""
     # Imported here: the accountants load torch, which `cohort`'s other commands do not need.
     from audit.empirical import saved_audit, verdict
     from audit.page import render_page
@@ -68,11 +74,16 @@ def summary(
     report["warnings"] += [] if fairness is None else fairness["warnings"]
     plot = path / "plots" / PLOT_FILE
     fairness_plot = plot.read_bytes() if fairness is not None and plot.is_file() else None
-    target = out or (path if path.is_dir() else path.parent)
-    private_dir(target)
+    target = private_dir(out or _default_out(path))
     write_json_atomic(target / "audit.json", report)
     write_bytes_atomic(target / "audit.html", render_page(report, fairness_plot).encode())
-    _print_report(report)
+    if not report["sites"]:
+        console.print(
+            f"nothing spent: the ledger in {path} holds no record yet", highlight=False, markup=False, soft_wrap=True
+        )
+    else:
+        _print_studies(report)
+        _print_report(report)
     if path.is_dir():
         _print_rejections(RunDirectory(path))
     console.print(
@@ -166,6 +177,68 @@ def empirical(
     )
     if result.contradicts_accountant:
         raise typer.Exit(code=1)
+
+
+def _default_out(path: Path) -> Path:
+    """A run directory keeps its audit; a site's audit goes to the current directory, not
+    beside the site's signing key."""
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    return Path.cwd() / f"audit-{(path if path.is_dir() else path.parent).resolve().name}"
+
+
+def _print_studies(report: dict[str, Any]) -> None:
+    """What ran on each site's data, one study a row, and every refusal with its reason;
+    the FAB hashes and coordinators in full are in audit.json and audit.html."""
+    for name, site in report["sites"].items():
+        table = Table(title=f"Studies on {name}'s data", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for column in ("run", "when (UTC)", "rounds", "refused", "granted", "spent", "total"):
+            table.add_column(column, justify="left" if column in ("run", "when (UTC)") else "right", no_wrap=True)
+        for study in site["studies"]:
+            table.add_row(
+                _short(str(study["run_id"]), 9),
+                _span(study["first"], study["last"]),
+                str(study["rounds_trained"]),
+                str(study["rounds_refused"]),
+                "-" if study["epsilon_granted"] is None else f"{study['epsilon_granted']:.3f}",
+                f"{study['epsilon_spent']:.3f}",
+                "-" if study["epsilon_total"] is None else f"{study['epsilon_total']:.3f}",
+            )
+        console.print(table)
+        code = Table(
+            title=f"Code and coordinator of each study at {name}",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            collapse_padding=True,
+        )
+        for column in ("run", "model", "FAB", "coordinator"):
+            code.add_column(column, no_wrap=column != "coordinator")
+        for study in site["studies"]:
+            code.add_row(
+                _short(str(study["run_id"]), 9),
+                study["model"] or "-",
+                _short(study["fab_hash"] or "-", 12),
+                study["coordinator"] or "-",
+            )
+        console.print(code)
+        for refusal in site["refusal_log"]:
+            when = refusal["when"][:16].replace("T", " ")
+            line = (
+                f"refused: run {_short(str(refusal['run_id']), 9)} round {refusal['round']} ({when}): "
+                f"{refusal['reason']}"
+            )
+            console.print(paragraph(line), highlight=False, markup=False)
+
+
+def _span(first: str, last: str) -> str:
+    """'2026-12-01 06:38-06:42' within a day, else both dates and times."""
+    start, end = first[:16].replace("T", " "), last[:16].replace("T", " ")
+    return f"{start}-{end[11:]}" if start[:10] == end[:10] else f"{start} - {end[5:]}"
+
+
+def _short(text: str, width: int) -> str:
+    """The head of an id, enough to tell studies apart at 80 columns (in full in audit.json)."""
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _print_report(report: dict[str, Any]) -> None:

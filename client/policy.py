@@ -49,6 +49,13 @@ VALIDATION_METRICS = (protocol.VAL_LOSS, protocol.VAL_ACCURACY)
 OPTIONAL_METRICS = ACCOUNTING_METRICS + TRAINING_METRICS + VALIDATION_METRICS
 
 DEFAULT_RUN_WINDOW_HOURS = 24.0
+# A deployed site's default per-study cap, as a share of its lifetime budget: a quarter
+# leaves room for at least four studies at the full cap, and no one study can take what
+# the dataset owes every later one (docs/site.md, "For the privacy officer").
+DEFAULT_STUDY_SHARE = 0.25
+# The largest sigma a site trains with by default: above it the default CNN no longer
+# learns in a short simulation (docs/site.md gives the measurement).
+DEFAULT_MAX_NOISE_MULTIPLIER = 8.0
 DEFAULT_VAL_FRACTION = 0.1
 # The most work one round may ask of a site (docs/site.md): 10,000 local DP-SGD steps is
 # 50 epochs of 50,000 examples at batch 256, far beyond what federated rounds use, yet it
@@ -62,6 +69,7 @@ VAL_FRACTION_RANGE = Range(0, 1, low_open=True, high_open=True)
 SPLIT_SEED_RANGE = Range(0, 2**32 - 1)
 MAX_ROUND_STEPS_RANGE = Range(1, 10**9)
 MAX_ROUND_SECONDS_RANGE = Range(0, 30 * 86400, low_open=True)
+MAX_NOISE_MULTIPLIER_RANGE = Range(0, 100, low_open=True)  # as a run's noise-multiplier
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,12 @@ class SiteConfig:
         (None for no cap). The site cannot tell a coordinator's runs apart (it makes run
         ids at will), so a "run", for the cap, is everything released in that window.
     run_window_hours: the window of that cap, on the site's own clock.
+    study_epsilon: the most one study may be granted of the budget (client/study_grant.py);
+        a deployed site's default is DEFAULT_STUDY_SHARE of `epsilon`, a simulated site's
+        all of it.
+    max_noise_multiplier: the largest sigma the site trains with: a study whose planned
+        noise is larger would train on noise, and is refused.
+    coordinator: the SuperLink the site answers (deployment), as its ledger records it.
     max_round_steps, max_round_seconds: the most work one round may ask (local DP-SGD
         steps, from local-epochs, the dataset's size and the batch size) and may take (wall
         time); a site refuses a round beyond either (DEFAULT_MAX_ROUND_STEPS, _SECONDS).
@@ -99,6 +113,9 @@ class SiteConfig:
     state_dir: Path
     run_epsilon: float | None = None
     run_window_hours: float = DEFAULT_RUN_WINDOW_HOURS
+    study_epsilon: float = 0.0
+    max_noise_multiplier: float = DEFAULT_MAX_NOISE_MULTIPLIER
+    coordinator: str = "simulation"
     max_round_steps: int = DEFAULT_MAX_ROUND_STEPS
     max_round_seconds: float = DEFAULT_MAX_ROUND_SECONDS
     ledger_key: str | None = None
@@ -167,7 +184,8 @@ class SiteConfig:
             split_seed=int(_number(policy.get("split-seed", 0), "split-seed", SPLIT_SEED_RANGE)),
             val_fraction=_number(policy.get("val-fraction", DEFAULT_VAL_FRACTION), "val-fraction", VAL_FRACTION_RANGE),
             data_path=str(node_config["data-path"]),
-            **_shared_policy(policy, name, allow_non_private_default=False),
+            coordinator=str(node_config.get("coordinator", "")),
+            **_shared_policy(policy, name, allow_non_private_default=False, study_share=DEFAULT_STUDY_SHARE),
         )
 
     @classmethod
@@ -200,20 +218,34 @@ class SiteConfig:
             answer_evaluation=_flag(policy.get("answer-evaluation", True), "answer-evaluation"),
             partition_id=int(partition_id),
             num_partitions=int(num_partitions),
-            **_shared_policy(policy, name, allow_non_private_default=run.site_allow_non_private),
+            **_shared_policy(policy, name, allow_non_private_default=run.site_allow_non_private, study_share=1.0),
         )
 
 
-def _shared_policy(policy: Mapping[str, Any], name: str, allow_non_private_default: bool) -> dict[str, Any]:
-    """The keys a deployed and a simulated site read alike, validated."""
-    validate_budget(
-        _number(policy["epsilon"], "epsilon"), _number(policy["delta"], "delta"), source=f"site {name}'s policy"
-    )
+def _shared_policy(
+    policy: Mapping[str, Any], name: str, allow_non_private_default: bool, study_share: float
+) -> dict[str, Any]:
+    """The keys a deployed and a simulated site read alike, validated; `study_share`: the
+    share of the budget one study may have where the policy sets no study-epsilon."""
+    epsilon = _number(policy["epsilon"], "epsilon")
+    validate_budget(epsilon, _number(policy["delta"], "delta"), source=f"site {name}'s policy")
+    study_epsilon = _number(policy.get("study-epsilon", study_share * epsilon), "study-epsilon", EPSILON_RANGE)
+    if study_epsilon > epsilon:
+        raise CohortInputError(
+            f"study-epsilon is {study_epsilon} in site {name}'s policy; a per-study cap must be > 0 and at most "
+            f"epsilon ({epsilon:g})"
+        )
     run_epsilon = policy.get("run-epsilon")
     return {
         "run_epsilon": _number(run_epsilon, "run-epsilon", EPSILON_RANGE) if run_epsilon is not None else None,
         "run_window_hours": _number(
             policy.get("run-window-hours", DEFAULT_RUN_WINDOW_HOURS), "run-window-hours", RUN_WINDOW_HOURS_RANGE
+        ),
+        "study_epsilon": study_epsilon,
+        "max_noise_multiplier": _number(
+            policy.get("max-noise-multiplier", DEFAULT_MAX_NOISE_MULTIPLIER),
+            "max-noise-multiplier",
+            MAX_NOISE_MULTIPLIER_RANGE,
         ),
         "max_round_steps": int(
             _number(policy.get("max-round-steps", DEFAULT_MAX_ROUND_STEPS), "max-round-steps", MAX_ROUND_STEPS_RANGE)

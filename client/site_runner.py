@@ -157,6 +157,7 @@ def answer(message: Message, context: Context, run: Run, fab: Fab) -> Message:
             return key_stage
     from client.app import app  # only now: it loads PyTorch and the site's data code
 
+    context.node_config = {**context.node_config, protocol.FAB_HASH: fab.hash_str}  # what the site's ledger records
     return app(message=message, context=context)
 
 

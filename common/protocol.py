@@ -33,6 +33,13 @@ EPSILON = "epsilon"
 DELTA = "delta"
 BUDGET_EPSILON = "budget-epsilon"
 
+# The epsilon a site grants the study, in its answer to the coordinator's ask before round 1.
+STUDY_EPSILON = "study-epsilon"
+
+# The node config key under which a deployed site's runner hands its ClientApp the hash of
+# the FAB the coordinator submitted (never read from the coordinator's messages).
+FAB_HASH = "fab-hash"
+
 CONFIG_ROUND = "server-round"
 CONFIG_PROXIMAL_MU = "proximal-mu"
 SITE_NEWEST_ENTRY = "newest-ledger-entry"

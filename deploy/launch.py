@@ -163,6 +163,7 @@ class SuperNodeLaunch:
             "state-dir": str(self.state_dir.resolve()),
             "epsilon": self.epsilon,
             "delta": self.delta,
+            "coordinator": self.superlink,
         }
         return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
 

@@ -93,8 +93,9 @@ class Exchange:
         reason = one_line(reply.error.reason or "")
         if (
             stage != Stage.EVALUATE and reply.error.code == protocol.SITE_REFUSED
-        ):  # a training stage, secure aggregation's included
+        ):  # the study's ask or a training stage, secure aggregation's included
             report.refusals[node] = self.registry.name_of(node) or _site_named_in(reason, node)
+            report.refusal_reasons[report.refusals[node]] = reason
             log(WARNING, "Round %d: %s; it is out of this run", report.server_round, reason)
             return
         if stage == Stage.EVALUATE and reply.error.code == protocol.SITE_DECLINED_EVALUATION:

@@ -74,6 +74,12 @@ def train(msg: Message, context: Context) -> Message:
     return reply
 
 
+@app.query()
+def ask(msg: Message, context: Context) -> Message:
+    """A hostile site answers the study's ask honestly: its attacks are on what it sends."""
+    return honest(msg, context)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     attack, _ = _attack_of(context)

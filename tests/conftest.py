@@ -3,6 +3,7 @@ leaves no Flower or Ray process of its own behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -76,13 +77,19 @@ def no_leftover_processes():
     )
 
 
-@pytest.fixture
-def clientapp_identity() -> Iterator[None]:
+@contextlib.contextmanager
+def flower_task_identity() -> Iterator[None]:
     """What Flower's ClientApp runtime sets before the app makes its first Message."""
     saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
     yield
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture
+def clientapp_identity() -> Iterator[None]:
+    with flower_task_identity():
+        yield
 
 
 def make_images(count: int, size: int = 8, classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

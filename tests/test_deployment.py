@@ -36,6 +36,7 @@ from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_messa
 from common.privacy.ledger import (
     LEDGER_FILE,
     LedgerEntry,
+    LedgerRecord,
     load_public_key,
     read_entries,
     verify_chain,
@@ -62,9 +63,6 @@ PASSPHRASE = b"the coordinator's passphrase"
 SITES = {"hospital-a": 8.0, "hospital-b": 6.0, "hospital-c": 4.0}
 ROUNDS = 2
 STARTUP_TIMEOUT_S = 120.0
-# Fixed, so that the first run leaves every site budget for the run with a killed site
-# (a derived sigma spends a site's whole budget over the run's planned rounds).
-NOISE_MULTIPLIER = 2.0
 # The site killed mid-round, and how long the server waits for any exchange's replies:
 # above a healthy site's slowest exchange on a loaded 2-core machine (60 s was not). The
 # killed site's round ends sooner, when the SuperLink answers for it as unavailable
@@ -277,8 +275,7 @@ def _submit(deployment: Deployment, run_dir: str, rounds: int, *settings: str, t
     """A DP run over the three sites, submitted with stock `flwr run` and waited for; Flower's record of it."""
     run_config = (
         f"rounds={rounds} dataset='{deployment.root / 'data' / 'coordinator.npz'}' "
-        f"run-dir='{deployment.root / run_dir}' min-sites=3 batch-size=32 local-epochs=1 "
-        f"noise-multiplier={NOISE_MULTIPLIER} {' '.join(settings)}"
+        f"run-dir='{deployment.root / run_dir}' min-sites=3 batch-size=32 local-epochs=1 {' '.join(settings)}"
     )
     result = deployment.run("coordinator", commands.run_command(APP_DIR, CONNECTION, run_config), timeout=timeout)
     started = re.search(r"Successfully started run (\d+)", result.stdout)
@@ -290,15 +287,20 @@ def _submit(deployment: Deployment, run_dir: str, rounds: int, *settings: str, t
 
 @pytest.fixture(scope="module")
 def finished_run(deployment: Deployment) -> dict:
-    return _submit(deployment, "run", ROUNDS)
+    """The first study on every site's data, each site with its default policy (a study may
+    have a quarter of the site's budget: hospital-c's is exactly 1): it asks epsilon 1."""
+    return _submit(deployment, "run", ROUNDS, "study-epsilon=1.0")
 
 
 @pytest.fixture(scope="module")
 def secure_run(deployment: Deployment, finished_run: dict) -> dict:
     """One round of the same run under secure aggregation: the coordinator sees only the
-    sum. Each of its four exchanges starts a flwr-clientapp process at every site (a
-    plain round starts one), hence the longer wait."""
-    return _submit(deployment, "run-secure", 1, "secure-aggregation=true", timeout=SECURE_RUN_TIMEOUT_S)
+    sum. The study's ask and each of its four exchanges start a flwr-clientapp process at
+    every site (a plain round starts one), hence the longer wait. It asks epsilon 0.5, so
+    that hospital-c has enough left for the studies below."""
+    return _submit(
+        deployment, "run-secure", 1, "secure-aggregation=true", "study-epsilon=0.5", timeout=SECURE_RUN_TIMEOUT_S
+    )
 
 
 def test_dp_run_over_three_authenticated_sites_completes(deployment: Deployment, finished_run: dict) -> None:
@@ -315,6 +317,27 @@ def test_every_site_ledger_records_each_round_within_its_own_budget(deployment: 
         assert verify_chain(entries, load_public_key(state / "ledger_key.pub.pem")) is None
         assert [(e.record.kind, e.record.round) for e in entries] == [("release", r) for r in range(1, ROUNDS + 1)]
         assert all(e.record.budget_epsilon == budget and 0 < e.record.epsilon <= budget for e in entries)
+
+
+def _run_records(deployment: Deployment, site: str, run_id: int) -> list[LedgerRecord]:
+    return [e.record for e in read_entries(deployment.root / "state" / site / LEDGER_FILE) if e.record.run_id == run_id]
+
+
+def test_a_study_asking_epsilon_1_is_granted_by_every_site_and_spends_at_most_that(
+    deployment: Deployment, finished_run: dict
+) -> None:
+    for site in SITES:
+        releases = _run_records(deployment, site, int(finished_run["run-id"]))
+        assert [(r.kind, r.study_epsilon) for r in releases] == [("release", 1.0)] * ROUNDS
+        assert 0 < releases[-1].epsilon <= 1.0, "the site's first study"
+
+
+def test_a_sites_ledger_names_the_code_the_model_and_the_coordinator_of_each_study(
+    deployment: Deployment, finished_run: dict
+) -> None:
+    for site in SITES:
+        for release in _run_records(deployment, site, int(finished_run["run-id"])):
+            assert len(release.fab_hash) == 64 and release.model == "cnn" and release.coordinator == deployment.address
 
 
 def test_a_securely_aggregated_run_completes_and_every_ledger_verifies(
@@ -492,6 +515,20 @@ def _clientapps_of(process: subprocess.Popen[bytes]) -> set[int]:
     return found
 
 
+def _new_clientapps(
+    site_process: subprocess.Popen[bytes],
+    known: set[int],
+    deadline: float,
+    run: subprocess.Popen[bytes],
+    deployment: Deployment,
+) -> set[int]:
+    """Wait for a ClientApp process of the site that is not among `known`; returns the new ones."""
+    while not _clientapps_of(site_process) - known:
+        assert time.monotonic() < deadline and run.poll() is None, deployment.log("run-killed-site")
+        time.sleep(0.05)
+    return _clientapps_of(site_process) - known
+
+
 def _kill_tree(process: subprocess.Popen[bytes]) -> None:
     """SIGKILL, as a crash or the OOM killer would: no handler runs, nothing is flushed."""
     root = psutil.Process(process.pid)
@@ -512,10 +549,11 @@ class KilledSiteRun:
 
 @pytest.fixture(scope="module")
 def run_with_a_site_killed_mid_round(deployment: Deployment, finished_run: dict) -> KilledSiteRun:
-    """Three rounds with min-sites=2; hospital-c's SuperNode and everything under it are
-    killed while its flwr-clientapp answers round 1's training message, then `cohort
-    supernode` is started again with the same key, state and data once the SuperLink
-    holds it offline."""
+    """A study that asks for all each site will grant (the default), over three rounds with
+    min-sites=2; hospital-c's SuperNode and everything under it are killed while its
+    flwr-clientapp answers round 1's training message (after it answered the study's ask),
+    then `cohort supernode` is started again with the same key, state and data once the
+    SuperLink holds it offline."""
     (site_process,) = [p for p in deployment.processes if KILLED_SITE in p.args and "supernode" in p.args]
     ledger = deployment.root / "state" / KILLED_SITE / LEDGER_FILE
     entries_before = len(read_entries(ledger))
@@ -523,7 +561,7 @@ def run_with_a_site_killed_mid_round(deployment: Deployment, finished_run: dict)
     run_dir = deployment.root / "run-killed-site"
     run_config = (
         f"rounds=3 dataset='{deployment.root / 'data' / 'coordinator.npz'}' run-dir='{run_dir}' min-sites=2 "
-        f"batch-size=32 local-epochs=1 noise-multiplier={NOISE_MULTIPLIER} reply-timeout={REPLY_TIMEOUT_S}"
+        f"batch-size=32 local-epochs=1 reply-timeout={REPLY_TIMEOUT_S}"
     )
     log = (deployment.root / "logs" / "run-killed-site.log").open("wb")
     command = _local(commands.run_command(APP_DIR, CONNECTION, run_config))
@@ -536,9 +574,11 @@ def run_with_a_site_killed_mid_round(deployment: Deployment, finished_run: dict)
     )
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not _clientapps_of(site_process) - idle:
+        asked = _new_clientapps(site_process, idle, deadline, run, deployment)  # the study's ask, before round 1
+        while _clientapps_of(site_process) & asked:
             assert time.monotonic() < deadline and run.poll() is None, deployment.log("run-killed-site")
             time.sleep(0.05)
+        _new_clientapps(site_process, idle | asked, deadline, run, deployment)  # round 1's training
         _kill_tree(site_process)
         trained_when_killed = len(read_entries(ledger)) - entries_before
         # The SuperLink refuses to activate a node it still holds online ("Failed to
@@ -658,6 +698,91 @@ def test_flower_records_a_study_every_site_refused_as_failed_with_the_reason(
     assert run_id, study_every_site_refused.stderr
     (run,) = deployment.flwr_json("list", "--run-id", run_id.group(1))["runs"]
     assert run["status"] == "finished:failed" and "stopped after round 1" in run["status-details"], run
+
+
+def test_a_study_asking_what_each_site_grants_is_granted_what_is_left_up_to_the_sites_cap(
+    deployment: Deployment, run_with_a_site_killed_mid_round: KilledSiteRun
+) -> None:
+    killed = run_with_a_site_killed_mid_round
+    for site, budget in SITES.items():
+        releases = [r for r in _run_records(deployment, site, killed.run_id) if r.kind == "release"]
+        before = [e.record for e in read_entries(deployment.root / "state" / site / LEDGER_FILE)]
+        spent = max(
+            r.epsilon
+            for r in before
+            if r.kind == "release" and r.run_id != killed.run_id and r.timestamp < releases[0].timestamp
+        )
+        assert all(r.study_epsilon == pytest.approx(min(budget / 4, budget - spent), abs=1e-6) for r in releases)
+        assert spent < releases[-1].epsilon <= spent + releases[-1].study_epsilon + 1e-9
+
+
+@pytest.fixture(scope="module")
+def study_no_site_grants(
+    deployment: Deployment, run_with_a_site_killed_mid_round: KilledSiteRun
+) -> subprocess.CompletedProcess[str]:
+    """`cohort run` of a study that asks epsilon 5, more than any site's per-study cap
+    (a quarter of 8, 6 and 4), once every site is online again."""
+    settings = [
+        "rounds=1", f"dataset={deployment.root / 'data' / 'coordinator.npz'}",
+        f"run-dir={deployment.root / 'run-study-refused'}", "min-sites=2", "batch-size=32", "study-epsilon=5.0",
+    ]  # fmt: skip
+    result = deployment.run("coordinator", commands.cohort_run_command(CONNECTION, settings), timeout=600)
+    (deployment.root / "logs" / "cohort-run-study-refused.log").write_text(result.stdout + result.stderr)
+    return result
+
+
+def _run_id(result: subprocess.CompletedProcess[str]) -> int:
+    found = re.search(r"run (\d+)", result.stdout + result.stderr)
+    assert found, result.stdout + result.stderr
+    return int(found.group(1))
+
+
+def test_a_study_asking_more_than_any_site_grants_is_refused_by_all_before_round_1_with_the_reason(
+    study_no_site_grants: subprocess.CompletedProcess[str],
+) -> None:
+    result = study_no_site_grants
+    message = " ".join(result.stderr.split())
+    assert result.returncode == 1 and "stopped before round 1" in message, result.stdout + result.stderr
+    assert "round   1/" not in result.stdout, result.stdout
+    for site in SITES:
+        assert f"site {site} refuses the study: it asks epsilon 5; the site grants at most" in message, message
+
+
+def test_a_site_records_its_refusal_of_a_study_before_reading_its_data(
+    deployment: Deployment, study_no_site_grants: subprocess.CompletedProcess[str]
+) -> None:
+    for site in SITES:
+        (refusal,) = _run_records(deployment, site, _run_id(study_no_site_grants))
+        assert (refusal.kind, refusal.round, refusal.dataset_hash) == ("refusal", 0, "")
+
+
+def test_each_sites_audit_lists_the_three_studies_with_their_dates_and_epsilons(
+    deployment: Deployment,
+    finished_run: dict,
+    run_with_a_site_killed_mid_round: KilledSiteRun,
+    study_no_site_grants: subprocess.CompletedProcess[str],
+) -> None:
+    first, refused, third = (
+        int(finished_run["run-id"]),
+        _run_id(study_no_site_grants),
+        run_with_a_site_killed_mid_round.run_id,
+    )
+    for site in SITES:
+        out = deployment.root / f"audit-{site}"
+        result = subprocess.run(
+            [str(BIN / "cohort"), "audit", str(deployment.root / "state" / site), "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**offline_flower_env(deployment.home(site)), "COLUMNS": "80"},
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        (deployment.root / "logs" / f"audit-{site}.txt").write_text(result.stdout)
+        listed = {s["run_id"]: s for s in json.loads((out / "audit.json").read_text())["sites"][site]["studies"]}
+        assert all(listed[run]["first"] and listed[run]["last"] for run in (first, refused, third)), listed
+        assert (listed[first]["epsilon_granted"], listed[refused]["epsilon_granted"]) == (1.0, None)
+        assert listed[third]["epsilon_granted"] > 0 and listed[third]["epsilon_spent"] > 0
 
 
 def test_the_logs_of_cohorts_commands_hold_each_serverapp_line_once_and_no_colour_codes(

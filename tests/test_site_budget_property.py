@@ -78,7 +78,9 @@ def _play(ledger: SiteLedger, site: SiteConfig, run_id: int, run: SiteRunConfig)
             ledger.append(_record(RecordKind.REFUSAL, run_id, server_round, site, data.identity, None, 0))
             continue
         try:
-            plan = plan_round(run, site, entries, data.identity, run_id, server_round, len(data.train))
+            plan = plan_round(
+                run, site, entries, data.identity, run_id, server_round, len(data.train), granted=site.epsilon
+            )
         except CohortInputError:
             ledger.append(_record(RecordKind.REFUSAL, run_id, server_round, site, data.identity, None, 0))
             continue

@@ -104,10 +104,15 @@ class LedgerRecord:
     timestamp: seconds since the epoch.
     reason: why a refusal happened ('' for a release).
     mechanism_details: what a mechanism's accounting needs beyond sigma, q and steps, as
-        canonical JSON ('' for the Gaussian mechanisms, and then absent from the record's
-        JSON and signature, so records written before the field existed still verify):
-        the distributed Skellam release's noise variance and sensitivities in the sum's
-        integer units, and the sites whose inputs and noise the sum holds.
+        canonical JSON ('' for the Gaussian mechanisms): the distributed Skellam release's
+        noise variance and sensitivities in the sum's integer units, and the sites whose
+        inputs and noise the sum holds.
+    study_epsilon: the epsilon the site granted the run's study (client/study_grant.py).
+    fab_hash: the SHA-256 of the FAB the coordinator submitted for the run (a deployed site).
+    model: the run's model architecture.
+    coordinator: the SuperLink the site answered ('simulation' for a simulated site).
+    These five are OPTIONAL_FIELDS: left out of the record (so of what is signed) where
+    empty, so that the ledgers written before they existed still verify.
     """
 
     kind: str
@@ -130,6 +135,10 @@ class LedgerRecord:
     timestamp: float = field(default_factory=time.time)
     reason: str = ""
     mechanism_details: str = ""
+    study_epsilon: float = 0.0
+    fab_hash: str = ""
+    model: str = ""
+    coordinator: str = ""
 
     @classmethod
     def release(
@@ -221,6 +230,10 @@ class LedgerRecord:
             model_hash=model_hash,
             config_hash=spender.config_hash,
             reason=reason,
+            study_epsilon=spender.study.epsilon,
+            fab_hash=spender.study.fab_hash,
+            model=spender.study.model,
+            coordinator=spender.study.coordinator,
         )
 
 
@@ -237,6 +250,27 @@ class Spender:
     budget_epsilon: float
     dataset_hash: str
     config_hash: str
+    study: Study = field(default_factory=lambda: Study())  # noqa: PLW0108 - Study is defined below
+
+
+@dataclass(frozen=True)
+class Study:
+    """What a site records of the study a round belongs to (LedgerRecord's study_epsilon,
+    fab_hash, model and coordinator)."""
+
+    epsilon: float = 0.0
+    fab_hash: str = ""
+    model: str = ""
+    coordinator: str = ""
+
+
+OPTIONAL_FIELDS = ("mechanism_details", "study_epsilon", "fab_hash", "model", "coordinator")
+
+
+def record_json(record: LedgerRecord) -> dict[str, Any]:
+    """The record as stored and signed: its OPTIONAL_FIELDS only where they say something."""
+    values = dataclasses.asdict(record)
+    return {key: value for key, value in values.items() if key not in OPTIONAL_FIELDS or value}
 
 
 @dataclass(frozen=True)
@@ -270,7 +304,7 @@ class LedgerEntry:
         return _canonical(self._linked_fields())
 
     def _linked_fields(self) -> dict[str, Any]:
-        fields = {"sequence": self.sequence, "previous_hash": self.previous_hash, "record": _record_fields(self.record)}
+        fields = {"sequence": self.sequence, "previous_hash": self.previous_hash, "record": record_json(self.record)}
         return {**fields, "next_key": self.next_key} if self.next_key else fields
 
     def successor_key(self) -> Ed25519PublicKey | None:
@@ -294,14 +328,6 @@ class LedgerEntry:
             str(data["signature"]),
             str(data.get("next_key", "")),
         )
-
-
-def _record_fields(record: LedgerRecord) -> dict[str, Any]:
-    """A record's fields as signed and stored: mechanism_details only when it says something."""
-    fields = dataclasses.asdict(record)
-    if not record.mechanism_details:
-        del fields["mechanism_details"]
-    return fields
 
 
 class LedgerBroken(CohortInputError):

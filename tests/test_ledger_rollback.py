@@ -40,7 +40,7 @@ def _train(data: Path, state: Path, server_round: int, newest: LedgerEntry | Non
     from client.app import app
 
     node_config = {"data-path": str(data), "state-dir": str(state), "epsilon": 8.0, "delta": 1e-5, "site-name": "a"}
-    run_config = {"rounds": 3, "batch-size": 20, "noise-multiplier": 1.0}
+    run_config = {"rounds": 3, "batch-size": 20, "noise-multiplier": 4.0}
     context = Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
     return app(_instruction(server_round, newest), context)
 

@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     from server.run_config import RunConfig
 
 SITE_BOOK_FILE = "site-book.json"
+# In a run directory: every site's ledger keys as the book held them when the run started,
+# so that `cohort audit` of the run shows each change of key the coordinator made.
+SITE_KEYS_FILE = "site-keys.json"
 FORMAT = 1
 
 
@@ -137,6 +140,30 @@ class SiteBook:
             assert key is not None, "an entry is accepted only from a site whose key is bound"
             if not key.newest_entry or LedgerEntry.from_json(key.newest_entry).sequence < entry.sequence:
                 key.newest_entry = entry.to_json()
+
+
+def write_key_history(sites: dict[str, BookedSite], run_dir: Path) -> None:
+    """The run's copy of each site's ledger keys: fingerprint, since when and how."""
+    history = {
+        name: [{"fingerprint": key.fingerprint, "since": key.since, "how": key.how} for key in site.ledger_keys]
+        for name, site in sorted(sites.items())
+    }
+    write_json_atomic(run_dir / SITE_KEYS_FILE, history)
+
+
+def key_changes(run_dir: Path) -> list[str]:
+    """One line per change of a site's ledger key in a run directory's copy; none without one."""
+    file = run_dir / SITE_KEYS_FILE
+    if not file.is_file():
+        return []
+    changes = []
+    for name, keys in json.loads(file.read_text(encoding="utf-8")).items():
+        for old, new in zip(keys, keys[1:]):
+            changes.append(
+                f"{name}: ledger key {old['fingerprint']} ({old['how']}, {old['since']}) replaced by "
+                f"{new['fingerprint']} ({new['how']}, {new['since']}); entries signed by the earlier key verify only against it"
+            )
+    return changes
 
 
 def now() -> str:

@@ -884,7 +884,7 @@ def test_every_entry_the_run_recorded_as_hospital_b_is_signed_by_hospital_bs_own
     assert len(as_b) == 1 and verify_signature(as_b[0], key)
 
 
-def test_a_site_unregistered_by_name_is_listed_unregistered_and_its_supernode_stops(
+def test_a_site_unregistered_by_name_is_listed_unregistered_and_its_supernode_says_why_it_stops(
     deployment: Deployment, run_with_an_impostor: ImpostorRun
 ) -> None:
     assert run_with_an_impostor.unregistered.returncode == 0, run_with_an_impostor.unregistered.stderr
@@ -892,4 +892,7 @@ def test_a_site_unregistered_by_name_is_listed_unregistered_and_its_supernode_st
     assert listed.returncode == 0, listed.stderr
     assert re.search(rf"^{IMPOSTOR}: node -, unregistered", listed.stdout, re.MULTILINE), listed.stdout
     assert re.search(r"^hospital-b: node \d+, online, newest entry \d+", listed.stdout, re.MULTILINE), listed.stdout
-    assert run_with_an_impostor.impostor_exit not in (None, 0), deployment.log(IMPOSTOR)
+    assert run_with_an_impostor.impostor_exit == 2, deployment.log(IMPOSTOR)
+    assert f"error: site hospital-b: the SuperLink no longer admits this SuperNode's key {IMPOSTOR}.key" in " ".join(
+        deployment.log(IMPOSTOR).split()
+    ), deployment.log(IMPOSTOR)

@@ -5,17 +5,21 @@ real Flower Messages, real signed entries from real site ledgers, and the book's
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 from common import protocol
-from common.privacy.ledger import LedgerEntry
+from common.privacy.ledger import LEDGER_FILE, LedgerEntry
+from deploy.site_registration import site_book_path
 from server.exchange import Exchange, ReplyTimeout
 from server.records import RoundReport
 from server.reply_checks import ReplyChecker, Update
-from server.site_book import BookedSite, LedgerKey, SiteBook, now
+from server.site_book import BookedSite, LedgerKey, SiteBook, now, write_key_history
 from server.site_registry import SiteRegistry
 from tests.test_reply_checks import RUN, RUN_ID, Site, check, instruction, rejected, serverapp_identity
 
@@ -162,3 +166,42 @@ def _resent(site: Site, update: Update) -> Message:
     record[protocol.SITE_LEDGER_ENTRY] = update.entry.to_json()
     reply.content[protocol.SITE] = ConfigRecord(record)
     return reply
+
+
+COHORT = str(Path(sys.executable).parent / "cohort")
+
+
+def _cohort(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [COHORT, *args], env={**os.environ, "FLWR_HOME": str(home)}, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_a_change_of_ledger_key_is_the_coordinators_command_and_the_runs_audit_shows_it(tmp_path: Path) -> None:
+    home, run_dir = tmp_path / "flwr", tmp_path / "run"
+    book = SiteBook(site_book_path(home, "hospitals"))
+    old, new = Site(tmp_path / "old", "hospital-a", node=11), Site(tmp_path / "new", "hospital-a", node=11)
+    book.first_ledger_key("hospital-a", old.key_pem, run_id=3)
+    result = _cohort(
+        "site", "ledger-key", "hospital-a", "hospitals", "--key", str(new.ledger.public_key_file), home=home
+    )
+    assert result.returncode == 0, result.stderr
+    fingerprints = [key.fingerprint for key in book.read()["hospital-a"].ledger_keys]
+    assert fingerprints[1] in " ".join(result.stdout.split())
+    run_dir.mkdir()
+    update = check(run_of(book), new.reply())
+    assert isinstance(update, Update)
+    (run_dir / LEDGER_FILE).write_text(update.entry.to_json() + "\n")
+    write_key_history(book.read(), run_dir)
+    audited = _cohort("audit", str(run_dir), home=home)
+    assert audited.returncode == 0, audited.stderr
+    said = " ".join(audited.stdout.split())
+    assert f"hospital-a: ledger key {fingerprints[0]} (first seen in run 3," in said
+    assert f"replaced by {fingerprints[1]} (set by the coordinator," in said
+
+
+def test_a_ledger_key_for_a_site_the_book_never_saw_is_refused_in_one_line(tmp_path: Path) -> None:
+    key = Site(tmp_path, "hospital-z", node=1).ledger.public_key_file
+    result = _cohort("site", "ledger-key", "hospital-z", "hospitals", "--key", str(key), home=tmp_path / "flwr")
+    assert result.returncode == 2 and result.stderr.startswith("error: no site hospital-z in "), result.stderr
+    assert "Traceback" not in result.stderr

@@ -120,7 +120,7 @@ class ReplyChecker:
         except _Rejected as rejected:
             return Rejection(
                 node,
-                self.registry.name_of(node) or f"node {node}",
+                self.registry.known_as(node),
                 Stage.TRAIN,
                 one_line(str(rejected)),
                 rejected.entry,
@@ -145,7 +145,7 @@ class ReplyChecker:
         except _Rejected as rejected:
             return Rejection(
                 node,
-                self.registry.name_of(node) or f"node {node}",
+                self.registry.known_as(node),
                 SecureStage.MASKED_INPUT,
                 one_line(str(rejected)),
                 rejected.entry,
@@ -163,9 +163,7 @@ class ReplyChecker:
             metrics = reply.content.metric_records.get(protocol.METRICS)
             return SiteEvaluation(node, name, _optional_metrics(metrics, _OPTIONAL_EVAL_METRICS))
         except _Rejected as rejected:
-            return Rejection(
-                node, self.registry.name_of(node) or f"node {node}", Stage.EVALUATE, one_line(str(rejected))
-            )
+            return Rejection(node, self.registry.known_as(node), Stage.EVALUATE, one_line(str(rejected)))
 
     def _check_train(
         self, server_round: int, reply: Message, node: int, global_arrays: ArrayRecord, live_nodes: set[int]

@@ -63,6 +63,10 @@ class SiteRegistry:
     def name_of(self, node: int) -> str | None:
         return self.registered.get(node) or self.nodes.get(node)
 
+    def known_as(self, node: int) -> str:
+        """The site's name once it has one, the node id before: what reports say."""
+        return self.name_of(node) or f"node {node}"
+
     def newest_entry_for(self, node: int) -> str:
         """The newest entry accepted from the site `node` speaks for; '' when none yet."""
         name = self.name_of(node)

@@ -612,6 +612,18 @@ def test_the_killed_sites_ledger_holds_each_release_once_and_the_runs_copy_only_
     )
 
 
+def test_a_site_that_declines_to_evaluate_is_not_asked_again_in_that_run(
+    run_with_a_site_killed_mid_round: KilledSiteRun, deployment: Deployment
+) -> None:
+    """Deployed sites decline evaluation by default; over three rounds each says so once
+    (the restarted site, whose name the coordinator knows from round 1 or learns again,
+    at most once)."""
+    log = deployment.log("run-killed-site")
+    declines = {site: log.count(f"site {site} does not evaluate models it is sent") for site in SITES}
+    assert declines == {**dict.fromkeys(set(SITES) - {KILLED_SITE}, 1), KILLED_SITE: declines[KILLED_SITE]}, declines
+    assert declines[KILLED_SITE] <= 1, declines
+
+
 @pytest.fixture(scope="module")
 def study_every_site_refused(deployment: Deployment) -> subprocess.CompletedProcess[str]:
     """`cohort run` of a study without DP: every site's policy forbids training without it

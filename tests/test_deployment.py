@@ -74,12 +74,14 @@ KILLED_SITE = "hospital-c"
 REPLY_TIMEOUT_S = 120
 SECURE_RUN_TIMEOUT_S = 900
 # The front door limits each client address; the sites all use 127.0.0.1, so the front
-# door is told three sites share it, and each test that plays an unauthenticated client
+# door is told the four registered SuperNodes share it, and each test that plays an unauthenticated client
 # on the network uses a loopback address of its own.
 SITES_ADDRESS = "127.0.0.1"
 # The impostor: a registered site that claims to be another (run_with_an_impostor).
 IMPOSTOR = "impostor"
-LIMITS = FleetLimits(sites_per_address=len(SITES) + 1)
+# Every site the coordinator registered: the hospitals and the impostor.
+REGISTERED = len(SITES) + 1
+LIMITS = FleetLimits(sites_per_address=REGISTERED)
 # How long an unregistered SuperNode may take to learn it and exit.
 UNREGISTERED_EXIT_S = 90
 MB = 1 << 20
@@ -358,7 +360,7 @@ def _assert_refused_by_the_front_door(result: subprocess.CompletedProcess[str], 
 
 def test_coordinator_flwr_on_loopback_lists_runs_and_nodes(deployment: Deployment) -> None:
     assert deployment.flwr_json("ls")["success"]
-    assert len(deployment.flwr_json("supernode", "list")["nodes"]) == len(SITES)
+    assert len(deployment.flwr_json("supernode", "list")["nodes"]) == REGISTERED
 
 
 def test_site_flwr_ls_through_the_front_door_is_refused(deployment: Deployment) -> None:
@@ -379,7 +381,7 @@ def test_site_flwr_supernode_register_through_the_front_door_is_refused(deployme
         deployment.run("hospital-a", ["flwr", "supernode", "register", str(intruder_key), SITE_CONNECTION]),
         "/v1/control/register-node",
     )
-    assert len(deployment.flwr_json("supernode", "list")["nodes"]) == len(SITES)
+    assert len(deployment.flwr_json("supernode", "list")["nodes"]) == REGISTERED
 
 
 def test_site_flwr_supernode_list_through_the_front_door_is_refused(deployment: Deployment) -> None:
@@ -859,7 +861,7 @@ def run_with_an_impostor(deployment: Deployment) -> ImpostorRun:
     command[command.index("--name") + 1] = "hospital-b"
     impostor = deployment.spawn(IMPOSTOR, command)
     try:
-        _wait_for_online(deployment, len(SITES) + 1)
+        _wait_for_online(deployment, REGISTERED)
         run = _submit(deployment, "run-impostor", 1)
         unregistered = deployment.run("coordinator", commands.unregister_command(IMPOSTOR, CONNECTION))
         try:

@@ -72,14 +72,18 @@ def run(runs_dir: Path) -> list[dict[str, Any]]:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| setting | accuracy | accountant's epsilon (site-0) | audited lower bound (95%) | m | r | right | run s | audit s |",
+        (
+            "| setting | accuracy | accountant's epsilon (site-0) | "
+            "audited lower bound (95%) | m | r | right | run s | audit s |"
+        ),
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         claimed = "none (no DP)" if row["accountant_epsilon"] is None else f"{row['accountant_epsilon']:.3f}"
         lines.append(
-            f"| {row['setting']} | {row['accuracy']:.3f} | {claimed} | {row['epsilon_lower_bound']:.3f} | {row['canaries']} | "
-            f"{row['guesses']} | {row['correct']} | {row['run_seconds']:.0f} | {row['audit_seconds']:.1f} |"
+            f"| {row['setting']} | {row['accuracy']:.3f} | {claimed} | {row['epsilon_lower_bound']:.3f} | "
+            f"{row['canaries']} | {row['guesses']} | {row['correct']} | {row['run_seconds']:.0f} | "
+            f"{row['audit_seconds']:.1f} |"
         )
     return "\n".join(lines)
 

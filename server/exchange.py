@@ -107,7 +107,7 @@ class Exchange:
         message.content = content
 
     def _error_reply(self, node: int, reply: Message, stage: str, report: RoundReport) -> None:
-        reason = one_line(reply.error.reason)
+        reason = one_line(reply.error.reason or "")
         if (
             stage != Stage.EVALUATE and reply.error.code == protocol.SITE_REFUSED
         ):  # a training stage, secure aggregation's included

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Callable
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord

@@ -13,6 +13,7 @@ checkpointed, so a resumed run holds every site to its key even without a book.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -114,7 +115,10 @@ class SiteRegistry:
         if entry.sequence <= site.sequence:
             return f"its ledger entry has sequence {entry.sequence}, not after the {site.sequence} it already sent"
         if site.sequence >= 0 and entry.sequence == site.sequence + 1 and entry.previous_hash != site.entry_hash:
-            return f"its ledger entry {entry.sequence} does not link to entry {site.sequence} it sent before: its ledger was rewritten"
+            return (
+                f"its ledger entry {entry.sequence} does not link to entry "
+                f"{site.sequence} it sent before: its ledger was rewritten"
+            )
         return None
 
     def accept(self, name: str, entry: LedgerEntry) -> None:
@@ -135,7 +139,7 @@ class SiteRegistry:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, dict[str, object]]) -> SiteRegistry:
+    def from_json(cls, data: dict[str, dict[str, Any]]) -> SiteRegistry:
         return cls(
             {
                 name: KnownSite(
@@ -143,7 +147,7 @@ class SiteRegistry:
                 )
                 for name, s in data.items()
             }
-        )  # type: ignore[call-overload]
+        )
 
 
 def _known(key: LedgerKey) -> KnownSite:

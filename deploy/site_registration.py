@@ -84,7 +84,8 @@ class Registrar:
             site = sites.get(name)
             if site is None or site.node_id is None:
                 raise CohortInputError(
-                    f"site {name} is not registered on {self.connection}; `cohort site list {self.connection}` lists those that are"
+                    f"site {name} is not registered on {self.connection}; "
+                    f"`cohort site list {self.connection}` lists those that are"
                 )
             node_id = site.node_id
             self._flwr("supernode", "unregister", str(node_id))
@@ -98,7 +99,8 @@ class Registrar:
             fingerprint = key_fingerprint(load_public_key(public_key_pem))
         except (OSError, ValueError, TypeError) as error:
             raise CohortInputError(
-                f"{public_key_pem} is not a site's ledger public key ({error}); ask the site for the ledger_key.pub.pem in its state directory"
+                f"{public_key_pem} is not a site's ledger public key ({error}); "
+                f"ask the site for the ledger_key.pub.pem in its state directory"
             ) from None
         pem = public_key_pem.read_text(encoding="ascii").strip() + "\n"
         with self.book.editing() as sites:
@@ -131,7 +133,8 @@ class Registrar:
             )
         except subprocess.TimeoutExpired:
             raise CohortInputError(
-                f"`flwr {' '.join(args[:2])}` on {self.connection} got no answer within {FLWR_TIMEOUT_S:.0f} s; is `cohort superlink` running?"
+                f"`flwr {' '.join(args[:2])}` on {self.connection} got no answer within {FLWR_TIMEOUT_S:.0f} s; "
+                f"is `cohort superlink` running?"
             ) from None
         try:
             answer = json.loads(result.stdout)

@@ -17,6 +17,7 @@ every change is a read, modify and atomic write under an exclusive lock on the b
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -158,10 +159,11 @@ def key_changes(run_dir: Path) -> list[str]:
         return []
     changes = []
     for name, keys in json.loads(file.read_text(encoding="utf-8")).items():
-        for old, new in zip(keys, keys[1:]):
+        for old, new in itertools.pairwise(keys):
             changes.append(
                 f"{name}: ledger key {old['fingerprint']} ({old['how']}, {old['since']}) replaced by "
-                f"{new['fingerprint']} ({new['how']}, {new['since']}); entries signed by the earlier key verify only against it"
+                f"{new['fingerprint']} ({new['how']}, {new['since']}); "
+                f"entries signed by the earlier key verify only against it"
             )
     return changes
 

@@ -79,7 +79,10 @@ class SiteRegistry:
         if self.registered:
             name = self.registered.get(node)
             if name is None:
-                return f"node {node} is not registered by name (the coordinator registers sites with `cohort site register`)"
+                return (
+                    f"node {node} is not registered by name "
+                    f"(the coordinator registers sites with `cohort site register`)"
+                )
             if name != claimed:
                 return f"node {node} is registered as {name} but claims to be {claimed}"
         bound = self.nodes.get(node)

@@ -17,6 +17,7 @@ from cli.terminal import echo_message, labelled, paragraph
 from common.privacy.ledger import load_public_key
 from common.private_files import private_dir
 from server.rundir import RunDirectory, write_bytes_atomic, write_json_atomic
+from server.site_book import key_changes
 
 console = Console()
 
@@ -72,6 +73,7 @@ def summary(
     report["empirical"] = None if empirical is None else {**empirical.to_json(), "verdict": verdict(empirical)}
     report["fairness"] = fairness
     report["warnings"] += [] if fairness is None else fairness["warnings"]
+    report["warnings"] += key_changes(path) if path.is_dir() else []
     plot = path / "plots" / PLOT_FILE
     fairness_plot = plot.read_bytes() if fairness is not None and plot.is_file() else None
     target = private_dir(out or _default_out(path))

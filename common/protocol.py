@@ -42,6 +42,10 @@ FAB_HASH = "fab-hash"
 
 CONFIG_ROUND = "server-round"
 CONFIG_PROXIMAL_MU = "proximal-mu"
+# In an instruction's CONFIG record: the newest signed ledger entry the coordinator has
+# accepted from the site it is sent to (LedgerEntry.to_json()), kept across runs in the
+# coordinator's site book. A site whose own ledger is behind an entry signed by its own
+# key knows it was restored from an older backup. Absent until the site's first release.
 SITE_NEWEST_ENTRY = "newest-ledger-entry"
 
 

@@ -48,6 +48,7 @@ from deploy.fleet_limits import OBJECT_ROUTE, FleetLimits
 from deploy.flower_runtime import offline_flower_env
 from deploy.front_door import REFUSAL, fleet_routes
 from deploy.launch import SITE_RUNNER_MODULE
+from deploy.site_registration import site_book_path
 from server.rundir import RunDirectory
 from simulations.local_superlink import free_port, stop_process_tree
 from tests.conftest import make_images
@@ -71,10 +72,16 @@ KILLED_SITE = "hospital-c"
 REPLY_TIMEOUT_S = 120
 SECURE_RUN_TIMEOUT_S = 900
 # The front door limits each client address; the sites all use 127.0.0.1, so the front
-# door is told three sites share it, and each test that plays an unauthenticated client
+# door is told the four registered SuperNodes share it, and each test that plays an unauthenticated client
 # on the network uses a loopback address of its own.
 SITES_ADDRESS = "127.0.0.1"
-LIMITS = FleetLimits(sites_per_address=len(SITES))
+# The impostor: a registered site that claims to be another (run_with_an_impostor).
+IMPOSTOR = "impostor"
+# Every site the coordinator registered: the hospitals and the impostor.
+REGISTERED = len(SITES) + 1
+LIMITS = FleetLimits(sites_per_address=REGISTERED)
+# How long an unregistered SuperNode may take to learn it and exit.
+UNREGISTERED_EXIT_S = 90
 MB = 1 << 20
 # How much the SuperLink may grow while anyone pushes bulk bodies at the front door.
 MEMORY_BOUND = 64 * MB
@@ -110,6 +117,11 @@ class Deployment:
     @property
     def local_address(self) -> str:
         return f"127.0.0.1:{self.local_port}"
+
+    @property
+    def site_book(self) -> Path:
+        """Where `cohort site register` keeps the sites by name; `flwr run` must be told it."""
+        return site_book_path(self.home("coordinator"), CONNECTION)
 
     def home(self, role: str) -> Path:
         return self.root / "homes" / role
@@ -178,7 +190,7 @@ class Deployment:
 
 def _write_data(directory: Path) -> None:
     directory.mkdir(parents=True)
-    for seed, name in enumerate([*SITES, "intruder", "coordinator"]):
+    for seed, name in enumerate([*SITES, "intruder", IMPOSTOR, "coordinator"]):
         images, labels = make_images(160, seed=seed + 10)
         np.savez(directory / f"{name}.npz", train_images=images, train_labels=labels[:, None])
 
@@ -220,7 +232,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     deployment = Deployment(tmp_path_factory.mktemp("deployment"), free_port(), free_port())
     (deployment.root / "logs").mkdir()
     init_certificates(deployment.certs.root, ["localhost"], passphrase=PASSPHRASE)
-    for site in [*SITES, "intruder"]:
+    for site in [*SITES, "intruder", IMPOSTOR]:
         create_site_key(deployment.site_keys(site).root, site)
     _write_data(deployment.root / "data")
     try:
@@ -240,9 +252,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             "coordinator", commands.connect_command(CONNECTION, deployment.local_address, deployment.certs.ca_cert)
         )
         assert connect.returncode == 0, connect.stderr
-        for site in SITES:
+        for site in [*SITES, IMPOSTOR]:
             registered = deployment.run(
-                "coordinator", commands.register_command(_receive_public_key(deployment, site), CONNECTION)
+                "coordinator", commands.register_command(_receive_public_key(deployment, site), site, CONNECTION)
             )
             assert registered.returncode == 0, registered.stdout + registered.stderr
         for site in SITES:
@@ -275,7 +287,8 @@ def _submit(deployment: Deployment, run_dir: str, rounds: int, *settings: str, t
     """A DP run over the three sites, submitted with stock `flwr run` and waited for; Flower's record of it."""
     run_config = (
         f"rounds={rounds} dataset='{deployment.root / 'data' / 'coordinator.npz'}' "
-        f"run-dir='{deployment.root / run_dir}' min-sites=3 batch-size=32 local-epochs=1 {' '.join(settings)}"
+        f"run-dir='{deployment.root / run_dir}' min-sites=3 batch-size=32 local-epochs=1 "
+        f"site-book='{deployment.site_book}' {' '.join(settings)}"
     )
     result = deployment.run("coordinator", commands.run_command(APP_DIR, CONNECTION, run_config), timeout=timeout)
     started = re.search(r"Successfully started run (\d+)", result.stdout)
@@ -380,7 +393,7 @@ def _assert_refused_by_the_front_door(result: subprocess.CompletedProcess[str], 
 
 def test_coordinator_flwr_on_loopback_lists_runs_and_nodes(deployment: Deployment) -> None:
     assert deployment.flwr_json("ls")["success"]
-    assert len(deployment.flwr_json("supernode", "list")["nodes"]) == len(SITES)
+    assert len(deployment.flwr_json("supernode", "list")["nodes"]) == REGISTERED
 
 
 def test_site_flwr_ls_through_the_front_door_is_refused(deployment: Deployment) -> None:
@@ -401,7 +414,7 @@ def test_site_flwr_supernode_register_through_the_front_door_is_refused(deployme
         deployment.run("hospital-a", ["flwr", "supernode", "register", str(intruder_key), SITE_CONNECTION]),
         "/v1/control/register-node",
     )
-    assert len(deployment.flwr_json("supernode", "list")["nodes"]) == len(SITES)
+    assert len(deployment.flwr_json("supernode", "list")["nodes"]) == REGISTERED
 
 
 def test_site_flwr_supernode_list_through_the_front_door_is_refused(deployment: Deployment) -> None:
@@ -561,7 +574,7 @@ def run_with_a_site_killed_mid_round(deployment: Deployment, finished_run: dict)
     run_dir = deployment.root / "run-killed-site"
     run_config = (
         f"rounds=3 dataset='{deployment.root / 'data' / 'coordinator.npz'}' run-dir='{run_dir}' min-sites=2 "
-        f"batch-size=32 local-epochs=1 reply-timeout={REPLY_TIMEOUT_S}"
+        f"batch-size=32 local-epochs=1 reply-timeout={REPLY_TIMEOUT_S} site-book='{deployment.site_book}'"
     )
     log = (deployment.root / "logs" / "run-killed-site.log").open("wb")
     command = _local(commands.run_command(APP_DIR, CONNECTION, run_config))
@@ -615,11 +628,11 @@ def test_a_site_killed_mid_round_fails_that_round_after_the_reply_timeout_and_th
     summary = RunDirectory(killed.run_dir).read_summary()
     assert summary is not None and summary.rounds == 3 and not summary.stop_reason, summary
     first = RunDirectory(killed.run_dir).read_metrics()[0]
-    # The server learns a node's name from its replies in this run; this one never answered.
+    # The server knows the node by its registered name, although it never answered this run.
     # Either the timeout ends its wait, or the SuperLink answers for the node first, once
     # it has missed two heartbeats (Flower's interval is 30 s).
-    ((node, site, stage, reason),) = [(f.node, f.site, f.stage, f.reason) for f in first.failures]
-    assert (site, stage) == (f"node {node}", "train")
+    ((site, stage, reason),) = [(f.site, f.stage, f.reason) for f in first.failures]
+    assert (site, stage) == (KILLED_SITE, "train")
     assert reason == f"no reply within {REPLY_TIMEOUT_S}s" or "Node Unavailable" in reason, reason
     assert sorted(site for site, values in first.sites.items() if values.trained) == sorted(set(SITES) - {KILLED_SITE})
 
@@ -964,3 +977,74 @@ def test_the_federation_was_never_throttled_nor_refused_a_body(
         if f"client: {SITES_ADDRESS}," in line and any(r in line for r in refused)
     ]
     assert not refusals, refusals
+
+
+@dataclass(frozen=True)
+class ImpostorRun:
+    """impostor_exit: the impostor SuperNode's exit code once unregistered (None: still running)."""
+
+    run_dir: Path
+    status: str
+    unregistered: subprocess.CompletedProcess[str]
+    listed: subprocess.CompletedProcess[str]
+    impostor_exit: int | None
+
+
+@pytest.fixture(scope="module")
+def run_with_an_impostor(deployment: Deployment) -> ImpostorRun:
+    """The registered site `impostor` starts its SuperNode with its own key as `--name
+    hospital-b`, beside the real hospital-b, for a run of one round; then the coordinator
+    unregisters it by name."""
+    command = deployment.supernode(IMPOSTOR, deployment.site_keys(IMPOSTOR).site_key(IMPOSTOR))
+    command[command.index("--name") + 1] = "hospital-b"
+    impostor = deployment.spawn(IMPOSTOR, command)
+    try:
+        _wait_for_online(deployment, REGISTERED)
+        run = _submit(deployment, "run-impostor", 1)
+        unregistered = deployment.run("coordinator", commands.unregister_command(IMPOSTOR, CONNECTION))
+        try:
+            exit_code: int | None = impostor.wait(timeout=UNREGISTERED_EXIT_S)
+        except subprocess.TimeoutExpired:
+            exit_code = None
+        listed = deployment.run("coordinator", ["cohort", "site", "list", CONNECTION])
+    finally:
+        stop_process_tree(impostor.pid)
+        impostor.wait()
+    return ImpostorRun(deployment.root / "run-impostor", run["status"], unregistered, listed, exit_code)
+
+
+def test_a_registered_site_claiming_another_sites_name_is_rejected_under_its_own_name(
+    run_with_an_impostor: ImpostorRun,
+) -> None:
+    assert run_with_an_impostor.status == "finished:completed", run_with_an_impostor
+    (record,) = RunDirectory(run_with_an_impostor.run_dir).read_metrics()
+    assert [(r.site, r.reason) for r in record.rejected] == [
+        (IMPOSTOR, f"node {r.node} is registered as {IMPOSTOR} but claims to be hospital-b") for r in record.rejected
+    ]
+    assert len(record.rejected) == 1, record.rejected
+    assert sorted(site for site, values in record.sites.items() if values.trained) == sorted(SITES)
+
+
+def test_every_entry_the_run_recorded_as_hospital_b_is_signed_by_hospital_bs_own_key(
+    deployment: Deployment, run_with_an_impostor: ImpostorRun
+) -> None:
+    key = load_public_key(deployment.root / "state" / "hospital-b" / "ledger_key.pub.pem")
+    copied = [
+        LedgerEntry.from_json(line) for line in (run_with_an_impostor.run_dir / LEDGER_FILE).read_text().splitlines()
+    ]
+    as_b = [entry for entry in copied if entry.record.site == "hospital-b"]
+    assert len(as_b) == 1 and verify_signature(as_b[0], key)
+
+
+def test_a_site_unregistered_by_name_is_listed_unregistered_and_its_supernode_says_why_it_stops(
+    deployment: Deployment, run_with_an_impostor: ImpostorRun
+) -> None:
+    assert run_with_an_impostor.unregistered.returncode == 0, run_with_an_impostor.unregistered.stderr
+    listed = run_with_an_impostor.listed
+    assert listed.returncode == 0, listed.stderr
+    assert re.search(rf"^{IMPOSTOR}: node -, unregistered", listed.stdout, re.MULTILINE), listed.stdout
+    assert re.search(r"^hospital-b: node \d+, online, newest entry \d+", listed.stdout, re.MULTILINE), listed.stdout
+    assert run_with_an_impostor.impostor_exit == 2, deployment.log(IMPOSTOR)
+    assert f"error: site hospital-b: the SuperLink no longer admits this SuperNode's key {IMPOSTOR}.key" in " ".join(
+        deployment.log(IMPOSTOR).split()
+    ), deployment.log(IMPOSTOR)

@@ -276,10 +276,12 @@ def ask(msg: Message, context: Context) -> Message:
             ),
         )
     metrics = MetricRecord({protocol.STUDY_EPSILON: granted.epsilon})
-    return Message(
-        content=RecordDict({protocol.METRICS: metrics, protocol.SITE: ConfigRecord({protocol.SITE_NAME: site.name})}),
-        reply_to=msg,
+    # The ledger key lets the coordinator know which node is this site before round 1, so
+    # that round 1's instruction already carries the newest entry it holds from the site.
+    site_record = ConfigRecord(
+        {protocol.SITE_NAME: site.name, protocol.SITE_LEDGER_KEY: ledger.public_key_file.read_text(encoding="ascii")}
     )
+    return Message(content=RecordDict({protocol.METRICS: metrics, protocol.SITE: site_record}), reply_to=msg)
 
 
 def _noise(run: SiteRunConfig, privacy: PrivacyState | None, steps: int = 0) -> Noise:

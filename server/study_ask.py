@@ -11,7 +11,7 @@ left and its per-study cap, so a refusal says the site has less left than the st
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import INFO, WARNING
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
@@ -23,14 +23,23 @@ from server.records import RoundReport, Stage
 
 
 def ask_sites(grid: Grid, exchange: Exchange, report: RoundReport) -> dict[str, float]:
-    """Each site's grant to the study, by the name it answers with; refusals go into `report`."""
+    """Each site's grant to the study, by the name it answers with; refusals go into `report`.
+    An answer binds its node to the name and ledger key it gives, as a first reply in a
+    round does (server.site_registry), so round 1's instructions carry each site's newest
+    entry."""
     ask = RecordDict({protocol.CONFIG: ConfigRecord({protocol.CONFIG_ROUND: 0})})
     messages = [Message(ask, dst_node_id=node, message_type=MessageType.QUERY) for node in grid.get_node_ids()]
     grants: dict[str, float] = {}
+    live = set(grid.get_node_ids())
     for node, reply in exchange.send(messages, Stage.ASK, report):
         site = reply.content.config_records.get(protocol.SITE)
         metrics = reply.content.metric_records.get(protocol.METRICS)
         name = str(site[protocol.SITE_NAME]) if site is not None and protocol.SITE_NAME in site else f"node {node}"
+        key = site.get(protocol.SITE_LEDGER_KEY) if site is not None else None
+        problem = exchange.registry.admit(node, name, key, live) if isinstance(key, str) else "sent no ledger key"
+        if problem is not None:
+            log(WARNING, "Study: the answer of %s is not counted: %s", exchange.registry.known_as(node), problem)
+            continue
         granted = metrics.get(protocol.STUDY_EPSILON) if metrics is not None else None
         if isinstance(granted, int | float):
             grants[name] = float(granted)

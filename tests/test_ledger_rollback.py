@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,22 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from common import protocol
 from common.models.registry import build_model
-from common.privacy.ledger import GENESIS_HASH, LEDGER_FILE, LedgerEntry, SiteLedger, sign_entry, sign_head, write_head
+from common.privacy.accounting import PrivacyState
+from common.privacy.ledger import (
+    GENESIS_HASH,
+    LEDGER_FILE,
+    LedgerEntry,
+    LedgerRecord,
+    RecordKind,
+    SiteLedger,
+    history_of,
+    sign_entry,
+    sign_head,
+    write_head,
+)
 from deploy.launch import init_site_state
+from simulations.in_process import InProcessGrid, run_in_process
+from tests.conftest import flower_task_identity
 
 COHORT = [sys.executable, "-m", "cli.main"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,3 +156,64 @@ def test_an_import_that_cannot_link_says_which_record_is_missing(
     )  # fmt: skip
     assert result.returncode == 1
     assert "the copies hold this site's record(s) 2 but not record 1" in result.stderr
+
+
+@dataclass(frozen=True)
+class RestoredFederation:
+    """Studies on one federation home: A, then site-0's state directory backed up, B, the
+    backup restored, C; then `cohort site import` from B's run directory, and D."""
+
+    home: Path
+    after_restore: InProcessGrid
+    imported: subprocess.CompletedProcess[str]
+    after_import: InProcessGrid
+
+
+@pytest.fixture(scope="module")
+def restored_federation(tmp_path_factory: pytest.TempPathFactory) -> RestoredFederation:
+    """The coordinator's ServerApp and the sites' own ClientApp in this process: the
+    coordinator's site book (federation-home/site-book.json) carries site-0's newest entry
+    from run to run, and the study's ask tells it which node is site-0 before round 1."""
+    root = tmp_path_factory.mktemp("restored")
+    home = root / "federation"
+
+    def study(name: str, run_id: int) -> InProcessGrid:
+        settings = {"rounds": 1, "study-epsilon": 2.0, "federation-home": str(home), "noise-source": "seeded"}
+        return run_in_process(settings, 3, root / name, run_id=run_id)
+
+    with flower_task_identity():
+        study("a", 1)
+        shutil.copytree(home / "site-0", root / "backup")
+        study("b", 2)
+        shutil.rmtree(home / "site-0")
+        shutil.copytree(root / "backup", home / "site-0")
+        after_restore = study("c", 3)
+        imported = subprocess.run(
+            [*COHORT, "site", "import", "--state-dir", str(home / "site-0"), str(root / "b")],
+            capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
+        )  # fmt: skip
+        after_import = study("d", 4)
+    return RestoredFederation(home, after_restore, imported, after_import)
+
+
+def _site_releases(home: Path, site: str) -> list[LedgerRecord]:
+    return [e.record for e in SiteLedger(home / site).verified_entries() if e.record.kind == RecordKind.RELEASE]
+
+
+def test_a_simulated_site_restored_from_backup_refuses_round_1_of_the_next_study(
+    restored_federation: RestoredFederation,
+) -> None:
+    refused = [reply.error.reason for reply in restored_federation.after_restore.received if reply.has_error()]
+    assert len(refused) == 1 and refused[0].startswith("site site-0 refuses to train: its ledger holds"), refused
+    assert "cohort site import" in refused[0]
+    assert [r.run_id for r in _site_releases(restored_federation.home, "site-1")][-2:] == [3, 4]
+
+
+def test_after_the_import_the_site_trains_and_its_releases_compose_within_its_budget(
+    restored_federation: RestoredFederation,
+) -> None:
+    assert restored_federation.imported.returncode == 0, restored_federation.imported.stderr
+    releases = _site_releases(restored_federation.home, "site-0")
+    assert [r.run_id for r in releases] == [1, 2, 4]
+    composed = PrivacyState(1.0, 1.0, "rdp", history_of(releases)).epsilon(releases[-1].delta)
+    assert composed == pytest.approx(releases[-1].epsilon, rel=1e-9) and composed <= releases[-1].budget_epsilon

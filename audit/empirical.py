@@ -28,9 +28,10 @@ from server.run_config import RunConfig
 from server.rundir import RunDirectory
 
 EMPIRICAL_AUDIT_FILE = "empirical_audit.json"
+# observer -> (what it sees, who sees that)
 VIEWS = {
-    "transcript": "the canary site's update of every round (what the coordinator sees)",
-    "final-model": "the final global model alone (what anyone given the model sees)",
+    "transcript": ("the canary site's update of every round", "what the coordinator sees"),
+    "final-model": ("the final global model alone", "what anyone given the model sees"),
 }
 KINDS = {"dirac": "gradient-space (Dirac) canaries", "input": "input-space canaries (wrong-labelled images)"}
 
@@ -71,24 +72,26 @@ class EmpiricalAudit:
     @property
     def source(self) -> str:
         """Which canaries, scored on what, produced the bound."""
-        return f"{KINDS[self.canary_kind]} scored on {VIEWS[self.observer]}"
+        view, who = VIEWS[self.observer]
+        return f"{KINDS[self.canary_kind]} scored on {view} ({who})"
 
     @property
     def scope(self) -> tuple[str, str]:
         """What the bound can show, and what it cannot."""
-        dirac = self.canary_kind == "dirac"
-        tested = "noise, sampling or accounting" if dirac else "noise, sampling, clipping or accounting"
         can = (
             f"can show: {self.site} leaks at least this epsilon about one of its examples to whoever sees "
-            f"{VIEWS[self.observer].split(' (')[0]}; above the accountant's epsilon it proves a bug in the DP "
-            f"implementation ({tested})"
+            f"{VIEWS[self.observer][0]}; above the accountant's epsilon it proves a bug in the DP "
+            "implementation (noise, sampling, clipping or accounting)"
         )
         cannot = (
             "cannot show: that the run is private (a lower bound only: a stronger attack may find more), nor any "
             f"epsilon above {self.ceiling:.2f}, the most {self.canaries} canaries and {self.guesses} guesses can show"
         )
-        if dirac:
-            cannot += "; a gradient canary sits at the clip norm, so a clipping bug escapes it"
+        if self.canary_kind == "dirac":
+            cannot += (
+                "; a gradient canary's gradient is set, not computed by the model, so a bug in per-sample "
+                "gradients escapes it"
+            )
         return can, cannot
 
     def to_json(self) -> dict[str, object]:

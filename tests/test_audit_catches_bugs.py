@@ -2,10 +2,11 @@
 
 Small federations in one process (simulations.in_process: the real ServerApp, ClientApps,
 Opacus and ledgers, without Flower's transport) at a claimed epsilon of 1. In one, every
-site draws a twentieth of the noise it planned and recorded: a DP bug, injected here
-through the sites' noise source, which no production path reaches. The others are correct,
-over seeds. The audit scores its default canaries (gradient-space) on its default observer
-(the canary site's update of every round).
+site draws a twentieth of the noise it planned and recorded: a DP bug, injected through
+the in-process sites' noise source (simulations.injected_bug), which no Flower simulation
+or deployed site runs. The others are correct, over seeds. The audit scores its default
+canaries (gradient-space) on its default observer (the canary site's update of every
+round).
 """
 
 from __future__ import annotations
@@ -13,18 +14,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-import torch
 from flwr.supercore.task_identity import TaskIdentity
 
-import client.app
 from audit.empirical import audit_run, verdict
-from common.privacy.noise import NoiseSource
 from simulations.in_process import run_in_process
+from simulations.injected_bug import noise_cut_to
 from tests.conftest import COHORT
 
 SITES = 3
@@ -34,24 +32,6 @@ BUGGY_SEED = 42
 CORRECT_SEEDS = (BUGGY_SEED, 7)
 
 
-@dataclass(frozen=True)
-class QuietNoise:
-    """The bug: Gaussian noise at a share of the std DP-SGD asks for; everything else as asked."""
-
-    source: NoiseSource
-    share: float
-
-    @property
-    def name(self) -> str:
-        return self.source.name
-
-    def gaussian(self, count: int, std: float) -> torch.Tensor:
-        return self.source.gaussian(count, std * self.share)
-
-    def uniform(self, count: int) -> torch.Tensor:
-        return self.source.uniform(count)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     """One buggy run and the correct ones, each its own run directory."""
@@ -59,11 +39,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
     root = tmp_path_factory.mktemp("audited")
     paths = {}
-    with pytest.MonkeyPatch.context() as patch:
-        honest = client.app.site_noise_source
-        patch.setattr(
-            client.app, "site_noise_source", lambda *args, **kwargs: QuietNoise(honest(*args, **kwargs), NOISE_SHARE)
-        )
+    with noise_cut_to(NOISE_SHARE):
         paths["buggy"] = _run(root / "buggy", {**CLAIMED, "seed": BUGGY_SEED})
     for seed in CORRECT_SEEDS:
         paths[f"seed-{seed}"] = _run(root / f"seed-{seed}", {**CLAIMED, "seed": seed})

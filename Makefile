@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cohort-installed
 
-.PHONY: setup browser nginx systemd demo test benchmark clean
+.PHONY: setup browser nginx systemd demo lint test benchmark clean
 
 setup: $(STAMP)
 
@@ -37,14 +37,21 @@ nginx:
 systemd:
 	@command -v systemd-analyze >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; } || echo "systemd-analyze is not installed: the service unit tests will be skipped"
 
+# The code's habits, checked before any test runs: one format (ruff format), the lint rules
+# and the types (mypy), all configured in pyproject.toml. Any finding fails `make test`.
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
 # Two workers, each taking whole test files (a file's shared federation starts once): much
 # of a federation test is waiting on timeouts and process starts, which the other worker
 # fills. `pytest tests/test_x.py` alone still runs serially.
-test: setup browser nginx systemd
+test: setup lint browser nginx systemd
 	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=25
 
 benchmark: setup
 	$(BIN)/python -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -48,11 +48,13 @@ def compare_accountants(history: tuple[HistoryEntry, ...], delta: float) -> Acco
         warnings.append(f"PRV accountant could not compute epsilon ({error})")
     if pld_epsilon > rdp_epsilon * (1 + RDP_SLACK):
         warnings.append(
-            f"PLD epsilon {pld_epsilon:.3f} is above RDP epsilon {rdp_epsilon:.3f}; RDP is an upper bound, so one of them is wrong"
+            f"PLD epsilon {pld_epsilon:.3f} is above RDP epsilon "
+            f"{rdp_epsilon:.3f}; RDP is an upper bound, so one of them is wrong"
         )
     if prv_epsilon is not None and abs(prv_epsilon - pld_epsilon) > PRV_PLD_TOLERANCE * pld_epsilon:
         warnings.append(
-            f"PRV epsilon {prv_epsilon:.3f} and PLD epsilon {pld_epsilon:.3f} differ by more than {PRV_PLD_TOLERANCE:.0%}"
+            f"PRV epsilon {prv_epsilon:.3f} and PLD epsilon "
+            f"{pld_epsilon:.3f} differ by more than {PRV_PLD_TOLERANCE:.0%}"
         )
     return AccountantComparison(rdp_epsilon, prv_epsilon, pld_epsilon, warnings)
 

@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,8 +104,8 @@ class EmpiricalAudit:
         }
 
     @classmethod
-    def from_json(cls, saved: dict[str, object]) -> EmpiricalAudit:
-        return cls(**{f.name: saved[f.name] for f in fields(cls)})  # type: ignore[arg-type]
+    def from_json(cls, saved: dict[str, Any]) -> EmpiricalAudit:
+        return cls(**{f.name: saved[f.name] for f in fields(cls)})
 
 
 def audit_run(run_dir: Path, guesses: int | None = None) -> EmpiricalAudit:

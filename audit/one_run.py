@@ -73,8 +73,8 @@ def require_power(canaries: int, guesses: int, delta: float, confidence: float =
     """Refuse an audit that could certify nothing even if every guess were right."""
     if guesses < 1 or epsilon_lower_bound(Guesses(canaries, guesses, guesses), delta, confidence) == 0.0:
         raise CohortInputError(
-            f"{canaries} canaries with {guesses} guesses cannot show any leakage at {confidence:.0%} confidence, even if "
-            "every guess were right; use more canaries (audit-canaries, 100 or more) or more guesses (--guesses)"
+            f"{canaries} canaries with {guesses} guesses cannot show any leakage at {confidence:.0%} confidence, even "
+            "if every guess were right; use more canaries (audit-canaries, 100 or more) or more guesses (--guesses)"
         )
 
 

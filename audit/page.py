@@ -10,8 +10,8 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 
 def render_page(report: dict[str, Any], fairness_plot: bytes | None = None) -> str:
@@ -28,7 +28,8 @@ th:first-child, td:first-child, td:last-child {{ text-align: left; }}
 .warn {{ color: #a30; }}
 </style></head><body>
 <h1>Privacy audit</h1>
-<p>Source: <code>{html.escape(report["source"])}</code>, generated {html.escape(report["generated_at"])} ({report["schema"]}).
+<p>Source: <code>{html.escape(report["source"])}</code>,
+generated {html.escape(report["generated_at"])} ({report["schema"]}).
 Every epsilon is recomputed from the sites' ledgers; RDP is the enforced figure.</p>
 <table><tr><th>site</th><th>epsilon (total)</th><th>epsilon (this run)</th><th>budget</th><th>delta</th>
 <th>PRV</th><th>PLD</th><th>sigma</th><th>q</th><th>C</th><th>steps</th><th>releases</th><th>refusals</th><th>chain</th>
@@ -53,10 +54,11 @@ def _empirical_section(empirical: dict[str, Any] | None) -> str:
     )
     style = ' class="warn"' if empirical["contradicts_accountant"] else ""
     return f"""<h2>Empirical privacy audit</h2>
-<p>One-run audit (Steinke, Nasr and Jagielski, NeurIPS 2023) at {html.escape(empirical["site"])}: {empirical["canaries"]}
-canaries, {empirical["included"]} of them trained on. The bound comes from {html.escape(empirical["source"])};
-score: {html.escape(empirical["score"])}.</p>
-<table><tr><th>guesses</th><th>right</th><th>delta</th><th>confidence</th><th>epsilon lower bound</th><th>accountant's epsilon</th></tr>
+<p>One-run audit (Steinke, Nasr and Jagielski, NeurIPS 2023) at {html.escape(empirical["site"])}:
+{empirical["canaries"]} canaries, {empirical["included"]} of them trained on.
+The bound comes from {html.escape(empirical["source"])}; score: {html.escape(empirical["score"])}.</p>
+<table><tr><th>guesses</th><th>right</th><th>delta</th><th>confidence</th><th>epsilon lower bound</th>
+<th>accountant's epsilon</th></tr>
 <tr><td>{empirical["guesses"]}</td><td>{empirical["correct"]}</td><td>{empirical["delta"]:g}</td><td>{empirical["confidence"]:.0%}</td>
 <td>{empirical["epsilon_lower_bound"]:.3f}</td><td>{claimed}</td></tr></table>
 <p{style}>{html.escape(empirical["verdict"])}</p>
@@ -80,14 +82,19 @@ def _fairness_section(fairness: dict[str, Any] | None, plot: bytes | None) -> st
     image = (
         ""
         if plot is None
-        else f'<img alt="validation accuracy by site and round, worst site highlighted" src="data:image/png;base64,{base64.b64encode(plot).decode()}">'
+        else (
+            '<img alt="validation accuracy by site and round, worst site highlighted" '
+            f'src="data:image/png;base64,{base64.b64encode(plot).decode()}">'
+        )
     )
     ratio = "-" if across["worst_over_best"] is None else f"{across['worst_over_best']:.3f}"
     return f"""<h2>Who the model works for</h2>
 <p>{html.escape(fairness["model"])}; exact 95% intervals.</p>
-<table><tr><th>site</th><th>accuracy</th><th>95% interval</th><th>loss</th><th>train examples</th><th>val examples</th><th>train examples per class</th></tr>
+<table><tr><th>site</th><th>accuracy</th><th>95% interval</th><th>loss</th><th>train examples</th><th>val examples</th>
+<th>train examples per class</th></tr>
 {rows}</table>
-<p>Worst {html.escape(across["worst_site"])} {across["worst"]:.3f}, best {html.escape(across["best_site"])} {across["best"]:.3f},
+<p>Worst {html.escape(across["worst_site"])} {across["worst"]:.3f},
+best {html.escape(across["best_site"])} {across["best"]:.3f},
 mean {across["mean"]:.3f}, spread {across["spread"]:.3f}, standard deviation {across["std"]:.3f}, worst/best {ratio}.
 Test accuracy by class: {classes}.</p>
 {warnings}{image}

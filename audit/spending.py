@@ -54,8 +54,10 @@ from common.privacy.skellam import epsilon as skellam_epsilon
 SCHEMA = "cohort-audit/1"
 NEAR_EXHAUSTION = 0.9
 # What each ledger `sampling` value assumes; an epsilon is only as true as its assumption.
-SAMPLING_ASSUMPTIONS = {
-    Sampling.POISSON: "Poisson sampling: every example joins every step independently with probability q (Opacus' sampler)",
+SAMPLING_ASSUMPTIONS: dict[str, str] = {
+    Sampling.POISSON: (
+        "Poisson sampling: every example joins every step independently with probability q (Opacus' sampler)"
+    ),
     Sampling.NONE: "no amplification by sampling claimed: every release counts in full (q = 1)",
 }
 
@@ -175,11 +177,17 @@ def _skellam(releases: list[LedgerRecord]) -> bool:
 
 def _non_private_warning(records: list[LedgerRecord], rounds: int) -> str:
     if all(r.mechanism == Mechanism.CLIENT_LEVEL_DP_FEDAVG for r in records if r.kind == RecordKind.NON_PRIVATE):
-        return f"sent {rounds} update(s) without local DP: only the coordinator's client-level DP (its server ledger) protects them"
+        return (
+            f"sent {rounds} update(s) without local DP: only the "
+            "coordinator's client-level DP (its server ledger) protects them"
+        )
     if all(
         r.mechanism == Mechanism.CLIENT_LEVEL_DISTRIBUTED_SKELLAM for r in records if r.kind == RecordKind.NON_PRIVATE
     ):
-        return f"sent {rounds} masked update(s) with a share of the noise: the sum of all sites' shares protects them (the server ledger's distributed client-level DP)"
+        return (
+            f"sent {rounds} masked update(s) with a share of the noise: the sum of all sites' shares protects them "
+            "(the server ledger's distributed client-level DP)"
+        )
     return f"trained without differential privacy in {rounds} round(s): those releases carry no guarantee"
 
 

@@ -59,7 +59,7 @@ def run_cell(attack: str | None, strategy: str, dp: str, rounds: int, runs_dir: 
     for setting in settings:
         command += ["--set", setting]
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
     run_dirs = list(target.glob("*")) if target.exists() else []
     summary = RunDirectory(run_dirs[0]).read_summary() if run_dirs else None
@@ -75,7 +75,7 @@ def run_cell(attack: str | None, strategy: str, dp: str, rounds: int, runs_dir: 
         "attack": attack or "clean",
         "strategy": strategy,
         "dp": dp,
-        "accuracy": round(summary.final_accuracy, 4),
+        "accuracy": None if summary.final_accuracy is None else round(summary.final_accuracy, 4),
         "rounds": summary.rounds,
         "rejected": {site: r.count for site, r in summary.rejected.items()},
         "failures": sum(len(m.failures) for m in metrics),

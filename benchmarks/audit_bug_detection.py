@@ -65,17 +65,19 @@ def run(runs_dir: Path) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| claimed epsilon | accountant's epsilon | m | r | right | lower bound (95%) | ceiling | PRIVACY BUG | run s |",
+    header = [
+        "| claimed epsilon | accountant's epsilon | m | r | right | bound (95%) | ceiling | PRIVACY BUG | run s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for row in rows:
-        lines.append(
-            f"| {row['claimed_epsilon']:g} | {row['accountant_epsilon']:.3f} | {row['canaries']} | {row['guesses']} | "
-            f"{row['correct']} | {row['epsilon_lower_bound']:.3f} | {row['ceiling']:.2f} | "
-            f"{'yes' if row['caught'] else 'no'} | {row['run_seconds']:.0f} |"
-        )
-    return "\n".join(lines)
+    return "\n".join(header + [_line(row) for row in rows])
+
+
+def _line(row: dict[str, Any]) -> str:
+    return (
+        f"| {row['claimed_epsilon']:g} | {row['accountant_epsilon']:.3f} | {row['canaries']} | {row['guesses']} | "
+        f"{row['correct']} | {row['epsilon_lower_bound']:.3f} | {row['ceiling']:.2f} | "
+        f"{'yes' if row['caught'] else 'no'} | {row['run_seconds']:.0f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -56,7 +56,10 @@ def run(
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| configuration | seeds | under DP: mean (min-max) | largest site epsilon | without DP: mean (min-max) | DP - no DP | goal | met |",
+        (
+            "| configuration | seeds | under DP: mean (min-max) | largest site epsilon | without DP: mean (min-max) | "
+            "DP - no DP | goal | met |"
+        ),
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for config in dict.fromkeys(r["config"] for r in rows):
@@ -68,7 +71,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         gap = "-" if dp_mean is None or plain_mean is None else f"{dp_mean - plain_mean:+.3f}"
         seeds = ", ".join(str(s) for s in sorted({r["seed"] for r in private + plain}))
         lines.append(
-            f"| `{config}` | {seeds} | {_cell(private)} | {'-' if epsilon is None else f'{epsilon:.3f}'} | {_cell(plain)} | {gap} | {goal} | {met} |"
+            f"| `{config}` | {seeds} | {_cell(private)} | {'-' if epsilon is None else f'{epsilon:.3f}'} | "
+            f"{_cell(plain)} | {gap} | {goal} | {met} |"
         )
     return "\n".join(lines)
 

@@ -22,7 +22,8 @@ import random
 import statistics
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from opacus import PrivacyEngine
@@ -100,11 +101,11 @@ def measure(
         try:
             variants[mode] = _step_fn(model_name, shape, mode, batch_size)
             variants[mode]()
-        except Exception as error:  # a mode Opacus cannot apply to this model is reported, not fatal
+        except Exception as error:  # noqa: BLE001 - a mode Opacus cannot apply to this model is reported, not fatal
             variants.pop(mode, None)
             failures[mode] = f"{type(error).__name__}: {error}"[:160]
     auto = AUTO_GRAD_SAMPLE_MODE[model_name]
-    sources = {"secure": SecureNoise(), "seeded": SeededNoise(0, "benchmark")}
+    sources: dict[str, NoiseSource] = {"secure": SecureNoise(), "seeded": SeededNoise(0, "benchmark")}
     for name in NOISE_SOURCES:
         variants[f"{auto} {name}"] = _step_fn(model_name, shape, auto, batch_size, sources[name])
     timings: dict[str, list[tuple[float, ...]]] = {name: [] for name in variants}

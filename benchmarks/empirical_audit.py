@@ -47,7 +47,7 @@ def audit_one(label: str, kind: str, seed: int, runs_dir: Path) -> dict[str, Any
     run_seconds = time.perf_counter() - started
     (run_dir,) = list(runs.iterdir())
     started = time.perf_counter()
-    audited = subprocess.run([COHORT, "audit", "empirical", str(run_dir)], capture_output=True, text=True)
+    audited = subprocess.run([COHORT, "audit", "empirical", str(run_dir)], check=False, capture_output=True, text=True)
     audit_seconds = time.perf_counter() - started
     saved = json.loads((run_dir / "empirical_audit.json").read_text())
     transcript = sum(file.stat().st_size for file in (run_dir / TRANSCRIPT_DIR).iterdir())
@@ -76,8 +76,10 @@ def run(runs_dir: Path, seeds: list[int] = SEEDS, kinds: list[str] = KINDS) -> l
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| setting | canaries | accountant's epsilon (site-0) | lower bound per seed (95%) | right of r | ceiling (m, r) | "
-        "run s | audit s | transcript MB |",
+        (
+            "| setting | canaries | accountant's epsilon (site-0) | lower bound per seed (95%) | right of r | "
+            "ceiling (m, r) | run s | audit s | transcript MB |"
+        ),
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}

@@ -18,7 +18,7 @@ this lives in benchmarks/ and never in the app.
 from __future__ import annotations
 
 import hashlib
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -33,7 +33,7 @@ from common.privacy.mechanisms import Mechanism
 app = ClientApp()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _key(site: str) -> tuple[Ed25519PrivateKey, str]:
     key = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(f"flower-floor/{site}".encode()).digest())
     public = (
@@ -52,8 +52,8 @@ def _fingerprint(items: tuple[tuple[str, object], ...]) -> str:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     site = f"site-{context.node_config['partition-id']}"
-    server_round = int(msg.content[protocol.CONFIG][protocol.CONFIG_ROUND])
-    arrays = msg.content[protocol.ARRAYS]
+    server_round = int(protocol.config_number(msg.content.config_records[protocol.CONFIG], protocol.CONFIG_ROUND))
+    arrays = msg.content.array_records[protocol.ARRAYS]
     spender = Spender(
         context.run_id,
         server_round,

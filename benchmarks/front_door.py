@@ -122,12 +122,16 @@ def run(directory: Path) -> list[dict[str, Any]]:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| --max-model-mb | --sites-per-address | push-object limit | in flight per address | answers | SuperLink before | growth |",
+        (
+            "| --max-model-mb | --sites-per-address | push-object limit | in flight per address | answers | "
+            "SuperLink before | growth |"
+        ),
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     lines += [
         f"| {r['max_model_mb']:g} | {r['sites_per_address']} | {r['body_bytes']:,} B | {r['in_flight_allowed']} | "
-        f"{', '.join(f'{n}x {s}' for s, n in sorted(r['answers'].items()))} | {r['superlink_mb_before']} MB | +{r['superlink_growth_mb']} MB |"
+        f"{', '.join(f'{n}x {s}' for s, n in sorted(r['answers'].items()))} | {r['superlink_mb_before']} MB | "
+        f"+{r['superlink_growth_mb']} MB |"
         for r in rows
     ]
     return "\n".join(lines)

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import psutil
 import torch
@@ -79,7 +79,7 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -194,15 +194,21 @@ def run(runs_dir: Path) -> list[dict[str, Any]]:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| federation | sampled per round | s per round (Cohort / floor) | ms per site-round (Cohort / floor) | training compute ms | (Cohort - compute) / floor | start-up s (Cohort / floor) | peak memory GB (Cohort / floor) |",
+        (
+            "| federation | sampled per round | s per round (Cohort / floor) | ms per site-round (Cohort / floor) | "
+            "training compute ms | (Cohort - compute) / floor | start-up s (Cohort / floor) | "
+            "peak memory GB (Cohort / floor) |"
+        ),
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         c, f = r["cohort"], r["floor"]
         lines.append(
-            f"| {r['scale']} | {r['sampled_per_round']} | {c['seconds_per_round']:.2f} / {f['seconds_per_round']:.2f} | "
-            f"{r['cohort_ms_per_site_round']:.1f} / {r['floor_ms_per_site_round']:.1f} | {r['training_compute_ms']:.1f} | "
-            f"{r['cohort_over_floor_beyond_compute']:.2f} | {c['startup_seconds']:.1f} / {f['startup_seconds']:.1f} | "
+            f"| {r['scale']} | {r['sampled_per_round']} | "
+            f"{c['seconds_per_round']:.2f} / {f['seconds_per_round']:.2f} | "
+            f"{r['cohort_ms_per_site_round']:.1f} / {r['floor_ms_per_site_round']:.1f} | "
+            f"{r['training_compute_ms']:.1f} | {r['cohort_over_floor_beyond_compute']:.2f} | "
+            f"{c['startup_seconds']:.1f} / {f['startup_seconds']:.1f} | "
             f"{c['peak_memory_gb']:.2f} / {f['peak_memory_gb']:.2f} |"
         )
     return "\n".join(lines)

@@ -82,7 +82,7 @@ def cost(runs_dir: Path) -> list[dict[str, Any]]:
 
 
 def accuracy(runs_dir: Path) -> list[dict[str, Any]]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, overrides in ACCURACY_VARIANTS.items():
         for seed in SEEDS:
             plan = load_plan(SIMULATIONS_DIR / "secure-aggregation.toml", [*overrides, f"seed={seed}"])
@@ -110,10 +110,11 @@ def cost_markdown(rows: list[dict[str, Any]]) -> str:
         "| sites | secure aggregation | s per round | kB sent per site per round | kB received per site per round |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['sites']} | {'yes' if r['secure_aggregation'] else 'no'} | {r['seconds_per_round']:.2f} | {r['bytes_up'] / 1000:.1f} | {r['bytes_down'] / 1000:.1f} |"
-        )
+    lines.extend(
+        f"| {r['sites']} | {'yes' if r['secure_aggregation'] else 'no'} | {r['seconds_per_round']:.2f}"
+        f" | {r['bytes_up'] / 1000:.1f} | {r['bytes_down'] / 1000:.1f} |"
+        for r in rows
+    )
     return "\n".join(lines)
 
 
@@ -122,10 +123,11 @@ def accuracy_markdown(rows: list[dict[str, Any]]) -> str:
         "| client-level DP at epsilon 8 | seed | held-out accuracy | client-level epsilon | s per round |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['variant']} | {r['seed']} | {r['accuracy']:.3f} | {r['client_epsilon']:.3f} | {r['seconds_per_round']:.2f} |"
-        )
+    lines.extend(
+        f"| {r['variant']} | {r['seed']} | {r['accuracy']:.3f} | {r['client_epsilon']:.3f}"
+        f" | {r['seconds_per_round']:.2f} |"
+        for r in rows
+    )
     return "\n".join(lines)
 
 

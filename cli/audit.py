@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import click
 import typer
@@ -48,7 +48,7 @@ audit_app = typer.Typer(
 def summary(
     path: Annotated[Path, typer.Argument(help="A run directory, a site's state directory, or a privacy_ledger.jsonl.")],
     out: Annotated[
-        Optional[Path], typer.Option("--out", help="Where audit.json and audit.html go (default: beside the ledger).")
+        Path | None, typer.Option("--out", help="Where audit.json and audit.html go (default: beside the ledger).")
     ] = None,
 ) -> None:
     """Per site: epsilon spent in this run and in total against its budget, and warnings."""
@@ -106,7 +106,7 @@ def verify(
 def empirical(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory of a run with --set audit-canaries=M.")],
     guesses: Annotated[
-        Optional[int],
+        int | None,
         typer.Option("--guesses", help="r: how many canaries to guess, half 'in', half 'out' (default m/4)."),
     ] = None,
 ) -> None:
@@ -175,7 +175,8 @@ def _print_report(report: dict[str, Any]) -> None:
     for name, site in report["sites"].items():
         for identity, spent in site["datasets"].items():
             console.print(
-                f"{name}: dataset {identity[:16]}: {spent['releases']} release(s), epsilon {spent['epsilon_rdp']:.3f} (RDP)",
+                f"{name}: dataset {identity[:16]}: {spent['releases']} "
+                f"release(s), epsilon {spent['epsilon_rdp']:.3f} (RDP)",
                 highlight=False,
             )
     if report["empirical"] is not None:

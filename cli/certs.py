@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -64,7 +64,7 @@ def init(
     ],
     days: Annotated[int, typer.Option("--days", help="How long the certificates are valid.")] = 365,
     ca_passphrase_file: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             "--ca-passphrase-file",
             help="A file whose first line is the passphrase that encrypts ca.key; without it, you are asked.",
@@ -85,13 +85,16 @@ def init(
     layout = CertificateLayout(directory)
     _print_files("wrote", directory, checked)
     _say(
-        f"SANs written: {names} (127.0.0.1 and localhost for the coordinator's own flwr, SuperExec and front door; sites dial a host you gave)"
+        f"SANs written: {names} (127.0.0.1 and localhost for the coordinator's own flwr, SuperExec and front door; "
+        "sites dial a host you gave)"
     )
     _say(
-        f"{layout.ca_key} is encrypted with your passphrase; only `cohort certs init` needs it: keep it off the SuperLink's host."
+        f"{layout.ca_key} is encrypted with your passphrase; only "
+        "`cohort certs init` needs it: keep it off the SuperLink's host."
     )
     _print_step(
-        "On the coordinator's host (it needs ca.crt, superlink.crt and superlink.key): the SuperLink on loopback and the front door that sites reach:",
+        "On the coordinator's host (it needs ca.crt, superlink.crt and superlink.key): the SuperLink on loopback and "
+        "the front door that sites reach:",
         shell_line(superlink_command(certs_dir=directory.absolute())),
     )
     _print_step(
@@ -107,7 +110,8 @@ def init(
     )
     console.print()
     _say(
-        "Replace each <PLACEHOLDER>; <SUPERLINK_DATABASE> is a file that keeps the registered SuperNodes across restarts, <CONNECTION> a name of your choosing."
+        "Replace each <PLACEHOLDER>; <SUPERLINK_DATABASE> is a file that keeps the registered SuperNodes across "
+        "restarts, <CONNECTION> a name of your choosing."
     )
 
 
@@ -125,7 +129,8 @@ def site(
         checked = check_site_key(layout.site_key(name))
     _print_files("wrote", directory, checked)
     _print_step(
-        f"Send {layout.site_public_key(name)} to the coordinator ({name}.key never leaves this machine); on its host it runs:",
+        f"Send {layout.site_public_key(name)} to the coordinator "
+        f"({name}.key never leaves this machine); on its host it runs:",
         shell_line(register_command(f"{name}.pub")),
     )
     _print_step(
@@ -142,11 +147,11 @@ def site(
 def check(
     directory: DirectoryArgument,
     superlink_host: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--superlink-host", help="A host the SuperLink's certificate must cover (repeatable)."),
     ] = None,
     site: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--site", help="At a site: check only what its machine has, ca.crt and the site's key pair."),
     ] = None,
 ) -> None:

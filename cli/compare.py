@@ -65,7 +65,8 @@ def compare_sites(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
     """Per site: accuracy under A and B, A - B, and whether A costs it more than the median."""
     if set(a["sites"]) != set(b["sites"]):
         raise CohortInputError(
-            f"the runs have different sites ({', '.join(sorted(a['sites']))} against {', '.join(sorted(b['sites']))}); compare twins"
+            f"the runs have different sites ({', '.join(sorted(a['sites']))} "
+            f"against {', '.join(sorted(b['sites']))}); compare twins"
         )
     differences = {name: a["sites"][name]["accuracy"] - b["sites"][name]["accuracy"] for name in sorted(a["sites"])}
     median = statistics.median(differences.values())

@@ -5,7 +5,7 @@ on, sites reaching the Fleet API alone, checked before anything starts."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -116,7 +116,8 @@ def superlink(
     with input_errors():
         if front_door and local_host != LOOPBACK:
             raise CohortInputError(
-                f"--local-host {local_host}: behind the front door the SuperLink listens on {LOOPBACK} only; drop --local-host"
+                f"--local-host {local_host}: behind the front door the "
+                f"SuperLink listens on {LOOPBACK} only; drop --local-host"
             )
         link = SuperLinkLaunch(certs=certs.resolve(), database=database.resolve(), host=local_host, port=local_port)
         limits = FleetLimits(max_model_mb, sites_per_address)
@@ -203,10 +204,13 @@ def connect(
 def run(
     connection: Annotated[str, typer.Argument(help="The SuperLink connection that `cohort connect` made.")],
     set_: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option(
             "--set",
-            help="A run setting, e.g. --set rounds=20 (repeatable); the settings are [tool.flwr.app.config] in pyproject.toml.",
+            help=(
+                "A run setting, e.g. --set rounds=20 (repeatable); the "
+                "settings are [tool.flwr.app.config] in pyproject.toml."
+            ),
         ),
     ] = None,
 ) -> None:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -53,18 +52,16 @@ def _root() -> None:
 
 @app.command()
 def simulate(
-    config: Annotated[
-        Optional[Path], typer.Argument(help="Simulation TOML (default: simulations/default.toml).")
-    ] = None,
+    config: Annotated[Path | None, typer.Argument(help="Simulation TOML (default: simulations/default.toml).")] = None,
     set_: Annotated[
-        Optional[list[str]], typer.Option("--set", help="Override a setting: --set rounds=5 (repeatable).")
+        list[str] | None, typer.Option("--set", help="Override a setting: --set rounds=5 (repeatable).")
     ] = None,
     resume: Annotated[
-        Optional[Path], typer.Option("--resume", help="Continue the run in this run directory at its next round.")
+        Path | None, typer.Option("--resume", help="Continue the run in this run directory at its next round.")
     ] = None,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where new run directories are created.")] = Path("runs"),
     federation_home: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             "--federation-home",
             help="Sites' state (ledgers, keys, policy.toml): share one to make budgets span simulations.",
@@ -78,14 +75,14 @@ def simulate(
             raise CohortInputError(
                 "--resume continues a run with its own config; drop CONFIG, --set and --federation-home"
             )
-        settings = load_plan(config or DEFAULT_SIMULATION, set_ or []) if resume is None else None
+        settings = load_plan(config or DEFAULT_SIMULATION, set_ or []) if resume is None else resume
     # Imported here: the simulation engine loads torch, which the deployment commands do not need.
     from simulations.runner import SimulationStopped, new_run, resumed_run
 
     try:
         with input_errors():
-            if settings is None:
-                plan = resumed_run(resume, lambda d: saved_plan(d, RunDirectory(d).read_config()))
+            if isinstance(settings, Path):
+                plan = resumed_run(settings, lambda d: saved_plan(d, RunDirectory(d).read_config()))
             else:
                 plan = new_run(settings, runs_dir, federation_home)
             outcome = _run_with_progress(plan)
@@ -158,7 +155,8 @@ def _print_summary(outcome: SimulationOutcome) -> None:
         console.print(f"refused to train (out of the run): {', '.join(summary.refused)}", highlight=False)
     for name, rejected in summary.rejected.items():
         console.print(
-            f"rejected: {name}, {rejected.count} reply(ies) in round(s) {', '.join(map(str, rejected.rounds))}: {'; '.join(rejected.reasons)}",
+            f"rejected: {name}, {rejected.count} reply(ies) in round(s) {', '.join(map(str, rejected.rounds))}: "
+            f"{'; '.join(rejected.reasons)}",
             highlight=False,
             markup=False,
         )
@@ -194,7 +192,8 @@ def _print_federation(summary: Summary, client_level: bool) -> None:
     sites = list(summary.sites.values())
     rounds = sorted(site.rounds_trained for site in sites)
     console.print(
-        f"{len(sites)} sites; rounds trained per site: min {rounds[0]}, median {rounds[len(rounds) // 2]}, max {rounds[-1]}",
+        f"{len(sites)} sites; rounds trained per site: min {rounds[0]}, "
+        f"median {rounds[len(rounds) // 2]}, max {rounds[-1]}",
         highlight=False,
     )
     epsilons = sorted(site.epsilon for site in sites if site.epsilon is not None)
@@ -221,8 +220,8 @@ def _report_fairness(outcome: SimulationOutcome, margin: float) -> None:
     write_json_atomic(outcome.run_dir.summary_file, dataclasses.replace(outcome.summary, fairness=fairness).to_json())
     across = report["across_sites"]
     console.print(
-        f"by site: worst {across['worst_site']} {across['worst']:.3f}, best {across['best_site']} {across['best']:.3f}, "
-        f"spread {across['spread']:.3f}, std {across['std']:.3f}",
+        f"by site: worst {across['worst_site']} {across['worst']:.3f}, best {across['best_site']} "
+        f"{across['best']:.3f}, spread {across['spread']:.3f}, std {across['std']:.3f}",
         highlight=False,
     )
     for warning in report["warnings"]:
@@ -243,4 +242,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -110,7 +110,8 @@ def _cohort() -> Path:
 def _write(unit_file: Path, unit: ServiceUnit) -> None:
     if not unit_file.parent.is_dir():
         raise CohortInputError(
-            f"{unit_file}: folder {unit_file.parent} does not exist; give a path in an existing folder (/etc/systemd/system)"
+            f"{unit_file}: folder {unit_file.parent} does not exist; "
+            "give a path in an existing folder (/etc/systemd/system)"
         )
     write_bytes_atomic(unit_file, unit.text().encode(), mode=0o644)
     typer.echo(labelled("wrote", unit_file))

@@ -54,7 +54,7 @@ app = ClientApp()
 
 def _received_model(msg: Message, run: SiteRunConfig, data: SiteData) -> torch.nn.Module:
     model = build_model(run.training.model, data.train.input_shape, data.num_classes)
-    model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
+    model.load_state_dict(msg.content.array_records[protocol.ARRAYS].to_torch_state_dict())
     return model
 
 
@@ -106,8 +106,8 @@ def _train(msg: Message, context: Context, run: SiteRunConfig, site: SiteConfig,
             ),
             reply_to=msg,
         )
-    config = msg.content[protocol.CONFIG]
-    server_round = int(config[protocol.CONFIG_ROUND])
+    config = msg.content.config_records[protocol.CONFIG]
+    server_round = int(protocol.config_number(config, protocol.CONFIG_ROUND))
     mechanism = run.dp.mechanism.mechanism
     if not run.dp.sample_level and not site.allow_non_private:  # decided before any data is read
         spender = _spender(run, site, context.run_id, server_round, data_hash="")
@@ -136,7 +136,7 @@ def _train(msg: Message, context: Context, run: SiteRunConfig, site: SiteConfig,
             resolve_device(run.device),
             site_noise_source(run, site, data, server_round),
             server_round=server_round,
-            proximal_mu=float(config.get(protocol.CONFIG_PROXIMAL_MU, 0.0)),
+            proximal_mu=float(protocol.config_number(config, protocol.CONFIG_PROXIMAL_MU, 0.0)),
             deadline=time.monotonic() + site.max_round_seconds,
             canaries=_gradient_canaries(data, run),
         )
@@ -150,7 +150,7 @@ def _train(msg: Message, context: Context, run: SiteRunConfig, site: SiteConfig,
             integer_update, source=site_noise_source(run, site, data, server_round, SECURE_AGGREGATION_STREAM)
         )
         released, key = (
-            masked_input_record(masker(update_vector(arrays, msg.content[protocol.ARRAYS]), encode)),
+            masked_input_record(masker(update_vector(arrays, msg.content.array_records[protocol.ARRAYS]), encode)),
             secure_messages.MASKED_INPUT,
         )
     if update.privacy:
@@ -250,16 +250,19 @@ def _allowed(metrics: dict[str, float], site: SiteConfig) -> MetricRecord:
 def _no_local_dp_refusal(run: SiteRunConfig, site: SiteConfig) -> str:
     if run.dp.mechanism.distributed_noise:
         return (
-            f"site {site.name} refuses to send updates without sample-level DP: under distributed client-level DP its own "
-            "noise share does not protect it, the sum of all sites' shares does, if the coordinator follows the protocol; "
-            "a site that trusts it sets allow-non-private=true in its policy"
+            f"site {site.name} refuses to send updates without sample-level DP: under distributed client-level DP its "
+            "own noise share does not protect it, the sum of all sites' shares does, if the coordinator follows the "
+            "protocol; a site that trusts it sets allow-non-private=true in its policy"
         )
     if run.dp.client_level:
         return (
             f"site {site.name} refuses to send updates without sample-level DP: under client-level DP only the "
             "coordinator adds noise; a site that trusts it sets allow-non-private=true in its policy"
         )
-    return f"site {site.name} refuses to train without differential privacy; its policy does not allow it (allow-non-private)"
+    return (
+        f"site {site.name} refuses to train without differential "
+        "privacy; its policy does not allow it (allow-non-private)"
+    )
 
 
 def _refuse(msg: Message, ledger: SiteLedger, refusal: LedgerRecord) -> Message:

@@ -9,8 +9,8 @@ accounts, and the noise through the optimizer's own noise step, in every grad-sa
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from opacus.optimizers import DPOptimizer
@@ -82,10 +82,10 @@ def draw_noise_from(optimizer: DPOptimizer, source: NoiseSource) -> None:
         parameters = optimizer.params
         sizes = [p.numel() for p in parameters]
         noise = source.gaussian(sum(sizes), optimizer.noise_multiplier * optimizer.max_grad_norm)
-        for parameter, values in zip(parameters, noise.to(parameters[0].summed_grad).split(sizes)):
+        for parameter, values in zip(parameters, noise.to(parameters[0].summed_grad).split(sizes), strict=True):
             _check_processed_flag(parameter.summed_grad)
             summed = parameter.summed_grad
             parameter.grad = (summed + values.view_as(summed)).view_as(parameter)
             _mark_as_processed(summed)
 
-    optimizer.add_noise = add_noise  # type: ignore[method-assign]
+    optimizer.add_noise = add_noise

@@ -11,6 +11,7 @@ simulated canary site holds them (client.site_data); a deployed site's data neve
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,20 +32,22 @@ class GradientCanaries:
     clip_norm: float
 
     def join(
-        self, parameters: list[torch.Tensor], source: NoiseSource, rate: float, batch: int, per_sample: bool
+        self, parameters: Sequence[torch.Tensor], source: NoiseSource, rate: float, batch: int, per_sample: bool
     ) -> None:
         """Add the canaries this step samples (each with probability `rate`) to the step's
         gradients: as rows of each parameter's `grad_sample` (DP-SGD), or into the mean
         gradient of a plain batch of `batch` examples."""
         chosen = self.coordinates[source.uniform(len(self.coordinates)).numpy() < rate]
         if per_sample:
-            for parameter, rows in zip(parameters, self._rows(parameters, chosen)):
-                parameter.grad_sample = torch.cat([parameter.grad_sample, rows])
+            for parameter, rows in zip(parameters, self._rows(parameters, chosen), strict=True):
+                # Opacus keeps per-sample gradients in an attribute it adds to each parameter.
+                parameter.__dict__["grad_sample"] = torch.cat([parameter.__dict__["grad_sample"], rows])
         elif len(chosen):
-            for parameter, rows in zip(parameters, self._rows(parameters, chosen)):
+            for parameter, rows in zip(parameters, self._rows(parameters, chosen), strict=True):
+                assert parameter.grad is not None  # the batch's backward pass set it
                 parameter.grad = (parameter.grad * batch + rows.sum(dim=0)) / (batch + len(chosen))
 
-    def _rows(self, parameters: list[torch.Tensor], chosen: np.ndarray) -> list[torch.Tensor]:
+    def _rows(self, parameters: Sequence[torch.Tensor], chosen: np.ndarray) -> list[torch.Tensor]:
         """Each parameter's share of the chosen canaries' gradients: one row per canary."""
         rows = []
         start = 0

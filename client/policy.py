@@ -16,9 +16,10 @@ every metric so that the simulation's summaries and plots can be drawn.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from common import protocol
 from common.config import EPSILON_RANGE, Range, SiteRunConfig, validate_budget
@@ -141,7 +142,7 @@ class SiteConfig:
                 f"site {name} sets no {' or '.join(missing)}: a deployed site chooses its own privacy budget; "
                 f'add it to --node-config (e.g. "epsilon=8 delta=1e-5") or to {state_dir / POLICY_FILE}'
             )
-        site = cls(
+        return cls(
             name=name,
             epsilon=_number(policy["epsilon"], "epsilon"),
             delta=_number(policy["delta"], "delta"),
@@ -159,7 +160,6 @@ class SiteConfig:
             data_path=str(node_config["data-path"]),
             **_shared_policy(policy, name, allow_non_private_default=False),
         )
-        return site
 
     @classmethod
     def simulated_site(cls, node_config: Mapping[str, Any], run: SiteRunConfig) -> SiteConfig:
@@ -235,10 +235,10 @@ def _names(value: Any, key: str, choices: tuple[str, ...] | None = None, allow_e
         raise CohortInputError(
             f"{key} is empty in the site's policy; name at least one{' of ' + ', '.join(choices) if choices else ''}"
         )
-    unknown = [name for name in names if choices is not None and name not in choices]
+    unknown = [name for name in names if name not in choices] if choices is not None else []
     if unknown:
         raise CohortInputError(
-            f"{key} names {', '.join(unknown)} in the site's policy; choose from {', '.join(choices)}"
+            f"{key} names {', '.join(unknown)} in the site's policy; choose from {', '.join(choices or ())}"
         )
     return names
 

@@ -105,8 +105,9 @@ def refusal_reason(plan: RoundPlan, steps: int, site: SiteConfig) -> str | None:
     window_projected, accountant = enforced_epsilon(plan.window.with_steps(steps), site)
     if site.run_epsilon is not None and window_projected > site.run_epsilon:
         return (
-            f"site {site.name} refuses to train: its releases in the last {site.run_window_hours:g} hours would reach "
-            f"epsilon {window_projected:.3f} ({accountant}), over the site's per-run cap of {site.run_epsilon:g} (delta {site.delta:g})"
+            f"site {site.name} refuses to train: its releases in the last {site.run_window_hours:g} "
+            f"hours would reach epsilon {window_projected:.3f} ({accountant}), over the site's "
+            f"per-run cap of {site.run_epsilon:g} (delta {site.delta:g})"
         )
     return None
 

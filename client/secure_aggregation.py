@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Callable
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
@@ -51,6 +52,8 @@ from common.secure_aggregation.parameters import SecAggParameters
 
 STATE = "secure-aggregation"
 SEED_BYTES = 32
+
+_Stored = TypeVar("_Stored")
 
 
 class Refused(Exception):
@@ -161,26 +164,35 @@ class _RoundSecrets:
     @classmethod
     def from_record(cls, record: ConfigRecord) -> _RoundSecrets:
         return cls(
-            run_id=int(record["run-id"]),
-            server_round=int(record["round"]),
-            node=int(record["node"]),
-            progress=_Progress(record["progress"]),
+            run_id=_stored(record, "run-id", int),
+            server_round=_stored(record, "round", int),
+            node=_stored(record, "node", int),
+            progress=_Progress(_stored(record, "progress", str)),
             parameters=SecAggParameters.from_record(record),
-            encryption_private=bytes(record["encryption-private"]),
-            masking_private=bytes(record["masking-private"]),
-            holders=list(record["holders"]),
-            masking_keys=list(record["masking-keys"]),
-            encryption_keys=list(record["encryption-keys"]),
-            seed=bytes(record["seed"]),
-            senders=list(record["senders"]),
-            seed_shares=list(record["seed-shares"]),
-            key_shares=list(record["key-shares"]),
+            encryption_private=_stored(record, "encryption-private", bytes),
+            masking_private=_stored(record, "masking-private", bytes),
+            holders=list(_stored(record, "holders", list)),
+            masking_keys=list(_stored(record, "masking-keys", list)),
+            encryption_keys=list(_stored(record, "encryption-keys", list)),
+            seed=_stored(record, "seed", bytes),
+            senders=list(_stored(record, "senders", list)),
+            seed_shares=list(_stored(record, "seed-shares", list)),
+            key_shares=list(_stored(record, "key-shares", list)),
         )
 
     def share_key(self, other: int) -> bytes:
         """The key this site and `other` encrypt shares to each other with."""
         peer = self.encryption_keys[self.holders.index(other)]
         return crypto.agreed_key(self.encryption_private, peer, crypto.SHARE_ENCRYPTION, self.run_id, self.server_round)
+
+
+def _stored(record: ConfigRecord, key: str, kind: type[_Stored]) -> _Stored:
+    """A value this site kept in its own state between stages; another type means that
+    state was not written by this code."""
+    value = record[key]
+    if not isinstance(value, kind):
+        raise TypeError(f"the site's secure aggregation state holds a {type(value).__name__} as '{key}'")
+    return value
 
 
 def advertise_keys(context: Context, node: int, request: AdvertiseKeys) -> PublicKeys:
@@ -213,7 +225,8 @@ def share_keys(context: Context, request: ShareKeys) -> EncryptedShares:
         raise Refused("the coordinator lists public keys for this site that are not its own")
     if not parameters.threshold <= len(holders) <= parameters.neighbours + 1:
         raise Refused(
-            f"its neighbourhood has {len(holders)} sites; the round needs {parameters.threshold} to {parameters.neighbours + 1}"
+            f"its neighbourhood has {len(holders)} sites; the round needs {parameters.threshold} to "
+            f"{parameters.neighbours + 1}"
         )
     secrets.holders, secrets.encryption_keys, secrets.masking_keys = (
         holders,
@@ -247,7 +260,8 @@ def receive_shares(context: Context, request: ForwardedShares) -> None:
         raise Refused("the coordinator forwarded shares from sites outside this site's neighbourhood")
     if len(request.senders) + 1 < secrets.parameters.threshold:
         raise Refused(
-            f"only {len(request.senders)} neighbours shared their secrets; the round needs {secrets.parameters.threshold - 1} to stay unmaskable"
+            f"only {len(request.senders)} neighbours shared their secrets; the round needs "
+            f"{secrets.parameters.threshold - 1} to stay unmaskable"
         )
     for sender, ciphertext in zip(request.senders, request.ciphertexts, strict=True):
         try:
@@ -311,7 +325,8 @@ def unmask(context: Context, request: Unmask) -> RevealedShares:
         raise Refused("the coordinator asks for shares of sites that did not share with this site")
     if len(survivors) < secrets.parameters.threshold:
         raise Refused(
-            f"only {len(survivors)} inputs of its neighbourhood are in the sum, fewer than the threshold {secrets.parameters.threshold}"
+            f"only {len(survivors)} inputs of its neighbourhood are in the sum, fewer than the threshold "
+            f"{secrets.parameters.threshold}"
         )
     shares = [secrets.seed_shares[secrets.senders.index(owner)] for owner in request.survivors]
     shares += [secrets.key_shares[secrets.senders.index(owner)] for owner in request.dropped]
@@ -326,7 +341,8 @@ def _expect(context: Context, progress: _Progress, server_round: int) -> _RoundS
     secrets = _RoundSecrets.from_record(record)
     if (secrets.run_id, secrets.server_round, secrets.progress) != (context.run_id, server_round, progress):
         raise Refused(
-            f"the coordinator asked for round {server_round} after {secrets.progress} of round {secrets.server_round}; the stages came out of order"
+            f"the coordinator asked for round {server_round} after {secrets.progress} of round {secrets.server_round}; "
+            "the stages came out of order"
         )
     return secrets
 

@@ -130,7 +130,7 @@ def _last_epsilon(ledger: SiteLedger) -> float:
 def _round_of(message: Message) -> int:
     """The round the coordinator says this is (0 when its message names none)."""
     config = message.content.get(protocol.CONFIG) if message.has_content() else None
-    return int(config.get(protocol.CONFIG_ROUND, 0)) if isinstance(config, ConfigRecord) else 0
+    return int(protocol.config_number(config, protocol.CONFIG_ROUND, 0)) if isinstance(config, ConfigRecord) else 0
 
 
 def answer(message: Message, context: Context, run: Run, fab: Fab) -> Message:

@@ -7,12 +7,13 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterable
 
 import torch
 from opacus import PrivacyEngine
+from opacus.grad_sample import AbstractGradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -88,7 +89,7 @@ def train_locally(
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
     learning_rate = round_learning_rate(run.training, server_round)
     optimizer = _local_optimizer(model, run.training, learning_rate)
-    criterion = nn.CrossEntropyLoss()
+    criterion: nn.Module = nn.CrossEntropyLoss()
     engine = None
     trained: nn.Module = model
     batches: Iterable[Batch] = ShuffledBatches(images, labels, run.training.batch_size, noise)
@@ -116,7 +117,7 @@ def train_locally(
             join,
         )
     finally:
-        if hasattr(trained, "_close"):
+        if isinstance(trained, AbstractGradSampleModule):
             trained._close()  # removes Opacus' hooks so the plain module is clean again
     return LocalUpdate(
         num_examples=len(data),
@@ -185,10 +186,16 @@ def _run_epochs(
     join_canaries: Callable[[int], None] | None,
 ) -> tuple[float, int, int, int]:
     loss_sum, correct, seen, steps = 0.0, 0, 0, 0
-    parameters = [p for p in model.parameters() if p.requires_grad]
+    # Each trainable parameter beside its global weight: a frozen one in between must not
+    # shift the pairs.
+    anchored = [
+        (parameter, anchor)
+        for parameter, anchor in zip(model.parameters(), global_weights, strict=True)
+        if parameter.requires_grad
+    ]
     for _ in range(epochs):
-        for images, labels in batches:
-            images, labels = images.to(device), labels.to(device)
+        for batch_images, batch_labels in batches:
+            images, labels = batch_images.to(device), batch_labels.to(device)
             optimizer.zero_grad()
             if len(labels) == 0:
                 # Only Poisson sampling yields empty batches, so `optimizer` is Opacus'.
@@ -206,7 +213,7 @@ def _run_epochs(
                 join_canaries(len(labels))
             optimizer.step()
             if proximal_mu > 0:
-                _proximal_pull(parameters, global_weights, proximal_mu * learning_rate)
+                _proximal_pull(anchored, proximal_mu * learning_rate)
             steps += 1
             if time.monotonic() > deadline:
                 raise RoundOverTime(steps)
@@ -234,11 +241,11 @@ def empty_batch_gradients(optimizer: DPOptimizer) -> None:
 
 
 @torch.no_grad()
-def _proximal_pull(parameters: list[torch.Tensor], global_weights: list[torch.Tensor], strength: float) -> None:
+def _proximal_pull(anchored: Sequence[tuple[torch.Tensor, torch.Tensor]], strength: float) -> None:
     """FedProx's proximal term as a step towards the global weights after each update.
 
     It depends only on the released weights, so under DP it is post-processing and costs
     no privacy; adding it to the loss instead would bypass Opacus' per-sample clipping.
     """
-    for parameter, anchor in zip(parameters, global_weights):
+    for parameter, anchor in anchored:
         parameter.sub_(strength * (parameter - anchor.to(parameter.device)))

@@ -31,6 +31,7 @@ def steps_refusal(site: SiteConfig, run: SiteRunConfig, num_examples: int) -> st
 def overtime_refusal(site: SiteConfig, steps_taken: int, steps: int) -> str:
     """Why the site released nothing of a round it stopped at its wall-time limit."""
     return (
-        f"site {site.name} stopped training after {steps_taken} of {steps} steps and released nothing: the round "
-        f"ran over its policy's max-round-seconds of {site.max_round_seconds:g}; a site that agrees raises max-round-seconds"
+        f"site {site.name} stopped training after {steps_taken} of {steps} steps "
+        "and released nothing: the round ran over its policy's max-round-seconds "
+        f"of {site.max_round_seconds:g}; a site that agrees raises max-round-seconds"
     )

@@ -19,12 +19,16 @@ import functools
 import hashlib
 import json
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar, Iterable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from common.errors import CohortInputError
 from common.privacy.mechanisms import DPLevel, MechanismSpec, mechanism_of
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 MODELS = ("cnn", "transformer")
 # Opacus' ways of computing per-sample gradients that fit a site (each gives the clipped
@@ -97,9 +101,9 @@ def in_range(default: float, valid: Range) -> Any:
     return field(default=default, metadata={RANGE: valid})
 
 
-def check_ranges(settings: object) -> None:
+def check_ranges(settings: DataclassInstance) -> None:
     """Every numeric field of a settings dataclass, against the range it declares."""
-    for item in dataclasses.fields(settings):  # type: ignore[arg-type]
+    for item in dataclasses.fields(settings):
         if RANGE in item.metadata:
             item.metadata[RANGE].check(item.name.replace("_", "-"), getattr(settings, item.name))
 
@@ -206,9 +210,6 @@ class TrainingConfig:
         check_ranges(self)
 
 
-Settings = TypeVar("Settings", bound="SiteRunConfig")
-
-
 @dataclass(frozen=True)
 class SiteRunConfig:
     """What a site reads of a run config, validated once on construction.
@@ -262,14 +263,14 @@ class SiteRunConfig:
             raise CohortInputError(f"{unsupported}; use {', '.join(usable[:-1])} or {usable[-1]}")
 
     @classmethod
-    def from_flower(cls: type[Settings], run_config: Mapping[str, Any]) -> Settings:
+    def from_flower(cls, run_config: Mapping[str, Any]) -> Self:
         """A site's view of Flower's flat run config: its own keys; every other key is the
         coordinator's, and a site ignores it (docs/site.md)."""
         own = flat_settings(cls)
         return cls.from_settings({key: value for key, value in run_config.items() if key.replace("-", "_") in own})
 
     @classmethod
-    def from_settings(cls: type[Settings], run_config: Mapping[str, Any]) -> Settings:
+    def from_settings(cls, run_config: Mapping[str, Any]) -> Self:
         """Build from flat settings that are all this class's own (keys as in pyproject's
         [tool.flwr.app.config])."""
         known = flat_settings(cls)
@@ -278,8 +279,10 @@ class SiteRunConfig:
             section, attribute, kind = known[key.replace("-", "_")]
             sections.setdefault(section, {})[attribute] = _coerce(key, value, kind)
         top = sections.pop("", {})
-        kinds = {f.name: f.default_factory for f in dataclasses.fields(cls)}  # type: ignore[misc]
-        return cls(**top, **{section: kinds[section](**values) for section, values in sections.items()})  # type: ignore[misc]
+        kinds = {
+            f.name: f.default_factory for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING
+        }
+        return cls(**top, **{section: kinds[section](**values) for section, values in sections.items()})
 
     def to_flower(self) -> dict[str, Any]:
         """The flat run config this object was built from, with defaults filled in."""
@@ -327,17 +330,22 @@ def require_choice(name: str, value: str, choices: Iterable[str]) -> str:
     return value
 
 
-@functools.cache
 def flat_settings(config: type) -> dict[str, tuple[str, str, type]]:
     """Map each flat setting name of a run config class to (section attribute, field name,
     type); '' is the class itself. A field with a default factory is a section.
 
     Flat names are the field names, except that DPConfig.enabled is the switch `dp`.
     """
+    # functools.cache takes Hashable arguments, and mypy does not see a class as one.
+    return _flat_settings(config)
+
+
+@functools.cache
+def _flat_settings(config: type) -> dict[str, tuple[str, str, type]]:
     names: dict[str, tuple[str, str, type]] = {}
     for top in dataclasses.fields(config):
         if top.default_factory is not dataclasses.MISSING:
-            for inner in dataclasses.fields(top.default_factory()):  # type: ignore[arg-type]
+            for inner in dataclasses.fields(top.default_factory()):
                 flat = "dp" if (top.name, inner.name) == ("dp", "enabled") else inner.name
                 names[flat] = (top.name, inner.name, type(inner.default))
         else:

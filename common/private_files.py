@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
@@ -25,7 +25,7 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def open_private(path: Path, mode: str) -> IO:
+def open_private(path: Path, mode: str) -> IO[Any]:
     """open(path, mode) for writing ('w', 'a', 'wb', 'ab'), creating the file 0600."""
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode.startswith("a") else os.O_TRUNC)
     descriptor = os.open(path, flags, PRIVATE_FILE_MODE)

@@ -3,6 +3,10 @@
 Both sides import these so a renamed key cannot silently break the other side.
 """
 
+from __future__ import annotations
+
+from flwr.app import ConfigRecord
+
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
@@ -31,6 +35,16 @@ BUDGET_EPSILON = "budget-epsilon"
 
 CONFIG_ROUND = "server-round"
 CONFIG_PROXIMAL_MU = "proximal-mu"
+
+
+def config_number(config: ConfigRecord, key: str, default: float | None = None) -> float:
+    """A number the coordinator's config carries (or `default` when it carries none); any
+    other value is a message no Cohort coordinator sends."""
+    value = config[key] if default is None else config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"the coordinator's config has {key} = {value!r}, not a number")
+    return value
+
 
 # Error code of a reply in which a site declines a round (budget, or a policy that forbids
 # training without DP); the server stops asking that site for the rest of the run.

@@ -102,7 +102,8 @@ def validate_site_name(name: str) -> None:
     DIR/sites (no '/', no '..') or need quoting in the printed commands."""
     if not _SITE_NAME.fullmatch(name):
         raise CohortInputError(
-            f"site name {name!r} is not allowed; use 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit"
+            f"site name {name!r} is not allowed; use 1-64 letters, "
+            "digits, '-', '_' or '.', starting with a letter or digit"
         )
 
 
@@ -262,8 +263,8 @@ def check_registered_public_key(directory: Path, name: str) -> list[CheckedFile]
     private, public = layout.site_key(name), layout.site_public_key(name)
     if private.exists():
         raise CohortInputError(
-            f"{private} is a site's private key on the coordinator; it belongs to the site alone: "
-            f"give it to the site's operator (or have them make a new pair with `cohort certs site`), then delete it here"
+            f"{private} is a site's private key on the coordinator; it belongs to the site alone: give it to the "
+            "site's operator (or have them make a new pair with `cohort certs site`), then delete it here"
         )
     fix = f"ask the site for the NAME.pub that `cohort certs site DIR {name}` wrote there"
     _require_file(public, fix)
@@ -362,7 +363,8 @@ def _write_new_files(files: Mapping[Path, tuple[bytes, int]], force: bool) -> No
     if existing and not force:
         one = len(existing) == 1
         raise CohortInputError(
-            f"{', '.join(existing)} already exist{'s' if one else ''}; nothing was written; pass --force to replace {'it' if one else 'them'}"
+            f"{', '.join(existing)} already exist{'s' if one else ''}; nothing was written; pass --force to replace "
+            f"{'it' if one else 'them'}"
         )
     for path in files:
         _make_directory(path.parent)
@@ -420,7 +422,8 @@ def _require_encrypted_ca_key(path: Path, directory: Path) -> None:
         return  # "Password was not given but private key is encrypted"
     except (ValueError, UnsupportedAlgorithm):
         raise CohortInputError(
-            f"{path} is not a PEM private key; re-issue with `cohort certs init {directory} --superlink-host HOST --force`"
+            f"{path} is not a PEM private key; re-issue with "
+            f"`cohort certs init {directory} --superlink-host HOST --force`"
         ) from None
     raise CohortInputError(
         f"{path} is not encrypted, so anyone who copies it can issue certificates every site trusts; "
@@ -454,7 +457,8 @@ def _require_private(path: Path) -> None:
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         raise CohortInputError(
-            f"{path} is accessible by group or others (mode {mode:04o}); a private key must be mode 0600: run `chmod 600 {path}`"
+            f"{path} is accessible by group or others (mode {mode:04o}); "
+            f"a private key must be mode 0600: run `chmod 600 {path}`"
         )
 
 
@@ -465,7 +469,8 @@ def _require_current(path: Path, cert: x509.Certificate, fix: str) -> None:
         raise CohortInputError(f"{path} expired on {_moment(cert.not_valid_after_utc)} ({valid}); {fix}")
     if now < cert.not_valid_before_utc:
         raise CohortInputError(
-            f"{path} is not valid until {_moment(cert.not_valid_before_utc)} ({valid}); check this machine's clock, or {fix}"
+            f"{path} is not valid until {_moment(cert.not_valid_before_utc)} "
+            f"({valid}); check this machine's clock, or {fix}"
         )
 
 
@@ -492,8 +497,8 @@ def _require_host(path: Path, names: list[x509.GeneralName], host: str, director
         covered = any(isinstance(name, x509.DNSName) and name.value.lower() == wanted.value.lower() for name in names)
     if not covered:
         raise CohortInputError(
-            f"{path} does not cover host {host} (its SANs: {describe_names(names)}); "
-            f"re-issue with `cohort certs init {directory} --superlink-host {host} --force`, listing every host SuperNodes use"
+            f"{path} does not cover host {host} (its SANs: {describe_names(names)}); re-issue with "
+            f"`cohort certs init {directory} --superlink-host {host} --force`, listing every host SuperNodes use"
         )
 
 

@@ -120,7 +120,8 @@ def connect_command(
 
 
 def register_command(public_key: str | Path, connection: str = CONNECTION) -> list[str]:
-    """What the coordinator runs on its own host, with the NAME.pub a site sent, so that the SuperLink admits that SuperNode."""
+    """What the coordinator runs on its own host, with the NAME.pub a site sent, so that the
+    SuperLink admits that SuperNode."""
     return ["flwr", "supernode", "register", str(public_key), connection]
 
 

@@ -65,7 +65,8 @@ class CoordinatorLaunch:
         ):
             if process.poll() is not None:
                 raise CohortInputError(
-                    f"flower-superlink exited with code {process.returncode} before it answered on {address}; its log is above"
+                    f"flower-superlink exited with code {process.returncode} "
+                    f"before it answered on {address}; its log is above"
                 )
             raise CohortInputError(
                 f"flower-superlink did not answer on {address} within {SUPERLINK_STARTUP_S:.0f} s; its log is above"

@@ -89,7 +89,8 @@ class FleetLimits:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.max_model_mb) and 0 < self.max_model_mb <= 1024 * 1024):
             raise CohortInputError(
-                f"--max-model-mb {self.max_model_mb} is not a model size; give megabytes, more than 0 and at most 1048576"
+                f"--max-model-mb {self.max_model_mb} is not a model "
+                "size; give megabytes, more than 0 and at most 1048576"
             )
         if not 1 <= self.sites_per_address <= 10_000:
             raise CohortInputError(f"--sites-per-address {self.sites_per_address} must be from 1 to 10000")

@@ -20,7 +20,7 @@ import os
 import pwd
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import CohortInputError
@@ -76,7 +76,7 @@ class FrontDoor:
     port: int
     upstream_host: str
     upstream_port: int
-    limits: FleetLimits = FleetLimits()
+    limits: FleetLimits = field(default_factory=FleetLimits)
 
     @property
     def upstream_name(self) -> str:
@@ -183,7 +183,7 @@ http {{
         config.write_text(self.config(directory), encoding="utf-8")
         config.chmod(0o600)
         argv = [nginx, "-e", "stderr", "-p", str(directory), "-c", str(config)]
-        checked = subprocess.run([*argv, "-t", "-q"], capture_output=True, text=True, timeout=30)
+        checked = subprocess.run([*argv, "-t", "-q"], capture_output=True, text=True, timeout=30, check=False)
         if checked.returncode != 0:
             problem = next((line for line in checked.stderr.splitlines() if "[emerg]" in line), checked.stderr.strip())
             raise CohortInputError(

@@ -67,7 +67,8 @@ class SuperLinkLaunch:
         check_server_files(self.certs, (LOOPBACK, LOOPBACK_NAME))
         if not self.database.parent.is_dir():
             raise CohortInputError(
-                f"--database {self.database}: folder {self.database.parent} does not exist; create it or choose another path"
+                f"--database {self.database}: folder {self.database.parent} "
+                "does not exist; create it or choose another path"
             )
         require_free_port(self.host, self.port, "--local-port")
 
@@ -248,7 +249,8 @@ def probe_superlink(address: str, ca_cert: Path) -> bool:
         raise CohortInputError(_verification_advice(error, address, ca_cert)) from None
     except ssl.SSLError as error:
         raise CohortInputError(
-            f"the SuperLink at {address} does not speak TLS ({error.reason}); it must run with TLS: start it with `cohort superlink`"
+            f"the SuperLink at {address} does not speak TLS ({error.reason}); "
+            "it must run with TLS: start it with `cohort superlink`"
         ) from None
     except OSError:
         return False
@@ -259,11 +261,14 @@ def _verification_advice(error: ssl.SSLCertVerificationError, address: str, ca_c
     reason = error.verify_message
     if error.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
         return (
-            f"the SuperLink's certificate does not cover {host} ({reason}); dial a name it covers, or have the coordinator "
-            f"re-issue it with `cohort certs init DIR --superlink-host {host} --force`"
+            f"the SuperLink's certificate does not cover {host} ({reason}); dial a name it covers, or have the "
+            f"coordinator re-issue it with `cohort certs init DIR --superlink-host {host} --force`"
         )
     if error.verify_code == 10:  # X509_V_ERR_CERT_HAS_EXPIRED
-        return f"the SuperLink at {address} presents an expired certificate; the coordinator renews it with `cohort certs init DIR --force`"
+        return (
+            f"the SuperLink at {address} presents an expired certificate; the coordinator renews it with "
+            "`cohort certs init DIR --force`"
+        )
     return (
         f"the SuperLink at {address} presents a certificate that {ca_cert} does not trust ({reason}); "
         "use the ca.crt of the coordinator's `cohort certs init`"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from server.records import RoundRecord
 from server.rundir import RunDirectory

@@ -195,7 +195,8 @@ def require_visible(*paths: Path) -> None:
         hidden = next((d for d in HIDDEN_DIRECTORIES if path == d or d in path.parents), None)
         if hidden is not None:
             raise CohortInputError(
-                f"{path} is under {hidden}, which the service cannot see (ProtectHome, PrivateTmp); move it, e.g. under /opt, /etc or /var/lib"
+                f"{path} is under {hidden}, which the service cannot see (ProtectHome, PrivateTmp); move it, e.g. "
+                "under /opt, /etc or /var/lib"
             )
 
 

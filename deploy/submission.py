@@ -23,9 +23,9 @@ import re
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import tomli_w
 
@@ -108,13 +108,14 @@ class Submission:
     def check(self) -> None:
         if not self.run.resume_from and (self.run_dir.path / CONFIG_FILE).exists():
             raise CohortInputError(
-                f"run directory {self.run_dir.path} already holds a run; give another run-dir, or resume-from={self.run_dir.path} to continue it"
+                f"run directory {self.run_dir.path} already holds a run; give another run-dir, or "
+                f"resume-from={self.run_dir.path} to continue it"
             )
         connections = flower_config(self.flwr_home).get("superlink", {})
         if self.connection not in connections:
             raise CohortInputError(
-                f"no connection '{self.connection}' in {self.flwr_home / FLOWER_CONFIG_FILE}; on the SuperLink's host run "
-                f"`cohort connect {self.connection} --superlink {SUPERLINK_LOCAL_ADDRESS} --ca-cert CERTS/ca.crt`"
+                f"no connection '{self.connection}' in {self.flwr_home / FLOWER_CONFIG_FILE}; on the SuperLink's host "
+                f"run `cohort connect {self.connection} --superlink {SUPERLINK_LOCAL_ADDRESS} --ca-cert CERTS/ca.crt`"
             )
 
     def submit_and_follow(self, on_start: Callable[[RunDirectory], None], on_round: RoundCallback) -> RunOutcome:
@@ -168,7 +169,12 @@ class Submission:
         command = [flower_executable("flwr"), "list", self.connection, "--run-id", str(run_id), "--format", "json"]
         while True:
             result = subprocess.run(
-                command, env=offline_flower_env(self.flwr_home), capture_output=True, text=True, timeout=FLWR_TIMEOUT_S
+                command,
+                env=offline_flower_env(self.flwr_home),
+                capture_output=True,
+                text=True,
+                timeout=FLWR_TIMEOUT_S,
+                check=False,
             )
             try:
                 (row,) = json.loads(result.stdout)["runs"]

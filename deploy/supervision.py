@@ -9,6 +9,7 @@ even a SIGKILL leaves nothing running.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -108,7 +109,5 @@ class Supervisor:
 
 
 def _signal(process: psutil.Process, signum: int) -> None:
-    try:
+    with contextlib.suppress(psutil.NoSuchProcess):
         process.send_signal(signum)
-    except psutil.NoSuchProcess:
-        pass

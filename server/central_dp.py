@@ -8,10 +8,11 @@ before each round, and a signed ledger record per release in the run directory.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
@@ -215,7 +216,8 @@ class CentralPrivacy:
         noise = client_level_noise(run.dp, run.central_dp, run.training.rounds, sample_size)
         log(
             INFO,
-            "Client-level DP: accounted sigma %.4f (update noise %.4f, clipped-count noise %.4f), %d clients per round, no sampling amplification",
+            "Client-level DP: accounted sigma %.4f (update noise %.4f, clipped-count noise %.4f), %d clients per "
+            "round, no sampling amplification",
             noise.accounted,
             noise.update,
             noise.clipped_count,
@@ -226,7 +228,7 @@ class CentralPrivacy:
 
     def epsilon_after(self, more_rounds: int = 0) -> float:
         """The run's client-level epsilon once `more_rounds` further rounds are released."""
-        history = history_of(self.releases) + ((self.noise.accounted, NO_AMPLIFICATION, more_rounds),)
+        history = (*history_of(self.releases), (self.noise.accounted, NO_AMPLIFICATION, more_rounds))
         return PrivacyState(self.noise.accounted, NO_AMPLIFICATION, self.run.dp.accountant, history).epsilon(
             self.run.central_dp.client_delta
         )
@@ -236,7 +238,10 @@ class CentralPrivacy:
         after = self.epsilon_after(more_rounds=1)
         if after <= self.run.central_dp.client_epsilon:
             return None
-        return f"client-level budget reached: one more round would spend epsilon {after:.3f} of client-epsilon {self.run.central_dp.client_epsilon:g}"
+        return (
+            f"client-level budget reached: one more round would spend epsilon {after:.3f} of client-epsilon "
+            f"{self.run.central_dp.client_epsilon:g}"
+        )
 
     def incomplete(self, accepted: int) -> str | None:
         """Why a round with `accepted` checked updates may not be released, or None when

@@ -63,8 +63,8 @@ def client_level_noise(dp: DPConfig, central: CentralDPConfig, rounds: int, samp
     count = central.clipped_count_stddev or max(sample_size / 20, 2 * accounted)
     if count <= accounted:
         raise CohortInputError(
-            f"clipped-count-stddev {count:g} must exceed the noise multiplier {accounted:.3f}, or the count of "
-            f"clipped updates alone would spend more than the whole budget; raise it (e.g. to {2 * accounted:.3f}) or set 0"
+            f"clipped-count-stddev {count:g} must exceed the noise multiplier {accounted:.3f}, or the count of clipped "
+            f"updates alone would spend more than the whole budget; raise it (e.g. to {2 * accounted:.3f}) or set 0"
         )
     update = (accounted**-2 - count**-2) ** -0.5
     flower = (update**-2 + (2 * count) ** -2) ** -0.5

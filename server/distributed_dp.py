@@ -48,7 +48,8 @@ class DistributedPrivacy:
         privacy.releases = list(iter_releases(privacy.ledger.entries(), run.fingerprint()))
         log(
             INFO,
-            "Distributed client-level DP: each site adds Skellam noise of variance %.4g; a round of at least %d inputs carries noise sigma %.4f",
+            "Distributed client-level DP: each site adds Skellam noise of variance "
+            "%.4g; a round of at least %d inputs carries noise sigma %.4f",
             parameters.noise_variance,
             parameters.min_contributions,
             privacy.fewest().noise_multiplier,
@@ -72,7 +73,10 @@ class DistributedPrivacy:
         after = self.epsilon_after([self.fewest()])
         if after <= self.run.central_dp.client_epsilon:
             return None
-        return f"client-level budget reached: one more round would spend epsilon {after:.3f} of client-epsilon {self.run.central_dp.client_epsilon:g}"
+        return (
+            f"client-level budget reached: one more round would spend epsilon {after:.3f} of client-epsilon "
+            f"{self.run.central_dp.client_epsilon:g}"
+        )
 
     def record(
         self, server_round: int, arrays: ArrayRecord, noise_variance: float, sites: tuple[str, ...]

@@ -186,16 +186,13 @@ class ClientLevel:
         return math.inf
 
     def release(self, server_round: int, contributions: Contributions) -> Release:
-        budget = self.run.central_dp.client_epsilon
         problem = self.central.incomplete(contributions.count)
         if problem is not None:
-            log(WARNING, "Round %d: no client-level release: %s", server_round, problem)
-            return Release(
-                None,
-                CentralRelease(released=False, reason=problem, epsilon=self.central.epsilon_after(), budget=budget),
-            )
+            return self._withheld(server_round, problem)
         clip_norm = clipping_norm_of(self.strategy)
         aggregated, _ = self.strategy.aggregate_train(server_round, contributions.replies())
+        if aggregated is None:  # Flower's strategy found nothing it could aggregate
+            return self._withheld(server_round, "the strategy aggregated no update")
         epsilon = self.central.record(server_round, aggregated, clip_norm)
         return Release(
             aggregated,
@@ -203,9 +200,22 @@ class ClientLevel:
                 released=True,
                 epsilon=epsilon,
                 delta=self.run.central_dp.client_delta,
-                budget=budget,
+                budget=self.run.central_dp.client_epsilon,
                 noise_multiplier=self.central.noise.accounted,
                 clip_norm=clip_norm,
+            ),
+        )
+
+    def _withheld(self, server_round: int, problem: str) -> Release:
+        """No release this round, and why: nothing is spent."""
+        log(WARNING, "Round %d: no client-level release: %s", server_round, problem)
+        return Release(
+            None,
+            CentralRelease(
+                released=False,
+                reason=problem,
+                epsilon=self.central.epsilon_after(),
+                budget=self.run.central_dp.client_epsilon,
             ),
         )
 

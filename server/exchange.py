@@ -73,11 +73,7 @@ class Exchange:
         silent = sorted({m.metadata.dst_node_id for m in messages} - {node for node, _ in answers})
         if silent:
             for node in silent:
-                report.fail(
-                    Failure(
-                        node, self.registry.name_of(node) or f"node {node}", stage, f"no reply within {seconds:.0f}s"
-                    )
-                )
+                report.fail(Failure(node, self.registry.known_as(node), stage, f"no reply within {seconds:.0f}s"))
             log(
                 WARNING,
                 "Round %d: no %s reply within %.0fs from node(s) %s",
@@ -94,7 +90,7 @@ class Exchange:
         return [(node, reply) for node, reply in answers if not reply.has_error()]
 
     def _error_reply(self, node: int, reply: Message, stage: str, report: RoundReport) -> None:
-        reason = one_line(reply.error.reason)
+        reason = one_line(reply.error.reason or "")
         if (
             stage != Stage.EVALUATE and reply.error.code == protocol.SITE_REFUSED
         ):  # a training stage, secure aggregation's included
@@ -102,9 +98,11 @@ class Exchange:
             log(WARNING, "Round %d: %s; it is out of this run", report.server_round, reason)
             return
         if stage == Stage.EVALUATE and reply.error.code == protocol.SITE_DECLINED_EVALUATION:
-            log(INFO, "Round %d: %s", report.server_round, reason)  # the site's policy: not a failure
+            # The site's policy, not a failure; a policy does not change within a run.
+            report.declined_evaluation.add(node)
+            log(INFO, "Round %d: %s; it is not asked to evaluate again in this run", report.server_round, reason)
             return
-        report.fail(Failure(node, self.registry.name_of(node) or f"node {node}", stage, reason))
+        report.fail(Failure(node, self.registry.known_as(node), stage, reason))
         log(WARNING, "Round %d: node %d failed to %s: %s", report.server_round, node, stage, reason)
 
 

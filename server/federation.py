@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Callable
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
@@ -47,6 +47,7 @@ class FederationState:
     registry: SiteRegistry = field(default_factory=SiteRegistry)
     optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
     refused_nodes: dict[int, str] = field(default_factory=dict)
+    declined_evaluation: set[int] = field(default_factory=set)
     stop_reason: str = ""
 
 
@@ -62,6 +63,13 @@ def initial_state(run: RunConfig, run_dir: RunDirectory, model: torch.nn.Module)
     log(INFO, "Resuming from checkpoint of round %d", checkpoint.round)
     registry = SiteRegistry.from_json(json.loads(checkpoint.sites))
     return FederationState(checkpoint.round + 1, ArrayRecord(checkpoint.weights), registry, checkpoint.optimizer)
+
+
+def _declined_evaluation(state: FederationState, node: int) -> bool:
+    """A site's policy does not change within a run: once it declined, whichever node it
+    runs as now (a restarted SuperNode gets a new id) is not asked again."""
+    names = {state.registry.name_of(declined) for declined in state.declined_evaluation} - {None}
+    return node in state.declined_evaluation or state.registry.name_of(node) in names
 
 
 def in_model_dtypes(aggregated: ArrayRecord, model: ArrayRecord) -> ArrayRecord:
@@ -108,6 +116,7 @@ class Federation:
             self._evaluate(server_round, state, report)
             evaluation = self.evaluate_centrally(state.arrays)
             state.refused_nodes.update(report.refusals)
+            state.declined_evaluation.update(report.declined_evaluation)
             self._persist(state, report, evaluation, release, time.monotonic() - started)
             state.next_round = server_round + 1
             stop = (
@@ -126,6 +135,7 @@ class Federation:
             m
             for m in self.strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), self.grid)
             if m.metadata.dst_node_id not in {*state.refused_nodes, *report.refusals}
+            and not _declined_evaluation(state, m.metadata.dst_node_id)
         ]
         replies = self.exchange.send(messages, Stage.EVALUATE, report)
         live = set(self.grid.get_node_ids())

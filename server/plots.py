@@ -9,10 +9,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from server.records import RoundRecord  # noqa: E402
-from server.rundir import write_bytes_atomic  # noqa: E402
+from server.records import RoundRecord
+from server.rundir import write_bytes_atomic
 
 
 def plot_run(metrics: list[RoundRecord], out_dir: Path) -> list[Path]:
@@ -30,7 +30,7 @@ def _plot_accuracy(metrics: list[RoundRecord], path: Path) -> Path:
             if site in m.sites and m.sites[site].val_accuracy is not None
         ]
         if points:
-            axes.plot(*zip(*points), "--", alpha=0.7, label=f"{site} (local val)")
+            axes.plot(*zip(*points, strict=True), "--", alpha=0.7, label=f"{site} (local val)")
     axes.set(xlabel="round", ylabel="accuracy", title="Accuracy by round", ylim=(0, 1.02))
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small", loc="lower right")
@@ -45,7 +45,7 @@ def _plot_epsilon(metrics: list[RoundRecord], path: Path) -> Path:
             (m.round, m.sites[site].epsilon) for m in metrics if site in m.sites and m.sites[site].epsilon is not None
         ]
         if points:
-            line = axes.plot(*zip(*points), "-o", label=site)[0]
+            line = axes.plot(*zip(*points, strict=True), "-o", label=site)[0]
             plotted = True
             budget = next(
                 (m.sites[site].budget for m in reversed(metrics) if site in m.sites and m.sites[site].budget), None

@@ -187,8 +187,9 @@ class RoundReport:
     sites; it becomes the round's RoundRecord when the round ends (record).
 
     sites: each site's figures, by name; refusals: the nodes that refused to train this
-    round (out of the run from now on), by node id; ledger: the verified ledger entries of
-    the round, as the run's privacy_ledger.jsonl keeps them.
+    round (out of the run from now on), by node id; declined_evaluation: the nodes that
+    declined to evaluate this round (not asked again in this run); ledger: the
+    verified ledger entries of the round, as the run's privacy_ledger.jsonl keeps them.
     """
 
     server_round: int
@@ -196,6 +197,7 @@ class RoundReport:
     rejected: list[Rejection] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     refusals: dict[int, str] = field(default_factory=dict)
+    declined_evaluation: set[int] = field(default_factory=set)
     ledger: list[str] = field(default_factory=list)
 
     def reject(self, rejection: Rejection) -> None:

@@ -40,6 +40,8 @@ _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _OPTIONAL_TRAIN_METRICS = {protocol.TRAIN_LOSS: "train_loss", protocol.TRAIN_ACCURACY: "train_accuracy"}
 _OPTIONAL_EVAL_METRICS = {protocol.VAL_LOSS: "val_loss", protocol.VAL_ACCURACY: "val_accuracy"}
 _REASON_CHARS = 300
+# A ledger record field's annotation -> the values a reply's entry may hold in it.
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "float": (int, float)}
 
 
 @dataclass
@@ -80,7 +82,13 @@ def _site_round(
     entry: LedgerEntry, norm: float | None, reported_examples: int | None, metrics: dict[str, float]
 ) -> SiteRound:
     """What metrics.jsonl says of a site that contributed: its spend comes from its signed entry."""
-    figures = SiteRound(trained=True, update_norm=norm, num_examples=reported_examples, **metrics)
+    figures = SiteRound(
+        trained=True,
+        update_norm=norm,
+        num_examples=reported_examples,
+        train_loss=metrics.get("train_loss"),
+        train_accuracy=metrics.get("train_accuracy"),
+    )
     spent = entry.record
     if spent.kind != RecordKind.RELEASE:
         return figures
@@ -119,7 +127,7 @@ class ReplyChecker:
         except _Rejected as rejected:
             return Rejection(
                 node,
-                self.registry.name_of(node) or f"node {node}",
+                self.registry.known_as(node),
                 Stage.TRAIN,
                 one_line(str(rejected)),
                 rejected.entry,
@@ -144,7 +152,7 @@ class ReplyChecker:
         except _Rejected as rejected:
             return Rejection(
                 node,
-                self.registry.name_of(node) or f"node {node}",
+                self.registry.known_as(node),
                 SecureStage.MASKED_INPUT,
                 one_line(str(rejected)),
                 rejected.entry,
@@ -167,9 +175,7 @@ class ReplyChecker:
             metrics = reply.content.metric_records.get(protocol.METRICS)
             return SiteEvaluation(node, name, _optional_metrics(metrics, _OPTIONAL_EVAL_METRICS))
         except _Rejected as rejected:
-            return Rejection(
-                node, self.registry.name_of(node) or f"node {node}", Stage.EVALUATE, one_line(str(rejected))
-            )
+            return Rejection(node, self.registry.known_as(node), Stage.EVALUATE, one_line(str(rejected)))
 
     def _check_train(
         self, server_round: int, reply: Message, node: int, global_arrays: ArrayRecord, live_nodes: set[int]
@@ -204,7 +210,8 @@ class ReplyChecker:
         kept = _optional_metrics(metrics, _OPTIONAL_TRAIN_METRICS)
         if STRATEGIES[self.run.aggregation.strategy].needs_train_loss and "train_loss" not in kept:
             exc = _Rejected(
-                f"sent no finite '{protocol.TRAIN_LOSS}', which {STRATEGIES[self.run.aggregation.strategy].title} weighs by (a site's policy may withhold it)"
+                f"sent no finite '{protocol.TRAIN_LOSS}', which {STRATEGIES[self.run.aggregation.strategy].title} "
+                "weighs by (a site's policy may withhold it)"
             )
             exc.entry = entry
             raise exc
@@ -249,9 +256,15 @@ class ReplyChecker:
         if record.site != name:
             return f"its ledger entry is {record.site!r}'s, not {name}'s"
         if (record.run_id, record.round) != (self.run_id, server_round):
-            return f"its ledger entry is for run {record.run_id} round {record.round}, not run {self.run_id} round {server_round}"
+            return (
+                f"its ledger entry is for run {record.run_id} round "
+                f"{record.round}, not run {self.run_id} round {server_round}"
+            )
         if (record.kind, record.mechanism) != (expected_kind, expected_mechanism):
-            return f"its ledger entry records a {record.kind} by {record.mechanism}; this run needs a {expected_kind} by {expected_mechanism}"
+            return (
+                f"its ledger entry records a {record.kind} by {record.mechanism}; "
+                f"this run needs a {expected_kind} by {expected_mechanism}"
+            )
         if record.kind == RecordKind.RELEASE and not (
             record.noise_multiplier > 0 and 0 < record.sample_rate <= 1 and record.steps >= 1 and record.epsilon >= 0
         ):
@@ -262,7 +275,7 @@ class ReplyChecker:
             return None  # Flower's clipping mod clips the arrays after the site signed what it trained
         try:
             sent_hash = model_hash(arrays)
-        except Exception as error:  # any decoding failure of untrusted bytes is a bad reply
+        except Exception as error:  # noqa: BLE001 - any decoding failure of untrusted bytes is a bad reply
             return f"sent arrays that do not decode ({type(error).__name__})"
         if record.model_hash != sent_hash:
             return "its ledger entry's model hash is not the hash of the arrays it sent"
@@ -279,10 +292,13 @@ def check_arrays(arrays: ArrayRecord, global_arrays: ArrayRecord) -> str | None:
         reference = global_arrays[name]
         try:
             value = arrays[name].numpy()
-        except Exception as error:  # any decoding failure of untrusted bytes is a bad reply
+        except Exception as error:  # noqa: BLE001 - any decoding failure of untrusted bytes is a bad reply
             return f"sent array {name} that does not decode ({type(error).__name__})"
         if value.shape != tuple(reference.shape) or str(value.dtype) != reference.dtype:
-            return f"sent array {name} as {value.dtype}{list(value.shape)}, the model has {reference.dtype}{list(reference.shape)}"
+            return (
+                f"sent array {name} as {value.dtype}{list(value.shape)}, the model has "
+                f"{reference.dtype}{list(reference.shape)}"
+            )
         if not np.isfinite(value).all():
             return f"sent array {name} with NaN or infinite values"
     return None
@@ -308,7 +324,7 @@ def parse_entry(text: str) -> LedgerEntry:
         raise _Rejected("sent a ledger entry that is not a ledger record") from None
     for spec in dataclasses.fields(LedgerRecord):
         value = getattr(entry.record, spec.name)
-        kind = {"str": str, "int": int, "float": (int, float)}[str(spec.type)]
+        kind = _FIELD_TYPES[str(spec.type)]
         if (
             isinstance(value, bool)
             or not isinstance(value, kind)

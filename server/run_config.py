@@ -9,8 +9,9 @@ it. A site reads only the site-facing part and ignores the rest (docs/site.md).
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, ClassVar
 
 from common.config import (
     DELTA_RANGE,
@@ -25,7 +26,8 @@ from common.config import (
     settings_hash,
 )
 from common.errors import CohortInputError
-from common.secure_aggregation.parameters import MAX_BITS, MIN_BITS
+from common.secure_aggregation.field import MAX_BITS
+from common.secure_aggregation.parameters import MIN_BITS
 from server.strategies import STRATEGIES
 
 PARTITIONERS = ("iid", "dirichlet", "shards")
@@ -266,7 +268,8 @@ class RunConfig(SiteRunConfig):
         if mechanism.equal_shares and not strategy.plain_mean:
             plain = " or ".join(name for name, spec in STRATEGIES.items() if spec.plain_mean)
             raise CohortInputError(
-                f"client-level DP needs a plain mean of the updates; strategy '{self.aggregation.strategy}' is not one; use {plain}"
+                "client-level DP needs a plain mean of the updates; strategy "
+                f"'{self.aggregation.strategy}' is not one; use {plain}"
             )
         if mechanism.equal_shares and self.checks.aggregation_weight != "uniform":
             raise CohortInputError(
@@ -282,7 +285,8 @@ class RunConfig(SiteRunConfig):
         if not strategy.secure_aggregation:
             secure = ", ".join(name for name, spec in STRATEGIES.items() if spec.secure_aggregation)
             raise CohortInputError(
-                f"strategy {strategy.title} needs each site's update, which secure aggregation hides; use one of {secure}"
+                f"strategy {strategy.title} needs each site's update, "
+                f"which secure aggregation hides; use one of {secure}"
             )
         if self.checks.aggregation_weight != "uniform":
             raise CohortInputError(
@@ -295,19 +299,23 @@ class RunConfig(SiteRunConfig):
             )
         if self.checks.update_norm_bound > 0:
             raise CohortInputError(
-                "the server cannot check each update's norm under secure aggregation; sites clip their own to secure-aggregation-clip: set update-norm-bound = 0"
+                "the server cannot check each update's norm under secure aggregation; sites clip their own to "
+                "secure-aggregation-clip: set update-norm-bound = 0"
             )
         if self.dp.client_level and self.dp.client_clipping != "fixed":
             raise CohortInputError(
-                'adaptive clipping needs a count of clipped updates that secure aggregation hides; set client-clipping = "fixed"'
+                "adaptive clipping needs a count of clipped updates that secure aggregation hides; set client-clipping "
+                '= "fixed"'
             )
         if self.dp.client_level and self.central_dp.clipping_side != "client":
             raise CohortInputError(
-                'the server cannot clip updates it never sees; under secure aggregation the sites clip: set clipping-side = "client"'
+                "the server cannot clip updates it never sees; under secure aggregation the sites clip: set "
+                'clipping-side = "client"'
             )
         if self.dp.client_level and self.secure.secure_aggregation_clip not in (0.0, self.dp.clip_norm):
             raise CohortInputError(
-                "at client level the sites clip to clip-norm, the sensitivity the noise is sized for; set secure-aggregation-clip = 0"
+                "at client level the sites clip to clip-norm, the sensitivity the noise is sized for; set "
+                "secure-aggregation-clip = 0"
             )
 
     @property

@@ -21,9 +21,10 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from common.errors import CohortInputError
 from common.privacy.ledger import LEDGER_FILE

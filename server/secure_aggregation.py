@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import secrets as system_random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from common.secure_aggregation import crypto
 from common.secure_aggregation import field as modular
@@ -121,9 +121,7 @@ class SecureAggregationRound:
     def _advertise_and_share(self, exchange: Exchange) -> set[int] | Abandoned:
         """Stages 1 and 2: U2, the sites whose shares reach their whole neighbourhood."""
         request = AdvertiseKeys(self.server_round, self.parameters).to_record()
-        for node, record in self._answers(
-            exchange, Stage.ADVERTISE_KEYS, {node: request for node in self.nodes}
-        ).items():
+        for node, record in self._answers(exchange, Stage.ADVERTISE_KEYS, dict.fromkeys(self.nodes, request)).items():
             try:
                 self._public_keys[node] = PublicKeys.from_record(record)
             except ProtocolViolation as violation:
@@ -145,7 +143,7 @@ class SecureAggregationRound:
                 self._drop(node, Stage.SHARE_KEYS, "did not send shares to exactly its neighbours")
                 continue
             self._commitments[node] = shares.seed_commitment
-            for receiver, ciphertext in zip(shares.receivers, shares.ciphertexts):
+            for receiver, ciphertext in zip(shares.receivers, shares.ciphertexts, strict=True):
                 self._shares_to.setdefault(receiver, {})[node] = ciphertext
         problem = self._too_few(set(self._commitments), Stage.SHARE_KEYS)
         if problem:
@@ -154,7 +152,8 @@ class SecureAggregationRound:
         if self._too_few(shared, Stage.SHARE_KEYS):
             return Abandoned(
                 Stage.SHARE_KEYS,
-                f"{len(self._commitments)} sites shared their secrets, but only {len(shared)} of them with {self.parameters.threshold} holders each; the round needs more",
+                f"{len(self._commitments)} sites shared their secrets, but only {len(shared)} of them with "
+                f"{self.parameters.threshold} holders each; the round needs more",
             )
         return shared
 
@@ -180,12 +179,12 @@ class SecureAggregationRound:
             vector = reply.content.array_records[MASKED_INPUT][MASKED_VECTOR].numpy()
             masked_sum = modular.add(masked_sum, vector.astype(np.uint64), self.parameters.bits)
             survivors.add(node)
-        problem = (
+        abandoned = (
             self._too_few(survivors, Stage.MASKED_INPUT)
             or self._split(survivors)
             or self._unrebuildable(shared, survivors)
         )
-        return problem or (survivors, masked_sum)
+        return abandoned or (survivors, masked_sum)
 
     def _unmask(
         self, exchange: Exchange, shared: set[int], survivors: set[int], masked_sum: np.ndarray
@@ -210,7 +209,7 @@ class SecureAggregationRound:
             if revealed.owners != asked[node].survivors + asked[node].dropped:
                 self._drop(node, Stage.UNMASK, "revealed shares of other sites than it was asked for")
                 continue
-            for owner, share in zip(revealed.owners, revealed.shares):
+            for owner, share in zip(revealed.owners, revealed.shares, strict=True):
                 shares[owner].append(share)
         bits, length = self.parameters.bits, self.parameters.dimension
         total = masked_sum
@@ -267,7 +266,8 @@ class SecureAggregationRound:
         if largest > self.parameters.coordinate_bound(count) or norm > self.parameters.norm_bound(count):
             return Abandoned(
                 Stage.UNMASK,
-                f"the unmasked sum of {count} inputs lies outside the bound their clipping implies (a site sent an input it did not clip, or a share that does not match)",
+                f"the unmasked sum of {count} inputs lies outside the bound their clipping implies (a site sent an "
+                "input it did not clip, or a share that does not match)",
             )
         return UnmaskedSum(
             integers.astype(np.float64) / self.parameters.scale,
@@ -303,7 +303,8 @@ class SecureAggregationRound:
             if holders < self.parameters.threshold:
                 return Abandoned(
                     Stage.MASKED_INPUT,
-                    f"only {holders} of node {node}'s share holders sent their input, fewer than the threshold {self.parameters.threshold}; the round cannot be unmasked",
+                    f"only {holders} of node {node}'s share holders sent their input, fewer than the threshold "
+                    f"{self.parameters.threshold}; the round cannot be unmasked",
                 )
         return None
 
@@ -313,7 +314,8 @@ class SecureAggregationRound:
             return None
         return Abandoned(
             stage,
-            f"{len(remaining)} of {len(self.nodes)} sites remain after the {stage} stage, fewer than the {needed} the round needs",
+            f"{len(remaining)} of {len(self.nodes)} sites remain after "
+            f"the {stage} stage, fewer than the {needed} the round needs",
         )
 
     def _split(self, survivors: set[int]) -> Abandoned | None:
@@ -329,7 +331,8 @@ class SecureAggregationRound:
             return None
         return Abandoned(
             Stage.MASKED_INPUT,
-            f"the {len(survivors)} sites whose inputs arrived are not all connected by shared masks; the round is not unmasked",
+            f"the {len(survivors)} sites whose inputs arrived are not "
+            "all connected by shared masks; the round is not unmasked",
         )
 
     def _drop_reused_keys(self) -> None:
@@ -366,7 +369,7 @@ class SecureAggregationRound:
             )
             for node, record in requests.items()
         ]
-        replies = {}
+        replies: dict[int, Message] = {}
         for node, reply in exchange(messages, stage):
             if node in requests and reply.has_content():
                 replies.setdefault(node, reply)
@@ -400,7 +403,7 @@ def _masked_input_problem(reply: Message, parameters: SecAggParameters) -> str |
         return f"sent no '{MASKED_INPUT}' ArrayRecord holding one '{MASKED_VECTOR}'"
     try:
         vector = record[MASKED_VECTOR].numpy()
-    except Exception as error:  # any decoding failure of untrusted bytes is a bad reply
+    except Exception as error:  # noqa: BLE001 - any decoding failure of untrusted bytes is a bad reply
         return f"sent a masked input that does not decode ({type(error).__name__})"
     expected = modular.wire_dtype(parameters.bits)
     if vector.dtype != expected or vector.shape != (parameters.dimension,):

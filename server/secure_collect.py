@@ -133,4 +133,4 @@ class SecureCollect:
         )
 
     def _name(self, node: int) -> str:
-        return self.exchange.registry.name_of(node) or f"node {node}"
+        return self.exchange.registry.known_as(node)

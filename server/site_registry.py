@@ -10,6 +10,7 @@ checkpointed, so a resumed run holds every site to the key it first used.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -42,6 +43,10 @@ class SiteRegistry:
     def name_of(self, node: int) -> str | None:
         return self.nodes.get(node)
 
+    def known_as(self, node: int) -> str:
+        """The site's name once it has one, the node id before: what reports say."""
+        return self.nodes.get(node) or f"node {node}"
+
     def admit(self, node: int, claimed: str, key_pem: str, live_nodes: set[int]) -> str | None:
         """Bind or check who `node` is; None when it may speak as `claimed`, else why not."""
         bound = self.nodes.get(node)
@@ -69,7 +74,10 @@ class SiteRegistry:
         if entry.sequence <= site.sequence:
             return f"its ledger entry has sequence {entry.sequence}, not after the {site.sequence} it already sent"
         if site.sequence >= 0 and entry.sequence == site.sequence + 1 and entry.previous_hash != site.entry_hash:
-            return f"its ledger entry {entry.sequence} does not link to entry {site.sequence} it sent before: its ledger was rewritten"
+            return (
+                f"its ledger entry {entry.sequence} does not link to entry "
+                f"{site.sequence} it sent before: its ledger was rewritten"
+            )
         return None
 
     def accept(self, name: str, entry: LedgerEntry) -> None:
@@ -83,13 +91,13 @@ class SiteRegistry:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, dict[str, object]]) -> SiteRegistry:
+    def from_json(cls, data: dict[str, dict[str, Any]]) -> SiteRegistry:
         return cls(
             {
                 name: KnownSite(str(s["public_key_pem"]), int(s["sequence"]), str(s["entry_hash"]))
                 for name, s in data.items()
             }
-        )  # type: ignore[call-overload]
+        )
 
 
 def _ed25519_problem(key_pem: str) -> str | None:

@@ -7,8 +7,9 @@ names, so a strategy is added by adding its entry here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from flwr.serverapp.strategy import (
     Bulyan,

@@ -37,9 +37,9 @@ class AttackSpec:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise CohortInputError(f"attack-scale is {scale!r}; it must be a number")
         if isinstance(attack, str):
-            return cls({site: attack for site in hostile}, float(scale))
+            return cls(dict.fromkeys(hostile, attack), float(scale))
         if isinstance(attack, list) and isinstance(sites, list) and len(attack) == len(sites) == len(hostile):
-            return cls(dict(zip(sites, map(str, attack))), float(scale))
+            return cls(dict(zip(sites, map(str, attack), strict=True)), float(scale))
         raise CohortInputError("attack is a list: give attack-sites as a list of the same length, one site per attack")
 
     def attack_of(self, partition_id: int) -> str | None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
@@ -69,7 +70,7 @@ def train(msg: Message, context: Context) -> Message:
     reply = honest(msg, context)
     if reply.has_error():
         return reply
-    _tamper(reply, msg.content[protocol.ARRAYS], attack, scale, context)
+    _tamper(reply, msg.content.array_records[protocol.ARRAYS], attack, scale, context)
     return reply
 
 
@@ -95,7 +96,7 @@ def _attack_of(context: Context) -> tuple[str | None, float]:
 
 def _tamper(reply: Message, global_arrays: ArrayRecord, attack: str, scale: float, context: Context) -> None:
     """Replace the honest update, then sign the ledger entry for what is sent instead."""
-    sent = reply.content[protocol.ARRAYS]
+    sent = reply.content.array_records[protocol.ARRAYS]
     tampered = {}
     for name, array in sent.items():
         honest_value, start = array.numpy(), global_arrays[name].numpy()
@@ -108,7 +109,7 @@ def _tamper(reply: Message, global_arrays: ArrayRecord, attack: str, scale: floa
         tampered[name] = Array(np.ascontiguousarray(value.astype(honest_value.dtype)))
     arrays = ArrayRecord(tampered)
     reply.content[protocol.ARRAYS] = arrays
-    site_record = reply.content[protocol.SITE]
+    site_record = reply.content.config_records[protocol.SITE]
     entry = LedgerEntry.from_json(str(site_record[protocol.SITE_LEDGER_ENTRY]))
     resigned = _resign(_state_dir(context), entry, model_hash(arrays))
     site_record[protocol.SITE_LEDGER_ENTRY] = resigned.to_json()
@@ -117,9 +118,10 @@ def _tamper(reply: Message, global_arrays: ArrayRecord, attack: str, scale: floa
 def _resign(state_dir: Path, entry: LedgerEntry, sent_hash: str) -> LedgerEntry:
     """The site's own last ledger entry, rewritten for the tampered model and signed again."""
     key = serialization.load_pem_private_key((state_dir / PRIVATE_KEY_FILE).read_bytes(), password=None)
+    assert isinstance(key, Ed25519PrivateKey), "SiteLedger makes every site key an Ed25519 key"
     signed = sign_entry(
         key, entry.sequence, entry.previous_hash, dataclasses.replace(entry.record, model_hash=sent_hash)
-    )  # type: ignore[arg-type]
+    )
     ledger = state_dir / LEDGER_FILE
     lines = ledger.read_text(encoding="utf-8").splitlines()
     lines[-1] = signed.to_json()
@@ -143,7 +145,7 @@ def _poisoned_context(context: Context, attack: str) -> Context:
         write_poisoned_copy(path, run, site, attack)
     # Read as a deployed site, the honest app never makes a key: this one is its operator.
     SiteLedger(site.state_dir)
-    node_config = {
+    node_config: dict[str, bool | float | int | str] = {
         "data-path": str(path),
         "site-name": site.name,
         "state-dir": str(site.state_dir),

@@ -29,7 +29,10 @@ def divergence(metrics: list[RoundRecord], num_classes: int) -> str | None:
         return None
     chance = 1 / num_classes
     if last.accuracy <= CHANCE_FACTOR * chance:
-        return f"global accuracy {last.accuracy:.3f} after {len(metrics)} rounds is near chance ({chance:.3f}): the model is not learning"
+        return (
+            f"global accuracy {last.accuracy:.3f} after {len(metrics)} "
+            f"rounds is near chance ({chance:.3f}): the model is not learning"
+        )
     first = metrics[0].loss
     if last.loss > LOSS_RISE * first:
         return f"the global loss rose from {first:.3f} to {last.loss:.3f}: training is diverging"

@@ -33,20 +33,20 @@ import matplotlib
 import numpy as np
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from fairlearn.metrics import MetricFrame  # noqa: E402
-from scipy.stats import binomtest  # noqa: E402
-from sklearn.metrics import accuracy_score  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from fairlearn.metrics import MetricFrame
+from scipy.stats import binomtest
+from sklearn.metrics import accuracy_score
 
-from common.errors import CohortInputError  # noqa: E402
-from common.evaluation import predict  # noqa: E402
-from common.private_files import private_dir  # noqa: E402
-from server.held_out import federated_split  # noqa: E402
-from server.records import RoundRecord  # noqa: E402
-from server.rundir import RunDirectory, write_bytes_atomic, write_json_atomic  # noqa: E402
-from simulations.federation import simulated_site_data  # noqa: E402
-from simulations.plan import saved_plan  # noqa: E402
+from common.errors import CohortInputError
+from common.evaluation import predict
+from common.private_files import private_dir
+from server.held_out import federated_split
+from server.records import RoundRecord
+from server.rundir import RunDirectory, write_bytes_atomic, write_json_atomic
+from simulations.federation import simulated_site_data
+from simulations.plan import saved_plan
 
 SCHEMA = "cohort-fairness/1"
 FAIRNESS_FILE = "fairness.json"
@@ -178,7 +178,7 @@ def _site_accuracy_plot(metrics: list[RoundRecord], worst_site: str) -> bytes:
             continue
         worst = name == worst_site
         axes.plot(
-            *zip(*points),
+            *zip(*points, strict=True),
             color="#c0392b" if worst else "#999",
             linewidth=2.5 if worst else 1,
             zorder=3 if worst else 2,

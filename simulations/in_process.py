@@ -8,9 +8,10 @@ but not a real federation, and for measuring what the messages carry.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from flwr.app import Context, Message, RecordDict
 from flwr.common.serde import recorddict_to_proto
@@ -78,8 +79,8 @@ class InProcessGrid:
 
     def bytes_by_node(self) -> tuple[dict[int, int], dict[int, int]]:
         """(what each site sent, what it was sent): the serialized size of the messages' content."""
-        up: dict[int, int] = {node: 0 for node in self.nodes}
-        down: dict[int, int] = {node: 0 for node in self.nodes}
+        up: dict[int, int] = dict.fromkeys(self.nodes, 0)
+        down: dict[int, int] = dict.fromkeys(self.nodes, 0)
         for message in self.sent:
             down[message.metadata.dst_node_id] += recorddict_to_proto(message.content).ByteSize()
         for reply in self.received:

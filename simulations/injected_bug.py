@@ -8,13 +8,14 @@ process, which neither a Flower simulation's workers nor a deployed site ever ru
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
 import client.app
+from client.dp_randomness import site_noise_source
 from common.privacy.noise import NoiseSource
 
 
@@ -39,9 +40,9 @@ class QuietNoise:
 @contextmanager
 def noise_cut_to(share: float) -> Iterator[None]:
     """Within: every in-process site adds `share` of the noise it planned and records."""
-    honest = client.app.site_noise_source
-    client.app.site_noise_source = lambda *args, **kwargs: QuietNoise(honest(*args, **kwargs), share)  # type: ignore[assignment]
+    names = vars(client.app)  # the ClientApp calls the noise source by the name it imported
+    names["site_noise_source"] = lambda *args, **kwargs: QuietNoise(site_noise_source(*args, **kwargs), share)
     try:
         yield
     finally:
-        client.app.site_noise_source = honest  # type: ignore[assignment]
+        names["site_noise_source"] = site_noise_source

@@ -4,6 +4,7 @@ opened it dies (simulations/guardian.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import httpx
 import psutil
@@ -49,7 +51,7 @@ class LocalSuperLink:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def __enter__(self) -> LocalSuperLink:
+    def __enter__(self) -> Self:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         command = [
             sys.executable,
@@ -173,7 +175,5 @@ def _cmdline(process: psutil.Process) -> str:
 
 
 def _signal(process: psutil.Process, signum: int) -> None:
-    try:
+    with contextlib.suppress(psutil.NoSuchProcess):
         process.send_signal(signum)
-    except psutil.NoSuchProcess:
-        pass

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from common.errors import CohortInputError
 from server.run_config import DataConfig
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
 
 
 def partition_indices(labels: np.ndarray, num_partitions: int, config: DataConfig) -> list[np.ndarray]:
@@ -41,7 +45,7 @@ def partition_indices(labels: np.ndarray, num_partitions: int, config: DataConfi
     return parts
 
 
-def _build_partitioner(num_examples: int, num_partitions: int, config: DataConfig):  # type: ignore[no-untyped-def]
+def _build_partitioner(num_examples: int, num_partitions: int, config: DataConfig) -> Partitioner:
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, ShardPartitioner
 
     if config.partitioner == "iid":

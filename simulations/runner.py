@@ -21,10 +21,10 @@ import signal
 import subprocess
 import tempfile
 import tomllib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
-from typing import Callable, Iterator
 
 import tomli_w
 from flwr.app import ArrayRecord

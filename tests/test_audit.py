@@ -160,5 +160,5 @@ def test_audit_page_renders_with_its_plot_in_headless_chromium(site_dir: Path, t
     matplotlib_blue = (31, 119, 180)
     pixels = list(image.get_flattened_data())
     assert (
-        sum(1 for p in pixels if all(abs(a - b) < 20 for a, b in zip(p, matplotlib_blue))) > 100
+        sum(1 for p in pixels if all(abs(a - b) < 20 for a, b in zip(p, matplotlib_blue, strict=True))) > 100
     )  # the plotted line is on screen

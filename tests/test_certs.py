@@ -179,8 +179,8 @@ def test_init_prints_the_sans_and_the_superlink_command(tmp_path: Path) -> None:
     )
     assert f"cohort superlink \\\n    --certs {tmp_path}" in result.stdout
     assert (
-        f"cohort connect '<CONNECTION>' \\\n    --superlink 127.0.0.1:{SUPERLINK_LOCAL_PORT} \\\n    --ca-cert {tmp_path / 'ca.crt'}"
-        in result.stdout
+        f"cohort connect '<CONNECTION>' \\\n    --superlink 127.0.0.1:{SUPERLINK_LOCAL_PORT} \\\n"
+        f"    --ca-cert {tmp_path / 'ca.crt'}" in result.stdout
     )
     assert "flwr supernode register '<SITE_NAME>.pub' '<CONNECTION>'" in result.stdout
 

@@ -112,6 +112,7 @@ def test_installed_command_prints_no_traceback_on_bad_input(tmp_path: Path) -> N
         text=True,
         env={**os.environ, "COLUMNS": "200"},
         timeout=120,
+        check=False,
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "error: unknown model 'resnet'; choose one of: cnn, transformer"

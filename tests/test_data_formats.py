@@ -22,7 +22,7 @@ def test_digits_loads_offline_as_normalised_nchw() -> None:
     data = load_dataset("digits")
     assert data.train.images.shape == (1797, 1, 8, 8)
     assert data.num_classes == 10
-    assert -1.0 <= data.train.images.min() and data.train.images.max() <= 1.0
+    assert data.train.images.min() >= -1.0 and data.train.images.max() <= 1.0
 
 
 def test_mnist_5k_loads_offline() -> None:
@@ -46,7 +46,7 @@ def test_medmnist_npz_keeps_its_own_test_split_and_pools_val_into_train(medmnist
 def test_npz_with_missing_keys_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "bad.npz"
     np.savez(path, train_images=np.zeros((4, 8, 8), np.uint8))
-    with pytest.raises(CohortInputError, match="missing key.*train_labels"):
+    with pytest.raises(CohortInputError, match=r"missing key.*train_labels"):
         load_dataset(str(path))
 
 
@@ -73,12 +73,12 @@ def test_npz_whose_splits_have_different_image_shapes_is_refused(tmp_path: Path)
 def test_file_that_is_not_an_npz_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "notes.npz"
     path.write_text("not a zip")
-    with pytest.raises(CohortInputError, match="not a readable .npz"):
+    with pytest.raises(CohortInputError, match=r"not a readable \.npz"):
         load_dataset(str(path))
 
 
 def test_missing_path_is_refused() -> None:
-    with pytest.raises(CohortInputError, match="neither a built-in .* nor an existing path"):
+    with pytest.raises(CohortInputError, match=r"neither a built-in .* nor an existing path"):
         load_dataset("/no/such/data.npz")
 
 
@@ -113,7 +113,7 @@ def test_truncated_idx_file_is_refused(tmp_path: Path) -> None:
 
 def test_image_folder_with_one_subfolder_per_class_loads(tmp_path: Path) -> None:
     images, labels = make_images(12, size=8, classes=3)
-    for index, (image, label) in enumerate(zip(images, labels)):
+    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
         (tmp_path / f"class-{label}").mkdir(exist_ok=True)
         Image.fromarray(image).save(tmp_path / f"class-{label}" / f"{index}.png")
     data = load_dataset(str(tmp_path))

@@ -16,9 +16,9 @@ import sys
 import threading
 import time
 import tomllib
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import numpy as np
@@ -49,6 +49,7 @@ def _cohort(command: list[str], home: Path, **env: str) -> subprocess.CompletedP
         text=True,
         timeout=60,
         env={**os.environ, "FLWR_HOME": str(home), **env},
+        check=False,
     )
 
 
@@ -221,8 +222,13 @@ def test_connect_writes_the_tls_connection_into_flowers_config(
 def test_run_with_a_misspelt_setting_names_the_closest_one_and_submits_nothing(tmp_path: Path) -> None:
     result = subprocess.run(
         [COHORT, *commands.cohort_run_command("hospitals", ["round=1", "min-sites=2"])[1:]],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path, env={**os.environ, "FLWR_HOME": str(tmp_path / "home")},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "FLWR_HOME": str(tmp_path / "home")},
+        check=False,
+    )
     _assert_one_clear_line(result, "unknown setting 'round'; did you mean 'rounds'?")
     assert list(tmp_path.iterdir()) == [], "nothing may be written before the settings are valid"
 
@@ -267,11 +273,11 @@ def test_the_node_config_flower_parses_is_the_sites_own_policy(tmp_path: Path) -
 
 def _processes_using(path: Path) -> list[psutil.Process]:
     """Processes whose command line names a file under path: what a command started with it."""
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        if any(str(path) in word for word in process.info["cmdline"] or []):
-            found.append(process)
-    return found
+    return [
+        process
+        for process in psutil.process_iter(["cmdline"])
+        if any(str(path) in word for word in process.info["cmdline"] or [])
+    ]
 
 
 def _occupied_port() -> Iterator[socket.socket]:

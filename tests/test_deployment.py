@@ -19,11 +19,11 @@ import sys
 import threading
 import time
 from base64 import b64encode
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import numpy as np
@@ -136,6 +136,7 @@ class Deployment:
             text=True,
             timeout=timeout,
             cwd=self.root,
+            check=False,
         )
 
     def log(self, role: str) -> str:
@@ -225,9 +226,17 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         create_site_key(deployment.site_keys(site).root, site)
     _write_data(deployment.root / "data")
     try:
-        superlink_command = commands.superlink_command(
-            deployment.certs.root, deployment.root / "superlink.db", "127.0.0.1", deployment.port, deployment.local_port
-        ) + ["--sites-per-address", str(LIMITS.sites_per_address)]
+        superlink_command = [
+            *commands.superlink_command(
+                deployment.certs.root,
+                deployment.root / "superlink.db",
+                "127.0.0.1",
+                deployment.port,
+                deployment.local_port,
+            ),
+            "--sites-per-address",
+            str(LIMITS.sites_per_address),
+        ]
         _wait_for_front_door(deployment, deployment.spawn("superlink", superlink_command))
         connect = deployment.run(
             "coordinator", commands.connect_command(CONNECTION, deployment.local_address, deployment.certs.ca_cert)
@@ -267,8 +276,9 @@ def processes_while_serving(deployment: Deployment) -> list[psutil.Process]:
 def _submit(deployment: Deployment, run_dir: str, rounds: int, *settings: str, timeout: float = 600) -> dict:
     """A DP run over the three sites, submitted with stock `flwr run` and waited for; Flower's record of it."""
     run_config = (
-        f"rounds={rounds} dataset='{deployment.root / 'data' / 'coordinator.npz'}' run-dir='{deployment.root / run_dir}' "
-        f"min-sites=3 batch-size=32 local-epochs=1 noise-multiplier={NOISE_MULTIPLIER} {' '.join(settings)}"
+        f"rounds={rounds} dataset='{deployment.root / 'data' / 'coordinator.npz'}' "
+        f"run-dir='{deployment.root / run_dir}' min-sites=3 batch-size=32 local-epochs=1 "
+        f"noise-multiplier={NOISE_MULTIPLIER} {' '.join(settings)}"
     )
     result = deployment.run("coordinator", commands.run_command(APP_DIR, CONNECTION, run_config), timeout=timeout)
     started = re.search(r"Successfully started run (\d+)", result.stdout)
@@ -428,8 +438,10 @@ def test_supernode_trusting_another_ca_cannot_connect(deployment: Deployment) ->
     other = deployment.root / "other-ca"
     init_certificates(other, ["localhost"], passphrase=PASSPHRASE)
     command = [
-        "flower-supernode", "--superlink", deployment.address, "--root-certificates", str(CertificateLayout(other).ca_cert),
-        "--auth-supernode-private-key", str(deployment.site_keys("hospital-a").site_key("hospital-a")), "--port", str(free_port()), "--max-retries", "1",
+        "flower-supernode", "--superlink", deployment.address,
+        "--root-certificates", str(CertificateLayout(other).ca_cert),
+        "--auth-supernode-private-key", str(deployment.site_keys("hospital-a").site_key("hospital-a")),
+        "--port", str(free_port()), "--max-retries", "1",
     ]  # fmt: skip
     stranger = deployment.spawn("other-ca", command)
     assert stranger.wait(timeout=STARTUP_TIMEOUT_S) != 0
@@ -600,13 +612,25 @@ def test_the_killed_sites_ledger_holds_each_release_once_and_the_runs_copy_only_
     )
 
 
+def test_a_site_that_declines_to_evaluate_is_not_asked_again_in_that_run(
+    run_with_a_site_killed_mid_round: KilledSiteRun, deployment: Deployment
+) -> None:
+    """Deployed sites decline evaluation by default; over three rounds each says so once
+    (the restarted site, whose name the coordinator knows from round 1 or learns again,
+    at most once)."""
+    log = deployment.log("run-killed-site")
+    declines = {site: log.count(f"site {site} does not evaluate models it is sent") for site in SITES}
+    assert declines == {**dict.fromkeys(set(SITES) - {KILLED_SITE}, 1), KILLED_SITE: declines[KILLED_SITE]}, declines
+    assert declines[KILLED_SITE] <= 1, declines
+
+
 @pytest.fixture(scope="module")
 def study_every_site_refused(deployment: Deployment) -> subprocess.CompletedProcess[str]:
     """`cohort run` of a study without DP: every site's policy forbids training without it
     (allow-non-private is off unless a site sets it), so every site refuses round 1."""
     settings = [
-        f"rounds={ROUNDS}", f"dataset={deployment.root / 'data' / 'coordinator.npz'}", f"run-dir={deployment.root / 'run-refused'}",
-        "min-sites=3", "dp=false", "batch-size=32",
+        f"rounds={ROUNDS}", f"dataset={deployment.root / 'data' / 'coordinator.npz'}",
+        f"run-dir={deployment.root / 'run-refused'}", "min-sites=3", "dp=false", "batch-size=32",
     ]  # fmt: skip
     result = deployment.run("coordinator", commands.cohort_run_command(CONNECTION, settings), timeout=600)
     (deployment.root / "logs" / "cohort-run-refused.log").write_text(result.stdout + result.stderr)
@@ -683,7 +707,9 @@ def _push_zeros(deployment: Deployment, route: str, size: int, source: str, chun
     with context.wrap_socket(raw, server_hostname="localhost") as tls:
         framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}"
         tls.sendall(
-            f"POST {route} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/protobuf\r\n{framing}\r\n\r\n".encode()
+            (
+                f"POST {route} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/protobuf\r\n{framing}\r\n\r\n"
+            ).encode()
         )
         block, sent, answer = bytes(MB), 0, b""
         try:

@@ -177,11 +177,7 @@ def options(command: list[str], flag: str) -> list[str]:
 
 def site_services() -> dict[str, list[str]]:
     """Each SuperNode service with its `cohort supernode` command."""
-    sites = {}
-    for name, command in all_commands():
-        if recipe_name(command) == "supernode":
-            sites[name] = command
-    return sites
+    return {name: command for name, command in all_commands() if recipe_name(command) == "supernode"}
 
 
 def certs_commands(subcommand: str) -> list[list[str]]:

@@ -111,6 +111,7 @@ def _compare(*runs: Path) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=300,
         env={**os.environ, "COLUMNS": "80"},
+        check=False,
     )
 
 

@@ -8,9 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import psutil
 import pytest
@@ -36,10 +36,26 @@ ENV = {**os.environ, "COLUMNS": "200"}
 
 def _simulate(runs: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Path]:
     result = subprocess.run(
-        [COHORT, "simulate", *args, "--runs-dir", str(runs)], capture_output=True, text=True, timeout=600, env=ENV
+        [COHORT, "simulate", *args, "--runs-dir", str(runs)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+        check=False,
     )
     (run_dir,) = list(runs.iterdir())
     return result, run_dir
+
+
+def _resume(run_dir: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [COHORT, "simulate", "--resume", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+        check=False,
+    )
 
 
 def _metrics(run_dir: Path) -> list[RoundRecord]:
@@ -88,7 +104,9 @@ def test_summary_progress_line_and_audit_name_the_rejected_sites(hostile_run) ->
         range(1, ROUNDS + 1)
     )
     assert "rejected: site-1, site-2" in result.stdout
-    audit = subprocess.run([COHORT, "audit", str(run_dir)], capture_output=True, text=True, timeout=300, env=ENV)
+    audit = subprocess.run(
+        [COHORT, "audit", str(run_dir)], capture_output=True, text=True, timeout=300, env=ENV, check=False
+    )
     assert audit.returncode == 0, audit.stderr
     assert f"rejected: site-1: {ROUNDS} reply(ies)" in audit.stdout and "NaN" in audit.stdout
 
@@ -111,7 +129,7 @@ def test_a_silent_site_fails_its_round_after_the_timeout_and_the_round_finishes(
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     (record,) = _metrics(run_dir)
-    assert [(f.site, f.stage) for f in record.failures] == [("node %d" % record.failures[0].node, "train")]
+    assert [(f.site, f.stage) for f in record.failures] == [(f"node {record.failures[0].node}", "train")]
     assert all(f"no reply within {timeout}s" in f.reason for f in record.failures)
     assert sorted(name for name, site in record.sites.items() if site.trained) == ["site-0", "site-1"]
     assert record.seconds >= timeout
@@ -187,9 +205,7 @@ def test_a_coordinator_stopped_mid_run_resumes_and_every_release_is_in_the_ledge
     sites = [run_dir / "federation" / f"site-{i}" / "privacy_ledger.jsonl" for i in range(3)]
     before = {site: _ledger_lines(site) for site in sites}
 
-    resumed = subprocess.run(
-        [COHORT, "simulate", "--resume", str(run_dir)], capture_output=True, text=True, timeout=600, env=ENV
-    )
+    resumed = _resume(run_dir, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert [m.round for m in _metrics(run_dir)] == [1, 2, 3, 4], (
         resumed.stdout
@@ -240,15 +256,14 @@ def killed_run(tmp_path_factory: pytest.TempPathFactory) -> KilledRun:
     _wait_for(command, runs, "*/config.json")  # the ServerApp has started writing
     (run_dir,) = list(runs.iterdir())
     second_writers = [
-        subprocess.run(
-            [COHORT, "simulate", "--resume", str(run_dir)], capture_output=True, text=True, timeout=300, env=ENV
-        ),
+        _resume(run_dir, timeout=300),
         subprocess.run(
             [COHORT, "simulate", NO_DP[0], "--set", "num-sites=3", "--set", f"run-dir={run_dir}"],
             capture_output=True,
             text=True,
             timeout=300,
             env=ENV,
+            check=False,
         ),
     ]
     _wait_for(command, runs, "*/checkpoints/round-0001.pt")  # the sites are training

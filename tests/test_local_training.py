@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +112,7 @@ def test_cosine_schedule_decays_from_the_full_rate_to_a_tenth() -> None:
     training = TrainingConfig(learning_rate=2.0, rounds=11, lr_schedule="cosine")
     rates = [round_learning_rate(training, r) for r in range(1, 12)]
     assert rates[0] == pytest.approx(2.0) and rates[-1] == pytest.approx(0.2)
-    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert all(a > b for a, b in itertools.pairwise(rates))
 
 
 def test_constant_schedule_keeps_the_rate() -> None:

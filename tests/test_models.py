@@ -78,7 +78,7 @@ def test_transformer_encoder_learns_token_sequences_under_dp_sgd() -> None:
 
 
 def test_unknown_model_is_refused_with_the_choices() -> None:
-    with pytest.raises(CohortInputError, match="unknown model 'resnet'.*cnn, transformer"):
+    with pytest.raises(CohortInputError, match=r"unknown model 'resnet'.*cnn, transformer"):
         build_model("resnet", (1, 8, 8), 10)
 
 
@@ -153,5 +153,5 @@ def test_per_sample_gradients_of_the_cnn_are_each_examples_own_gradient() -> Non
     for index in range(len(images)):
         model.zero_grad()
         torch.nn.functional.cross_entropy(model(images[index : index + 1]), labels[index : index + 1]).backward()
-        for samples, parameter in zip(per_sample, model.parameters()):
+        for samples, parameter in zip(per_sample, model.parameters(), strict=True):
             assert torch.allclose(samples[index], parameter.grad, atol=1e-5)

@@ -30,14 +30,14 @@ def test_every_example_is_in_exactly_one_partition(partitioner: str) -> None:
 def test_same_seed_gives_the_same_partitions(partitioner: str) -> None:
     first = partition_indices(LABELS, 5, DataConfig(partitioner=partitioner, seed=3))
     second = partition_indices(LABELS, 5, DataConfig(partitioner=partitioner, seed=3))
-    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
 
 
 @pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "shards"])
 def test_another_seed_gives_other_partitions(partitioner: str) -> None:
     first = partition_indices(LABELS, 5, DataConfig(partitioner=partitioner, seed=3))
     second = partition_indices(LABELS, 5, DataConfig(partitioner=partitioner, seed=4))
-    assert not all(np.array_equal(np.sort(a), np.sort(b)) for a, b in zip(first, second))
+    assert not all(np.array_equal(np.sort(a), np.sort(b)) for a, b in zip(first, second, strict=True))
 
 
 def test_small_dirichlet_alpha_skews_labels_more_than_iid() -> None:

@@ -56,7 +56,7 @@ def test_a_budget_no_noise_can_meet_is_refused_clearly() -> None:
 def test_merging_rounds_of_the_same_mechanism_changes_no_epsilon() -> None:
     from common.privacy.accounting import merged_history
 
-    rounds = tuple((1.3, 0.25, 4) for _ in range(12)) + ((0.9, 0.1, 7),)
+    rounds = (*((1.3, 0.25, 4) for _ in range(12)), (0.9, 0.1, 7))
     assert merged_history(rounds) == ((1.3, 0.25, 48), (0.9, 0.1, 7))
     separate = RDPAccountant()
     separate.history = list(rounds)

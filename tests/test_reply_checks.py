@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -52,25 +52,25 @@ class Site:
         run: RunConfig = RUN,
     ) -> Message:
         sent = ArrayRecord({k: Array(v) for k, v in (arrays or honest_arrays()).items()})
-        fields = dict(
-            kind=RecordKind.RELEASE,
-            run_id=RUN_ID,
-            round=server_round,
-            site=self.name,
-            mechanism=Mechanism.SAMPLE_LEVEL_DP_SGD,
-            noise_multiplier=1.1,
-            sample_rate=0.1,
-            sampling="poisson",
-            steps=10,
-            clip_norm=1.0,
-            delta=1e-5,
-            epsilon=0.5,
-            accountant="rdp",
-            budget_epsilon=8.0,
-            dataset_hash="d" * 64,
-            model_hash=model_hash(sent),
-            config_hash=run.site_fingerprint(),
-        )
+        fields = {
+            "kind": RecordKind.RELEASE,
+            "run_id": RUN_ID,
+            "round": server_round,
+            "site": self.name,
+            "mechanism": Mechanism.SAMPLE_LEVEL_DP_SGD,
+            "noise_multiplier": 1.1,
+            "sample_rate": 0.1,
+            "sampling": "poisson",
+            "steps": 10,
+            "clip_norm": 1.0,
+            "delta": 1e-5,
+            "epsilon": 0.5,
+            "accountant": "rdp",
+            "budget_epsilon": 8.0,
+            "dataset_hash": "d" * 64,
+            "model_hash": model_hash(sent),
+            "config_hash": run.site_fingerprint(),
+        }
         entry = self.ledger.append(LedgerRecord(**{**fields, **(record or {})}))
         site_record = {
             protocol.SITE_NAME: self.name,

@@ -4,9 +4,9 @@ between them replaced by direct calls. Sites drop out, refuse, or misbehave at e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -52,12 +52,11 @@ class Sites:
 
     def exchange(self, messages: list[Message], stage: Stage) -> list[tuple[int, Message]]:
         replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
+        for sent in messages:
+            node = sent.metadata.dst_node_id
             if self.drop_at.get(node) == stage:
                 continue
-            if self.tamper is not None:
-                message = self.tamper(message, stage)
+            message = sent if self.tamper is None else self.tamper(sent, stage)
             reply = respond(message, self.contexts[node], f"site-{node}", self._contribution(message, node))
             self.seen_by_coordinator.append(reply)
             if reply.has_error():  # the exchange reports an error reply; the protocol sees no answer
@@ -189,7 +188,7 @@ def test_a_dropout_within_the_threshold_leaves_the_sum_correct(stage: Stage) -> 
 def test_sites_that_drop_between_sharing_and_masked_input_are_unmasked_by_their_neighbours() -> None:
     sites = Sites(updates(12, seed=3))
     gone = sorted(sites.updates)[:2]
-    sites.drop_at = {node: Stage.MASKED_INPUT for node in gone}
+    sites.drop_at = dict.fromkeys(gone, Stage.MASKED_INPUT)
     _, result = run_round(sites, parameters(12, neighbours=6, threshold=5))
     assert_sum_of(result, sites, set(sites.updates) - set(gone))
 
@@ -198,7 +197,7 @@ def test_sites_that_drop_between_sharing_and_masked_input_are_unmasked_by_their_
 def test_dropouts_beyond_the_threshold_abandon_the_round_with_one_reason(stage: Stage) -> None:
     sites = Sites(updates(6, seed=4))
     params = parameters(6)  # k = 5, t = 4: three dropouts leave three holders
-    sites.drop_at = {node: stage for node in sorted(sites.updates)[:3]}
+    sites.drop_at = dict.fromkeys(sorted(sites.updates)[:3], stage)
     _, result = run_round(sites, params)
     assert isinstance(result, Abandoned) and result.stage == stage
     assert result.reason and "\n" not in result.reason

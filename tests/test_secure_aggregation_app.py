@@ -68,7 +68,7 @@ def run_federation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clientapp_id
     def run(drop: dict[int, str] | None = None, **settings: Any) -> Run:
         updates: dict[int, np.ndarray] = {}
 
-        def recording(context: Context, server_round: int, update: np.ndarray, encode) -> np.ndarray:  # noqa: ANN001
+        def recording(context: Context, server_round: int, update: np.ndarray, encode) -> np.ndarray:
             updates[context.node_id] = update.copy()
             return masking(context, server_round, update, encode)
 

@@ -114,7 +114,7 @@ def test_the_plan_sizes_each_sites_noise_so_the_fewest_allowed_contributions_kee
 
 
 def test_the_plan_refuses_a_dropout_share_outside_zero_to_one() -> None:
-    with pytest.raises(CohortInputError, match="secure-aggregation-dropout is 1.0"):
+    with pytest.raises(CohortInputError, match=r"secure-aggregation-dropout is 1\.0"):
         plan_parameters(sites=10, dimension=100, clip_norm=1.0, bits=32, dropout=1.0)
 
 

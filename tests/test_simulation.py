@@ -45,6 +45,7 @@ def completed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.
         text=True,
         timeout=600,
         env={**os.environ, "COLUMNS": "200"},
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result, _run_dir(runs)
@@ -61,6 +62,7 @@ def repeated_run(
         capture_output=True,
         text=True,
         timeout=600,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return _run_dir(runs)
@@ -163,6 +165,7 @@ def test_audit_of_a_run_directory_recomputes_every_sites_epsilon(
         text=True,
         timeout=300,
         env={**os.environ, "COLUMNS": "200"},
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((run_dir / "audit.json").read_text())
@@ -211,7 +214,7 @@ def test_interrupted_run_resumes_at_the_next_round_with_epsilon_continuing(tmp_p
     assert done < 3
 
     resumed = subprocess.run(
-        [COHORT, "simulate", "--resume", str(run_dir)], capture_output=True, text=True, timeout=600
+        [COHORT, "simulate", "--resume", str(run_dir)], capture_output=True, text=True, timeout=600, check=False
     )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     metrics = _metrics(run_dir)
@@ -233,6 +236,7 @@ def _simulate(*args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=600,
         env={**os.environ, "COLUMNS": "200"},
+        check=False,
     )
 
 
@@ -304,6 +308,7 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         capture_output=True,
         text=True,
         timeout=600,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return _run_dir(runs)

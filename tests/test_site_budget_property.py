@@ -70,9 +70,10 @@ def _record(
 ) -> LedgerRecord:
     return LedgerRecord(
         kind=kind, run_id=run_id, round=server_round, site=site.name, mechanism=Mechanism.SAMPLE_LEVEL_DP_SGD,
-        noise_multiplier=state.noise_multiplier if state else 0.0, sample_rate=state.sample_rate if state else 0.0, sampling="poisson",
-        steps=steps, clip_norm=1.0, delta=site.delta, epsilon=enforced_epsilon(state, site)[0] if state else 0.0,
-        accountant=site.accountants[0], budget_epsilon=site.epsilon, dataset_hash=identity, model_hash="", config_hash="",
+        noise_multiplier=state.noise_multiplier if state else 0.0, sample_rate=state.sample_rate if state else 0.0,
+        sampling="poisson", steps=steps, clip_norm=1.0, delta=site.delta,
+        epsilon=enforced_epsilon(state, site)[0] if state else 0.0, accountant=site.accountants[0],
+        budget_epsilon=site.epsilon, dataset_hash=identity, model_hash="", config_hash="",
     )  # fmt: skip
 
 

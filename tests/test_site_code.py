@@ -16,9 +16,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import numpy as np
@@ -78,7 +78,13 @@ class Federation:
     def coordinator(self, *args: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
         env = offline_flower_env(self.root / "homes" / "coordinator")
         return subprocess.run(
-            [str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=self.root
+            [str(BIN / "flwr"), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.root,
+            check=False,
         )
 
     def run(self, app_dir: Path, run_config: str, name: str) -> dict:
@@ -104,12 +110,13 @@ class Federation:
 def _write_connection(home: Path, port: int) -> None:
     home.mkdir(parents=True)
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n',
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n'
+        "insecure = true\n",
         encoding="utf-8",
     )
 
 
-def _wait_for(condition, what: str, federation: Federation) -> None:  # noqa: ANN001
+def _wait_for(condition, what: str, federation: Federation) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         try:
@@ -202,7 +209,10 @@ def _hostile_app(root: Path) -> Path:
     skipped = (
         ("    if not run.dp.sample_level and not site.allow_non_private:", "    if False:"),
         (
-            "    privacy = _planned_privacy(run, site, spender, entries, len(data.train)) if run.dp.sample_level else None\n",
+            (
+                "    privacy = _planned_privacy(run, site, spender, entries, len(data.train))"
+                " if run.dp.sample_level else None\n"
+            ),
             "    privacy = None\n",
         ),
     )
@@ -331,7 +341,12 @@ def test_audit_shows_every_dataset_a_site_spent_on_and_its_chain_verifies(federa
     state = federation.state("hospital-a")
     assert verify_chain(federation.entries("hospital-a"), load_public_key(state / "ledger_key.pub.pem")) is None
     result = subprocess.run(
-        [str(BIN / "cohort"), "audit", str(state)], capture_output=True, text=True, timeout=120, cwd=federation.root
+        [str(BIN / "cohort"), "audit", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=federation.root,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((state / "audit.json").read_text()) if (state / "audit.json").exists() else None

@@ -26,9 +26,9 @@ BIN = Path(sys.executable).parent
 
 def _record(round_: int) -> LedgerRecord:
     return LedgerRecord(
-        kind=RecordKind.REFUSAL, run_id=1, round=round_, site="site", mechanism="", noise_multiplier=0.0, sample_rate=0.0, sampling="poisson",
-        steps=0, clip_norm=1.0, delta=1e-5, epsilon=0.0, accountant="rdp", budget_epsilon=8.0, dataset_hash="d", model_hash="",
-        config_hash="", reason="test",
+        kind=RecordKind.REFUSAL, run_id=1, round=round_, site="site", mechanism="", noise_multiplier=0.0,
+        sample_rate=0.0, sampling="poisson", steps=0, clip_norm=1.0, delta=1e-5, epsilon=0.0, accountant="rdp",
+        budget_epsilon=8.0, dataset_hash="d", model_hash="", config_hash="", reason="test",
     )  # fmt: skip
 
 
@@ -97,6 +97,7 @@ def test_cohort_site_init_makes_the_key_and_an_empty_head_and_prints_the_fingerp
         capture_output=True,
         text=True,
         timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     ledger = SiteLedger(tmp_path / "site", create_key=False)

@@ -110,9 +110,10 @@ def test_a_sites_split_is_its_own_and_stable(site_npz: Path) -> None:
 def _release(run_id: int, plan_state: PrivacyState, steps: int, timestamp: float) -> LedgerRecord:
     after = plan_state.with_steps(steps)
     return LedgerRecord(
-        kind=RecordKind.RELEASE, run_id=run_id, round=1, site="site", mechanism=Mechanism.SAMPLE_LEVEL_DP_SGD, noise_multiplier=after.noise_multiplier,
-        sample_rate=after.sample_rate, sampling="poisson", steps=steps, clip_norm=1.0, delta=1e-5, epsilon=0.0, accountant="rdp",
-        budget_epsilon=8.0, dataset_hash="data", model_hash="", config_hash="", timestamp=timestamp,
+        kind=RecordKind.RELEASE, run_id=run_id, round=1, site="site", mechanism=Mechanism.SAMPLE_LEVEL_DP_SGD,
+        noise_multiplier=after.noise_multiplier, sample_rate=after.sample_rate, sampling="poisson", steps=steps,
+        clip_norm=1.0, delta=1e-5, epsilon=0.0, accountant="rdp", budget_epsilon=8.0, dataset_hash="data",
+        model_hash="", config_hash="", timestamp=timestamp,
     )  # fmt: skip
 
 

@@ -80,5 +80,5 @@ def test_validation_samples_the_training_share_of_sites_unless_told_otherwise() 
 
 
 def test_a_fraction_evaluate_outside_zero_to_one_is_refused() -> None:
-    with pytest.raises(CohortInputError, match="fraction-evaluate is 1.5"):
+    with pytest.raises(CohortInputError, match=r"fraction-evaluate is 1\.5"):
         RunConfig.from_flower({"fraction-evaluate": 1.5})

@@ -136,7 +136,7 @@ def _cheap_commands(root: Path) -> dict[str, list[str]]:
             str(deep / "superlink.db"),
             "--runs-dir",
             str(deep / "runs"),
-        ],  # fmt: skip
+        ],
         "service supernode": [
             "service",
             "supernode",
@@ -159,7 +159,7 @@ def _cheap_commands(root: Path) -> dict[str, list[str]]:
             "8",
             "--delta",
             "1e-5",
-        ],  # fmt: skip
+        ],
         "supernode, missing data": [
             "supernode",
             "--superlink",
@@ -178,7 +178,7 @@ def _cheap_commands(root: Path) -> dict[str, list[str]]:
             "8",
             "--delta",
             "1e-5",
-        ],  # fmt: skip
+        ],
     }
 
 
@@ -194,7 +194,9 @@ def _prepare(root: Path) -> None:
 
 def _cohort(args: list[str], home: Path) -> str:
     env = {**os.environ, "COLUMNS": str(COLUMNS), "FLWR_HOME": str(home)}
-    result = subprocess.run([COHORT, *args], capture_output=True, text=True, timeout=300, env=env, cwd=home.parent)
+    result = subprocess.run(
+        [COHORT, *args], capture_output=True, text=True, timeout=300, env=env, cwd=home.parent, check=False
+    )
     return result.stdout + result.stderr
 
 
@@ -208,7 +210,7 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     commands = {**HELP, **_cheap_commands(root)}
     with ThreadPoolExecutor(max_workers=4) as pool:
         printed = pool.map(lambda args: _cohort(args, home), commands.values())
-    return dict(zip(commands, printed))
+    return dict(zip(commands, printed, strict=True))
 
 
 def _too_wide(text: str) -> list[str]:

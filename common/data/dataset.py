@@ -33,7 +33,7 @@ class LabeledImages:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+        return tuple(self.images.shape[1:])
 
     def subset(self, indices: np.ndarray) -> LabeledImages:
         return LabeledImages(self.images[indices], self.labels[indices])

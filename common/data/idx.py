@@ -10,9 +10,9 @@ import numpy as np
 from common.data.dataset import DatasetSplits, LabeledImages, to_labeled_images
 from common.errors import CohortInputError
 
-_IDX_DTYPES = {
-    0x08: np.uint8,
-    0x09: np.int8,
+_IDX_DTYPES: dict[int, np.dtype] = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),
     0x0C: np.dtype(">i4"),
     0x0D: np.dtype(">f4"),
@@ -41,7 +41,7 @@ def load_idx_folder(path: Path) -> DatasetSplits:
         splits[split] = to_labeled_images(read_idx(images_file), read_idx(labels_file), 255.0, str(images_file))
     test = splits.get("test")
     labels = [splits["train"].labels] + ([test.labels] if test is not None else [])
-    return DatasetSplits(train=splits["train"], test=test, num_classes=int(max(int(l.max()) for l in labels)) + 1)
+    return DatasetSplits(train=splits["train"], test=test, num_classes=int(max(int(part.max()) for part in labels)) + 1)
 
 
 def read_idx(path: Path) -> np.ndarray:

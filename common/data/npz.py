@@ -48,7 +48,7 @@ def load_npz(path: Path) -> DatasetSplits:
         )
     test = extra.get("test")
     labels = [train.labels] + ([test.labels] if test is not None else [])
-    return DatasetSplits(train=train, test=test, num_classes=int(max(int(l.max()) for l in labels)) + 1)
+    return DatasetSplits(train=train, test=test, num_classes=int(max(int(part.max()) for part in labels)) + 1)
 
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:

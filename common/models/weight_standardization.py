@@ -45,7 +45,7 @@ class StandardizedConv2d(nn.Conv2d):
 @register_grad_sampler(StandardizedConv2d)
 def standardized_conv_grad_sample(
     layer: StandardizedConv2d, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[nn.Parameter, torch.Tensor]:
+) -> dict[torch.Tensor, torch.Tensor]:
     inputs = activations[0].to(backprops.dtype)
     batch = len(inputs)
     if batch == 0:  # as Opacus' own rule for nn.Conv2d answers an empty batch
@@ -56,7 +56,7 @@ def standardized_conv_grad_sample(
         inputs, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride, dilation=layer.dilation
     )
     backprops = backprops.reshape(batch, layer.out_channels, -1)
-    samples: dict[nn.Parameter, torch.Tensor] = {}
+    samples: dict[torch.Tensor, torch.Tensor] = {}
     if layer.weight.requires_grad:
         # d loss / d standardised weights, (batch, filters, fan-in), then through the map:
         # with w_hat = (w - mean) / s, the transpose takes g to (g - mean(g) - w_hat mean(g w_hat)) / s.

@@ -9,9 +9,9 @@ Opacus example).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable
 
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
@@ -65,7 +65,7 @@ class PrivacyState:
             self.noise_multiplier,
             self.sample_rate,
             self.accountant,
-            self.history + ((self.noise_multiplier, self.sample_rate, steps),),
+            (*self.history, (self.noise_multiplier, self.sample_rate, steps)),
         )
 
     def after(self, accountant: IAccountant) -> PrivacyState:
@@ -138,7 +138,7 @@ def derive_noise_multiplier(
     """
 
     def epsilon_at(sigma: float) -> float:
-        return PrivacyState(sigma, sample_rate, accountant, prior + ((sigma, sample_rate, steps),)).epsilon(delta)
+        return PrivacyState(sigma, sample_rate, accountant, (*prior, (sigma, sample_rate, steps))).epsilon(delta)
 
     def exhausted() -> CohortInputError:
         return CohortInputError(

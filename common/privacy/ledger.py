@@ -22,10 +22,11 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -292,8 +293,9 @@ class SiteLedger:
         self.head_path = state_dir / HEAD_FILE
         if not create_key and not (state_dir / PRIVATE_KEY_FILE).exists():
             raise LedgerBroken(
-                f"site state {state_dir} has no signing key {PRIVATE_KEY_FILE}; the site refuses to train until its operator "
-                f"runs `cohort site init --state-dir {state_dir}` (or `cohort supernode`, which does it on first start)"
+                f"site state {state_dir} has no signing key {PRIVATE_KEY_FILE}; the site refuses "
+                f"to train until its operator runs `cohort site init --state-dir {state_dir}` "
+                "(or `cohort supernode`, which does it on first start)"
             )
         self._key = _load_or_create_key(state_dir, self.head_path)
 
@@ -315,7 +317,8 @@ class SiteLedger:
         if problem is not None:
             raise LedgerBroken(
                 f"site ledger {self.path} {problem}; the site refuses to train until its operator restores the ledger "
-                f"(and {HEAD_FILE}) from backup and checks it with `cohort audit verify {self.state_dir} --public-key {self.public_key_file}`"
+                f"(and {HEAD_FILE}) from backup and checks it with "
+                f"`cohort audit verify {self.state_dir} --public-key {self.public_key_file}`"
             )
         return self.entries()
 
@@ -420,7 +423,8 @@ def read_entries(path: Path) -> list[LedgerEntry]:
             entries.append(LedgerEntry.from_json(line))
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise CohortInputError(
-                f"{path}: record {number} is not a ledger record ({type(error).__name__}); the file is truncated or edited"
+                f"{path}: record {number} is not a ledger record "
+                f"({type(error).__name__}); the file is truncated or edited"
             ) from None
     return entries
 

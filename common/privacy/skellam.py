@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 
@@ -117,7 +117,8 @@ def variance_for_budget(
 
     def exhausted() -> CohortInputError:
         return CohortInputError(
-            f"no noise keeps {releases} releases within epsilon {target_epsilon:g} at delta {delta:g}; raise client-epsilon or run fewer rounds"
+            f"no noise keeps {releases} releases within epsilon {target_epsilon:g} at delta {delta:g}; raise "
+            "client-epsilon or run fewer rounds"
         )
 
     return (smallest_noise_multiplier(epsilon_at, target_epsilon, exhausted) * l2_sensitivity) ** 2

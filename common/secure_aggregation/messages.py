@@ -224,7 +224,7 @@ def masked_input_record(vector: np.ndarray) -> ArrayRecord:
 
 
 Request = AdvertiseKeys | ShareKeys | ForwardedShares | Unmask
-_REQUESTS: dict[str, type[AdvertiseKeys] | type[ShareKeys] | type[ForwardedShares] | type[Unmask]] = {
+_REQUESTS: dict[str, type[AdvertiseKeys | ShareKeys | ForwardedShares | Unmask]] = {
     Stage.ADVERTISE_KEYS: AdvertiseKeys,
     Stage.SHARE_KEYS: ShareKeys,
     Stage.MASKED_INPUT: ForwardedShares,

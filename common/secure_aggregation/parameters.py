@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from common.errors import CohortInputError
 from common.privacy.skellam import rounded_sensitivity, tail_bound
@@ -89,16 +90,18 @@ class SecAggParameters:
             raise CohortInputError(f"secure aggregation needs at least 2 sites in a round, this one has {n}")
         if not (k == n - 1 or (2 <= k < n - 1 and k % 2 == 0)):
             raise CohortInputError(
-                f"secure-aggregation-neighbours is {k} for {n} sites; use {n - 1} (every other site) or an even number from 2 to {n - 2}"
+                f"secure-aggregation-neighbours is {k} for {n} sites; use "
+                f"{n - 1} (every other site) or an even number from 2 to {n - 2}"
             )
         if not (k + 1) / 2 < t <= k + 1:
             raise CohortInputError(
-                f"secure-aggregation-threshold is {t} with {k} neighbours; it must be more than half of the {k + 1} holders "
-                f"of a site's shares and at most {k + 1}: use {(k + 1) // 2 + 1} to {k + 1}"
+                f"secure-aggregation-threshold is {t} with {k} neighbours; it must be more than half of the {k + 1} "
+                f"holders of a site's shares and at most {k + 1}: use {(k + 1) // 2 + 1} to {k + 1}"
             )
         if not 2 <= self.min_contributions <= n:
             raise CohortInputError(
-                f"a round must be unmasked with 2 to {n} sites' inputs, not {self.min_contributions}; lower secure-aggregation-dropout"
+                f"a round must be unmasked with 2 to {n} sites' inputs, not {self.min_contributions}; lower "
+                "secure-aggregation-dropout"
             )
         if not self.clip_norm > 0 or not math.isfinite(self.clip_norm):
             raise CohortInputError(
@@ -113,8 +116,9 @@ class SecAggParameters:
         needed = self.bits_needed()
         if needed > self.bits:
             raise CohortInputError(
-                f"secure-aggregation-bits = {self.bits} cannot hold the sum of {n} sites' updates of {self.dimension:,} parameters "
-                f"(it needs {needed} bits); raise secure-aggregation-bits to at least {needed}"
+                f"secure-aggregation-bits = {self.bits} cannot hold the sum of {n} "
+                f"sites' updates of {self.dimension:,} parameters (it needs "
+                f"{needed} bits); raise secure-aggregation-bits to at least {needed}"
             )
 
     def to_record(self) -> dict[str, Any]:

@@ -40,7 +40,51 @@ Every epsilon is recomputed from the sites' ledgers; RDP is the enforced figure.
 <h2>Warnings</h2><ul class="warn">{warnings}</ul>
 <h2>Epsilon by release</h2>
 <img alt="epsilon against releases, per site, with budgets" src="data:image/png;base64,{_epsilon_plot(report)}">
+{_studies_section(report)}
 </body></html>
+"""
+
+
+def _studies_section(report: dict[str, Any]) -> str:
+    """Every study on each site's data, and every refusal with its reason, in full."""
+
+    def cell(value: Any, pattern: str = "{}") -> str:
+        return "-" if value is None else html.escape(pattern.format(value))
+
+    rows = "".join(
+        _row(
+            [
+                html.escape(name),
+                str(study["run_id"]),
+                study["first"],
+                study["last"],
+                str(study["rounds_trained"]),
+                str(study["rounds_refused"]),
+                cell(study["epsilon_granted"], "{:.3f}"),
+                f"{study['epsilon_spent']:.3f}",
+                cell(study["epsilon_total"], "{:.3f}"),
+                cell(study["model"]),
+                cell(study["fab_hash"]),
+                cell(study["coordinator"]),
+                cell(study["dataset"]),
+            ]
+        )
+        for name, site in report["sites"].items()
+        for study in site["studies"]
+    )
+    refused = "".join(
+        _row([html.escape(name), str(row["run_id"]), str(row["round"]), row["when"], html.escape(row["reason"])])
+        for name, site in report["sites"].items()
+        for row in site["refusal_log"]
+    )
+    return f"""<h2>What ran on the data</h2>
+<table><tr><th>site</th><th>run</th><th>first</th><th>last</th><th>rounds trained</th><th>rounds refused</th>
+<th>epsilon granted</th><th>epsilon spent</th><th>running total</th><th>model</th><th>FAB SHA-256</th>
+<th>coordinator</th><th>dataset</th></tr>
+{rows}</table>
+<h2>Refusals</h2>
+<table><tr><th>site</th><th>run</th><th>round</th><th>when</th><th>reason</th></tr>
+{refused or '<tr><td colspan="5">none</td></tr>'}</table>
 """
 
 
@@ -122,6 +166,11 @@ def _site_row(name: str, site: dict[str, Any]) -> str:
         html.escape(site["chain"].split(":")[0]),
         html.escape("; ".join(site["mechanisms"] + site["sampling"])) or "-",
     ]
+    return _row(cells)
+
+
+def _row(cells: list[str]) -> str:
+    """One table row of cells already escaped."""
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>\n"
 
 

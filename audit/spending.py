@@ -19,7 +19,10 @@ The report (audit.json) has this schema, version "cohort-audit/1":
         ...' or 'broken: ...'), epsilon_by_release: [[run_id, round, epsilon]], warnings,
         datasets: {dataset identity: {releases, epsilon_rdp}}: every dataset the site ever
         spent on (the figures above are the latest one's); more than one means the site's
-        data changed, and each carries its own budget}}
+        data changed, and each carries its own budget,
+        studies: [every run on the site's data, audit/studies.py StudyRow's fields],
+        refusal_log: [every refusal: run_id, round, when, reason]}}
+    A site's state directory whose ledger holds no record yet gives no sites: nothing spent.
     empirical: null, or the run's one-run audit (audit/empirical.py, EmpiricalAudit's
         fields) with its verdict, once `cohort audit empirical` has measured it
     fairness: null, or the run's fairness report (simulations/fairness.py)
@@ -33,11 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from audit.cross_check import AccountantComparison, compare_accountants
+from audit.studies import refusals, studies
 from common.errors import CohortInputError
 from common.privacy.accounting import PrivacyState
 from common.privacy.ledger import (
+    HEAD_FILE,
     LEDGER_FILE,
     PUBLIC_KEY_FILE,
+    ROOT_PUBLIC_KEY_FILE,
     LedgerEntry,
     LedgerRecord,
     RecordKind,
@@ -82,6 +88,8 @@ def find_ledgers(path: Path) -> list[SiteLedgerFile]:
         return [SiteLedgerFile(p, run_ids) for p in site_ledgers] or [SiteLedgerFile(path / LEDGER_FILE, run_ids)]
     if (path / LEDGER_FILE).is_file():
         return [SiteLedgerFile(path / LEDGER_FILE, None)]
+    if (path / HEAD_FILE).is_file():  # a site that has not spent anything yet
+        return []
     raise CohortInputError(
         f"{path} holds no privacy ledger; give a run directory, a site's state directory or a {LEDGER_FILE}"
     )
@@ -114,7 +122,7 @@ def _audit_site(entries: list[LedgerEntry], ledger: SiteLedgerFile) -> dict[str,
     delta = latest.delta
     comparison = _accounted(on_dataset, delta)
     total = comparison.rdp
-    chain = _chain_status(entries, ledger.path.parent / PUBLIC_KEY_FILE)
+    chain = _chain_status(entries, _root_key_file(ledger.path.parent))
     warnings = list(comparison.warnings)
     non_private = sum(r.kind == RecordKind.NON_PRIVATE for r in records)
     if non_private:
@@ -142,6 +150,8 @@ def _audit_site(entries: list[LedgerEntry], ledger: SiteLedgerFile) -> dict[str,
         "epsilon_by_release": [[r.run_id, r.round, r.epsilon] for r in on_dataset],
         "warnings": warnings,
         "datasets": _datasets(releases),
+        "studies": [row.to_json() for row in studies(records)],
+        "refusal_log": [row.to_json() for row in refusals(records)],
     }
 
 
@@ -189,6 +199,12 @@ def _non_private_warning(records: list[LedgerRecord], rounds: int) -> str:
             "(the server ledger's distributed client-level DP)"
         )
     return f"trained without differential privacy in {rounds} round(s): those releases carry no guarantee"
+
+
+def _root_key_file(state_dir: Path) -> Path:
+    """The key the chain starts from: the first one, kept apart once the key was rotated."""
+    root = state_dir / ROOT_PUBLIC_KEY_FILE
+    return root if root.exists() else state_dir / PUBLIC_KEY_FILE
 
 
 def _chain_status(entries: list[LedgerEntry], key_file: Path) -> str:

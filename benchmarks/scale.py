@@ -162,7 +162,9 @@ def _privacy_like_a_site(plan: SimulationPlan) -> PrivacyState | None:
         {"partition-id": 0, "num-partitions": plan.num_sites, "state-dir": "/nonexistent"}, plan.run
     )
     data = simulated_site_data(plan.run.data, 0, plan.num_sites)
-    return plan_round(plan.run, site, [], data.identity, run_id=1, server_round=1, num_examples=len(data.train)).total
+    return plan_round(
+        plan.run, site, [], data.identity, run_id=1, server_round=1, num_examples=len(data.train), granted=site.epsilon
+    ).total
 
 
 def measure(scale: Scale, runs_dir: Path) -> dict[str, Any]:

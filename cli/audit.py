@@ -13,10 +13,11 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from cli.errors import input_errors
-from cli.terminal import paragraph
-from common.privacy.ledger import LEDGER_FILE, key_fingerprint, load_public_key, read_entries, verify_chain
+from cli.terminal import echo_message, labelled, paragraph
+from common.privacy.ledger import load_public_key
 from common.private_files import private_dir
 from server.rundir import RunDirectory, write_bytes_atomic, write_json_atomic
+from server.site_book import key_changes
 
 console = Console()
 
@@ -38,7 +39,8 @@ audit_app = typer.Typer(
         "Audit privacy spending from the sites' ledgers.\n\n"
         "cohort audit PATH: per-site summary, audit.json and audit.html (PATH: a run directory, a site's "
         "state directory or a privacy_ledger.jsonl).\n\n"
-        "cohort audit verify PATH --public-key KEY: check every link and signature.\n\n"
+        "cohort audit verify STATE_DIR --public-key KEY: check the pinned key, every link and signature, the "
+        "signed head and, with --run-dir, the coordinator's copies.\n\n"
         "cohort audit empirical RUN_DIR: measure an epsilon lower bound with the run's canaries."
     ),
 )
@@ -48,10 +50,16 @@ audit_app = typer.Typer(
 def summary(
     path: Annotated[Path, typer.Argument(help="A run directory, a site's state directory, or a privacy_ledger.jsonl.")],
     out: Annotated[
-        Path | None, typer.Option("--out", help="Where audit.json and audit.html go (default: beside the ledger).")
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Where audit.json and audit.html go (default: a run directory itself; for a site, "
+            "audit-NAME in the current directory, never its state directory).",
+        ),
     ] = None,
 ) -> None:
-    """Per site: epsilon spent in this run and in total against its budget, and warnings."""
+    """Per site: every study on its data, epsilon spent in this run and in total against its budget,
+    refusals, warnings."""
     # Imported here: the accountants load torch, which `cohort`'s other commands do not need.
     from audit.empirical import saved_audit, verdict
     from audit.page import render_page
@@ -65,13 +73,19 @@ def summary(
     report["empirical"] = None if empirical is None else {**empirical.to_json(), "verdict": verdict(empirical)}
     report["fairness"] = fairness
     report["warnings"] += [] if fairness is None else fairness["warnings"]
+    report["warnings"] += key_changes(path) if path.is_dir() else []
     plot = path / "plots" / PLOT_FILE
     fairness_plot = plot.read_bytes() if fairness is not None and plot.is_file() else None
-    target = out or (path if path.is_dir() else path.parent)
-    private_dir(target)
+    target = private_dir(out or _default_out(path))
     write_json_atomic(target / "audit.json", report)
     write_bytes_atomic(target / "audit.html", render_page(report, fairness_plot).encode())
-    _print_report(report)
+    if not report["sites"]:
+        console.print(
+            f"nothing spent: the ledger in {path} holds no record yet", highlight=False, markup=False, soft_wrap=True
+        )
+    else:
+        _print_studies(report)
+        _print_report(report)
     if path.is_dir():
         _print_rejections(RunDirectory(path))
     console.print(
@@ -84,22 +98,55 @@ def summary(
 
 @audit_app.command("verify")
 def verify(
-    path: Annotated[Path, typer.Argument(help="A site's privacy_ledger.jsonl or its state directory.")],
-    public_key: Annotated[Path, typer.Option("--public-key", help="The site's exported ledger_key.pub.pem.")],
+    path: Annotated[Path, typer.Argument(help="A site's state directory (or its privacy_ledger.jsonl).")],
+    public_key: Annotated[
+        Path,
+        typer.Option("--public-key", help="The site's first ledger key (ledger_key.root.pub.pem once rotated)."),
+    ],
+    fingerprint: Annotated[
+        str | None,
+        typer.Option("--fingerprint", help="The key's fingerprint as the site gave it (default: its policy's pin)."),
+    ] = None,
+    copies: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--run-dir",
+            help="A coordinator's run directory: its copies of this site's entries must be in the ledger (repeatable).",
+        ),
+    ] = None,
 ) -> None:
-    """Check every chain link and signature; exit 1 naming the first bad record."""
-    ledger = path / LEDGER_FILE if path.is_dir() else path
+    """Check the pinned key, every chain link and signature, the signed head, and the
+    coordinator's copies; exit 1 naming the first thing wrong."""
+    from audit.ledger_verification import LedgerFailed, verify_site_ledger
+
     with input_errors():
-        entries = read_entries(ledger)
         key = load_public_key(public_key)
-        problem = verify_chain(entries, key)
-    if problem is not None:
-        typer.echo(f"FAILED: {ledger}: {problem}", err=True)
-        raise typer.Exit(code=1)
-    console.print(f"verified: {len(entries)} record(s) in {ledger}, every link and signature intact", highlight=False)
+        try:
+            verified = verify_site_ledger(path, key, fingerprint, copies or [])
+        except LedgerFailed as failed:
+            echo_message(f"FAILED: {failed}")
+            raise typer.Exit(code=1) from None
     console.print(
-        f"signed by key {key_fingerprint(key)}: compare with the fingerprint the site gave you", highlight=False
+        paragraph(
+            f"verified: {verified.records} record(s) in {path}, every link, signature and the signed head intact"
+        ),
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
     )
+    console.print(labelled("signed by key", verified.fingerprint), highlight=False, markup=False, soft_wrap=True)
+    if verified.pinned_by == "no pin":
+        console.print("no pin to compare with: compare the key with the fingerprint the site gave you", highlight=False)
+    else:
+        console.print(labelled("matches the pin", verified.pinned_by), highlight=False, markup=False, soft_wrap=True)
+    if verified.retired:
+        console.print(f"the dataset was retired at record {verified.records}: no record follows", highlight=False)
+    if verified.rotations:
+        console.print(f"the key was rotated {verified.rotations} time(s), each rotation signed by the key before it")
+    if copies:
+        console.print(
+            f"{verified.compared} entry(ies) in the coordinator's copies, each in the ledger", highlight=False
+        )
 
 
 @audit_app.command("empirical")
@@ -134,6 +181,68 @@ def empirical(
     )
     if result.contradicts_accountant:
         raise typer.Exit(code=1)
+
+
+def _default_out(path: Path) -> Path:
+    """A run directory keeps its audit; a site's audit goes to the current directory, not
+    beside the site's signing key."""
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    return Path.cwd() / f"audit-{(path if path.is_dir() else path.parent).resolve().name}"
+
+
+def _print_studies(report: dict[str, Any]) -> None:
+    """What ran on each site's data, one study a row, and every refusal with its reason;
+    the FAB hashes and coordinators in full are in audit.json and audit.html."""
+    for name, site in report["sites"].items():
+        table = Table(title=f"Studies on {name}'s data", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for column in ("run", "when (UTC)", "rounds", "refused", "granted", "spent", "total"):
+            table.add_column(column, justify="left" if column in ("run", "when (UTC)") else "right", no_wrap=True)
+        for study in site["studies"]:
+            table.add_row(
+                _short(str(study["run_id"]), 9),
+                _span(study["first"], study["last"]),
+                str(study["rounds_trained"]),
+                str(study["rounds_refused"]),
+                "-" if study["epsilon_granted"] is None else f"{study['epsilon_granted']:.3f}",
+                f"{study['epsilon_spent']:.3f}",
+                "-" if study["epsilon_total"] is None else f"{study['epsilon_total']:.3f}",
+            )
+        console.print(table)
+        code = Table(
+            title=f"Code and coordinator of each study at {name}",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            collapse_padding=True,
+        )
+        for column in ("run", "model", "FAB", "coordinator"):
+            code.add_column(column, no_wrap=column != "coordinator")
+        for study in site["studies"]:
+            code.add_row(
+                _short(str(study["run_id"]), 9),
+                study["model"] or "-",
+                _short(study["fab_hash"] or "-", 12),
+                study["coordinator"] or "-",
+            )
+        console.print(code)
+        for refusal in site["refusal_log"]:
+            when = refusal["when"][:16].replace("T", " ")
+            line = (
+                f"refused: run {_short(str(refusal['run_id']), 9)} round {refusal['round']} ({when}): "
+                f"{refusal['reason']}"
+            )
+            console.print(paragraph(line), highlight=False, markup=False)
+
+
+def _span(first: str, last: str) -> str:
+    """'2026-12-01 06:38-06:42' within a day, else both dates and times."""
+    start, end = first[:16].replace("T", " "), last[:16].replace("T", " ")
+    return f"{start}-{end[11:]}" if start[:10] == end[:10] else f"{start} - {end[5:]}"
+
+
+def _short(text: str, width: int) -> str:
+    """The head of an id, enough to tell studies apart at 80 columns (in full in audit.json)."""
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _print_report(report: dict[str, Any]) -> None:

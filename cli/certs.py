@@ -131,7 +131,7 @@ def site(
     _print_step(
         f"Send {layout.site_public_key(name)} to the coordinator "
         f"({name}.key never leaves this machine); on its host it runs:",
-        shell_line(register_command(f"{name}.pub")),
+        shell_line(register_command(f"{name}.pub", name)),
     )
     _print_step(
         f"Then, here, with the coordinator's ca.crt copied to {layout.ca_cert}:",

@@ -23,7 +23,6 @@ from deploy.front_door import FrontDoor
 from deploy.launch import (
     SuperLinkLaunch,
     SuperNodeLaunch,
-    exec_flower,
     flwr_home,
     probe_superlink,
     split_address,
@@ -179,9 +178,8 @@ def supernode(
         fingerprint = launch.prepare()
     typer.echo(labelled(f"site {name}: ledger key", launch.state_dir / PUBLIC_KEY_FILE), err=True)
     typer.echo(labelled("fingerprint (give it to your auditor out of band)", fingerprint), err=True)
-    argv = launch.argv()
-    typer.echo(f"starting:\n{shell_line(argv)}", err=True)
-    exec_flower(argv, first_on_path=launch.runtime_dir)
+    typer.echo(f"starting:\n{shell_line(launch.argv())}", err=True)
+    raise typer.Exit(launch.supervise())
 
 
 def connect(

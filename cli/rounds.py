@@ -31,6 +31,7 @@ def round_line(record: RoundRecord, rounds: int) -> str:
         problems.append(f"rejected: {', '.join(sorted({r.site for r in record.rejected}))}")
     if record.refused:
         problems.append(f"refused: {', '.join(record.refused)}")
+    problems += list(record.refusal_reasons.values())
     wrapped = [
         textwrap.fill(p, WIDTH, initial_indent=PROBLEM_INDENT, subsequent_indent=PROBLEM_INDENT + "  ")
         for p in problems

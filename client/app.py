@@ -20,11 +20,13 @@ from client.dp_randomness import site_noise_source
 from client.evaluation_policy import declined_evaluation
 from client.gradient_canaries import GradientCanaries
 from client.integer_update import SECURE_AGGREGATION_STREAM, integer_update
+from client.ledger_guard import LedgerBehind, check_not_behind, newest_entry, open_site_ledger
 from client.policy import AGGREGATION_METRICS, SiteConfig
 from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps, spent_epsilon
 from client.secure_aggregation import Masker, is_secure_aggregation, key_stage_reply, masked_input_reply
 from client.site_data import SiteData, local_site_data, simulated_site_data
-from client.site_failure import failure_reply, log_failure
+from client.site_failure import one_line_on_failure
+from client.study_grant import Grant, grant
 from client.training import RoundOverTime, train_locally
 from client.work_limits import overtime_refusal, steps_refusal
 from common import protocol
@@ -42,6 +44,7 @@ from common.privacy.ledger import (
     Sampling,
     SiteLedger,
     Spender,
+    Study,
     model_hash,
 )
 from common.secure_aggregation import messages as secure_messages
@@ -59,17 +62,10 @@ def _received_model(msg: Message, run: SiteRunConfig, data: SiteData) -> torch.n
 
 
 @app.train(mods=[central_dp_clipping_mod])
+@one_line_on_failure
 def train(msg: Message, context: Context) -> Message:
-    """Train, or reply with one line of the site's own when anything fails (client.site_failure)."""
-    try:
-        return _answer_train(msg, context)
-    except Exception as error:  # noqa: BLE001 - every failure becomes the site's one-line reply
-        return failure_reply(msg, log_failure(error))
-
-
-def _answer_train(msg: Message, context: Context) -> Message:
-    """Under secure aggregation a train message is one of its stages: the key stages are
-    answered without training, the masked-input stage trains and masks."""
+    """Train. Under secure aggregation a train message is one of its stages: the key stages
+    are answered without training, the masked-input stage trains and masks."""
     run = SiteRunConfig.from_flower(context.run_config)
     site = SiteConfig.from_node_config(context.node_config, run)
     secure = is_secure_aggregation(msg)
@@ -90,27 +86,37 @@ def _answer_train(msg: Message, context: Context) -> Message:
     return _train(msg, context, run, site, None)
 
 
+def _verified_ledger(msg: Message, site: SiteConfig, refusing: str) -> tuple[SiteLedger, list[LedgerEntry]] | Message:
+    """The site's ledger and its verified entries, or the reply refusing `refusing` ("to
+    train", "the study"): nothing may be planned on a ledger that could have been reset."""
+    try:
+        ledger = open_site_ledger(site)
+        entries = ledger.verified_entries()
+        check_not_behind(site, ledger, entries, newest_entry(msg))
+        return ledger, entries
+    except LedgerBroken as broken:
+        print(f"error: {broken}", file=sys.stderr, flush=True)
+        reason = (
+            broken.reason
+            if isinstance(broken, LedgerBehind)
+            else f"site {site.name} refuses {refusing}: its privacy ledger does not verify"
+        )
+        return Message(Error(code=protocol.SITE_REFUSED, reason=reason), reply_to=msg)
+
+
 def _train(msg: Message, context: Context, run: SiteRunConfig, site: SiteConfig, masker: Masker | None) -> Message:
     """Train on the global model and reply with the update: in the clear, or masked by
     `masker` under secure aggregation (the ledger entry then binds the masked input, which
     is what leaves the site)."""
-    try:
-        ledger = SiteLedger(site.state_dir, create_key=not site.deployed)
-        entries = ledger.verified_entries()
-    except LedgerBroken as broken:  # nothing may be planned on a ledger that could have been reset
-        print(f"error: {broken}", file=sys.stderr, flush=True)
-        return Message(
-            Error(
-                code=protocol.SITE_REFUSED,
-                reason=f"site {site.name} refuses to train: its privacy ledger does not verify",
-            ),
-            reply_to=msg,
-        )
+    opened = _verified_ledger(msg, site, "to train")
+    if isinstance(opened, Message):
+        return opened
+    ledger, entries = opened
     config = msg.content.config_records[protocol.CONFIG]
     server_round = int(protocol.config_number(config, protocol.CONFIG_ROUND))
     mechanism = run.dp.mechanism.mechanism
     if not run.dp.sample_level and not site.allow_non_private:  # decided before any data is read
-        spender = _spender(run, site, context.run_id, server_round, data_hash="")
+        spender = _spender(run, site, context, server_round, data_hash="")
         return _refuse(
             msg,
             ledger,
@@ -118,8 +124,22 @@ def _train(msg: Message, context: Context, run: SiteRunConfig, site: SiteConfig,
                 spender, _no_local_dp_refusal(run, site), 0.0, site.accountants[0], mechanism, _noise(run, None)
             ),
         )
+    granted = grant(run.study, site, entries, context.run_id) if run.dp.sample_level else Grant(0.0)
+    if isinstance(granted, str):  # decided before any data is read
+        return _refuse(
+            msg,
+            ledger,
+            LedgerRecord.refusal(
+                _spender(run, site, context, server_round, data_hash=""),
+                granted,
+                0.0,
+                site.accountants[0],
+                mechanism,
+                _noise(run, None),
+            ),
+        )
     data = _site_data(site, run)
-    spender = _spender(run, site, context.run_id, server_round, data.identity)
+    spender = _spender(run, site, context, server_round, data.identity, granted.epsilon)
     too_many_steps = steps_refusal(site, run, len(data.train))
     if too_many_steps is not None:
         return _refuse(msg, ledger, _refusal_at_spent(run, site, spender, entries, too_many_steps))
@@ -193,11 +213,13 @@ def _planned_privacy(
     noise level keeps the site within its budget."""
     mechanism = run.dp.mechanism.mechanism
     try:
-        plan = plan_round(run, site, entries, spender.dataset_hash, spender.run_id, spender.round, train_size)
+        plan = plan_round(
+            run, site, entries, spender.dataset_hash, spender.run_id, spender.round, train_size, spender.study.epsilon
+        )
         reason = refusal_reason(plan, round_steps(train_size, run), site)
     except (
         CohortInputError
-    ) as unworkable:  # no noise level fits what is left of the budget, or an accountant cannot compose the round
+    ) as unworkable:  # no noise level fits what is left of the grant, or an accountant cannot compose the round
         return _refusal_at_spent(run, site, spender, entries, f"site {site.name} refuses to train: {unworkable}")
     if reason is not None:
         return LedgerRecord.refusal(
@@ -228,9 +250,45 @@ def _gradient_canaries(data: SiteData, run: SiteRunConfig) -> GradientCanaries |
     return GradientCanaries(data.gradient_canaries, run.dp.clip_norm)
 
 
-def _spender(run: SiteRunConfig, site: SiteConfig, run_id: int, server_round: int, data_hash: str) -> Spender:
-    """What every ledger record of this site's round shares."""
-    return Spender(run_id, server_round, site.name, site.delta, site.epsilon, data_hash, run.site_fingerprint())
+def _spender(
+    run: SiteRunConfig, site: SiteConfig, context: Context, server_round: int, data_hash: str, granted: float = 0.0
+) -> Spender:
+    """What every ledger record of this site's round shares; the FAB's hash comes from the
+    site's own runner (client/site_runner.py), which read the FAB."""
+    study = Study(granted, str(context.node_config.get(protocol.FAB_HASH, "")), run.training.model, site.coordinator)
+    return Spender(
+        context.run_id, server_round, site.name, site.delta, site.epsilon, data_hash, run.site_fingerprint(), study
+    )
+
+
+@app.query()
+@one_line_on_failure
+def ask(msg: Message, context: Context) -> Message:
+    """The coordinator's question before round 1 (before secure aggregation's key stages):
+    does this site take part in the study, and at what epsilon? Answered from the site's
+    policy and ledger alone, before any data is read; a refusal is recorded in the ledger
+    like any other, and a site that refuses is in none of the run's rounds."""
+    run = SiteRunConfig.from_flower(context.run_config)
+    site = SiteConfig.from_node_config(context.node_config, run)
+    opened = _verified_ledger(msg, site, "the study")
+    if isinstance(opened, Message):
+        return opened
+    ledger, entries = opened
+    granted = grant(run.study, site, entries, context.run_id)
+    if isinstance(granted, str):
+        spender = _spender(run, site, context, server_round=0, data_hash="")
+        return _refuse(
+            msg,
+            ledger,
+            LedgerRecord.refusal(
+                spender, granted, 0.0, site.accountants[0], run.dp.mechanism.mechanism, _noise(run, None)
+            ),
+        )
+    metrics = MetricRecord({protocol.STUDY_EPSILON: granted.epsilon})
+    return Message(
+        content=RecordDict({protocol.METRICS: metrics, protocol.SITE: ConfigRecord({protocol.SITE_NAME: site.name})}),
+        reply_to=msg,
+    )
 
 
 def _noise(run: SiteRunConfig, privacy: PrivacyState | None, steps: int = 0) -> Noise:
@@ -272,15 +330,8 @@ def _refuse(msg: Message, ledger: SiteLedger, refusal: LedgerRecord) -> Message:
 
 
 @app.evaluate()
+@one_line_on_failure
 def evaluate_locally(msg: Message, context: Context) -> Message:
-    """Evaluate, or reply with one line of the site's own when anything fails."""
-    try:
-        return _evaluate_locally(msg, context)
-    except Exception as error:  # noqa: BLE001 - every failure becomes the site's one-line reply
-        return failure_reply(msg, log_failure(error))
-
-
-def _evaluate_locally(msg: Message, context: Context) -> Message:
     run = SiteRunConfig.from_flower(context.run_config)
     site = SiteConfig.from_node_config(context.node_config, run)
     declined = declined_evaluation(msg, site)

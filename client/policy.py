@@ -15,6 +15,8 @@ every metric so that the simulation's summaries and plots can be drawn.
 
 from __future__ import annotations
 
+import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,8 +26,11 @@ from typing import Any
 from common import protocol
 from common.config import EPSILON_RANGE, Range, SiteRunConfig, validate_budget
 from common.errors import CohortInputError
+from common.private_files import open_private
 
 POLICY_FILE = "policy.toml"
+# The policy key pinning the fingerprint of the site's ledger key.
+LEDGER_KEY = "ledger-key"
 
 # What a site's replies may carry besides the weights (see docs/site.md for what each reveals).
 # Always sent: the example count, which the server may weigh by (aggregation-weight =
@@ -44,6 +49,13 @@ VALIDATION_METRICS = (protocol.VAL_LOSS, protocol.VAL_ACCURACY)
 OPTIONAL_METRICS = ACCOUNTING_METRICS + TRAINING_METRICS + VALIDATION_METRICS
 
 DEFAULT_RUN_WINDOW_HOURS = 24.0
+# A deployed site's default per-study cap, as a share of its lifetime budget: a quarter
+# leaves room for at least four studies at the full cap, and no one study can take what
+# the dataset owes every later one (docs/site.md, "For the privacy officer").
+DEFAULT_STUDY_SHARE = 0.25
+# The largest sigma a site trains with by default: above it the default CNN no longer
+# learns in a short simulation (docs/site.md gives the measurement).
+DEFAULT_MAX_NOISE_MULTIPLIER = 8.0
 DEFAULT_VAL_FRACTION = 0.1
 # The most work one round may ask of a site (docs/site.md): 10,000 local DP-SGD steps is
 # 50 epochs of 50,000 examples at batch 256, far beyond what federated rounds use, yet it
@@ -57,6 +69,7 @@ VAL_FRACTION_RANGE = Range(0, 1, low_open=True, high_open=True)
 SPLIT_SEED_RANGE = Range(0, 2**32 - 1)
 MAX_ROUND_STEPS_RANGE = Range(1, 10**9)
 MAX_ROUND_SECONDS_RANGE = Range(0, 30 * 86400, low_open=True)
+MAX_NOISE_MULTIPLIER_RANGE = Range(0, 100, low_open=True)  # as a run's noise-multiplier
 
 
 @dataclass(frozen=True)
@@ -71,9 +84,18 @@ class SiteConfig:
         (None for no cap). The site cannot tell a coordinator's runs apart (it makes run
         ids at will), so a "run", for the cap, is everything released in that window.
     run_window_hours: the window of that cap, on the site's own clock.
+    study_epsilon: the most one study may be granted of the budget (client/study_grant.py);
+        a deployed site's default is DEFAULT_STUDY_SHARE of `epsilon`, a simulated site's
+        all of it.
+    max_noise_multiplier: the largest sigma the site trains with: a study whose planned
+        noise is larger would train on noise, and is refused.
+    coordinator: the SuperLink the site answers (deployment), as its ledger records it.
     max_round_steps, max_round_seconds: the most work one round may ask (local DP-SGD
         steps, from local-epochs, the dataset's size and the batch size) and may take (wall
         time); a site refuses a round beyond either (DEFAULT_MAX_ROUND_STEPS, _SECONDS).
+    ledger_key: the fingerprint of the site's ledger key, pinned in its policy (`cohort
+        site init` writes it; a simulated site's first round does): a state directory
+        holding another key refuses to train. None: not pinned yet.
     allow_non_private: whether the site trains at all when a run asks for no DP; off
         unless the site's policy turns it on, since such training has no guarantee.
     accountants: the Opacus accountants whose epsilon is enforced; the largest counts.
@@ -91,8 +113,12 @@ class SiteConfig:
     state_dir: Path
     run_epsilon: float | None = None
     run_window_hours: float = DEFAULT_RUN_WINDOW_HOURS
+    study_epsilon: float = 0.0
+    max_noise_multiplier: float = DEFAULT_MAX_NOISE_MULTIPLIER
+    coordinator: str = "simulation"
     max_round_steps: int = DEFAULT_MAX_ROUND_STEPS
     max_round_seconds: float = DEFAULT_MAX_ROUND_SECONDS
+    ledger_key: str | None = None
     allow_non_private: bool = False
     accountants: tuple[str, ...] = ("rdp",)
     send_metrics: tuple[str, ...] = OPTIONAL_METRICS
@@ -158,7 +184,8 @@ class SiteConfig:
             split_seed=int(_number(policy.get("split-seed", 0), "split-seed", SPLIT_SEED_RANGE)),
             val_fraction=_number(policy.get("val-fraction", DEFAULT_VAL_FRACTION), "val-fraction", VAL_FRACTION_RANGE),
             data_path=str(node_config["data-path"]),
-            **_shared_policy(policy, name, allow_non_private_default=False),
+            coordinator=str(node_config.get("coordinator", "")),
+            **_shared_policy(policy, name, allow_non_private_default=False, study_share=DEFAULT_STUDY_SHARE),
         )
 
     @classmethod
@@ -191,20 +218,34 @@ class SiteConfig:
             answer_evaluation=_flag(policy.get("answer-evaluation", True), "answer-evaluation"),
             partition_id=int(partition_id),
             num_partitions=int(num_partitions),
-            **_shared_policy(policy, name, allow_non_private_default=run.site_allow_non_private),
+            **_shared_policy(policy, name, allow_non_private_default=run.site_allow_non_private, study_share=1.0),
         )
 
 
-def _shared_policy(policy: Mapping[str, Any], name: str, allow_non_private_default: bool) -> dict[str, Any]:
-    """The keys a deployed and a simulated site read alike, validated."""
-    validate_budget(
-        _number(policy["epsilon"], "epsilon"), _number(policy["delta"], "delta"), source=f"site {name}'s policy"
-    )
+def _shared_policy(
+    policy: Mapping[str, Any], name: str, allow_non_private_default: bool, study_share: float
+) -> dict[str, Any]:
+    """The keys a deployed and a simulated site read alike, validated; `study_share`: the
+    share of the budget one study may have where the policy sets no study-epsilon."""
+    epsilon = _number(policy["epsilon"], "epsilon")
+    validate_budget(epsilon, _number(policy["delta"], "delta"), source=f"site {name}'s policy")
+    study_epsilon = _number(policy.get("study-epsilon", study_share * epsilon), "study-epsilon", EPSILON_RANGE)
+    if study_epsilon > epsilon:
+        raise CohortInputError(
+            f"study-epsilon is {study_epsilon} in site {name}'s policy; a per-study cap must be > 0 and at most "
+            f"epsilon ({epsilon:g})"
+        )
     run_epsilon = policy.get("run-epsilon")
     return {
         "run_epsilon": _number(run_epsilon, "run-epsilon", EPSILON_RANGE) if run_epsilon is not None else None,
         "run_window_hours": _number(
             policy.get("run-window-hours", DEFAULT_RUN_WINDOW_HOURS), "run-window-hours", RUN_WINDOW_HOURS_RANGE
+        ),
+        "study_epsilon": study_epsilon,
+        "max_noise_multiplier": _number(
+            policy.get("max-noise-multiplier", DEFAULT_MAX_NOISE_MULTIPLIER),
+            "max-noise-multiplier",
+            MAX_NOISE_MULTIPLIER_RANGE,
         ),
         "max_round_steps": int(
             _number(policy.get("max-round-steps", DEFAULT_MAX_ROUND_STEPS), "max-round-steps", MAX_ROUND_STEPS_RANGE)
@@ -213,7 +254,36 @@ def _shared_policy(policy: Mapping[str, Any], name: str, allow_non_private_defau
             policy.get("max-round-seconds", DEFAULT_MAX_ROUND_SECONDS), "max-round-seconds", MAX_ROUND_SECONDS_RANGE
         ),
         "allow_non_private": _flag(policy.get("allow-non-private", allow_non_private_default), "allow-non-private"),
+        "ledger_key": _fingerprint(policy[LEDGER_KEY]) if LEDGER_KEY in policy else None,
     }
+
+
+def pinned_ledger_key(state_dir: Path) -> str | None:
+    """The ledger key fingerprint the site's policy.toml pins, if it pins one."""
+    value = _read_policy(state_dir / POLICY_FILE).get(LEDGER_KEY)
+    return None if value is None else _fingerprint(value)
+
+
+def pin_ledger_key(state_dir: Path, fingerprint: str) -> None:
+    """Pin the site's ledger key in its policy.toml (the first line, so it belongs to the
+    file's top-level table), leaving the rest of the file as the operator wrote it."""
+    path = state_dir / POLICY_FILE
+    rest = path.read_text(encoding="utf-8") if path.exists() else ""
+    with open_private(path.with_suffix(".tmp"), "w") as stream:
+        stream.write(
+            f'{LEDGER_KEY} = "{fingerprint}"  # the ledger key\'s fingerprint: keep a copy off this machine\n{rest}'
+        )
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def _fingerprint(value: Any) -> str:
+    text = str(value)
+    if not re.fullmatch(r"SHA256:[0-9a-f]{64}", text):
+        raise CohortInputError(
+            f"{LEDGER_KEY} is {text!r} in the site's policy; "
+            "it must be the fingerprint `cohort site init` prints (SHA256:<64 hex digits>)"
+        )
+    return text
 
 
 def _read_policy(path: Path) -> dict[str, Any]:

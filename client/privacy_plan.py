@@ -23,10 +23,13 @@ from common.privacy.ledger import LedgerEntry, LedgerRecord, history_of, iter_re
 class RoundPlan:
     """total: the dataset's whole history, at the sigma and q of this round.
     window: the same, restricted to the releases inside the site's run window (for its cap).
+    target: the dataset's epsilon the study may reach: what it had spent before the study
+        plus the study's grant, never more than the site's budget.
     """
 
     total: PrivacyState
     window: PrivacyState
+    target: float
 
 
 def enforced_epsilon(state: PrivacyState, site: SiteConfig) -> tuple[float, str]:
@@ -64,11 +67,13 @@ def plan_round(
     run_id: int,
     server_round: int,
     num_examples: int,
+    granted: float,
     now: float | None = None,
 ) -> RoundPlan:
     """sigma is fixed once per run: given by the run config, or derived at the run's first
     round so that what was spent before plus every remaining planned round stays within
-    the site's budget (and within its cap over the run window, if it has one).
+    the study's grant (client/study_grant.py; so within the site's budget), and within the
+    site's cap over the run window, if it has one.
 
     Raises CohortInputError when no sigma fits what is left.
     """
@@ -77,19 +82,24 @@ def plan_round(
     history = history_of(releases)
     window_history = history_of(_in_window(releases, site, time.time() if now is None else now))
     earlier_in_run = [r for r in releases if r.run_id == run_id]
+    before_run = history_of(r for r in releases if r.run_id != run_id)
+    target = min(
+        site.epsilon, enforced_epsilon(PrivacyState(1.0, 1.0, site.accountants[0], before_run), site)[0] + granted
+    )
     if earlier_in_run:
         sigma = earlier_in_run[-1].noise_multiplier
     elif run.dp.noise_multiplier:
         sigma = run.dp.noise_multiplier
     else:
         remaining = (run.training.rounds - server_round + 1) * round_steps(num_examples, run)
-        sigma = noise_for(site, site.epsilon, sample_rate, remaining, prior=history)
+        sigma = noise_for(site, target, sample_rate, remaining, prior=history)
         if site.run_epsilon is not None:
             sigma = max(sigma, noise_for(site, site.run_epsilon, sample_rate, remaining, prior=window_history))
     accountant = site.accountants[0]
     return RoundPlan(
         total=PrivacyState(sigma, sample_rate, accountant, history),
         window=PrivacyState(sigma, sample_rate, accountant, window_history),
+        target=target,
     )
 
 
@@ -101,6 +111,18 @@ def refusal_reason(plan: RoundPlan, steps: int, site: SiteConfig) -> str | None:
         return (
             f"site {site.name} refuses to train: this round would raise its epsilon from {spent:.3f} "
             f"to {projected:.3f} ({accountant}), over its budget of {site.epsilon:g} (delta {site.delta:g})"
+        )
+    if projected > plan.target:
+        return (
+            f"site {site.name} refuses to train: this round would raise its epsilon from {spent:.3f} "
+            f"to {projected:.3f} ({accountant}), over the {plan.target:.3f} this study was granted "
+            f"(delta {site.delta:g})"
+        )
+    if plan.total.noise_multiplier > site.max_noise_multiplier:
+        return (
+            f"site {site.name} refuses to train on noise: the study's plan needs sigma "
+            f"{plan.total.noise_multiplier:.2f}, above the site's max-noise-multiplier {site.max_noise_multiplier:g}; "
+            "ask for more epsilon, fewer rounds or larger batches"
         )
     window_projected, accountant = enforced_epsilon(plan.window.with_steps(steps), site)
     if site.run_epsilon is not None and window_projected > site.run_epsilon:

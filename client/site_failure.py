@@ -9,10 +9,12 @@ exception, traceback included, stays in the site's own log.
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from logging import DEBUG, ERROR
 
-from flwr.app import Error, Message
+from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode
 from flwr.supercore import log
 
@@ -41,3 +43,20 @@ def log_failure(error: BaseException) -> str:
 def failure_reply(message: Message, reason: str) -> Message:
     """The error reply for a message the site's ClientApp failed to answer (reason: log_failure's)."""
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+
+
+Handler = Callable[[Message, Context], Message]
+
+
+def one_line_on_failure(answer: Handler) -> Handler:
+    """`answer` (a ClientApp handler), replying with the site's one line when anything
+    in it fails, in simulation too (no Ray traceback)."""
+
+    @functools.wraps(answer)
+    def answered(msg: Message, context: Context) -> Message:
+        try:
+            return answer(msg, context)
+        except Exception as error:  # noqa: BLE001 - every failure becomes the site's one-line reply
+            return failure_reply(msg, log_failure(error))
+
+    return answered

@@ -47,6 +47,7 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 import client
 import common
 from client.evaluation_policy import declined_evaluation
+from client.ledger_guard import LedgerBehind, check_not_behind, newest_entry, open_site_ledger
 from client.policy import SiteConfig
 from client.secure_aggregation import is_secure_aggregation, key_stage_reply
 from client.site_failure import failure_reply, log_failure
@@ -106,8 +107,12 @@ def _read_fab(content: bytes) -> dict[str, bytes]:
 def refusal_reply(message: Message, context: Context, site: SiteConfig, fab: Fab, reason: str) -> Message:
     """Record the refusal in the site's ledger and tell the coordinator why."""
     text = f"site {site.name} refuses to run this run's code: {reason}; it runs only its own installed Cohort"
-    ledger = SiteLedger(site.state_dir, create_key=False)
-    ledger.verified_entries()
+    ledger = open_site_ledger(site)
+    try:  # a refusal recorded on a rolled-back ledger would fork it from the coordinator's copy
+        check_not_behind(site, ledger, ledger.verified_entries(), newest_entry(message))
+    except LedgerBehind as behind:
+        print(f"error: {behind}", file=sys.stderr, flush=True)
+        return Message(Error(code=protocol.SITE_REFUSED, reason=f"{text}; {behind.reason}"), reply_to=message)
     spender = Spender(
         context.run_id,
         _round_of(message),
@@ -152,6 +157,7 @@ def answer(message: Message, context: Context, run: Run, fab: Fab) -> Message:
             return key_stage
     from client.app import app  # only now: it loads PyTorch and the site's data code
 
+    context.node_config = {**context.node_config, protocol.FAB_HASH: fab.hash_str}  # what the site's ledger records
     return app(message=message, context=context)
 
 

@@ -211,12 +211,33 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class StudyRequest:
+    """What this run (a study) asks of every site's privacy budget; each site grants it or
+    refuses the study before touching its data (client/study_grant.py).
+
+    study_epsilon: the epsilon the study may spend at each site over all its rounds. 0
+        asks for all that a site will grant: what it has left, up to its per-study cap (a
+        simulated site's cap is its whole budget, so a simulation spends it all, as the
+        demo always has; a deployed site's is a share of it, docs/site.md).
+    study_delta: the delta the study needs; 0 takes each site's own. A site whose delta is
+        larger than this refuses: it cannot promise a smaller one.
+    """
+
+    study_epsilon: float = number(0.0, 0, EPSILON_RANGE.high, note="0 asks for all each site will grant")
+    study_delta: float = number(0.0, 0, 1, high_open=True, note="0 takes each site's own delta")
+
+    def validate(self) -> None:
+        check_ranges(self)
+
+
+@dataclass(frozen=True)
 class SiteRunConfig:
     """What a site reads of a run config, validated once on construction.
 
     run_dir: where the run writes; a simulated site finds its data there. '' means
         runs/<run_name>-<timestamp>.
     device: where sites train: 'auto' takes CUDA when visible.
+    study: the epsilon and delta this run asks of each site (StudyRequest).
     federation_home: where simulated sites keep their state (ledger, key, policy), one
         folder per site; sites spend from the same budget in every run that shares it.
     site_epsilon, site_delta, site_allow_non_private: the policy of a simulated site that
@@ -239,6 +260,7 @@ class SiteRunConfig:
     federation_home: str = "runs/federation"
     training: TrainingConfig = field(default_factory=TrainingConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    study: StudyRequest = field(default_factory=StudyRequest)
     site_epsilon: float = in_range(8.0, EPSILON_RANGE)
     site_delta: float = in_range(1e-5, DELTA_RANGE)
     site_allow_non_private: bool = False
@@ -250,6 +272,7 @@ class SiteRunConfig:
         require_choice("noise-source", self.noise_source, NOISE_SOURCES)
         self.training.validate()
         self.dp.validate()
+        self.study.validate()
         object.__setattr__(self, "training", _with_local_training_defaults(self.training, self.dp.sample_level))
         if self.dp.grad_sample_mode == "auto":
             object.__setattr__(

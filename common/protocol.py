@@ -33,8 +33,20 @@ EPSILON = "epsilon"
 DELTA = "delta"
 BUDGET_EPSILON = "budget-epsilon"
 
+# The epsilon a site grants the study, in its answer to the coordinator's ask before round 1.
+STUDY_EPSILON = "study-epsilon"
+
+# The node config key under which a deployed site's runner hands its ClientApp the hash of
+# the FAB the coordinator submitted (never read from the coordinator's messages).
+FAB_HASH = "fab-hash"
+
 CONFIG_ROUND = "server-round"
 CONFIG_PROXIMAL_MU = "proximal-mu"
+# In an instruction's CONFIG record: the newest signed ledger entry the coordinator has
+# accepted from the site it is sent to (LedgerEntry.to_json()), kept across runs in the
+# coordinator's site book. A site whose own ledger is behind an entry signed by its own
+# key knows it was restored from an older backup. Absent until the site's first release.
+SITE_NEWEST_ENTRY = "newest-ledger-entry"
 
 
 def config_number(config: ConfigRecord, key: str, default: float | None = None) -> float:

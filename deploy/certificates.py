@@ -266,12 +266,26 @@ def check_registered_public_key(directory: Path, name: str) -> list[CheckedFile]
             f"{private} is a site's private key on the coordinator; it belongs to the site alone: give it to the "
             "site's operator (or have them make a new pair with `cohort certs site`), then delete it here"
         )
-    fix = f"ask the site for the NAME.pub that `cohort certs site DIR {name}` wrote there"
-    _require_file(public, fix)
-    key = _load_ssh_public_key(public, fix)
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, _NIST_CURVES):
-        raise CohortInputError(f"{public} is not an ECDSA key on a NIST curve, which Flower needs; {fix}")
+    key = _supernode_public_key(public, name)
     return [CheckedFile(public, f"the site's public key, ECDSA {key.curve.name}; for `flwr supernode register`")]
+
+
+def supernode_public_key_line(path: Path, name: str) -> str:
+    """The OpenSSH line of site `name`'s SuperNode public key at `path`, once it is one Flower takes."""
+    return (
+        _supernode_public_key(path, name)
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode("ascii")
+    )
+
+
+def _supernode_public_key(path: Path, name: str) -> ec.EllipticCurvePublicKey:
+    fix = f"ask the site for the NAME.pub that `cohort certs site DIR {name}` wrote there"
+    _require_file(path, fix)
+    key = _load_ssh_public_key(path, fix)
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, _NIST_CURVES):
+        raise CohortInputError(f"{path} is not an ECDSA key on a NIST curve, which Flower needs; {fix}")
+    return key
 
 
 def _general_name(host: str) -> x509.GeneralName:

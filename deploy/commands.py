@@ -119,10 +119,15 @@ def connect_command(
     return ["cohort", "connect", connection, "--superlink", superlink, "--ca-cert", str(ca_cert)]
 
 
-def register_command(public_key: str | Path, connection: str = CONNECTION) -> list[str]:
-    """What the coordinator runs on its own host, with the NAME.pub a site sent, so that the
-    SuperLink admits that SuperNode."""
-    return ["flwr", "supernode", "register", str(public_key), connection]
+def register_command(public_key: str | Path, name: str = SITE_NAME, connection: str = CONNECTION) -> list[str]:
+    """What the coordinator runs on its own host, with the NAME.pub a site sent, so that
+    the SuperLink admits that SuperNode and its replies speak for that name alone."""
+    return ["cohort", "site", "register", name, connection, "--key", str(public_key)]
+
+
+def unregister_command(name: str = SITE_NAME, connection: str = CONNECTION) -> list[str]:
+    """The coordinator removes a site by name: the SuperLink refuses its SuperNode from then on."""
+    return ["cohort", "site", "unregister", name, connection]
 
 
 def supernode_command(

@@ -3,10 +3,12 @@
 Each command first checks what Flower would otherwise reject late and opaquely (an
 expired or foreign certificate, a key readable by others, a host the certificate does
 not cover, a port already taken, a site without its own budget) and says which file is
-wrong and how to fix it. A SuperNode then replaces itself with the Flower process, so
-signals and exit codes are Flower's own; the coordinator's side is two processes (the
-SuperLink on loopback and the front door, deploy/front_door.py), which `cohort
-superlink` supervises together (deploy/supervision.py).
+wrong and how to fix it. `cohort supernode` then runs Flower's SuperNode as its child
+(SIGTERM and Ctrl-C reach it, and it gets SIGTERM if `cohort supernode` dies), and says
+in one line why it stopped when Flower's own log does not (an unregistered key); the
+coordinator's side is two processes (the SuperLink on loopback and the front door,
+deploy/front_door.py), which `cohort superlink` supervises together
+(deploy/supervision.py).
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from typing import Any
 import httpx
 import tomli_w
 
+from client.policy import pin_ledger_key, pinned_ledger_key
 from common.config import validate_budget
 from common.errors import CohortInputError
-from common.privacy.ledger import SiteLedger
+from common.privacy.ledger import PRIVATE_KEY_FILE, SiteLedger
 from deploy.certificates import (
     LOOPBACK,
     LOOPBACK_NAME,
@@ -41,6 +44,7 @@ from deploy.certificates import (
 )
 from deploy.directory_lock import lock_state_dir
 from deploy.flower_runtime import flower_executable, install_flower_launchers, offline_flower_env
+from deploy.supervision import Program, Supervisor
 from server.rundir import write_bytes_atomic
 
 PROBE_TIMEOUT_S = 5.0
@@ -145,7 +149,7 @@ class SuperNodeLaunch:
 
     def prepare(self) -> str:
         """The site's own runtime, once this process holds its state directory (for its
-        life, Flower's SuperNode's after the exec): its ledger key (made on first start),
+        life, which Flower's SuperNode's never outlasts): its ledger key (made on first start),
         its `flwr-clientapp` and Flower's launchers. Returns the key's fingerprint, for
         the auditor's records."""
         lock_state_dir(self.state_dir)
@@ -153,6 +157,26 @@ class SuperNodeLaunch:
         install_site_runner(self.state_dir)
         install_flower_launchers(self.runtime_dir)
         return fingerprint
+
+    def supervise(self) -> int:
+        """Run Flower's SuperNode as this command's child until it stops, or SIGTERM or
+        Ctrl-C stops it; returns the exit code, after one line saying why it stopped."""
+        program = Program("flower-supernode", self.argv(), explain=self._stopped)
+        return Supervisor(flower_env(self.runtime_dir)).run([program])
+
+    def _stopped(self, code: int) -> tuple[int, str]:
+        """Flower 1.42's SuperNode stops itself with exit code 0 in one case only: the
+        SuperLink answered its heartbeat 401 (flwr/supernode/fleet_http_connection.py,
+        which then sends itself SIGINT and logs "terminated gracefully"). Exit 2 then, so
+        that its service is not restarted into the same refusal."""
+        if code == 0:
+            return 2, (
+                f"site {self.name}: the SuperLink no longer admits this SuperNode's key {self.auth_key.name}: "
+                f"the coordinator unregistered the site (`cohort site unregister`), or this host's clock is off; "
+                f"ask the coordinator to register the site's .pub again (`cohort site register`)"
+            )
+        exit_code = code if code > 0 else 128 - code
+        return exit_code, f"site {self.name}: flower-supernode stopped (exit code {exit_code}); its log is above"
 
     def node_config(self) -> str:
         """Flower parses each value as TOML: strings quoted (JSON's quoting is valid TOML)."""
@@ -162,15 +186,28 @@ class SuperNodeLaunch:
             "state-dir": str(self.state_dir.resolve()),
             "epsilon": self.epsilon,
             "delta": self.delta,
+            "coordinator": self.superlink,
         }
         return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
 
 
 def init_site_state(state_dir: Path) -> str:
-    """The site's ledger key and ledger head, made by the site's own command (never by a
-    ClientApp): an existing key is kept, and a ledger kept before heads existed gets one
-    once its chain verifies. Returns the key's fingerprint."""
-    ledger = SiteLedger(state_dir, create_key=True)
+    """The site's ledger key, signed ledger head and the key's pin in its policy.toml, made
+    by the site's own command (never by a ClientApp): an existing key is kept (and must be
+    the one the policy pins), and a ledger kept before heads existed, or before they were
+    signed, gets a signed head once its chain verifies. Returns the key's fingerprint."""
+    pinned = pinned_ledger_key(state_dir)
+    if pinned is not None and not (state_dir / PRIVATE_KEY_FILE).exists():
+        raise CohortInputError(
+            f"{state_dir} has no ledger key {PRIVATE_KEY_FILE} but its policy pins {pinned}: "
+            "restore the state directory from backup (docs/site.md, Backup and restore); "
+            "no new key is made while the old one is pinned"
+        )
+    ledger = SiteLedger(state_dir, create_key=pinned is None, pinned_key=pinned)
+    if pinned is None:
+        pin_ledger_key(state_dir, ledger.fingerprint())
+    elif ledger.fingerprint() != pinned:
+        ledger.verified_entries()  # raises: names the replaced key and the fix
     ledger.adopt()
     return ledger.fingerprint()
 
@@ -302,12 +339,8 @@ def flwr_home() -> Path:
     return Path(os.environ.get("FLWR_HOME", "~/.flwr")).expanduser()
 
 
-def exec_flower(argv: list[str], first_on_path: Path) -> None:
-    """Become the Flower process, with runtime dependency installation off (sites are
-    often air-gapped) and Flower's executables found in `first_on_path` (a site's own
-    runtime folder), then beside this interpreter."""
-    os.execve(argv[0], argv, flower_env(first_on_path))
-
-
 def flower_env(first_on_path: Path | None = None) -> dict[str, str]:
+    """Flower's environment, with runtime dependency installation off (sites are often
+    air-gapped) and Flower's executables found in `first_on_path` (a site's own runtime
+    folder), then beside this interpreter."""
     return offline_flower_env(flwr_home(), first_on_path)

@@ -42,6 +42,7 @@ from deploy.flower_runtime import (
 )
 from deploy.launch import FLOWER_CONFIG_FILE, flower_config
 from deploy.run_follower import RoundCallback, follow_run
+from deploy.site_registration import site_book_path
 from server.records import Summary
 from server.run_config import RunConfig
 from server.rundir import CONFIG_FILE, RunDirectory
@@ -188,7 +189,10 @@ class Submission:
 def submission(connection: str, run: RunConfig, flwr_home: Path) -> Submission:
     """The submission of run, with its run directory made absolute on this host (a new run
     without one gets runs/<run-name>-<timestamp> here), so that this command and the
-    ServerApp agree on where the run is written."""
+    ServerApp agree on where the run is written, and with the connection's site book
+    (where `cohort site register` recorded the sites), unless it names another."""
+    if not run.site_book:
+        run = replace(run, site_book=str(site_book_path(flwr_home, connection)))
     if run.resume_from:
         run = replace(run, resume_from=str(Path(run.resume_from).resolve()))
     else:

@@ -1,6 +1,7 @@
-"""Running the coordinator's processes together and stopping exactly those.
+"""Running Cohort's processes together and stopping exactly those.
 
-`cohort superlink` runs two programs (Flower's SuperLink and the nginx front door); they
+`cohort superlink` runs two programs (Flower's SuperLink and the nginx front door), and
+`cohort supernode` one (Flower's SuperNode, whose silent stops it explains); they
 live and die together: when one stops, or the supervisor gets SIGTERM or SIGINT, every
 process it started is stopped, with whatever each had started in turn. Each child also
 gets SIGTERM from the kernel if the supervisor itself dies (Linux's PR_SET_PDEATHSIG), so
@@ -29,11 +30,19 @@ _GRACE_S = 10.0
 @dataclass(frozen=True)
 class Program:
     """name: how the operator's messages call it; argv: what runs; ready: returns once the
-    started process serves (the next program starts only then), raises if it never will."""
+    started process serves (the next program starts only then), raises if it never will;
+    explain: what a stop on its own with an exit code means, and the code to exit with."""
 
     name: str
     argv: list[str]
     ready: Callable[[subprocess.Popen[bytes]], None] | None = None
+    explain: Callable[[int], tuple[int, str]] | None = None
+
+    def stopped(self, code: int) -> tuple[int, str]:
+        """The supervisor's exit code and one line, once the program stopped on its own."""
+        if self.explain is not None:
+            return self.explain(code)
+        return (code if code > 0 else 1), f"{self.name} stopped (exit code {code}); stopping everything else"
 
 
 @dataclass
@@ -73,10 +82,9 @@ class Supervisor:
                 stopped = self.exited()
                 if stopped is not None and not self._stop_requested:  # Ctrl-C reaches the children too
                     program, code = stopped
-                    print(
-                        f"error: {program.name} stopped (exit code {code}); stopping everything else", file=sys.stderr
-                    )
-                    return code or 1
+                    exit_code, message = program.stopped(code)
+                    print(f"error: {message}", file=sys.stderr, flush=True)
+                    return exit_code
                 time.sleep(_POLL_S)
             return 0
         finally:

@@ -34,6 +34,7 @@ from server.run_outcome import end_run
 from server.rundir import RunDirectory, write_json_atomic, write_torch_atomic
 from server.secure_aggregation_plan import run_parameters
 from server.secure_collect import SecureCollect
+from server.site_book import SiteBook, write_key_history
 from server.strategies import STRATEGIES, build_strategy, sample_size
 from server.summary import summarize
 
@@ -60,6 +61,9 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "Cohort run directory: %s", run_dir.path)
     sampled = sample_size(run.aggregation, num_sites)
     try:
+        book = SiteBook.for_run(run)
+        state.registry.attach(book, context.run_id)
+        write_key_history(book.read(), run_dir.path)
         run.refuse_federation_size(sampled)
         parameters = (
             run_parameters(run, sampled, dimension(ArrayRecord(model.state_dict())))

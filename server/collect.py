@@ -102,6 +102,11 @@ class CollectStage(Protocol):
         """
         ...
 
+    def too_few(self, sites: int) -> str | None:
+        """Why no round can be collected when only `sites` sites can still train (the
+        others refused the study or a round), before any is asked; None when one can."""
+        ...
+
 
 @dataclass
 class PlainCollect:
@@ -121,6 +126,9 @@ class PlainCollect:
     checker: ReplyChecker
     norm_limit: Callable[[list[float]], float]
     transcript: AuditTranscript | None = None
+
+    def too_few(self, sites: int) -> str | None:
+        return None  # min-sites alone decides
 
     def collect(self, server_round: int, arrays: ArrayRecord, excluded: set[int], report: RoundReport) -> SiteUpdates:
         sampled = self.strategy.configure_train(server_round, arrays, train_config(self.run), self.exchange.grid)

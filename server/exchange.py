@@ -4,6 +4,9 @@
 (12 hours); every exchange here has one. What did not come back in time, and every error
 reply, becomes part of the round's report: a site that refuses to train is out of the run,
 one that declines to evaluate is within its policy, anything else is the site's failure.
+A node is named only by the registry (registered, or bound in this run), never by what an
+error reply says. Every instruction carries the newest ledger entry the coordinator
+accepted from its site (common.protocol.SITE_NEWEST_ENTRY).
 The replies that carry content come back for their stage's checks (server.reply_checks).
 """
 
@@ -13,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -65,6 +68,8 @@ class Exchange:
         `report`."""
         if not messages:
             return []
+        for message in messages:
+            self._add_newest_entry(message)
         seconds = self.timeout.seconds(stage)
         started = time.monotonic()
         replies = list(self.grid.send_and_receive(messages, timeout=seconds))
@@ -89,12 +94,25 @@ class Exchange:
                 self._error_reply(node, reply, stage, report)
         return [(node, reply) for node, reply in answers if not reply.has_error()]
 
+    def _add_newest_entry(self, message: Message) -> None:
+        """Each site gets back the newest entry the coordinator accepted from it (kept across
+        runs), with every instruction that carries the run's config. The strategies give
+        all of a round's messages one content: each gets its own copy."""
+        entry = self.registry.newest_entry_for(message.metadata.dst_node_id)
+        config = message.content.config_records.get(protocol.CONFIG)
+        if not entry or config is None:
+            return
+        content = RecordDict(dict(message.content))
+        content[protocol.CONFIG] = ConfigRecord({**config, protocol.SITE_NEWEST_ENTRY: entry})
+        message.content = content
+
     def _error_reply(self, node: int, reply: Message, stage: str, report: RoundReport) -> None:
         reason = one_line(reply.error.reason or "")
         if (
             stage != Stage.EVALUATE and reply.error.code == protocol.SITE_REFUSED
-        ):  # a training stage, secure aggregation's included
-            report.refusals[node] = self.registry.name_of(node) or _site_named_in(reason, node)
+        ):  # the study's ask or a training stage, secure aggregation's included
+            report.refusals[node] = self.registry.known_as(node)  # never a name from its prose
+            report.refusal_reasons[report.refusals[node]] = reason
             log(WARNING, "Round %d: %s; it is out of this run", report.server_round, reason)
             return
         if stage == Stage.EVALUATE and reply.error.code == protocol.SITE_DECLINED_EVALUATION:
@@ -104,9 +122,3 @@ class Exchange:
             return
         report.fail(Failure(node, self.registry.known_as(node), stage, reason))
         log(WARNING, "Round %d: node %d failed to %s: %s", report.server_round, node, stage, reason)
-
-
-def _site_named_in(reason: str, node: int) -> str:
-    """Refusals start 'site NAME refuses ...'; fall back to the node id."""
-    words = reason.split()
-    return words[1] if len(words) > 1 and words[0] == "site" else f"node {node}"

@@ -34,6 +34,7 @@ from server.reply_checks import ReplyChecker, SiteEvaluation
 from server.run_config import RunConfig
 from server.rundir import RunDirectory, append_lines, keep_rounds_up_to
 from server.site_registry import SiteRegistry
+from server.study_ask import ask_sites
 
 CentralEvaluator = Callable[[ArrayRecord], Evaluation]
 
@@ -47,6 +48,7 @@ class FederationState:
     registry: SiteRegistry = field(default_factory=SiteRegistry)
     optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
     refused_nodes: dict[int, str] = field(default_factory=dict)
+    refusal_reasons: dict[str, str] = field(default_factory=dict)
     declined_evaluation: set[int] = field(default_factory=set)
     stop_reason: str = ""
 
@@ -101,12 +103,16 @@ class Federation:
     def run_rounds(self, state: FederationState) -> FederationState:
         for server_round in range(state.next_round, self.run.training.rounds + 1):
             started = time.monotonic()
+            report = RoundReport(server_round)
+            if server_round == 1 and self.run.dp.sample_level:  # the study's ask: sites grant their epsilon, or refuse
+                ask_sites(self.grid, self.exchange, report)
+                state.refused_nodes.update(report.refusals)
+                state.refusal_reasons.update(report.refusal_reasons)
             stop = self.policy.stop_before(server_round) or self._too_few_sites(state)
             if stop:
                 state.stop_reason = f"stopped before round {server_round}: {stop}"
                 log(WARNING, state.stop_reason)
                 break
-            report = RoundReport(server_round)
             contributions = self.collect.collect(server_round, state.arrays, set(state.refused_nodes), report)
             release = (
                 self.policy.release(server_round, contributions) if contributions.count >= self._min_sites() else None
@@ -116,6 +122,7 @@ class Federation:
             self._evaluate(server_round, state, report)
             evaluation = self.evaluate_centrally(state.arrays)
             state.refused_nodes.update(report.refusals)
+            state.refusal_reasons.update(report.refusal_reasons)
             state.declined_evaluation.update(report.declined_evaluation)
             self._persist(state, report, evaluation, release, time.monotonic() - started)
             state.next_round = server_round + 1
@@ -184,13 +191,18 @@ class Federation:
         return max(1, min(self.run.aggregation.min_sites, len(list(self.grid.get_node_ids()))))
 
     def _too_few_sites(self, state: FederationState) -> str | None:
-        remaining = [node for node in self.grid.get_node_ids() if node not in state.refused_nodes]
-        if len(remaining) >= self.run.aggregation.min_sites:
-            return None
-        return (
-            f"{len(remaining)} site(s) can still train, fewer than min-sites={self.run.aggregation.min_sites}; "
-            f"refused: {', '.join(sorted(state.refused_nodes.values()))}"
+        remaining = len([node for node in self.grid.get_node_ids() if node not in state.refused_nodes])
+        problem = (
+            f"{remaining} site(s) can still train, fewer than min-sites={self.run.aggregation.min_sites}"
+            if remaining < self.run.aggregation.min_sites
+            else self.collect.too_few(remaining)
         )
+        if problem is None:
+            return None
+        reasons = [
+            state.refusal_reasons.get(name, f"{name} refused") for name in sorted(set(state.refused_nodes.values()))
+        ]
+        return f"{problem}; refused: {'; '.join(reasons) or 'none'}"
 
     def _too_few_updates(self, server_round: int, contributions: Contributions, report: RoundReport) -> str:
         lost = [f"{r.site} ({r.reason})" for r in report.rejected] + [f"{f.site} ({f.reason})" for f in report.failures]

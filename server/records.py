@@ -23,6 +23,7 @@ from common.privacy.ledger import LedgerEntry
 class Stage(StrEnum):
     """The exchanges of a round with the sites."""
 
+    ASK = "ask"  # before round 1: does the site take part in the study, at what epsilon
     TRAIN = "train"
     EVALUATE = "evaluate"
 
@@ -137,6 +138,8 @@ class RoundRecord:
     accuracy, loss: the global model's on the server's held-out test set, after the round.
     sites: each site the round heard from, by name.
     refused: every site that has refused to train in this run so far.
+    refusal_reasons: the sites that refused in this round (or in the ask before round 1),
+        each with its own one-line reason.
     seconds: the round's wall time.
     client_level: the server's release (client-level DP only).
     """
@@ -150,6 +153,7 @@ class RoundRecord:
     rejected: tuple[Rejection, ...] = ()
     seconds: float = 0.0
     client_level: CentralRelease | None = None
+    refusal_reasons: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         line: dict[str, Any] = {
@@ -163,6 +167,8 @@ class RoundRecord:
         }
         if self.client_level is not None:
             line["client_level"] = self.client_level.to_json()
+        if self.refusal_reasons:
+            line["refusal_reasons"] = dict(sorted(self.refusal_reasons.items()))
         return line
 
     @classmethod
@@ -178,6 +184,7 @@ class RoundRecord:
             rejected=tuple(Rejection.from_json(r) for r in data.get("rejected", ())),
             seconds=data["seconds"],
             client_level=CentralRelease.from_json(central) if central is not None else None,
+            refusal_reasons=dict(data.get("refusal_reasons", {})),
         )
 
 
@@ -187,9 +194,10 @@ class RoundReport:
     sites; it becomes the round's RoundRecord when the round ends (record).
 
     sites: each site's figures, by name; refusals: the nodes that refused to train this
-    round (out of the run from now on), by node id; declined_evaluation: the nodes that
-    declined to evaluate this round (not asked again in this run); ledger: the
-    verified ledger entries of the round, as the run's privacy_ledger.jsonl keeps them.
+    round (out of the run from now on), by node id, and their reasons by site name;
+    declined_evaluation: the nodes that declined to evaluate this round (not asked
+    again in this run); ledger: the verified ledger entries of the round, as the run's
+    privacy_ledger.jsonl keeps them.
     """
 
     server_round: int
@@ -197,6 +205,7 @@ class RoundReport:
     rejected: list[Rejection] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     refusals: dict[int, str] = field(default_factory=dict)
+    refusal_reasons: dict[str, str] = field(default_factory=dict)
     declined_evaluation: set[int] = field(default_factory=set)
     ledger: list[str] = field(default_factory=list)
 
@@ -239,6 +248,7 @@ class RoundReport:
             tuple(self.rejected),
             round(seconds, 3),
             client_level,
+            dict(self.refusal_reasons),
         )
 
 

@@ -5,7 +5,8 @@ of another shape) or hostile (another site's name, a replayed or rewritten ledge
 an update boosted to replace the global model). Each check here turns one such reply into
 a `Rejection` with a one-line reason instead of an exception or a poisoned model:
 
-- who: the node's name and ledger key are bound on first reply (server.site_registry);
+- who: the node speaks for its registered name, or the one it first claimed, with that
+  name's ledger key (server.site_registry);
 - what it spent: the signed ledger entry verifies against that key and chain, is for this
   run and round, matches the run's DP mechanism and hashes the arrays it came with;
 - what it sent: the same array names, shapes and dtypes as the global model, all finite.
@@ -164,14 +165,9 @@ class ReplyChecker:
             if not reply.has_content():
                 raise _Rejected("sent an evaluation reply without content")
             name = self._claimed_name(reply)
-            bound = self.registry.name_of(node)
-            if bound is not None and bound != name:
-                raise _Rejected(f"node {node} is {bound} but claims to be {name}")
-            holder = next(
-                (n for n, held in self.registry.nodes.items() if held == name and n != node and n in live_nodes), None
-            )
-            if bound is None and holder is not None:
-                raise _Rejected(f"claims the name {name}, which node {holder} holds")
+            problem = self.registry.claim_problem(node, name, live_nodes)
+            if problem is not None:
+                raise _Rejected(problem)
             metrics = reply.content.metric_records.get(protocol.METRICS)
             return SiteEvaluation(node, name, _optional_metrics(metrics, _OPTIONAL_EVAL_METRICS))
         except _Rejected as rejected:

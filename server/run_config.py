@@ -234,6 +234,9 @@ class RunConfig(SiteRunConfig):
 
     run_name: the prefix of the run directory's name.
     resume_from: a run directory to continue at the round after its newest checkpoint.
+    site_book: the coordinator's site book (server.site_book), which holds every site to
+        its registered name and its ledger key across runs; '' keeps it in the federation
+        home, as a simulation does. `cohort run` sets the book of its connection.
     fairness_margin: the fairness report warns about a site whose accuracy falls more
         than this below the mean site's and whose 95% interval lies below that mean
         (simulations/fairness.py).
@@ -244,12 +247,14 @@ class RunConfig(SiteRunConfig):
     PLACEMENT_KEYS: ClassVar[frozenset[str]] = SiteRunConfig.PLACEMENT_KEYS | {
         "run_name",
         "resume_from",
+        "site_book",
         "fairness_margin",
         "reply_timeout",
     }
 
     run_name: str = "cohort"
     resume_from: str = ""
+    site_book: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)

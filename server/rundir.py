@@ -5,6 +5,7 @@ runs/<name>-<timestamp>/
   config.json            the resolved run config and its fingerprint
   metrics.jsonl          one line a round
   privacy_ledger.jsonl   the sites' signed ledger entries of this run
+  site-keys.json         each site's ledger keys in the coordinator's site book at the start
   federation/<site>/     in simulation, each site's own state (ledger, key, policy)
   site-data/site-N.npz   in simulation, each site's data, as the simulation hands it over
                          (client.site_data)

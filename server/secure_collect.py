@@ -68,6 +68,19 @@ class SecureCollect:
     parameters: SecAggParameters
     run_id: int
 
+    def too_few(self, sites: int) -> str | None:
+        """The run's parameters are sized before round 1 for every sampled site, before the
+        study's ask: a round with fewer sites than they unmask a sum with would be
+        abandoned at its first stage, each round alike."""
+        needed = max(self.parameters.min_contributions, self.parameters.threshold)
+        if sites >= needed:
+            return None
+        return (
+            f"{sites} site(s) can still train, fewer than the {needed} a securely aggregated round of this run is "
+            f"unmasked with (sized for {self.parameters.sites} sites; lower secure-aggregation-dropout or ask the "
+            "sites for less epsilon)"
+        )
+
     def collect(self, server_round: int, arrays: ArrayRecord, excluded: set[int], report: RoundReport) -> SummedUpdates:
         sampled = [
             m

@@ -41,10 +41,10 @@ from common.privacy.ledger import (
     LEDGER_FILE,
     PRIVATE_KEY_FILE,
     LedgerEntry,
-    LedgerHead,
     SiteLedger,
     model_hash,
     sign_entry,
+    sign_head,
     write_head,
 )
 from simulations.attack_spec import DATA_ATTACKS, AttackSpec
@@ -72,6 +72,12 @@ def train(msg: Message, context: Context) -> Message:
         return reply
     _tamper(reply, msg.content.array_records[protocol.ARRAYS], attack, scale, context)
     return reply
+
+
+@app.query()
+def ask(msg: Message, context: Context) -> Message:
+    """A hostile site answers the study's ask honestly: its attacks are on what it sends."""
+    return honest(msg, context)
 
 
 @app.evaluate()
@@ -126,9 +132,8 @@ def _resign(state_dir: Path, entry: LedgerEntry, sent_hash: str) -> LedgerEntry:
     lines = ledger.read_text(encoding="utf-8").splitlines()
     lines[-1] = signed.to_json()
     ledger.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    write_head(
-        state_dir / HEAD_FILE, LedgerHead(len(lines), signed.entry_hash())
-    )  # its own ledger: it keeps it consistent
+    # its own ledger: it keeps it consistent
+    write_head(state_dir / HEAD_FILE, sign_head(key, len(lines), signed.entry_hash()))
     return signed
 
 

@@ -32,6 +32,8 @@ FIRST_NODE = 4_000_000_000_000_000_000
 class InProcessGrid:
     """A Flower grid whose every message is answered at once by the site's own ClientApp.
 
+    run_id: the run's id, as the SuperLink gives each run its own (a site's ledger tells
+        its studies apart by it).
     drop: per node, the exchange (a secure aggregation stage, or 'train' / 'evaluate') at
         which the site stops answering, as a site that goes offline mid-round.
     sent, received: every message the ServerApp sent and every reply it got: its whole
@@ -42,6 +44,7 @@ class InProcessGrid:
 
     nodes: list[int]
     run_config: dict[str, Any]
+    run_id: int = 7
     drop: dict[int, str] = field(default_factory=dict)
     sent: list[Message] = field(default_factory=list)
     received: list[Message] = field(default_factory=list)
@@ -52,7 +55,7 @@ class InProcessGrid:
     def __post_init__(self) -> None:
         self.contexts = {
             node: Context(
-                run_id=7,
+                run_id=self.run_id,
                 node_id=node,
                 node_config={"partition-id": i, "num-partitions": len(self.nodes)},
                 state=RecordDict(),
@@ -101,7 +104,7 @@ def exchange_of(message: Message) -> str:
 
 
 def run_in_process(
-    settings: dict[str, Any], sites: int, run_dir: Path, drop: dict[int, str] | None = None
+    settings: dict[str, Any], sites: int, run_dir: Path, drop: dict[int, str] | None = None, run_id: int = 7
 ) -> InProcessGrid:
     """Run the ServerApp over `sites` simulated sites in this process; `settings` are run
     settings (a run config's keys). The run directory is `run_dir`, the sites' state
@@ -110,9 +113,9 @@ def run_in_process(
     config = {"run-dir": str(run_dir), "federation-home": str(run_dir / "federation"), **settings}
     run = RunConfig.from_flower(config)
     write_site_files(run.data, sites, run_dir, gradient_canaries(run))
-    grid = InProcessGrid(node_ids(sites), config, drop or {})
+    grid = InProcessGrid(node_ids(sites), config, run_id, drop or {})
     try:
-        server_main(grid, Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=config))  # type: ignore[arg-type]
+        server_main(grid, Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config))  # type: ignore[arg-type]
     except RunStopped as stopped:
         grid.stopped = str(stopped)
     return grid

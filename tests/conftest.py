@@ -3,6 +3,7 @@ leaves no Flower or Ray process of its own behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,6 +15,8 @@ import numpy as np
 import psutil
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
+
+from common.privacy.ledger import LedgerRecord, RecordKind, SiteLedger
 
 # The commands under test wrap at $COLUMNS; the tests that check a width set it
 # themselves, and the runner's own (pytest-xdist sets 80 in its workers) must not leak in.
@@ -74,13 +77,19 @@ def no_leftover_processes():
     )
 
 
-@pytest.fixture
-def clientapp_identity() -> Iterator[None]:
+@contextlib.contextmanager
+def flower_task_identity() -> Iterator[None]:
     """What Flower's ClientApp runtime sets before the app makes its first Message."""
     saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
     yield
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture
+def clientapp_identity() -> Iterator[None]:
+    with flower_task_identity():
+        yield
 
 
 def make_images(count: int, size: int = 8, classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -147,3 +156,46 @@ def non_private_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def private_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _simulate_twin(tmp_path_factory.mktemp("dp"), "--set", "rounds=3")
+
+
+@pytest.fixture
+def site_npz(tmp_path: Path) -> Path:
+    """A deployed site's own data file: 100 small images of three classes."""
+    images, labels = make_images(100, seed=5)
+    path = tmp_path / "site.npz"
+    np.savez(path, train_images=images, train_labels=labels[:, None])
+    return path
+
+
+def ledger_release(round_: int) -> LedgerRecord:
+    """A DP release of run 1 as a site's ledger records it (the figures are not checked)."""
+    return LedgerRecord(
+        kind=RecordKind.RELEASE, run_id=1, round=round_, site="site", mechanism="", noise_multiplier=1.0,
+        sample_rate=0.1, sampling="poisson", steps=10, clip_norm=1.0, delta=1e-5, epsilon=0.5, accountant="rdp",
+        budget_epsilon=8.0, dataset_hash="d", model_hash="", config_hash="",
+    )  # fmt: skip
+
+
+@pytest.fixture
+def site_state(tmp_path: Path) -> Path:
+    """A site's state directory made by `cohort site init` (its key pinned), after two releases."""
+    from deploy.launch import init_site_state
+
+    state = tmp_path / "state"
+    init_site_state(state)
+    ledger = SiteLedger(state)
+    ledger.append(ledger_release(1))
+    ledger.append(ledger_release(2))
+    return state
+
+
+def cohort(*args: str) -> subprocess.CompletedProcess[str]:
+    """`cohort ARGS...` from this checkout, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *args],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+        check=False,
+    )

@@ -3,18 +3,29 @@ renders in a real browser."""
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import json
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from PIL import Image
 from typer.testing import CliRunner
 
 from cli.main import app
 from common.privacy.accounting import PrivacyState
-from common.privacy.ledger import LedgerRecord, RecordKind, SiteLedger
+from common.privacy.ledger import (
+    GENESIS_HASH,
+    OPTIONAL_FIELDS,
+    LedgerRecord,
+    RecordKind,
+    SiteLedger,
+    read_entries,
+    verify_chain,
+)
 from common.privacy.mechanisms import Mechanism
 
 runner = CliRunner()
@@ -50,23 +61,29 @@ def site_dir(tmp_path: Path) -> Path:
     return ledger.state_dir
 
 
+def _audit(site_dir: Path) -> Path:
+    """`cohort audit` of a site, its reports in a folder of their own; returns that folder."""
+    out = site_dir.parent / "reports"
+    runner.invoke(app, ["audit", str(site_dir), "--out", str(out)])
+    return out
+
+
 def test_audit_recomputes_epsilon_from_the_ledger_under_three_accountants(site_dir: Path) -> None:
-    result = runner.invoke(app, ["audit", str(site_dir)])
+    result = runner.invoke(app, ["audit", str(site_dir), "--out", str(site_dir.parent / "reports")])
     assert result.exit_code == 0, result.output
-    report = json.loads((site_dir / "audit.json").read_text())
+    report = json.loads((site_dir.parent / "reports" / "audit.json").read_text())
     site = report["sites"]["site-0"]
     assert site["epsilon_total"] == pytest.approx(PrivacyState(1.2, 0.25, "rdp", ((1.2, 0.25, 12),)).epsilon(1e-5))
     assert site["accountants"]["pld"] < site["accountants"]["rdp"]
     assert site["chain"] == "verified" and report["warnings"] == []
-    assert (site_dir / "audit.html").read_text().startswith("<!DOCTYPE html>")
+    assert (site_dir.parent / "reports" / "audit.html").read_text().startswith("<!DOCTYPE html>")
 
 
 def test_audit_warns_about_training_without_dp_and_a_nearly_spent_budget(tmp_path: Path) -> None:
     ledger = SiteLedger(tmp_path / "site-0")
     ledger.append(_release(1, ((1.2, 0.25, 400),), budget=3.0))
     ledger.append(_release(2, (), kind=RecordKind.NON_PRIVATE, budget=3.0))
-    runner.invoke(app, ["audit", str(ledger.state_dir)])
-    warnings = json.loads((ledger.state_dir / "audit.json").read_text())["warnings"]
+    warnings = json.loads((_audit(ledger.state_dir) / "audit.json").read_text())["warnings"]
     assert any("without differential privacy" in w for w in warnings)
     assert any("budget close to exhaustion" in w for w in warnings)
 
@@ -74,8 +91,9 @@ def test_audit_warns_about_training_without_dp_and_a_nearly_spent_budget(tmp_pat
 def test_audit_flags_a_broken_chain(site_dir: Path) -> None:
     lines = (site_dir / "privacy_ledger.jsonl").read_text().splitlines()
     (site_dir / "privacy_ledger.jsonl").write_text("\n".join([lines[0], lines[2]]) + "\n")
-    runner.invoke(app, ["audit", str(site_dir)])
-    assert any("ledger chain broken" in w for w in json.loads((site_dir / "audit.json").read_text())["warnings"])
+    assert any(
+        "ledger chain broken" in w for w in json.loads((_audit(site_dir) / "audit.json").read_text())["warnings"]
+    )
 
 
 def test_verify_passes_an_intact_ledger(site_dir: Path) -> None:
@@ -120,6 +138,82 @@ def test_a_wrong_key_file_exits_2(site_dir: Path) -> None:
     assert result.exit_code == 2 and "not a PEM public key" in result.stderr
 
 
+def test_a_sites_audit_goes_to_the_current_directory_not_beside_its_key(
+    site_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["audit", str(site_dir)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "audit-site-0" / "audit.json").is_file() and not (site_dir / "audit.json").exists()
+
+
+def test_a_site_that_has_spent_nothing_reports_nothing_spent(tmp_path: Path) -> None:
+    state = SiteLedger(tmp_path / "fresh").state_dir
+    result = runner.invoke(app, ["audit", str(state), "--out", str(tmp_path / "reports")])
+    assert result.exit_code == 0 and "nothing spent" in result.stdout
+
+
+def _study_record(
+    run_id: int, round_: int, history: tuple, granted: float, kind: str = RecordKind.RELEASE
+) -> LedgerRecord:
+    record = dataclasses.replace(
+        _release(round_, history, kind),
+        run_id=run_id,
+        study_epsilon=granted,
+        fab_hash="f" * 64,
+        model="cnn",
+        coordinator="coordinator.example:9092",
+    )
+    return (
+        record
+        if kind == RecordKind.RELEASE
+        else dataclasses.replace(record, reason="site site-0 refuses the study: it asks epsilon 5", epsilon=0.0)
+    )
+
+
+def test_audit_lists_every_study_with_its_grant_its_spend_and_the_running_total(tmp_path: Path) -> None:
+    ledger = SiteLedger(tmp_path / "site-0")
+    first, second = _study_record(11, 1, ((1.2, 0.25, 4),), 1.0), _study_record(33, 1, ((1.2, 0.25, 8),), 1.0)
+    for record in (first, _study_record(22, 0, (), 0.0, RecordKind.REFUSAL), second):
+        ledger.append(record)
+    result = runner.invoke(
+        app, ["audit", str(ledger.state_dir), "--out", str(tmp_path / "reports")], env={"COLUMNS": "80"}
+    )
+    assert result.exit_code == 0, result.output
+    studies = json.loads((tmp_path / "reports" / "audit.json").read_text())["sites"]["site-0"]["studies"]
+    assert [(s["run_id"], s["rounds_trained"], s["rounds_refused"], s["epsilon_granted"]) for s in studies] == [
+        (11, 1, 0, 1.0),
+        (22, 0, 1, None),
+        (33, 1, 0, 1.0),
+    ]
+    assert studies[2]["epsilon_spent"] == pytest.approx(second.epsilon - first.epsilon) and studies[2][
+        "epsilon_total"
+    ] == pytest.approx(second.epsilon)
+    assert studies[0]["fab_hash"] == "f" * 64 and studies[0]["coordinator"] == "coordinator.example:9092"
+    assert "refuses the study: it asks epsilon 5" in " ".join(result.stdout.split())
+    assert (
+        max(len(line) for line in result.stdout.splitlines() if not line.startswith("/")) <= 80
+    )  # a path stands whole on its own line
+
+
+def test_a_ledger_written_before_studies_were_recorded_still_verifies(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    record = {k: v for k, v in dataclasses.asdict(_release(1, ((1.2, 0.25, 4),))).items() if k not in OPTIONAL_FIELDS}
+    payload = json.dumps(
+        {"sequence": 0, "previous_hash": GENESIS_HASH, "record": record}, sort_keys=True, separators=(",", ":")
+    ).encode()
+    line = json.dumps(
+        {
+            "sequence": 0,
+            "previous_hash": GENESIS_HASH,
+            "record": record,
+            "signature": base64.b64encode(key.sign(payload)).decode(),
+        }
+    )
+    (tmp_path / "privacy_ledger.jsonl").write_text(line + "\n")
+    assert verify_chain(read_entries(tmp_path / "privacy_ledger.jsonl"), key.public_key()) is None
+
+
 def test_a_path_without_a_ledger_exits_2(tmp_path: Path) -> None:
     result = runner.invoke(app, ["audit", str(tmp_path)])
     assert result.exit_code == 2 and "holds no privacy ledger" in result.stderr
@@ -132,8 +226,7 @@ CHROMIUM = shutil.which("chromium")
     CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it when run as root)"
 )
 def test_audit_page_renders_with_its_plot_in_headless_chromium(site_dir: Path, tmp_path: Path) -> None:
-    runner.invoke(app, ["audit", str(site_dir)])
-    page = (site_dir / "audit.html").read_text()
+    page = (_audit(site_dir) / "audit.html").read_text()
     assert "http://" not in page and "https://" not in page  # self-contained: nothing to fetch
     shot = tmp_path / "audit.png"
     subprocess.run(
@@ -150,7 +243,7 @@ def test_audit_page_renders_with_its_plot_in_headless_chromium(site_dir: Path, t
             f"--user-data-dir={tmp_path / 'profile'}",
             "--window-size=1200,1000",
             f"--screenshot={shot}",
-            (site_dir / "audit.html").as_uri(),
+            (site_dir.parent / "reports" / "audit.html").as_uri(),
         ],
         check=True,
         capture_output=True,

@@ -23,7 +23,9 @@ def _spend_like_a_site(ledger: SiteLedger, run: SiteRunConfig, site: SiteConfig,
     for run_id in range(runs):
         for server_round in range(1, run.training.rounds + 1):
             try:
-                plan = plan_round(run, site, ledger.entries(), "data", run_id, server_round, num_examples)
+                plan = plan_round(
+                    run, site, ledger.entries(), "data", run_id, server_round, num_examples, granted=site.epsilon
+                )
             except CohortInputError:  # no sigma fits what is left: the site cannot train at all
                 return
             steps = round_steps(num_examples, run)

@@ -182,7 +182,7 @@ def test_init_prints_the_sans_and_the_superlink_command(tmp_path: Path) -> None:
         f"cohort connect '<CONNECTION>' \\\n    --superlink 127.0.0.1:{SUPERLINK_LOCAL_PORT} \\\n"
         f"    --ca-cert {tmp_path / 'ca.crt'}" in result.stdout
     )
-    assert "flwr supernode register '<SITE_NAME>.pub' '<CONNECTION>'" in result.stdout
+    assert "cohort site register '<SITE_NAME>' '<CONNECTION>' \\\n    --key '<SITE_NAME>.pub'" in result.stdout
 
 
 @pytest.mark.parametrize("host", ["10.0.0.5:8000", "https://superlink.example.org", "[::1]", "two words"])
@@ -243,7 +243,7 @@ def test_site_prints_the_register_and_supernode_commands(tmp_path: Path) -> None
     result = _certs("site", tmp_path, "hospital-a")
     site = tmp_path / "sites" / "hospital-a"
     assert f"Send {site / 'hospital-a.pub'} to the coordinator" in " ".join(result.stdout.split())
-    assert "flwr supernode register hospital-a.pub '<CONNECTION>'" in result.stdout
+    assert "cohort site register hospital-a '<CONNECTION>' \\\n    --key hospital-a.pub" in result.stdout
     assert f"--ca-cert {tmp_path / 'ca.crt'}" in result.stdout
     assert f"--auth-key {site / 'hospital-a.key'}" in result.stdout
     assert f"--superlink '<SUPERLINK_HOST>:{SUPERLINK_PORT}'" in result.stdout

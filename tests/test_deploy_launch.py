@@ -425,7 +425,7 @@ def test_killing_the_supervisor_leaves_nothing_running(local_certs: CertificateL
 
 
 def _start_supernode(command: list[str], tmp_path: Path, name: str) -> subprocess.Popen[bytes]:
-    """`cohort supernode` in the background; it becomes Flower's SuperNode, which keeps
+    """`cohort supernode` in the background; it runs Flower's SuperNode, which keeps
     retrying the TLS endpoint that closes every connection."""
     command = [*command[:-1], str(free_port())]  # each its own local API port
     log = (tmp_path / f"{name}.log").open("wb")
@@ -445,7 +445,7 @@ def _wait_for_lock_holder(state_dir: Path, process: subprocess.Popen[bytes]) -> 
         if (
             lock.exists()
             and lock.read_text().strip() == str(process.pid)
-            and process.pid in {p.pid for p in psutil.process_iter() if p.name().startswith("flower-superno")}
+            and any(p.name().startswith("flower-superno") for p in psutil.Process(process.pid).children())
         ):
             return
         time.sleep(0.2)

@@ -36,6 +36,7 @@ from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_messa
 from common.privacy.ledger import (
     LEDGER_FILE,
     LedgerEntry,
+    LedgerRecord,
     load_public_key,
     read_entries,
     verify_chain,
@@ -47,6 +48,7 @@ from deploy.fleet_limits import OBJECT_ROUTE, FleetLimits
 from deploy.flower_runtime import offline_flower_env
 from deploy.front_door import REFUSAL, fleet_routes
 from deploy.launch import SITE_RUNNER_MODULE
+from deploy.site_registration import site_book_path
 from server.rundir import RunDirectory
 from simulations.local_superlink import free_port, stop_process_tree
 from tests.conftest import make_images
@@ -62,9 +64,6 @@ PASSPHRASE = b"the coordinator's passphrase"
 SITES = {"hospital-a": 8.0, "hospital-b": 6.0, "hospital-c": 4.0}
 ROUNDS = 2
 STARTUP_TIMEOUT_S = 120.0
-# Fixed, so that the first run leaves every site budget for the run with a killed site
-# (a derived sigma spends a site's whole budget over the run's planned rounds).
-NOISE_MULTIPLIER = 2.0
 # The site killed mid-round, and how long the server waits for any exchange's replies:
 # above a healthy site's slowest exchange on a loaded 2-core machine (60 s was not). The
 # killed site's round ends sooner, when the SuperLink answers for it as unavailable
@@ -73,10 +72,16 @@ KILLED_SITE = "hospital-c"
 REPLY_TIMEOUT_S = 120
 SECURE_RUN_TIMEOUT_S = 900
 # The front door limits each client address; the sites all use 127.0.0.1, so the front
-# door is told three sites share it, and each test that plays an unauthenticated client
+# door is told the four registered SuperNodes share it, and each test that plays an unauthenticated client
 # on the network uses a loopback address of its own.
 SITES_ADDRESS = "127.0.0.1"
-LIMITS = FleetLimits(sites_per_address=len(SITES))
+# The impostor: a registered site that claims to be another (run_with_an_impostor).
+IMPOSTOR = "impostor"
+# Every site the coordinator registered: the hospitals and the impostor.
+REGISTERED = len(SITES) + 1
+LIMITS = FleetLimits(sites_per_address=REGISTERED)
+# How long an unregistered SuperNode may take to learn it and exit.
+UNREGISTERED_EXIT_S = 90
 MB = 1 << 20
 # How much the SuperLink may grow while anyone pushes bulk bodies at the front door.
 MEMORY_BOUND = 64 * MB
@@ -112,6 +117,11 @@ class Deployment:
     @property
     def local_address(self) -> str:
         return f"127.0.0.1:{self.local_port}"
+
+    @property
+    def site_book(self) -> Path:
+        """Where `cohort site register` keeps the sites by name; `flwr run` must be told it."""
+        return site_book_path(self.home("coordinator"), CONNECTION)
 
     def home(self, role: str) -> Path:
         return self.root / "homes" / role
@@ -180,7 +190,7 @@ class Deployment:
 
 def _write_data(directory: Path) -> None:
     directory.mkdir(parents=True)
-    for seed, name in enumerate([*SITES, "intruder", "coordinator"]):
+    for seed, name in enumerate([*SITES, "intruder", IMPOSTOR, "coordinator"]):
         images, labels = make_images(160, seed=seed + 10)
         np.savez(directory / f"{name}.npz", train_images=images, train_labels=labels[:, None])
 
@@ -222,7 +232,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     deployment = Deployment(tmp_path_factory.mktemp("deployment"), free_port(), free_port())
     (deployment.root / "logs").mkdir()
     init_certificates(deployment.certs.root, ["localhost"], passphrase=PASSPHRASE)
-    for site in [*SITES, "intruder"]:
+    for site in [*SITES, "intruder", IMPOSTOR]:
         create_site_key(deployment.site_keys(site).root, site)
     _write_data(deployment.root / "data")
     try:
@@ -242,9 +252,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             "coordinator", commands.connect_command(CONNECTION, deployment.local_address, deployment.certs.ca_cert)
         )
         assert connect.returncode == 0, connect.stderr
-        for site in SITES:
+        for site in [*SITES, IMPOSTOR]:
             registered = deployment.run(
-                "coordinator", commands.register_command(_receive_public_key(deployment, site), CONNECTION)
+                "coordinator", commands.register_command(_receive_public_key(deployment, site), site, CONNECTION)
             )
             assert registered.returncode == 0, registered.stdout + registered.stderr
         for site in SITES:
@@ -278,7 +288,7 @@ def _submit(deployment: Deployment, run_dir: str, rounds: int, *settings: str, t
     run_config = (
         f"rounds={rounds} dataset='{deployment.root / 'data' / 'coordinator.npz'}' "
         f"run-dir='{deployment.root / run_dir}' min-sites=3 batch-size=32 local-epochs=1 "
-        f"noise-multiplier={NOISE_MULTIPLIER} {' '.join(settings)}"
+        f"site-book='{deployment.site_book}' {' '.join(settings)}"
     )
     result = deployment.run("coordinator", commands.run_command(APP_DIR, CONNECTION, run_config), timeout=timeout)
     started = re.search(r"Successfully started run (\d+)", result.stdout)
@@ -290,15 +300,20 @@ def _submit(deployment: Deployment, run_dir: str, rounds: int, *settings: str, t
 
 @pytest.fixture(scope="module")
 def finished_run(deployment: Deployment) -> dict:
-    return _submit(deployment, "run", ROUNDS)
+    """The first study on every site's data, each site with its default policy (a study may
+    have a quarter of the site's budget: hospital-c's is exactly 1): it asks epsilon 1."""
+    return _submit(deployment, "run", ROUNDS, "study-epsilon=1.0")
 
 
 @pytest.fixture(scope="module")
 def secure_run(deployment: Deployment, finished_run: dict) -> dict:
     """One round of the same run under secure aggregation: the coordinator sees only the
-    sum. Each of its four exchanges starts a flwr-clientapp process at every site (a
-    plain round starts one), hence the longer wait."""
-    return _submit(deployment, "run-secure", 1, "secure-aggregation=true", timeout=SECURE_RUN_TIMEOUT_S)
+    sum. The study's ask and each of its four exchanges start a flwr-clientapp process at
+    every site (a plain round starts one), hence the longer wait. It asks epsilon 0.5, so
+    that hospital-c has enough left for the studies below."""
+    return _submit(
+        deployment, "run-secure", 1, "secure-aggregation=true", "study-epsilon=0.5", timeout=SECURE_RUN_TIMEOUT_S
+    )
 
 
 def test_dp_run_over_three_authenticated_sites_completes(deployment: Deployment, finished_run: dict) -> None:
@@ -315,6 +330,27 @@ def test_every_site_ledger_records_each_round_within_its_own_budget(deployment: 
         assert verify_chain(entries, load_public_key(state / "ledger_key.pub.pem")) is None
         assert [(e.record.kind, e.record.round) for e in entries] == [("release", r) for r in range(1, ROUNDS + 1)]
         assert all(e.record.budget_epsilon == budget and 0 < e.record.epsilon <= budget for e in entries)
+
+
+def _run_records(deployment: Deployment, site: str, run_id: int) -> list[LedgerRecord]:
+    return [e.record for e in read_entries(deployment.root / "state" / site / LEDGER_FILE) if e.record.run_id == run_id]
+
+
+def test_a_study_asking_epsilon_1_is_granted_by_every_site_and_spends_at_most_that(
+    deployment: Deployment, finished_run: dict
+) -> None:
+    for site in SITES:
+        releases = _run_records(deployment, site, int(finished_run["run-id"]))
+        assert [(r.kind, r.study_epsilon) for r in releases] == [("release", 1.0)] * ROUNDS
+        assert 0 < releases[-1].epsilon <= 1.0, "the site's first study"
+
+
+def test_a_sites_ledger_names_the_code_the_model_and_the_coordinator_of_each_study(
+    deployment: Deployment, finished_run: dict
+) -> None:
+    for site in SITES:
+        for release in _run_records(deployment, site, int(finished_run["run-id"])):
+            assert len(release.fab_hash) == 64 and release.model == "cnn" and release.coordinator == deployment.address
 
 
 def test_a_securely_aggregated_run_completes_and_every_ledger_verifies(
@@ -357,7 +393,7 @@ def _assert_refused_by_the_front_door(result: subprocess.CompletedProcess[str], 
 
 def test_coordinator_flwr_on_loopback_lists_runs_and_nodes(deployment: Deployment) -> None:
     assert deployment.flwr_json("ls")["success"]
-    assert len(deployment.flwr_json("supernode", "list")["nodes"]) == len(SITES)
+    assert len(deployment.flwr_json("supernode", "list")["nodes"]) == REGISTERED
 
 
 def test_site_flwr_ls_through_the_front_door_is_refused(deployment: Deployment) -> None:
@@ -378,7 +414,7 @@ def test_site_flwr_supernode_register_through_the_front_door_is_refused(deployme
         deployment.run("hospital-a", ["flwr", "supernode", "register", str(intruder_key), SITE_CONNECTION]),
         "/v1/control/register-node",
     )
-    assert len(deployment.flwr_json("supernode", "list")["nodes"]) == len(SITES)
+    assert len(deployment.flwr_json("supernode", "list")["nodes"]) == REGISTERED
 
 
 def test_site_flwr_supernode_list_through_the_front_door_is_refused(deployment: Deployment) -> None:
@@ -492,6 +528,20 @@ def _clientapps_of(process: subprocess.Popen[bytes]) -> set[int]:
     return found
 
 
+def _new_clientapps(
+    site_process: subprocess.Popen[bytes],
+    known: set[int],
+    deadline: float,
+    run: subprocess.Popen[bytes],
+    deployment: Deployment,
+) -> set[int]:
+    """Wait for a ClientApp process of the site that is not among `known`; returns the new ones."""
+    while not _clientapps_of(site_process) - known:
+        assert time.monotonic() < deadline and run.poll() is None, deployment.log("run-killed-site")
+        time.sleep(0.05)
+    return _clientapps_of(site_process) - known
+
+
 def _kill_tree(process: subprocess.Popen[bytes]) -> None:
     """SIGKILL, as a crash or the OOM killer would: no handler runs, nothing is flushed."""
     root = psutil.Process(process.pid)
@@ -512,10 +562,11 @@ class KilledSiteRun:
 
 @pytest.fixture(scope="module")
 def run_with_a_site_killed_mid_round(deployment: Deployment, finished_run: dict) -> KilledSiteRun:
-    """Three rounds with min-sites=2; hospital-c's SuperNode and everything under it are
-    killed while its flwr-clientapp answers round 1's training message, then `cohort
-    supernode` is started again with the same key, state and data once the SuperLink
-    holds it offline."""
+    """A study that asks for all each site will grant (the default), over three rounds with
+    min-sites=2; hospital-c's SuperNode and everything under it are killed while its
+    flwr-clientapp answers round 1's training message (after it answered the study's ask),
+    then `cohort supernode` is started again with the same key, state and data once the
+    SuperLink holds it offline."""
     (site_process,) = [p for p in deployment.processes if KILLED_SITE in p.args and "supernode" in p.args]
     ledger = deployment.root / "state" / KILLED_SITE / LEDGER_FILE
     entries_before = len(read_entries(ledger))
@@ -523,7 +574,7 @@ def run_with_a_site_killed_mid_round(deployment: Deployment, finished_run: dict)
     run_dir = deployment.root / "run-killed-site"
     run_config = (
         f"rounds=3 dataset='{deployment.root / 'data' / 'coordinator.npz'}' run-dir='{run_dir}' min-sites=2 "
-        f"batch-size=32 local-epochs=1 noise-multiplier={NOISE_MULTIPLIER} reply-timeout={REPLY_TIMEOUT_S}"
+        f"batch-size=32 local-epochs=1 reply-timeout={REPLY_TIMEOUT_S} site-book='{deployment.site_book}'"
     )
     log = (deployment.root / "logs" / "run-killed-site.log").open("wb")
     command = _local(commands.run_command(APP_DIR, CONNECTION, run_config))
@@ -536,9 +587,11 @@ def run_with_a_site_killed_mid_round(deployment: Deployment, finished_run: dict)
     )
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not _clientapps_of(site_process) - idle:
+        asked = _new_clientapps(site_process, idle, deadline, run, deployment)  # the study's ask, before round 1
+        while _clientapps_of(site_process) & asked:
             assert time.monotonic() < deadline and run.poll() is None, deployment.log("run-killed-site")
             time.sleep(0.05)
+        _new_clientapps(site_process, idle | asked, deadline, run, deployment)  # round 1's training
         _kill_tree(site_process)
         trained_when_killed = len(read_entries(ledger)) - entries_before
         # The SuperLink refuses to activate a node it still holds online ("Failed to
@@ -575,11 +628,11 @@ def test_a_site_killed_mid_round_fails_that_round_after_the_reply_timeout_and_th
     summary = RunDirectory(killed.run_dir).read_summary()
     assert summary is not None and summary.rounds == 3 and not summary.stop_reason, summary
     first = RunDirectory(killed.run_dir).read_metrics()[0]
-    # The server learns a node's name from its replies in this run; this one never answered.
+    # The server knows the node by its registered name, although it never answered this run.
     # Either the timeout ends its wait, or the SuperLink answers for the node first, once
     # it has missed two heartbeats (Flower's interval is 30 s).
-    ((node, site, stage, reason),) = [(f.node, f.site, f.stage, f.reason) for f in first.failures]
-    assert (site, stage) == (f"node {node}", "train")
+    ((site, stage, reason),) = [(f.site, f.stage, f.reason) for f in first.failures]
+    assert (site, stage) == (KILLED_SITE, "train")
     assert reason == f"no reply within {REPLY_TIMEOUT_S}s" or "Node Unavailable" in reason, reason
     assert sorted(site for site, values in first.sites.items() if values.trained) == sorted(set(SITES) - {KILLED_SITE})
 
@@ -658,6 +711,91 @@ def test_flower_records_a_study_every_site_refused_as_failed_with_the_reason(
     assert run_id, study_every_site_refused.stderr
     (run,) = deployment.flwr_json("list", "--run-id", run_id.group(1))["runs"]
     assert run["status"] == "finished:failed" and "stopped after round 1" in run["status-details"], run
+
+
+def test_a_study_asking_what_each_site_grants_is_granted_what_is_left_up_to_the_sites_cap(
+    deployment: Deployment, run_with_a_site_killed_mid_round: KilledSiteRun
+) -> None:
+    killed = run_with_a_site_killed_mid_round
+    for site, budget in SITES.items():
+        releases = [r for r in _run_records(deployment, site, killed.run_id) if r.kind == "release"]
+        before = [e.record for e in read_entries(deployment.root / "state" / site / LEDGER_FILE)]
+        spent = max(
+            r.epsilon
+            for r in before
+            if r.kind == "release" and r.run_id != killed.run_id and r.timestamp < releases[0].timestamp
+        )
+        assert all(r.study_epsilon == pytest.approx(min(budget / 4, budget - spent), abs=1e-6) for r in releases)
+        assert spent < releases[-1].epsilon <= spent + releases[-1].study_epsilon + 1e-9
+
+
+@pytest.fixture(scope="module")
+def study_no_site_grants(
+    deployment: Deployment, run_with_a_site_killed_mid_round: KilledSiteRun
+) -> subprocess.CompletedProcess[str]:
+    """`cohort run` of a study that asks epsilon 5, more than any site's per-study cap
+    (a quarter of 8, 6 and 4), once every site is online again."""
+    settings = [
+        "rounds=1", f"dataset={deployment.root / 'data' / 'coordinator.npz'}",
+        f"run-dir={deployment.root / 'run-study-refused'}", "min-sites=2", "batch-size=32", "study-epsilon=5.0",
+    ]  # fmt: skip
+    result = deployment.run("coordinator", commands.cohort_run_command(CONNECTION, settings), timeout=600)
+    (deployment.root / "logs" / "cohort-run-study-refused.log").write_text(result.stdout + result.stderr)
+    return result
+
+
+def _run_id(result: subprocess.CompletedProcess[str]) -> int:
+    found = re.search(r"run (\d+)", result.stdout + result.stderr)
+    assert found, result.stdout + result.stderr
+    return int(found.group(1))
+
+
+def test_a_study_asking_more_than_any_site_grants_is_refused_by_all_before_round_1_with_the_reason(
+    study_no_site_grants: subprocess.CompletedProcess[str],
+) -> None:
+    result = study_no_site_grants
+    message = " ".join(result.stderr.split())
+    assert result.returncode == 1 and "stopped before round 1" in message, result.stdout + result.stderr
+    assert "round   1/" not in result.stdout, result.stdout
+    for site in SITES:
+        assert f"site {site} refuses the study: it asks epsilon 5; the site grants at most" in message, message
+
+
+def test_a_site_records_its_refusal_of_a_study_before_reading_its_data(
+    deployment: Deployment, study_no_site_grants: subprocess.CompletedProcess[str]
+) -> None:
+    for site in SITES:
+        (refusal,) = _run_records(deployment, site, _run_id(study_no_site_grants))
+        assert (refusal.kind, refusal.round, refusal.dataset_hash) == ("refusal", 0, "")
+
+
+def test_each_sites_audit_lists_the_three_studies_with_their_dates_and_epsilons(
+    deployment: Deployment,
+    finished_run: dict,
+    run_with_a_site_killed_mid_round: KilledSiteRun,
+    study_no_site_grants: subprocess.CompletedProcess[str],
+) -> None:
+    first, refused, third = (
+        int(finished_run["run-id"]),
+        _run_id(study_no_site_grants),
+        run_with_a_site_killed_mid_round.run_id,
+    )
+    for site in SITES:
+        out = deployment.root / f"audit-{site}"
+        result = subprocess.run(
+            [str(BIN / "cohort"), "audit", str(deployment.root / "state" / site), "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**offline_flower_env(deployment.home(site)), "COLUMNS": "80"},
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        (deployment.root / "logs" / f"audit-{site}.txt").write_text(result.stdout)
+        listed = {s["run_id"]: s for s in json.loads((out / "audit.json").read_text())["sites"][site]["studies"]}
+        assert all(listed[run]["first"] and listed[run]["last"] for run in (first, refused, third)), listed
+        assert (listed[first]["epsilon_granted"], listed[refused]["epsilon_granted"]) == (1.0, None)
+        assert listed[third]["epsilon_granted"] > 0 and listed[third]["epsilon_spent"] > 0
 
 
 def test_the_logs_of_cohorts_commands_hold_each_serverapp_line_once_and_no_colour_codes(
@@ -839,3 +977,74 @@ def test_the_federation_was_never_throttled_nor_refused_a_body(
         if f"client: {SITES_ADDRESS}," in line and any(r in line for r in refused)
     ]
     assert not refusals, refusals
+
+
+@dataclass(frozen=True)
+class ImpostorRun:
+    """impostor_exit: the impostor SuperNode's exit code once unregistered (None: still running)."""
+
+    run_dir: Path
+    status: str
+    unregistered: subprocess.CompletedProcess[str]
+    listed: subprocess.CompletedProcess[str]
+    impostor_exit: int | None
+
+
+@pytest.fixture(scope="module")
+def run_with_an_impostor(deployment: Deployment) -> ImpostorRun:
+    """The registered site `impostor` starts its SuperNode with its own key as `--name
+    hospital-b`, beside the real hospital-b, for a run of one round; then the coordinator
+    unregisters it by name."""
+    command = deployment.supernode(IMPOSTOR, deployment.site_keys(IMPOSTOR).site_key(IMPOSTOR))
+    command[command.index("--name") + 1] = "hospital-b"
+    impostor = deployment.spawn(IMPOSTOR, command)
+    try:
+        _wait_for_online(deployment, REGISTERED)
+        run = _submit(deployment, "run-impostor", 1)
+        unregistered = deployment.run("coordinator", commands.unregister_command(IMPOSTOR, CONNECTION))
+        try:
+            exit_code: int | None = impostor.wait(timeout=UNREGISTERED_EXIT_S)
+        except subprocess.TimeoutExpired:
+            exit_code = None
+        listed = deployment.run("coordinator", ["cohort", "site", "list", CONNECTION])
+    finally:
+        stop_process_tree(impostor.pid)
+        impostor.wait()
+    return ImpostorRun(deployment.root / "run-impostor", run["status"], unregistered, listed, exit_code)
+
+
+def test_a_registered_site_claiming_another_sites_name_is_rejected_under_its_own_name(
+    run_with_an_impostor: ImpostorRun,
+) -> None:
+    assert run_with_an_impostor.status == "finished:completed", run_with_an_impostor
+    (record,) = RunDirectory(run_with_an_impostor.run_dir).read_metrics()
+    assert [(r.site, r.reason) for r in record.rejected] == [
+        (IMPOSTOR, f"node {r.node} is registered as {IMPOSTOR} but claims to be hospital-b") for r in record.rejected
+    ]
+    assert len(record.rejected) == 1, record.rejected
+    assert sorted(site for site, values in record.sites.items() if values.trained) == sorted(SITES)
+
+
+def test_every_entry_the_run_recorded_as_hospital_b_is_signed_by_hospital_bs_own_key(
+    deployment: Deployment, run_with_an_impostor: ImpostorRun
+) -> None:
+    key = load_public_key(deployment.root / "state" / "hospital-b" / "ledger_key.pub.pem")
+    copied = [
+        LedgerEntry.from_json(line) for line in (run_with_an_impostor.run_dir / LEDGER_FILE).read_text().splitlines()
+    ]
+    as_b = [entry for entry in copied if entry.record.site == "hospital-b"]
+    assert len(as_b) == 1 and verify_signature(as_b[0], key)
+
+
+def test_a_site_unregistered_by_name_is_listed_unregistered_and_its_supernode_says_why_it_stops(
+    deployment: Deployment, run_with_an_impostor: ImpostorRun
+) -> None:
+    assert run_with_an_impostor.unregistered.returncode == 0, run_with_an_impostor.unregistered.stderr
+    listed = run_with_an_impostor.listed
+    assert listed.returncode == 0, listed.stderr
+    assert re.search(rf"^{IMPOSTOR}: node -, unregistered", listed.stdout, re.MULTILINE), listed.stdout
+    assert re.search(r"^hospital-b: node \d+, online, newest entry \d+", listed.stdout, re.MULTILINE), listed.stdout
+    assert run_with_an_impostor.impostor_exit == 2, deployment.log(IMPOSTOR)
+    assert f"error: site hospital-b: the SuperLink no longer admits this SuperNode's key {IMPOSTOR}.key" in " ".join(
+        deployment.log(IMPOSTOR).split()
+    ), deployment.log(IMPOSTOR)

@@ -58,7 +58,7 @@ RECIPE = {
     "superlink": private_superlink_command(),
     "front-door": front_door_command(),
     "connect": connect_command(),
-    "register": register_command("<PUBLIC_KEY>"),
+    "site register": register_command("<PUBLIC_KEY>"),
     "supernode": supernode_command(),
 }
 
@@ -355,14 +355,18 @@ def test_no_service_but_the_site_and_its_key_maker_mounts_a_sites_private_key():
                 assert name in (site, f"{site}-key"), f"{name} mounts {site}'s private key"
 
 
-def test_every_site_public_key_is_registered_before_its_supernode_starts():
+def test_every_site_public_key_is_registered_under_its_name_before_its_supernode_starts():
     register = services()["register"]
-    registered = {command[3] for _, command in all_commands() if recipe_name(command) == "register"}
+    registered = {
+        command[3]: option(command, "--key") for _, command in all_commands() if recipe_name(command) == "site register"
+    }
     for name, command in site_services().items():
         site = option(command, "--name")
         (public,) = [mount for mount in mounts(register) if mount.source == _key_volume(site)]
         assert public.subpath == f"sites/{site}/{site}.pub" and public.read_only
-        assert public.target in registered, f"{name}'s public key {public.target} is never registered"
+        assert registered.get(site) == public.target, (
+            f"{name}'s public key {public.target} is never registered as {site}"
+        )
         assert register["depends_on"][f"{site}-key"]["condition"] == "service_completed_successfully"
 
 

@@ -36,7 +36,16 @@ def _model() -> torch.nn.Module:
 
 
 def _fresh_plan(site: SiteConfig = SITE) -> RoundPlan:
-    return plan_round(RUN, site, entries=[], data_hash="d", run_id=1, server_round=1, num_examples=len(DATA.train))
+    return plan_round(
+        RUN,
+        site,
+        entries=[],
+        data_hash="d",
+        run_id=1,
+        server_round=1,
+        num_examples=len(DATA.train),
+        granted=site.epsilon,
+    )
 
 
 def test_rounds_on_the_same_module_leave_no_opacus_hooks_behind() -> None:
@@ -63,7 +72,7 @@ def test_derived_plan_spends_at_most_the_budget_over_all_planned_rounds() -> Non
 
 def test_a_round_that_would_exceed_the_budget_is_refused() -> None:
     plan = _fresh_plan()
-    spent = RoundPlan(plan.total.with_steps(RUN.training.rounds * STEPS), plan.window)
+    spent = RoundPlan(plan.total.with_steps(RUN.training.rounds * STEPS), plan.window, plan.target)
     reason = refusal_reason(spent, STEPS, SITE)
     assert reason is not None and "over its budget of 8" in reason
 
@@ -84,7 +93,7 @@ def test_a_per_run_cap_lowers_the_run_plan_and_refuses_beyond_it() -> None:
     )
     plan = _fresh_plan(capped)
     assert plan.window.with_steps(RUN.training.rounds * STEPS).epsilon(1e-5) <= 2.0
-    over = RoundPlan(plan.total, plan.window.with_steps(RUN.training.rounds * STEPS))
+    over = RoundPlan(plan.total, plan.window.with_steps(RUN.training.rounds * STEPS), plan.target)
     assert "per-run cap of 2" in refusal_reason(over, STEPS, capped)
 
 

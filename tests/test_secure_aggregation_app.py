@@ -31,7 +31,7 @@ from server.held_out import federated_split
 from server.records import RoundRecord, Summary
 from server.run_config import RunConfig
 from server.secure_aggregation_plan import run_parameters
-from simulations.in_process import InProcessGrid, node_ids, run_in_process
+from simulations.in_process import InProcessGrid, exchange_of, node_ids, run_in_process
 
 SITES = 5
 NODES = node_ids(SITES)
@@ -162,6 +162,46 @@ def test_dropouts_beyond_the_threshold_abandon_the_round_and_keep_the_global_mod
     assert not any(site.trained for site in record.sites.values())
     assert np.abs(run.released_update()).max() == 0.0
     assert "fewer than min-sites" in run.summary().stop_reason and run.grid.stopped == run.summary().stop_reason
+
+
+def test_a_site_that_refuses_the_study_at_the_ask_is_in_none_of_the_rounds_secure_aggregation(
+    run_federation, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    home = tmp_path_factory.mktemp("federation")
+    (home / "site-0").mkdir()
+    (home / "site-0" / "policy.toml").write_text("study-epsilon = 1.0\n")  # grants at most 1 of its 8
+    run = run_federation(**{"dp": True, "study-epsilon": 2.0, "federation-home": str(home)})
+    refusing = NODES[0]
+    assert {exchange_of(m) for m in run.grid.sent if m.metadata.dst_node_id == refusing} == {"query"}, (
+        "asked, then sent nothing"
+    )
+    assert sorted(run.updates) == NODES[1:]
+    (record,) = run.records()
+    assert {name for name, site in record.sites.items() if site.trained} == {f"site-{i}" for i in range(1, SITES)}
+    assert "site site-0 refuses the study: it asks epsilon 2" in record.refusal_reasons["site-0"]
+    (refusal,) = [e.record for e in read_entries(home / "site-0" / "privacy_ledger.jsonl")]
+    assert (refusal.kind, refusal.round, refusal.dataset_hash) == (RecordKind.REFUSAL, 0, "")
+    assert (
+        np.abs(run.released_update() - _mean_clipped(run, NODES[1:], 10.0)).max()
+        < 1 / _scale(run.released_update().size, 10.0) + 1e-6
+    )
+
+
+def test_a_study_too_few_sites_grant_to_unmask_a_round_stops_before_round_1_naming_why(
+    run_federation, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The parameters are sized for all five sites before the study's ask; with two
+    refusing, no round of the remaining three could be unmasked (it needs four)."""
+    home = tmp_path_factory.mktemp("federation")
+    for site in ("site-0", "site-1"):
+        (home / site).mkdir()
+        (home / site / "policy.toml").write_text("study-epsilon = 1.0\n")  # grants at most 1 of its 8
+    run = run_federation(**{"dp": True, "study-epsilon": 2.0, "federation-home": str(home)})
+    assert {exchange_of(m) for m in run.grid.sent} == {"query"}, "asked, then sent nothing"
+    assert run.grid.stopped.startswith(
+        "stopped before round 1: 3 site(s) can still train, fewer than the 4 a securely aggregated round"
+    ), run.grid.stopped
+    assert all(f"site {site} refuses the study: it asks epsilon 2" in run.grid.stopped for site in ("site-0", "site-1"))
 
 
 def test_parameters_that_cannot_hold_the_sum_stop_the_run_before_round_1_with_nothing_sent(run_federation) -> None:

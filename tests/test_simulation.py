@@ -1,6 +1,8 @@
 """End to end on Flower's simulation engine: `cohort simulate` runs a real federation,
 writes a complete run directory, survives Ctrl-C, resumes with epsilon continuing, and
-leaves no process behind."""
+leaves no process behind. Studies that follow one another on one federation home run in
+this process (simulations/in_process.py): what each is granted depends on the sites'
+ledgers alone."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import stat
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,11 +23,14 @@ from common.privacy.ledger import PUBLIC_KEY_FILE, LedgerRecord, RecordKind, his
 from common.privacy.mechanisms import Mechanism
 from server.records import RoundRecord
 from server.rundir import RunDirectory
+from simulations.in_process import InProcessGrid, exchange_of, run_in_process
+from tests.conftest import flower_task_identity
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 COHORT = str(Path(sys.executable).parent / "cohort")
 SMALL = ["--set", "num-sites=3", "--set", "local-epochs=1"]
+SIMULATED_SITES = ("site-0", "site-1", "site-2")
 
 
 def _run_dir(runs: Path) -> Path:
@@ -240,18 +246,70 @@ def _simulate(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_a_second_run_on_the_same_data_starts_from_what_the_first_spent(tmp_path: Path) -> None:
-    home = tmp_path / "federation"
-    shared = ["--set", "rounds=2", "--set", "noise-multiplier=1.5", "--federation-home", str(home)]
-    first = _simulate(*shared, "--runs-dir", str(tmp_path / "first"))
-    second = _simulate(*shared, "--runs-dir", str(tmp_path / "second"))
-    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
-    first_metrics, second_metrics = _metrics(_run_dir(tmp_path / "first")), _metrics(_run_dir(tmp_path / "second"))
-    for site in ("site-0", "site-1", "site-2"):
-        releases = _releases(home / site / "privacy_ledger.jsonl")
-        assert len({r.run_id for r in releases}) == 2 and len(releases) == 4
-        assert second_metrics[0].sites[site].epsilon > first_metrics[-1].sites[site].epsilon
-        assert second_metrics[-1].sites[site].epsilon == pytest.approx(_recomputed_epsilon(releases), rel=1e-9)
+@dataclass(frozen=True)
+class Studies:
+    """Three one-round studies on one federation home, each a run of its own id."""
+
+    home: Path
+    first: InProcessGrid
+    second: InProcessGrid
+    third: InProcessGrid
+
+
+@pytest.fixture(scope="module")
+def studies_on_one_home(tmp_path_factory: pytest.TempPathFactory) -> Studies:
+    """Cohort's ServerApp and the sites' own ClientApp in this process
+    (simulations/in_process.py): what a study is granted depends on the sites' ledgers,
+    not on Flower's transport. Simulated sites' budget is epsilon 8, all of it grantable to
+    one study: the first asks 2, the second 7 (more than is left), the third all that is
+    left."""
+    root = tmp_path_factory.mktemp("studies")
+    home = root / "federation"
+    asked = {"first": 2.0, "second": 7.0, "third": 0.0}
+    with flower_task_identity():
+        grids = {
+            name: run_in_process(
+                {"rounds": 1, "study-epsilon": epsilon, "federation-home": str(home), "noise-source": "seeded"},
+                3,
+                root / name,
+                run_id=run_id,
+            )
+            for run_id, (name, epsilon) in enumerate(asked.items(), start=1)
+        }
+    return Studies(home, **grids)
+
+
+def _ledger(home: Path, site: str) -> list[LedgerRecord]:
+    return [e.record for e in read_entries(home / site / "privacy_ledger.jsonl")]
+
+
+def test_a_study_spends_at_most_the_epsilon_it_asked_for(studies_on_one_home: Studies) -> None:
+    assert studies_on_one_home.first.stopped == ""
+    for site in SIMULATED_SITES:
+        release = _ledger(studies_on_one_home.home, site)[0]
+        assert release.kind == RecordKind.RELEASE and release.run_id == 1
+        assert release.study_epsilon == 2.0 and 1.9 < release.epsilon <= 2.0
+
+
+def test_a_study_asking_more_than_is_left_is_refused_by_every_site_before_round_1(
+    studies_on_one_home: Studies,
+) -> None:
+    second = studies_on_one_home.second
+    assert second.stopped.startswith("stopped before round 1"), second.stopped
+    assert all(f"site {site} refuses the study: it asks epsilon 7" in second.stopped for site in SIMULATED_SITES)
+    assert {exchange_of(m) for m in second.sent} == {"query"}, "asked, then sent nothing"
+    for site in SIMULATED_SITES:
+        refusal = [r for r in _ledger(studies_on_one_home.home, site) if r.run_id == 2]
+        assert [(r.kind, r.round, r.dataset_hash) for r in refusal] == [(RecordKind.REFUSAL, 0, "")]
+
+
+def test_a_later_study_starts_from_what_the_earlier_spent_and_may_take_the_rest(studies_on_one_home: Studies) -> None:
+    assert studies_on_one_home.third.stopped == ""
+    for site in SIMULATED_SITES:
+        first, third = [r for r in _ledger(studies_on_one_home.home, site) if r.kind == RecordKind.RELEASE]
+        assert third.run_id == 3 and third.study_epsilon == pytest.approx(8.0 - first.epsilon)
+        assert first.epsilon < third.epsilon <= 8.0
+        assert third.epsilon == pytest.approx(_recomputed_epsilon([first, third]), rel=1e-9)
 
 
 def test_a_site_whose_budget_runs_out_is_refused_and_the_run_finishes_with_the_others(tmp_path: Path) -> None:

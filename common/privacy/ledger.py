@@ -7,11 +7,13 @@ re-signing a record breaks the chain or a signature. Sites send their signed ent
 the coordinator, whose run directory keeps the same entries, in the same format.
 
 Removing the last records leaves a valid chain, so beside the ledger a head file keeps
-the count and the last hash; a site verifies chain and head before every round and
-refuses to train when either does not hold (SiteLedger.verified_entries). A deployed
-site's key is made by the site's own command (`cohort supernode` / `cohort site init`),
-never by a ClientApp, and that command writes an empty head, so deleting the ledger and
-head together is noticed too.
+the count and the last hash, signed by the same key (no one without the key can rewrite
+it); a site verifies chain and head before every round and refuses to train when either
+does not hold (SiteLedger.verified_entries). A deployed site's key is made by the site's
+own command (`cohort supernode` / `cohort site init`), never by a ClientApp, and that
+command writes an empty signed head, so deleting the ledger and head together is noticed
+too. What a signed head cannot tell is a whole older state restored from a backup: the
+coordinator's copy of the site's newest entry does (client/ledger_guard.py).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class RecordKind(StrEnum):
     RELEASE = "release"
     REFUSAL = "refusal"
     NON_PRIVATE = "non-private"  # training without DP, allowed by the site's policy: no guarantee
+    KEY_ROTATION = "key-rotation"  # the ledger's signing key changes after this record (client/key_rotation.py)
+    RETIREMENT = "retirement"  # the dataset is retired: the ledger's last record (client/retirement.py)
 
 
 class Sampling(StrEnum):
@@ -59,6 +63,11 @@ LEDGER_FILE = "privacy_ledger.jsonl"
 HEAD_FILE = "privacy_ledger.head.json"
 PRIVATE_KEY_FILE = "ledger_key.pem"
 PUBLIC_KEY_FILE = "ledger_key.pub.pem"
+# The public key the ledger's first record was signed with, kept once the key is rotated:
+# the chain is verified from it (the pin is its fingerprint).
+ROOT_PUBLIC_KEY_FILE = "ledger_key.root.pub.pem"
+# A rotation's new private key, until the state directory's key is replaced by it.
+NEXT_KEY_FILE = "ledger_key.next.pem"
 GENESIS_HASH = "0" * 64
 
 
@@ -95,10 +104,15 @@ class LedgerRecord:
     timestamp: seconds since the epoch.
     reason: why a refusal happened ('' for a release).
     mechanism_details: what a mechanism's accounting needs beyond sigma, q and steps, as
-        canonical JSON ('' for the Gaussian mechanisms, and then absent from the record's
-        JSON and signature, so records written before the field existed still verify):
-        the distributed Skellam release's noise variance and sensitivities in the sum's
-        integer units, and the sites whose inputs and noise the sum holds.
+        canonical JSON ('' for the Gaussian mechanisms): the distributed Skellam release's
+        noise variance and sensitivities in the sum's integer units, and the sites whose
+        inputs and noise the sum holds.
+    study_epsilon: the epsilon the site granted the run's study (client/study_grant.py).
+    fab_hash: the SHA-256 of the FAB the coordinator submitted for the run (a deployed site).
+    model: the run's model architecture.
+    coordinator: the SuperLink the site answered ('simulation' for a simulated site).
+    These five are OPTIONAL_FIELDS: left out of the record (so of what is signed) where
+    empty, so that the ledgers written before they existed still verify.
     """
 
     kind: str
@@ -121,6 +135,10 @@ class LedgerRecord:
     timestamp: float = field(default_factory=time.time)
     reason: str = ""
     mechanism_details: str = ""
+    study_epsilon: float = 0.0
+    fab_hash: str = ""
+    model: str = ""
+    coordinator: str = ""
 
     @classmethod
     def release(
@@ -171,6 +189,17 @@ class LedgerRecord:
         return cls._of(RecordKind.REFUSAL, spender, mechanism, noise or Noise(), epsilon, accountant, "", reason)
 
     @classmethod
+    def about_the_ledger(cls, kind: RecordKind, before: LedgerRecord, reason: str) -> LedgerRecord:
+        """A record about the ledger itself (a key rotation, the dataset's retirement): no
+        release; the site, budget, data and epsilon as the record `before` it left them."""
+        return cls(
+            kind=kind, run_id=0, round=0, site=before.site, mechanism="", noise_multiplier=0.0, sample_rate=0.0,
+            sampling=Sampling.NONE, steps=0, clip_norm=0.0, delta=before.delta, epsilon=before.epsilon,
+            accountant=before.accountant, budget_epsilon=before.budget_epsilon, dataset_hash=before.dataset_hash,
+            model_hash="", config_hash="", reason=reason,
+        )  # fmt: skip
+
+    @classmethod
     def _of(
         cls,
         kind: RecordKind,
@@ -201,6 +230,10 @@ class LedgerRecord:
             model_hash=model_hash,
             config_hash=spender.config_hash,
             reason=reason,
+            study_epsilon=spender.study.epsilon,
+            fab_hash=spender.study.fab_hash,
+            model=spender.study.model,
+            coordinator=spender.study.coordinator,
         )
 
 
@@ -217,6 +250,27 @@ class Spender:
     budget_epsilon: float
     dataset_hash: str
     config_hash: str
+    study: Study = field(default_factory=lambda: Study())  # noqa: PLW0108 - Study is defined below
+
+
+@dataclass(frozen=True)
+class Study:
+    """What a site records of the study a round belongs to (LedgerRecord's study_epsilon,
+    fab_hash, model and coordinator)."""
+
+    epsilon: float = 0.0
+    fab_hash: str = ""
+    model: str = ""
+    coordinator: str = ""
+
+
+OPTIONAL_FIELDS = ("mechanism_details", "study_epsilon", "fab_hash", "model", "coordinator")
+
+
+def record_json(record: LedgerRecord) -> dict[str, Any]:
+    """The record as stored and signed: its OPTIONAL_FIELDS only where they say something."""
+    values = dataclasses.asdict(record)
+    return {key: value for key, value in values.items() if key not in OPTIONAL_FIELDS or value}
 
 
 @dataclass(frozen=True)
@@ -233,46 +287,47 @@ class Noise:
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """A record as it stands in a ledger: its position, its link and its signature."""
+    """A record as it stands in a ledger: its position, its link and its signature.
+
+    next_key: in a key rotation's entry only (client/key_rotation.py), the raw new public
+    key, base64: every later entry and the head are signed by it. Absent from the JSON and
+    the signature otherwise, so entries written before rotations existed still verify.
+    """
 
     sequence: int
     previous_hash: str
     record: LedgerRecord
     signature: str
+    next_key: str = ""
 
     def signed_payload(self) -> bytes:
-        return _canonical(
-            {"sequence": self.sequence, "previous_hash": self.previous_hash, "record": _record_fields(self.record)}
-        )
+        return _canonical(self._linked_fields())
+
+    def _linked_fields(self) -> dict[str, Any]:
+        fields = {"sequence": self.sequence, "previous_hash": self.previous_hash, "record": record_json(self.record)}
+        return {**fields, "next_key": self.next_key} if self.next_key else fields
+
+    def successor_key(self) -> Ed25519PublicKey | None:
+        """The key that signs from the next entry on, when this entry rotates it; raises
+        ValueError for a next_key that is no Ed25519 key."""
+        return Ed25519PublicKey.from_public_bytes(base64.b64decode(self.next_key)) if self.next_key else None
 
     def entry_hash(self) -> str:
         return hashlib.sha256(self.signed_payload()).hexdigest()
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "sequence": self.sequence,
-                "previous_hash": self.previous_hash,
-                "record": _record_fields(self.record),
-                "signature": self.signature,
-            },
-            sort_keys=True,
-        )
+        return json.dumps({**self._linked_fields(), "signature": self.signature}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> LedgerEntry:
         data = json.loads(text)
         return cls(
-            int(data["sequence"]), str(data["previous_hash"]), LedgerRecord(**data["record"]), str(data["signature"])
+            int(data["sequence"]),
+            str(data["previous_hash"]),
+            LedgerRecord(**data["record"]),
+            str(data["signature"]),
+            str(data.get("next_key", "")),
         )
-
-
-def _record_fields(record: LedgerRecord) -> dict[str, Any]:
-    """A record's fields as signed and stored: mechanism_details only when it says something."""
-    fields = dataclasses.asdict(record)
-    if not record.mechanism_details:
-        del fields["mechanism_details"]
-    return fields
 
 
 class LedgerBroken(CohortInputError):
@@ -285,12 +340,15 @@ class SiteLedger:
     create_key: make the key (and an empty head) when there is none; only the site's own
     setup (and a simulated site, which belongs to the researcher) does that, a deployed
     ClientApp never.
+    pinned_key: the fingerprint of the key the site's policy pins (client.policy), if any:
+    a state directory holding another key refuses to train (its key was swapped).
     """
 
-    def __init__(self, state_dir: Path, create_key: bool = True) -> None:
+    def __init__(self, state_dir: Path, create_key: bool = True, pinned_key: str | None = None) -> None:
         self.state_dir = state_dir
         self.path = state_dir / LEDGER_FILE
         self.head_path = state_dir / HEAD_FILE
+        self.pinned_key = pinned_key
         if not create_key and not (state_dir / PRIVATE_KEY_FILE).exists():
             raise LedgerBroken(
                 f"site state {state_dir} has no signing key {PRIVATE_KEY_FILE}; the site refuses "
@@ -303,57 +361,89 @@ class SiteLedger:
     def public_key_file(self) -> Path:
         return self.state_dir / PUBLIC_KEY_FILE
 
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        """The key that signs the site's next entry."""
+        return self._key.public_key()
+
+    @property
+    def root_key_file(self) -> Path:
+        """The public key the ledger's chain starts from: the first key, once rotated."""
+        root = self.state_dir / ROOT_PUBLIC_KEY_FILE
+        return root if root.exists() else self.public_key_file
+
+    def root_key(self) -> Ed25519PublicKey:
+        return load_public_key(self.root_key_file)
+
     def fingerprint(self) -> str:
-        return key_fingerprint(self._key.public_key())
+        """The fingerprint of the chain's first key: what the policy pins and the auditor
+        records; a rotation keeps it."""
+        return key_fingerprint(self.root_key())
+
+    def signing_keys(self) -> list[Ed25519PublicKey]:
+        """Every key the site's ledger has been signed with, first to current."""
+        return chain_keys(self.entries(), self.root_key())
 
     def entries(self) -> list[LedgerEntry]:
         return read_entries(self.path) if self.path.exists() else []
 
     def verified_entries(self) -> list[LedgerEntry]:
-        """The whole ledger, after checking every link and signature against the site's key
-        and the count and last hash against the head. Raises LedgerBroken, with one line
-        for the site's operator, when anything does not hold."""
-        problem = self._problem()
+        """The whole ledger, after checking the key against the policy's pin, every link and
+        signature against the key, and the count and last hash against the signed head.
+        Raises LedgerBroken, with one line for the site's operator, when anything does not hold."""
+        if self.pinned_key is not None and self.fingerprint() != self.pinned_key:
+            raise LedgerBroken(
+                f"site state {self.state_dir} holds ledger key {self.fingerprint()}, "
+                f"not the key {self.pinned_key} its policy pins (ledger-key): the key was replaced; "
+                "the site refuses to train until its operator restores "
+                f"{PRIVATE_KEY_FILE} (with the ledger and {HEAD_FILE}) from backup"
+            )
+        if (self.state_dir / NEXT_KEY_FILE).exists():
+            raise LedgerBroken(
+                f"site state {self.state_dir} holds a key rotation that did not finish; "
+                "the site refuses to train until its operator runs "
+                f"`cohort site rotate-key --state-dir {self.state_dir}` again, which finishes it"
+            )
+        problem = ledger_problem(self.path, self.head_path, self.root_key())
+        if problem is None and key_fingerprint(self.signing_keys()[-1]) != key_fingerprint(self.public_key):
+            problem = (
+                f"names {key_fingerprint(self.signing_keys()[-1])} as its signing key, not the state directory's key"
+            )
         if problem is not None:
             raise LedgerBroken(
                 f"site ledger {self.path} {problem}; the site refuses to train until its operator restores the ledger "
                 f"(and {HEAD_FILE}) from backup and checks it with "
-                f"`cohort audit verify {self.state_dir} --public-key {self.public_key_file}`"
+                f"`cohort audit verify {self.state_dir} --public-key {self.root_key_file}`"
             )
-        return self.entries()
-
-    def _problem(self) -> str | None:
-        if not self.head_path.exists():
-            return f"has no head file {HEAD_FILE} beside it: it was deleted"
-        head = read_head(self.head_path)
-        if not self.path.exists():
-            return f"is missing while its head says it holds {head.count} record(s)" if head.count else None
-        try:
-            entries = read_entries(self.path)
-        except CohortInputError as unreadable:
-            return f"cannot be read ({unreadable})"
-        broken = verify_chain(entries, self._key.public_key())
-        if broken is not None:
-            return f"is broken: {broken}"
-        if len(entries) < head.count:
-            return f"holds {len(entries)} record(s) but its head says {head.count}: records were removed from its end"
-        if head.count and entries[head.count - 1].entry_hash() != head.last_hash:
-            return f"record {head.count} is not the one its head names: the ledger was replaced"
-        return None
+        entries = self.entries()
+        if entries and entries[-1].record.kind == RecordKind.RETIREMENT:
+            raise LedgerBroken(
+                f"site ledger {self.path} ends with the retirement of its dataset (record {len(entries)}); "
+                "a retired dataset trains no more"
+            )
+        return entries
 
     def adopt(self) -> int:
-        """Write the head of a ledger that has none (one kept before heads existed), after
-        verifying its whole chain against the site's key; the operator's act, through
-        `cohort site init`. Returns the number of records the head now covers."""
-        if self.head_path.exists() or not self.path.exists():
-            return read_head(self.head_path).count if self.head_path.exists() else 0
-        entries = read_entries(self.path)
-        broken = verify_chain(entries, self._key.public_key())
+        """Write the signed head of a ledger that has none, or sign a head written before
+        heads were signed, after verifying the whole chain against the site's key (and, for
+        an unsigned head, that it names the chain's last record); the operator's act,
+        through `cohort site init`. Returns the number of records the head now covers."""
+        head = read_head(self.head_path) if self.head_path.exists() else None
+        if head is not None and head.signature:
+            return head.count
+        entries = self.entries()
+        broken = verify_chain(entries, self.root_key())
         if broken is not None:
             raise LedgerBroken(
                 f"site ledger {self.path} is broken: {broken}; restore it from backup before adopting it"
             )
-        write_head(self.head_path, LedgerHead(len(entries), entries[-1].entry_hash() if entries else GENESIS_HASH))
+        last_hash = entries[-1].entry_hash() if entries else GENESIS_HASH
+        if head is not None and (head.count, head.last_hash) != (len(entries), last_hash):
+            raise LedgerBroken(
+                f"site ledger {self.path} holds {len(entries)} record(s) but its unsigned head says {head.count}: "
+                f"restore the ledger and {HEAD_FILE} from backup before adopting them"
+            )
+        write_head(self.head_path, sign_head(self._key, len(entries), last_hash))
         return len(entries)
 
     def append(self, record: LedgerRecord) -> LedgerEntry:
@@ -364,27 +454,139 @@ class SiteLedger:
         """
         existing = self.entries()
         entry = sign_entry(self._key, len(existing), existing[-1].entry_hash() if existing else GENESIS_HASH, record)
+        self._write([entry], len(existing))
+        return entry
+
+    def extend(self, entries: list[LedgerEntry]) -> None:
+        """Append entries signed before (a site's own, as the coordinator kept them), each
+        continuing the chain: the ledger is verified first and the entries must link on."""
+        existing = self.verified_entries()
+        broken = verify_chain(existing + entries, self.root_key())
+        if broken is not None:
+            raise LedgerBroken(f"the entries to import do not continue site ledger {self.path}: {broken}")
+        self._write(entries, len(existing))
+
+    def rotate(self, record: LedgerRecord) -> LedgerEntry:
+        """Append `record` signed by the current key and naming a new one, which signs
+        everything after it (the head included). The ledger is verified first; the first
+        key's public half is kept as ROOT_PUBLIC_KEY_FILE, the chain's start. The new key is
+        on disk (NEXT_KEY_FILE) before the entry naming it, so a crash between leaves what
+        finish_rotation completes."""
+        existing = self.verified_entries()
+        root = self.state_dir / ROOT_PUBLIC_KEY_FILE
+        if not root.exists():
+            root.write_bytes(self.public_key_file.read_bytes())  # meant to be shared, like the public key
+        new = Ed25519PrivateKey.generate()
+        _write_private_key(self.state_dir / NEXT_KEY_FILE, new)
+        raw = new.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        unsigned = LedgerEntry(
+            len(existing),
+            existing[-1].entry_hash() if existing else GENESIS_HASH,
+            record,
+            signature="",
+            next_key=base64.b64encode(raw).decode(),
+        )
+        entry = dataclasses.replace(
+            unsigned, signature=base64.b64encode(self._key.sign(unsigned.signed_payload())).decode()
+        )
         with open_private(self.path, "a") as stream:
             stream.write(entry.to_json() + "\n")
             stream.flush()
             os.fsync(stream.fileno())
-        write_head(self.head_path, LedgerHead(len(existing) + 1, entry.entry_hash()))
+        self.finish_rotation()
         return entry
+
+    def finish_rotation(self) -> bool:
+        """Make the key a rotation entry names the state directory's key, when the last
+        rotation stopped before that (NEXT_KEY_FILE is left and the chain names it).
+        Returns whether there was one to finish; a next key no entry names (the rotation
+        stopped before its entry) signs nothing and is removed."""
+        pending = self.state_dir / NEXT_KEY_FILE
+        if not pending.exists():
+            return False
+        new = _read_private_key(pending)
+        entries = self.entries()
+        broken = verify_chain(entries, self.root_key())
+        if broken is not None:
+            raise LedgerBroken(f"site ledger {self.path} is broken: {broken}; restore it from backup")
+        if key_fingerprint(chain_keys(entries, self.root_key())[-1]) != key_fingerprint(new.public_key()):
+            pending.unlink()
+            return False
+        os.replace(pending, self.state_dir / PRIVATE_KEY_FILE)
+        self._key = new
+        self.public_key_file.write_bytes(
+            new.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
+        write_head(self.head_path, sign_head(new, len(entries), entries[-1].entry_hash()))
+        return True
+
+    def _write(self, entries: list[LedgerEntry], existing: int) -> None:
+        with open_private(self.path, "a") as stream:
+            stream.write("".join(entry.to_json() + "\n" for entry in entries))
+            stream.flush()
+            os.fsync(stream.fileno())
+        write_head(self.head_path, sign_head(self._key, existing + len(entries), entries[-1].entry_hash()))
+
+
+def ledger_problem(path: Path, head_path: Path, public_key: Ed25519PublicKey) -> str | None:
+    """What is wrong with a ledger and its head under `public_key` (the chain's first key),
+    as the end of a sentence starting with the ledger's path; None when chain and head hold."""
+    if not head_path.exists():
+        return f"has no head file {HEAD_FILE} beside it: it was deleted"
+    head = read_head(head_path)
+    try:
+        entries = read_entries(path) if path.exists() else []
+    except CohortInputError as unreadable:
+        return f"cannot be read ({unreadable})"
+    broken = verify_chain(entries, public_key)
+    if broken is not None:
+        return f"is broken: {broken}"
+    if not head.signature:
+        return (
+            f"has an unsigned head {HEAD_FILE}: it was rewritten without the key, or written before heads were "
+            "signed (then `cohort site init` signs it once it names the chain's last record)"
+        )
+    if not head.signed_by(chain_keys(entries, public_key)[-1]):
+        return f"has a head {HEAD_FILE} not signed by this key: it was rewritten"
+    if not path.exists() and head.count:
+        return f"is missing while its head says it holds {head.count} record(s)"
+    if len(entries) < head.count:
+        return f"holds {len(entries)} record(s) but its head says {head.count}: records were removed from its end"
+    if head.count and entries[head.count - 1].entry_hash() != head.last_hash:
+        return f"record {head.count} is not the one its head names: the ledger was replaced"
+    return None
 
 
 @dataclass(frozen=True)
 class LedgerHead:
-    """How many records the ledger holds and the hash of the last one."""
+    """How many records the ledger holds and the hash of the last one, signed by the
+    ledger's key ('' for a head written before heads were signed)."""
 
     count: int
     last_hash: str
+    signature: str = ""
+
+    def signed_payload(self) -> bytes:
+        return _canonical({"count": self.count, "last_hash": self.last_hash})
+
+    def signed_by(self, public_key: Ed25519PublicKey) -> bool:
+        try:
+            public_key.verify(base64.b64decode(self.signature), self.signed_payload())
+            return True
+        except (InvalidSignature, ValueError):
+            return False
+
+
+def sign_head(key: Ed25519PrivateKey, count: int, last_hash: str) -> LedgerHead:
+    unsigned = LedgerHead(count, last_hash)
+    return dataclasses.replace(unsigned, signature=base64.b64encode(key.sign(unsigned.signed_payload())).decode())
 
 
 def read_head(path: Path) -> LedgerHead:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return LedgerHead(int(data["count"]), str(data["last_hash"]))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return LedgerHead(int(data["count"]), str(data["last_hash"]), str(data.get("signature", "")))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         raise LedgerBroken(f"{path} is not a ledger head; restore it from backup") from None
 
 
@@ -398,7 +600,7 @@ def write_head(path: Path, head: LedgerHead) -> None:
     way no release is lost and no site spends more."""
     temporary = path.with_suffix(".tmp")
     with open_private(temporary, "w") as stream:
-        json.dump({"count": head.count, "last_hash": head.last_hash}, stream)
+        json.dump({"count": head.count, "last_hash": head.last_hash, "signature": head.signature}, stream)
     os.replace(temporary, path)
 
 
@@ -436,8 +638,9 @@ def sign_entry(key: Ed25519PrivateKey, sequence: int, previous_hash: str, record
 
 
 def verify_chain(entries: list[LedgerEntry], public_key: Ed25519PublicKey) -> str | None:
-    """None if every link and signature holds, else a sentence naming the first bad record."""
-    previous = GENESIS_HASH
+    """None if every link and signature holds, else a sentence naming the first bad record.
+    `public_key` signs from the first entry on, each rotation's next key after it."""
+    previous, key = GENESIS_HASH, public_key
     for position, entry in enumerate(entries):
         label = f"record {position + 1} (round {entry.record.round}, run {entry.record.run_id})"
         if entry.sequence != position:
@@ -446,10 +649,19 @@ def verify_chain(entries: list[LedgerEntry], public_key: Ed25519PublicKey) -> st
             )
         if entry.previous_hash != previous:
             return f"{label} does not link to the record before it: a record was removed, reordered or edited"
-        if not verify_signature(entry, public_key):
+        if not verify_signature(entry, key):
             return f"{label} has a signature that does not match this key: it was edited or signed by another key"
         previous = entry.entry_hash()
+        try:
+            key = entry.successor_key() or key
+        except ValueError:
+            return f"{label} rotates to a key that is not an Ed25519 public key"
     return None
+
+
+def chain_keys(entries: list[LedgerEntry], root: Ed25519PublicKey) -> list[Ed25519PublicKey]:
+    """Every key of a verified chain, from `root` to the one that signs its next entry."""
+    return [root, *(key for key in (entry.successor_key() for entry in entries) if key is not None)]
 
 
 def verify_signature(entry: LedgerEntry, public_key: Ed25519PublicKey) -> bool:
@@ -501,22 +713,32 @@ def _load_or_create_key(state_dir: Path, head_path: Path) -> Ed25519PrivateKey:
     private_dir(state_dir)
     key_file = state_dir / PRIVATE_KEY_FILE
     if key_file.exists():
-        if key_file.stat().st_mode & 0o077:
-            raise CohortInputError(f"{key_file} is readable by others; run `chmod 600 {key_file}`")
-        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise CohortInputError(f"{key_file} is not an Ed25519 key; move it away and a new one is made")
-        return key
+        return _read_private_key(key_file)
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as stream:
-        stream.write(pem)
+    _write_private_key(key_file, key)
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     (state_dir / PUBLIC_KEY_FILE).write_bytes(public)  # meant to be shared: an auditor verifies the ledger with it
     if not head_path.exists() and not (state_dir / LEDGER_FILE).exists():
-        write_head(head_path, LedgerHead(0, GENESIS_HASH))
+        write_head(head_path, sign_head(key, 0, GENESIS_HASH))
     return key
+
+
+def _read_private_key(key_file: Path) -> Ed25519PrivateKey:
+    if key_file.stat().st_mode & 0o077:
+        raise CohortInputError(f"{key_file} is readable by others; run `chmod 600 {key_file}`")
+    key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise CohortInputError(f"{key_file} is not an Ed25519 key; move it away and a new one is made")
+    return key
+
+
+def _write_private_key(key_file: Path, key: Ed25519PrivateKey) -> None:
+    """0600 from its creation; fsynced, since a ledger entry may name its public half."""
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    with open_private(key_file, "wb") as stream:
+        stream.write(pem)
+        stream.flush()
+        os.fsync(stream.fileno())
 
 
 def _canonical(payload: Any) -> bytes:

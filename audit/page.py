@@ -99,13 +99,14 @@ def _empirical_section(empirical: dict[str, Any] | None) -> str:
     style = ' class="warn"' if empirical["contradicts_accountant"] else ""
     return f"""<h2>Empirical privacy audit</h2>
 <p>One-run audit (Steinke, Nasr and Jagielski, NeurIPS 2023) at {html.escape(empirical["site"])}:
-{empirical["canaries"]} canaries, {empirical["included"]} of them trained on;
-score: {html.escape(empirical["score"])}.</p>
+{empirical["canaries"]} canaries, {empirical["included"]} of them trained on.
+The bound comes from {html.escape(empirical["source"])}; score: {html.escape(empirical["score"])}.</p>
 <table><tr><th>guesses</th><th>right</th><th>delta</th><th>confidence</th><th>epsilon lower bound</th>
 <th>accountant's epsilon</th></tr>
 <tr><td>{empirical["guesses"]}</td><td>{empirical["correct"]}</td><td>{empirical["delta"]:g}</td><td>{empirical["confidence"]:.0%}</td>
 <td>{empirical["epsilon_lower_bound"]:.3f}</td><td>{claimed}</td></tr></table>
 <p{style}>{html.escape(empirical["verdict"])}</p>
+<ul>{"".join(f"<li>{html.escape(line)}</li>" for line in empirical["scope"])}</ul>
 """
 
 

@@ -95,11 +95,13 @@ def find_ledgers(path: Path) -> list[SiteLedgerFile]:
     )
 
 
-def audit(path: Path) -> dict[str, Any]:
+def audit(path: Path, site: str | None = None) -> dict[str, Any]:
+    """What each site (or only `site`) has spent, per the ledgers under `path`."""
     sites: dict[str, dict[str, Any]] = {}
     for ledger in find_ledgers(path):
         entries = read_entries(ledger.path)
-        for name in sorted({e.record.site for e in entries}):
+        names = {e.record.site for e in entries}
+        for name in sorted(names if site is None else names & {site}):
             sites[name] = _audit_site([e for e in entries if e.record.site == name], ledger)
     return {
         "schema": SCHEMA,

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from benchmarks import dp_step_time, empirical_audit, fairness, scale, simulations
+from benchmarks import audit_bug_detection, dp_step_time, empirical_audit, fairness, scale, simulations
 from benchmarks.results import RESULTS
 
 
@@ -34,6 +34,7 @@ def main() -> None:
         "dp_step_time": dp_step_time.run(),
         **simulations.run(RESULTS / "runs"),
         "empirical_audit": empirical_audit.run(RESULTS / "empirical-audit-runs"),
+        "audit_bug_detection": audit_bug_detection.run(RESULTS / "audit-bug-detection-runs"),
         "fairness": fairness.run(RESULTS / "fairness-runs"),
         "scale": scale.run(RESULTS / "scale-runs"),
     }

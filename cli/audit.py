@@ -167,10 +167,12 @@ def empirical(
         result = audit_run(run_dir, guesses)
     write_json_atomic(run_dir / EMPIRICAL_AUDIT_FILE, result.to_json())
     console.print(f"{result.site}: {result.canaries} canaries, {result.included} trained on", highlight=False)
-    console.print(
-        f"guessed {result.guesses} by their loss under the final model: {result.correct} right", highlight=False
-    )
+    console.print(paragraph(f"bound from {result.source}"), highlight=False, markup=False)
+    console.print(paragraph(f"score: {result.score}"), highlight=False, markup=False)
+    console.print(f"guessed {result.guesses}: {result.correct} right", highlight=False)
     console.print(verdict(result), style="bold red" if result.contradicts_accountant else None, highlight=False)
+    for line in result.scope:
+        console.print(paragraph(line), highlight=False, markup=False)
     console.print(
         paragraph(f"wrote {run_dir / EMPIRICAL_AUDIT_FILE} ({result.seconds:.1f} s)"),
         highlight=False,
@@ -288,6 +290,9 @@ def _print_report(report: dict[str, Any]) -> None:
             )
     if report["empirical"] is not None:
         console.print(f"empirical audit: {report['empirical']['verdict']}", highlight=False)
+        console.print(paragraph(f"bound from {report['empirical']['source']}"), highlight=False, markup=False)
+        for line in report["empirical"]["scope"]:
+            console.print(paragraph(line), highlight=False, markup=False)
     for warning in report["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if not report["warnings"]:

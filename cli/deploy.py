@@ -219,7 +219,13 @@ def run(
     ServerApp writes the run directory."""
     with input_errors():
         require_app_dir()
-        study = submission(connection, RunConfig.from_flower(parse_overrides(set_ or [])), flwr_home())
+        config = RunConfig.from_flower(parse_overrides(set_ or []))
+        if config.data.keeps_transcript:
+            raise CohortInputError(
+                "audit-canaries keeps the canary site's every update for the empirical audit, which only a "
+                "simulation may do (cohort simulate); a deployed run sets audit-canaries = 0"
+            )
+        study = submission(connection, config, flwr_home())
         study.check()
 
         def on_round(record: RoundRecord) -> None:

@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 from client.clipping import central_dp_clipping_mod
 from client.dp_randomness import site_noise_source
 from client.evaluation_policy import declined_evaluation
+from client.gradient_canaries import GradientCanaries
 from client.integer_update import SECURE_AGGREGATION_STREAM, integer_update
 from client.ledger_guard import LedgerBehind, check_not_behind, newest_entry, open_site_ledger
 from client.policy import AGGREGATION_METRICS, SiteConfig
@@ -157,6 +158,7 @@ def _train(msg: Message, context: Context, run: SiteRunConfig, site: SiteConfig,
             server_round=server_round,
             proximal_mu=float(protocol.config_number(config, protocol.CONFIG_PROXIMAL_MU, 0.0)),
             deadline=time.monotonic() + site.max_round_seconds,
+            canaries=_gradient_canaries(data, run),
         )
     except RoundOverTime as over:
         reason = overtime_refusal(site, over.steps, round_steps(len(data.train), run))
@@ -239,6 +241,13 @@ def _refusal_at_spent(
     return LedgerRecord.refusal(
         spender, reason, spent, site.accountants[0], run.dp.mechanism.mechanism, _noise(run, None)
     )
+
+
+def _gradient_canaries(data: SiteData, run: SiteRunConfig) -> GradientCanaries | None:
+    """The audit's gradient canaries, at the simulated canary site only (client.site_data)."""
+    if data.gradient_canaries is None:
+        return None
+    return GradientCanaries(data.gradient_canaries, run.dp.clip_norm)
 
 
 def _spender(

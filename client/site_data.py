@@ -42,6 +42,8 @@ class SiteData:
 
     noise_seed: the seed a simulated site's seeded noise starts from, handed over with its
     data by the simulation (None at a deployed site, whose noise is never seeded).
+    gradient_canaries: the coordinates of the audit's gradient canaries this simulated
+        site trains on (client.gradient_canaries); None at every other site.
     """
 
     train: LabeledImages
@@ -49,6 +51,7 @@ class SiteData:
     num_classes: int
     identity: str
     noise_seed: int | None = None
+    gradient_canaries: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,10 @@ class SimulatedHolding:
     val_fraction, split_seed: the site's train/validation split.
     noise_seed: the simulation's seed, from which the site's seeded noise starts (when the
         run asks for seeded noise: common.config.SiteRunConfig.noise_source).
-    canaries: the audit's canaries this site trains on (the canary site only), added to
-        its training split after the split, so they never score its validation.
+    canaries: the audit's input canaries this site trains on (the canary site only), added
+        to its training split after the split, so they never score its validation.
+    gradient_canaries: the coordinates of the audit's gradient canaries it trains on (the
+        canary site only).
     """
 
     examples: LabeledImages
@@ -70,11 +75,13 @@ class SimulatedHolding:
     split_seed: int
     noise_seed: int
     canaries: LabeledImages | None = None
+    gradient_canaries: np.ndarray | None = None
 
     def site_data(self) -> SiteData:
         site = dataclasses.replace(
             split_train_val(self.examples, self.num_classes, self.val_fraction, self.split_seed),
             noise_seed=self.noise_seed,
+            gradient_canaries=self.gradient_canaries,
         )
         if self.canaries is None:
             return site
@@ -92,6 +99,8 @@ class SimulatedHolding:
         }
         if self.canaries is not None:
             arrays.update(canary_images=self.canaries.images, canary_labels=self.canaries.labels)
+        if self.gradient_canaries is not None:
+            arrays.update(gradient_canaries=self.gradient_canaries)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)  # type: ignore[arg-type]
         return buffer.getvalue()
@@ -111,6 +120,7 @@ class SimulatedHolding:
                 split_seed=int(saved["split_seed"]),
                 noise_seed=int(saved["noise_seed"]),
                 canaries=canaries,
+                gradient_canaries=saved["gradient_canaries"] if "gradient_canaries" in saved.files else None,
             )
 
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from opacus import PrivacyEngine
@@ -18,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.dp_randomness import Batch, PoissonBatches, ShuffledBatches, draw_noise_from
+from client.gradient_canaries import GradientCanaries
 from common.config import SECURE_NOISE, SiteRunConfig, TrainingConfig
 from common.data.dataset import LabeledImages
 from common.privacy.accounting import PrivacyState, restore_accountant
@@ -72,13 +74,15 @@ def train_locally(
     server_round: int = 1,
     proximal_mu: float = 0.0,
     deadline: float = math.inf,
+    canaries: GradientCanaries | None = None,
 ) -> LocalUpdate:
     """Train `model` in place for run.training.local_epochs epochs.
 
     With `privacy` given, the Opacus accountant starts from its history, so the epsilon
     it reports afterwards covers every earlier round too. Every random draw of the round
-    (the batches, and under DP the noise) comes from `noise`. Raises RoundOverTime when a
-    step ends after `deadline` (time.monotonic()).
+    (the batches, the audit's gradient `canaries` joining them, and under DP the noise)
+    comes from `noise`. Raises RoundOverTime when a step ends after `deadline`
+    (time.monotonic()).
     """
     model.to(device).train()
     global_weights = [p.detach().clone() for p in model.parameters()]
@@ -93,6 +97,11 @@ def train_locally(
         engine, trained, optimizer, criterion, batches = _dp_sgd(
             model, optimizer, criterion, images, labels, run, privacy, noise
         )
+    join = None
+    if canaries is not None:  # each joins a step at the rate an example does: 1 / steps per epoch
+        rate = 1 / steps_per_epoch(len(data), run.training.batch_size)
+        parameters = [p for p in trained.parameters() if p.requires_grad]
+        join = partial(canaries.join, parameters, noise, rate, per_sample=privacy is not None)
     try:
         loss_sum, correct, seen, steps = _run_epochs(
             trained,
@@ -105,6 +114,7 @@ def train_locally(
             proximal_mu,
             learning_rate,
             deadline,
+            join,
         )
     finally:
         if isinstance(trained, AbstractGradSampleModule):
@@ -173,6 +183,7 @@ def _run_epochs(
     proximal_mu: float,
     learning_rate: float,
     deadline: float,
+    join_canaries: Callable[[int], None] | None,
 ) -> tuple[float, int, int, int]:
     loss_sum, correct, seen, steps = 0.0, 0, 0, 0
     # Each trainable parameter beside its global weight: a frozen one in between must not
@@ -190,15 +201,17 @@ def _run_epochs(
                 # Only Poisson sampling yields empty batches, so `optimizer` is Opacus'.
                 # The step still happens: skipping it would reveal that the batch was
                 # empty and shift the accounted step count.
-                noise_only_step(optimizer)
+                empty_batch_gradients(optimizer)
             else:
                 logits = model(images)
                 loss = criterion(logits, labels)
                 loss.backward()
-                optimizer.step()
                 loss_sum += float(loss.item()) * len(labels)
                 correct += int((logits.argmax(dim=1) == labels).sum())
                 seen += len(labels)
+            if join_canaries is not None:
+                join_canaries(len(labels))
+            optimizer.step()
             if proximal_mu > 0:
                 _proximal_pull(anchored, proximal_mu * learning_rate)
             steps += 1
@@ -216,10 +229,15 @@ def noise_only_step(optimizer: DPOptimizer) -> None:
     size, and the accountant's step hook counts the step. Running the empty batch through
     the model instead fails inside Opacus in the ew and functorch modes.
     """
+    empty_batch_gradients(optimizer)
+    optimizer.step()
+
+
+def empty_batch_gradients(optimizer: DPOptimizer) -> None:
+    """An empty batch's gradients, as noise_only_step's step takes them."""
     for parameter in optimizer.params:
         parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))
         parameter.grad = torch.zeros_like(parameter)
-    optimizer.step()
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from common.evaluation import Evaluation, evaluate
 from common.flower_logs import readable_flower_logs
 from common.models.registry import build_model
 from common.secure_aggregation.model_vector import dimension
+from server.audit_transcript import AuditTranscript
 from server.central_dp import CentralPrivacy, coordinator_noise, wrap_with_central_dp
 from server.collect import CollectStage, PlainCollect, require_compatible
 from server.distributed_dp import DistributedPrivacy
@@ -97,7 +98,9 @@ def main(grid: Grid, context: Context) -> None:
                 noise_sources=coordinator_noise(run),
             )
             policy = ClientLevel(run, strategy, central)
-        collect = PlainCollect(run, strategy, exchange, checker, policy.norm_limit)
+        collect = PlainCollect(
+            run, strategy, exchange, checker, policy.norm_limit, AuditTranscript.for_run(run.data, run_dir.path)
+        )
     require_compatible(collect, STRATEGIES[run.aggregation.strategy])
     federation = Federation(grid, run, run_dir, strategy, policy, collect, exchange, checker, evaluate_centrally)
     _finish(run_dir, federation.run_rounds(state), time.monotonic() - started)

@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import Strategy
 from common import protocol
 from common.errors import CohortInputError
 from server.aggregation_weight import rewrite_for_aggregation
+from server.audit_transcript import AuditTranscript
 from server.exchange import Exchange
 from server.records import Rejection, RoundReport, Stage
 from server.reply_checks import ReplyChecker, Update
@@ -113,6 +114,8 @@ class PlainCollect:
     policy's norm bound applied to each update, the rest weighed by the server.
 
     norm_limit: the DP policy's bound for the round's norms (DPPolicy.norm_limit).
+    transcript: where a simulation keeps its canary site's every update for the empirical
+        audit (None: it keeps none).
     """
 
     sum_only: ClassVar[bool] = False
@@ -122,6 +125,7 @@ class PlainCollect:
     exchange: Exchange
     checker: ReplyChecker
     norm_limit: Callable[[list[float]], float]
+    transcript: AuditTranscript | None = None
 
     def too_few(self, sites: int) -> str | None:
         return None  # min-sites alone decides
@@ -139,6 +143,8 @@ class PlainCollect:
                 report.reject(checked)
             else:
                 updates.append(checked)
+                if self.transcript is not None:
+                    self.transcript.keep(server_round, checked.site, arrays, checked.arrays)
         updates.sort(
             key=lambda update: update.site
         )  # replies arrive in any order; the float sums of aggregation must not depend on it

@@ -17,8 +17,9 @@ from sklearn.model_selection import train_test_split
 
 from common.data.dataset import DatasetSplits, LabeledImages
 from common.data.loading import load_dataset
-from server.canaries import Canaries, draw_canaries
-from server.run_config import DataConfig
+from common.models.registry import build_model
+from server.canaries import Canaries, GradientCanaries, draw_canaries, draw_gradient_canaries
+from server.run_config import DataConfig, RunConfig
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,19 @@ class FederatedSplit:
 def federated_split(config: DataConfig) -> FederatedSplit:
     """The dataset's own test split if it has one, else a stratified held-out share."""
     split = split_off_test(load_dataset(config.dataset), config)
-    if not config.audit_canaries:
+    if not config.audit_canaries or config.audit_canary_kind != "input":
         return split
     canaries, test = draw_canaries(split.test, split.num_classes, config.audit_canaries, config.seed)
     return FederatedSplit(pool=split.pool, test=test, num_classes=split.num_classes, canaries=canaries)
+
+
+def gradient_canaries(run: RunConfig) -> GradientCanaries | None:
+    """The run's gradient canaries (None unless it audits with audit-canary-kind = 'dirac')."""
+    if not run.data.audit_canaries or run.data.audit_canary_kind != "dirac":
+        return None
+    split = federated_split(run.data)
+    model = build_model(run.training.model, split.input_shape, split.num_classes)
+    return draw_gradient_canaries(model, run.data.audit_canaries, run.data.seed)
 
 
 def split_off_test(data: DatasetSplits, config: DataConfig) -> FederatedSplit:

@@ -33,6 +33,8 @@ from server.strategies import STRATEGIES
 PARTITIONERS = ("iid", "dirichlet", "shards")
 AGGREGATION_WEIGHTS = ("uniform", "examples")
 CLIPPING_SIDES = ("server", "client")
+CANARY_KINDS = ("dirac", "input")
+AUDIT_OBSERVERS = ("transcript", "final-model")
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,13 @@ class DataConfig:
         (`cohort audit empirical`); 0 runs no audit. Each is a held-out image with a wrong
         label that the simulated site audit_canary_site trains on with probability 1/2.
     audit_canary_site: the partition id of the simulated site that holds the canaries.
+    audit_canary_kind: 'dirac', gradient-space canaries (each a fixed coordinate of the
+        model whose gradient is that coordinate's direction at the clip norm: the
+        strongest white-box canary for DP-SGD), or 'input', the wrong-labelled images.
+    audit_observer: what the audit scores the canaries on: 'transcript', the canary
+        site's released update of every round, which the simulation's coordinator keeps
+        for the audit (what a coordinator sees), or 'final-model', the final global model
+        alone (what anyone given the model sees).
     """
 
     dataset: str = "digits"
@@ -64,10 +73,19 @@ class DataConfig:
     seed: int = number(42, 0, 2**32 - 1)
     audit_canaries: int = number(0, 0, 100_000, note="0 runs no audit")
     audit_canary_site: int = number(0, 0, 100_000)
+    audit_canary_kind: str = "dirac"
+    audit_observer: str = "transcript"
 
     def validate(self) -> None:
         require_choice("partitioner", self.partitioner, PARTITIONERS)
+        require_choice("audit-canary-kind", self.audit_canary_kind, CANARY_KINDS)
+        require_choice("audit-observer", self.audit_observer, AUDIT_OBSERVERS)
         check_ranges(self)
+
+    @property
+    def keeps_transcript(self) -> bool:
+        """Whether the coordinator keeps the canary site's update of every round for the audit."""
+        return self.audit_canaries > 0 and self.audit_observer == "transcript"
 
 
 @dataclass(frozen=True)
@@ -278,6 +296,11 @@ class RunConfig(SiteRunConfig):
         if self.checks.aggregation_weight != "uniform":
             raise CohortInputError(
                 'secure aggregation sums updates in equal shares; set aggregation-weight = "uniform"'
+            )
+        if self.data.keeps_transcript:
+            raise CohortInputError(
+                "the audit's transcript observer scores the canary site's own updates, which secure aggregation "
+                'hides; set audit-observer = "final-model"'
             )
         if self.checks.update_norm_bound > 0:
             raise CohortInputError(

@@ -19,6 +19,7 @@ from client.site_data import SimulatedHolding, SiteData, simulated_site_file
 from client.site_data import simulated_site_data as read_site_data
 from common.errors import CohortInputError
 from common.private_files import open_private, private_dir
+from server.canaries import GradientCanaries
 from server.held_out import federated_split
 from server.run_config import DataConfig
 from simulations.partition import partition_indices
@@ -30,30 +31,40 @@ def simulated_partitions(config: DataConfig, num_partitions: int) -> tuple[np.nd
     return tuple(partition_indices(federated_split(config).pool.labels, num_partitions, config))
 
 
-def site_holding(config: DataConfig, partition_id: int, num_partitions: int) -> SimulatedHolding:
+def site_holding(
+    config: DataConfig, partition_id: int, num_partitions: int, gradient: GradientCanaries | None = None
+) -> SimulatedHolding:
     """What simulated site `partition_id` holds: its share, split by the run's seed and
     validation share, the run's seed for its seeded noise, and the canaries it trains on
-    when it is the audit's canary site."""
+    (input canaries, or the coordinates of `gradient` canaries) when it is the audit's
+    canary site."""
     if not 0 <= partition_id < num_partitions:
         raise CohortInputError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     split = federated_split(config)
     share = split.pool.subset(simulated_partitions(config, num_partitions)[partition_id])
-    canaries = (
-        split.canaries.trained_on if split.canaries is not None and partition_id == config.audit_canary_site else None
-    )
+    canary_site = partition_id == config.audit_canary_site
+    canaries = split.canaries.trained_on if split.canaries is not None and canary_site else None
     return SimulatedHolding(
-        share, split.num_classes, config.val_fraction, config.seed + partition_id, config.seed, canaries
+        share,
+        split.num_classes,
+        config.val_fraction,
+        config.seed + partition_id,
+        config.seed,
+        canaries,
+        gradient.trained_on if gradient is not None and canary_site else None,
     )
 
 
-def write_site_files(config: DataConfig, num_partitions: int, run_dir: Path) -> None:
+def write_site_files(
+    config: DataConfig, num_partitions: int, run_dir: Path, gradient: GradientCanaries | None = None
+) -> None:
     """Each simulated site's data in its own file. Plain writes: the files are derived
     from the run's config, written before any site starts, and written again when a run
     is resumed, so a crash mid-write costs nothing."""
     private_dir(simulated_site_file(run_dir, 0).parent)
     for partition_id in range(num_partitions):
         with open_private(simulated_site_file(run_dir, partition_id), "wb") as stream:
-            stream.write(site_holding(config, partition_id, num_partitions).to_bytes())
+            stream.write(site_holding(config, partition_id, num_partitions, gradient).to_bytes())
 
 
 def simulated_site_data(config: DataConfig, partition_id: int, num_partitions: int, run_dir: str = "") -> SiteData:

@@ -19,6 +19,7 @@ from flwr.common.serde import recorddict_to_proto
 from client.app import app as client_app
 from common.secure_aggregation.messages import RECORD
 from server.app import main as server_main
+from server.held_out import gradient_canaries
 from server.run_config import RunConfig
 from server.run_outcome import RunStopped
 from simulations.federation import write_site_files
@@ -110,7 +111,8 @@ def run_in_process(
     under it. The caller's Flower task identity must be set (a ClientApp's messages need
     one)."""
     config = {"run-dir": str(run_dir), "federation-home": str(run_dir / "federation"), **settings}
-    write_site_files(RunConfig.from_flower(config).data, sites, run_dir)
+    run = RunConfig.from_flower(config)
+    write_site_files(run.data, sites, run_dir, gradient_canaries(run))
     grid = InProcessGrid(node_ids(sites), config, run_id, drop or {})
     try:
         server_main(grid, Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config))  # type: ignore[arg-type]

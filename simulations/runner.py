@@ -42,7 +42,7 @@ from deploy.flower_runtime import (
 )
 from deploy.run_follower import RoundCallback, follow_run
 from server.checkpoint import latest_checkpoint
-from server.held_out import federated_split
+from server.held_out import federated_split, gradient_canaries
 from server.records import Summary
 from server.rundir import RunDirectory, write_json_atomic
 from server.secure_aggregation_plan import run_parameters
@@ -120,7 +120,7 @@ def run_simulation(
             latest_checkpoint(run_dir.checkpoint_dir, plan.run.fingerprint())
             run_dir.reopen()
         write_json_atomic(run_dir.path / PLAN_FILE, plan.to_json())
-        write_site_files(plan.run.data, plan.num_sites, run_dir.path)
+        write_site_files(plan.run.data, plan.num_sites, run_dir.path, gradient_canaries(plan.run))
         on_start(run_dir)
         _run_on_local_superlink(plan, run_dir, log_file, lock, on_round, clientapp)
     summary = run_dir.read_summary()

@@ -44,6 +44,7 @@ from common.privacy.ledger import (
 )
 from deploy import commands
 from deploy.certificates import CertificateLayout, create_site_key, init_certificates
+from deploy.directory_lock import STATE_LOCK_FILE
 from deploy.fleet_limits import OBJECT_ROUTE, FleetLimits
 from deploy.flower_runtime import offline_flower_env
 from deploy.front_door import REFUSAL, fleet_routes
@@ -69,6 +70,9 @@ STARTUP_TIMEOUT_S = 120.0
 # killed site's round ends sooner, when the SuperLink answers for it as unavailable
 # (two missed heartbeats, at most 60 s).
 KILLED_SITE = "hospital-c"
+# The site whose state directory is restored from a backup taken before its first study.
+RESTORED_SITE = "hospital-a"
+_LOCK = shutil.ignore_patterns(STATE_LOCK_FILE)
 REPLY_TIMEOUT_S = 120
 SECURE_RUN_TIMEOUT_S = 900
 # The front door limits each client address; the sites all use 127.0.0.1, so the front
@@ -126,6 +130,9 @@ class Deployment:
     def home(self, role: str) -> Path:
         return self.root / "homes" / role
 
+    def state(self, site: str) -> Path:
+        return self.root / "state" / site
+
     def spawn(self, role: str, command: list[str]) -> subprocess.Popen[bytes]:
         """Output goes to a file: a pipe held open by Flower's children would hang the test.
         A `cohort` command gets no FLWR_TELEMETRY_ENABLED (Flower's default is on): turning
@@ -176,7 +183,7 @@ class Deployment:
             auth_key=key,
             name=site,
             data=self.root / "data" / f"{site}.npz",
-            state_dir=self.root / "state" / site,
+            state_dir=self.state(site),
             epsilon=SITES.get(site, 8.0),
             delta=1e-5,
             port=free_port(),
@@ -260,6 +267,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         for site in SITES:
             deployment.spawn(site, deployment.supernode(site, deployment.site_keys(site).site_key(site)))
         _wait_for_online(deployment, len(SITES))
+        # The backup a restore brings back later: the state `cohort supernode` initialised.
+        shutil.copytree(deployment.state(RESTORED_SITE), deployment.root / "backup", ignore=_LOCK)
         # A site's own flwr, pointed at the address it reaches: the front door.
         site_connect = deployment.run(
             "hospital-a", commands.connect_command(SITE_CONNECTION, deployment.address, deployment.certs.ca_cert)
@@ -325,7 +334,7 @@ def test_dp_run_over_three_authenticated_sites_completes(deployment: Deployment,
 
 def test_every_site_ledger_records_each_round_within_its_own_budget(deployment: Deployment, finished_run: dict) -> None:
     for site, budget in SITES.items():
-        state = deployment.root / "state" / site
+        state = deployment.state(site)
         entries = read_entries(state / "privacy_ledger.jsonl")
         assert verify_chain(entries, load_public_key(state / "ledger_key.pub.pem")) is None
         assert [(e.record.kind, e.record.round) for e in entries] == [("release", r) for r in range(1, ROUNDS + 1)]
@@ -333,7 +342,7 @@ def test_every_site_ledger_records_each_round_within_its_own_budget(deployment: 
 
 
 def _run_records(deployment: Deployment, site: str, run_id: int) -> list[LedgerRecord]:
-    return [e.record for e in read_entries(deployment.root / "state" / site / LEDGER_FILE) if e.record.run_id == run_id]
+    return [e.record for e in read_entries(deployment.state(site) / LEDGER_FILE) if e.record.run_id == run_id]
 
 
 def test_a_study_asking_epsilon_1_is_granted_by_every_site_and_spends_at_most_that(
@@ -367,7 +376,7 @@ def test_a_securely_aggregated_run_completes_and_every_ledger_verifies(
         )
     copied = read_entries(run_dir.ledger_file)
     for site in SITES:
-        state = deployment.root / "state" / site
+        state = deployment.state(site)
         key = load_public_key(state / "ledger_key.pub.pem")
         assert verify_chain(read_entries(state / "privacy_ledger.jsonl"), key) is None
         own = [e for e in copied if e.record.site == site]
@@ -568,7 +577,7 @@ def run_with_a_site_killed_mid_round(deployment: Deployment, finished_run: dict)
     then `cohort supernode` is started again with the same key, state and data once the
     SuperLink holds it offline."""
     (site_process,) = [p for p in deployment.processes if KILLED_SITE in p.args and "supernode" in p.args]
-    ledger = deployment.root / "state" / KILLED_SITE / LEDGER_FILE
+    ledger = deployment.state(KILLED_SITE) / LEDGER_FILE
     entries_before = len(read_entries(ledger))
     idle = _clientapps_of(site_process)
     run_dir = deployment.root / "run-killed-site"
@@ -647,7 +656,7 @@ def test_the_killed_sites_ledger_holds_each_release_once_and_the_runs_copy_only_
     run_with_a_site_killed_mid_round: KilledSiteRun, deployment: Deployment
 ) -> None:
     killed = run_with_a_site_killed_mid_round
-    state = deployment.root / "state" / KILLED_SITE
+    state = deployment.state(KILLED_SITE)
     entries = read_entries(state / LEDGER_FILE)
     assert verify_chain(entries, load_public_key(state / "ledger_key.pub.pem")) is None
     at_site = [e for e in entries if e.record.run_id == killed.run_id]
@@ -678,9 +687,28 @@ def test_a_site_that_declines_to_evaluate_is_not_asked_again_in_that_run(
 
 
 @pytest.fixture(scope="module")
-def study_every_site_refused(deployment: Deployment) -> subprocess.CompletedProcess[str]:
+def restored_site(deployment: Deployment, run_with_a_site_killed_mid_round: KilledSiteRun) -> list[LedgerEntry]:
+    """hospital-a's state directory restored from the backup taken before its first study,
+    as its operator would after a disk failure; its ledger as it stood before the restore."""
+    state = deployment.state(RESTORED_SITE)
+    before = read_entries(state / LEDGER_FILE)
+    for path in state.iterdir():  # the SuperNode keeps running, holding its lock
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.name != STATE_LOCK_FILE:
+            path.unlink()
+    shutil.copytree(deployment.root / "backup", state, dirs_exist_ok=True, ignore=_LOCK)
+    assert not (state / LEDGER_FILE).exists() or len(read_entries(state / LEDGER_FILE)) < len(before)
+    return before
+
+
+@pytest.fixture(scope="module")
+def study_every_site_refused(
+    deployment: Deployment, restored_site: list[LedgerEntry]
+) -> subprocess.CompletedProcess[str]:
     """`cohort run` of a study without DP: every site's policy forbids training without it
-    (allow-non-private is off unless a site sets it), so every site refuses round 1."""
+    (allow-non-private is off unless a site sets it), so every site refuses round 1;
+    hospital-a, restored from an older backup, refuses first for that."""
     settings = [
         f"rounds={ROUNDS}", f"dataset={deployment.root / 'data' / 'coordinator.npz'}",
         f"run-dir={deployment.root / 'run-refused'}", "min-sites=3", "dp=false", "batch-size=32",
@@ -719,7 +747,7 @@ def test_a_study_asking_what_each_site_grants_is_granted_what_is_left_up_to_the_
     killed = run_with_a_site_killed_mid_round
     for site, budget in SITES.items():
         releases = [r for r in _run_records(deployment, site, killed.run_id) if r.kind == "release"]
-        before = [e.record for e in read_entries(deployment.root / "state" / site / LEDGER_FILE)]
+        before = [e.record for e in read_entries(deployment.state(site) / LEDGER_FILE)]
         spent = max(
             r.epsilon
             for r in before
@@ -729,9 +757,40 @@ def test_a_study_asking_what_each_site_grants_is_granted_what_is_left_up_to_the_
         assert spent < releases[-1].epsilon <= spent + releases[-1].study_epsilon + 1e-9
 
 
+def test_a_site_restored_from_an_older_backup_refuses_naming_the_import(
+    deployment: Deployment, study_every_site_refused: subprocess.CompletedProcess[str]
+) -> None:
+    """The coordinator sends, with every instruction, the newest entry it accepted from the
+    site; the restored ledger lacks it, so the site trains on nothing it forgot."""
+    log = (deployment.root / "run-refused" / "flower.log").read_text()
+    (refusal,) = [line for line in log.splitlines() if f"site {RESTORED_SITE} refuses to train" in line]
+    assert "restored from an older backup or cut short" in refusal and "(cohort site import)" in refusal, refusal
+
+
+@pytest.fixture(scope="module")
+def imported_site(
+    deployment: Deployment, restored_site: list[LedgerEntry], study_every_site_refused: subprocess.CompletedProcess[str]
+) -> subprocess.CompletedProcess[str]:
+    """`cohort site import` of hospital-a's entries from the coordinator's run directories."""
+    runs = sorted(str(path.parent) for path in deployment.root.glob(f"run*/{LEDGER_FILE}"))
+    return deployment.run(
+        RESTORED_SITE, ["cohort", "site", "import", "--state-dir", str(deployment.state(RESTORED_SITE)), *runs]
+    )
+
+
+def test_importing_from_the_coordinators_run_copies_gives_the_restored_site_back_its_whole_ledger(
+    deployment: Deployment, restored_site: list[LedgerEntry], imported_site: subprocess.CompletedProcess[str]
+) -> None:
+    assert imported_site.returncode == 0, imported_site.stdout + imported_site.stderr
+    after = read_entries(deployment.state(RESTORED_SITE) / LEDGER_FILE)
+    assert [e.entry_hash() for e in after] == [e.entry_hash() for e in restored_site]
+
+
 @pytest.fixture(scope="module")
 def study_no_site_grants(
-    deployment: Deployment, run_with_a_site_killed_mid_round: KilledSiteRun
+    deployment: Deployment,
+    run_with_a_site_killed_mid_round: KilledSiteRun,
+    imported_site: subprocess.CompletedProcess[str],
 ) -> subprocess.CompletedProcess[str]:
     """`cohort run` of a study that asks epsilon 5, more than any site's per-study cap
     (a quarter of 8, 6 and 4), once every site is online again."""
@@ -783,7 +842,7 @@ def test_each_sites_audit_lists_the_three_studies_with_their_dates_and_epsilons(
     for site in SITES:
         out = deployment.root / f"audit-{site}"
         result = subprocess.run(
-            [str(BIN / "cohort"), "audit", str(deployment.root / "state" / site), "--out", str(out)],
+            [str(BIN / "cohort"), "audit", str(deployment.state(site)), "--out", str(out)],
             capture_output=True,
             text=True,
             timeout=120,
@@ -1028,7 +1087,7 @@ def test_a_registered_site_claiming_another_sites_name_is_rejected_under_its_own
 def test_every_entry_the_run_recorded_as_hospital_b_is_signed_by_hospital_bs_own_key(
     deployment: Deployment, run_with_an_impostor: ImpostorRun
 ) -> None:
-    key = load_public_key(deployment.root / "state" / "hospital-b" / "ledger_key.pub.pem")
+    key = load_public_key(deployment.state("hospital-b") / "ledger_key.pub.pem")
     copied = [
         LedgerEntry.from_json(line) for line in (run_with_an_impostor.run_dir / LEDGER_FILE).read_text().splitlines()
     ]

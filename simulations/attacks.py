@@ -32,6 +32,7 @@ from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from client.app import app as honest
+from client.ledger_guard import open_site_ledger
 from client.policy import SiteConfig
 from client.site_data import simulated_site_data
 from common import protocol
@@ -41,7 +42,6 @@ from common.privacy.ledger import (
     LEDGER_FILE,
     PRIVATE_KEY_FILE,
     LedgerEntry,
-    SiteLedger,
     model_hash,
     sign_entry,
     sign_head,
@@ -148,8 +148,9 @@ def _poisoned_context(context: Context, attack: str) -> Context:
     path = site.state_dir / f"poisoned-{attack}.npz"
     if not path.exists():
         write_poisoned_copy(path, run, site, attack)
-    # Read as a deployed site, the honest app never makes a key: this one is its operator.
-    SiteLedger(site.state_dir)
+    # Read as a deployed site, the honest app never makes a key: this one is its operator,
+    # who makes it and pins it in the site's policy (as `cohort site init` does).
+    open_site_ledger(site)
     node_config: dict[str, bool | float | int | str] = {
         "data-path": str(path),
         "site-name": site.name,

@@ -28,6 +28,28 @@ os.environ.pop("COLUMNS", None)
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+# The files whose shared federations take longest, longest first (`--durations`): with
+# `--dist loadfile` each worker takes whole files in collection order, so these start at
+# once and the short files fill the workers' ends instead of one long file running alone.
+LONGEST_FILES = (
+    "test_deployment.py",
+    "test_simulation.py",
+    "test_faults.py",
+    "test_fairness.py",
+    "test_site_code.py",
+    "test_secure_aggregation_app.py",
+    "test_empirical_audit.py",
+    "test_client_level_dp.py",
+    "test_deploy_launch.py",
+    "test_models.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 _FEDERATION_PROCESS_MARKERS = (
     "flower-superlink",
     "flower-superexec",

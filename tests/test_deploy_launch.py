@@ -265,6 +265,7 @@ def test_the_node_config_flower_parses_is_the_sites_own_policy(tmp_path: Path) -
         "state-dir": "/var/lib/cohort",
         "epsilon": 3.0,
         "delta": 1e-6,
+        "coordinator": "superlink.example:8000",
     }
 
 

@@ -178,7 +178,9 @@ def test_a_site_that_refuses_the_study_at_the_ask_is_in_none_of_the_rounds_secur
     assert sorted(run.updates) == NODES[1:]
     (record,) = run.records()
     assert {name for name, site in record.sites.items() if site.trained} == {f"site-{i}" for i in range(1, SITES)}
-    assert "site site-0 refuses the study: it asks epsilon 2" in record.refusal_reasons["site-0"]
+    # The coordinator never takes a name from a refusal's text: an unregistered node that
+    # refuses before it ever answered is known by its node id.
+    assert "site site-0 refuses the study: it asks epsilon 2" in record.refusal_reasons[f"node {refusing}"]
     (refusal,) = [e.record for e in read_entries(home / "site-0" / "privacy_ledger.jsonl")]
     assert (refusal.kind, refusal.round, refusal.dataset_hash) == (RecordKind.REFUSAL, 0, "")
     assert (

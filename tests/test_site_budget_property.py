@@ -180,7 +180,9 @@ def _round(
     data = local_site_data(str(site.data_path), site.split_seed, site.val_fraction)
     steps = round_steps(len(data.train), run)
     try:
-        plan = plan_round(run, site, entries, data.identity, run_id, server_round, len(data.train))
+        plan = plan_round(
+            run, site, entries, data.identity, run_id, server_round, len(data.train), granted=site.epsilon
+        )
     except CohortInputError:
         plan = None
     if plan is None or refusal_reason(plan, steps, site) is not None:

@@ -241,7 +241,7 @@ def test_a_site_answers_the_coordinators_ask_from_its_ledger_before_reading_any_
 ) -> None:
     from client.app import app
 
-    SiteLedger(tmp_path / "state")
+    init_site_state(tmp_path / "state")
     node_config = _asked_site(tmp_path, epsilon=4.0)
     ask = _study_ask()
     granted = app(

@@ -44,12 +44,13 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# Three workers on two cores, each taking whole test files (a file's shared federation
-# starts once): much of a federation test is waiting on timeouts, heartbeats and process
-# starts (two workers left half the CPU idle), which the other workers fill; the longest
-# files go first (tests/conftest.py). `pytest tests/test_x.py` alone still runs serially.
+# Two workers, each taking whole test files (a file's shared federation starts once): much
+# of a federation test is waiting on timeouts and process starts, which the other worker
+# fills; the longest files go first (tests/conftest.py). A third worker measured 44 s
+# faster but slowed each federation's exchanges towards their timeouts. `pytest
+# tests/test_x.py` alone still runs serially.
 test: setup lint browser nginx systemd
-	$(BIN)/python -m pytest -n 3 --dist loadfile --durations=25
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=25
 
 benchmark: setup
 	$(BIN)/python -m benchmarks.run

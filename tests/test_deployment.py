@@ -742,8 +742,11 @@ def test_flower_records_a_study_every_site_refused_as_failed_with_the_reason(
 
 
 def test_a_study_asking_what_each_site_grants_is_granted_what_is_left_up_to_the_sites_cap(
-    deployment: Deployment, run_with_a_site_killed_mid_round: KilledSiteRun
+    deployment: Deployment,
+    run_with_a_site_killed_mid_round: KilledSiteRun,
+    imported_site: subprocess.CompletedProcess[str],
 ) -> None:
+    """Read once hospital-a, restored from a backup, has imported its lost records back."""
     killed = run_with_a_site_killed_mid_round
     for site, budget in SITES.items():
         releases = [r for r in _run_records(deployment, site, killed.run_id) if r.kind == "release"]

@@ -34,7 +34,7 @@ from common.private_files import open_private
 from deploy.commands import SUPERLINK_LOCAL_ADDRESS
 from deploy.directory_lock import run_directory_lock
 from deploy.flower_runtime import (
-    APP_DIR,
+    app_folder,
     die_with_parent,
     flower_executable,
     install_flower_launchers,
@@ -133,7 +133,7 @@ class Submission:
             command = [
                 flower_executable("flwr", launchers),
                 "run",
-                str(APP_DIR),
+                str(app_folder(Path(private) / "app")),
                 self.connection,
                 "--run-config",
                 str(overrides),

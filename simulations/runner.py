@@ -16,11 +16,9 @@ ClientApp the same way (benchmarks/flower_floor.py); the source tree is never ch
 from __future__ import annotations
 
 import contextlib
-import shutil
 import signal
 import subprocess
 import tempfile
-import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,7 +32,8 @@ from common.private_files import open_private
 from common.secure_aggregation.model_vector import dimension
 from deploy.directory_lock import run_directory_lock
 from deploy.flower_runtime import (
-    APP_DIR,
+    HONEST_CLIENTAPP,
+    app_folder,
     die_with_parent,
     flower_executable,
     install_flower_launchers,
@@ -51,8 +50,6 @@ from simulations.federation import simulated_partitions, write_site_files
 from simulations.local_superlink import LocalSuperLink
 from simulations.plan import PLAN_FILE, SimulationPlan
 
-APP_PACKAGES = ("common", "server", "client", "simulations")
-HONEST_CLIENTAPP = "client.app:app"
 HOSTILE_CLIENTAPP = "simulations.attacks:app"
 CONNECTION = "cohort-local"
 # Signals that end `cohort simulate` from outside (timeout, systemd, docker stop, a closed
@@ -142,7 +139,7 @@ def _run_on_local_superlink(
     with tempfile.TemporaryDirectory(prefix="cohort-flwr-home-") as home:
         flwr_home = Path(home)
         component = clientapp or (HOSTILE_CLIENTAPP if plan.attack is not None else HONEST_CLIENTAPP)
-        app_dir = APP_DIR if component == HONEST_CLIENTAPP else _app_copy(flwr_home / "app", component)
+        app_dir = app_folder(flwr_home / "app", component)
         launchers = install_flower_launchers(flwr_home / "bin")
         with LocalSuperLink(flwr_home, run_dir.path / "superlink.log", launchers, keep_open=(lock,)) as superlink:
             _write_connection(flwr_home, superlink.address)
@@ -190,28 +187,6 @@ def _stopped_by_signals() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def _app_copy(target: Path, component: str) -> Path:
-    """The app's packages (and the component's own) and pyproject, naming `component` as
-    the ClientApp (the hostile one reads its attacks from the plan in the run directory)."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "results")
-    for package in dict.fromkeys((*APP_PACKAGES, component.split(".", 1)[0])):
-        shutil.copytree(APP_DIR / package, target / package, ignore=ignore)
-    pyproject = (APP_DIR / "pyproject.toml").read_text(encoding="utf-8")
-    honest_line = f'clientapp = "{HONEST_CLIENTAPP}"'
-    if honest_line not in pyproject:
-        raise RuntimeError(f"pyproject.toml no longer names the ClientApp as {honest_line}")
-    (target / "pyproject.toml").write_text(
-        pyproject.replace(honest_line, f'clientapp = "{component}"'), encoding="utf-8"
-    )
-    assert (
-        tomllib.loads((target / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["components"][
-            "clientapp"
-        ]
-        == component
-    )
-    return target
 
 
 def _write_connection(flwr_home: Path, address: str) -> None:

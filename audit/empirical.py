@@ -116,7 +116,8 @@ def audit_run(run_dir: Path, guesses: int | None = None) -> EmpiricalAudit:
     m = run.data.audit_canaries
     if m == 0:
         raise CohortInputError(
-            f"{run_dir} was run without canaries; run it again with --set audit-canaries=200 (mnist-5k: up to 500)"
+            f"{run_dir} was run without canaries; run it again with --set audit-canaries=200 (mnist-5k: up to 500), "
+            'or at dp-level = "client" with --set audit-canary-clients=100'
         )
     site = canary_site(run.data)
     spent = audit(run_dir, site)["sites"].get(site)
@@ -164,7 +165,7 @@ def _scores(run: RunConfig, directory: RunDirectory) -> tuple[np.ndarray, np.nda
     gradient = gradient_canaries(run)
     if gradient is not None:
         names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
-        observed = transcript or [(_initial_model(run, split.input_shape, split.num_classes), model.state_dict())]
+        observed = transcript or [(initial_model(run, split.input_shape, split.num_classes), model.state_dict())]
         return dirac_scores(observed, names, gradient.coordinates), gradient.included
     assert split.canaries is not None
     if transcript:
@@ -172,7 +173,7 @@ def _scores(run: RunConfig, directory: RunDirectory) -> tuple[np.ndarray, np.nda
     return input_final_scores(model, split.canaries.examples), split.canaries.included
 
 
-def _initial_model(run: RunConfig, input_shape: tuple[int, int, int], num_classes: int) -> dict[str, torch.Tensor]:
+def initial_model(run: RunConfig, input_shape: tuple[int, int, int], num_classes: int) -> dict[str, torch.Tensor]:
     """The global model round 1 started from, made as the ServerApp makes it."""
     torch.manual_seed(run.data.seed)
     return build_model(run.training.model, input_shape, num_classes).state_dict()

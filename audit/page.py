@@ -36,6 +36,7 @@ Every epsilon is recomputed from the sites' ledgers; RDP is the enforced figure.
 <th>mechanism and sampling assumption</th></tr>
 {rows}</table>
 {_empirical_section(report["empirical"])}
+{_estimate_section(report["client_level_estimate"])}
 {_fairness_section(report["fairness"], fairness_plot)}
 <h2>Warnings</h2><ul class="warn">{warnings}</ul>
 <h2>Epsilon by release</h2>
@@ -107,6 +108,37 @@ The bound comes from {html.escape(empirical["source"])}; score: {html.escape(emp
 <td>{empirical["epsilon_lower_bound"]:.3f}</td><td>{claimed}</td></tr></table>
 <p{style}>{html.escape(empirical["verdict"])}</p>
 <ul>{"".join(f"<li>{html.escape(line)}</li>" for line in empirical["scope"])}</ul>
+"""
+
+
+def _estimate_section(estimate: dict[str, Any] | None) -> str:
+    if estimate is None:
+        return ""
+    claimed = (
+        "none (trained without DP)"
+        if estimate["accountant_epsilon"] is None
+        else f"{estimate['accountant_epsilon']:.3f}"
+    )
+    style = ' class="warn"' if estimate["above_accountant"] else ""
+    return f"""<h2>Client-level privacy estimate</h2>
+<p>One-shot estimate (Andrew et al., ICLR 2024): {estimate["inserted"]} of {estimate["canary_clients"]} canary
+clients inserted, each a random direction in the model's {estimate["dimension"]} parameters, over
+{estimate["rounds"]} released round(s). The final-model figure fits a Gaussian to the canaries' cosines with the
+final model's change, against N(0, 1/d); the all-iterates figure fits their largest cosine with one round's change,
+against that of {estimate["held_out"]} directions never inserted.</p>
+<table><tr><th>observer</th><th>canaries' cosines</th><th>null</th><th>delta</th><th>estimated epsilon</th>
+<th>server ledger's epsilon</th></tr>
+<tr><td>final model</td><td>N({estimate["final_mean"]:.5f}, {estimate["final_std"]:.5f}&sup2;)</td>
+<td>N(0, {estimate["dimension"] ** -0.5:.5f}&sup2;)</td><td>{estimate["delta"]:g}</td>
+<td>{estimate["epsilon_final"]:.3f}</td><td>{claimed}</td></tr>
+<tr><td>all iterates</td><td>N({estimate["iterates_mean"]:.5f}, {estimate["iterates_std"]:.5f}&sup2;)</td>
+<td>N({estimate["null_mean"]:.5f}, {estimate["null_std"]:.5f}&sup2;)</td><td>{estimate["delta"]:g}</td>
+<td>{estimate["epsilon_all_iterates"]:.3f}</td><td>{claimed}</td></tr>
+<tr><td>low end (compared with the ledger)</td><td>mean at its one-sided 95% low end, spread the null's</td>
+<td>N(0, {estimate["dimension"] ** -0.5:.5f}&sup2;)</td><td>{estimate["delta"]:g}</td>
+<td>{estimate["epsilon_low_end"]:.3f}</td><td>{claimed}</td></tr></table>
+<p{style}>{html.escape(estimate["verdict"])}</p>
+<ul>{"".join(f"<li>{html.escape(line)}</li>" for line in estimate["scope"])}</ul>
 """
 
 

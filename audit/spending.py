@@ -25,6 +25,8 @@ The report (audit.json) has this schema, version "cohort-audit/1":
     A site's state directory whose ledger holds no record yet gives no sites: nothing spent.
     empirical: null, or the run's one-run audit (audit/empirical.py, EmpiricalAudit's
         fields) with its verdict, once `cohort audit empirical` has measured it
+    client_level_estimate: null, or the run's one-shot estimate of client-level epsilon
+        (audit/one_shot.py, OneShotEstimate's fields) with its verdict, likewise
     fairness: null, or the run's fairness report (simulations/fairness.py)
 """
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
@@ -18,6 +18,9 @@ from common.privacy.ledger import load_public_key
 from common.private_files import private_dir
 from server.rundir import RunDirectory, write_bytes_atomic, write_json_atomic
 from server.site_book import key_changes
+
+if TYPE_CHECKING:
+    from audit.one_shot import OneShotEstimate
 
 console = Console()
 
@@ -41,7 +44,8 @@ audit_app = typer.Typer(
         "state directory or a privacy_ledger.jsonl).\n\n"
         "cohort audit verify STATE_DIR --public-key KEY: check the pinned key, every link and signature, the "
         "signed head and, with --run-dir, the coordinator's copies.\n\n"
-        "cohort audit empirical RUN_DIR: measure an epsilon lower bound with the run's canaries."
+        "cohort audit empirical RUN_DIR: measure an epsilon lower bound with the run's canaries, or estimate "
+        "client-level epsilon with its canary clients."
     ),
 )
 
@@ -61,6 +65,7 @@ def summary(
     """Per site: every study on its data, epsilon spent in this run and in total against its budget,
     refusals, warnings."""
     # Imported here: the accountants load torch, which `cohort`'s other commands do not need.
+    from audit import one_shot
     from audit.empirical import saved_audit, verdict
     from audit.page import render_page
     from audit.spending import audit
@@ -69,8 +74,12 @@ def summary(
     with input_errors():
         report = audit(path)
         empirical = saved_audit(path) if path.is_dir() else None
+        estimate = one_shot.saved_estimate(path) if path.is_dir() else None
         fairness = read_fairness(path) if path.is_dir() else None
     report["empirical"] = None if empirical is None else {**empirical.to_json(), "verdict": verdict(empirical)}
+    report["client_level_estimate"] = (
+        None if estimate is None else {**estimate.to_json(), "verdict": one_shot.verdict(estimate)}
+    )
     report["fairness"] = fairness
     report["warnings"] += [] if fairness is None else fairness["warnings"]
     report["warnings"] += key_changes(path) if path.is_dir() else []
@@ -151,20 +160,41 @@ def verify(
 
 @audit_app.command("empirical")
 def empirical(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run directory of a run with --set audit-canaries=M.")],
+    run_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="A finished run directory of a run with --set audit-canaries=M (or audit-canary-clients=K)."
+        ),
+    ],
     guesses: Annotated[
         int | None,
         typer.Option("--guesses", help="r: how many canaries to guess, half 'in', half 'out' (default m/4)."),
     ] = None,
 ) -> None:
-    """One-run audit (Steinke et al. 2023): an epsilon lower bound beside the accountant's.
+    """One-run audit (Steinke et al. 2023): an epsilon lower bound beside the accountant's;
+    with canary clients, the one-shot estimate of client-level epsilon (Andrew et al. 2024).
 
     Exits 1 if the bound exceeds the accountant's epsilon: the DP implementation is broken.
+    An estimate above it is reported, but proves nothing.
     """
     from audit.empirical import EMPIRICAL_AUDIT_FILE, audit_run, verdict
+    from audit.one_shot import ONE_SHOT_FILE, estimate_run
 
     with input_errors():
-        result = audit_run(run_dir, guesses)
+        data = RunDirectory(run_dir).read_config().data
+        estimate = estimate_run(run_dir) if data.audit_canary_clients else None
+        result = audit_run(run_dir, guesses) if data.audit_canaries or estimate is None else None
+    if estimate is not None:
+        write_json_atomic(run_dir / ONE_SHOT_FILE, estimate.to_json())
+        _print_estimate(estimate)
+        console.print(
+            paragraph(f"wrote {run_dir / ONE_SHOT_FILE} ({estimate.seconds:.1f} s)"),
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+    if result is None:
+        return
     write_json_atomic(run_dir / EMPIRICAL_AUDIT_FILE, result.to_json())
     console.print(f"{result.site}: {result.canaries} canaries, {result.included} trained on", highlight=False)
     console.print(paragraph(f"bound from {result.source}"), highlight=False, markup=False)
@@ -181,6 +211,46 @@ def empirical(
     )
     if result.contradicts_accountant:
         raise typer.Exit(code=1)
+
+
+def _print_estimate(estimate: OneShotEstimate) -> None:
+    """The one-shot estimate, its fits and what it is, each line within 80 columns."""
+    from audit.one_shot import verdict
+
+    lines = [
+        (
+            f"client-level estimate (Andrew et al. 2024): {estimate.inserted} of {estimate.canary_clients} canary "
+            f"clients inserted, {estimate.rounds} released round(s), d = {estimate.dimension}"
+        ),
+        (
+            f"final model: cosines N({estimate.final_mean:.5f}, {estimate.final_std:.5f}^2) against "
+            f"N(0, {estimate.dimension**-0.5:.5f}^2)"
+        ),
+        (
+            f"all iterates: largest cosine a round N({estimate.iterates_mean:.5f}, {estimate.iterates_std:.5f}^2) "
+            f"against {estimate.held_out} held-out directions' N({estimate.null_mean:.5f}, {estimate.null_std:.5f}^2)"
+        ),
+        "low end: the final model's, the mean cosine at its one-sided 95% low end and the spread the null's",
+    ]
+    for line in lines:
+        console.print(paragraph(line), highlight=False, markup=False)
+    console.print(
+        paragraph(verdict(estimate)),
+        style="bold yellow" if estimate.above_accountant else None,
+        highlight=False,
+        markup=False,
+    )
+    if estimate.unclipped:
+        console.print(
+            paragraph(
+                f"warning: {estimate.unclipped} canary update(s) arrived below their round's clip norm: clipping did "
+                "not set their size, and the estimate's premise fails"
+            ),
+            highlight=False,
+            markup=False,
+        )
+    for line in estimate.scope:
+        console.print(paragraph(line), highlight=False, markup=False)
 
 
 def _default_out(path: Path) -> Path:
@@ -292,6 +362,14 @@ def _print_report(report: dict[str, Any]) -> None:
         console.print(f"empirical audit: {report['empirical']['verdict']}", highlight=False)
         console.print(paragraph(f"bound from {report['empirical']['source']}"), highlight=False, markup=False)
         for line in report["empirical"]["scope"]:
+            console.print(paragraph(line), highlight=False, markup=False)
+    if report["client_level_estimate"] is not None:
+        console.print(
+            paragraph(f"client-level estimate: {report['client_level_estimate']['verdict']}"),
+            highlight=False,
+            markup=False,
+        )
+        for line in report["client_level_estimate"]["scope"]:
             console.print(paragraph(line), highlight=False, markup=False)
     for warning in report["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)

@@ -225,6 +225,11 @@ def run(
                 "audit-canaries keeps the canary site's every update for the empirical audit, which only a "
                 "simulation may do (cohort simulate); a deployed run sets audit-canaries = 0"
             )
+        if config.data.audit_canary_clients:
+            raise CohortInputError(
+                "audit-canary-clients adds simulated canary clients for the client-level estimate, which only a "
+                "simulation may do (cohort simulate); a deployed run sets audit-canary-clients = 0"
+            )
         study = submission(connection, config, flwr_home())
         study.check()
 

@@ -19,6 +19,7 @@ from common.flower_logs import readable_flower_logs
 from common.models.registry import build_model
 from common.secure_aggregation.model_vector import dimension
 from server.audit_transcript import AuditTranscript
+from server.canary_clients import canary_client_names
 from server.central_dp import CentralPrivacy, coordinator_noise, wrap_with_central_dp
 from server.collect import CollectStage, PlainCollect, require_compatible
 from server.distributed_dp import DistributedPrivacy
@@ -72,7 +73,7 @@ def main(grid: Grid, context: Context) -> None:
         )
     except CohortInputError as unworkable:
         state.stop_reason = f"stopped before round {state.next_round}: {unworkable}"
-        _finish(run_dir, state, time.monotonic() - started)
+        _finish(run, run_dir, state, time.monotonic() - started)
         return
     strategy = build_strategy(run, num_sites)
     restore_optimizer_state(strategy, state.optimizer)
@@ -103,7 +104,7 @@ def main(grid: Grid, context: Context) -> None:
         )
     require_compatible(collect, STRATEGIES[run.aggregation.strategy])
     federation = Federation(grid, run, run_dir, strategy, policy, collect, exchange, checker, evaluate_centrally)
-    _finish(run_dir, federation.run_rounds(state), time.monotonic() - started)
+    _finish(run, run_dir, federation.run_rounds(state), time.monotonic() - started)
 
 
 def _run_directory(run: RunConfig) -> RunDirectory:
@@ -115,10 +116,13 @@ def _run_directory(run: RunConfig) -> RunDirectory:
     return run_dir
 
 
-def _finish(run_dir: RunDirectory, state: FederationState, wall_seconds: float) -> None:
+def _finish(run: RunConfig, run_dir: RunDirectory, state: FederationState, wall_seconds: float) -> None:
     write_torch_atomic(run_dir.model_file, state.arrays.to_torch_state_dict())
     metrics = run_dir.read_metrics()
     if metrics:
         plot_run(metrics, run_dir.plot_dir)
-    write_json_atomic(run_dir.summary_file, summarize(metrics, wall_seconds, state.stop_reason).to_json())
+    write_json_atomic(
+        run_dir.summary_file,
+        summarize(metrics, wall_seconds, state.stop_reason, canary_client_names(run.data)).to_json(),
+    )
     end_run(state.stop_reason)

@@ -35,6 +35,8 @@ AGGREGATION_WEIGHTS = ("uniform", "examples")
 CLIPPING_SIDES = ("server", "client")
 CANARY_KINDS = ("dirac", "input")
 AUDIT_OBSERVERS = ("transcript", "final-model")
+# The fewest canary clients whose cosines a Gaussian is fitted to.
+MIN_CANARY_CLIENTS = 10
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,12 @@ class DataConfig:
         site's released update of every round, which the simulation's coordinator keeps
         for the audit (what a coordinator sees), or 'final-model', the final global model
         alone (what anyone given the model sees).
+    audit_canary_clients: K, the canary clients of the one-shot estimate of client-level
+        privacy (Andrew et al., ICLR 2024; `cohort audit empirical`), simulated after the
+        real sites: each sends its own random direction at the clip norm whenever it is
+        sampled (server.canary_clients); 0 runs no estimate. Client-level DP (or no DP, for
+        a baseline) only; the estimate fits a Gaussian to their cosines, so at least
+        MIN_CANARY_CLIENTS.
     """
 
     dataset: str = "digits"
@@ -75,12 +83,18 @@ class DataConfig:
     audit_canary_site: int = number(0, 0, 100_000)
     audit_canary_kind: str = "dirac"
     audit_observer: str = "transcript"
+    audit_canary_clients: int = number(0, 0, 100_000, note="0 runs no client-level estimate")
 
     def validate(self) -> None:
         require_choice("partitioner", self.partitioner, PARTITIONERS)
         require_choice("audit-canary-kind", self.audit_canary_kind, CANARY_KINDS)
         require_choice("audit-observer", self.audit_observer, AUDIT_OBSERVERS)
         check_ranges(self)
+        if 0 < self.audit_canary_clients < MIN_CANARY_CLIENTS:
+            raise CohortInputError(
+                f"audit-canary-clients is {self.audit_canary_clients}; the estimate fits a Gaussian to the canary "
+                f"clients' cosines and needs at least {MIN_CANARY_CLIENTS} (100 or more for a stable figure), or 0"
+            )
 
     @property
     def keeps_transcript(self) -> bool:
@@ -282,6 +296,21 @@ class RunConfig(SiteRunConfig):
             )
         if self.dp.secure_aggregation:
             self._refuse_what_needs_each_update()
+        if self.data.audit_canary_clients:
+            self._refuse_canary_clients_without_client_level()
+
+    def _refuse_canary_clients_without_client_level(self) -> None:
+        """Canary clients estimate client-level privacy: each sends its direction in the clear, as a client."""
+        if self.dp.enabled and not self.dp.client_level:
+            raise CohortInputError(
+                "audit-canary-clients estimates client-level privacy, and this run protects examples (dp-level = "
+                '"sample"); set dp-level = "client", or audit-canaries for a sample-level audit'
+            )
+        if self.dp.secure_aggregation:
+            raise CohortInputError(
+                "canary clients send their update in the clear, which secure aggregation does not let a client do; "
+                "set secure-aggregation = false or audit-canary-clients = 0"
+            )
 
     def _refuse_what_needs_each_update(self) -> None:
         """Secure aggregation shows the server only the sum: refuse every setting that

@@ -6,7 +6,8 @@ runs/<name>-<timestamp>/
   metrics.jsonl          one line a round
   privacy_ledger.jsonl   the sites' signed ledger entries of this run
   site-keys.json         each site's ledger keys in the coordinator's site book at the start
-  federation/<site>/     in simulation, each site's own state (ledger, key, policy)
+  federation/<site>/     in simulation, each site's own state (ledger, key, policy); the
+                         audit's canary clients' under audit-canary-clients/
   site-data/site-N.npz   in simulation, each site's data, as the simulation hands it over
                          (client.site_data)
   checkpoints/round-NNNN.pt

@@ -7,14 +7,20 @@ import dataclasses
 from server.records import RoundRecord, SiteRejections, SiteSummary, Summary
 
 
-def summarize(metrics: list[RoundRecord], wall_seconds: float, stop_reason: str = "") -> Summary:
-    """stop_reason: why the run ended before its last round ('' when it did not)."""
+def summarize(
+    metrics: list[RoundRecord], wall_seconds: float, stop_reason: str = "", canary_clients: frozenset[str] = frozenset()
+) -> Summary:
+    """stop_reason: why the run ended before its last round ('' when it did not).
+    canary_clients: the audit's canary clients (server.canary_clients), which are no sites:
+    they are left out of the sites' figures (their rejections, if any, are kept)."""
     if not metrics:
         return Summary(0, None, None, None, None, {}, (), {}, stop_reason, round(wall_seconds, 2))
     last = metrics[-1]
     sites: dict[str, SiteSummary] = {}
     for record in metrics:
         for name, site in record.sites.items():
+            if name in canary_clients:
+                continue
             summary = sites.get(name, SiteSummary())
             summary = dataclasses.replace(summary, rounds_trained=summary.rounds_trained + site.trained)
             if site.epsilon is not None:

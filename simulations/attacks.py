@@ -113,12 +113,15 @@ def _tamper(reply: Message, global_arrays: ArrayRecord, attack: str, scale: floa
         else:
             value = np.full_like(honest_value, np.nan)
         tampered[name] = Array(np.ascontiguousarray(value.astype(honest_value.dtype)))
-    arrays = ArrayRecord(tampered)
+    send_instead(reply, ArrayRecord(tampered), context)
+
+
+def send_instead(reply: Message, arrays: ArrayRecord, context: Context) -> None:
+    """Make `arrays` the site's reply, and sign its ledger entry for them instead."""
     reply.content[protocol.ARRAYS] = arrays
     site_record = reply.content.config_records[protocol.SITE]
     entry = LedgerEntry.from_json(str(site_record[protocol.SITE_LEDGER_ENTRY]))
-    resigned = _resign(_state_dir(context), entry, model_hash(arrays))
-    site_record[protocol.SITE_LEDGER_ENTRY] = resigned.to_json()
+    site_record[protocol.SITE_LEDGER_ENTRY] = _resign(_state_dir(context), entry, model_hash(arrays)).to_json()
 
 
 def _resign(state_dir: Path, entry: LedgerEntry, sent_hash: str) -> LedgerEntry:

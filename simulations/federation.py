@@ -1,5 +1,5 @@
 """Who holds which data in a simulation: each simulated site's share of the pool, its
-split and, at the canary site, the audit's canaries.
+split and, at the canary site, the audit's canaries; and the canary clients' blank images.
 
 Partitioning derives every site's share together, so a site that partitioned to find its
 own would pay for every site of the federation (seconds with a thousand). A simulation
@@ -17,6 +17,7 @@ import numpy as np
 
 from client.site_data import SimulatedHolding, SiteData, simulated_site_file
 from client.site_data import simulated_site_data as read_site_data
+from common.data.dataset import LabeledImages
 from common.errors import CohortInputError
 from common.private_files import open_private, private_dir
 from server.canaries import GradientCanaries
@@ -55,16 +56,28 @@ def site_holding(
     )
 
 
+def canary_client_holding(config: DataConfig) -> SimulatedHolding:
+    """What a canary client (server.canary_clients) holds: two blank images, one to train on
+    and one to validate on, so that it answers a round as any client does. What it trains
+    is thrown away (its update is its direction), and it holds nothing of anyone's."""
+    split = federated_split(config)
+    blank = LabeledImages(np.zeros((2, *split.input_shape), dtype=np.float32), np.arange(2, dtype=np.int64))
+    return SimulatedHolding(blank, split.num_classes, config.val_fraction, config.seed, config.seed)
+
+
 def write_site_files(
     config: DataConfig, num_partitions: int, run_dir: Path, gradient: GradientCanaries | None = None
 ) -> None:
-    """Each simulated site's data in its own file. Plain writes: the files are derived
-    from the run's config, written before any site starts, and written again when a run
-    is resumed, so a crash mid-write costs nothing."""
+    """Each simulated site's data in its own file, then each canary client's (partition
+    ids num_partitions onwards). Plain writes: the files are derived from the run's config,
+    written before any site starts, and written again when a run is resumed, so a crash
+    mid-write costs nothing."""
     private_dir(simulated_site_file(run_dir, 0).parent)
-    for partition_id in range(num_partitions):
+    holdings = [site_holding(config, partition_id, num_partitions, gradient) for partition_id in range(num_partitions)]
+    holdings += [canary_client_holding(config)] * config.audit_canary_clients
+    for partition_id, holding in enumerate(holdings):
         with open_private(simulated_site_file(run_dir, partition_id), "wb") as stream:
-            stream.write(site_holding(config, partition_id, num_partitions, gradient).to_bytes())
+            stream.write(holding.to_bytes())
 
 
 def simulated_site_data(config: DataConfig, partition_id: int, num_partitions: int, run_dir: str = "") -> SiteData:

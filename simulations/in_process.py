@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.common.serde import recorddict_to_proto
 
 from client.app import app as client_app
@@ -22,6 +23,7 @@ from server.app import main as server_main
 from server.held_out import gradient_canaries
 from server.run_config import RunConfig
 from server.run_outcome import RunStopped
+from simulations.canary_clients import app as canary_client_app
 from simulations.federation import write_site_files
 
 # Flower's node ids are large random integers; these are too.
@@ -40,6 +42,8 @@ class InProcessGrid:
         view of the sites.
     stopped: why the run stopped early, '' when it completed (Flower records such a run
         as failed with this reason: server/run_outcome.py).
+    clientapp: what answers every message: the honest ClientApp, or the one that bends it
+        at the audit's canary clients (simulations.canary_clients).
     """
 
     nodes: list[int]
@@ -49,6 +53,7 @@ class InProcessGrid:
     sent: list[Message] = field(default_factory=list)
     received: list[Message] = field(default_factory=list)
     stopped: str = ""
+    clientapp: ClientApp = client_app
     contexts: dict[int, Context] = field(init=False)
     _ids: Iterator[int] = field(default_factory=itertools.count)
 
@@ -75,7 +80,7 @@ class InProcessGrid:
             node = message.metadata.dst_node_id
             if self.drop.get(node) == exchange_of(message):
                 continue
-            reply = client_app(message, self.contexts[node])
+            reply = self.clientapp(message, self.contexts[node])
             self.received.append(reply)
             replies.append(reply)
         return replies
@@ -106,14 +111,17 @@ def exchange_of(message: Message) -> str:
 def run_in_process(
     settings: dict[str, Any], sites: int, run_dir: Path, drop: dict[int, str] | None = None, run_id: int = 7
 ) -> InProcessGrid:
-    """Run the ServerApp over `sites` simulated sites in this process; `settings` are run
-    settings (a run config's keys). The run directory is `run_dir`, the sites' state
-    under it. The caller's Flower task identity must be set (a ClientApp's messages need
-    one)."""
+    """Run the ServerApp over `sites` simulated sites (and the run's canary clients, after
+    them) in this process; `settings` are run settings (a run config's keys). The run
+    directory is `run_dir`, the sites' state under it. The caller's Flower task identity
+    must be set (a ClientApp's messages need one)."""
     config = {"run-dir": str(run_dir), "federation-home": str(run_dir / "federation"), **settings}
     run = RunConfig.from_flower(config)
     write_site_files(run.data, sites, run_dir, gradient_canaries(run))
-    grid = InProcessGrid(node_ids(sites), config, run_id, drop or {})
+    canaries = run.data.audit_canary_clients
+    grid = InProcessGrid(
+        node_ids(sites + canaries), config, run_id, drop or {}, clientapp=canary_client_app if canaries else client_app
+    )
     try:
         server_main(grid, Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config))  # type: ignore[arg-type]
     except RunStopped as stopped:

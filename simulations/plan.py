@@ -25,7 +25,8 @@ PLAN_FILE = "simulation.json"
 @dataclass(frozen=True)
 class SimulationPlan:
     """run: the coordinator's run config.
-    num_sites: simulated sites (Flower SuperNodes), one data partition each.
+    num_sites: simulated sites (Flower SuperNodes), one data partition each; the audit's
+        canary clients (audit-canary-clients) come on top.
     cpus_per_site, gpus_per_site: Ray resources for each site's ClientApp; with 2 cores
         and 1 CPU a site, two sites train at a time.
     attack: hostile sites (simulations/attacks.py), or None for an honest federation.
@@ -39,6 +40,11 @@ class SimulationPlan:
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if self.attack is not None and self.run.data.audit_canary_clients:
+            raise CohortInputError(
+                "attack and audit-canary-clients each bend the sites' ClientApp their own way; run them apart "
+                "(set audit-canary-clients = 0 or drop the attack)"
+            )
         self.run.refuse_federation_size(
             min(
                 self.num_sites,
@@ -47,8 +53,10 @@ class SimulationPlan:
         )
 
     def federation_config(self) -> str:
+        """Flower's simulation: the sites, then the audit's canary clients (server/canary_clients.py)."""
         return (
-            f"num-supernodes={self.num_sites} client-resources-num-cpus={self.cpus_per_site} "
+            f"num-supernodes={self.num_sites + self.run.data.audit_canary_clients} "
+            f"client-resources-num-cpus={self.cpus_per_site} "
             f"client-resources-num-gpus={self.gpus_per_site}"
         )
 

@@ -9,7 +9,8 @@ command is killed outright, its children die with it (the kernel's parent-death 
 and the SuperLink's guardian stops the rest (simulations/guardian.py).
 
 A plan with an attack submits a copy of the app whose ClientApp is simulations.attacks:app
-(the honest ClientApp, bent at the hostile sites), and a benchmark may submit another
+(the honest ClientApp, bent at the hostile sites), one with canary clients
+simulations.canary_clients:app (bent at the canary clients), and a benchmark may submit another
 ClientApp the same way (benchmarks/flower_floor.py); the source tree is never changed.
 """
 
@@ -51,6 +52,7 @@ from simulations.local_superlink import LocalSuperLink
 from simulations.plan import PLAN_FILE, SimulationPlan
 
 HOSTILE_CLIENTAPP = "simulations.attacks:app"
+CANARY_CLIENTAPP = "simulations.canary_clients:app"
 CONNECTION = "cohort-local"
 # Signals that end `cohort simulate` from outside (timeout, systemd, docker stop, a closed
 # terminal); SIGINT (Ctrl-C) already arrives as KeyboardInterrupt.
@@ -138,7 +140,7 @@ def _run_on_local_superlink(
     lock: the run directory's lock, which the SuperLink's guardian keeps until it has stopped."""
     with tempfile.TemporaryDirectory(prefix="cohort-flwr-home-") as home:
         flwr_home = Path(home)
-        component = clientapp or (HOSTILE_CLIENTAPP if plan.attack is not None else HONEST_CLIENTAPP)
+        component = clientapp or _clientapp_of(plan)
         app_dir = app_folder(flwr_home / "app", component)
         launchers = install_flower_launchers(flwr_home / "bin")
         with LocalSuperLink(flwr_home, run_dir.path / "superlink.log", launchers, keep_open=(lock,)) as superlink:
@@ -170,6 +172,13 @@ def _run_on_local_superlink(
                     if process.poll() is None:
                         process.terminate()
                         process.wait()
+
+
+def _clientapp_of(plan: SimulationPlan) -> str:
+    """The honest ClientApp, or the one that bends it at the plan's hostile sites or canary clients."""
+    if plan.attack is not None:
+        return HOSTILE_CLIENTAPP
+    return CANARY_CLIENTAPP if plan.run.data.audit_canary_clients else HONEST_CLIENTAPP
 
 
 @contextlib.contextmanager

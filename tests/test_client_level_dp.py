@@ -1,6 +1,6 @@
 """Client-level DP (central DP-FedAvg): Flower's wrappers add the noise, the accounting
 covers every noisy release of a round, and a real simulation ledgers and enforces the
-run's client-level budget."""
+run's client-level budget, and estimates its privacy from canary clients."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedAvg
 from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 
+from audit.spending import audit
 from common.config import DPConfig
 from common.errors import CohortInputError
 from common.privacy.accounting import PrivacyState
@@ -27,6 +28,7 @@ from server.rundir import RunDirectory
 
 COHORT = str(Path(sys.executable).parent / "cohort")
 CLIENT_LEVEL = Path(__file__).resolve().parents[1] / "simulations" / "client-level.toml"
+CANARY_CLIENTS = 20
 
 
 def test_fixed_clipping_accounts_exactly_the_noise_flower_adds() -> None:
@@ -96,7 +98,8 @@ def test_flowers_own_adaptive_wrapper_noises_at_the_next_rounds_norm() -> None:
 
 @pytest.fixture(scope="module")
 def budget_stopped_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
-    """Adaptive clipping done by the clients, and a budget that fits one round of two."""
+    """Adaptive clipping done by the clients, a budget that fits one round of two, and
+    canary clients for the one-shot estimate."""
     runs = tmp_path_factory.mktemp("runs")
     settings = [
         "num-sites=4",
@@ -105,6 +108,7 @@ def budget_stopped_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subpro
         "clipping-side=client",
         "noise-multiplier=1.0",
         "client-epsilon=6.0",
+        f"audit-canary-clients={CANARY_CLIENTS}",
     ]
     command = [COHORT, "simulate", str(CLIENT_LEVEL), "--runs-dir", str(runs)]
     for setting in settings:
@@ -154,3 +158,42 @@ def test_audit_of_a_client_level_run_verifies_the_servers_ledger_and_states_its_
     server = json.loads((run_dir / "audit.json").read_text())["sites"]["server"]
     assert server["chain"] == "verified"
     assert server["sampling"] == ["no amplification by sampling claimed: every release counts in full (q = 1)"]
+
+
+def test_one_shot_estimate_is_reported_beside_the_servers_client_level_epsilon(
+    budget_stopped_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    _, run_dir = budget_stopped_run
+    env = {**os.environ, "COLUMNS": "80"}
+    command = [COHORT, "audit", "empirical", str(run_dir)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    estimate = json.loads((run_dir / "one_shot_estimate.json").read_text())
+    (record,) = [e.record for e in read_entries(run_dir / "server" / "privacy_ledger.jsonl")]
+    assert estimate["accountant_epsilon"] == pytest.approx(record.epsilon)
+    assert (estimate["inserted"], estimate["rounds"], estimate["unclipped"]) == (CANARY_CLIENTS, 1, 0)
+    assert estimate["final_mean"] > 0 and estimate["epsilon_final"] > 0
+    shown = " ".join(result.stdout.split())
+    assert "client-level estimate (Andrew et al. 2024)" in shown
+    assert f"the server ledger's client-level epsilon {record.epsilon:.3f}" in shown
+    assert "is not: a lower bound with a confidence guarantee" in shown
+    assert not [line for line in result.stdout.splitlines() if len(line) > 80 and " " in line]  # a path may not wrap
+    command = [COHORT, "audit", str(run_dir)]
+    summary = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert summary.returncode == 0, summary.stderr
+    reported = json.loads((run_dir / "audit.json").read_text())["client_level_estimate"]
+    assert reported["epsilon_final"] == estimate["epsilon_final"]
+    assert f"client-level estimate: {reported['verdict']}" in " ".join(summary.stdout.split())
+    assert "Client-level privacy estimate" in (run_dir / "audit.html").read_text()
+
+
+def test_canary_clients_are_no_sites_and_spend_no_sites_budget(
+    budget_stopped_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    _, run_dir = budget_stopped_run
+    sites = [f"site-{i}" for i in range(4)]
+    summary = RunDirectory(run_dir).read_summary()
+    assert summary is not None and sorted(summary.sites) == sites
+    assert sorted(audit(run_dir)["sites"]) == sorted([*sites, "server"])
+    canaries = run_dir / "federation" / "audit-canary-clients"
+    assert len([entry for entry in canaries.iterdir() if (entry / "privacy_ledger.jsonl").is_file()]) == CANARY_CLIENTS

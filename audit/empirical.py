@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -199,12 +200,20 @@ def verdict(result: EmpiricalAudit) -> str:
 
 
 def saved_audit(run_dir: Path) -> EmpiricalAudit | None:
-    """The last `cohort audit empirical` of this run directory, if any."""
-    file = run_dir / EMPIRICAL_AUDIT_FILE
+    """The last one-run audit of this run directory, if any."""
+    return saved_result(run_dir, EMPIRICAL_AUDIT_FILE, EmpiricalAudit.from_json)
+
+
+Result = TypeVar("Result")
+
+
+def saved_result(run_dir: Path, name: str, parse: Callable[[dict[str, Any]], Result]) -> Result | None:
+    """What the last `cohort audit empirical` of this run directory saved as `name`, if any."""
+    file = run_dir / name
     if not file.is_file():
         return None
     try:
-        return EmpiricalAudit.from_json(json.loads(file.read_text(encoding="utf-8")))
+        return parse(json.loads(file.read_text(encoding="utf-8")))
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise CohortInputError(
             f"{file} is unreadable ({error}); run `cohort audit empirical {run_dir}` again"

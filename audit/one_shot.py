@@ -33,7 +33,6 @@ random, not the worst case, so either figure can also sit well below what a run 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import time
 from collections.abc import Iterable
@@ -45,7 +44,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from audit.empirical import initial_model
+from audit.empirical import initial_model, saved_result
 from audit.spending import audit
 from audit.two_gaussians import Gaussian, epsilon_between
 from common.errors import CohortInputError
@@ -272,12 +271,4 @@ def verdict(estimate: OneShotEstimate) -> str:
 
 def saved_estimate(run_dir: Path) -> OneShotEstimate | None:
     """The last one-shot estimate of this run directory, if any."""
-    file = run_dir / ONE_SHOT_FILE
-    if not file.is_file():
-        return None
-    try:
-        return OneShotEstimate.from_json(json.loads(file.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise CohortInputError(
-            f"{file} is unreadable ({error}); run `cohort audit empirical {run_dir}` again"
-        ) from None
+    return saved_result(run_dir, ONE_SHOT_FILE, OneShotEstimate.from_json)

@@ -156,10 +156,8 @@ def estimate_run(run_dir: Path) -> OneShotEstimate:
     rounds = np.stack([_unit(step) for step in steps if np.any(step)])
     final, iterates = _cosines(run.data.seed, inserted, change, rounds)
     null = _cosines(run.data.seed, range(k, k + HELD_OUT), change, rounds)[1]
-    fitted_final, fitted_iterates, fitted_null = _fit(final), _fit(iterates), _fit(null)
+    fitted_final, fitted_iterates, fitted_null = fit(final), fit(iterates), fit(null)
     delta = run.central_dp.client_delta
-    null_std = len(change) ** -0.5
-    low_end = max(0.0, fitted_final.mean - _LOW_END_Z * fitted_final.std / math.sqrt(len(final)))
     return OneShotEstimate(
         canary_clients=k,
         inserted=len(inserted),
@@ -168,14 +166,14 @@ def estimate_run(run_dir: Path) -> OneShotEstimate:
         delta=delta,
         final_mean=fitted_final.mean,
         final_std=fitted_final.std,
-        epsilon_final=epsilon_between(Gaussian(0.0, null_std), fitted_final, delta),
+        epsilon_final=final_model_epsilon(fitted_final, len(change), delta),
         iterates_mean=fitted_iterates.mean,
         iterates_std=fitted_iterates.std,
         held_out=HELD_OUT,
         null_mean=fitted_null.mean,
         null_std=fitted_null.std,
         epsilon_all_iterates=epsilon_between(fitted_null, fitted_iterates, delta),
-        epsilon_low_end=epsilon_between(Gaussian(0.0, null_std), Gaussian(low_end, null_std), delta),
+        epsilon_low_end=low_end_epsilon(fitted_final, len(final), len(change), delta),
         accountant_epsilon=accountant,
         unclipped=_unclipped(metrics, k),
         seconds=round(time.monotonic() - started, 2),
@@ -248,8 +246,21 @@ def _unit(vector: np.ndarray) -> np.ndarray:
     return vector / norm
 
 
-def _fit(values: np.ndarray) -> Gaussian:
+def fit(values: np.ndarray) -> Gaussian:
     return Gaussian(float(np.mean(values)), float(np.std(values, ddof=1)))
+
+
+def final_model_epsilon(fitted: Gaussian, dimension: int, delta: float) -> float:
+    """The paper's estimate: the fitted cosines against N(0, 1/d)."""
+    return epsilon_between(Gaussian(0.0, dimension**-0.5), fitted, delta)
+
+
+def low_end_epsilon(fitted: Gaussian, canaries: int, dimension: int, delta: float) -> float:
+    """The final model's estimate with the spread kept at the null's, 1/sqrt(d), and the
+    mean cosine of `canaries` at its one-sided 95% low end (0 at most)."""
+    null = Gaussian(0.0, dimension**-0.5)
+    low_end = max(0.0, fitted.mean - _LOW_END_Z * fitted.std / math.sqrt(canaries))
+    return epsilon_between(null, Gaussian(low_end, null.std), delta)
 
 
 def verdict(estimate: OneShotEstimate) -> str:

@@ -9,6 +9,10 @@ simulations.injected_bug: the coordinator adds NOISE_SHARE of the noise its ledg
 records. Prints a markdown table for docs/benchmarks.md.
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python -m benchmarks.one_shot_estimate
+
+With --fit-only, the estimator alone, on cosines drawn from the paper's own Gaussian model
+of one client-level release (what tests/test_client_level_dp.py's run releases): how far
+the fitted figure and the low end move with the number of canaries.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.supercore.task_identity import TaskIdentity
 
-from audit.one_shot import estimate_run
+from audit.one_shot import estimate_run, final_model_epsilon, fit, low_end_epsilon
+from audit.two_gaussians import Gaussian, epsilon_between
 from benchmarks.results import run_table
+from common.privacy.accounting import PrivacyState
 from simulations.in_process import run_in_process
 from simulations.injected_bug import noise_cut_to
 from simulations.plan import SIMULATIONS_DIR
@@ -32,6 +39,14 @@ from simulations.plan import SIMULATIONS_DIR
 NOISE_SHARE = 0.05
 EPSILONS = (1.0, 2.0, 4.0, 8.0)
 SEEDS = (42, 7, 1)
+# --fit-only: one release at an accounted sigma of 1 under adaptive clipping, whose update
+# noise is then 1 / sqrt(1 - 1/4) (the count's noise at twice sigma), in the cnn's dimension.
+FIT_SIGMA = 1.0
+FIT_UPDATE_SIGMA = (1 - 0.25) ** -0.5
+FIT_DIMENSION = 6186
+FIT_DELTA = 1e-5
+FIT_CANARIES = (20, 50, 100, 200, 500, 1000)
+FIT_DRAWS = 200
 
 
 def estimate(epsilon: float, seed: int, buggy: bool, options: argparse.Namespace, runs_dir: Path) -> dict[str, Any]:
@@ -78,6 +93,52 @@ def run(runs_dir: Path, options: argparse.Namespace) -> list[dict[str, Any]]:
     return rows + [estimate(epsilon, options.seeds[0], True, options, runs_dir) for epsilon in options.epsilons]
 
 
+def fit_only(canary_counts: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Cosines of K inserted canaries drawn as N(mu / sqrt(d), 1 / d), mu = 1 / update sigma
+    (the paper's model of a canary in one Gaussian release), then both figures, FIT_DRAWS times."""
+    rng = np.random.default_rng(0)
+    shift = FIT_UPDATE_SIGMA**-1
+    accountant = PrivacyState(FIT_SIGMA, 1.0, "rdp", ((FIT_SIGMA, 1.0, 1),)).epsilon(FIT_DELTA)
+    true = epsilon_between(Gaussian(0.0, 1.0), Gaussian(shift, 1.0), FIT_DELTA)
+    rows = []
+    for k in canary_counts:
+        fitted = [fit(rng.normal(shift, 1.0, k) / FIT_DIMENSION**0.5) for _ in range(FIT_DRAWS)]
+        paper = np.array([final_model_epsilon(f, FIT_DIMENSION, FIT_DELTA) for f in fitted])
+        low = np.array([low_end_epsilon(f, k, FIT_DIMENSION, FIT_DELTA) for f in fitted])
+        rows.append(
+            {
+                "canaries": k,
+                "true_epsilon": round(true, 3),
+                "accountant_epsilon": round(accountant, 3),
+                "paper_median": round(float(np.median(paper)), 3),
+                "paper_p95": round(float(np.percentile(paper, 95)), 3),
+                "paper_above_accountant": float(np.mean(paper > accountant)),
+                "low_end_median": round(float(np.median(low)), 3),
+                "low_end_p95": round(float(np.percentile(low, 95)), 3),
+                "low_end_above_accountant": float(np.mean(low > accountant)),
+            }
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def fit_markdown(rows: list[dict[str, Any]]) -> str:
+    header = [
+        (
+            "| K | true epsilon | accountant's | paper's estimate: median | 95th percentile | above the accountant | "
+            "low end: median | 95th percentile | above the accountant |"
+        ),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    lines = [
+        f"| {r['canaries']} | {r['true_epsilon']:.2f} | {r['accountant_epsilon']:.2f} | {r['paper_median']:.2f} | "
+        f"{r['paper_p95']:.2f} | {r['paper_above_accountant']:.0%} | {r['low_end_median']:.2f} | "
+        f"{r['low_end_p95']:.2f} | {r['low_end_above_accountant']:.0%} |"
+        for r in rows
+    ]
+    return "\n".join(header + lines)
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     header = [
         (
@@ -104,5 +165,9 @@ if __name__ == "__main__":
     parser.add_argument("--sites", type=int, default=20, help="real devices (client-level.toml has 100)")
     parser.add_argument("--canaries", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--fit-only", action="store_true", help="the estimator alone, on the paper's model")
     arguments = parser.parse_args()
-    run_table("one-shot-estimate", lambda runs_dir: run(runs_dir, arguments), markdown)
+    if arguments.fit_only:
+        run_table("one-shot-fit", lambda _: fit_only(FIT_CANARIES), fit_markdown)
+    else:
+        run_table("one-shot-estimate", lambda runs_dir: run(runs_dir, arguments), markdown)

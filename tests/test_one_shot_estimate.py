@@ -41,7 +41,7 @@ def _integrated(p: Gaussian, q: Gaussian, epsilon: float) -> float:
 
 
 @pytest.mark.parametrize(("p", "q"), PAIRS)
-@pytest.mark.parametrize("epsilon", [0.0, 1.0, 3.0])
+@pytest.mark.parametrize("epsilon", [0.0, 2.0])
 def test_the_hockey_stick_divergence_of_two_gaussians_matches_numerical_integration(
     p: Gaussian, q: Gaussian, epsilon: float
 ) -> None:
@@ -49,7 +49,7 @@ def test_the_hockey_stick_divergence_of_two_gaussians_matches_numerical_integrat
     assert hockey_stick(q, p, epsilon) == pytest.approx(_integrated(q, p, epsilon), rel=1e-6, abs=1e-10)
 
 
-@pytest.mark.parametrize("shift", [0.5, 1.0, 2.0, 5.0])
+@pytest.mark.parametrize("shift", [0.5, 1.0, 2.0])
 def test_equal_spreads_give_the_gaussian_mechanisms_epsilon_as_dp_accounting_computes_it(shift: float) -> None:
     expected = privacy_loss_distribution.from_gaussian_mechanism(
         1 / shift, sensitivity=1.0, value_discretization_interval=1e-4

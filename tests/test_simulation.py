@@ -1,18 +1,16 @@
 """End to end on Flower's simulation engine: `cohort simulate` runs a real federation,
-writes a complete run directory, survives Ctrl-C, resumes with epsilon continuing, and
-leaves no process behind. Studies that follow one another on one federation home run in
-this process (simulations/in_process.py): what each is granted depends on the sites'
-ledgers alone."""
+writes a complete run directory, gives the same run for the same seed, and leaves no
+process behind (a run stopped from outside and resumed: tests/test_faults.py). Studies
+that follow one another on one federation home run in this process
+(simulations/in_process.py): what each is granted depends on the sites' ledgers alone."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,43 +194,6 @@ def test_flowers_logs_hold_each_serverapp_line_once_and_no_colour_codes(
     flower, superlink = (run_dir / "flower.log").read_text(), (run_dir / "superlink.log").read_text()
     assert "\x1b[" not in flower and "\x1b[" not in superlink
     assert flower.count("Round 1: global accuracy") == 1, flower
-
-
-def test_interrupted_run_resumes_at_the_next_round_with_epsilon_continuing(tmp_path: Path) -> None:
-    runs = tmp_path / "runs"
-    process = subprocess.Popen(
-        [COHORT, "simulate", *SMALL, "--set", "rounds=3", "--runs-dir", str(runs)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (
-        runs.exists() and any(runs.iterdir()) and (_run_dir(runs) / "checkpoints" / "round-0001.pt").exists()
-    ):
-        time.sleep(0.5)
-    process.send_signal(signal.SIGINT)  # Ctrl-C
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode == 130, output
-    run_dir = _run_dir(runs)
-    assert not (run_dir / "summary.json").exists()
-    done = max(m.round for m in _metrics(run_dir))
-    assert done < 3
-
-    resumed = subprocess.run(
-        [COHORT, "simulate", "--resume", str(run_dir)], capture_output=True, text=True, timeout=600, check=False
-    )
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    metrics = _metrics(run_dir)
-    assert [m.round for m in metrics] == [1, 2, 3]
-    for site in ("site-0", "site-1", "site-2"):
-        epsilons = [m.sites[site].epsilon for m in metrics]
-        assert epsilons[0] < epsilons[1] < epsilons[2] <= 8.0
-    # The site's own ledger holds every release, including one made in the round that was
-    # interrupted; the reported epsilon composes all of them.
-    site0 = _releases(run_dir / "federation" / "site-0" / "privacy_ledger.jsonl")
-    assert site0[-1].epsilon == pytest.approx(_recomputed_epsilon(site0), rel=1e-9)
-    assert metrics[-1].sites["site-0"].epsilon == pytest.approx(site0[-1].epsilon, rel=1e-9)
 
 
 def _simulate(*args: str) -> subprocess.CompletedProcess[str]:

@@ -11,9 +11,12 @@ import os
 import stat
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from common.privacy.accounting import PrivacyState
@@ -22,6 +25,7 @@ from common.privacy.mechanisms import Mechanism
 from server.records import RoundRecord
 from server.rundir import RunDirectory
 from simulations.in_process import InProcessGrid, exchange_of, run_in_process
+from simulations.local_superlink import free_port, stop_process_tree
 from tests.conftest import flower_task_identity
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
@@ -84,6 +88,104 @@ def test_the_same_seed_gives_the_same_run_noise_included(
     _, run_dir = completed_run
     assert _figures(repeated_run) == _figures(run_dir)
     assert RunDirectory(run_dir).read_config().noise_source == "seeded"
+
+
+@dataclass
+class RayCluster:
+    """A Ray cluster of two nodes on this machine, each started by its own `ray start
+    --block` with one CPU, as `ray start` starts a cluster's head and a worker node."""
+
+    address: str
+    nodes: list[subprocess.Popen[bytes]]
+
+    def actors_by_node(self) -> list[int]:
+        """How many of the simulation's ClientApp actors each node runs now."""
+        counts = []
+        for node in self.nodes:
+            try:
+                processes = psutil.Process(node.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                processes = []
+            counts.append(sum("ClientAppActor" in _cmdline(process) for process in processes))
+        return counts
+
+
+def _cmdline(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return ""
+
+
+def _ray_node(*args: str) -> list[str]:
+    """`ray start` of one node on 127.0.0.1, every port it binds free (another test
+    session's cluster may be running on this machine)."""
+    ports = {
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+        "--metrics-export-port": free_port(),
+    }
+    return [
+        str(Path(sys.executable).parent / "ray"), "start", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1",
+        "--disable-usage-stats", *(f"{option}={port}" for option, port in ports.items()), *args,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def two_node_ray_cluster(tmp_path: Path) -> Iterator[RayCluster]:
+    port = free_port()
+    cluster = RayCluster(f"127.0.0.1:{port}", [])
+    logs = tmp_path / "ray-logs"
+    logs.mkdir()
+    head = _ray_node("--head", f"--port={port}", f"--ray-client-server-port={free_port()}", "--include-dashboard=false")
+    try:
+        for name, command in (("head", head), ("worker", _ray_node(f"--address={cluster.address}"))):
+            with (logs / f"{name}.log").open("wb") as log:
+                cluster.nodes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+            _wait_for_ray_nodes(cluster, len(cluster.nodes), logs)
+        yield cluster
+    finally:
+        for node in reversed(cluster.nodes):
+            stop_process_tree(node.pid)
+            node.wait()
+
+
+def _wait_for_ray_nodes(cluster: RayCluster, count: int, logs: Path) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "status", f"--address={cluster.address}"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        active = status.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
+        if status.returncode == 0 and active.count(" node_") == count:
+            return
+        time.sleep(1)
+    pytest.fail(f"the Ray cluster did not reach {count} node(s): " + " ".join(p.read_text() for p in logs.iterdir()))
+
+
+def test_a_run_on_a_two_node_ray_cluster_gives_the_same_figures_as_on_one_machine(
+    completed_run: tuple[subprocess.CompletedProcess[str], Path], two_node_ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    """completed_run's settings and seed, with `ray-address` naming the cluster: each node
+    (one CPU each) runs one of the two ClientApp actors."""
+    runs = tmp_path / "runs"
+    command = subprocess.Popen(
+        [COHORT, "simulate", *SMALL, "--set", "rounds=2", "--set", f"ray-address='{two_node_ray_cluster.address}'",
+         "--runs-dir", str(runs)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    busiest = [0, 0]
+    while command.poll() is None:
+        busiest = [max(seen, now) for seen, now in zip(busiest, two_node_ray_cluster.actors_by_node(), strict=True)]
+        time.sleep(0.5)
+    output = command.stdout.read() if command.stdout else ""
+    assert command.returncode == 0, output
+    run_dir = _run_dir(runs)
+    assert _figures(run_dir) == _figures(completed_run[1])
+    assert json.loads((run_dir / "simulation.json").read_text())["ray-address"] == two_node_ray_cluster.address
+    assert busiest == [1, 1], busiest
 
 
 def test_a_run_directory_and_its_sites_state_are_private_to_the_user(

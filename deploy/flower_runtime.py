@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tomllib
+from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 from common.errors import CohortInputError
 
@@ -29,6 +33,8 @@ FLOWER_EXECUTABLES = (
     "flwr-serverapp",
     "flwr-simulation",
 )
+# How long one `flwr` command on the Control API may take to answer.
+FLWR_TIMEOUT_S = 60.0
 LAUNCHER = """#!{python}
 # Flower's {name}, as Cohort starts it: log lines plain where no terminal reads them.
 import sys
@@ -132,3 +138,29 @@ def app_folder(target: Path, clientapp: str = HONEST_CLIENTAPP) -> Path:
         raise RuntimeError(f"the staged pyproject.toml names ClientApp {named!r}, not {clientapp!r}")
     (target / "pyproject.toml").write_text(staged, encoding="utf-8")
     return target
+
+
+def flwr_json(command: Sequence[str], connection: str, flwr_home: Path, options: Sequence[str] = ()) -> dict[str, Any]:
+    """Flower's JSON answer to `flwr COMMAND CONNECTION OPTIONS --format json`, or one
+    CohortInputError saying why there is none (no answer in time, an error, not JSON)."""
+    what = f"`flwr {' '.join(command[:2])}` on {connection}"
+    try:
+        result = subprocess.run(
+            [flower_executable("flwr"), *command, connection, *options, "--format", "json"],
+            env=offline_flower_env(flwr_home),
+            capture_output=True,
+            text=True,
+            timeout=FLWR_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise CohortInputError(
+            f"{what} got no answer within {FLWR_TIMEOUT_S:.0f} s; is `cohort superlink` running?"
+        ) from None
+    try:
+        answer: dict[str, Any] = json.loads(result.stdout)
+    except json.JSONDecodeError:
+        answer = {"success": False, "error-message": (result.stdout + result.stderr).strip()[-300:]}
+    if not answer.get("success", True):
+        raise CohortInputError(f"{what} failed: {' '.join(str(answer.get('error-message', '')).split())}")
+    return answer

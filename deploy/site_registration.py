@@ -11,7 +11,6 @@ Listing, unregistering and a change of ledger key then use the site's name.
 from __future__ import annotations
 
 import json
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,10 @@ from typing import Any
 from common.errors import CohortInputError
 from common.privacy.ledger import key_fingerprint, load_public_key
 from deploy.certificates import supernode_public_key_line, validate_site_name
-from deploy.flower_runtime import flower_executable, offline_flower_env
+from deploy.flower_runtime import flwr_json
 from server.site_book import BookedSite, LedgerKey, SiteBook, now
 
 SITE_BOOKS_DIR = "site-books"
-FLWR_TIMEOUT_S = 60.0
 
 
 def site_book_path(flwr_home: Path, connection: str) -> Path:
@@ -73,7 +71,7 @@ class Registrar:
                 raise CohortInputError(
                     f"{public_key} is registered already, for site {holder}; each site has its own key"
                 )
-            answer = self._flwr("supernode", "register", str(public_key.resolve()), "--name", name)
+            answer = self._flwr("supernode", "register", str(public_key.resolve()), options=("--name", name))
             site.supernode_key, site.node_id = key_line, int(answer["node-id"])
             return site.node_id
 
@@ -119,31 +117,8 @@ class Registrar:
         status = {int(node["node-id"]): str(node["status"]) for node in self._flwr("supernode", "list")["nodes"]}
         return [_listing(name, site, status) for name, site in sorted(self.book.read().items())]
 
-    def _flwr(self, *args: str) -> dict[str, Any]:
-        """Run `flwr ARGS CONNECTION --format json` and return its answer, or say why not."""
-        command = [flower_executable("flwr"), *args[:3], self.connection, *args[3:], "--format", "json"]
-        try:
-            result = subprocess.run(
-                command,
-                env=offline_flower_env(self.flwr_home),
-                capture_output=True,
-                text=True,
-                timeout=FLWR_TIMEOUT_S,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            raise CohortInputError(
-                f"`flwr {' '.join(args[:2])}` on {self.connection} got no answer within {FLWR_TIMEOUT_S:.0f} s; "
-                f"is `cohort superlink` running?"
-            ) from None
-        try:
-            answer = json.loads(result.stdout)
-        except json.JSONDecodeError:
-            answer = {"success": False, "error-message": (result.stdout + result.stderr).strip()[-300:]}
-        if not answer.get("success", True):
-            message = " ".join(str(answer.get("error-message", "")).split())
-            raise CohortInputError(f"`flwr {' '.join(args[:2])}` on {self.connection} failed: {message}")
-        return answer
+    def _flwr(self, *command: str, options: tuple[str, ...] = ()) -> dict[str, Any]:
+        return flwr_json(command, self.connection, self.flwr_home, options)
 
 
 def _listing(name: str, site: BookedSite, status: dict[int, str]) -> SiteListing:

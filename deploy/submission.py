@@ -18,7 +18,6 @@ run: the SuperLink runs it to its end (`flwr stop RUN_ID CONNECTION` stops it).
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import tempfile
@@ -37,6 +36,7 @@ from deploy.flower_runtime import (
     app_folder,
     die_with_parent,
     flower_executable,
+    flwr_json,
     install_flower_launchers,
     offline_flower_env,
 )
@@ -52,7 +52,6 @@ RUN_STARTED = re.compile(r"Successfully started run (\d+)")
 COMPLETED = "finished:completed"
 # The stream ends with the run; Flower may record its final status a moment later.
 STATUS_WAIT_S = 30.0
-FLWR_TIMEOUT_S = 60.0
 BOX_DRAWING = " \t│╭╮╰╯─"
 
 
@@ -167,20 +166,11 @@ class Submission:
     def _flower_status(self, run_id: int) -> tuple[str, str]:
         """Flower's record of the run: (status, details), once it says the run finished."""
         deadline = time.monotonic() + STATUS_WAIT_S
-        command = [flower_executable("flwr"), "list", self.connection, "--run-id", str(run_id), "--format", "json"]
         while True:
-            result = subprocess.run(
-                command,
-                env=offline_flower_env(self.flwr_home),
-                capture_output=True,
-                text=True,
-                timeout=FLWR_TIMEOUT_S,
-                check=False,
-            )
             try:
-                (row,) = json.loads(result.stdout)["runs"]
-            except (json.JSONDecodeError, KeyError, ValueError):
-                return "", f"`flwr list` could not say how it ended ({(result.stdout + result.stderr).strip()[-200:]})"
+                (row,) = flwr_json(("list",), self.connection, self.flwr_home, ("--run-id", str(run_id)))["runs"]
+            except (CohortInputError, KeyError, ValueError) as error:
+                return "", f"`flwr list` could not say how it ended ({error})"
             if row["status"].startswith("finished") or time.monotonic() > deadline:
                 return row["status"], row["status-details"]
             time.sleep(1)

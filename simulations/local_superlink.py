@@ -20,6 +20,7 @@ import psutil
 
 from common.private_files import open_private
 from deploy.flower_runtime import die_with_parent, flower_executable, offline_flower_env
+from simulations.ray_cluster import engine_environment
 
 STARTUP_TIMEOUT_S = 60.0
 # The process that runs the ServerApp (and so writes the run directory) in a simulation.
@@ -37,13 +38,22 @@ class LocalSuperLink:
     """`with LocalSuperLink(home, log, launchers) as link:` runs `flower-superlink
     --simulation` under its guardian, through Flower's launchers in that folder
     (install_flower_launchers). keep_open: file descriptors the guardian holds until
-    everything under it has stopped (the run directory's lock)."""
+    everything under it has stopped (the run directory's lock). ray_address: the Ray
+    cluster the simulation engine joins (simulations/ray_cluster.py); empty, its own."""
 
-    def __init__(self, flwr_home: Path, log_file: Path, launchers: Path, keep_open: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        flwr_home: Path,
+        log_file: Path,
+        launchers: Path,
+        keep_open: tuple[int, ...] = (),
+        ray_address: str = "",
+    ) -> None:
         self.flwr_home = flwr_home
         self.log_file = log_file
         self.launchers = launchers
         self.keep_open = keep_open
+        self.ray_address = ray_address
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -73,7 +83,7 @@ class LocalSuperLink:
             # Its own session: Ctrl-C in the terminal reaches only us, and we stop it.
             self.process = subprocess.Popen(
                 command,
-                env=offline_flower_env(self.flwr_home, self.launchers),
+                env=engine_environment(offline_flower_env(self.flwr_home, self.launchers), self.ray_address),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

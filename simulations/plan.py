@@ -16,6 +16,7 @@ from common.config import RANGE, SEEDED_NOISE, check_ranges, number
 from common.errors import CohortInputError
 from server.run_config import RunConfig, refuse_unknown_settings, run_settings
 from simulations.attack_spec import AttackSpec
+from simulations.ray_cluster import check_ray_address
 
 SIMULATIONS_DIR = Path(__file__).resolve().parent
 DEFAULT_SIMULATION = SIMULATIONS_DIR / "default.toml"
@@ -30,6 +31,9 @@ class SimulationPlan:
     cpus_per_site, gpus_per_site: Ray resources for each site's ClientApp; with 2 cores
         and 1 CPU a site, two sites train at a time.
     attack: hostile sites (simulations/attacks.py), or None for an honest federation.
+    ray_address: an existing Ray cluster the sites run on: its head's HOST:PORT, or 'auto'
+        on one of its nodes; empty, a Ray of the simulation's own on this machine
+        (simulations/ray_cluster.py).
     """
 
     run: RunConfig
@@ -37,9 +41,11 @@ class SimulationPlan:
     cpus_per_site: int = number(1, 1, 1024)
     gpus_per_site: float = number(0.0, 0, 1024)
     attack: AttackSpec | None = None
+    ray_address: str = ""
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        check_ray_address(self.ray_address)
         if self.attack is not None and self.run.data.audit_canary_clients:
             raise CohortInputError(
                 "attack and audit-canary-clients each bend the sites' ClientApp their own way; run them apart "
@@ -68,6 +74,8 @@ class SimulationPlan:
         }
         if self.attack is not None:
             plan["attack"] = self.attack.to_json()
+        if self.ray_address:
+            plan["ray-address"] = self.ray_address
         return plan
 
 
@@ -79,7 +87,7 @@ def load_plan(config_file: Path, overrides: list[str]) -> SimulationPlan:
 
 # What a simulation TOML or --set may say beyond the run settings.
 SIMULATION_SETTINGS = frozenset(
-    {"num-sites", "cpus-per-site", "gpus-per-site", "attack", "attack-sites", "attack-scale"}
+    {"num-sites", "cpus-per-site", "gpus-per-site", "attack", "attack-sites", "attack-scale", "ray-address"}
 )
 
 
@@ -106,6 +114,10 @@ def plan_from_values(values: dict[str, Any]) -> SimulationPlan:
         )
     elif attack_sites is not None:
         raise CohortInputError('attack-sites is set but attack is not; name the attack (e.g. attack = "boost")')
+    ray_address = values.pop("ray-address", "")
+    if not isinstance(ray_address, str):
+        raise CohortInputError(f"ray-address is {ray_address!r}; give it as a string, e.g. ray-address='10.0.0.5:6379'")
+    plan_values["ray_address"] = ray_address
     return SimulationPlan(run=RunConfig.from_flower(values), **plan_values)
 
 

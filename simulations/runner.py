@@ -50,6 +50,7 @@ from server.strategies import sample_size
 from simulations.federation import simulated_partitions, write_site_files
 from simulations.local_superlink import LocalSuperLink
 from simulations.plan import PLAN_FILE, SimulationPlan
+from simulations.ray_cluster import require_reachable
 
 HOSTILE_CLIENTAPP = "simulations.attacks:app"
 CANARY_CLIENTAPP = "simulations.canary_clients:app"
@@ -80,6 +81,7 @@ def check_plan(plan: SimulationPlan) -> None:
     split = federated_split(plan.run.data)
     simulated_partitions(plan.run.data, plan.num_sites)  # kept: write_site_files shares them out
     model = build_model(plan.run.training.model, split.input_shape, split.num_classes)
+    require_reachable(plan.ray_address)
     if plan.run.dp.secure_aggregation:
         run_parameters(
             plan.run, sample_size(plan.run.aggregation, plan.num_sites), dimension(ArrayRecord(model.state_dict()))
@@ -143,7 +145,9 @@ def _run_on_local_superlink(
         component = clientapp or _clientapp_of(plan)
         app_dir = app_folder(flwr_home / "app", component)
         launchers = install_flower_launchers(flwr_home / "bin")
-        with LocalSuperLink(flwr_home, run_dir.path / "superlink.log", launchers, keep_open=(lock,)) as superlink:
+        with LocalSuperLink(
+            flwr_home, run_dir.path / "superlink.log", launchers, keep_open=(lock,), ray_address=plan.ray_address
+        ) as superlink:
             _write_connection(flwr_home, superlink.address)
             overrides = flwr_home / "run-config.toml"
             overrides.write_text(tomli_w.dumps(plan.run.to_flower()), encoding="utf-8")

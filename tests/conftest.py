@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -36,9 +37,9 @@ LONGEST_FILES = (
     "test_simulation.py",
     "test_faults.py",
     "test_fairness.py",
+    "test_empirical_audit.py",
     "test_site_code.py",
     "test_secure_aggregation_app.py",
-    "test_empirical_audit.py",
     "test_client_level_dp.py",
     "test_deploy_launch.py",
     "test_models.py",
@@ -48,6 +49,24 @@ LONGEST_FILES = (
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: position for position, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+# Files that share a session fixture's federation (the twin runs below): `--dist loadfile`
+# sends them to one worker as one unit, so the federation runs once, not once a worker.
+SHARED_FEDERATIONS = {"test_fairness.py": "twin runs", "test_empirical_audit.py": "twin runs"}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedFederationScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = super()._split_scope(nodeid)
+            return SHARED_FEDERATIONS.get(Path(file).name, file)
+
+    return SharedFederationScheduling(config, log)
 
 
 _FEDERATION_PROCESS_MARKERS = (

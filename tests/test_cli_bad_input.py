@@ -45,6 +45,9 @@ def _simulate(tmp_path: Path, *args: str) -> tuple[int, str]:
         ("rounds", "is not key=value"),
         ("attack=boost", "attack is set but attack-sites is not"),
         ("aggregation-weight=claimed", "unknown aggregation-weight 'claimed'"),
+        ("ray-address=ray://head:10001", "ray-address is 'ray://head:10001'; give the head node's HOST:PORT"),
+        ("ray-address=6379", "ray-address is 6379; give it as a string"),
+        ("ray-address='127.0.0.1:9'", "no Ray cluster answers at ray-address 127.0.0.1:9"),
     ],
 )
 def test_bad_setting_exits_2_with_one_line(tmp_path: Path, override: str, message: str) -> None:

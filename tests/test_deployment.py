@@ -1,9 +1,10 @@
 """A real deployment on 127.0.0.1: `cohort superlink` (a TLS SuperLink on loopback that
 admits only registered SuperNodes, behind the nginx front door), three hospital
 SuperNodes with their own data, budgets, state and key pairs made at the site, and a DP
-run submitted with stock `flwr run` on the coordinator's loopback. A site that holds
-ca.crt and a registered key reaches the Fleet API and nothing else. A second run then
-kills one site's SuperNode mid-round and starts it again. Every command comes from the
+run submitted with stock `flwr run` on the coordinator's loopback, in which a fourth
+registered site claims to be hospital-b. A site that holds ca.crt and a registered key
+reaches the Fleet API and nothing else. A later run kills one site's SuperNode mid-round
+and starts it again. Every command comes from the
 recipe in deploy/commands.py, the same one docker/compose.yml and docs/deploy.md use."""
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from deploy import commands
 from deploy.certificates import CertificateLayout, create_site_key, init_certificates
 from deploy.directory_lock import STATE_LOCK_FILE
 from deploy.fleet_limits import OBJECT_ROUTE, FleetLimits
-from deploy.flower_runtime import offline_flower_env
+from deploy.flower_runtime import app_folder, offline_flower_env
 from deploy.front_door import REFUSAL, fleet_routes
 from deploy.launch import SITE_RUNNER_MODULE
 from deploy.site_registration import site_book_path
@@ -58,7 +59,6 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.skipif(
     shutil.which("nginx") is None, reason="Debian's nginx is not installed (make test installs it when run as root)"
 )
-APP_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "cohort-test"
 SITE_CONNECTION = "front-door"
 PASSPHRASE = b"the coordinator's passphrase"
@@ -79,7 +79,7 @@ SECURE_RUN_TIMEOUT_S = 900
 # door is told the four registered SuperNodes share it, and each test that plays an unauthenticated client
 # on the network uses a loopback address of its own.
 SITES_ADDRESS = "127.0.0.1"
-# The impostor: a registered site that claims to be another (run_with_an_impostor).
+# The impostor: a registered site that claims to be another (Deployment.impostor).
 IMPOSTOR = "impostor"
 # Every site the coordinator registered: the hospitals and the impostor.
 REGISTERED = len(SITES) + 1
@@ -117,6 +117,11 @@ class Deployment:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def app(self) -> Path:
+        """The Cohort app as the coordinator submits it (deploy.flower_runtime.app_folder)."""
+        return self.root / "app"
 
     @property
     def local_address(self) -> str:
@@ -189,6 +194,12 @@ class Deployment:
             port=free_port(),
         )
 
+    def impostor(self) -> list[str]:
+        """The registered site `impostor`: its own key, data and state, but `--name hospital-b`."""
+        command = self.supernode(IMPOSTOR, self.site_keys(IMPOSTOR).site_key(IMPOSTOR))
+        command[command.index("--name") + 1] = "hospital-b"
+        return command
+
     def stop(self) -> None:
         for process in self.processes:
             stop_process_tree(process.pid)
@@ -242,6 +253,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     for site in [*SITES, "intruder", IMPOSTOR]:
         create_site_key(deployment.site_keys(site).root, site)
     _write_data(deployment.root / "data")
+    app_folder(deployment.app)
     try:
         superlink_command = [
             *commands.superlink_command(
@@ -266,7 +278,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             assert registered.returncode == 0, registered.stdout + registered.stderr
         for site in SITES:
             deployment.spawn(site, deployment.supernode(site, deployment.site_keys(site).site_key(site)))
-        _wait_for_online(deployment, len(SITES))
+        deployment.spawn(IMPOSTOR, deployment.impostor())
+        _wait_for_online(deployment, REGISTERED)
         # The backup a restore brings back later: the state `cohort supernode` initialised.
         shutil.copytree(deployment.state(RESTORED_SITE), deployment.root / "backup", ignore=_LOCK)
         # A site's own flwr, pointed at the address it reaches: the front door.
@@ -299,7 +312,9 @@ def _submit(deployment: Deployment, run_dir: str, rounds: int, *settings: str, t
         f"run-dir='{deployment.root / run_dir}' min-sites=3 batch-size=32 local-epochs=1 "
         f"site-book='{deployment.site_book}' {' '.join(settings)}"
     )
-    result = deployment.run("coordinator", commands.run_command(APP_DIR, CONNECTION, run_config), timeout=timeout)
+    result = deployment.run(
+        "coordinator", commands.run_command(deployment.app, CONNECTION, run_config), timeout=timeout
+    )
     started = re.search(r"Successfully started run (\d+)", result.stdout)
     assert result.returncode == 0 and started, result.stdout + result.stderr
     # `flwr run --stream` exits 0 even when the ServerApp fails; Flower's own record says how it ended.
@@ -310,12 +325,37 @@ def _submit(deployment: Deployment, run_dir: str, rounds: int, *settings: str, t
 @pytest.fixture(scope="module")
 def finished_run(deployment: Deployment) -> dict:
     """The first study on every site's data, each site with its default policy (a study may
-    have a quarter of the site's budget: hospital-c's is exactly 1): it asks epsilon 1."""
+    have a quarter of the site's budget: hospital-c's is exactly 1): it asks epsilon 1. The
+    impostor's SuperNode, online as `hospital-b` beside the real one, takes part."""
     return _submit(deployment, "run", ROUNDS, "study-epsilon=1.0")
 
 
+@dataclass(frozen=True)
+class Unregistered:
+    """What unregistering the impostor by name did; exit: its SuperNode's exit code (None: still running)."""
+
+    unregistered: subprocess.CompletedProcess[str]
+    listed: subprocess.CompletedProcess[str]
+    exit: int | None
+
+
 @pytest.fixture(scope="module")
-def secure_run(deployment: Deployment, finished_run: dict) -> dict:
+def impostor_unregistered(deployment: Deployment, finished_run: dict) -> Unregistered:
+    """Once the first study is over, the coordinator unregisters the impostor by name; every
+    later run is among the three hospitals alone."""
+    key = str(deployment.site_keys(IMPOSTOR).site_key(IMPOSTOR))
+    (impostor,) = [process for process in deployment.processes if key in process.args]
+    unregistered = deployment.run("coordinator", commands.unregister_command(IMPOSTOR, CONNECTION))
+    try:
+        exit_code: int | None = impostor.wait(timeout=UNREGISTERED_EXIT_S)
+    except subprocess.TimeoutExpired:
+        exit_code = None
+    listed = deployment.run("coordinator", ["cohort", "site", "list", CONNECTION])
+    return Unregistered(unregistered, listed, exit_code)
+
+
+@pytest.fixture(scope="module")
+def secure_run(deployment: Deployment, impostor_unregistered: Unregistered) -> dict:
     """One round of the same run under secure aggregation: the coordinator sees only the
     sum. The study's ask and each of its four exchanges start a flwr-clientapp process at
     every site (a plain round starts one), hence the longer wait. It asks epsilon 0.5, so
@@ -329,7 +369,7 @@ def test_dp_run_over_three_authenticated_sites_completes(deployment: Deployment,
     assert finished_run["status"] == "finished:completed", finished_run
     summary = RunDirectory(deployment.root / "run").read_summary()
     assert summary is not None and summary.rounds == ROUNDS and not summary.stop_reason
-    assert set(summary.sites) == set(SITES)
+    assert {name for name, site in summary.sites.items() if site.rounds_trained} == set(SITES)
 
 
 def test_every_site_ledger_records_each_round_within_its_own_budget(deployment: Deployment, finished_run: dict) -> None:
@@ -413,7 +453,7 @@ def test_site_flwr_ls_through_the_front_door_is_refused(deployment: Deployment) 
 
 def test_site_flwr_run_through_the_front_door_is_refused(deployment: Deployment) -> None:
     _assert_refused_by_the_front_door(
-        deployment.run("hospital-a", ["flwr", "run", str(APP_DIR), SITE_CONNECTION]), "/v1/control/start-run"
+        deployment.run("hospital-a", ["flwr", "run", str(deployment.app), SITE_CONNECTION]), "/v1/control/start-run"
     )
 
 
@@ -570,7 +610,7 @@ class KilledSiteRun:
 
 
 @pytest.fixture(scope="module")
-def run_with_a_site_killed_mid_round(deployment: Deployment, finished_run: dict) -> KilledSiteRun:
+def run_with_a_site_killed_mid_round(deployment: Deployment, impostor_unregistered: Unregistered) -> KilledSiteRun:
     """A study that asks for all each site will grant (the default), over three rounds with
     min-sites=2; hospital-c's SuperNode and everything under it are killed while its
     flwr-clientapp answers round 1's training message (after it answered the study's ask),
@@ -586,7 +626,7 @@ def run_with_a_site_killed_mid_round(deployment: Deployment, finished_run: dict)
         f"batch-size=32 local-epochs=1 reply-timeout={REPLY_TIMEOUT_S} site-book='{deployment.site_book}'"
     )
     log = (deployment.root / "logs" / "run-killed-site.log").open("wb")
-    command = _local(commands.run_command(APP_DIR, CONNECTION, run_config))
+    command = _local(commands.run_command(deployment.app, CONNECTION, run_config))
     run = subprocess.Popen(
         command,
         env=offline_flower_env(deployment.home("coordinator")),
@@ -1041,72 +1081,33 @@ def test_the_federation_was_never_throttled_nor_refused_a_body(
     assert not refusals, refusals
 
 
-@dataclass(frozen=True)
-class ImpostorRun:
-    """impostor_exit: the impostor SuperNode's exit code once unregistered (None: still running)."""
-
-    run_dir: Path
-    status: str
-    unregistered: subprocess.CompletedProcess[str]
-    listed: subprocess.CompletedProcess[str]
-    impostor_exit: int | None
-
-
-@pytest.fixture(scope="module")
-def run_with_an_impostor(deployment: Deployment) -> ImpostorRun:
-    """The registered site `impostor` starts its SuperNode with its own key as `--name
-    hospital-b`, beside the real hospital-b, for a run of one round; then the coordinator
-    unregisters it by name."""
-    command = deployment.supernode(IMPOSTOR, deployment.site_keys(IMPOSTOR).site_key(IMPOSTOR))
-    command[command.index("--name") + 1] = "hospital-b"
-    impostor = deployment.spawn(IMPOSTOR, command)
-    try:
-        _wait_for_online(deployment, REGISTERED)
-        run = _submit(deployment, "run-impostor", 1)
-        unregistered = deployment.run("coordinator", commands.unregister_command(IMPOSTOR, CONNECTION))
-        try:
-            exit_code: int | None = impostor.wait(timeout=UNREGISTERED_EXIT_S)
-        except subprocess.TimeoutExpired:
-            exit_code = None
-        listed = deployment.run("coordinator", ["cohort", "site", "list", CONNECTION])
-    finally:
-        stop_process_tree(impostor.pid)
-        impostor.wait()
-    return ImpostorRun(deployment.root / "run-impostor", run["status"], unregistered, listed, exit_code)
-
-
 def test_a_registered_site_claiming_another_sites_name_is_rejected_under_its_own_name(
-    run_with_an_impostor: ImpostorRun,
+    deployment: Deployment, finished_run: dict
 ) -> None:
-    assert run_with_an_impostor.status == "finished:completed", run_with_an_impostor
-    (record,) = RunDirectory(run_with_an_impostor.run_dir).read_metrics()
-    assert [(r.site, r.reason) for r in record.rejected] == [
-        (IMPOSTOR, f"node {r.node} is registered as {IMPOSTOR} but claims to be hospital-b") for r in record.rejected
-    ]
-    assert len(record.rejected) == 1, record.rejected
-    assert sorted(site for site, values in record.sites.items() if values.trained) == sorted(SITES)
+    for record in RunDirectory(deployment.root / "run").read_metrics():
+        ((node, site, reason),) = [(r.node, r.site, r.reason) for r in record.rejected]
+        assert (site, reason) == (IMPOSTOR, f"node {node} is registered as {IMPOSTOR} but claims to be hospital-b")
+        assert sorted(site for site, values in record.sites.items() if values.trained) == sorted(SITES)
 
 
 def test_every_entry_the_run_recorded_as_hospital_b_is_signed_by_hospital_bs_own_key(
-    deployment: Deployment, run_with_an_impostor: ImpostorRun
+    deployment: Deployment, finished_run: dict
 ) -> None:
     key = load_public_key(deployment.state("hospital-b") / "ledger_key.pub.pem")
-    copied = [
-        LedgerEntry.from_json(line) for line in (run_with_an_impostor.run_dir / LEDGER_FILE).read_text().splitlines()
-    ]
+    copied = [LedgerEntry.from_json(line) for line in (deployment.root / "run" / LEDGER_FILE).read_text().splitlines()]
     as_b = [entry for entry in copied if entry.record.site == "hospital-b"]
-    assert len(as_b) == 1 and verify_signature(as_b[0], key)
+    assert len(as_b) == ROUNDS and all(verify_signature(entry, key) for entry in as_b)
 
 
 def test_a_site_unregistered_by_name_is_listed_unregistered_and_its_supernode_says_why_it_stops(
-    deployment: Deployment, run_with_an_impostor: ImpostorRun
+    deployment: Deployment, impostor_unregistered: Unregistered
 ) -> None:
-    assert run_with_an_impostor.unregistered.returncode == 0, run_with_an_impostor.unregistered.stderr
-    listed = run_with_an_impostor.listed
+    assert impostor_unregistered.unregistered.returncode == 0, impostor_unregistered.unregistered.stderr
+    listed = impostor_unregistered.listed
     assert listed.returncode == 0, listed.stderr
     assert re.search(rf"^{IMPOSTOR}: node -, unregistered", listed.stdout, re.MULTILINE), listed.stdout
     assert re.search(r"^hospital-b: node \d+, online, newest entry \d+", listed.stdout, re.MULTILINE), listed.stdout
-    assert run_with_an_impostor.impostor_exit == 2, deployment.log(IMPOSTOR)
+    assert impostor_unregistered.exit == 2, deployment.log(IMPOSTOR)
     assert f"error: site hospital-b: the SuperLink no longer admits this SuperNode's key {IMPOSTOR}.key" in " ".join(
         deployment.log(IMPOSTOR).split()
     ), deployment.log(IMPOSTOR)

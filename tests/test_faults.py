@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -15,7 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from common.privacy.ledger import read_entries
+from common.privacy.accounting import PrivacyState
+from common.privacy.ledger import LEDGER_FILE, LedgerEntry, history_of, load_public_key, read_entries, verify_chain
 from server.records import RoundRecord, Summary
 from server.rundir import RunDirectory
 from tests.conftest import federation_processes
@@ -32,6 +34,10 @@ NO_DP = [
     f"rounds={ROUNDS}",
 ]
 ENV = {**os.environ, "COLUMNS": "200"}
+# The default federation, small: DP at three sites, one local epoch a round.
+SMALL_DP = ["--set", "num-sites=3", "--set", "local-epochs=1"]
+SITES = ("site-0", "site-1", "site-2")
+RESUMED_ROUNDS = 5
 
 
 def _simulate(runs: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Path]:
@@ -177,8 +183,8 @@ def _stop_when(command: subprocess.Popen[str], signum: int, ready: Callable[[], 
     assert not alive, [_cmdline(p) for p in alive]
 
 
-# SIGTERM is sent by the resume test below, which checks the same.
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
+# SIGINT (Ctrl-C) is sent by the resumed run below, which checks the same.
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_stops_exactly_the_processes_the_command_started(signum: int, tmp_path: Path) -> None:
     command = subprocess.Popen(
         [COHORT, "simulate", *NO_DP[:1], "--set", "num-sites=3", "--set", "rounds=50", "--runs-dir", str(tmp_path)],
@@ -191,37 +197,76 @@ def _ledger_lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-def test_a_coordinator_stopped_mid_run_resumes_and_every_release_is_in_the_ledgers_once(tmp_path: Path) -> None:
-    from common.privacy.ledger import LedgerEntry, load_public_key, verify_chain
+@dataclass(frozen=True)
+class ResumedRun:
+    """A DP run stopped with Ctrl-C once its second round was checkpointed (a round takes
+    about a second here, so a later one is under way), then resumed with `cohort simulate
+    --resume`. Before the resume: how many rounds it had recorded, whether it had written
+    a summary, and each site's ledger lines."""
 
-    runs = tmp_path / "runs"
+    run_dir: Path
+    rounds_before: int
+    summary_before: bool
+    ledgers_before: dict[str, list[str]]
+    resumed: subprocess.CompletedProcess[str]
+
+    def site_ledger(self, site: str) -> Path:
+        return self.run_dir / "federation" / site / LEDGER_FILE
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory: pytest.TempPathFactory) -> ResumedRun:
+    runs = tmp_path_factory.mktemp("interrupted")
     command = subprocess.Popen(
-        [COHORT, "simulate", *NO_DP[:1], "--set", "num-sites=3", "--set", "rounds=4", "--runs-dir", str(runs)],
+        [COHORT, "simulate", *SMALL_DP, "--set", f"rounds={RESUMED_ROUNDS}", "--runs-dir", str(runs)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
-    # Round 3 is under way when the signal arrives (a round takes about a second here).
-    _stop_when(command, signal.SIGTERM, lambda: bool(list(runs.glob("*/checkpoints/round-0002.pt"))))
+    _stop_when(command, signal.SIGINT, lambda: bool(list(runs.glob("*/checkpoints/round-0002.pt"))))
     (run_dir,) = list(runs.iterdir())
-    sites = [run_dir / "federation" / f"site-{i}" / "privacy_ledger.jsonl" for i in range(3)]
-    before = {site: _ledger_lines(site) for site in sites}
-
-    resumed = _resume(run_dir, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert [m.round for m in _metrics(run_dir)] == [1, 2, 3, 4], (
-        resumed.stdout
-        + (run_dir / "summary.json").read_text()
-        + str(sorted(p.name for p in (run_dir / "checkpoints").iterdir()))
+    return ResumedRun(
+        run_dir,
+        len(_metrics(run_dir)),
+        (run_dir / "summary.json").exists(),
+        {site: _ledger_lines(run_dir / "federation" / site / LEDGER_FILE) for site in SITES},
+        _resume(run_dir, timeout=600),
     )
-    copies = [LedgerEntry.from_json(line) for line in _ledger_lines(run_dir / "privacy_ledger.jsonl")]
-    for site in sites:
-        after = _ledger_lines(site)
-        assert after[: len(before[site])] == before[site], "a release the site made before the stop was lost"
-        entries = read_entries(site)
-        assert verify_chain(entries, load_public_key(site.parent / "ledger_key.pub.pem")) is None
-        mine = [e for e in copies if e.record.site == site.parent.name]
+
+
+def test_ctrl_c_stops_a_run_before_its_end_without_a_summary(resumed_run: ResumedRun) -> None:
+    assert resumed_run.rounds_before < RESUMED_ROUNDS and not resumed_run.summary_before
+
+
+def test_a_resumed_run_continues_at_the_next_round_with_each_sites_epsilon_continuing(
+    resumed_run: ResumedRun,
+) -> None:
+    resumed = resumed_run.resumed
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    metrics = _metrics(resumed_run.run_dir)
+    assert [m.round for m in metrics] == list(range(1, RESUMED_ROUNDS + 1))
+    for site in SITES:
+        epsilons = [m.sites[site].epsilon for m in metrics]
+        assert all(a < b for a, b in itertools.pairwise(epsilons)) and epsilons[-1] <= 8.0
+    # The site's own ledger holds every release, including one made in the round that was
+    # interrupted; the reported epsilon composes all of them.
+    releases = [e.record for e in read_entries(resumed_run.site_ledger("site-0")) if e.record.kind == "release"]
+    recomputed = PrivacyState(1.0, 1.0, "rdp", history_of(releases)).epsilon(releases[-1].delta)
+    assert releases[-1].epsilon == pytest.approx(recomputed, rel=1e-9)
+    assert metrics[-1].sites["site-0"].epsilon == pytest.approx(releases[-1].epsilon, rel=1e-9)
+
+
+def test_every_release_made_before_the_stop_is_in_the_ledgers_once_after_the_resume(resumed_run: ResumedRun) -> None:
+    copies = [LedgerEntry.from_json(line) for line in _ledger_lines(resumed_run.run_dir / LEDGER_FILE)]
+    for site in SITES:
+        ledger = resumed_run.site_ledger(site)
+        after = _ledger_lines(ledger)
+        before = resumed_run.ledgers_before[site]
+        assert after[: len(before)] == before, "a release the site made before the stop was lost"
+        entries = read_entries(ledger)
+        assert verify_chain(entries, load_public_key(ledger.parent / "ledger_key.pub.pem")) is None
+        mine = [e for e in copies if e.record.site == site]
         assert len({e.sequence for e in mine}) == len(mine), "the run's ledger holds a release twice"
         assert {e.entry_hash() for e in mine} <= {e.entry_hash() for e in entries}
-        assert sorted(e.record.round for e in mine) == [1, 2, 3, 4]
+        assert sorted(e.record.round for e in mine) == list(range(1, RESUMED_ROUNDS + 1))
 
 
 @dataclass(frozen=True)

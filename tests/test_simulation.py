@@ -1,21 +1,22 @@
 """End to end on Flower's simulation engine: `cohort simulate` runs a real federation,
-writes a complete run directory, survives Ctrl-C, resumes with epsilon continuing, and
-leaves no process behind. Studies that follow one another on one federation home run in
-this process (simulations/in_process.py): what each is granted depends on the sites'
-ledgers alone."""
+writes a complete run directory, gives the same run for the same seed, and leaves no
+process behind (a run stopped from outside and resumed: tests/test_faults.py). Studies
+that follow one another on one federation home run in this process
+(simulations/in_process.py): what each is granted depends on the sites' ledgers alone."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from common.privacy.accounting import PrivacyState
@@ -24,6 +25,7 @@ from common.privacy.mechanisms import Mechanism
 from server.records import RoundRecord
 from server.rundir import RunDirectory
 from simulations.in_process import InProcessGrid, exchange_of, run_in_process
+from simulations.local_superlink import free_port, stop_process_tree
 from tests.conftest import flower_task_identity
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
@@ -86,6 +88,104 @@ def test_the_same_seed_gives_the_same_run_noise_included(
     _, run_dir = completed_run
     assert _figures(repeated_run) == _figures(run_dir)
     assert RunDirectory(run_dir).read_config().noise_source == "seeded"
+
+
+@dataclass
+class RayCluster:
+    """A Ray cluster of two nodes on this machine, each started by its own `ray start
+    --block` with one CPU, as `ray start` starts a cluster's head and a worker node."""
+
+    address: str
+    nodes: list[subprocess.Popen[bytes]]
+
+    def actors_by_node(self) -> list[int]:
+        """How many of the simulation's ClientApp actors each node runs now."""
+        counts = []
+        for node in self.nodes:
+            try:
+                processes = psutil.Process(node.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                processes = []
+            counts.append(sum("ClientAppActor" in _cmdline(process) for process in processes))
+        return counts
+
+
+def _cmdline(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return ""
+
+
+def _ray_node(*args: str) -> list[str]:
+    """`ray start` of one node on 127.0.0.1, every port it binds free (another test
+    session's cluster may be running on this machine)."""
+    ports = {
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+        "--metrics-export-port": free_port(),
+    }
+    return [
+        str(Path(sys.executable).parent / "ray"), "start", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1",
+        "--disable-usage-stats", *(f"{option}={port}" for option, port in ports.items()), *args,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def two_node_ray_cluster(tmp_path: Path) -> Iterator[RayCluster]:
+    port = free_port()
+    cluster = RayCluster(f"127.0.0.1:{port}", [])
+    logs = tmp_path / "ray-logs"
+    logs.mkdir()
+    head = _ray_node("--head", f"--port={port}", f"--ray-client-server-port={free_port()}", "--include-dashboard=false")
+    try:
+        for name, command in (("head", head), ("worker", _ray_node(f"--address={cluster.address}"))):
+            with (logs / f"{name}.log").open("wb") as log:
+                cluster.nodes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+            _wait_for_ray_nodes(cluster, len(cluster.nodes), logs)
+        yield cluster
+    finally:
+        for node in reversed(cluster.nodes):
+            stop_process_tree(node.pid)
+            node.wait()
+
+
+def _wait_for_ray_nodes(cluster: RayCluster, count: int, logs: Path) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "status", f"--address={cluster.address}"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        active = status.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
+        if status.returncode == 0 and active.count(" node_") == count:
+            return
+        time.sleep(1)
+    pytest.fail(f"the Ray cluster did not reach {count} node(s): " + " ".join(p.read_text() for p in logs.iterdir()))
+
+
+def test_a_run_on_a_two_node_ray_cluster_gives_the_same_figures_as_on_one_machine(
+    completed_run: tuple[subprocess.CompletedProcess[str], Path], two_node_ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    """completed_run's settings and seed, with `ray-address` naming the cluster: each node
+    (one CPU each) runs one of the two ClientApp actors."""
+    runs = tmp_path / "runs"
+    command = subprocess.Popen(
+        [COHORT, "simulate", *SMALL, "--set", "rounds=2", "--set", f"ray-address='{two_node_ray_cluster.address}'",
+         "--runs-dir", str(runs)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    busiest = [0, 0]
+    while command.poll() is None:
+        busiest = [max(seen, now) for seen, now in zip(busiest, two_node_ray_cluster.actors_by_node(), strict=True)]
+        time.sleep(0.5)
+    output = command.stdout.read() if command.stdout else ""
+    assert command.returncode == 0, output
+    run_dir = _run_dir(runs)
+    assert _figures(run_dir) == _figures(completed_run[1])
+    assert json.loads((run_dir / "simulation.json").read_text())["ray-address"] == two_node_ray_cluster.address
+    assert busiest == [1, 1], busiest
 
 
 def test_a_run_directory_and_its_sites_state_are_private_to_the_user(
@@ -196,43 +296,6 @@ def test_flowers_logs_hold_each_serverapp_line_once_and_no_colour_codes(
     flower, superlink = (run_dir / "flower.log").read_text(), (run_dir / "superlink.log").read_text()
     assert "\x1b[" not in flower and "\x1b[" not in superlink
     assert flower.count("Round 1: global accuracy") == 1, flower
-
-
-def test_interrupted_run_resumes_at_the_next_round_with_epsilon_continuing(tmp_path: Path) -> None:
-    runs = tmp_path / "runs"
-    process = subprocess.Popen(
-        [COHORT, "simulate", *SMALL, "--set", "rounds=3", "--runs-dir", str(runs)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (
-        runs.exists() and any(runs.iterdir()) and (_run_dir(runs) / "checkpoints" / "round-0001.pt").exists()
-    ):
-        time.sleep(0.5)
-    process.send_signal(signal.SIGINT)  # Ctrl-C
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode == 130, output
-    run_dir = _run_dir(runs)
-    assert not (run_dir / "summary.json").exists()
-    done = max(m.round for m in _metrics(run_dir))
-    assert done < 3
-
-    resumed = subprocess.run(
-        [COHORT, "simulate", "--resume", str(run_dir)], capture_output=True, text=True, timeout=600, check=False
-    )
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    metrics = _metrics(run_dir)
-    assert [m.round for m in metrics] == [1, 2, 3]
-    for site in ("site-0", "site-1", "site-2"):
-        epsilons = [m.sites[site].epsilon for m in metrics]
-        assert epsilons[0] < epsilons[1] < epsilons[2] <= 8.0
-    # The site's own ledger holds every release, including one made in the round that was
-    # interrupted; the reported epsilon composes all of them.
-    site0 = _releases(run_dir / "federation" / "site-0" / "privacy_ledger.jsonl")
-    assert site0[-1].epsilon == pytest.approx(_recomputed_epsilon(site0), rel=1e-9)
-    assert metrics[-1].sites["site-0"].epsilon == pytest.approx(site0[-1].epsilon, rel=1e-9)
 
 
 def _simulate(*args: str) -> subprocess.CompletedProcess[str]:

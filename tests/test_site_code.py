@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ from common.privacy.ledger import (
     read_entries,
     verify_chain,
 )
-from deploy.flower_runtime import offline_flower_env
+from deploy.flower_runtime import app_folder, offline_flower_env
 from deploy.launch import SITE_RUNTIME_DIR, SuperNodeLaunch, flower_env
 from server.records import SiteRound
 from server.rundir import RunDirectory
@@ -44,7 +43,6 @@ from simulations.local_superlink import free_port, stop_process_tree
 from tests.conftest import make_images
 
 BIN = Path(sys.executable).parent
-APP_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "site-test"
 SITES = {"hospital-a": 2.0, "hospital-b": 8.0}
 DELTA = 1e-5
@@ -182,18 +180,6 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         assert not leftovers, f"processes left running: {leftovers}"
 
 
-def _app_copy(root: Path, name: str) -> Path:
-    app = root / name
-    shutil.copytree(
-        APP_DIR,
-        app,
-        ignore=shutil.ignore_patterns(
-            ".*", "runs", "tests", "docs", "docker", "benchmarks", "__pycache__", "*.egg-info"
-        ),
-    )
-    return app
-
-
 def _edit(path: Path, changes: tuple[tuple[str, str], ...]) -> None:
     code = path.read_text()
     for old, new in changes:
@@ -205,7 +191,7 @@ def _edit(path: Path, changes: tuple[tuple[str, str], ...]) -> None:
 def _hostile_app(root: Path) -> Path:
     """A copy of the Cohort app whose ClientApp skips the budget check and trains with no
     noise at all, even where the site's policy forbids it."""
-    app = _app_copy(root, "hostile-app")
+    app = app_folder(root / "hostile-app")
     skipped = (
         ("    if not run.dp.sample_level and not site.allow_non_private:", "    if False:"),
         (
@@ -224,7 +210,7 @@ def _newer_coordinator_app(root: Path) -> Path:
     """A copy of the Cohort app one coordinator version ahead of the sites: a changed
     server/ file and a run-config setting the sites' installed version does not know, and
     the sites' own site package (client/ and common/)."""
-    app = _app_copy(root, "newer-coordinator-app")
+    app = app_folder(root / "newer-coordinator-app")
     margin = '    fairness_margin: float = number(0.05, 0, 1, note="an accuracy gap")\n'
     _edit(app / "server" / "run_config.py", ((margin, margin + '    coordinator_note: str = ""\n'),))
     _edit(app / "pyproject.toml", (("fairness-margin = 0.05\n", 'fairness-margin = 0.05\ncoordinator-note = ""\n'),))
@@ -303,7 +289,7 @@ def test_with_the_default_policy_the_coordinator_receives_no_per_site_training_o
 def test_another_seed_and_validation_share_continue_the_same_budget(federation: Federation) -> None:
     """The site's refusal counts from what its dataset spent before, whichever bound (its
     budget, or the study's grant from it) the round would cross."""
-    federation.run(APP_DIR, "seed=43 val-fraction=0.3 noise-multiplier=1.0", "again")
+    federation.run(app_folder(federation.root / "app-again"), "seed=43 val-fraction=0.3 noise-multiplier=1.0", "again")
     for site in SITES:
         *earlier, last = federation.entries(site)
         spent = [e.record.epsilon for e in earlier if e.record.kind == RecordKind.RELEASE][-1]
@@ -321,7 +307,9 @@ def test_the_run_config_cannot_turn_dp_off_nor_move_the_ledger_and_a_truncated_l
     ledger_b.write_text("".join(lines[:-1]))
     elsewhere = tmp_path / "elsewhere"
     before = len(federation.entries("hospital-a"))
-    run = federation.run(APP_DIR, f"dp=false site-allow-non-private=true federation-home='{elsewhere}'", "no-dp")
+    run = federation.run(
+        app_folder(tmp_path / "app"), f"dp=false site-allow-non-private=true federation-home='{elsewhere}'", "no-dp"
+    )
     assert not _sites_reported(run)
     assert not elsewhere.exists()
     entries = federation.entries("hospital-a")

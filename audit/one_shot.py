@@ -79,7 +79,7 @@ class OneShotEstimate:
     epsilon_all_iterates: between the two.
     epsilon_low_end: the final model's, with the spread kept at the null's and the mean
     cosine at its one-sided 95% low end; what is compared with the accountant.
-    accountant_epsilon: the server ledger's client-level epsilon for the run (None: no DP).
+    accountant_epsilon: the server ledger's client-level epsilon for the run.
     unclipped: canary updates that arrived below their round's clip norm (then the
     clipping did not set their size, and the estimate's premise fails).
     """
@@ -99,14 +99,14 @@ class OneShotEstimate:
     null_std: float
     epsilon_all_iterates: float
     epsilon_low_end: float
-    accountant_epsilon: float | None
+    accountant_epsilon: float
     unclipped: int
     seconds: float
 
     @property
     def above_accountant(self) -> bool:
         """Even allowing for the fit's sampling error, the final model shows more than the server claims."""
-        return self.accountant_epsilon is not None and self.epsilon_low_end > self.accountant_epsilon
+        return self.epsilon_low_end > self.accountant_epsilon
 
     @property
     def scope(self) -> tuple[str, str]:
@@ -142,7 +142,7 @@ def estimate_run(run_dir: Path) -> OneShotEstimate:
             f"{run_dir} was run without canary clients; run it again with --set audit-canary-clients=100 "
             '(dp-level = "client")'
         )
-    accountant = _accountant_epsilon(run, run_dir)
+    accountant = _accountant_epsilon(run_dir)
     metrics = directory.read_metrics()
     inserted = _inserted(metrics, k)
     if len(inserted) < MIN_CANARY_CLIENTS:
@@ -193,11 +193,8 @@ def _cosines(
     return np.array(final), np.array(iterates)
 
 
-def _accountant_epsilon(run: RunConfig, run_dir: Path) -> float | None:
-    """The server ledger's client-level epsilon for the run, recomputed from the ledger
-    (None for a run without DP, whose canaries measure the estimate's power)."""
-    if not run.dp.client_level:
-        return None
+def _accountant_epsilon(run_dir: Path) -> float:
+    """The server ledger's client-level epsilon for the run, recomputed from the ledger."""
     server = audit(run_dir, "server")["sites"].get("server")
     if server is None:
         raise CohortInputError(f"the server of {run_dir} released no round: there is nothing to estimate")
@@ -206,7 +203,7 @@ def _accountant_epsilon(run: RunConfig, run_dir: Path) -> float | None:
 
 def _inserted(metrics: list[RoundRecord], k: int) -> list[int]:
     """The canary clients with an accepted update in a released round."""
-    released = [r for r in metrics if r.client_level is None or r.client_level.released]
+    released = [r for r in metrics if r.client_level is not None and r.client_level.released]
     return [
         i
         for i in range(k)
@@ -269,8 +266,6 @@ def verdict(estimate: OneShotEstimate) -> str:
         f"estimated epsilon {estimate.epsilon_final:.3f} (final model), "
         f"{estimate.epsilon_all_iterates:.3f} (all iterates), {estimate.epsilon_low_end:.3f} (low end)"
     )
-    if estimate.accountant_epsilon is None:
-        return f"no client-level DP: {figures}, the canaries' power"
     claim = f"the server ledger's client-level epsilon {estimate.accountant_epsilon:.3f}"
     if estimate.above_accountant:
         return (

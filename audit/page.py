@@ -92,7 +92,11 @@ def _studies_section(report: dict[str, Any]) -> str:
 def _empirical_section(empirical: dict[str, Any] | None) -> str:
     if empirical is None:
         return ""
-    claimed = _claimed(empirical["accountant_epsilon"])
+    claimed = (
+        "none (trained without DP)"
+        if empirical["accountant_epsilon"] is None
+        else f"{empirical['accountant_epsilon']:.3f}"
+    )
     style = ' class="warn"' if empirical["contradicts_accountant"] else ""
     return f"""<h2>Empirical privacy audit</h2>
 <p>One-run audit (Steinke, Nasr and Jagielski, NeurIPS 2023) at {html.escape(empirical["site"])}:
@@ -110,7 +114,7 @@ The bound comes from {html.escape(empirical["source"])}; score: {html.escape(emp
 def _estimate_section(estimate: dict[str, Any] | None) -> str:
     if estimate is None:
         return ""
-    claimed = _claimed(estimate["accountant_epsilon"])
+    claimed = f"{estimate['accountant_epsilon']:.3f}"
     style = ' class="warn"' if estimate["above_accountant"] else ""
     return f"""<h2>Client-level privacy estimate</h2>
 <p>One-shot estimate (Andrew et al., ICLR 2024): {estimate["inserted"]} of {estimate["canary_clients"]} canary
@@ -132,11 +136,6 @@ against that of {estimate["held_out"]} directions never inserted.</p>
 <p{style}>{html.escape(estimate["verdict"])}</p>
 <ul>{"".join(f"<li>{html.escape(line)}</li>" for line in estimate["scope"])}</ul>
 """
-
-
-def _claimed(epsilon: float | None) -> str:
-    """The accountant's epsilon beside an empirical figure."""
-    return "none (trained without DP)" if epsilon is None else f"{epsilon:.3f}"
 
 
 def _fairness_section(fairness: dict[str, Any] | None, plot: bytes | None) -> str:

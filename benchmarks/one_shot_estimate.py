@@ -73,7 +73,7 @@ def estimate(epsilon: float, seed: int, buggy: bool, options: argparse.Namespace
         "claimed_epsilon": epsilon,
         "seed": seed,
         "noise": f"{NOISE_SHARE:.0%} (bug)" if buggy else "as recorded",
-        "accountant_epsilon": round(result.accountant_epsilon or 0.0, 3),
+        "accountant_epsilon": round(result.accountant_epsilon, 3),
         "epsilon_final": round(result.epsilon_final, 3),
         "epsilon_all_iterates": round(result.epsilon_all_iterates, 3),
         "epsilon_low_end": round(result.epsilon_low_end, 3),

@@ -67,9 +67,8 @@ class DataConfig:
     audit_canary_clients: K, the canary clients of the one-shot estimate of client-level
         privacy (Andrew et al., ICLR 2024; `cohort audit empirical`), simulated after the
         real sites: each sends its own random direction at the clip norm whenever it is
-        sampled (server.canary_clients); 0 runs no estimate. Client-level DP (or no DP, for
-        a baseline) only; the estimate fits a Gaussian to their cosines, so at least
-        MIN_CANARY_CLIENTS.
+        sampled (server.canary_clients); 0 runs no estimate. Client-level DP only; the
+        estimate fits a Gaussian to their cosines, so at least MIN_CANARY_CLIENTS.
     """
 
     dataset: str = "digits"
@@ -301,15 +300,15 @@ class RunConfig(SiteRunConfig):
 
     def _refuse_canary_clients_without_client_level(self) -> None:
         """Canary clients estimate client-level privacy: each sends its direction in the clear, as a client."""
-        if self.dp.enabled and not self.dp.client_level:
-            raise CohortInputError(
-                "audit-canary-clients estimates client-level privacy, and this run protects examples (dp-level = "
-                '"sample"); set dp-level = "client", or audit-canaries for a sample-level audit'
-            )
         if self.dp.secure_aggregation:
             raise CohortInputError(
                 "canary clients send their update in the clear, which secure aggregation does not let a client do; "
                 "set secure-aggregation = false or audit-canary-clients = 0"
+            )
+        if not self.dp.client_level:
+            raise CohortInputError(
+                "audit-canary-clients estimates the privacy client-level DP gives a client, and this run has none; "
+                'set dp = true and dp-level = "client" (at sample level, audit-canaries audits the sites)'
             )
 
     def _refuse_what_needs_each_update(self) -> None:

@@ -12,7 +12,7 @@ figure. Then it sends, instead of what it trained, the global model plus its dir
 CANARY_OVERSHOOT times the clip norm, signs its own ledger entry for that, and hands it to
 the clipping every client's update goes through (Flower's mod when clients clip, the
 server's DP wrapper otherwise), which cuts it to exactly the round's clip norm, adaptive or
-fixed. Without DP nothing clips, and it sends its direction at the clip norm itself.
+fixed.
 """
 
 from __future__ import annotations
@@ -91,6 +91,6 @@ def _direction_reply(run: RunConfig, index: int, msg: Message, context: Context)
     if reply.has_error():
         return reply
     sent = msg.content.array_records[protocol.ARRAYS]
-    size = run.dp.clip_norm * (CANARY_OVERSHOOT if run.dp.client_level else 1.0)
+    size = CANARY_OVERSHOOT * run.dp.clip_norm
     send_instead(reply, plus_vector(sent, size * canary_direction(run.data.seed, index, dimension(sent))), context)
     return reply

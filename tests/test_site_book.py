@@ -199,7 +199,7 @@ def test_a_change_of_ledger_key_is_the_coordinators_command_and_the_runs_audit_s
     assert isinstance(update, Update)
     (run_dir / LEDGER_FILE).write_text(update.entry.to_json() + "\n")
     write_key_history(book.read(), run_dir)
-    audited = _cohort("audit", str(run_dir), home=home)
+    audited = _cohort("audit", str(run_dir), "--out", str(tmp_path / "audit"), home=home)
     assert audited.returncode == 0, audited.stderr
     said = " ".join(audited.stdout.split())
     assert f"hospital-a: ledger key {fingerprints[0]} (first seen in run 3," in said

@@ -151,7 +151,7 @@ def stop_process_tree(pid: int, grace_s: float = 10.0, kill_first: tuple[str, ..
             frozen[process.pid] = process
             _signal(process, signal.SIGSTOP)
     for process in frozen.values():
-        if any(name in _cmdline(process) for name in kill_first):
+        if any(name in command_line(process) for name in kill_first):
             _signal(process, signal.SIGKILL)  # a pending SIGKILL lets no user code run again
     for process in frozen.values():
         _signal(process, signal.SIGTERM)
@@ -177,7 +177,8 @@ def _children(process: psutil.Process) -> list[psutil.Process]:
         return []
 
 
-def _cmdline(process: psutil.Process) -> str:
+def command_line(process: psutil.Process) -> str:
+    """The process's command line as one string; empty once it is gone or unreadable."""
     try:
         return " ".join(process.cmdline())
     except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):

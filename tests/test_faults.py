@@ -20,6 +20,7 @@ from common.privacy.accounting import PrivacyState
 from common.privacy.ledger import LEDGER_FILE, LedgerEntry, history_of, load_public_key, read_entries, verify_chain
 from server.records import RoundRecord, Summary
 from server.rundir import RunDirectory
+from simulations.local_superlink import command_line
 from tests.conftest import federation_processes
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
@@ -148,13 +149,6 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
-def _cmdline(process: psutil.Process) -> str:
-    try:
-        return " ".join(process.cmdline())
-    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-        return ""
-
-
 def _alive(process: psutil.Process) -> bool:
     try:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
@@ -174,13 +168,13 @@ def _stop_when(command: subprocess.Popen[str], signum: int, ready: Callable[[], 
             break
         time.sleep(0.2)
     assert command.poll() is None, command.stderr.read() if command.stderr else ""
-    assert any("flwr-simulation" in _cmdline(p) for p in started.values()), "the run had not started"
+    assert any("flwr-simulation" in command_line(p) for p in started.values()), "the run had not started"
     command.send_signal(signum)
     _, stderr = command.communicate(timeout=120)
     assert command.returncode == 128 + signum, stderr
     time.sleep(1)
     alive = [p for p in started.values() if _alive(p)]
-    assert not alive, [_cmdline(p) for p in alive]
+    assert not alive, [command_line(p) for p in alive]
 
 
 # SIGINT (Ctrl-C) is sent by the resumed run below, which checks the same.
@@ -190,7 +184,7 @@ def test_a_signal_stops_exactly_the_processes_the_command_started(signum: int, t
         [COHORT, "simulate", *NO_DP[:1], "--set", "num-sites=3", "--set", "rounds=50", "--runs-dir", str(tmp_path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
-    _stop_when(command, signum, lambda: any("ray::" in _cmdline(p) for p in _descendants(command.pid)))
+    _stop_when(command, signum, lambda: any("ray::" in command_line(p) for p in _descendants(command.pid)))
 
 
 def _ledger_lines(path: Path) -> list[str]:
@@ -319,7 +313,7 @@ def killed_run(tmp_path_factory: pytest.TempPathFactory) -> KilledRun:
     rounds_at_kill = len(_metrics(run_dir))
     while federation_processes() - before and time.monotonic() - killed_at < 60:
         time.sleep(0.2)
-    left = [_cmdline(psutil.Process(pid)) for pid in federation_processes() - before if psutil.pid_exists(pid)]
+    left = [command_line(psutil.Process(pid)) for pid in federation_processes() - before if psutil.pid_exists(pid)]
     return KilledRun(run_dir, command.pid, second_writers, rounds_at_kill, time.monotonic() - killed_at, left)
 
 

@@ -25,7 +25,7 @@ from common.privacy.mechanisms import Mechanism
 from server.records import RoundRecord
 from server.rundir import RunDirectory
 from simulations.in_process import InProcessGrid, exchange_of, run_in_process
-from simulations.local_superlink import free_port, stop_process_tree
+from simulations.local_superlink import command_line, free_port, stop_process_tree
 from tests.conftest import flower_task_identity
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
@@ -106,15 +106,8 @@ class RayCluster:
                 processes = psutil.Process(node.pid).children(recursive=True)
             except psutil.NoSuchProcess:
                 processes = []
-            counts.append(sum("ClientAppActor" in _cmdline(process) for process in processes))
+            counts.append(sum("ClientAppActor" in command_line(process) for process in processes))
         return counts
-
-
-def _cmdline(process: psutil.Process) -> str:
-    try:
-        return " ".join(process.cmdline())
-    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-        return ""
 
 
 def _ray_node(*args: str) -> list[str]:

@@ -14,8 +14,8 @@ code answers the message: never the FAB's.
 - anything else: the site refuses with a reply the coordinator can read, records the
   refusal in its ledger, and runs nothing of the FAB.
 An evaluation request that the site's policy declines is declined here, before any code
-that touches the site's data is loaded; so are secure aggregation's key stages answered
-(keys and shares, nothing of the data), without the site's training code.
+that touches the site's data runs; so are secure aggregation's key stages answered (keys
+and shares, nothing of the data), without the site's training code.
 """
 
 from __future__ import annotations
@@ -83,13 +83,23 @@ def code_refusal(fab: Fab) -> str | None:
     return None
 
 
-def changed_site_files(shipped: dict[str, bytes]) -> list[str]:
-    """Files of the site's packages that the FAB adds, removes or changes."""
-    installed = {
+def _installed_code() -> dict[str, bytes]:
+    return {
         f"{package}/{path.relative_to(root).as_posix()}": path.read_bytes()
         for package, root in SITE_PACKAGES.items()
         for path in sorted(root.rglob("*.py"))
     }
+
+
+# The site's code as it was when this process imported it: at a deployed site that is the
+# fork server, at the site's start (deploy/clientapp_forkserver.py), so a FAB is compared
+# with the code that will answer it, not with files upgraded since.
+INSTALLED_CODE = _installed_code()
+
+
+def changed_site_files(shipped: dict[str, bytes]) -> list[str]:
+    """Files of the site's packages that the FAB adds, removes or changes."""
+    installed = INSTALLED_CODE
     offered = {
         name: content
         for name, content in shipped.items()
@@ -155,7 +165,7 @@ def answer(message: Message, context: Context, run: Run, fab: Fab) -> Message:
         key_stage = key_stage_reply(message, context, site.name)  # keys and shares only: no data, no model
         if key_stage is not None:
             return key_stage
-    from client.app import app  # only now: it loads PyTorch and the site's data code
+    from client.app import app  # the fork server has it loaded; this module alone needs no PyTorch
 
     context.node_config = {**context.node_config, protocol.FAB_HASH: fab.hash_str}  # what the site's ledger records
     return app(message=message, context=context)

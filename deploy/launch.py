@@ -20,6 +20,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from deploy.certificates import (
     check_site_key,
     validate_site_name,
 )
+from deploy.clientapp_forkserver import wait_until_serving
 from deploy.directory_lock import lock_state_dir
 from deploy.flower_runtime import flower_executable, install_flower_launchers, offline_flower_env
 from deploy.supervision import Program, Supervisor
@@ -51,8 +53,11 @@ PROBE_TIMEOUT_S = 5.0
 FLOWER_CONFIG_FILE = "config.toml"
 # In a site's state directory: the folder put first on the PATH Flower starts ClientApps from.
 SITE_RUNTIME_DIR = "runtime"
-# The module the site's own `flwr-clientapp` runs (client/site_runner.py).
-SITE_RUNNER_MODULE = "client.site_runner"
+# The module that runs the site's own `flwr-clientapp`: its launcher, and the fork server
+# each task is forked from (deploy/clientapp_forkserver.py).
+CLIENTAPP_FORKSERVER_MODULE = "deploy.clientapp_forkserver"
+# How long the fork server may take to import the site's ClientApp before it serves.
+FORKSERVER_STARTUP_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -149,20 +154,34 @@ class SuperNodeLaunch:
 
     def prepare(self) -> str:
         """The site's own runtime, once this process holds its state directory (for its
-        life, which Flower's SuperNode's never outlasts): its ledger key (made on first start),
-        its `flwr-clientapp` and Flower's launchers. Returns the key's fingerprint, for
-        the auditor's records."""
+        life, which Flower's SuperNode's never outlasts): its ledger key (made on first start)
+        and Flower's launchers. Returns the key's fingerprint, for the auditor's records."""
         lock_state_dir(self.state_dir)
         fingerprint = init_site_state(self.state_dir)
-        install_site_runner(self.state_dir)
         install_flower_launchers(self.runtime_dir)
         return fingerprint
 
     def supervise(self) -> int:
-        """Run Flower's SuperNode as this command's child until it stops, or SIGTERM or
-        Ctrl-C stops it; returns the exit code, after one line saying why it stopped."""
-        program = Program("flower-supernode", self.argv(), explain=self._stopped)
-        return Supervisor(flower_env(self.runtime_dir)).run([program])
+        """Run the site's ClientApp fork server, then Flower's SuperNode, as this command's
+        children until one stops, or SIGTERM or Ctrl-C stops them; returns the exit code,
+        after one line saying why they stopped."""
+        with tempfile.TemporaryDirectory(prefix="cohort-clientapps-") as folder:
+            sockets = Path(folder)
+            install_site_runner(self.state_dir, sockets)
+            forkserver = Program(
+                "the ClientApp fork server",
+                forkserver_argv(sockets),
+                ready=lambda process: self._forkserver_serves(sockets, process),
+            )
+            supernode = Program("flower-supernode", self.argv(), explain=self._stopped)
+            return Supervisor(flower_env(self.runtime_dir)).run([forkserver, supernode])
+
+    def _forkserver_serves(self, sockets: Path, process: subprocess.Popen[bytes]) -> None:
+        if not wait_until_serving(sockets, lambda: process.poll() is None, FORKSERVER_STARTUP_S):
+            raise CohortInputError(
+                f"site {self.name}: the ClientApp fork server did not start (its log is above); "
+                "check that Cohort is installed with `make setup`"
+            )
 
     def _stopped(self, code: int) -> tuple[int, str]:
         """Flower 1.42's SuperNode stops itself with exit code 0 in one case only: the
@@ -212,22 +231,27 @@ def init_site_state(state_dir: Path) -> str:
     return ledger.fingerprint()
 
 
-def install_site_runner(state_dir: Path) -> Path:
+def install_site_runner(state_dir: Path, sockets: Path) -> Path:
     """Write the site's `flwr-clientapp` into its state directory and return its folder.
 
     Flower's SuperExec starts ClientApps by the name `flwr-clientapp` from PATH; with this
     folder first on the SuperNode's PATH, every ClientApp process is the site's installed
-    Cohort (client/site_runner.py), run isolated (-I: no PYTHONPATH, no user site, no
-    working directory on sys.path), so no file a FAB or the environment brings is imported.
+    Cohort (client/site_runner.py), forked from the site's fork server listening in
+    sockets, which runs isolated (-I: no PYTHONPATH, no user site, no working directory on
+    sys.path), so no file a FAB or the environment brings is imported.
     """
     folder = state_dir / SITE_RUNTIME_DIR
     folder.mkdir(parents=True, exist_ok=True)
     script = folder / "flwr-clientapp"
-    script.write_text(
-        f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -I -m {SITE_RUNNER_MODULE} "$@"\n', encoding="utf-8"
-    )
+    launcher = f"{shlex.quote(sys.executable)} -I -m {CLIENTAPP_FORKSERVER_MODULE} launch {shlex.quote(str(sockets))}"
+    script.write_text(f'#!/bin/sh\nexec {launcher} "$@"\n', encoding="utf-8")
     script.chmod(0o755)
     return folder
+
+
+def forkserver_argv(sockets: Path) -> list[str]:
+    """The site's ClientApp fork server, listening in sockets (a folder only its user reads)."""
+    return [sys.executable, "-I", "-m", CLIENTAPP_FORKSERVER_MODULE, "serve", str(sockets)]
 
 
 def require_free_port(host: str, port: int, option: str) -> None:

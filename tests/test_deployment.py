@@ -49,7 +49,7 @@ from deploy.directory_lock import STATE_LOCK_FILE
 from deploy.fleet_limits import OBJECT_ROUTE, FleetLimits
 from deploy.flower_runtime import app_folder, offline_flower_env
 from deploy.front_door import REFUSAL, fleet_routes
-from deploy.launch import SITE_RUNNER_MODULE
+from deploy.launch import CLIENTAPP_FORKSERVER_MODULE
 from deploy.site_registration import site_book_path
 from server.rundir import RunDirectory
 from simulations.local_superlink import free_port, stop_process_tree
@@ -562,7 +562,7 @@ def test_cohort_supernode_names_the_ca_file_when_the_superlink_is_not_signed_by_
 
 def _clientapps_of(process: subprocess.Popen[bytes]) -> set[int]:
     """The ClientApp processes a site's SuperNode runs now, one per task it is answering:
-    the site's own `flwr-clientapp`, which runs client.site_runner."""
+    the site's own `flwr-clientapp`, which launches the task in the site's fork server."""
     try:
         children = psutil.Process(process.pid).children(recursive=True)
     except psutil.NoSuchProcess:
@@ -570,7 +570,7 @@ def _clientapps_of(process: subprocess.Popen[bytes]) -> set[int]:
     found = set()
     for child in children:
         try:
-            if SITE_RUNNER_MODULE in child.cmdline():
+            if child.cmdline()[3:5] == [CLIENTAPP_FORKSERVER_MODULE, "launch"]:
                 found.add(child.pid)
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             pass

@@ -59,35 +59,10 @@ def completed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.
     return result, _run_dir(runs)
 
 
-@pytest.fixture(scope="module")
-def repeated_run(
-    tmp_path_factory: pytest.TempPathFactory, completed_run: tuple[subprocess.CompletedProcess[str], Path]
-) -> Path:
-    """completed_run again: the same settings and seed, on a SuperLink and Ray workers of its own."""
-    runs = tmp_path_factory.mktemp("again")
-    result = subprocess.run(
-        [COHORT, "simulate", *SMALL, "--set", "rounds=2", "--runs-dir", str(runs)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return _run_dir(runs)
-
-
 def _figures(run_dir: Path) -> list[tuple]:
     """Each round's figures but its duration: global accuracy and loss, and every site's
     epsilon, update norm, training and validation figures."""
     return [(m.round, m.accuracy, m.loss, m.sites) for m in _metrics(run_dir)]
-
-
-def test_the_same_seed_gives_the_same_run_noise_included(
-    completed_run: tuple[subprocess.CompletedProcess[str], Path], repeated_run: Path
-) -> None:
-    _, run_dir = completed_run
-    assert _figures(repeated_run) == _figures(run_dir)
-    assert RunDirectory(run_dir).read_config().noise_source == "seeded"
 
 
 @dataclass
@@ -125,12 +100,11 @@ def _ray_node(*args: str) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.fixture
-def two_node_ray_cluster(tmp_path: Path) -> Iterator[RayCluster]:
+@pytest.fixture(scope="module")
+def two_node_ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     port = free_port()
     cluster = RayCluster(f"127.0.0.1:{port}", [])
-    logs = tmp_path / "ray-logs"
-    logs.mkdir()
+    logs = tmp_path_factory.mktemp("ray-logs")
     head = _ray_node("--head", f"--port={port}", f"--ray-client-server-port={free_port()}", "--include-dashboard=false")
     try:
         for name, command in (("head", head), ("worker", _ray_node(f"--address={cluster.address}"))):
@@ -158,12 +132,19 @@ def _wait_for_ray_nodes(cluster: RayCluster, count: int, logs: Path) -> None:
     pytest.fail(f"the Ray cluster did not reach {count} node(s): " + " ".join(p.read_text() for p in logs.iterdir()))
 
 
-def test_a_run_on_a_two_node_ray_cluster_gives_the_same_figures_as_on_one_machine(
-    completed_run: tuple[subprocess.CompletedProcess[str], Path], two_node_ray_cluster: RayCluster, tmp_path: Path
-) -> None:
-    """completed_run's settings and seed, with `ray-address` naming the cluster: each node
-    (one CPU each) runs one of the two ClientApp actors."""
-    runs = tmp_path / "runs"
+@dataclass(frozen=True)
+class ClusterRun:
+    """A run on the two-node cluster, and the most ClientApp actors each node ran at once."""
+
+    run_dir: Path
+    busiest: list[int]
+
+
+@pytest.fixture(scope="module")
+def cluster_run(two_node_ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> ClusterRun:
+    """completed_run's settings and seed, with `ray-address` naming the cluster: a SuperLink
+    and Ray workers of its own, on two nodes of one CPU each."""
+    runs = tmp_path_factory.mktemp("cluster-runs")
     command = subprocess.Popen(
         [COHORT, "simulate", *SMALL, "--set", "rounds=2", "--set", f"ray-address='{two_node_ray_cluster.address}'",
          "--runs-dir", str(runs)],
@@ -175,10 +156,25 @@ def test_a_run_on_a_two_node_ray_cluster_gives_the_same_figures_as_on_one_machin
         time.sleep(0.5)
     output = command.stdout.read() if command.stdout else ""
     assert command.returncode == 0, output
-    run_dir = _run_dir(runs)
-    assert _figures(run_dir) == _figures(completed_run[1])
-    assert json.loads((run_dir / "simulation.json").read_text())["ray-address"] == two_node_ray_cluster.address
-    assert busiest == [1, 1], busiest
+    return ClusterRun(_run_dir(runs), busiest)
+
+
+def test_the_same_seed_gives_the_same_run_noise_included(
+    completed_run: tuple[subprocess.CompletedProcess[str], Path], cluster_run: ClusterRun
+) -> None:
+    """The same settings and seed again, on another SuperLink, other Ray workers and other
+    machines (the cluster's two nodes): every round's figures are the same."""
+    _, run_dir = completed_run
+    assert _figures(cluster_run.run_dir) == _figures(run_dir)
+    assert RunDirectory(run_dir).read_config().noise_source == "seeded"
+
+
+def test_a_run_on_a_two_node_ray_cluster_runs_one_clientapp_actor_on_each_node(
+    two_node_ray_cluster: RayCluster, cluster_run: ClusterRun
+) -> None:
+    assert cluster_run.busiest == [1, 1], cluster_run.busiest
+    recorded = json.loads((cluster_run.run_dir / "simulation.json").read_text())
+    assert recorded["ray-address"] == two_node_ray_cluster.address
 
 
 def test_a_run_directory_and_its_sites_state_are_private_to_the_user(

@@ -35,8 +35,9 @@ from common.privacy.ledger import (
     read_entries,
     verify_chain,
 )
+from deploy.clientapp_forkserver import wait_until_serving
 from deploy.flower_runtime import app_folder, offline_flower_env
-from deploy.launch import SITE_RUNTIME_DIR, SuperNodeLaunch, flower_env
+from deploy.launch import FORKSERVER_STARTUP_S, SuperNodeLaunch, flower_env, forkserver_argv, install_site_runner
 from server.records import SiteRound
 from server.rundir import RunDirectory
 from simulations.local_superlink import free_port, stop_process_tree
@@ -133,19 +134,27 @@ def _online_sites(federation: Federation) -> int:
 
 def _start_site(federation: Federation, site: str) -> None:
     """What `cohort supernode` does, on an insecure SuperLink: prepare the site's own
-    runtime, then start flower-supernode with the site's folder first on PATH."""
+    runtime, start its ClientApp fork server, then flower-supernode with the site's folder
+    first on PATH."""
     data = federation.root / "data" / f"{site}.npz"
     launch = SuperNodeLaunch(
         superlink=f"127.0.0.1:{federation.port}", ca_cert=Path("unused"), auth_key=Path("unused"), name=site,
         data=data, state_dir=federation.state(site), epsilon=SITES[site], delta=DELTA, port=free_port(),
     )  # fmt: skip
     launch.prepare()
+    sockets = federation.root / "sockets" / site
+    sockets.mkdir(parents=True, mode=0o700)
+    env = flower_env(install_site_runner(launch.state_dir, sockets))
+    env["FLWR_HOME"] = str(federation.root / "homes" / site)
+    federation.spawn(f"{site}-clientapps", forkserver_argv(sockets), env)
+    server = federation.processes[-1]
+    assert wait_until_serving(sockets, lambda: server.poll() is None, FORKSERVER_STARTUP_S), federation.log(
+        f"{site}-clientapps"
+    )
     argv = [
         str(BIN / "flower-supernode"), "--insecure", "--superlink", launch.superlink, "--port", str(launch.port),
         "--isolation", "subprocess", "--node-config", launch.node_config(),
     ]  # fmt: skip
-    env = flower_env(launch.state_dir / SITE_RUNTIME_DIR)
-    env["FLWR_HOME"] = str(federation.root / "homes" / site)
     federation.spawn(site, argv, env)
 
 

@@ -26,7 +26,7 @@ from tests.conftest import federation_processes
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 COHORT = str(Path(sys.executable).parent / "cohort")
-ROUNDS = 6
+ROUNDS = 4
 NO_DP = [
     str(Path(__file__).resolve().parents[1] / "simulations" / "no-dp.toml"),
     "--set",
@@ -38,7 +38,7 @@ ENV = {**os.environ, "COLUMNS": "200"}
 # The default federation, small: DP at three sites, one local epoch a round.
 SMALL_DP = ["--set", "num-sites=3", "--set", "local-epochs=1"]
 SITES = ("site-0", "site-1", "site-2")
-RESUMED_ROUNDS = 5
+RESUMED_ROUNDS = 4
 
 
 def _simulate(runs: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Path]:

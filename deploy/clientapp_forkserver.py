@@ -33,6 +33,7 @@ import socket
 import struct
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,7 +223,8 @@ class ForkServer:
         task = os.fork()
         if task == 0:
             self._become_task(arguments, streams)
-        connection.sendall(_INT.pack(task))
+        with contextlib.suppress(OSError):  # a launcher gone since it asked: its task still runs, and is reaped
+            connection.sendall(_INT.pack(task))
         return task
 
     def _become_task(self, arguments: list[str], streams: list[int]) -> None:
@@ -242,6 +244,8 @@ class ForkServer:
             for target, stream in zip(_STANDARD_STREAMS, streams, strict=True):
                 os.dup2(stream, target)
             code = self.run_task(arguments)
+        except BaseException:  # noqa: BLE001 - said on the launcher's stream; the server's loop must never resume here
+            traceback.print_exc()
         finally:
             with contextlib.suppress(Exception):
                 sys.stdout.flush()

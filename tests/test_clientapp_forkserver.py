@@ -4,7 +4,10 @@ code, the signals it gets reach the task."""
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -100,6 +103,23 @@ def _eventually(condition: Callable[[], bool]) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+def test_a_launcher_gone_right_after_asking_leaves_the_server_serving(
+    served_site: ServedSite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A launcher killed between its request and its task's pid must not stop the site."""
+    request = json.dumps(["--help"]).encode()
+    with (tmp_path / "out").open("wb") as out:
+        asking = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        monkeypatch.chdir(served_site.sockets)  # the folder's path is longer than a socket's may be
+        asking.connect(SOCKET_NAME)
+        socket.send_fds(asking, [struct.pack("!i", len(request)) + request], [0, out.fileno(), out.fileno()])
+        asking.close()
+    usage = served_site.launch("--help")
+    stdout, _ = usage.communicate(timeout=60)
+    assert usage.returncode == 0 and "The site's own ClientApp runner" in stdout
+    assert served_site.server.poll() is None
 
 
 def test_without_its_server_the_sites_clientapp_says_how_to_start_one(tmp_path: Path) -> None:

@@ -99,13 +99,14 @@ INSTALLED_CODE = _installed_code()
 
 def changed_site_files(shipped: dict[str, bytes]) -> list[str]:
     """Files of the site's packages that the FAB adds, removes or changes."""
-    installed = INSTALLED_CODE
     offered = {
         name: content
         for name, content in shipped.items()
         if name.split("/", 1)[0] in SITE_PACKAGES and name.endswith(".py")
     }
-    return sorted(name for name in installed.keys() | offered.keys() if installed.get(name) != offered.get(name))
+    return sorted(
+        name for name in INSTALLED_CODE.keys() | offered.keys() if INSTALLED_CODE.get(name) != offered.get(name)
+    )
 
 
 def _read_fab(content: bytes) -> dict[str, bytes]:

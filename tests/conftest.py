@@ -171,13 +171,6 @@ def medmnist_npz(tmp_path: Path) -> Path:
 COHORT = str(Path(sys.executable).parent / "cohort")
 
 
-# One ClientApp actor for a whole small simulation: each actor imports PyTorch and Opacus
-# (about 10 CPU-seconds, most of a small run's cost), and one trains every site of a
-# test's run in turn, leaving the other core to the other test worker. A run whose sites
-# must answer at once (a silent site holds its actor) keeps the default, one a core.
-ONE_ACTOR = ("--set", f"cpus-per-site={os.cpu_count() or 1}")
-
-
 def _printed(runs: Path, stream: str) -> Path:
     """Where a run under `runs` prints `stream`: a file beside the folder, which nothing need
     read while the run goes on (a pipe left unread would stall it)."""
@@ -205,9 +198,7 @@ def finish_simulation(command: subprocess.Popen[bytes], runs: Path) -> tuple[sub
 
 
 def _start_twin(runs: Path, *settings: str) -> subprocess.Popen[bytes]:
-    return start_simulation(
-        runs, "--set", "audit-canaries=150", "--set", "num-sites=3", *ONE_ACTOR, *settings, columns=80
-    )
+    return start_simulation(runs, "--set", "audit-canaries=150", "--set", "num-sites=3", *settings, columns=80)
 
 
 @pytest.fixture(scope="session")

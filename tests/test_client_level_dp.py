@@ -25,7 +25,6 @@ from server.central_dp import ServerSideAdaptiveClipping
 from server.client_level_noise import client_level_noise
 from server.run_config import AggregationConfig, CentralDPConfig, RunConfig
 from server.rundir import RunDirectory
-from tests.conftest import ONE_ACTOR
 
 COHORT = str(Path(sys.executable).parent / "cohort")
 CLIENT_LEVEL = Path(__file__).resolve().parents[1] / "simulations" / "client-level.toml"
@@ -111,7 +110,7 @@ def budget_stopped_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subpro
         "client-epsilon=6.0",
         f"audit-canary-clients={CANARY_CLIENTS}",
     ]
-    command = [COHORT, "simulate", str(CLIENT_LEVEL), *ONE_ACTOR, "--runs-dir", str(runs)]
+    command = [COHORT, "simulate", str(CLIENT_LEVEL), "--runs-dir", str(runs)]
     for setting in settings:
         command += ["--set", setting]
     result = subprocess.run(

@@ -22,7 +22,7 @@ from common.privacy.ledger import LEDGER_FILE, LedgerEntry, history_of, load_pub
 from server.records import RoundRecord, Summary
 from server.rundir import RunDirectory
 from simulations.local_superlink import command_line
-from tests.conftest import ONE_ACTOR, federation_processes, finish_simulation, start_simulation
+from tests.conftest import federation_processes, finish_simulation, start_simulation
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -34,11 +34,10 @@ NO_DP = [
     "num-sites=5",
     "--set",
     f"rounds={ROUNDS}",
-    *ONE_ACTOR,
 ]
 ENV = {**os.environ, "COLUMNS": "200"}
 # The default federation, small: DP at three sites, one local epoch a round.
-SMALL_DP = ["--set", "num-sites=3", "--set", "local-epochs=1", *ONE_ACTOR]
+SMALL_DP = ["--set", "num-sites=3", "--set", "local-epochs=1"]
 SITES = ("site-0", "site-1", "site-2")
 RESUMED_ROUNDS = 4
 
@@ -200,8 +199,7 @@ def _stop_when(command: subprocess.Popen[str], signum: int, ready: Callable[[], 
 
 def _signal_once_ray_runs(runs: Path, signum: int) -> Stopped:
     command = subprocess.Popen(
-        [COHORT, "simulate", *NO_DP[:1], *ONE_ACTOR, "--set", "num-sites=3", "--set", "rounds=50",
-         "--runs-dir", str(runs)],
+        [COHORT, "simulate", *NO_DP[:1], "--set", "num-sites=3", "--set", "rounds=50", "--runs-dir", str(runs)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
     return _stop_when(command, signum, lambda: any("ray::" in command_line(p) for p in _descendants(command.pid)))
@@ -356,8 +354,7 @@ def killed_run(tmp_path_factory: pytest.TempPathFactory) -> KilledRun:
     before = federation_processes()
     # Its own process group, as a batch scheduler or a shell job would run it.
     command = subprocess.Popen(
-        [COHORT, "simulate", NO_DP[0], *ONE_ACTOR, "--set", "num-sites=3", "--set", "rounds=500",
-         "--runs-dir", str(runs)],
+        [COHORT, "simulate", NO_DP[0], "--set", "num-sites=3", "--set", "rounds=500", "--runs-dir", str(runs)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True,
     )  # fmt: skip
     _wait_for(command, runs, "*/config.json")  # the ServerApp has started writing

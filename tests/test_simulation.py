@@ -26,7 +26,7 @@ from server.records import RoundRecord
 from server.rundir import RunDirectory
 from simulations.in_process import InProcessGrid, exchange_of, run_in_process
 from simulations.local_superlink import command_line, free_port, stop_process_tree
-from tests.conftest import ONE_ACTOR, finish_simulation, flower_task_identity, start_simulation
+from tests.conftest import finish_simulation, flower_task_identity, start_simulation
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -303,7 +303,7 @@ def test_flowers_logs_hold_each_serverapp_line_once_and_no_colour_codes(
 
 def _simulate(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [COHORT, "simulate", *SMALL, *ONE_ACTOR, *args],
+        [COHORT, "simulate", *SMALL, *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -424,7 +424,6 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "simulate",
             "simulations/secure-aggregation.toml",
             *SMALL,
-            *ONE_ACTOR,
             "--set",
             "rounds=2",
             "--runs-dir",

@@ -171,62 +171,38 @@ def medmnist_npz(tmp_path: Path) -> Path:
 COHORT = str(Path(sys.executable).parent / "cohort")
 
 
-def _printed(runs: Path, stream: str) -> Path:
-    """Where a run under `runs` prints `stream`: a file beside the folder, which nothing need
-    read while the run goes on (a pipe left unread would stall it)."""
-    return runs.with_name(f"{runs.name}.{stream}")
-
-
-def start_simulation(runs: Path, *args: str, columns: int = 200) -> subprocess.Popen[bytes]:
-    """`cohort simulate ARGS... --runs-dir RUNS`, started: runs that mostly wait (a reply
-    timeout, Ray's start) run side by side with others."""
-    with _printed(runs, "stdout").open("wb") as stdout, _printed(runs, "stderr").open("wb") as stderr:
-        return subprocess.Popen(
-            [COHORT, "simulate", *args, "--runs-dir", str(runs)],
-            stdout=stdout,
-            stderr=stderr,
-            env={**os.environ, "COLUMNS": str(columns)},
-        )
-
-
-def finish_simulation(command: subprocess.Popen[bytes], runs: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
-    """What a started run printed and the run directory it wrote, once it has ended."""
-    command.wait(timeout=900)
-    stdout, stderr = (_printed(runs, stream).read_text() for stream in ("stdout", "stderr"))
-    (run_dir,) = list(runs.iterdir())
-    return subprocess.CompletedProcess(command.args, command.returncode, stdout, stderr), run_dir
-
-
-def _start_twin(runs: Path, *settings: str) -> subprocess.Popen[bytes]:
-    return start_simulation(runs, "--set", "audit-canaries=150", "--set", "num-sites=3", *settings, columns=80)
-
-
-@pytest.fixture(scope="session")
-def twin_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Twin runs on the same data, sites and canaries, without DP and with it, side by
-    side. Without DP, several local epochs: the canary site memorises its canaries' wrong
-    labels."""
-    runs = (tmp_path_factory.mktemp("no-dp"), tmp_path_factory.mktemp("dp"))
-    started = (
-        _start_twin(runs[0], "simulations/no-dp.toml", "--set", "rounds=5", "--set", "local-epochs=6"),
-        _start_twin(runs[1], "--set", "rounds=3"),
+def _simulate_twin(runs: Path, *settings: str) -> Path:
+    command = [
+        COHORT,
+        "simulate",
+        "--set",
+        "audit-canaries=150",
+        "--set",
+        "num-sites=3",
+        *settings,
+        "--runs-dir",
+        str(runs),
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "80"}, check=False
     )
-    run_dirs = []
-    for command, folder in zip(started, runs, strict=True):
-        result, run_dir = finish_simulation(command, folder)
-        assert result.returncode == 0, result.stdout + result.stderr
-        run_dirs.append(run_dir)
-    return run_dirs[0], run_dirs[1]
+    assert result.returncode == 0, result.stdout + result.stderr
+    (run_dir,) = list(runs.iterdir())
+    return run_dir
 
 
 @pytest.fixture(scope="session")
-def non_private_run(twin_runs: tuple[Path, Path]) -> Path:
-    return twin_runs[0]
+def non_private_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Twin runs on the same data, sites and canaries, without DP and with it. Without
+    DP, several local epochs: the canary site memorises its canaries' wrong labels."""
+    return _simulate_twin(
+        tmp_path_factory.mktemp("no-dp"), "simulations/no-dp.toml", "--set", "rounds=5", "--set", "local-epochs=6"
+    )
 
 
 @pytest.fixture(scope="session")
-def private_run(twin_runs: tuple[Path, Path]) -> Path:
-    return twin_runs[1]
+def private_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _simulate_twin(tmp_path_factory.mktemp("dp"), "--set", "rounds=3")
 
 
 @pytest.fixture

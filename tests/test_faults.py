@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from common.privacy.ledger import LEDGER_FILE, LedgerEntry, history_of, load_pub
 from server.records import RoundRecord, Summary
 from server.rundir import RunDirectory
 from simulations.local_superlink import command_line
-from tests.conftest import federation_processes, finish_simulation, start_simulation
+from tests.conftest import federation_processes
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -40,6 +39,19 @@ ENV = {**os.environ, "COLUMNS": "200"}
 SMALL_DP = ["--set", "num-sites=3", "--set", "local-epochs=1"]
 SITES = ("site-0", "site-1", "site-2")
 RESUMED_ROUNDS = 4
+
+
+def _simulate(runs: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    result = subprocess.run(
+        [COHORT, "simulate", *args, "--runs-dir", str(runs)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+        check=False,
+    )
+    (run_dir,) = list(runs.iterdir())
+    return result, run_dir
 
 
 def _resume(run_dir: Path, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -63,45 +75,16 @@ def _summary(run_dir: Path) -> Summary:
     return summary
 
 
-# The silent site's run waits out its reply timeout (round 1 also starts Ray and loads
-# the data at every site, beside the other runs) while the clean and the hostile run train.
-SILENT_TIMEOUT_S = 90
-
-
-@dataclass(frozen=True)
-class FaultRuns:
-    """Three runs of `cohort simulate` and where each wrote: without faults, with a NaN
-    site and a boosting site, and with a site that never answers its training message."""
-
-    clean: tuple[subprocess.CompletedProcess[str], Path]
-    hostile: tuple[subprocess.CompletedProcess[str], Path]
-    silent: tuple[subprocess.CompletedProcess[str], Path]
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    return _simulate(tmp_path_factory.mktemp("clean"), *NO_DP)
 
 
 @pytest.fixture(scope="module")
-def fault_runs(tmp_path_factory: pytest.TempPathFactory) -> FaultRuns:
-    """The silent run side by side with the other two: it mostly waits, they mostly train."""
-    runs = {name: tmp_path_factory.mktemp(name) for name in ("clean", "hostile", "silent")}
-    silent = start_simulation(
-        runs["silent"], *NO_DP[:1],
-        "--set", "num-sites=3", "--set", "rounds=1", "--set", f"reply-timeout={SILENT_TIMEOUT_S}",
-        "--set", 'attack="silent"', "--set", "attack-sites=[2]",
-    )  # fmt: skip
-    clean = finish_simulation(start_simulation(runs["clean"], *NO_DP), runs["clean"])
-    hostile = start_simulation(
-        runs["hostile"], *NO_DP, "--set", 'attack=["nan", "boost"]', "--set", "attack-sites=[1, 2]"
+def hostile_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    return _simulate(
+        tmp_path_factory.mktemp("hostile"), *NO_DP, "--set", 'attack=["nan", "boost"]', "--set", "attack-sites=[1, 2]"
     )
-    return FaultRuns(clean, finish_simulation(hostile, runs["hostile"]), finish_simulation(silent, runs["silent"]))
-
-
-@pytest.fixture(scope="module")
-def clean_run(fault_runs: FaultRuns) -> tuple[subprocess.CompletedProcess[str], Path]:
-    return fault_runs.clean
-
-
-@pytest.fixture(scope="module")
-def hostile_run(fault_runs: FaultRuns) -> tuple[subprocess.CompletedProcess[str], Path]:
-    return fault_runs.hostile
 
 
 def test_a_run_with_a_nan_site_and_a_boosting_site_completes_near_the_clean_accuracy(clean_run, hostile_run) -> None:  # type: ignore[no-untyped-def]
@@ -143,14 +126,20 @@ def test_the_rejected_sites_spend_is_still_in_the_runs_ledger(hostile_run) -> No
     ]
 
 
-def test_a_silent_site_fails_its_round_after_the_timeout_and_the_round_finishes(fault_runs: FaultRuns) -> None:
-    result, run_dir = fault_runs.silent
+def test_a_silent_site_fails_its_round_after_the_timeout_and_the_round_finishes(tmp_path: Path) -> None:
+    timeout = 60  # round 1 also starts Ray and loads the data at every site
+    result, run_dir = _simulate(
+        tmp_path,
+        *NO_DP[:1],
+        "--set", "num-sites=3", "--set", "rounds=1",
+        "--set", f"reply-timeout={timeout}", "--set", 'attack="silent"', "--set", "attack-sites=[2]",
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     (record,) = _metrics(run_dir)
     assert [(f.site, f.stage) for f in record.failures] == [(f"node {record.failures[0].node}", "train")]
-    assert all(f"no reply within {SILENT_TIMEOUT_S}s" in f.reason for f in record.failures)
+    assert all(f"no reply within {timeout}s" in f.reason for f in record.failures)
     assert sorted(name for name, site in record.sites.items() if site.trained) == ["site-0", "site-1"]
-    assert record.seconds >= SILENT_TIMEOUT_S
+    assert record.seconds >= timeout
 
 
 def _descendants(pid: int) -> list[psutil.Process]:
@@ -167,42 +156,35 @@ def _alive(process: psutil.Process) -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class Stopped:
-    """What a signal sent to a running `cohort simulate` left: its exit code and error
-    output, whether its run had started (a ServerApp process), and what it had started
-    that still runs."""
-
-    returncode: int
-    stderr: str
-    had_started: bool
-    left_running: list[str]
-
-
-def _stop_when(command: subprocess.Popen[str], signum: int, ready: Callable[[], bool]) -> Stopped:
-    """Send `signum` once `ready()` holds (unless the command has ended by then)."""
+def _stop_when(command: subprocess.Popen[str], signum: int, ready: Callable[[], bool]) -> None:
+    """Send `signum` once `ready()` holds; the command must exit with 128 + signum, leaving
+    none of the processes it started running."""
     started: dict[int, psutil.Process] = {}
     deadline = time.monotonic() + 300
     while True:
         for process in _descendants(command.pid):
             started.setdefault(process.pid, process)
-        if ready() or command.poll() is not None or time.monotonic() > deadline:
+        if ready() or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    had_started = any("flwr-simulation" in command_line(p) for p in started.values())
-    if command.poll() is None:
-        command.send_signal(signum)
+    assert command.poll() is None, command.stderr.read() if command.stderr else ""
+    assert any("flwr-simulation" in command_line(p) for p in started.values()), "the run had not started"
+    command.send_signal(signum)
     _, stderr = command.communicate(timeout=120)
+    assert command.returncode == 128 + signum, stderr
     time.sleep(1)
-    return Stopped(command.returncode, stderr, had_started, [command_line(p) for p in started.values() if _alive(p)])
+    alive = [p for p in started.values() if _alive(p)]
+    assert not alive, [command_line(p) for p in alive]
 
 
-def _signal_once_ray_runs(runs: Path, signum: int) -> Stopped:
+# SIGINT (Ctrl-C) is sent by the resumed run below, which checks the same.
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_stops_exactly_the_processes_the_command_started(signum: int, tmp_path: Path) -> None:
     command = subprocess.Popen(
-        [COHORT, "simulate", *NO_DP[:1], "--set", "num-sites=3", "--set", "rounds=50", "--runs-dir", str(runs)],
+        [COHORT, "simulate", *NO_DP[:1], "--set", "num-sites=3", "--set", "rounds=50", "--runs-dir", str(tmp_path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
-    return _stop_when(command, signum, lambda: any("ray::" in command_line(p) for p in _descendants(command.pid)))
+    _stop_when(command, signum, lambda: any("ray::" in command_line(p) for p in _descendants(command.pid)))
 
 
 def _ledger_lines(path: Path) -> list[str]:
@@ -210,89 +192,42 @@ def _ledger_lines(path: Path) -> list[str]:
 
 
 @dataclass(frozen=True)
-class InterruptedRun:
+class ResumedRun:
     """A DP run stopped with Ctrl-C once its second round was checkpointed (a round takes
-    about a second here, so a later one is under way): how it stopped, how many rounds it
-    had recorded, whether it had written a summary, and each site's ledger lines."""
+    about a second here, so a later one is under way), then resumed with `cohort simulate
+    --resume`. Before the resume: how many rounds it had recorded, whether it had written
+    a summary, and each site's ledger lines."""
 
     run_dir: Path
-    stopped: Stopped
     rounds_before: int
     summary_before: bool
     ledgers_before: dict[str, list[str]]
-
-
-def _interrupt_after_round_2(runs: Path) -> InterruptedRun:
-    command = subprocess.Popen(
-        [COHORT, "simulate", *SMALL_DP, "--set", f"rounds={RESUMED_ROUNDS}", "--runs-dir", str(runs)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
-    )  # fmt: skip
-    stopped = _stop_when(command, signal.SIGINT, lambda: bool(list(runs.glob("*/checkpoints/round-0002.pt"))))
-    (run_dir,) = list(runs.iterdir())
-    return InterruptedRun(
-        run_dir,
-        stopped,
-        len(_metrics(run_dir)),
-        (run_dir / "summary.json").exists(),
-        {site: _ledger_lines(run_dir / "federation" / site / LEDGER_FILE) for site in SITES},
-    )
-
-
-@dataclass(frozen=True)
-class StoppedRuns:
-    """How each signal stopped its run; the run Ctrl-C stopped, to be resumed."""
-
-    by_signal: dict[int, Stopped]
-    interrupted: InterruptedRun
-
-
-@pytest.fixture(scope="module")
-def stopped_runs(tmp_path_factory: pytest.TempPathFactory) -> StoppedRuns:
-    """SIGTERM and SIGHUP, each to a run of its own once Ray's workers run, and Ctrl-C to a
-    third after its second round: side by side, each watching only what its own command
-    started."""
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        by_signal = {
-            signum: pool.submit(_signal_once_ray_runs, tmp_path_factory.mktemp(signum.name), signum)
-            for signum in (signal.SIGTERM, signal.SIGHUP)
-        }
-        pending = pool.submit(_interrupt_after_round_2, tmp_path_factory.mktemp("interrupted"))
-        interrupted = pending.result()
-        stopped = {signum: future.result() for signum, future in by_signal.items()}
-    return StoppedRuns({**stopped, signal.SIGINT: interrupted.stopped}, interrupted)
-
-
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
-def test_a_signal_stops_exactly_the_processes_the_command_started(signum: int, stopped_runs: StoppedRuns) -> None:
-    stopped = stopped_runs.by_signal[signum]
-    assert stopped.had_started, "the run had not started: " + stopped.stderr
-    assert stopped.returncode == 128 + signum, stopped.stderr
-    assert not stopped.left_running, stopped.left_running
-
-
-@dataclass(frozen=True)
-class ResumedRun:
-    """The interrupted run, resumed with `cohort simulate --resume`."""
-
-    before: InterruptedRun
     resumed: subprocess.CompletedProcess[str]
-
-    @property
-    def run_dir(self) -> Path:
-        return self.before.run_dir
 
     def site_ledger(self, site: str) -> Path:
         return self.run_dir / "federation" / site / LEDGER_FILE
 
 
 @pytest.fixture(scope="module")
-def resumed_run(stopped_runs: StoppedRuns) -> ResumedRun:
-    return ResumedRun(stopped_runs.interrupted, _resume(stopped_runs.interrupted.run_dir, timeout=600))
+def resumed_run(tmp_path_factory: pytest.TempPathFactory) -> ResumedRun:
+    runs = tmp_path_factory.mktemp("interrupted")
+    command = subprocess.Popen(
+        [COHORT, "simulate", *SMALL_DP, "--set", f"rounds={RESUMED_ROUNDS}", "--runs-dir", str(runs)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    _stop_when(command, signal.SIGINT, lambda: bool(list(runs.glob("*/checkpoints/round-0002.pt"))))
+    (run_dir,) = list(runs.iterdir())
+    return ResumedRun(
+        run_dir,
+        len(_metrics(run_dir)),
+        (run_dir / "summary.json").exists(),
+        {site: _ledger_lines(run_dir / "federation" / site / LEDGER_FILE) for site in SITES},
+        _resume(run_dir, timeout=600),
+    )
 
 
-def test_ctrl_c_stops_a_run_before_its_end_without_a_summary(stopped_runs: StoppedRuns) -> None:
-    interrupted = stopped_runs.interrupted
-    assert interrupted.rounds_before < RESUMED_ROUNDS and not interrupted.summary_before
+def test_ctrl_c_stops_a_run_before_its_end_without_a_summary(resumed_run: ResumedRun) -> None:
+    assert resumed_run.rounds_before < RESUMED_ROUNDS and not resumed_run.summary_before
 
 
 def test_a_resumed_run_continues_at_the_next_round_with_each_sites_epsilon_continuing(
@@ -318,7 +253,7 @@ def test_every_release_made_before_the_stop_is_in_the_ledgers_once_after_the_res
     for site in SITES:
         ledger = resumed_run.site_ledger(site)
         after = _ledger_lines(ledger)
-        before = resumed_run.before.ledgers_before[site]
+        before = resumed_run.ledgers_before[site]
         assert after[: len(before)] == before, "a release the site made before the stop was lost"
         entries = read_entries(ledger)
         assert verify_chain(entries, load_public_key(ledger.parent / "ledger_key.pub.pem")) is None

@@ -26,7 +26,7 @@ from server.records import RoundRecord
 from server.rundir import RunDirectory
 from simulations.in_process import InProcessGrid, exchange_of, run_in_process
 from simulations.local_superlink import command_line, free_port, stop_process_tree
-from tests.conftest import finish_simulation, flower_task_identity, start_simulation
+from tests.conftest import flower_task_identity
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -42,6 +42,21 @@ def _run_dir(runs: Path) -> Path:
 
 def _metrics(run_dir: Path) -> list[RoundRecord]:
     return RunDirectory(run_dir).read_metrics()
+
+
+@pytest.fixture(scope="module")
+def completed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    runs = tmp_path_factory.mktemp("runs")
+    result = subprocess.run(
+        [COHORT, "simulate", *SMALL, "--set", "rounds=2", "--runs-dir", str(runs)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "COLUMNS": "200"},
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result, _run_dir(runs)
 
 
 def _figures(run_dir: Path) -> list[tuple]:
@@ -125,52 +140,23 @@ class ClusterRun:
     busiest: list[int]
 
 
-def _run_on_cluster(cluster: RayCluster, runs: Path) -> ClusterRun:
+@pytest.fixture(scope="module")
+def cluster_run(two_node_ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> ClusterRun:
     """completed_run's settings and seed, with `ray-address` naming the cluster: a SuperLink
     and Ray workers of its own, on two nodes of one CPU each."""
+    runs = tmp_path_factory.mktemp("cluster-runs")
     command = subprocess.Popen(
-        [COHORT, "simulate", *SMALL, "--set", "rounds=2", "--set", f"ray-address='{cluster.address}'",
+        [COHORT, "simulate", *SMALL, "--set", "rounds=2", "--set", f"ray-address='{two_node_ray_cluster.address}'",
          "--runs-dir", str(runs)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     busiest = [0, 0]
     while command.poll() is None:
-        busiest = [max(seen, now) for seen, now in zip(busiest, cluster.actors_by_node(), strict=True)]
+        busiest = [max(seen, now) for seen, now in zip(busiest, two_node_ray_cluster.actors_by_node(), strict=True)]
         time.sleep(0.5)
     output = command.stdout.read() if command.stdout else ""
     assert command.returncode == 0, output
     return ClusterRun(_run_dir(runs), busiest)
-
-
-@dataclass(frozen=True)
-class SameSettingsRuns:
-    """One run's settings and seed, run twice side by side: on the local engine (a Ray of
-    its own) and on the two-node cluster."""
-
-    local: tuple[subprocess.CompletedProcess[str], Path]
-    on_cluster: ClusterRun
-
-
-@pytest.fixture(scope="module")
-def same_settings_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> SameSettingsRuns:
-    """The cluster is asked for once the local run has started, so that its nodes start
-    while the local run does."""
-    runs = tmp_path_factory.mktemp("runs")
-    local = start_simulation(runs, *SMALL, "--set", "rounds=2")
-    on_cluster = _run_on_cluster(request.getfixturevalue("two_node_ray_cluster"), tmp_path_factory.mktemp("cluster"))
-    return SameSettingsRuns(finish_simulation(local, runs), on_cluster)
-
-
-@pytest.fixture(scope="module")
-def completed_run(same_settings_runs: SameSettingsRuns) -> tuple[subprocess.CompletedProcess[str], Path]:
-    result, run_dir = same_settings_runs.local
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result, run_dir
-
-
-@pytest.fixture(scope="module")
-def cluster_run(same_settings_runs: SameSettingsRuns) -> ClusterRun:
-    return same_settings_runs.on_cluster
 
 
 def test_the_same_seed_gives_the_same_run_noise_included(

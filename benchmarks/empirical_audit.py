@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.results import run_table
+from client.policy import POLICY_FILE
 from server.audit_transcript import TRANSCRIPT_DIR
 
 COHORT = str(Path(sys.executable).parent / "cohort")
@@ -47,10 +48,16 @@ def audit_one(label: str, kind: str, seed: int, runs_dir: Path) -> dict[str, Any
     home = runs / "federation-home"
     for site in range(SITES):
         (home / f"site-{site}").mkdir(parents=True)
-        (home / f"site-{site}" / "policy.toml").write_text(f"max-noise-multiplier = {MAX_NOISE_MULTIPLIER}\n")
+        (home / f"site-{site}" / POLICY_FILE).write_text(f"max-noise-multiplier = {MAX_NOISE_MULTIPLIER}\n")
     started = time.perf_counter()
     command = [COHORT, "simulate", *SETTINGS[label]]
-    for setting in (f"rounds={ROUNDS}", f"audit-canaries={CANARIES}", f"audit-canary-kind={kind}", f"seed={seed}"):
+    for setting in (
+        f"num-sites={SITES}",
+        f"rounds={ROUNDS}",
+        f"audit-canaries={CANARIES}",
+        f"audit-canary-kind={kind}",
+        f"seed={seed}",
+    ):
         command += ["--set", setting]
     command += ["--federation-home", str(home)]
     simulated = subprocess.run([*command, "--runs-dir", str(runs)], check=False, capture_output=True, text=True)

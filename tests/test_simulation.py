@@ -287,17 +287,6 @@ def test_flowers_logs_hold_each_serverapp_line_once_and_no_colour_codes(
     assert flower.count("Round 1: global accuracy") == 1, flower
 
 
-def _simulate(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [COHORT, "simulate", *SMALL, *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "COLUMNS": "200"},
-        check=False,
-    )
-
-
 @dataclass(frozen=True)
 class Studies:
     """Three one-round studies on one federation home, each a run of its own id."""
@@ -365,6 +354,8 @@ def test_a_later_study_starts_from_what_the_earlier_spent_and_may_take_the_rest(
 
 
 def test_a_site_whose_budget_runs_out_is_refused_and_the_run_finishes_with_the_others(tmp_path: Path) -> None:
+    """In this process, like the studies above: the refusal is the site's own ClientApp
+    reading its ledger, and the run going on without it is the ServerApp's."""
     from client.training import steps_per_epoch
     from server.run_config import DataConfig
     from simulations.federation import simulated_site_data
@@ -377,22 +368,16 @@ def test_a_site_whose_budget_runs_out_is_refused_and_the_run_finishes_with_the_o
     (home / "site-1").mkdir(parents=True)
     (home / "site-1" / "policy.toml").write_text(f"epsilon = {(one_round + two_rounds) / 2}\n")
 
-    result = _simulate(
-        "--set",
-        "rounds=3",
-        "--set",
-        f"noise-multiplier={sigma}",
-        "--federation-home",
-        str(home),
-        "--runs-dir",
-        str(tmp_path / "runs"),
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    metrics = _metrics(_run_dir(tmp_path / "runs"))
+    settings = {"rounds": 3, "noise-multiplier": sigma, "federation-home": str(home), "noise-source": "seeded"}
+    with flower_task_identity():
+        grid = run_in_process(settings, 3, tmp_path / "run")
+    assert grid.stopped == "", grid.stopped
+    metrics = _metrics(tmp_path / "run")
     trained = [sorted(name for name, site in m.sites.items() if site.trained) for m in metrics]
     assert trained == [["site-0", "site-1", "site-2"], ["site-0", "site-2"], ["site-0", "site-2"]]
     assert metrics[-1].refused == ("site-1",)
-    assert "refused to train (out of the run): site-1" in result.stdout
+    summary = RunDirectory(tmp_path / "run").read_summary()
+    assert summary is not None and summary.refused == ("site-1",)
     site1 = [e.record for e in read_entries(home / "site-1" / "privacy_ledger.jsonl")]
     assert [(r.round, r.kind) for r in site1] == [(1, "release"), (2, "refusal")]
     assert "over its budget" in site1[1].reason

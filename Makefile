@@ -46,11 +46,12 @@ lint: setup
 
 # Two workers, each taking whole test files (a file's shared federation starts once): much
 # of a federation test is waiting on timeouts and process starts, which the other worker
-# fills; the longest files go first (tests/conftest.py). A third worker measured 44 s
-# faster but slowed each federation's exchanges towards their timeouts. `pytest
-# tests/test_x.py` alone still runs serially.
+# fills. The longest files go first, in tests/conftest.py's order, which
+# --no-loadscope-reorder keeps (xdist would otherwise sort the files by how many tests they
+# hold). A third worker measured 44 s faster but slowed each federation's exchanges
+# towards their timeouts. `pytest tests/test_x.py` alone still runs serially.
 test: setup lint browser nginx systemd
-	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=25
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 benchmark: setup
 	$(BIN)/python -m benchmarks.run

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from benchmarks.results import run_table
 from client.dp_randomness import draw_noise_from
 from common.config import AUTO_GRAD_SAMPLE_MODE
+from common.models import standardized_conv_grad_sample  # noqa: F401 (the rule Opacus' hooks use for the cnn)
 from common.models.registry import build_model
 from common.privacy.noise import NoiseSource, SecureNoise, SeededNoise
 

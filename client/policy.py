@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from common import protocol
-from common.config import EPSILON_RANGE, Range, SiteRunConfig, validate_budget
+from common.config import ACCOUNTANTS, EPSILON_RANGE, Range, SiteRunConfig, validate_budget
 from common.errors import CohortInputError
 from common.private_files import open_private
 
@@ -136,15 +136,13 @@ class SiteConfig:
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], run: SiteRunConfig) -> SiteConfig:
         """The site's policy as its ClientApp reads it, every key checked, the accountants it
-        names against Opacus' registry too."""
-        from common.privacy.accounting import accountant_names  # Opacus' registry: it loads PyTorch
-
+        names against Opacus' too."""
         site = (
             cls.deployed_site(node_config)
             if node_config.get("data-path") is not None
             else cls.simulated_site(node_config, run)
         )
-        _names(site.accountants, "accountants", accountant_names())
+        _names(site.accountants, "accountants", ACCOUNTANTS)
         return site
 
     @classmethod

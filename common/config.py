@@ -31,6 +31,10 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 MODELS = ("cnn", "transformer")
+# Opacus' accountants (its registry, opacus.accountants.registry: what create_accountant
+# builds), named here so that checking a setting does not load Opacus and with it PyTorch,
+# about 4 s of every command's start; tests/test_privacy_accounting.py holds the two equal.
+ACCOUNTANTS = ("rdp", "prv", "gdp")
 # Opacus' ways of computing per-sample gradients that fit a site (each gives the clipped
 # update of hooks; the training loop takes an empty Poisson batch's step itself, since ew
 # and functorch fail on one). A run may also say 'auto': AUTO_GRAD_SAMPLE_MODE's.
@@ -158,10 +162,8 @@ class DPConfig:
         object.__setattr__(self, "dp_level", DPLevel(require_choice("dp-level", self.dp_level, tuple(DPLevel))))
 
     def validate(self) -> None:
-        from common.privacy.accounting import accountant_names  # Opacus' registry: it loads PyTorch
-
         check_ranges(self)
-        require_choice("accountant", self.accountant, accountant_names())
+        require_choice("accountant", self.accountant, ACCOUNTANTS)
         require_choice("grad-sample-mode", self.grad_sample_mode, ("auto", *GRAD_SAMPLE_MODES))
         require_choice("client-clipping", self.client_clipping, CLIENT_CLIPPINGS)
 

@@ -29,25 +29,29 @@ os.environ.pop("COLUMNS", None)
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-# The files whose shared federations take longest, longest first (`--durations`): with
-# `--dist loadfile` each worker takes whole files in collection order, so these start at
-# once and the short files fill the workers' ends instead of one long file running alone.
+# The files that take longest, longest first (their time in `--durations`, measured on
+# the two-core CI machine): `make test` hands each worker whole files in this order
+# (`--dist loadfile --no-loadscope-reorder`), so the long ones start at once and the short
+# files fill the workers' ends. test_budget_property.py draws its examples afresh every run
+# and takes 12 to 85 s, so it goes early, where either worker's end can absorb it.
 LONGEST_FILES = (
     "test_deployment.py",
-    "test_simulation.py",
     "test_faults.py",
-    "test_site_code.py",
+    "test_simulation.py",
     "test_fairness.py",
     "test_empirical_audit.py",
-    "test_audit_catches_bugs.py",
+    "test_site_code.py",
     "test_deploy_launch.py",
-    "test_terminal_output.py",
     "test_client_level_dp.py",
     "test_budget_property.py",
+    "test_audit_catches_bugs.py",
     "test_ledger_rollback.py",
-    "test_noise_source.py",
+    "test_terminal_output.py",
     "test_secure_aggregation_app.py",
     "test_models.py",
+    "test_audit.py",
+    "test_privacy_accounting.py",
+    "test_noise_source.py",
 )
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from opacus import GradSampleModule, PrivacyEngine
@@ -10,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import GRAD_SAMPLE_MODES, UNSUPPORTED_GRAD_SAMPLE_MODES, SiteRunConfig
 from common.errors import CohortInputError
+from common.models import standardized_conv_grad_sample  # noqa: F401 (the rule Opacus' hooks use for the cnn)
 from common.models.registry import MODEL_REGISTRY, build_model
 from common.models.transformer import TokenTransformer
 from common.models.weight_standardization import standardize
@@ -155,3 +159,12 @@ def test_per_sample_gradients_of_the_cnn_are_each_examples_own_gradient() -> Non
         torch.nn.functional.cross_entropy(model(images[index : index + 1]), labels[index : index + 1]).backward()
         for samples, parameter in zip(per_sample, model.parameters(), strict=True):
             assert torch.allclose(samples[index], parameter.grad, atol=1e-5)
+
+
+def test_building_a_model_does_not_load_opacus() -> None:
+    """The coordinator and `cohort simulate`'s checks build models; Opacus (and SciPy with
+    it) costs every such process about 4 s of its start."""
+    probe = "import sys; from common.models.registry import build_model; build_model('cnn', (1, 8, 8), 10); "
+    probe += "build_model('transformer', (1, 8, 8), 10); print('opacus' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert loaded.stdout.strip() == "False", loaded.stdout + loaded.stderr

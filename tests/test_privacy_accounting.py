@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 from opacus.accountants import RDPAccountant
+from opacus.accountants.registry import _ACCOUNTANTS
 
+from common.config import ACCOUNTANTS
 from common.errors import CohortInputError
 from common.privacy.accounting import PrivacyState, composing_accountants, derive_noise_multiplier, restore_accountant
 
@@ -78,3 +80,7 @@ def test_gdp_alone_is_kept_so_that_its_refusal_names_the_problem() -> None:
 
 def test_gdp_epsilon_beyond_opacus_solver_range_is_infinite() -> None:
     assert PrivacyState(0.3, 0.5, "gdp", ((0.3, 0.5, 1000),)).epsilon(1e-5) == float("inf")
+
+
+def test_the_accountants_a_setting_may_name_are_opacus_own() -> None:
+    assert sorted(ACCOUNTANTS) == sorted(_ACCOUNTANTS)

@@ -24,9 +24,9 @@ from client.ledger_import import import_entries
 from client.policy import SiteConfig
 from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, round_steps
 from client.site_data import local_site_data
-from common.config import SiteRunConfig
+from common.config import ACCOUNTANTS, SiteRunConfig
 from common.errors import CohortInputError
-from common.privacy.accounting import PrivacyState, accountant_names, composing_accountants, merged_history
+from common.privacy.accounting import PrivacyState, composing_accountants, merged_history
 from common.privacy.ledger import (
     GENESIS_HASH,
     HEAD_FILE,
@@ -57,7 +57,7 @@ run_configs = st.fixed_dictionaries(
         "batch-size": st.integers(8, 64),
         "rounds": st.integers(1, 3),
         "noise-multiplier": st.one_of(st.just(0.0), st.floats(0.3, 3.0)),
-        "accountant": st.sampled_from(accountant_names()),
+        "accountant": st.sampled_from(ACCOUNTANTS),
         "dp": st.booleans(),
         "site-allow-non-private": st.booleans(),
         "site-epsilon": st.floats(1.0, 1000.0),

@@ -15,7 +15,6 @@ from functools import lru_cache
 
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
-from opacus.accountants.registry import _ACCOUNTANTS
 
 from common.errors import CohortInputError
 
@@ -33,7 +32,7 @@ class PrivacyState:
 
     noise_multiplier: sigma chosen once for the run (given, or derived from the budget).
     sample_rate: q, the Poisson sampling probability of one example per step.
-    accountant: the Opacus mechanism name ('rdp', 'prv' or 'gdp': accountant_names()).
+    accountant: the Opacus mechanism name ('rdp', 'prv' or 'gdp': common.config.ACCOUNTANTS).
     history: (sigma, q, steps) entries in the order they were spent.
     """
 
@@ -71,13 +70,6 @@ class PrivacyState:
     def after(self, accountant: IAccountant) -> PrivacyState:
         """This state with the history a round's accountant ended with."""
         return PrivacyState(self.noise_multiplier, self.sample_rate, self.accountant, _history_of(accountant))
-
-
-def accountant_names() -> tuple[str, ...]:
-    """The accountants a run or a site may name: Opacus' own registry (what
-    `create_accountant` builds, including any added with `register_accountant`), which has
-    no public listing but its dict."""
-    return tuple(_ACCOUNTANTS)
 
 
 def restore_accountant(state: PrivacyState) -> IAccountant:

@@ -8,7 +8,13 @@ from opacus.accountants.registry import _ACCOUNTANTS
 
 from common.config import ACCOUNTANTS
 from common.errors import CohortInputError
-from common.privacy.accounting import PrivacyState, composing_accountants, derive_noise_multiplier, restore_accountant
+from common.privacy.accounting import (
+    PrivacyState,
+    composing_accountants,
+    derive_noise_multiplier,
+    merged_history,
+    restore_accountant,
+)
 
 DELTA = 1e-5
 
@@ -84,3 +90,17 @@ def test_gdp_epsilon_beyond_opacus_solver_range_is_infinite() -> None:
 
 def test_the_accountants_a_setting_may_name_are_opacus_own() -> None:
     assert sorted(ACCOUNTANTS) == sorted(_ACCOUNTANTS)
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        ((1.1, 0.01, 400),),
+        ((0.7, 0.4, 9), (2.5, 0.4, 3), (0.7, 0.4, 6)),
+        ((4.0, 0.9, 2), (0.55, 0.05, 1000), (1.3, 0.2, 17)),
+    ],
+)
+def test_rdp_epsilon_is_exactly_what_opacus_rdp_accountant_gives(history: tuple) -> None:
+    accountant = RDPAccountant()
+    accountant.history = list(merged_history(history))
+    assert PrivacyState(1.0, 1.0, "rdp", history).epsilon(1e-5) == accountant.get_epsilon(delta=1e-5)

@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 
 MODELS = ("cnn", "transformer")
 # Opacus' accountants (its registry, opacus.accountants.registry: what create_accountant
-# builds), named here so that checking a setting does not load Opacus and with it PyTorch,
-# about 4 s of every command's start; tests/test_privacy_accounting.py holds the two equal.
+# builds), named here so that checking a setting does not load Opacus and with it PyTorch
+# and SciPy, seconds of a command's start; tests/test_privacy_accounting.py holds the two equal.
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 # Opacus' ways of computing per-sample gradients that fit a site (each gives the clipped
 # update of hooks; the training loop takes an empty Poisson batch's step itself, since ew

@@ -9,8 +9,8 @@ Opacus example).
 For 'rdp', epsilon is composed as Opacus' RDPAccountant composes it (the sum of each
 mechanism's RDP curve from Opacus' compute_rdp, then Opacus' get_privacy_spent), with
 each mechanism's curve remembered: a site planning its noise tries a dozen sigmas, each
-against the same earlier studies, and at a small sigma one curve costs Opacus about a
-second. tests/test_privacy_accounting.py holds the figures equal to RDPAccountant's.
+against the same earlier studies, and at a small sigma one curve costs Opacus tenths of
+a second. tests/test_privacy_accounting.py holds the figures equal to RDPAccountant's.
 """
 
 from __future__ import annotations

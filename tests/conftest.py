@@ -33,7 +33,7 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 # the two-core CI machine): `make test` hands each worker whole files in this order
 # (`--dist loadfile --no-loadscope-reorder`), so the long ones start at once and the short
 # files fill the workers' ends. test_budget_property.py draws its examples afresh every run
-# and takes 12 to 85 s, so it goes early, where either worker's end can absorb it.
+# and its time varies with them, so it goes early, where either worker's end absorbs it.
 LONGEST_FILES = (
     "test_deployment.py",
     "test_faults.py",

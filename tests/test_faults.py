@@ -102,8 +102,8 @@ def hostile_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Co
     )
 
 
-def test_a_run_with_a_nan_site_and_a_boosting_site_completes_near_the_clean_accuracy(  # type: ignore[no-untyped-def]
-    clean_accuracy: float, hostile_run
+def test_a_run_with_a_nan_site_and_a_boosting_site_completes_near_the_clean_accuracy(
+    clean_accuracy: float, hostile_run: tuple[subprocess.CompletedProcess[str], Path]
 ) -> None:
     hostile, hostile_dir = hostile_run
     assert hostile.returncode == 0, hostile.stdout + hostile.stderr

@@ -22,7 +22,7 @@ from client.dp_randomness import Batch, PoissonBatches, ShuffledBatches, draw_no
 from client.gradient_canaries import GradientCanaries
 from common.config import SECURE_NOISE, SiteRunConfig, TrainingConfig
 from common.data.dataset import LabeledImages
-from common.models import standardized_conv_grad_sample  # noqa: F401 (registers the rule Opacus needs for the cnn)
+from common.models import standardized_conv_grad_sample  # noqa: F401 (registers the rule Opacus' hooks use for the cnn)
 from common.privacy.accounting import PrivacyState, restore_accountant
 from common.privacy.noise import NoiseSource
 

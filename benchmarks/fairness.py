@@ -1,76 +1,111 @@
-"""FedAvg against q-FedAvg, with and without DP: mean and worst-site accuracy.
+"""Who DP costs most, and what narrows the gap between sites under DP: FedAvg with and
+without DP beside q-FedAvg at several q, the server optimisers and weighting by examples.
 
-10 simulated sites on digits with Dirichlet alpha 0.3 (strong label skew), each a real
-`cohort simulate`; the per-site figures are the fairness report's (the final global
-model on each site's own validation split). Prints a markdown table for
-docs/benchmarks.md.
+10 simulated sites on digits with Dirichlet alpha 0.3 (strong label skew), 20 rounds, each
+run a real `cohort simulate` once per seed (`--set seed=S`: split, partition, initial
+model and DP noise); the per-site figures are the fairness report's (the final global model
+on each site's own validation split). A row's figures are means over its seeds, with the
+range. Prints a markdown table for docs/benchmarks.md.
 
-    .venv/bin/python -m benchmarks.fairness
+    .venv/bin/python -m benchmarks.fairness                   # every row, seeds 42, 43, 44
+    .venv/bin/python -m benchmarks.fairness --rows fedavg,qfedavg-q1 --seeds 42 --jobs 3
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import subprocess
+import statistics
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from benchmarks.results import run_table
-from server.rundir import RunDirectory
+from benchmarks.simulations import run_simulation
 
-COHORT = str(Path(sys.executable).parent / "cohort")
 ROUNDS = 20
-FEDERATION = ["--set", "num-sites=10", "--set", "dirichlet-alpha=0.3", "--set", f"rounds={ROUNDS}"]
-RUNS = {
-    ("fedavg", "DP, epsilon 8"): [],
-    ("qfedavg", "DP, epsilon 8"): ["--set", "strategy=qfedavg"],
-    ("fedavg", "no DP"): ["simulations/no-dp.toml"],
-    ("qfedavg", "no DP"): ["simulations/no-dp.toml", "--set", "strategy=qfedavg"],
+SEEDS = (42, 43, 44)
+FEDERATION = ("num-sites=10", "dirichlet-alpha=0.3", f"rounds={ROUNDS}")
+# name -> (what it is, the simulation file, its settings on top of FEDERATION)
+ROWS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "fedavg": ("FedAvg, DP", "default.toml", ()),
+    "fedavg-no-dp": ("FedAvg, no DP", "no-dp.toml", ()),
+    "qfedavg": ("q-FedAvg q = 0.1 (as shipped), DP", "default.toml", ("strategy=qfedavg",)),
+    "qfedavg-q1": ("q-FedAvg q = 1, DP", "default.toml", ("strategy=qfedavg", "qfedavg-q=1.0")),
+    "qfedavg-q5": ("q-FedAvg q = 5, DP", "default.toml", ("strategy=qfedavg", "qfedavg-q=5.0")),
+    "fedavgm": ("FedAvgM (server rate 0.1, momentum 0.9), DP", "default.toml", ("strategy=fedavgm",)),
+    "fedadam": ("FedAdam (server rate 0.1), DP", "default.toml", ("strategy=fedadam",)),
+    "by-examples": ("FedAvg weighted by examples, DP", "default.toml", ("aggregation-weight=examples",)),
+    "qfedavg-no-dp": ("q-FedAvg q = 0.1, no DP", "no-dp.toml", ("strategy=qfedavg",)),
 }
 
 
-def run_one(strategy: str, privacy: str, settings: list[str], runs_dir: Path) -> dict[str, Any]:
-    runs = runs_dir / f"{strategy}-{privacy.replace(' ', '').replace(',', '-')}"
-    started = time.perf_counter()
-    subprocess.run(
-        [COHORT, "simulate", *settings, *FEDERATION, "--runs-dir", str(runs)], check=True, capture_output=True
-    )
-    seconds = time.perf_counter() - started
-    (run_dir,) = list(runs.iterdir())
-    fairness = json.loads((run_dir / "fairness.json").read_text())
-    summary = RunDirectory(run_dir).read_summary()
-    assert summary is not None and summary.final_accuracy is not None
+def run_one(row: str, seed: int, runs_dir: Path) -> dict[str, Any]:
+    _, config, settings = ROWS[row]
+    result = run_simulation(config, runs_dir / f"{row}-{seed}", (*FEDERATION, *settings, f"seed={seed}"))
+    fairness = json.loads((Path(result["run_dir"]) / "fairness.json").read_text())
     across = fairness["across_sites"]
-    return {
-        "strategy": strategy,
-        "privacy": privacy,
-        "test_accuracy": round(summary.final_accuracy, 4),
+    figures = {
+        "row": row,
+        "seed": seed,
+        "test_accuracy": result["final_accuracy"],
         "mean_site_accuracy": round(across["mean"], 4),
         "worst_site": across["worst_site"],
         "worst_site_accuracy": round(across["worst"], 4),
         "spread": round(across["spread"], 4),
-        "seconds": round(seconds, 1),
+        "std": round(across["std"], 4),
+        "seconds": result["wall_seconds"],
     }
+    print(json.dumps(figures), file=sys.stderr, flush=True)  # progress, and the rows so far if it is stopped
+    return figures
 
 
-def run(runs_dir: Path) -> list[dict[str, Any]]:
-    return [run_one(strategy, privacy, settings, runs_dir) for (strategy, privacy), settings in RUNS.items()]
+def run(
+    runs_dir: Path, rows: tuple[str, ...] = tuple(ROWS), seeds: tuple[int, ...] = SEEDS, jobs: int = 2
+) -> list[dict[str, Any]]:
+    planned = [(row, seed) for row in rows for seed in seeds]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(lambda planned_run: run_one(planned_run[0], planned_run[1], runs_dir), planned))
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def markdown(results: list[dict[str, Any]]) -> str:
+    seeds = ", ".join(str(s) for s in sorted({r["seed"] for r in results}))
     lines = [
-        "| strategy | privacy | test accuracy | mean site accuracy | worst site | spread | wall s |",
+        f"Seeds {seeds}; each cell the mean over them (min-max).",
+        "",
+        "| run | test accuracy | mean site accuracy | worst site | spread | std across sites | s a run |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines += [
-        f"| {r['strategy']} | {r['privacy']} | {r['test_accuracy']:.3f} | {r['mean_site_accuracy']:.3f} | "
-        f"{r['worst_site']} {r['worst_site_accuracy']:.3f} | {r['spread']:.3f} | {r['seconds']:.0f} |"
-        for r in rows
-    ]
+    for row in dict.fromkeys(r["row"] for r in results):
+        runs = [r for r in results if r["row"] == row]
+        cells = [
+            _cell([r[key] for r in runs])
+            for key in ("test_accuracy", "mean_site_accuracy", "worst_site_accuracy", "spread", "std")
+        ]
+        seconds = statistics.mean(r["seconds"] for r in runs)
+        lines.append(f"| {ROWS[row][0]} | " + " | ".join(cells) + f" | {seconds:.0f} |")
     return "\n".join(lines)
 
 
+def _cell(values: list[float]) -> str:
+    mean = statistics.mean(values)
+    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"of: {', '.join(ROWS)}")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    options = parser.parse_args()
+    rows = tuple(options.rows.split(","))
+    unknown = [row for row in rows if row not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    seeds = tuple(int(seed) for seed in options.seeds.split(","))
+    run_table("fairness", lambda runs_dir: run(runs_dir, rows, seeds, options.jobs), markdown)
+
+
 if __name__ == "__main__":
-    run_table("fairness", run, markdown)
+    main()

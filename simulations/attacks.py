@@ -154,6 +154,8 @@ def _poisoned_context(context: Context, attack: str) -> Context:
     # Read as a deployed site, the honest app never makes a key: this one is its operator,
     # who makes it and pins it in the site's policy (as `cohort site init` does).
     open_site_ledger(site)
+    # The policy stays its honest twin's, not a deployed site's defaults (a quarter of the
+    # budget a study, no evaluation): only the data differ, so the attack is the data's.
     node_config: dict[str, bool | float | int | str] = {
         "data-path": str(path),
         "site-name": site.name,
@@ -161,6 +163,11 @@ def _poisoned_context(context: Context, attack: str) -> Context:
         "epsilon": site.epsilon,
         "delta": site.delta,
         "allow-non-private": site.allow_non_private,
+        "study-epsilon": site.study_epsilon,
+        "max-noise-multiplier": site.max_noise_multiplier,
+        "accountants": ",".join(site.accountants),
+        "send-metrics": ",".join(site.send_metrics),
+        "answer-evaluation": site.answer_evaluation,
     }
     return Context(context.run_id, context.node_id, node_config, context.state, context.run_config)
 

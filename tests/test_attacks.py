@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -62,10 +63,8 @@ def test_attacks_can_be_paired_with_sites() -> None:
     assert AttackSpec.from_settings("boost", 0.2, 10.0, num_sites=10).by_site == {8: "boost", 9: "boost"}
 
 
-@pytest.mark.parametrize("attack", ["label-flip", "backdoor"])
-def test_a_site_that_poisons_its_data_trains_on_the_poisoned_copy_and_signs_its_release(
-    attack: str, tmp_path: Path, clientapp_identity: None
-) -> None:
+def _train_hostile_site(attack: str, tmp_path: Path, settings: dict[str, Any]) -> Message:
+    """Site 8 of 10, poisoning its data, answers its first training round of a run with these settings."""
     from simulations.attacks import app
 
     run_dir = tmp_path / "run"
@@ -73,13 +72,7 @@ def test_a_site_that_poisons_its_data_trains_on_the_poisoned_copy_and_signs_its_
     (run_dir / PLAN_FILE).write_text(
         json.dumps({"num-sites": 10, "attack": AttackSpec.from_settings(attack, [8], 10.0, num_sites=10).to_json()})
     )
-    run_config = {
-        "dp": False,
-        "site-allow-non-private": True,
-        "run-dir": str(run_dir),
-        "federation-home": str(tmp_path / "federation"),
-        "rounds": 1,
-    }
+    run_config = {"run-dir": str(run_dir), "federation-home": str(tmp_path / "federation"), **settings}
     split = federated_split(RUN.data)
     model = build_model("cnn", split.input_shape, split.num_classes)
     content = RecordDict(
@@ -92,8 +85,26 @@ def test_a_site_that_poisons_its_data_trains_on_the_poisoned_copy_and_signs_its_
         state=RecordDict(),
         run_config=run_config,
     )
-    reply = app(Message(content=content, dst_node_id=1, message_type="train"), context)
+    return app(Message(content=content, dst_node_id=1, message_type="train"), context)
+
+
+@pytest.mark.parametrize("attack", ["label-flip", "backdoor"])
+def test_a_site_that_poisons_its_data_trains_on_the_poisoned_copy_and_signs_its_release(
+    attack: str, tmp_path: Path, clientapp_identity: None
+) -> None:
+    reply = _train_hostile_site(attack, tmp_path, {"dp": False, "site-allow-non-private": True, "rounds": 1})
     assert not reply.has_error(), reply.error.reason
     entry = LedgerEntry.from_json(str(reply.content[protocol.SITE][protocol.SITE_LEDGER_ENTRY]))
     poisoned = local_site_data(str(tmp_path / "federation" / "site-8" / f"poisoned-{attack}.npz"), 0, 0.1)
     assert entry.record.dataset_hash == poisoned.identity != simulated_site_data(RUN.data, 8, 10).identity
+
+
+def test_a_site_that_poisons_its_data_grants_a_study_what_its_honest_twin_grants(
+    tmp_path: Path, clientapp_identity: None
+) -> None:
+    """A DP study of 50 rounds that a simulated site grants its whole budget: with a deployed
+    site's default share (a quarter) its plan would need more noise than the site trains on,
+    and the hostile site would refuse instead of attacking."""
+    reply = _train_hostile_site("label-flip", tmp_path, {"dp": True, "rounds": 50})
+    assert not reply.has_error(), reply.error.reason
+    assert reply.content[protocol.SITE][protocol.SITE_LEDGER_ENTRY]

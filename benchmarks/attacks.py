@@ -23,7 +23,6 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +30,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.results import RESULTS, mean_and_range
+from benchmarks.simulations import COHORT
 from common.evaluation import resolve_device
 from common.models.registry import build_model
 from server.held_out import federated_split
@@ -39,8 +40,6 @@ from simulations.attack_spec import ATTACKS
 from simulations.attacks import BACKDOOR_TARGET, stamp_trigger
 from simulations.plan import SIMULATIONS_DIR, load_plan
 
-COHORT = str(Path(sys.executable).parent / "cohort")
-RESULTS = Path(__file__).resolve().parent / "results"
 SITES, HOSTILE = 10, 2
 # Strategy settings for 10 sites of which 2 are hostile. Bulyan needs 4f+3 sites, so with
 # 10 it can only be told to expect f = 1.
@@ -197,12 +196,7 @@ def _cell_text(runs: list[dict[str, Any]]) -> str:
     of every round in every run, 'stopped' when a run ended early."""
     if not runs:
         return ""
-    values = [c["accuracy"] for c in runs]
-    text = (
-        f"{statistics.mean(values):.3f}"
-        if len(values) == 1
-        else f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
-    )
+    text = mean_and_range([c["accuracy"] for c in runs])
     if "backdoor_success" in runs[0]:
         text += f", ASR {_mean(runs, 'backdoor_success'):.2f}"
     if all(sorted(c["rejected"].values()) == [c["rounds"]] * HOSTILE for c in runs):

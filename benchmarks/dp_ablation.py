@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from flwr.supercore.task_identity import TaskIdentity
 
-from benchmarks.results import RESULTS
+from benchmarks.results import RESULTS, mean_and_range
 from common.config import SEEDED_NOISE
 from server.rundir import RunDirectory
 from simulations.in_process import run_in_process
@@ -92,10 +92,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
         epsilons = [r["max_epsilon"] for r in runs if r["max_epsilon"] is not None]
         epsilon = f"{max(epsilons):.3f}" if epsilons else "-"
         seconds = statistics.mean(r["seconds"] for r in runs)
-        lines.append(
-            f"| {row or 'as shipped'} | {mean:.3f} ({min(values):.3f}-{max(values):.3f}) | {gap} | {epsilon} | "
-            f"{seconds:.0f} |"
-        )
+        lines.append(f"| {row or 'as shipped'} | {mean_and_range(values)} | {gap} | {epsilon} | {seconds:.0f} |")
     return "\n".join(lines)
 
 

@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.results import run_table
+from benchmarks.results import mean_and_range, run_table
 from benchmarks.simulations import COHORT, run_simulation
 
 SEEDS = (42, 43, 44)
@@ -93,10 +93,7 @@ def _mean(rows: list[dict[str, Any]]) -> float | None:
 
 
 def _cell(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "-"
-    values = [r["final_accuracy"] for r in rows]
-    return f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+    return mean_and_range([r["final_accuracy"] for r in rows]) if rows else "-"
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.results import run_table
+from benchmarks.results import mean_and_range, run_table
 from benchmarks.simulations import run_simulation
 
 ROUNDS = 20
@@ -80,17 +80,12 @@ def markdown(results: list[dict[str, Any]]) -> str:
     for row in dict.fromkeys(r["row"] for r in results):
         runs = [r for r in results if r["row"] == row]
         cells = [
-            _cell([r[key] for r in runs])
+            mean_and_range([r[key] for r in runs])
             for key in ("test_accuracy", "mean_site_accuracy", "worst_site_accuracy", "spread", "std")
         ]
         seconds = statistics.mean(r["seconds"] for r in runs)
         lines.append(f"| {ROWS[row][0]} | " + " | ".join(cells) + f" | {seconds:.0f} |")
     return "\n".join(lines)
-
-
-def _cell(values: list[float]) -> str:
-    mean = statistics.mean(values)
-    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
 def main() -> None:

@@ -1,8 +1,10 @@
-"""Where benchmarks write, and the way each table script runs on its own."""
+"""Where benchmarks write, the way each table script runs on its own, and how a table
+shows a figure measured over several seeds."""
 
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,3 +21,9 @@ def run_table(
     rows = run(RESULTS / f"{name}-runs")
     (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(markdown(rows))
+
+
+def mean_and_range(values: list[float]) -> str:
+    """A figure over seeds as the tables print it: the mean, then (min-max) when there are several."""
+    mean = statistics.mean(values)
+    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})"

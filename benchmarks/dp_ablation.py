@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from flwr.supercore.task_identity import TaskIdentity
 
-from benchmarks.results import RESULTS, mean_and_range
+from benchmarks.results import RESULTS, by_row, mean_and_range, seeds_of
 from common.config import SEEDED_NOISE
 from server.rundir import RunDirectory
 from simulations.in_process import run_in_process
@@ -79,13 +79,12 @@ def markdown(results: list[dict[str, Any]]) -> str:
     plain = [r["accuracy"] for r in results if r["row"] == NON_PRIVATE]
     baseline = statistics.mean(plain) if plain else None
     lines = [
-        f"`{results[0]['config']}`, seeds {', '.join(str(s) for s in sorted({r['seed'] for r in results}))}",
+        f"`{results[0]['config']}`, seeds {seeds_of(results)}",
         "",
         "| change | held-out accuracy: mean (min-max) | against no DP | largest site epsilon | s a run |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for row in dict.fromkeys(r["row"] for r in results):
-        runs = [r for r in results if r["row"] == row]
+    for row, runs in by_row(results).items():
         values = [r["accuracy"] for r in runs]
         mean = statistics.mean(values)
         gap = "" if baseline is None or row == NON_PRIVATE else f"{mean - baseline:+.3f}"

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.results import mean_and_range, run_table
+from benchmarks.results import by_row, mean_and_range, run_table, seeds_of
 from benchmarks.simulations import run_simulation
 
 ROUNDS = 20
@@ -70,15 +70,13 @@ def run(
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    seeds = ", ".join(str(s) for s in sorted({r["seed"] for r in results}))
     lines = [
-        f"Seeds {seeds}; each cell the mean over them (min-max).",
+        f"Seeds {seeds_of(results)}; each cell the mean over them (min-max).",
         "",
         "| run | test accuracy | mean site accuracy | worst site | spread | std across sites | s a run |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for row in dict.fromkeys(r["row"] for r in results):
-        runs = [r for r in results if r["row"] == row]
+    for row, runs in by_row(results).items():
         cells = [
             mean_and_range([r[key] for r in runs])
             for key in ("test_accuracy", "mean_site_accuracy", "worst_site_accuracy", "spread", "std")

@@ -27,3 +27,15 @@ def mean_and_range(values: list[float]) -> str:
     """A figure over seeds as the tables print it: the mean, then (min-max) when there are several."""
     mean = statistics.mean(values)
     return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def by_row(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The runs of each row (its seeds), rows in the order they were run."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        rows.setdefault(result["row"], []).append(result)
+    return rows
+
+
+def seeds_of(results: list[dict[str, Any]]) -> str:
+    return ", ".join(str(seed) for seed in sorted({result["seed"] for result in results}))

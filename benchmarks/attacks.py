@@ -8,13 +8,13 @@ once the trigger is stamped on them.
 
     .venv/bin/python -m benchmarks.attacks                       # the full table
     .venv/bin/python -m benchmarks.attacks --rounds 5 --dp off --strategies fedavg,fedmedian
-    .venv/bin/python -m benchmarks.attacks --dp on --seeds 42,43,44 --jobs 2
+    .venv/bin/python -m benchmarks.attacks --dp on --seeds 42,43,44 --jobs 3
 
 Each run is a real `cohort simulate`, once per seed (`--set seed=S`: the split, the
 partition, the initial model and the DP noise); a cell of the table is the mean of its
-seeds, with their range. With 2 cores a 50-round run of 10 sites takes about 90 s, and two
-at a time (`--jobs 2`) use the cores that one leaves idle while Ray starts. Results are
-written after every run, so a stopped table keeps what it measured.
+seeds, with their range. With 2 cores a 50-round DP run of 10 sites takes 87 s alone, half
+of it Ray starting with a core idle; three at a time (`--jobs 3`) finished one about every
+53 s. Results are written after every run, so a stopped table keeps what it measured.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.results import RESULTS, mean_and_range
+from benchmarks.results import RESULTS, mean_and_range, seeds_of
 from benchmarks.simulations import COHORT
 from common.evaluation import resolve_device
 from common.models.registry import build_model
@@ -161,9 +161,8 @@ def markdown_table(cells: list[dict[str, Any]]) -> str:
     for dp in sorted({c["dp"] for c in cells}):
         mine = [c for c in cells if c["dp"] == dp and "error" not in c]
         strategies = list(dict.fromkeys(c["strategy"] for c in mine))
-        seeds = ", ".join(str(s) for s in sorted({c["seed"] for c in mine}))
         lines += [
-            f"DP {dp}, seeds {seeds}",
+            f"DP {dp}, seeds {seeds_of(mine)}",
             "",
             "| attack | " + " | ".join(strategies) + " |",
             "| --- |" + " --- |" * len(strategies),

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.results import RESULTS, mean_and_range, seeds_of
+from benchmarks.results import RESULTS, add_seeds_option, mean_and_range, seeds_of
 from benchmarks.simulations import COHORT
 from common.evaluation import resolve_device
 from common.models.registry import build_model
@@ -120,19 +120,18 @@ def main() -> None:
         default=",".join(("clean", *TABLE_ATTACKS)),
         help="'clean' is the run without attack (measured with fedavg only)",
     )
-    parser.add_argument("--seeds", default="42,43,44", help="one run per seed in every cell")
+    add_seeds_option(parser)
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--out", type=Path, default=RESULTS / "attacks.json")
     options = parser.parse_args()
     runs_dir = RESULTS / "attack-runs" / time.strftime("%Y%m%d-%H%M%S")
-    seeds = [int(seed) for seed in options.seeds.split(",")]
     planned = [
         (None if attack == "clean" else attack, strategy, dp, _rounds(options.rounds, dp), seed, runs_dir)
         for dp in options.dp.split(",")
         for strategy in options.strategies.split(",")
         for attack in options.attacks.split(",")
         if attack != "clean" or strategy == "fedavg"
-        for seed in seeds
+        for seed in options.seeds
     ]
     cells: list[dict[str, Any]] = []
     with ThreadPoolExecutor(max_workers=options.jobs) as pool:

@@ -30,8 +30,9 @@ from typing import Any
 import torch
 from flwr.supercore.task_identity import TaskIdentity
 
-from benchmarks.results import RESULTS, by_row, mean_and_range, seeds_of
+from benchmarks.results import RESULTS, add_seeds_option, by_row, mean_and_range, seeds_of
 from common.config import SEEDED_NOISE
+from common.errors import CohortInputError
 from server.rundir import RunDirectory
 from simulations.in_process import run_in_process
 from simulations.plan import SIMULATION_SETTINGS, SIMULATIONS_DIR, load_plan, parse_overrides
@@ -99,16 +100,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="default.toml", help="a simulation file in simulations/")
     parser.add_argument("--row", action="append", default=[], help="settings changed together: 'key=value ...'")
-    parser.add_argument("--seeds", default="42,43,44")
+    add_seeds_option(parser)
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--no-baselines", action="store_true", help="only the rows given, not as shipped and no DP")
     parser.add_argument("--out", type=Path, default=RESULTS / "dp_ablation.json")
     options = parser.parse_args()
     rows = options.row if options.no_baselines else [AS_SHIPPED, NON_PRIVATE, *options.row]
-    for row in rows:
-        federation(options.config, row)  # a bad row stops the table before any run
-    seeds = [int(seed) for seed in options.seeds.split(",")]
-    planned = [(options.config, row, seed) for row in rows for seed in seeds]
+    for row in rows:  # a bad row stops the table before any run
+        try:
+            federation(options.config, row)
+        except CohortInputError as error:
+            parser.error(f"row {row!r}: {error}")
+    planned = [(options.config, row, seed) for row in rows for seed in options.seeds]
     with ProcessPoolExecutor(max_workers=options.jobs) as pool:
         results = list(pool.map(run_once, *zip(*planned, strict=True)))
     options.out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,10 +22,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.results import mean_and_range, run_table
+from benchmarks.results import SEEDS, add_seeds_option, mean_and_range, run_table, seeds_of
 from benchmarks.simulations import COHORT, run_simulation
 
-SEEDS = (42, 43, 44)
 NON_PRIVATE = ("dp=false", "site-allow-non-private=true")
 # configuration -> (goal, what it says): within this much of the non-private twin's mean,
 # or at least this accuracy.
@@ -69,7 +68,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         goal, met = _goal(config, dp_mean, plain_mean)
         epsilon = max((r["max_epsilon"] for r in private if r["max_epsilon"] is not None), default=None)
         gap = "-" if dp_mean is None or plain_mean is None else f"{dp_mean - plain_mean:+.3f}"
-        seeds = ", ".join(str(s) for s in sorted({r["seed"] for r in private + plain}))
+        seeds = seeds_of(private + plain)
         lines.append(
             f"| `{config}` | {seeds} | {_cell(private)} | {'-' if epsilon is None else f'{epsilon:.3f}'} | "
             f"{_cell(plain)} | {gap} | {goal} | {met} |"
@@ -99,12 +98,11 @@ def _cell(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default=",".join(GOALS), help="simulation files: names in simulations/, or paths")
-    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    add_seeds_option(parser)
     parser.add_argument("--cohort", default=COHORT, help="the cohort command to run (another checkout's, to compare)")
     args = parser.parse_args()
     configs = tuple(args.configs.split(","))
-    seeds = tuple(int(s) for s in args.seeds.split(","))
-    run_table("dp_accuracy", lambda runs: run(runs, configs, seeds, args.cohort), markdown)
+    run_table("dp_accuracy", lambda runs: run(runs, configs, args.seeds, args.cohort), markdown)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.results import by_row, mean_and_range, run_table, seeds_of
+from benchmarks.results import SEEDS, add_seeds_option, by_row, mean_and_range, run_table, seeds_of
 from benchmarks.simulations import run_simulation
 
 ROUNDS = 20
-SEEDS = (42, 43, 44)
 FEDERATION = ("num-sites=10", "dirichlet-alpha=0.3", f"rounds={ROUNDS}")
 # name -> (what it is, the simulation file, its settings on top of FEDERATION)
 ROWS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -89,15 +88,14 @@ def markdown(results: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"of: {', '.join(ROWS)}")
-    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    add_seeds_option(parser)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     options = parser.parse_args()
     rows = tuple(options.rows.split(","))
     unknown = [row for row in rows if row not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
-    seeds = tuple(int(seed) for seed in options.seeds.split(","))
-    run_table("fairness", lambda runs_dir: run(runs_dir, rows, seeds, options.jobs), markdown)
+    run_table("fairness", lambda runs_dir: run(runs_dir, rows, options.seeds, options.jobs), markdown)
 
 
 if __name__ == "__main__":

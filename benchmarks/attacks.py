@@ -24,13 +24,12 @@ import json
 import statistics
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.results import RESULTS, add_seeds_option, mean_and_range, seeds_of
+from benchmarks.results import RESULTS, add_seeds_option, in_parallel, mean_and_range, seeds_of
 from benchmarks.simulations import COHORT
 from common.evaluation import resolve_device
 from common.models.registry import build_model
@@ -134,11 +133,10 @@ def main() -> None:
         for seed in options.seeds
     ]
     cells: list[dict[str, Any]] = []
-    with ThreadPoolExecutor(max_workers=options.jobs) as pool:
-        for cell in pool.map(lambda args: run_cell(*args), planned):
-            print(json.dumps(cell), flush=True)
-            cells.append(cell)
-            _write(options.out, cells)
+    for cell in in_parallel(run_cell, planned, options.jobs):
+        print(json.dumps(cell), flush=True)
+        cells.append(cell)
+        _write(options.out, cells)
     print(markdown_table(cells))
 
 

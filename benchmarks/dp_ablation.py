@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ def run_once(config: str, row: str, seed: int) -> dict[str, Any]:
     """One run in this process, one CPU thread as Ray gives a simulated site."""
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.WARNING)  # a line per round and site would bury the results
+    warnings.filterwarnings("ignore", message="Secure RNG turned off")  # so would Opacus' note on seeded noise
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1  # as Flower's ClientApp runtime
     settings, sites = federation(config, row)
     started = time.perf_counter()

@@ -11,6 +11,7 @@ benchmark`: the full table is 18 simulations, six of them on mnist-5k.
 
     .venv/bin/python -m benchmarks.dp_accuracy                       # writes results/dp_accuracy.json
     .venv/bin/python -m benchmarks.dp_accuracy --seeds 42 --configs default.toml
+    .venv/bin/python -m benchmarks.dp_accuracy --jobs 3             # three simulations at a time
     .venv/bin/python -m benchmarks.dp_accuracy --cohort /other/checkout/.venv/bin/cohort \\
         --configs /other/checkout/simulations/default.toml           # another checkout, its own files
 """
@@ -22,7 +23,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.results import SEEDS, add_seeds_option, mean_and_range, run_table, seeds_of
+from benchmarks.results import SEEDS, add_seeds_option, in_parallel, mean_and_range, run_table, seeds_of
 from benchmarks.simulations import COHORT, run_simulation
 
 NON_PRIVATE = ("dp=false", "site-allow-non-private=true")
@@ -36,21 +37,31 @@ GOALS: dict[str, tuple[str, float]] = {
 
 
 def run(
-    runs_dir: Path, configs: tuple[str, ...] = tuple(GOALS), seeds: tuple[int, ...] = SEEDS, cohort: str = COHORT
+    runs_dir: Path,
+    configs: tuple[str, ...] = tuple(GOALS),
+    seeds: tuple[int, ...] = SEEDS,
+    cohort: str = COHORT,
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
-    rows = []
-    for config in configs:
-        for privacy, settings in (("dp", ()), ("no-dp", NON_PRIVATE)):
-            for seed in seeds:
-                result = run_simulation(
-                    config, runs_dir / f"{Path(config).stem}-{privacy}-{seed}", (*settings, f"seed={seed}"), cohort
-                )
-                rows.append({**result, "config": Path(config).name, "privacy": privacy, "seed": seed})
-                print(
-                    f"{config} {privacy} seed {seed}: {result['final_accuracy']:.4f} ({result['wall_seconds']:.0f} s)",
-                    flush=True,
-                )
-    return rows
+    """Every configuration under DP and without, once per seed, `jobs` simulations at a time."""
+    planned = [
+        (config, privacy, settings, seed)
+        for config in configs
+        for privacy, settings in (("dp", ()), ("no-dp", NON_PRIVATE))
+        for seed in seeds
+    ]
+
+    def one(config: str, privacy: str, settings: tuple[str, ...], seed: int) -> dict[str, Any]:
+        result = run_simulation(
+            config, runs_dir / f"{Path(config).stem}-{privacy}-{seed}", (*settings, f"seed={seed}"), cohort
+        )
+        print(
+            f"{config} {privacy} seed {seed}: {result['final_accuracy']:.4f} ({result['wall_seconds']:.0f} s)",
+            flush=True,
+        )
+        return {**result, "config": Path(config).name, "privacy": privacy, "seed": seed}
+
+    return list(in_parallel(one, planned, jobs))
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -100,9 +111,10 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(GOALS), help="simulation files: names in simulations/, or paths")
     add_seeds_option(parser)
     parser.add_argument("--cohort", default=COHORT, help="the cohort command to run (another checkout's, to compare)")
+    parser.add_argument("--jobs", type=int, default=1, help="simulations at a time")
     args = parser.parse_args()
     configs = tuple(args.configs.split(","))
-    run_table("dp_accuracy", lambda runs: run(runs, configs, args.seeds, args.cohort), markdown)
+    run_table("dp_accuracy", lambda runs: run(runs, configs, args.seeds, args.cohort, args.jobs), markdown)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Who DP costs most, and what narrows the gap between sites under DP: FedAvg with and
-without DP beside q-FedAvg at several q, the server optimisers and weighting by examples.
+without DP beside q-FedAvg at several q, the server optimisers, weighting by examples and
+the clip norm.
 
 10 simulated sites on digits with Dirichlet alpha 0.3 (strong label skew), 20 rounds, each
 run a real `cohort simulate` once per seed (`--set seed=S`: split, partition, initial
@@ -17,11 +18,10 @@ import argparse
 import json
 import statistics
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.results import SEEDS, add_seeds_option, by_row, mean_and_range, run_table, seeds_of
+from benchmarks.results import SEEDS, add_seeds_option, by_row, in_parallel, mean_and_range, run_table, seeds_of
 from benchmarks.simulations import run_simulation
 
 ROUNDS = 20
@@ -36,6 +36,11 @@ ROWS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "fedavgm": ("FedAvgM (server rate 0.1, momentum 0.9), DP", "default.toml", ("strategy=fedavgm",)),
     "fedadam": ("FedAdam (server rate 0.1), DP", "default.toml", ("strategy=fedadam",)),
     "by-examples": ("FedAvg weighted by examples, DP", "default.toml", ("aggregation-weight=examples",)),
+    # Clipping is where DP-SGD's disparate impact starts (Bagdasaryan et al., NeurIPS 2019):
+    # each row keeps clip-norm x learning-rate (2 as shipped), so an example's largest step
+    # and the noise on the model stay the same and only how many examples are clipped changes.
+    "clip-4": ("clip norm 4, learning rate 0.5, DP", "default.toml", ("clip-norm=4.0", "learning-rate=0.5")),
+    "clip-0.25": ("clip norm 0.25, learning rate 8, DP", "default.toml", ("clip-norm=0.25", "learning-rate=8.0")),
     "qfedavg-no-dp": ("q-FedAvg q = 0.1, no DP", "no-dp.toml", ("strategy=qfedavg",)),
 }
 
@@ -63,9 +68,7 @@ def run_one(row: str, seed: int, runs_dir: Path) -> dict[str, Any]:
 def run(
     runs_dir: Path, rows: tuple[str, ...] = tuple(ROWS), seeds: tuple[int, ...] = SEEDS, jobs: int = 2
 ) -> list[dict[str, Any]]:
-    planned = [(row, seed) for row in rows for seed in seeds]
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(lambda planned_run: run_one(planned_run[0], planned_run[1], runs_dir), planned))
+    return list(in_parallel(run_one, [(row, seed, runs_dir) for row in rows for seed in seeds], jobs))
 
 
 def markdown(results: list[dict[str, Any]]) -> str:

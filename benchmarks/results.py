@@ -6,9 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+Result = TypeVar("Result")
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Each seed draws a run's split, partition, initial model and DP noise (`--set seed=S`).
@@ -24,6 +27,13 @@ def run_table(
     rows = run(RESULTS / f"{name}-runs")
     (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(markdown(rows))
+
+
+def in_parallel(run: Callable[..., Result], planned: list[tuple[Any, ...]], jobs: int) -> Iterator[Result]:
+    """Each planned run's result, in the plan's order, `jobs` runs at a time. Threads are
+    enough: each run is a `cohort simulate` process, and a thread only waits for it."""
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        yield from pool.map(lambda arguments: run(*arguments), planned)
 
 
 def mean_and_range(values: list[float]) -> str:

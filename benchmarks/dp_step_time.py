@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.results import run_table
 from client.dp_randomness import draw_noise_from
-from common.config import AUTO_GRAD_SAMPLE_MODE
+from common.config import AUTO_GRAD_SAMPLE_MODE, MODELS
 from common.models import standardized_conv_grad_sample  # noqa: F401 (the rule Opacus' hooks use for the cnn)
 from common.models.registry import build_model
 from common.privacy.noise import NoiseSource, SecureNoise, SeededNoise
@@ -157,10 +157,7 @@ def run() -> list[dict[str, Any]]:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     return [
-        measure(model, shape, batch_size)
-        for model in ("cnn", "transformer")
-        for shape in SHAPES.values()
-        for batch_size in BATCH_SIZES
+        measure(model, shape, batch_size) for model in MODELS for shape in SHAPES.values() for batch_size in BATCH_SIZES
     ]
 
 

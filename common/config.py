@@ -30,7 +30,7 @@ from common.privacy.mechanisms import DPLevel, MechanismSpec, mechanism_of
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
-MODELS = ("cnn", "transformer")
+MODELS = ("cnn", "scatternet", "transformer")
 # Opacus' accountants (its registry, opacus.accountants.registry: what create_accountant
 # builds), named here so that checking a setting does not load Opacus and with it PyTorch
 # and SciPy, seconds of a command's start; tests/test_privacy_accounting.py holds the two equal.
@@ -41,13 +41,14 @@ ACCOUNTANTS = ("rdp", "prv", "gdp")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 # model -> the fastest mode for it (docs/benchmarks.md): ew (PyTorch's expanded weights)
 # beats hooks, functorch and ghost clipping for the transformer at the batch sizes Cohort
-# uses; it cannot run the cnn's weight-standardised convolutions, for which Cohort
-# registers a per-sample rule that hooks uses.
-AUTO_GRAD_SAMPLE_MODE = {"cnn": "hooks", "transformer": "ew"}
+# uses; it cannot run the weight-standardised convolutions of the cnn and the scatternet,
+# for which Cohort registers a per-sample rule that hooks uses.
+AUTO_GRAD_SAMPLE_MODE = {"cnn": "hooks", "scatternet": "hooks", "transformer": "ew"}
 # (model, mode) -> why that mode cannot train that model.
 UNSUPPORTED_GRAD_SAMPLE_MODES = {
     ("transformer", "ghost"): "Opacus' ghost clipping fails on the transformer",
     ("cnn", "ew"): "PyTorch's expanded weights cannot differentiate the cnn's weight standardisation",
+    ("scatternet", "ew"): "PyTorch's expanded weights cannot differentiate the scatternet's weight standardisation",
 }
 DEVICES = ("auto", "cpu", "cuda")
 CLIENT_CLIPPINGS = ("fixed", "adaptive")
@@ -184,6 +185,8 @@ class DPConfig:
 class TrainingConfig:
     """Local training at each site.
 
+    model: a name in common/models/registry.py; the scatternet (fixed wavelet features
+        under a small CNN) learns most under DP-SGD (docs/benchmarks.md), so it is the default.
     rounds: the run's rounds; a site plans its noise over the rounds still to come, and
         decays its learning rate over them.
     optimizer: the local optimizer, fresh every round: 'sgd' (with momentum) or 'adam'
@@ -196,7 +199,7 @@ class TrainingConfig:
         tenth of learning_rate in the last round).
     """
 
-    model: str = "cnn"
+    model: str = "scatternet"
     rounds: int = number(50, 1, 100_000)
     local_epochs: int = number(1, 1, 10_000)
     batch_size: int = number(0, 0, 1_000_000, note="0 picks the default of the DP mode")

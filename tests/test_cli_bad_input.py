@@ -118,7 +118,7 @@ def test_installed_command_prints_no_traceback_on_bad_input(tmp_path: Path) -> N
         check=False,
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: unknown model 'resnet'; choose one of: cnn, transformer"
+    assert result.stderr.strip() == "error: unknown model 'resnet'; choose one of: cnn, scatternet, transformer"
 
 
 @pytest.mark.parametrize("command", [["--help"], ["simulate", "--help"]])

@@ -399,7 +399,11 @@ def test_a_sites_ledger_names_the_code_the_model_and_the_coordinator_of_each_stu
 ) -> None:
     for site in SITES:
         for release in _run_records(deployment, site, int(finished_run["run-id"])):
-            assert len(release.fab_hash) == 64 and release.model == "cnn" and release.coordinator == deployment.address
+            assert (
+                len(release.fab_hash) == 64
+                and release.model == "scatternet"
+                and release.coordinator == deployment.address
+            )
 
 
 def test_a_securely_aggregated_run_completes_and_every_ledger_verifies(

@@ -82,8 +82,21 @@ def test_transformer_encoder_learns_token_sequences_under_dp_sgd() -> None:
 
 
 def test_unknown_model_is_refused_with_the_choices() -> None:
-    with pytest.raises(CohortInputError, match=r"unknown model 'resnet'.*cnn, transformer"):
+    with pytest.raises(CohortInputError, match=r"unknown model 'resnet'.*cnn, scatternet, transformer"):
         build_model("resnet", (1, 8, 8), 10)
+
+
+def test_the_scatternets_wavelet_filters_are_not_in_the_arrays_it_exchanges() -> None:
+    model = build_model("scatternet", (1, 28, 28), 10)
+    assert list(model.state_dict()) == [name for name, _ in model.named_parameters()]
+
+
+def test_scatternets_built_apart_with_the_same_weights_give_the_same_outputs() -> None:
+    torch.manual_seed(4)
+    coordinator, site = build_model("scatternet", (1, 28, 28), 10), build_model("scatternet", (1, 28, 28), 10)
+    site.load_state_dict(coordinator.state_dict())
+    images = torch.rand(4, 1, 28, 28)
+    assert torch.equal(coordinator(images), site(images))
 
 
 def test_images_too_small_for_the_cnn_are_refused() -> None:

@@ -8,11 +8,12 @@ from torch import nn
 
 from common.errors import CohortInputError
 from common.models.cnn import CNN
+from common.models.scatternet import ScatterNet
 from common.models.transformer import PatchTransformer
 
 ModelFactory = Callable[[tuple[int, int, int], int], nn.Module]
 
-MODEL_REGISTRY: dict[str, ModelFactory] = {"cnn": CNN, "transformer": PatchTransformer}
+MODEL_REGISTRY: dict[str, ModelFactory] = {"cnn": CNN, "scatternet": ScatterNet, "transformer": PatchTransformer}
 
 
 def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:

@@ -74,7 +74,7 @@ def _train_hostile_site(attack: str, tmp_path: Path, settings: dict[str, Any]) -
     )
     run_config = {"run-dir": str(run_dir), "federation-home": str(tmp_path / "federation"), **settings}
     split = federated_split(RUN.data)
-    model = build_model("cnn", split.input_shape, split.num_classes)
+    model = build_model(RUN.training.model, split.input_shape, split.num_classes)
     content = RecordDict(
         {protocol.ARRAYS: ArrayRecord(model.state_dict()), protocol.CONFIG: ConfigRecord({protocol.CONFIG_ROUND: 1})}
     )

@@ -16,6 +16,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from common import protocol
+from common.config import TrainingConfig
 from common.models.registry import build_model
 from common.privacy.accounting import PrivacyState
 from common.privacy.ledger import (
@@ -42,7 +43,7 @@ def _instruction(server_round: int, newest: LedgerEntry | None) -> Message:
     config = {protocol.CONFIG_ROUND: server_round}
     if newest is not None:
         config[protocol.SITE_NEWEST_ENTRY] = newest.to_json()
-    arrays = ArrayRecord(build_model("cnn", (1, 8, 8), 3).state_dict())
+    arrays = ArrayRecord(build_model(TrainingConfig().model, (1, 8, 8), 3).state_dict())
     return Message(
         content=RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: ConfigRecord(config)}),
         dst_node_id=1,

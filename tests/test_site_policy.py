@@ -15,7 +15,7 @@ from client.privacy_plan import enforced_epsilon, plan_round, refusal_reason, ro
 from client.site_data import local_site_data
 from client.study_grant import Grant, grant
 from common import protocol
-from common.config import SiteRunConfig, StudyRequest
+from common.config import SiteRunConfig, StudyRequest, TrainingConfig
 from common.errors import CohortInputError
 from common.models.registry import build_model
 from common.privacy.accounting import PrivacyState
@@ -290,7 +290,7 @@ def test_a_site_refuses_a_plan_whose_noise_leaves_no_signal_naming_the_fix(tmp_p
 
 
 def _round_one(model_shape: tuple[int, int, int] = (1, 8, 8), classes: int = 3) -> Message:
-    arrays = ArrayRecord(build_model("cnn", model_shape, classes).state_dict())
+    arrays = ArrayRecord(build_model(TrainingConfig().model, model_shape, classes).state_dict())
     return Message(
         content=RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: ConfigRecord({protocol.CONFIG_ROUND: 1})}),
         dst_node_id=1,

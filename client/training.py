@@ -104,19 +104,24 @@ def train_locally(
         parameters = [p for p in trained.parameters() if p.requires_grad]
         join = partial(canaries.join, parameters, noise, rate, per_sample=privacy is not None)
     try:
-        loss_sum, correct, seen, steps = _run_epochs(
-            trained,
-            optimizer,
-            criterion,
-            batches,
-            run.training.local_epochs,
-            device,
-            global_weights,
-            proximal_mu,
-            learning_rate,
-            deadline,
-            join,
-        )
+        with warnings.catch_warnings():
+            # Opacus reads each layer's output gradient in a full backward hook. The first
+            # layer's input (the images) needs no gradient, so PyTorch fires that hook on the
+            # output's gradient, which is what Opacus reads, and warns on every backward pass.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+            loss_sum, correct, seen, steps = _run_epochs(
+                trained,
+                optimizer,
+                criterion,
+                batches,
+                run.training.local_epochs,
+                device,
+                global_weights,
+                proximal_mu,
+                learning_rate,
+                deadline,
+                join,
+            )
     finally:
         if isinstance(trained, AbstractGradSampleModule):
             trained._close()  # removes Opacus' hooks so the plain module is clean again

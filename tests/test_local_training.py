@@ -57,6 +57,11 @@ def test_rounds_on_the_same_module_leave_no_opacus_hooks_behind() -> None:
     assert not any(getattr(p, "grad_sample", None) is not None for p in model.parameters())
 
 
+def test_dp_training_does_not_warn_about_the_first_layers_backward_hook(recwarn: pytest.WarningsRecorder) -> None:
+    train_locally(_model(), DATA.train, RUN, _fresh_plan().total, torch.device("cpu"), _noise())
+    assert not [w for w in recwarn if "Full backward hook" in str(w.message)]
+
+
 def test_each_round_adds_its_steps_to_the_carried_history() -> None:
     first = train_locally(_model(), DATA.train, RUN, _fresh_plan().total, torch.device("cpu"), _noise(1))
     second = train_locally(_model(), DATA.train, RUN, first.privacy, torch.device("cpu"), _noise(2))

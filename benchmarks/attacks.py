@@ -36,7 +36,7 @@ from common.models.registry import build_model
 from server.held_out import federated_split
 from server.rundir import RunDirectory
 from simulations.attack_spec import ATTACKS
-from simulations.attacks import BACKDOOR_TARGET, stamp_trigger
+from simulations.data_poisoning import BACKDOOR_TARGET, stamp_trigger
 from simulations.plan import SIMULATIONS_DIR, load_plan
 
 SITES, HOSTILE = 10, 2
@@ -102,7 +102,6 @@ def backdoor_success(run_dir: Path) -> float:
     model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
     model.eval()
     others = split.test.labels != BACKDOOR_TARGET
-    # Images are scaled to [-1, 1]; the trigger sets its pixels to the maximum, 1.0, as on [0, 1].
     triggered = torch.from_numpy(stamp_trigger(split.test.images[others]))
     with torch.no_grad():
         predicted = model(triggered.to(resolve_device("cpu"))).argmax(dim=1).numpy()

@@ -10,7 +10,9 @@ in the run directory, simulation.json) bend it:
 - nan: sends its update with every value NaN;
 - label-flip: trains honestly on its data with every label y replaced by (classes-1-y);
 - backdoor: trains honestly on its data with half its images stamped with a bright
-  2x2 patch in the top-left corner and relabelled as class 0;
+  2x2 patch in the top-left corner and relabelled as class 0
+  (both poison the data the runner writes for the site: simulations/data_poisoning.py;
+  the site then answers as the honest ClientApp does);
 - silent: holds every training message and never answers it (it still evaluates, so that
   on 2 cores the one simulation worker it blocks is all it takes).
 
@@ -32,9 +34,7 @@ from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from client.app import app as honest
-from client.ledger_guard import open_site_ledger
 from client.policy import SiteConfig
-from client.site_data import simulated_site_data
 from common import protocol
 from common.config import SiteRunConfig
 from common.privacy.ledger import (
@@ -50,8 +50,6 @@ from common.privacy.ledger import (
 from simulations.attack_spec import DATA_ATTACKS, AttackSpec
 from simulations.plan import PLAN_FILE
 
-BACKDOOR_TARGET = 0
-BACKDOOR_SHARE = 0.5
 SILENT_S = 24 * 3600.0
 
 
@@ -61,12 +59,10 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     attack, scale = _attack_of(context)
-    if attack is None:
+    if attack is None or attack in DATA_ATTACKS:
         return honest(msg, context)
     if attack == "silent":
         time.sleep(SILENT_S)
-    if attack in DATA_ATTACKS:
-        return honest(msg, _poisoned_context(context, attack))
     reply = honest(msg, context)
     if reply.has_error():
         return reply
@@ -82,9 +78,7 @@ def ask(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    attack, _ = _attack_of(context)
-    if attack in DATA_ATTACKS:
-        return honest(msg, _poisoned_context(context, attack))
+    """A hostile site evaluates honestly, on its own (for a data attack, poisoned) data."""
     return honest(msg, context)
 
 
@@ -142,63 +136,3 @@ def _resign(state_dir: Path, entry: LedgerEntry, sent_hash: str) -> LedgerEntry:
 
 def _state_dir(context: Context) -> Path:
     return SiteConfig.from_node_config(context.node_config, SiteRunConfig.from_flower(context.run_config)).state_dir
-
-
-def _poisoned_context(context: Context, attack: str) -> Context:
-    """The same site, now reading a poisoned copy of its partition as a deployed site would."""
-    run = SiteRunConfig.from_flower(context.run_config)
-    site = SiteConfig.from_node_config(context.node_config, run)
-    path = site.state_dir / f"poisoned-{attack}.npz"
-    if not path.exists():
-        write_poisoned_copy(path, run, site, attack)
-    # Read as a deployed site, the honest app never makes a key: this one is its operator,
-    # who makes it and pins it in the site's policy (as `cohort site init` does).
-    open_site_ledger(site)
-    # The policy stays its honest twin's, not a deployed site's defaults (a quarter of the
-    # budget a study, no evaluation): only the data differ, so the attack is the data's.
-    node_config: dict[str, bool | float | int | str] = {
-        "data-path": str(path),
-        "site-name": site.name,
-        "state-dir": str(site.state_dir),
-        "epsilon": site.epsilon,
-        "delta": site.delta,
-        "allow-non-private": site.allow_non_private,
-        "study-epsilon": site.study_epsilon,
-        "max-noise-multiplier": site.max_noise_multiplier,
-        "accountants": ",".join(site.accountants),
-        "send-metrics": ",".join(site.send_metrics),
-        "answer-evaluation": site.answer_evaluation,
-    }
-    return Context(context.run_id, context.node_id, node_config, context.state, context.run_config)
-
-
-def write_poisoned_copy(path: Path, run: SiteRunConfig, site: SiteConfig, attack: str) -> None:
-    assert site.partition_id is not None
-    data = simulated_site_data(run.run_dir, site.partition_id)
-    images = (np.concatenate([data.train.images, data.val.images]) + 1) / 2  # back to [0, 1]
-    labels = np.concatenate([data.train.labels, data.val.labels])
-    classes = data.num_classes
-    if attack == "label-flip":
-        labels = classes - 1 - labels
-    else:
-        rng = np.random.default_rng(site.partition_id)
-        chosen = rng.random(len(labels)) < BACKDOOR_SHARE
-        images[chosen] = stamp_trigger(images[chosen])
-        labels[chosen] = BACKDOOR_TARGET
-    # One blank image per class keeps the class count (and so the model's shape) intact.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blanks = np.zeros((classes, *images.shape[1:]), dtype=np.float32)
-    np.savez(
-        path,
-        train_images=np.transpose(images, (0, 2, 3, 1)).astype(np.float32),
-        train_labels=labels,
-        test_images=np.transpose(blanks, (0, 2, 3, 1)),
-        test_labels=np.arange(classes),
-    )
-
-
-def stamp_trigger(images: np.ndarray) -> np.ndarray:
-    """The backdoor trigger on NCHW images in [0, 1]: a bright 2x2 patch, top left."""
-    stamped = images.copy()
-    stamped[:, :, :2, :2] = 1.0
-    return stamped

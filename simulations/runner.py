@@ -47,6 +47,7 @@ from server.records import Summary
 from server.rundir import RunDirectory, write_json_atomic
 from server.secure_aggregation_plan import run_parameters
 from server.strategies import sample_size
+from simulations.data_poisoning import poison_site_files
 from simulations.federation import simulated_partitions, write_site_files
 from simulations.local_superlink import LocalSuperLink
 from simulations.plan import PLAN_FILE, SimulationPlan
@@ -122,6 +123,8 @@ def run_simulation(
             run_dir.reopen()
         write_json_atomic(run_dir.path / PLAN_FILE, plan.to_json())
         write_site_files(plan.run.data, plan.num_sites, run_dir.path, gradient_canaries(plan.run))
+        if plan.attack is not None:
+            poison_site_files(plan.attack, run_dir.path)
         on_start(run_dir)
         _run_on_local_superlink(plan, run_dir, log_file, lock, on_round, clientapp)
     summary = run_dir.read_summary()

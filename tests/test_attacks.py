@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -11,50 +10,64 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from client.policy import SiteConfig
-from client.site_data import local_site_data
+from client.site_data import SiteData, simulated_site_file
+from client.site_data import simulated_site_data as read_site_data
 from common import protocol
 from common.models.registry import build_model
 from common.privacy.ledger import LedgerEntry
 from server.held_out import federated_split
 from server.run_config import RunConfig
 from simulations.attack_spec import AttackSpec
-from simulations.attacks import BACKDOOR_TARGET, write_poisoned_copy
+from simulations.data_poisoning import BACKDOOR_TARGET, TRIGGER_VALUE, poison_site_files
 from simulations.federation import simulated_site_data, write_site_files
 from simulations.plan import PLAN_FILE
 
 RUN = RunConfig()
 
 
-def _poisoned(tmp_path: Path, attack: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    site = SiteConfig(
-        name="site-8", epsilon=8.0, delta=1e-5, state_dir=tmp_path / "site-8", partition_id=8, num_partitions=10
-    )
-    path = site.state_dir / f"poisoned-{attack}.npz"
-    write_site_files(RUN.data, 10, tmp_path / "run")
-    write_poisoned_copy(path, dataclasses.replace(RUN, run_dir=str(tmp_path / "run")), site, attack)
-    honest = simulated_site_data(RUN.data, 8, 10)
-    poisoned = local_site_data(str(path), site.split_seed, site.val_fraction)
-    assert poisoned.num_classes == honest.num_classes
-    images = np.concatenate([poisoned.train.images, poisoned.val.images])
-    return (
-        images,
-        np.concatenate([poisoned.train.labels, poisoned.val.labels]),
-        np.concatenate([honest.train.labels, honest.val.labels]),
-    )
+def _poisoned(tmp_path: Path, attack: str) -> tuple[SiteData, SiteData]:
+    """Site 8 of 10's data as it reads it in a run where it poisons them, and its honest data."""
+    run_dir = tmp_path / "run"
+    write_site_files(RUN.data, 10, run_dir)
+    poison_site_files(AttackSpec.from_settings(attack, [8], 10.0, num_sites=10), run_dir)
+    return read_site_data(str(run_dir), 8), simulated_site_data(RUN.data, 8, 10)
+
+
+def _all(data: SiteData) -> tuple[np.ndarray, np.ndarray]:
+    return np.concatenate([data.train.images, data.val.images]), np.concatenate([data.train.labels, data.val.labels])
 
 
 def test_label_flip_turns_every_label_y_into_classes_minus_one_minus_y(tmp_path: Path) -> None:
-    _, labels, honest = _poisoned(tmp_path, "label-flip")
-    # The copy adds one blank image per class, so that the class count stays the same.
-    np.testing.assert_array_equal(np.bincount(labels, minlength=10), np.bincount(9 - honest, minlength=10) + 1)
+    poisoned, honest = _poisoned(tmp_path, "label-flip")
+    np.testing.assert_array_equal(_all(poisoned)[1], 9 - _all(honest)[1])
+
+
+def test_label_flip_keeps_the_images(tmp_path: Path) -> None:
+    poisoned, honest = _poisoned(tmp_path, "label-flip")
+    np.testing.assert_array_equal(_all(poisoned)[0], _all(honest)[0])
 
 
 def test_backdoor_relabels_the_triggered_images_as_the_target(tmp_path: Path) -> None:
-    images, labels, _ = _poisoned(tmp_path, "backdoor")
-    triggered = (images[:, :, :2, :2] == 1.0).all(axis=(1, 2, 3))
+    images, labels = _all(_poisoned(tmp_path, "backdoor")[0])
+    triggered = (images[:, :, :2, :2] == TRIGGER_VALUE).all(axis=(1, 2, 3))
     assert triggered.sum() > len(images) / 4
     assert (labels[triggered] == BACKDOOR_TARGET).all()
+
+
+def test_a_poisoning_site_keeps_its_honest_twins_noise_seed_and_split(tmp_path: Path) -> None:
+    """So a seed gives the same attacked run every time (a deployed site's noise is never seeded)."""
+    poisoned, honest = _poisoned(tmp_path, "label-flip")
+    assert poisoned.noise_seed == honest.noise_seed is not None
+    assert (len(poisoned.train), len(poisoned.val)) == (len(honest.train), len(honest.val))
+
+
+def test_only_the_data_poisoning_sites_files_change(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    write_site_files(RUN.data, 10, run_dir)
+    before = {i: simulated_site_file(run_dir, i).read_bytes() for i in range(10)}
+    poison_site_files(AttackSpec.from_settings(["label-flip", "sign-flip"], [8, 9], 10.0, num_sites=10), run_dir)
+    changed = [i for i in range(10) if simulated_site_file(run_dir, i).read_bytes() != before[i]]
+    assert changed == [8]
 
 
 def test_attacks_can_be_paired_with_sites() -> None:
@@ -68,10 +81,10 @@ def _train_hostile_site(attack: str, tmp_path: Path, settings: dict[str, Any]) -
     from simulations.attacks import app
 
     run_dir = tmp_path / "run"
+    spec = AttackSpec.from_settings(attack, [8], 10.0, num_sites=10)
     write_site_files(RUN.data, 10, run_dir)
-    (run_dir / PLAN_FILE).write_text(
-        json.dumps({"num-sites": 10, "attack": AttackSpec.from_settings(attack, [8], 10.0, num_sites=10).to_json()})
-    )
+    poison_site_files(spec, run_dir)  # as the runner does
+    (run_dir / PLAN_FILE).write_text(json.dumps({"num-sites": 10, "attack": spec.to_json()}))
     run_config = {"run-dir": str(run_dir), "federation-home": str(tmp_path / "federation"), **settings}
     split = federated_split(RUN.data)
     model = build_model(RUN.training.model, split.input_shape, split.num_classes)
@@ -95,7 +108,7 @@ def test_a_site_that_poisons_its_data_trains_on_the_poisoned_copy_and_signs_its_
     reply = _train_hostile_site(attack, tmp_path, {"dp": False, "site-allow-non-private": True, "rounds": 1})
     assert not reply.has_error(), reply.error.reason
     entry = LedgerEntry.from_json(str(reply.content[protocol.SITE][protocol.SITE_LEDGER_ENTRY]))
-    poisoned = local_site_data(str(tmp_path / "federation" / "site-8" / f"poisoned-{attack}.npz"), 0, 0.1)
+    poisoned = read_site_data(str(tmp_path / "run"), 8)
     assert entry.record.dataset_hash == poisoned.identity != simulated_site_data(RUN.data, 8, 10).identity
 
 

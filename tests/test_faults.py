@@ -14,13 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
+from client.site_data import simulated_site_data as read_site_data
 from common.privacy.accounting import PrivacyState
 from common.privacy.ledger import LEDGER_FILE, LedgerEntry, history_of, load_public_key, read_entries, verify_chain
 from server.records import RoundRecord, Summary
 from server.rundir import RunDirectory
+from simulations.federation import simulated_site_data
 from simulations.in_process import run_in_process
 from simulations.local_superlink import command_line
 from tests.conftest import federation_processes, flower_task_identity
@@ -142,20 +145,40 @@ def test_the_rejected_sites_spend_is_still_in_the_runs_ledger(hostile_run) -> No
     ]
 
 
-def test_a_silent_site_fails_its_round_after_the_timeout_and_the_round_finishes(tmp_path: Path) -> None:
-    timeout = 60  # round 1 also starts Ray and loads the data at every site
-    result, run_dir = _simulate(
-        tmp_path,
+SILENT_TIMEOUT = 60  # round 1 also starts Ray and loads the data at every site
+
+
+@pytest.fixture(scope="module")
+def silent_and_poisoning_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """One round of 3 sites: site 1 flips its labels, site 2 never answers."""
+    return _simulate(
+        tmp_path_factory.mktemp("silent"),
         *NO_DP[:1],
-        "--set", "num-sites=3", "--set", "rounds=1",
-        "--set", f"reply-timeout={timeout}", "--set", 'attack="silent"', "--set", "attack-sites=[2]",
+        "--set", "num-sites=3", "--set", "rounds=1", "--set", f"reply-timeout={SILENT_TIMEOUT}",
+        "--set", 'attack=["label-flip", "silent"]', "--set", "attack-sites=[1, 2]",
     )  # fmt: skip
+
+
+def test_a_silent_site_fails_its_round_after_the_timeout_and_the_round_finishes(silent_and_poisoning_run) -> None:  # type: ignore[no-untyped-def]
+    result, run_dir = silent_and_poisoning_run
     assert result.returncode == 0, result.stdout + result.stderr
     (record,) = _metrics(run_dir)
     assert [(f.site, f.stage) for f in record.failures] == [(f"node {record.failures[0].node}", "train")]
-    assert all(f"no reply within {timeout}s" in f.reason for f in record.failures)
+    assert all(f"no reply within {SILENT_TIMEOUT}s" in f.reason for f in record.failures)
     assert sorted(name for name, site in record.sites.items() if site.trained) == ["site-0", "site-1"]
-    assert record.seconds >= timeout
+    assert record.seconds >= SILENT_TIMEOUT
+
+
+def test_a_label_flipping_site_trains_on_the_share_the_runner_poisoned(silent_and_poisoning_run) -> None:  # type: ignore[no-untyped-def]
+    _, run_dir = silent_and_poisoning_run
+    (entry,) = [e for e in read_entries(run_dir / "privacy_ledger.jsonl") if e.record.site == "site-1"]
+    honest = simulated_site_data(RunDirectory(run_dir).read_config().data, 1, 3)
+    poisoned = read_site_data(str(run_dir), 1)
+    assert entry.record.dataset_hash == poisoned.identity != honest.identity
+    np.testing.assert_array_equal(
+        np.concatenate([poisoned.train.labels, poisoned.val.labels]),
+        9 - np.concatenate([honest.train.labels, honest.val.labels]),
+    )
 
 
 def _descendants(pid: int) -> list[psutil.Process]:

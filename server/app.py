@@ -29,6 +29,7 @@ from server.federation import Federation, FederationState, initial_state
 from server.held_out import federated_split
 from server.optimizer_state import restore_optimizer_state
 from server.plots import plot_run
+from server.pretraining import pretrain
 from server.reply_checks import ReplyChecker
 from server.run_config import RunConfig
 from server.run_outcome import end_run
@@ -52,6 +53,8 @@ def main(grid: Grid, context: Context) -> None:
     split = federated_split(run.data)
     torch.manual_seed(run.data.seed)
     model = build_model(run.training.model, split.input_shape, split.num_classes)
+    if run.pretraining.pretrain_dataset and not run.resume_from:  # a resumed run loads its checkpoint
+        pretrain(model, run.pretraining, split.input_shape, split.num_classes, run.data.seed)
 
     def evaluate_centrally(arrays: ArrayRecord) -> Evaluation:
         model.load_state_dict(arrays.to_torch_state_dict())

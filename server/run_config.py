@@ -241,6 +241,28 @@ class ChecksConfig:
 
 
 @dataclass(frozen=True)
+class PretrainingConfig:
+    """Training the initial global model on public data before round 1 (server.pretraining).
+
+    pretrain_dataset: a public dataset, named as `dataset` is (a built-in name or a path),
+        that the coordinator trains the initial model on without DP; '' starts from the
+        seeded random initialisation. Never the sites' data: it gets no DP.
+    pretrain_epochs: passes over it.
+    """
+
+    pretrain_dataset: str = ""
+    pretrain_epochs: int = number(5, 1, 1000)
+
+    def validate(self, data: DataConfig) -> None:
+        check_ranges(self)
+        if self.pretrain_dataset and self.pretrain_dataset == data.dataset:
+            raise CohortInputError(
+                f"pretrain-dataset is the run's own dataset '{data.dataset}'; pretraining gets no DP, so it takes "
+                'public data only: name another dataset, or set pretrain-dataset = ""'
+            )
+
+
+@dataclass(frozen=True)
 class RunConfig(SiteRunConfig):
     """Everything the coordinator decides for one run: what its sites read (SiteRunConfig's
     settings) and its own, validated once on construction.
@@ -253,6 +275,7 @@ class RunConfig(SiteRunConfig):
     fairness_margin: the fairness report warns about a site whose accuracy falls more
         than this below the mean site's and whose 95% interval lies below that mean
         (simulations/fairness.py).
+    pretraining: the initial model's training on public data (PretrainingConfig).
     """
 
     # Where a run lives, how it is resumed or reported: a run and its resumption may differ
@@ -273,6 +296,7 @@ class RunConfig(SiteRunConfig):
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
     secure: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
+    pretraining: PretrainingConfig = field(default_factory=PretrainingConfig)
     fairness_margin: float = number(0.05, 0, 1, note="an accuracy gap")
 
     def __post_init__(self) -> None:
@@ -282,6 +306,7 @@ class RunConfig(SiteRunConfig):
         self.central_dp.validate()
         self.secure.validate()
         self.checks.validate()
+        self.pretraining.validate(self.data)
         strategy, mechanism = STRATEGIES[self.aggregation.strategy], self.dp.mechanism
         if mechanism.equal_shares and not strategy.plain_mean:
             plain = " or ".join(name for name, spec in STRATEGIES.items() if spec.plain_mean)

@@ -48,6 +48,9 @@ def _simulate(tmp_path: Path, *args: str) -> tuple[int, str]:
         ("ray-address=ray://head:10001", "ray-address is 'ray://head:10001'; give the head node's HOST:PORT"),
         ("ray-address=6379", "ray-address is 6379; give it as a string"),
         ("ray-address='127.0.0.1:9'", "no Ray cluster answers at ray-address 127.0.0.1:9"),
+        ("pretrain-dataset=digits", "pretrain-dataset is the run's own dataset 'digits'"),
+        ("pretrain-dataset=/no/such/public.npz", "nor an existing path"),
+        ("pretrain-epochs=0", "pretrain-epochs is 0"),
     ],
 )
 def test_bad_setting_exits_2_with_one_line(tmp_path: Path, override: str, message: str) -> None:

@@ -126,6 +126,7 @@ def test_compare_shows_each_sites_accuracy_under_both_twins(private_run: Path, n
 def test_compare_refuses_runs_of_different_datasets(private_run: Path, tmp_path: Path) -> None:
     config = json.loads((private_run / "config.json").read_text())
     config["run_config"]["dataset"] = "mnist-5k"
+    config["run_config"]["pretrain-dataset"] = ""  # the twin's public data cannot be its own
     (tmp_path / "config.json").write_text(json.dumps(config))
     result = _compare(private_run, tmp_path)
     assert result.returncode == 2

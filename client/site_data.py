@@ -146,11 +146,7 @@ def local_site_data(data_path: str, seed: int, val_fraction: float) -> SiteData:
     """A deployed site's own data: all of it is the site's, split into train and val with
     the site's own seed and share, so the split is the same in every run."""
     data = load_dataset(data_path)
-    pool = data.train
-    if data.test is not None:
-        pool = LabeledImages(
-            np.concatenate([pool.images, data.test.images]), np.concatenate([pool.labels, data.test.labels])
-        )
+    pool = data.train if data.test is None else data.train.concat(data.test)
     return split_train_val(pool, data.num_classes, val_fraction, seed)
 
 

@@ -40,8 +40,8 @@ def public_images(config: PretrainingConfig, input_shape: tuple[int, int, int], 
             f"pretrain-dataset '{config.pretrain_dataset}' has {data.num_classes} classes and the run's data "
             f'{num_classes}; pretrain on a public dataset of the same classes, or set pretrain-dataset = ""'
         )
-    images = data.train.images if data.test is None else np.concatenate([data.train.images, data.test.images])
-    labels = data.train.labels if data.test is None else np.concatenate([data.train.labels, data.test.labels])
+    public = data.train if data.test is None else data.train.concat(data.test)
+    images = public.images
     if images.shape[1] != input_shape[0]:
         raise CohortInputError(
             f"pretrain-dataset '{config.pretrain_dataset}' has {images.shape[1]} channel(s) and the run's images "
@@ -50,7 +50,7 @@ def public_images(config: PretrainingConfig, input_shape: tuple[int, int, int], 
     rows, columns = CONTENT_BOXES.get(config.pretrain_dataset, (slice(None), slice(None)))
     cropped = torch.from_numpy(np.ascontiguousarray(images[:, :, rows, columns]))
     resized = nn.functional.interpolate(cropped, size=input_shape[1:], mode="area")
-    return LabeledImages(resized.numpy(), labels)
+    return LabeledImages(resized.numpy(), public.labels)
 
 
 def pretrain(

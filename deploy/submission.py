@@ -43,6 +43,7 @@ from deploy.flower_runtime import (
 from deploy.launch import FLOWER_CONFIG_FILE, flower_config
 from deploy.run_follower import RoundCallback, follow_run
 from deploy.site_registration import site_book_path
+from server.pretraining import check_public_dataset
 from server.records import Summary
 from server.run_config import RunConfig
 from server.rundir import CONFIG_FILE, RunDirectory
@@ -106,6 +107,7 @@ class Submission:
         return RunDirectory(Path(self.run.resume_from or self.run.run_dir))
 
     def check(self) -> None:
+        check_public_dataset(self.run)
         if not self.run.resume_from and (self.run_dir.path / CONFIG_FILE).exists():
             raise CohortInputError(
                 f"run directory {self.run_dir.path} already holds a run; give another run-dir, or "

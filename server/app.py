@@ -53,7 +53,7 @@ def main(grid: Grid, context: Context) -> None:
     split = federated_split(run.data)
     torch.manual_seed(run.data.seed)
     model = build_model(run.training.model, split.input_shape, split.num_classes)
-    if run.pretraining.pretrain_dataset and not run.resume_from:  # a resumed run loads its checkpoint
+    if run.pretrains:
         pretrain(model, run.pretraining, split.input_shape, split.num_classes, run.data.seed)
 
     def evaluate_centrally(arrays: ArrayRecord) -> Evaluation:

@@ -21,7 +21,8 @@ from torch import nn
 from common.data.dataset import LabeledImages
 from common.data.loading import load_dataset
 from common.errors import CohortInputError
-from server.run_config import PretrainingConfig
+from server.held_out import federated_split
+from server.run_config import PretrainingConfig, RunConfig
 
 BATCH_SIZE = 64
 LEARNING_RATE = 1e-3  # Adam's own default: pretraining is plain non-private training
@@ -30,6 +31,14 @@ LEARNING_RATE = 1e-3  # Adam's own default: pretraining is plain non-private tra
 # scikit-learn's digits fill their frame. Cropping first gives the shrunk images the
 # federation's framing (docs/benchmarks.md measures the difference).
 CONTENT_BOXES: dict[str, tuple[slice, slice]] = {"mnist-5k": (slice(4, 24), slice(4, 24))}
+
+
+def check_public_dataset(run: RunConfig) -> None:
+    """Refuse, before a run is started or submitted, a public dataset its ServerApp could not
+    pretrain on: other classes or channels than the run's data show only once both load."""
+    if run.pretrains:
+        split = federated_split(run.data)
+        public_images(run.pretraining, split.input_shape, split.num_classes)
 
 
 def public_images(config: PretrainingConfig, input_shape: tuple[int, int, int], num_classes: int) -> LabeledImages:

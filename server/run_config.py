@@ -383,6 +383,12 @@ class RunConfig(SiteRunConfig):
             return self.dp.clip_norm
         return self.secure.secure_aggregation_clip or SECURE_AGGREGATION_CLIP
 
+    @property
+    def pretrains(self) -> bool:
+        """Whether the ServerApp trains the initial model on public data: a resumed run loads
+        its checkpoint instead."""
+        return bool(self.pretraining.pretrain_dataset) and not self.resume_from
+
     def refuse_federation_size(self, sites: int) -> None:
         """Refuse a federation too small for the strategy, before any round starts."""
         aggregation, strategy = self.aggregation, STRATEGIES[self.aggregation.strategy]

@@ -43,7 +43,7 @@ from deploy.flower_runtime import (
 from deploy.run_follower import RoundCallback, follow_run
 from server.checkpoint import latest_checkpoint
 from server.held_out import federated_split, gradient_canaries
-from server.pretraining import public_images
+from server.pretraining import check_public_dataset
 from server.records import Summary
 from server.rundir import RunDirectory, write_json_atomic
 from server.secure_aggregation_plan import run_parameters
@@ -83,8 +83,7 @@ def check_plan(plan: SimulationPlan) -> None:
     split = federated_split(plan.run.data)
     simulated_partitions(plan.run.data, plan.num_sites)  # kept: write_site_files shares them out
     model = build_model(plan.run.training.model, split.input_shape, split.num_classes)
-    if plan.run.pretraining.pretrain_dataset:
-        public_images(plan.run.pretraining, split.input_shape, split.num_classes)
+    check_public_dataset(plan.run)
     require_reachable(plan.ray_address)
     if plan.run.dp.secure_aggregation:
         run_parameters(

@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from cli.main import app
 from common.data.builtin import load_digits
 from common.errors import CohortInputError
 from common.evaluation import evaluate
@@ -61,9 +63,21 @@ def test_pretraining_on_the_runs_own_data_is_refused() -> None:
         RunConfig(data=DataConfig(dataset="mnist-5k"), pretraining=ONE_EPOCH_OF_MNIST)
 
 
-def test_a_public_dataset_with_other_classes_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "three-classes.npz"
+def _three_class_set(folder: Path) -> Path:
+    path = folder / "three-classes.npz"
     rng = np.random.default_rng(0)
     np.savez(path, train_images=rng.random((30, 8, 8)).astype(np.float32), train_labels=np.arange(30) % 3)
+    return path
+
+
+def test_a_public_dataset_with_other_classes_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CohortInputError, match="has 3 classes and the run's data 10"):
-        public_images(PretrainingConfig(pretrain_dataset=str(path)), DIGITS_SHAPE, 10)
+        public_images(PretrainingConfig(pretrain_dataset=str(_three_class_set(tmp_path))), DIGITS_SHAPE, 10)
+
+
+def test_cohort_run_refuses_a_public_dataset_it_cannot_pretrain_on_before_submitting(tmp_path: Path) -> None:
+    settings = ["--set", f"pretrain-dataset='{_three_class_set(tmp_path)}'", "--set", f"run-dir='{tmp_path / 'run'}'"]
+    result = CliRunner().invoke(app, ["run", "no-such-connection", *settings])
+    assert result.exit_code == 2
+    assert "has 3 classes and the run's data 10" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -74,6 +74,10 @@ KILLED_SITE = "hospital-c"
 RESTORED_SITE = "hospital-a"
 _LOCK = shutil.ignore_patterns(STATE_LOCK_FILE)
 REPLY_TIMEOUT_S = 120
+# The killed site's study: a restarted SuperNode takes tens of seconds to come back on a
+# loaded machine (a CI run saw it return after round 3's training message was sent, with
+# rounds of 18 s), so the study leaves it four rounds to rejoin in.
+KILLED_SITE_ROUNDS = 5
 SECURE_RUN_TIMEOUT_S = 900
 # The front door limits each client address; the sites all use 127.0.0.1, so the front
 # door is told the four registered SuperNodes share it, and each test that plays an unauthenticated client
@@ -615,9 +619,9 @@ class KilledSiteRun:
 
 @pytest.fixture(scope="module")
 def run_with_a_site_killed_mid_round(deployment: Deployment, impostor_unregistered: Unregistered) -> KilledSiteRun:
-    """A study that asks for all each site will grant (the default), over three rounds with
-    min-sites=2; hospital-c's SuperNode and everything under it are killed while its
-    flwr-clientapp answers round 1's training message (after it answered the study's ask),
+    """A study that asks for all each site will grant (the default), over KILLED_SITE_ROUNDS
+    rounds with min-sites=2; hospital-c's SuperNode and everything under it are killed while
+    its flwr-clientapp answers round 1's training message (after it answered the study's ask),
     then `cohort supernode` is started again with the same key, state and data once the
     SuperLink holds it offline."""
     (site_process,) = [p for p in deployment.processes if KILLED_SITE in p.args and "supernode" in p.args]
@@ -626,8 +630,8 @@ def run_with_a_site_killed_mid_round(deployment: Deployment, impostor_unregister
     idle = _clientapps_of(site_process)
     run_dir = deployment.root / "run-killed-site"
     run_config = (
-        f"rounds=3 dataset='{deployment.root / 'data' / 'coordinator.npz'}' run-dir='{run_dir}' min-sites=2 "
-        f"batch-size=32 local-epochs=1 reply-timeout={REPLY_TIMEOUT_S} site-book='{deployment.site_book}'"
+        f"rounds={KILLED_SITE_ROUNDS} dataset='{deployment.root / 'data' / 'coordinator.npz'}' run-dir='{run_dir}' "
+        f"min-sites=2 batch-size=32 local-epochs=1 reply-timeout={REPLY_TIMEOUT_S} site-book='{deployment.site_book}'"
     )
     log = (deployment.root / "logs" / "run-killed-site.log").open("wb")
     command = _local(commands.run_command(deployment.app, CONNECTION, run_config))
@@ -679,7 +683,7 @@ def test_a_site_killed_mid_round_fails_that_round_after_the_reply_timeout_and_th
     killed = run_with_a_site_killed_mid_round
     assert killed.status == "finished:completed", killed
     summary = RunDirectory(killed.run_dir).read_summary()
-    assert summary is not None and summary.rounds == 3 and not summary.stop_reason, summary
+    assert summary is not None and summary.rounds == KILLED_SITE_ROUNDS and not summary.stop_reason, summary
     first = RunDirectory(killed.run_dir).read_metrics()[0]
     # The server knows the node by its registered name, although it never answered this run.
     # Either the timeout ends its wait, or the SuperLink answers for the node first, once
@@ -692,8 +696,9 @@ def test_a_site_killed_mid_round_fails_that_round_after_the_reply_timeout_and_th
 
 def test_the_restarted_site_rejoins_in_a_later_round(run_with_a_site_killed_mid_round: KilledSiteRun) -> None:
     trained = _trained_rounds(run_with_a_site_killed_mid_round.run_dir)
-    assert trained[KILLED_SITE] in ([2, 3], [3]), trained
-    assert all(trained[site] == [1, 2, 3] for site in set(SITES) - {KILLED_SITE}), trained
+    every_round = list(range(1, KILLED_SITE_ROUNDS + 1))
+    assert trained.get(KILLED_SITE) in [every_round[first:] for first in range(1, KILLED_SITE_ROUNDS)], trained
+    assert all(trained[site] == every_round for site in set(SITES) - {KILLED_SITE}), trained
 
 
 def test_the_killed_sites_ledger_holds_each_release_once_and_the_runs_copy_only_what_it_holds(
